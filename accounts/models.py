@@ -1,0 +1,122 @@
+"""Accounts: users who log in by email, their API keys, and desktop token families.
+
+Secrets are never stored: an API key is kept as a short lookup prefix plus the SHA-256 of the
+whole key (the key is 256 random bits, so a fast hash is enough and keeps the proxy hot path
+cheap); a refresh token likewise. Access tokens are signed, short-lived and name their family,
+so revoking a family (logout, refresh-token reuse) also ends its access tokens.
+"""
+
+import uuid
+
+from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
+from django.contrib.auth.models import PermissionsMixin
+from django.db import models
+from django.utils import timezone
+
+
+class UserManager(BaseUserManager):
+    use_in_migrations = True
+
+    def _create_user(self, email, password, **extra):
+        if not email:
+            raise ValueError("An email address is required")
+        user = self.model(email=self.normalize_email(email).lower(), **extra)
+        user.set_password(password)
+        user.save(using=self._db)
+        return user
+
+    def create_user(self, email, password=None, **extra):
+        extra.setdefault("is_staff", False)
+        extra.setdefault("is_superuser", False)
+        return self._create_user(email, password, **extra)
+
+    def create_superuser(self, email, password=None, **extra):
+        extra.setdefault("is_staff", True)
+        extra.setdefault("is_superuser", True)
+        return self._create_user(email, password, **extra)
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    email = models.EmailField(unique=True)
+    is_active = models.BooleanField(default=True)
+    is_staff = models.BooleanField(default=False)
+    date_joined = models.DateTimeField(default=timezone.now)
+
+    objects = UserManager()
+
+    USERNAME_FIELD = "email"
+    EMAIL_FIELD = "email"
+    REQUIRED_FIELDS: list[str] = []
+
+    def __str__(self):
+        return self.email
+
+
+class Scope(models.TextChoices):
+    PROXY = "proxy", "Proxy (call /v1 as this user)"
+    BILLING = "billing", "Billing (charge or credit other users)"
+
+
+def default_scopes():
+    return [Scope.PROXY]
+
+
+def default_limits():
+    return {"rpm": None, "daily_spend": None, "monthly_spend": None, "allowed_models": None}
+
+
+class ApiKey(models.Model):
+    PREFIX_LENGTH = 12  # "tt_" + 9 characters: unique lookup, reveals nothing useful
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=PREFIX_LENGTH, unique=True)
+    key_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=default_scopes)
+    # {"rpm": int|None, "daily_spend": "1.000000000"|None, "monthly_spend": ..., "allowed_models": [..]|None}
+    limits = models.JSONField(default=default_limits)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API key"
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in (self.scopes or [])
+
+
+class TokenFamily(models.Model):
+    """One login on one device: every refresh token rotated from it shares the family."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="token_families")
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_reason = models.CharField(max_length=40, blank=True)
+
+    class Meta:
+        verbose_name_plural = "token families"
+
+    def __str__(self):
+        return f"session {self.pk} of {self.user_id}"
+
+
+class RefreshToken(models.Model):
+    family = models.ForeignKey(TokenFamily, on_delete=models.CASCADE, related_name="refresh_tokens")
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"refresh token {self.pk} (family {self.family_id})"

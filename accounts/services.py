@@ -1,0 +1,168 @@
+"""State changes for accounts: sign-up, API keys, desktop token families."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.core import signing
+from django.db import transaction
+from django.utils import timezone
+
+from wallet.models import EntryKind
+from wallet.money import usd_to_nanos
+from wallet.services import wallet_credit, wallet_get_or_create
+
+from .models import ApiKey, RefreshToken, Scope, TokenFamily, User
+
+ACCESS_SALT = "tokentill.access"
+API_KEY_PREFIX = "tt_"
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class AccountError(Exception):
+    pass
+
+
+class InvalidRefreshToken(AccountError):
+    pass
+
+
+@dataclass
+class TokenPair:
+    access: str
+    refresh: str
+    expires_in: int
+
+
+def user_signup(*, email: str, password: str) -> User:
+    """Create the user and their wallet together; grant the trial credit exactly once."""
+    with transaction.atomic(savepoint=False):
+        user = User.objects.create_user(email=email, password=password)
+        wallet = wallet_get_or_create(user=user)
+        trial = usd_to_nanos(settings.SIGNUP_TRIAL_CREDIT)
+        if trial > 0:
+            # Keyed by user id: however often sign-up logic re-runs, the trial posts once.
+            wallet_credit(
+                wallet=wallet,
+                amount=trial,
+                kind=EntryKind.TRIAL,
+                idempotency_key=f"trial:signup:{user.pk}",
+                description="Sign-up trial credit",
+            )
+    return user
+
+
+# --- API keys ---------------------------------------------------------------------------------
+
+
+def api_key_create(
+    *, user: User, name: str, expires_at=None, limits: dict | None = None, scopes: list[str] | None = None
+) -> tuple[ApiKey, str]:
+    """Returns the key row and the secret, which is shown once and never stored."""
+    secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        user=user,
+        name=name,
+        prefix=secret[: ApiKey.PREFIX_LENGTH],
+        key_hash=sha256_hex(secret),
+        expires_at=expires_at,
+        scopes=scopes or [Scope.PROXY],
+    )
+    if limits is not None:
+        key.limits = limits
+    key.save()
+    return key, secret
+
+
+def api_key_update(*, key: ApiKey, name: str | None = None, limits: dict | None = None) -> ApiKey:
+    fields = []
+    if name is not None:
+        key.name = name
+        fields.append("name")
+    if limits is not None:
+        key.limits = limits
+        fields.append("limits")
+    if fields:
+        key.save(update_fields=fields)
+    return key
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    """Revoked keys stay in the table for the audit trail (usage records point at them)."""
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+# --- Desktop tokens ---------------------------------------------------------------------------
+
+
+def _issue(family: TokenFamily) -> TokenPair:
+    refresh = "ttr_" + secrets.token_urlsafe(32)
+    RefreshToken.objects.create(
+        family=family,
+        token_hash=sha256_hex(refresh),
+        expires_at=timezone.now() + timedelta(seconds=settings.REFRESH_TOKEN_TTL),
+    )
+    access = signing.dumps({"f": str(family.pk)}, salt=ACCESS_SALT, compress=False)
+    return TokenPair(access=access, refresh=refresh, expires_in=settings.ACCESS_TOKEN_TTL)
+
+
+def token_pair_issue(*, user: User) -> TokenPair:
+    with transaction.atomic(savepoint=False):
+        return _issue(TokenFamily.objects.create(user=user))
+
+
+def token_refresh(*, refresh: str) -> TokenPair:
+    """Rotate a refresh token.
+
+    Presenting a token that was already used means two parties hold it: one of them stole it.
+    We cannot tell which, so the whole family (every device session descended from that login)
+    is revoked and both must log in again — the standard refresh-token-reuse defence.
+    """
+    now = timezone.now()
+    with transaction.atomic(savepoint=False):
+        token = (
+            RefreshToken.objects.select_for_update()
+            .select_related("family", "family__user")
+            .filter(token_hash=sha256_hex(refresh or ""))
+            .first()
+        )
+        if token is None:
+            raise InvalidRefreshToken("unknown refresh token")
+        family = token.family
+        if family.revoked_at is not None or not family.user.is_active:
+            raise InvalidRefreshToken("this session has been revoked")
+        if token.used_at is not None:
+            family.revoked_at, family.revoked_reason = now, "refresh_token_reuse"
+            family.save(update_fields=["revoked_at", "revoked_reason"])
+            reuse_detected = True
+        elif token.expires_at <= now:
+            raise InvalidRefreshToken("refresh token expired")
+        else:
+            reuse_detected = False
+            token.used_at = now
+            token.save(update_fields=["used_at"])
+            pair = _issue(family)
+    # Raised outside the block so the family revocation above commits.
+    if reuse_detected:
+        raise InvalidRefreshToken("refresh token reuse detected; every session of this login is revoked")
+    return pair
+
+
+def token_logout(*, refresh: str) -> None:
+    with transaction.atomic(savepoint=False):
+        token = RefreshToken.objects.select_related("family").filter(token_hash=sha256_hex(refresh or "")).first()
+        if token is None:
+            raise InvalidRefreshToken("unknown refresh token")
+        TokenFamily.objects.filter(pk=token.family_id, revoked_at__isnull=True).update(
+            revoked_at=timezone.now(), revoked_reason="logout"
+        )

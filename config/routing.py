@@ -1,0 +1,4 @@
+"""Channels routes: the streaming proxy endpoint and the live-events WebSocket."""
+
+http_routes: list = []
+websocket_routes: list = []

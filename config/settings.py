@@ -1,0 +1,271 @@
+"""Tokentill settings: everything comes from the environment through one ``environ.Env()``.
+
+Parsing is strict: a value that cannot be understood (``DEBUG=maybe``, ``MARKUP=lots``, an unknown
+``REFUSAL_MODE``) raises ``ImproperlyConfigured`` at start-up instead of silently meaning something
+else. Every integration stays off until its key is set. With no environment at all the server runs
+embedded: SQLite (WAL, IMMEDIATE transactions), in-memory channel layer, local-memory cache, and the
+built-in demo model instead of an upstream.
+"""
+
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """django-environ maps any unknown string to False; we refuse it instead."""
+    raw = env.str(name, default=str(default)).strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def env_decimal(name: str, default: str) -> Decimal:
+    raw = env.str(name, default=default).strip()
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a decimal number") from None
+    if not value.is_finite() or value < 0:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be a finite, non-negative number")
+    return value
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def env_choice(name: str, default: str, choices: set[str]) -> str:
+    raw = env.str(name, default=default).strip()
+    if raw not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not one of {sorted(choices)}")
+    return raw
+
+
+def env_rate(name: str, default: str) -> str:
+    raw = env.str(name, default=default).strip()
+    count, _, period = raw.partition("/")
+    if not count.isdigit() or period not in {"s", "sec", "m", "min", "h", "hour", "d", "day"}:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a rate like 20/h")
+    return raw
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("SECRET_KEY is required")
+    # Embedded default only; scripts/run writes a random one into .env on first start.
+    SECRET_KEY = "tokentill-insecure-development-key-change-me"
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "accounts",
+    "wallet",
+    "proxy",
+    "payments",
+]
+
+MIDDLEWARE = [
+    "config.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "config.context_processors.site",
+            ],
+        },
+    },
+]
+
+# --- Database --------------------------------------------------------------------------------
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock at BEGIN, so two writers never deadlock upgrading read
+    # locks; WAL lets readers run beside the single writer; the timeout queues writers instead
+    # of failing them with "database is locked".
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("CONN_MAX_AGE", 0))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer and cache -----------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("REDIS_PREFIX", default="tokentill")},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env.str("REDIS_PREFIX", default="tokentill"),
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_USER_MODEL = "accounts.User"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "portal:login"
+LOGIN_REDIRECT_URL = "portal:home"
+LOGOUT_REDIRECT_URL = "portal:login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+# --- Product ---------------------------------------------------------------------------------
+APP_URL = env.str("APP_URL", default="http://127.0.0.1:8000").rstrip("/")
+APP_TITLE = env.str("APP_TITLE", default="Tokentill")
+MARKUP = env_decimal("MARKUP", "0.20")
+MIN_BALANCE = env_decimal("MIN_BALANCE", "0.05")
+LOW_BALANCE_THRESHOLD = env_decimal("LOW_BALANCE_THRESHOLD", "1.00")
+SIGNUP_TRIAL_CREDIT = env_decimal("SIGNUP_TRIAL_CREDIT", "0")
+SIGNUP_RATE = env_rate("SIGNUP_RATE", "20/h")
+LOGIN_RATE = env_rate("LOGIN_RATE", "10/min")
+ACCESS_TOKEN_TTL = env_int("ACCESS_TOKEN_TTL", 15 * 60, minimum=30)  # seconds
+REFRESH_TOKEN_TTL = env_int("REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60)  # seconds
+
+UPSTREAM_BASE_URL = env.str("UPSTREAM_BASE_URL", default="https://openrouter.ai/api/v1").rstrip("/")
+UPSTREAM_API_KEY = env.str("UPSTREAM_API_KEY", default="")
+# "openrouter" reports usage.cost; "openai" (vLLM, Ollama, llama.cpp, OpenAI) is priced from the
+# price table. Default follows the URL so pointing UPSTREAM_BASE_URL at vLLM just works.
+UPSTREAM_KIND = env_choice(
+    "UPSTREAM_KIND",
+    "openrouter" if "openrouter.ai" in UPSTREAM_BASE_URL else "openai",
+    {"openrouter", "openai"},
+)
+UPSTREAM_CONNECT_TIMEOUT = env_decimal("UPSTREAM_CONNECT_TIMEOUT", "10")
+UPSTREAM_READ_TIMEOUT = env_decimal("UPSTREAM_READ_TIMEOUT", "300")
+UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
+PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)
+PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)
+REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})
+HOLD_TTL = env_int("HOLD_TTL", 15 * 60, minimum=30)  # seconds before reconcile_holds may act
+RUN_MAX_STEPS = env_int("RUN_MAX_STEPS", 0)  # 0 = unlimited steps per X-Tokentill-Run
+RUN_MAX_SPEND = env_decimal("RUN_MAX_SPEND", "0")  # 0 = unlimited spend per run
+
+LEMONSQUEEZY_API_KEY = env.str("LEMONSQUEEZY_API_KEY", default="")
+LEMONSQUEEZY_STORE_ID = env.str("LEMONSQUEEZY_STORE_ID", default="")
+LEMONSQUEEZY_WEBHOOK_SECRET = env.str("LEMONSQUEEZY_WEBHOOK_SECRET", default="")
+LEMONSQUEEZY_API_URL = env.str("LEMONSQUEEZY_API_URL", default="https://api.lemonsqueezy.com")
+STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")  # tests point this at a loopback fake
+PAYMENTS_TEST_MODE = env_bool("PAYMENTS_TEST_MODE", False)
+LEMONSQUEEZY_FEE_PERCENT = env_decimal("LEMONSQUEEZY_FEE_PERCENT", "5")
+LEMONSQUEEZY_FEE_FIXED = env_decimal("LEMONSQUEEZY_FEE_FIXED", "0.50")
+STRIPE_FEE_PERCENT = env_decimal("STRIPE_FEE_PERCENT", "2.9")
+STRIPE_FEE_FIXED = env_decimal("STRIPE_FEE_FIXED", "0.30")
+STAFF_ALERT_EMAILS = env.list("STAFF_ALERT_EMAILS", default=[])
+EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="tokentill@localhost")
+
+# --- DRF / schema ----------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.BearerAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_RATES": {"signup": SIGNUP_RATE, "login": LOGIN_RATE},
+    "EXCEPTION_HANDLER": "config.exceptions.api_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tokentill account API",
+    "DESCRIPTION": "Accounts, keys, wallet, usage and top-ups. The OpenAI-compatible API is at /v1.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}

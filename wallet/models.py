@@ -1,0 +1,124 @@
+"""The wallet ledger.
+
+* Amounts are integer nanodollars (1 USD = 10**9), ``BigIntegerField``, never floats.
+* ``Entry`` is append-only: the model refuses save-after-create and delete, and database triggers
+  (SQLite and PostgreSQL, see migration 0002) refuse UPDATE and DELETE outright.
+* ``Wallet.balance`` is a cache of ``Σ entries.amount``; every change writes the entry and the
+  wallet row in the same transaction (``wallet.services``), so the two never disagree.
+* ``Wallet.held`` is ``Σ active holds``: money reserved for requests in flight. A hold is taken by
+  one conditional UPDATE (``held += x WHERE balance - held - floor >= x``) so concurrent requests
+  can never together reserve more than is available.
+* Settling charges the *actual* cost even when it exceeds the hold; the balance may then dip
+  below zero by that overage, which blocks the wallet until the next top-up.
+* ``(wallet, idempotency_key)`` is UNIQUE, so a replayed external event cannot post twice.
+"""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Wallet(models.Model):
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="wallet")
+    balance = models.BigIntegerField(default=0)  # nanodollars
+    held = models.BigIntegerField(default=0)  # nanodollars reserved by active holds
+    currency = models.CharField(max_length=3, default="USD")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(held__gte=0), name="wallet_held_non_negative")]
+
+    def __str__(self):
+        return f"wallet of {self.user}"
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+class EntryKind(models.TextChoices):
+    TOP_UP = "top_up", "Top-up"
+    TRIAL = "trial", "Trial credit"
+    BONUS = "bonus", "Bonus"
+    GRANT = "grant", "Subscription grant"
+    USAGE = "usage", "Model usage"
+    CHARGE = "charge", "Tool charge"
+    REFUND = "refund", "Refund clawback"
+    CORRECTION = "correction", "Staff correction"
+
+
+CREDIT_KINDS = {EntryKind.TOP_UP, EntryKind.TRIAL, EntryKind.BONUS, EntryKind.GRANT}
+DEBIT_KINDS = {EntryKind.USAGE, EntryKind.CHARGE, EntryKind.REFUND}
+
+
+class AppendOnlyError(Exception):
+    pass
+
+
+class Entry(models.Model):
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries")
+    kind = models.CharField(max_length=16, choices=EntryKind.choices)
+    amount = models.BigIntegerField()  # nanodollars, signed: credits > 0, debits < 0
+    balance_after = models.BigIntegerField()  # nanodollars
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    reference = models.CharField(max_length=200, blank=True)
+    description = models.CharField(max_length=500, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "entries"
+        constraints = [
+            models.CheckConstraint(condition=~Q(amount=0), name="entry_amount_non_zero"),
+            models.UniqueConstraint(fields=["wallet", "idempotency_key"], name="entry_wallet_idempotency_key"),
+            models.CheckConstraint(
+                condition=(Q(kind__in=list(CREDIT_KINDS), amount__gt=0) | Q(kind__in=list(DEBIT_KINDS), amount__lt=0))
+                | Q(kind=EntryKind.CORRECTION),
+                name="entry_sign_matches_kind",
+            ),
+        ]
+        indexes = [models.Index(fields=["wallet", "kind", "created_at"])]
+
+    def __str__(self):
+        return f"{self.kind} {self.amount} on wallet {self.wallet_id}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise AppendOnlyError("ledger entries are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("ledger entries are append-only")
+
+
+class HoldStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    SETTLED = "settled", "Settled"
+    RELEASED = "released", "Released"
+
+
+class Hold(models.Model):
+    """Money reserved for one request. Its settlement entry is found by ``reference=request_id``
+    (and idempotency key ``hold:<request_id>``), which also makes a double settle impossible."""
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="holds")
+    amount = models.BigIntegerField()  # nanodollars reserved
+    request_id = models.CharField(max_length=128, unique=True)
+    status = models.CharField(max_length=10, choices=HoldStatus.choices, default=HoldStatus.ACTIVE)
+    description = models.CharField(max_length=500, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive")]
+        indexes = [models.Index(fields=["status", "expires_at"])]
+
+    def __str__(self):
+        return f"hold {self.request_id} ({self.status})"

@@ -1,0 +1,80 @@
+"""Money: integer nanodollars inside, 9-place decimal strings at the edges.
+
+No Django imports here. ``1 USD = 10**9 nanodollars``. Every conversion from a fractional value
+rounds half-up explicitly; floats are refused outright because a float cannot say what amount
+its author meant (0.1 is not one tenth).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+NANOS_PER_USD = 10**9
+_NANO = Decimal(1).scaleb(-9)
+
+
+class MoneyError(ValueError):
+    """An amount that cannot be understood as US dollars."""
+
+
+def _as_decimal(value: object) -> Decimal:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise MoneyError(f"refusing {type(value).__name__} {value!r} as money: use a decimal string")
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise MoneyError(f"{value!r} is not a decimal amount") from None
+    else:
+        raise MoneyError(f"refusing {type(value).__name__} as money")
+    if not result.is_finite():
+        raise MoneyError(f"{value!r} is not a finite amount")
+    return result
+
+
+def usd_to_nanos(value: Decimal | str | int) -> int:
+    """Dollars (Decimal, decimal string or whole int dollars) → nanodollars, half-up."""
+    return int((_as_decimal(value) * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def parse_usd(value: object, *, max_places: int = 9) -> int:
+    """Parse a client-supplied amount strictly: no floats, at most ``max_places`` decimals."""
+    amount = _as_decimal(value)
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -max_places:
+        raise MoneyError(f"{value!r} has more than {max_places} decimal places")
+    return usd_to_nanos(amount)
+
+
+def nanos_to_decimal(nanos: int) -> Decimal:
+    if not isinstance(nanos, int) or isinstance(nanos, bool):
+        raise MoneyError(f"nanodollar amounts are ints, not {type(nanos).__name__}")
+    return (Decimal(nanos) * _NANO).quantize(_NANO)
+
+
+def format_usd(nanos: int) -> str:
+    """12345678901 → "12.345678901" (always 9 places, sign kept)."""
+    return f"{nanos_to_decimal(nanos):.9f}"
+
+
+def format_cents(nanos: int) -> str:
+    """For display only: "$12.35" (half-up to the cent)."""
+    cents = nanos_to_decimal(nanos).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    sign = "-" if cents < 0 else ""
+    return f"{sign}${abs(cents):,.2f}"
+
+
+def mul_round(nanos_or_decimal: Decimal | int, factor: Decimal | int) -> int:
+    """``round_half_up(a × b)`` to a whole nanodollar; used for cost × (1 + markup)."""
+    product = _as_decimal(nanos_or_decimal) * _as_decimal(factor)
+    return int(product.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def loads_decimal(raw: bytes | str) -> object:
+    """Parse JSON from an upstream or provider with every number as Decimal, never float."""
+    return json.loads(raw, parse_float=Decimal)

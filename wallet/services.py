@@ -1,0 +1,344 @@
+"""Every balance change in Tokentill goes through this module.
+
+Concurrency policy (read this before changing anything here):
+
+* A service is one transaction. Services open ``atomic(savepoint=False)``: called on their own
+  they commit before they return; called inside a caller's transaction (the proxy writes the
+  usage record in the same transaction as the settle) they join it instead of adding savepoints.
+* Taking a hold is a single conditional UPDATE with a row-count check, never read-then-write,
+  so concurrent holds can never together exceed the available balance.
+* Everything else that must read before it writes locks the wallet row first
+  (``select_for_update``), keeps the block short, and always locks wallet before hold, so two
+  services can never deadlock on each other.
+* ``(wallet, idempotency_key)`` is UNIQUE in the database. Under the wallet lock a replay finds
+  the first entry and returns it unchanged; the constraint is the guarantee behind that check.
+* Balance events go out with ``transaction.on_commit``: a client is never told about money that
+  was rolled back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from . import events
+from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet
+
+
+class WalletError(Exception):
+    pass
+
+
+@dataclass
+class InsufficientFunds(WalletError):
+    needed: int  # nanodollars
+    available: int  # nanodollars
+    balance: int  # nanodollars
+
+    def __str__(self):
+        return "insufficient funds"
+
+
+class IdempotencyConflict(WalletError):
+    """The key was used before for a different change."""
+
+
+def wallet_get_or_create(*, user) -> Wallet:
+    wallet = getattr(user, "_wallet_cache", None)
+    if wallet is None:
+        wallet, _ = Wallet.objects.get_or_create(user=user)
+    return wallet
+
+
+def _lock(wallet_id: int) -> Wallet:
+    return Wallet.objects.select_for_update().get(pk=wallet_id)
+
+
+def _replay(wallet_id: int, idempotency_key: str | None, *, kind: str, amount: int | None) -> Entry | None:
+    if not idempotency_key:
+        return None
+    entry = Entry.objects.filter(wallet_id=wallet_id, idempotency_key=idempotency_key).first()
+    if entry is None:
+        return None
+    if entry.kind != kind or (amount is not None and entry.amount != amount):
+        raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a different change")
+    entry.replayed = True
+    return entry
+
+
+def _post(
+    wallet: Wallet,
+    *,
+    kind: str,
+    amount: int,
+    idempotency_key: str | None,
+    reference: str = "",
+    description: str = "",
+    metadata: dict | None = None,
+    created_by=None,
+    reason: str | None = None,
+) -> Entry:
+    """Write one entry and move the (already locked) wallet's balance with it."""
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise TypeError("amounts are integer nanodollars")
+    if amount == 0:
+        raise WalletError("a ledger entry cannot be zero")
+    Wallet.objects.filter(pk=wallet.pk).update(balance=F("balance") + amount, updated_at=timezone.now())
+    wallet.balance += amount
+    entry = Entry.objects.create(
+        wallet=wallet,
+        kind=kind,
+        amount=amount,
+        balance_after=wallet.balance,
+        idempotency_key=idempotency_key or None,
+        reference=reference,
+        description=description[:500],
+        metadata=metadata or {},
+        created_by=created_by,
+    )
+    entry.replayed = False
+    events.publish_on_commit(wallet, reason or kind)
+    return entry
+
+
+def _atomic():
+    return transaction.atomic(savepoint=False)
+
+
+def wallet_credit(
+    *,
+    wallet: Wallet,
+    amount: int,
+    kind: str,
+    idempotency_key: str | None,
+    reference: str = "",
+    description: str = "",
+    metadata: dict | None = None,
+) -> Entry:
+    """Add money: a paid top-up, a trial, a bonus or a subscription grant."""
+    if kind not in CREDIT_KINDS:
+        raise WalletError(f"{kind!r} is not a credit kind")
+    if amount <= 0:
+        raise WalletError("a credit must be positive")
+    try:
+        with _atomic():
+            locked = _lock(wallet.pk)
+            replay = _replay(locked.pk, idempotency_key, kind=kind, amount=amount)
+            if replay is not None:
+                return replay
+            entry = _post(
+                locked,
+                kind=kind,
+                amount=amount,
+                idempotency_key=idempotency_key,
+                reference=reference,
+                description=description,
+                metadata=metadata,
+            )
+    except IntegrityError:
+        # Only reachable if a concurrent writer bypassed the wallet lock; the UNIQUE constraint
+        # kept the ledger right, so answer as a replay.
+        replay = _replay(wallet.pk, idempotency_key, kind=kind, amount=amount)
+        if replay is None:
+            raise
+        return replay
+    wallet.balance = locked.balance
+    return entry
+
+
+def wallet_charge(
+    *,
+    wallet: Wallet,
+    amount: int,
+    idempotency_key: str | None,
+    description: str = "",
+    metadata: dict | None = None,
+    reference: str = "",
+) -> Entry:
+    """Debit a tool charge now, only if the available balance (balance − held) covers it."""
+    if amount <= 0:
+        raise WalletError("a charge must be positive")
+    with _atomic():
+        locked = _lock(wallet.pk)
+        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.CHARGE, amount=-amount)
+        if replay is not None:
+            return replay
+        if locked.available < amount:
+            raise InsufficientFunds(needed=amount, available=locked.available, balance=locked.balance)
+        entry = _post(
+            locked,
+            kind=EntryKind.CHARGE,
+            amount=-amount,
+            idempotency_key=idempotency_key,
+            reference=reference,
+            description=description,
+            metadata=metadata,
+        )
+    wallet.balance, wallet.held = locked.balance, locked.held
+    return entry
+
+
+def wallet_refund(
+    *,
+    wallet: Wallet,
+    amount: int,
+    idempotency_key: str,
+    reference: str = "",
+    description: str = "",
+    metadata: dict | None = None,
+) -> Entry:
+    """Claw back refunded credit. May take the balance below zero: the money already left."""
+    if amount <= 0:
+        raise WalletError("a refund clawback must be positive")
+    with _atomic():
+        locked = _lock(wallet.pk)
+        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.REFUND, amount=-amount)
+        if replay is not None:
+            return replay
+        entry = _post(
+            locked,
+            kind=EntryKind.REFUND,
+            amount=-amount,
+            idempotency_key=idempotency_key,
+            reference=reference,
+            description=description,
+            metadata=metadata,
+        )
+    wallet.balance = locked.balance
+    return entry
+
+
+def wallet_correct(
+    *,
+    wallet: Wallet,
+    amount: int,
+    reason: str,
+    staff_user,
+    idempotency_key: str | None = None,
+) -> Entry:
+    """A staff correction, positive or negative, always with a reason and who made it."""
+    if not reason or not reason.strip():
+        raise WalletError("a correction needs a reason")
+    if staff_user is None or not staff_user.is_staff:
+        raise WalletError("only staff can correct a wallet")
+    with _atomic():
+        locked = _lock(wallet.pk)
+        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.CORRECTION, amount=amount)
+        if replay is not None:
+            return replay
+        entry = _post(
+            locked,
+            kind=EntryKind.CORRECTION,
+            amount=amount,
+            idempotency_key=idempotency_key,
+            description=reason.strip(),
+            metadata={"staff": staff_user.email},
+            created_by=staff_user,
+        )
+    wallet.balance = locked.balance
+    return entry
+
+
+def hold_create(
+    *,
+    wallet: Wallet,
+    amount: int,
+    request_id: str,
+    min_available: int = 0,
+    ttl_seconds: int | None = None,
+    description: str = "",
+    metadata: dict | None = None,
+) -> Hold:
+    """Reserve ``amount`` for a request in flight, or raise ``InsufficientFunds``.
+
+    ``min_available`` is a floor the available balance must reach before anything is reserved
+    (``MIN_BALANCE``): the request needs ``available ≥ max(amount, min_available)``.
+    """
+    if amount <= 0:
+        raise WalletError("a hold must be positive")
+    need = max(amount, min_available)
+    ttl = ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL
+    now = timezone.now()
+    with _atomic():
+        # One conditional UPDATE: the database decides atomically whether the money is there.
+        # Reading the balance first and writing after would let two requests both see enough.
+        reserved = Wallet.objects.filter(pk=wallet.pk, balance__gte=F("held") + need).update(
+            held=F("held") + amount, updated_at=now
+        )
+        if not reserved:
+            current = Wallet.objects.get(pk=wallet.pk)
+            raise InsufficientFunds(needed=need, available=current.available, balance=current.balance)
+        hold = Hold.objects.create(
+            wallet=wallet,
+            amount=amount,
+            request_id=request_id,
+            description=description[:500],
+            metadata=metadata or {},
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl),
+        )
+    return hold
+
+
+def hold_settle(
+    *,
+    hold: Hold,
+    amount: int,
+    description: str = "",
+    metadata: dict | None = None,
+    kind: str = EntryKind.USAGE,
+) -> Entry | None:
+    """Charge the actual cost of a held request and free the hold.
+
+    The actual amount is charged even when it is more than the hold (the estimate was low): the
+    balance may then go slightly negative, which blocks the wallet until it is topped up. An
+    amount of zero frees the hold and writes no entry. Settling twice returns the first result.
+    """
+    if amount < 0:
+        raise WalletError("a settlement cannot be negative")
+    with _atomic():
+        locked = _lock(hold.wallet_id)
+        closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(
+            status=HoldStatus.SETTLED, closed_at=timezone.now()
+        )
+        if not closed:
+            hold.refresh_from_db()
+            return Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
+        Wallet.objects.filter(pk=locked.pk).update(held=F("held") - hold.amount)
+        locked.held -= hold.amount
+        entry = None
+        if amount:
+            entry = _post(
+                locked,
+                kind=kind,
+                amount=-amount,
+                idempotency_key=f"hold:{hold.request_id}",
+                reference=hold.request_id,
+                description=description or hold.description,
+                metadata=metadata,
+            )
+        else:
+            events.publish_on_commit(locked, "hold_released")
+    hold.status = HoldStatus.SETTLED
+    hold.wallet.balance, hold.wallet.held = locked.balance, locked.held
+    return entry
+
+
+def hold_release(*, hold: Hold) -> Hold:
+    """Free a hold without charging anything (the request never reached the upstream)."""
+    with _atomic():
+        locked = _lock(hold.wallet_id)
+        released = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(
+            status=HoldStatus.RELEASED, closed_at=timezone.now()
+        )
+        if released:
+            Wallet.objects.filter(pk=locked.pk).update(held=F("held") - hold.amount)
+            locked.held -= hold.amount
+            events.publish_on_commit(locked, "hold_released")
+    hold.refresh_from_db()
+    return hold
