@@ -168,17 +168,24 @@ def wallet_charge(
         replay = _replay(locked.pk, idempotency_key, kind=EntryKind.CHARGE, amount=-amount)
         if replay is not None:
             return replay
-        if locked.available < amount:
-            raise InsufficientFunds(needed=amount, available=locked.available, balance=locked.balance)
-        entry = _post(
-            locked,
-            kind=EntryKind.CHARGE,
-            amount=-amount,
-            idempotency_key=idempotency_key,
-            reference=reference,
-            description=description,
-            metadata=metadata,
+        short = locked.available < amount
+        entry = (
+            None
+            if short
+            else _post(
+                locked,
+                kind=EntryKind.CHARGE,
+                amount=-amount,
+                idempotency_key=idempotency_key,
+                reference=reference,
+                description=description,
+                metadata=metadata,
+            )
         )
+    # Raised after the block, which wrote nothing: an exception inside a joined transaction
+    # would poison the caller's transaction.
+    if entry is None:
+        raise InsufficientFunds(needed=amount, available=locked.available, balance=locked.balance)
     wallet.balance, wallet.held = locked.balance, locked.held
     return entry
 
@@ -272,16 +279,19 @@ def hold_create(
         )
         if not reserved:
             current = Wallet.objects.get(pk=wallet.pk)
-            raise InsufficientFunds(needed=need, available=current.available, balance=current.balance)
-        hold = Hold.objects.create(
-            wallet=wallet,
-            amount=amount,
-            request_id=request_id,
-            description=description[:500],
-            metadata=metadata or {},
-            created_at=now,
-            expires_at=now + timedelta(seconds=ttl),
-        )
+            hold = None
+        else:
+            hold = Hold.objects.create(
+                wallet=wallet,
+                amount=amount,
+                request_id=request_id,
+                description=description[:500],
+                metadata=metadata or {},
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl),
+            )
+    if hold is None:  # raised outside the block, which wrote nothing (see wallet_charge)
+        raise InsufficientFunds(needed=need, available=current.available, balance=current.balance)
     return hold
 
 

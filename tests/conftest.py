@@ -1,0 +1,126 @@
+"""Shared fixtures: named personas, authenticated clients, database helpers.
+
+Personas (healthchecks' style): alice has $10.00, bob has nothing, mallory tries to reach other
+people's things, staff runs the shop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+from django.db.backends.postgresql.base import DatabaseOperations as PgOps
+from django.db.backends.sqlite3.base import DatabaseOperations as SqliteOps
+
+_triggers = importlib.import_module("wallet.migrations.0002_append_only_triggers")
+
+
+# The ledger refuses DELETE and TRUNCATE by trigger. Between transactional tests Django empties
+# every table with a flush; the test database's teardown is the one party allowed to erase the
+# ledger, so the flush (and only the flush) steps around the triggers.
+_pg_flush = PgOps.execute_sql_flush
+_sqlite_flush = SqliteOps.execute_sql_flush
+
+
+def _pg_flush_bypassing_triggers(self, sql_list):
+    _pg_flush(self, ["SET session_replication_role = replica", *sql_list, "SET session_replication_role = DEFAULT"])
+
+
+def _sqlite_flush_bypassing_triggers(self, sql_list):
+    _sqlite_flush(self, [*_triggers.SQLITE_REVERSE, *sql_list, *_triggers.SQLITE_FORWARD])
+
+
+PgOps.execute_sql_flush = _pg_flush_bypassing_triggers
+SqliteOps.execute_sql_flush = _sqlite_flush_bypassing_triggers
+
+
+def pytest_collection_modifyitems(config, items):
+    from django.conf import settings
+
+    on_postgres = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+    skip_pg = pytest.mark.skip(reason="needs PostgreSQL: run through scripts/test (DATABASE_URL=postgres://…)")
+    skip_redis = pytest.mark.skip(reason="needs Redis: TEST_REDIS_URL is set by scripts/test on the PostgreSQL run")
+    for item in items:
+        if "postgres" in item.keywords and not on_postgres:
+            item.add_marker(skip_pg)
+        if "redis" in item.keywords and not os.environ.get("TEST_REDIS_URL"):
+            item.add_marker(skip_redis)
+
+
+def make_user(email: str, *, balance: str = "0", password: str = "correct horse battery staple", **extra):
+    from accounts.services import user_signup
+    from wallet.models import EntryKind
+    from wallet.money import parse_usd
+    from wallet.services import wallet_credit
+
+    user = user_signup(email=email, password=password)
+    if extra:
+        for field, value in extra.items():
+            setattr(user, field, value)
+        user.save()
+    amount = parse_usd(balance)
+    if amount:
+        wallet_credit(
+            wallet=user.wallet,
+            amount=amount,
+            kind=EntryKind.TOP_UP,
+            idempotency_key=f"test:opening:{email}",
+            description="opening balance",
+        )
+        user.wallet.refresh_from_db()
+    return user
+
+
+@pytest.fixture
+def alice(db):
+    return make_user("alice@example.com", balance="10.00")
+
+
+@pytest.fixture
+def bob(db):
+    return make_user("bob@example.com")
+
+
+@pytest.fixture
+def mallory(db):
+    return make_user("mallory@example.com", balance="1.00")
+
+
+@pytest.fixture
+def staff(db):
+    return make_user("staff@example.com", is_staff=True, is_superuser=True)
+
+
+def bearer_client(user, **key_kwargs):
+    """A DRF APIClient that authenticates with a fresh desktop access token for ``user``."""
+    from rest_framework.test import APIClient
+
+    from accounts.services import token_pair_issue
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_pair_issue(user=user).access}")
+    return client
+
+
+@pytest.fixture
+def alice_client(alice):
+    return bearer_client(alice)
+
+
+@pytest.fixture
+def bob_client(bob):
+    return bearer_client(bob)
+
+
+@pytest.fixture
+def mallory_client(mallory):
+    return bearer_client(mallory)
+
+
+@pytest.fixture
+def alice_key(alice):
+    """(ApiKey row, secret) with the default proxy scope."""
+    from accounts.services import api_key_create
+
+    return api_key_create(user=alice, name="alice laptop")
