@@ -7,6 +7,7 @@ embedded: SQLite (WAL, IMMEDIATE transactions), in-memory channel layer, local-m
 built-in demo model instead of an upstream.
 """
 
+import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -139,6 +140,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # Tests use a file (not :memory:) so live servers in other threads or processes share it;
+    # one per test process so parallel runs never collide.
+    DATABASES["default"]["TEST"] = {
+        "NAME": env.str("SQLITE_TEST_NAME", default=str(BASE_DIR / "var" / f"test-{os.getpid()}.sqlite3"))
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("CONN_MAX_AGE", 0))
