@@ -1,0 +1,186 @@
+"""``/ws/events``: live balance events for one user's open clients.
+
+Authentication, in this order:
+
+1. ``Authorization: Bearer <API key or access token>`` on the upgrade request (desktop clients);
+2. the portal's session cookie, only when the ``Origin`` is one of ours;
+3. otherwise the first message must be ``{"type": "auth", "token": "…"}`` within a few seconds.
+
+Why the Origin check applies to cookies only: a browser attaches cookies to a WebSocket opened
+by *any* site (cross-site WebSocket hijacking), so a cookie proves nothing unless the page came
+from us. A bearer token is different: a foreign page cannot read it, so whoever presents one is
+its holder, and desktop clients send no Origin at all. A cookie from a foreign origin is ignored,
+not fatal — the connection may still authenticate with a token.
+
+Failures are reported as an ``{"type": "error", …}`` message followed by a close with code 4401
+(the reason string is dropped by some servers, the message is not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from importlib import import_module
+from urllib.parse import urlparse
+
+from channels.auth import get_user
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.security.websocket import OriginValidator
+from channels.sessions import SessionMiddlewareStack
+from django.conf import settings
+
+from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
+
+from . import events
+from .services import wallet_get_or_create
+
+AUTH_TIMEOUT_SECONDS = 5.0
+# An open socket re-checks its credential (revoked key, logged-out session) when an event
+# arrives, at most this often, so revocation ends the stream without a query per event.
+RECHECK_SECONDS = 60.0
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_BAD_MESSAGE = 4400
+
+
+def allowed_origins() -> list[str]:
+    """Where our own pages are served from: APP_URL, CSRF_TRUSTED_ORIGINS and ALLOWED_HOSTS.
+
+    A wildcard host is left out on purpose: ``ALLOWED_HOSTS=*`` must not turn every site on the
+    web into a trusted origin for cookie-authenticated sockets.
+    """
+    hosts = [host for host in settings.ALLOWED_HOSTS if host != "*"]
+    return [settings.APP_URL, *settings.CSRF_TRUSTED_ORIGINS, *hosts]
+
+
+def origin_is_ours(headers: dict[bytes, bytes]) -> bool:
+    raw = headers.get(b"origin")
+    if not raw:
+        return False
+    try:
+        parsed = urlparse(raw.decode("latin-1"))
+    except ValueError:
+        return False
+    return OriginValidator(None, allowed_origins()).valid_origin(parsed)
+
+
+@database_sync_to_async
+def _principal_user(token: str):
+    try:
+        return authenticate_bearer(token).user, None
+    except AuthFailed as exc:
+        return None, exc.reason
+
+
+@database_sync_to_async
+def _snapshot(user) -> dict:
+    wallet = wallet_get_or_create(user=user)
+    wallet.refresh_from_db(fields=["balance", "held"])
+    return events.balance_payload(balance=wallet.balance, held=wallet.held, reason="snapshot")
+
+
+class EventsConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        self.user = None
+        self.group = None
+        self.token = None
+        self.checked_at = 0.0
+        self.auth_timer = None
+        headers = dict(self.scope.get("headers", []))
+
+        token = bearer_from_header(headers.get(b"authorization"))
+        if token:
+            await self.accept()
+            await self._authenticate_token(token)
+            return
+
+        if origin_is_ours(headers):
+            user = await get_user(self.scope)
+            if user.is_authenticated and user.is_active:
+                await self.accept()
+                await self._start(user)
+                return
+
+        await self.accept()
+        self.auth_timer = asyncio.create_task(self._auth_deadline())
+
+    async def _auth_deadline(self):
+        await asyncio.sleep(AUTH_TIMEOUT_SECONDS)
+        if self.user is None:
+            await self._refuse("authenticate within a few seconds: send {\"type\": \"auth\", \"token\": \"…\"}")
+
+    async def _authenticate_token(self, token: str):
+        user, reason = await _principal_user(token)
+        if user is None:
+            await self._refuse(reason)
+            return
+        self.token = token
+        await self._start(user)
+
+    async def _start(self, user):
+        self.user = user
+        self.checked_at = time.monotonic()
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+        # Join before reading the snapshot: a change committed between the two is then sent as
+        # an event after the snapshot, instead of falling into the gap and never being seen.
+        self.group = events.group_for_user(user.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.send_json(await _snapshot(user))
+
+    async def _refuse(self, reason: str):
+        await self.send_json({"type": "error", "code": "unauthenticated", "message": reason})
+        await self.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        try:
+            content = self.decode_json(text_data) if text_data else None
+        except ValueError:
+            content = None
+        if not isinstance(content, dict):
+            await self.send_json({"type": "error", "code": "bad_message", "message": "send JSON objects"})
+            await self.close(code=CLOSE_BAD_MESSAGE, reason="send JSON objects")
+            return
+        kind = content.get("type")
+        if self.user is None:
+            token = content.get("token")
+            if kind != "auth" or not isinstance(token, str) or not token:
+                await self._refuse('the first message must be {"type": "auth", "token": "…"}')
+                return
+            await self._authenticate_token(token)
+        elif kind == "ping":
+            await self.send_json({"type": "pong"})
+        # Anything else from an authenticated client is ignored: the stream is one-way.
+
+    async def wallet_event(self, message):
+        if time.monotonic() - self.checked_at > RECHECK_SECONDS:
+            if not await self._credential_alive():
+                await self._refuse("this credential has been revoked or has expired")
+                return
+            self.checked_at = time.monotonic()
+        await self.send_json(message["event"])
+
+    async def _credential_alive(self) -> bool:
+        if self.token is not None:
+            user, _ = await _principal_user(self.token)
+        else:
+            # A fresh store: the scope's session was read once at connect and would not notice
+            # a logout since.
+            store = import_module(settings.SESSION_ENGINE).SessionStore(self.scope["session"].session_key)
+            user = await get_user({"session": store})
+        return user is not None and user.is_authenticated and user.pk == self.user.pk
+
+    async def disconnect(self, code):
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.auth_timer
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+
+# The session middleware only makes the cookie's session readable; whether it counts is decided
+# in connect(), after the Origin check.
+events_application = SessionMiddlewareStack(EventsConsumer.as_asgi())
