@@ -59,16 +59,30 @@ def _lock(wallet_id: int) -> Wallet:
     return Wallet.objects.select_for_update().get(pk=wallet_id)
 
 
-def _replay(wallet_id: int, idempotency_key: str | None, *, kind: str, amount: int | None) -> Entry | None:
+def _prior(wallet_id: int, idempotency_key: str | None) -> Entry | None:
+    """The entry already posted under this key, if any. Never raises: see ``_as_replay``."""
     if not idempotency_key:
         return None
-    entry = Entry.objects.filter(wallet_id=wallet_id, idempotency_key=idempotency_key).first()
-    if entry is None:
-        return None
-    if entry.kind != kind or (amount is not None and entry.amount != amount):
+    return Entry.objects.filter(wallet_id=wallet_id, idempotency_key=idempotency_key).first()
+
+
+def _as_replay(prior: Entry, idempotency_key: str, *, kind: str, amount: int | None) -> Entry:
+    """Answer a replay with the first entry, or refuse a key reused for a different change.
+
+    Called *after* the service's atomic block has closed. An exception leaving an
+    ``atomic(savepoint=False)`` block that joined a caller's transaction marks that whole
+    transaction for rollback, so a caller who catches the refusal could not commit anything else.
+    """
+    if prior.kind != kind or (amount is not None and prior.amount != amount):
         raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a different change")
-    entry.replayed = True
-    return entry
+    prior.replayed = True
+    return prior
+
+
+def _check_amount(amount: object) -> None:
+    """Before any block opens: a float (or bool) amount is a caller bug, not a refusal."""
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise TypeError(f"amounts are integer nanodollars, not {type(amount).__name__}")
 
 
 def _post(
@@ -121,6 +135,7 @@ def wallet_credit(
     metadata: dict | None = None,
 ) -> Entry:
     """Add money: a paid top-up, a trial, a bonus or a subscription grant."""
+    _check_amount(amount)
     if kind not in CREDIT_KINDS:
         raise WalletError(f"{kind!r} is not a credit kind")
     if amount <= 0:
@@ -128,25 +143,29 @@ def wallet_credit(
     try:
         with _atomic():
             locked = _lock(wallet.pk)
-            replay = _replay(locked.pk, idempotency_key, kind=kind, amount=amount)
-            if replay is not None:
-                return replay
-            entry = _post(
-                locked,
-                kind=kind,
-                amount=amount,
-                idempotency_key=idempotency_key,
-                reference=reference,
-                description=description,
-                metadata=metadata,
+            prior = _prior(locked.pk, idempotency_key)
+            entry = (
+                None
+                if prior is not None
+                else _post(
+                    locked,
+                    kind=kind,
+                    amount=amount,
+                    idempotency_key=idempotency_key,
+                    reference=reference,
+                    description=description,
+                    metadata=metadata,
+                )
             )
     except IntegrityError:
         # Only reachable if a concurrent writer bypassed the wallet lock; the UNIQUE constraint
         # kept the ledger right, so answer as a replay.
-        replay = _replay(wallet.pk, idempotency_key, kind=kind, amount=amount)
-        if replay is None:
+        prior = _prior(wallet.pk, idempotency_key)
+        if prior is None:
             raise
-        return replay
+        return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
+    if prior is not None:
+        return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
     wallet.balance = locked.balance
     return entry
 
@@ -161,17 +180,16 @@ def wallet_charge(
     reference: str = "",
 ) -> Entry:
     """Debit a tool charge now, only if the available balance (balance − held) covers it."""
+    _check_amount(amount)
     if amount <= 0:
         raise WalletError("a charge must be positive")
     with _atomic():
         locked = _lock(wallet.pk)
-        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.CHARGE, amount=-amount)
-        if replay is not None:
-            return replay
-        short = locked.available < amount
+        prior = _prior(locked.pk, idempotency_key)
+        short = prior is None and locked.available < amount
         entry = (
             None
-            if short
+            if prior is not None or short
             else _post(
                 locked,
                 kind=EntryKind.CHARGE,
@@ -184,7 +202,9 @@ def wallet_charge(
         )
     # Raised after the block, which wrote nothing: an exception inside a joined transaction
     # would poison the caller's transaction.
-    if entry is None:
+    if prior is not None:
+        return _as_replay(prior, idempotency_key, kind=EntryKind.CHARGE, amount=-amount)
+    if short:
         raise InsufficientFunds(needed=amount, available=locked.available, balance=locked.balance)
     wallet.balance, wallet.held = locked.balance, locked.held
     return entry
@@ -200,22 +220,27 @@ def wallet_refund(
     metadata: dict | None = None,
 ) -> Entry:
     """Claw back refunded credit. May take the balance below zero: the money already left."""
+    _check_amount(amount)
     if amount <= 0:
         raise WalletError("a refund clawback must be positive")
     with _atomic():
         locked = _lock(wallet.pk)
-        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.REFUND, amount=-amount)
-        if replay is not None:
-            return replay
-        entry = _post(
-            locked,
-            kind=EntryKind.REFUND,
-            amount=-amount,
-            idempotency_key=idempotency_key,
-            reference=reference,
-            description=description,
-            metadata=metadata,
+        prior = _prior(locked.pk, idempotency_key)
+        entry = (
+            None
+            if prior is not None
+            else _post(
+                locked,
+                kind=EntryKind.REFUND,
+                amount=-amount,
+                idempotency_key=idempotency_key,
+                reference=reference,
+                description=description,
+                metadata=metadata,
+            )
         )
+    if prior is not None:
+        return _as_replay(prior, idempotency_key, kind=EntryKind.REFUND, amount=-amount)
     wallet.balance = locked.balance
     return entry
 
@@ -229,24 +254,31 @@ def wallet_correct(
     idempotency_key: str | None = None,
 ) -> Entry:
     """A staff correction, positive or negative, always with a reason and who made it."""
+    _check_amount(amount)
+    if amount == 0:
+        raise WalletError("a correction cannot be zero")
     if not reason or not reason.strip():
         raise WalletError("a correction needs a reason")
     if staff_user is None or not staff_user.is_staff:
         raise WalletError("only staff can correct a wallet")
     with _atomic():
         locked = _lock(wallet.pk)
-        replay = _replay(locked.pk, idempotency_key, kind=EntryKind.CORRECTION, amount=amount)
-        if replay is not None:
-            return replay
-        entry = _post(
-            locked,
-            kind=EntryKind.CORRECTION,
-            amount=amount,
-            idempotency_key=idempotency_key,
-            description=reason.strip(),
-            metadata={"staff": staff_user.email},
-            created_by=staff_user,
+        prior = _prior(locked.pk, idempotency_key)
+        entry = (
+            None
+            if prior is not None
+            else _post(
+                locked,
+                kind=EntryKind.CORRECTION,
+                amount=amount,
+                idempotency_key=idempotency_key,
+                description=reason.strip(),
+                metadata={"staff": staff_user.email},
+                created_by=staff_user,
+            )
         )
+    if prior is not None:
+        return _as_replay(prior, idempotency_key, kind=EntryKind.CORRECTION, amount=amount)
     wallet.balance = locked.balance
     return entry
 
@@ -266,6 +298,8 @@ def hold_create(
     ``min_available`` is a floor the available balance must reach before anything is reserved
     (``MIN_BALANCE``): the request needs ``available ≥ max(amount, min_available)``.
     """
+    _check_amount(amount)
+    _check_amount(min_available)
     if amount <= 0:
         raise WalletError("a hold must be positive")
     need = max(amount, min_available)
@@ -309,6 +343,7 @@ def hold_settle(
     balance may then go slightly negative, which blocks the wallet until it is topped up. An
     amount of zero frees the hold and writes no entry. Settling twice returns the first result.
     """
+    _check_amount(amount)
     if amount < 0:
         raise WalletError("a settlement cannot be negative")
     with _atomic():
