@@ -136,7 +136,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         try:
-            content = self.decode_json(text_data) if text_data else None
+            content = await self.decode_json(text_data) if text_data else None
         except ValueError:
             content = None
         if not isinstance(content, dict):

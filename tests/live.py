@@ -1,0 +1,172 @@
+"""Helpers for tests that talk to a real server process: Daphne in a subprocess, a tiny WebSocket
+client (RFC 6455, text frames only) over asyncio streams, and the test database's URL.
+
+The server processes share the test database: its name is read after pytest-django created it,
+and tests using them are ``transaction=True`` so what they write is committed and visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shared_database_url() -> str:
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = quote(db.get("USER") or "")
+    if db.get("PASSWORD"):
+        auth += ":" + quote(db["PASSWORD"])
+    return f"postgres://{auth}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+
+
+@contextmanager
+def daphne_server(**env_overrides: str):
+    """Run ``config.asgi:application`` under Daphne on a free loopback port; yields its base URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX"}}
+    env.update(
+        DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings", PYTHONDONTWRITEBYTECODE="1"
+    )
+    env.update(env_overrides)
+    log_path = BASE_DIR / "var" / f"daphne-{port}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    daphne = Path(sys.executable).with_name("daphne")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daphne exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daphne did not answer within 30 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log_path.unlink(missing_ok=True)
+
+
+class WebSocketClosed(Exception):
+    def __init__(self, code: int | None):
+        super().__init__(f"closed with {code}")
+        self.code = code
+
+
+class MiniWebSocket:
+    """Just enough of a WebSocket client for tests: handshake, masked text frames out,
+    text/close/ping frames in. Every read is bounded by a timeout."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 5):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+        ]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status, *header_lines = head.decode("latin-1").split("\r\n")
+        if " 101 " not in status + " ":
+            writer.close()
+            raise WebSocketClosed(int(status.split()[1]))
+        accept = base64.b64encode(hashlib.sha1((key + cls.GUID).encode()).digest()).decode()
+        received = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
+        assert received.get("sec-websocket-accept") == accept
+        return cls(reader, writer)
+
+    def _frame(self, opcode: int, payload: bytes) -> bytes:
+        mask = os.urandom(4)
+        length = len(payload)
+        if length < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    async def send_json(self, data) -> None:
+        self.writer.write(self._frame(0x1, json.dumps(data).encode()))
+        await self.writer.drain()
+
+    async def receive_json(self, timeout: float = 1):
+        return json.loads(await asyncio.wait_for(self._receive_text(), timeout))
+
+    async def _receive_text(self) -> str:
+        while True:
+            first, second = await self.reader.readexactly(2)
+            opcode, length = first & 0x0F, second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            payload = await self.reader.readexactly(length)
+            if opcode == 0x1:
+                return payload.decode()
+            if opcode == 0x8:
+                raise WebSocketClosed(struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None)
+            if opcode == 0x9:
+                self.writer.write(self._frame(0xA, payload))
+
+    async def close(self) -> None:
+        try:
+            self.writer.write(self._frame(0x8, struct.pack("!H", 1000)))
+            await self.writer.drain()
+        except ConnectionError:
+            pass
+        self.writer.close()

@@ -1,0 +1,246 @@
+"""``/ws/events``: who may listen, what they hear, and that it works across server processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.db import transaction
+from django.test import Client
+
+from accounts.services import api_key_create, api_key_revoke, token_pair_issue
+from config.asgi import application
+from tests.conftest import make_user
+from tests.live import MiniWebSocket, daphne_server
+from wallet import consumers
+from wallet.models import EntryKind
+from wallet.services import wallet_credit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def communicator(*headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, "/ws/events", headers=list(headers))
+
+
+@database_sync_to_async
+def persona(email: str, balance: str = "0"):
+    return make_user(email, balance=balance)
+
+
+@database_sync_to_async
+def access_token(user) -> str:
+    return token_pair_issue(user=user).access
+
+
+@database_sync_to_async
+def credit(user, amount: int, key: str | None = None):
+    return wallet_credit(
+        wallet=user.wallet, amount=amount, kind=EntryKind.BONUS, idempotency_key=key or uuid.uuid4().hex
+    )
+
+
+@database_sync_to_async
+def credit_then_roll_back(user, amount: int):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        wallet_credit(wallet=user.wallet, amount=amount, kind=EntryKind.BONUS, idempotency_key="rolled-back")
+        raise RuntimeError("the caller's transaction fails after the credit")
+
+
+@database_sync_to_async
+def session_cookie(user) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+async def connected_with_header(token: str) -> WebsocketCommunicator:
+    ws = communicator((b"authorization", f"Bearer {token}".encode()))
+    connected, _ = await ws.connect()
+    assert connected
+    return ws
+
+
+async def expect_refusal(ws: WebsocketCommunicator, timeout: float = 1) -> dict:
+    error = await ws.receive_json_from(timeout)
+    assert error["type"] == "error" and error["code"] == "unauthenticated"
+    closed = await ws.receive_output(timeout)
+    assert closed == {"type": "websocket.close", "code": 4401, "reason": closed["reason"]}
+    return error
+
+
+async def test_a_desktop_token_in_the_header_gets_a_balance_snapshot():
+    alice = await persona("alice@example.com", "10.00")
+    ws = await connected_with_header(await access_token(alice))
+    assert await ws.receive_json_from() == {
+        "type": "balance",
+        "balance": "10.000000000",
+        "held": "0.000000000",
+        "available": "10.000000000",
+        "reason": "snapshot",
+    }
+    await ws.disconnect()
+
+
+async def test_an_api_key_in_the_header_authenticates_too():
+    alice = await persona("alice@example.com", "2.50")
+    _, secret = await database_sync_to_async(api_key_create)(user=alice, name="agent")
+    ws = await connected_with_header(secret)
+    snapshot = await ws.receive_json_from()
+    assert (snapshot["reason"], snapshot["balance"]) == ("snapshot", "2.500000000")
+    await ws.disconnect()
+
+
+async def test_a_token_in_the_first_message_authenticates_a_connection_without_headers():
+    alice = await persona("alice@example.com", "1.00")
+    ws = communicator()
+    assert (await ws.connect())[0]
+    assert await ws.receive_nothing(0.1)  # nothing is said before authentication
+    await ws.send_json_to({"type": "auth", "token": await access_token(alice)})
+    assert (await ws.receive_json_from())["balance"] == "1.000000000"
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from() == {"type": "pong"}
+    await ws.disconnect()
+
+
+async def test_a_connection_that_never_authenticates_is_closed_with_4401(monkeypatch):
+    monkeypatch.setattr(consumers, "AUTH_TIMEOUT_SECONDS", 0.2)
+    ws = communicator()
+    assert (await ws.connect())[0]
+    error = await expect_refusal(ws)
+    assert "auth" in error["message"]
+
+
+async def test_a_first_message_that_is_not_auth_is_refused():
+    ws = communicator()
+    assert (await ws.connect())[0]
+    await ws.send_json_to({"type": "subscribe"})
+    await expect_refusal(ws)
+
+
+async def test_a_message_that_is_not_json_closes_with_4400():
+    ws = communicator()
+    assert (await ws.connect())[0]
+    await ws.send_to(text_data="hello")
+    assert (await ws.receive_json_from())["code"] == "bad_message"
+    assert (await ws.receive_output(1))["code"] == 4400
+
+
+async def test_a_bad_token_is_refused():
+    ws = await connected_with_header("not-a-real-token")
+    error = await expect_refusal(ws)
+    assert error["message"] == "invalid access token"
+
+
+async def test_a_revoked_api_key_is_refused_in_the_first_message_too():
+    alice = await persona("alice@example.com", "1.00")
+    key, secret = await database_sync_to_async(api_key_create)(user=alice, name="old")
+    await database_sync_to_async(api_key_revoke)(key=key)
+    ws = communicator()
+    assert (await ws.connect())[0]
+    await ws.send_json_to({"type": "auth", "token": secret})
+    assert (await expect_refusal(ws))["message"] == "this API key has been revoked"
+
+
+async def test_a_committed_credit_reaches_the_socket_within_a_second():
+    alice = await persona("alice@example.com", "10.00")
+    ws = await connected_with_header(await access_token(alice))
+    await ws.receive_json_from()
+    await credit(alice, 1_500_000_000)
+    event = await ws.receive_json_from(timeout=1)
+    assert event == {
+        "type": "balance",
+        "balance": "11.500000000",
+        "held": "0.000000000",
+        "available": "11.500000000",
+        "reason": "bonus",
+    }
+    await ws.disconnect()
+
+
+async def test_a_rolled_back_credit_is_never_sent():
+    alice = await persona("alice@example.com", "10.00")
+    ws = await connected_with_header(await access_token(alice))
+    await ws.receive_json_from()
+    await credit_then_roll_back(alice, 5_000_000_000)
+    assert await ws.receive_nothing(0.3)
+    await ws.disconnect()
+
+
+async def test_other_users_events_are_not_delivered():
+    alice = await persona("alice@example.com", "10.00")
+    mallory = await persona("mallory@example.com", "1.00")
+    alice_ws = await connected_with_header(await access_token(alice))
+    mallory_ws = await connected_with_header(await access_token(mallory))
+    await alice_ws.receive_json_from()
+    await mallory_ws.receive_json_from()
+    await credit(alice, 1_000_000_000)
+    assert (await alice_ws.receive_json_from())["balance"] == "11.000000000"
+    assert await mallory_ws.receive_nothing(0.3)
+    await alice_ws.disconnect()
+    await mallory_ws.disconnect()
+
+
+async def test_a_portal_session_from_our_own_origin_authenticates():
+    alice = await persona("alice@example.com", "3.00")
+    ws = communicator((b"cookie", await session_cookie(alice)), (b"origin", b"http://127.0.0.1:8000"))
+    assert (await ws.connect())[0]
+    assert (await ws.receive_json_from())["balance"] == "3.000000000"
+    await ws.disconnect()
+
+
+async def test_a_session_cookie_sent_from_a_foreign_site_is_ignored(monkeypatch):
+    # Cross-site WebSocket hijacking: evil.example opens the socket and the browser attaches
+    # alice's cookie. The cookie must count for nothing there.
+    monkeypatch.setattr(consumers, "AUTH_TIMEOUT_SECONDS", 0.3)
+    alice = await persona("alice@example.com", "3.00")
+    cookie = await session_cookie(alice)
+    for origin in [b"https://evil.example", None]:
+        headers = [(b"cookie", cookie)] + ([(b"origin", origin)] if origin else [])
+        ws = communicator(*headers)
+        assert (await ws.connect())[0]
+        await expect_refusal(ws)
+
+
+async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(monkeypatch):
+    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0)
+    alice = await persona("alice@example.com", "10.00")
+    key, secret = await database_sync_to_async(api_key_create)(user=alice, name="laptop")
+    ws = await connected_with_header(secret)
+    await ws.receive_json_from()
+    await database_sync_to_async(api_key_revoke)(key=key)
+    await credit(alice, 1_000_000_000)
+    assert "revoked" in (await expect_refusal(ws))["message"]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_an_event_published_by_one_process_reaches_sockets_on_other_processes(settings):
+    """Two Daphne processes sharing PostgreSQL and Redis, sockets open on both; the money moves in
+    a third process (this one), which publishes through the same Redis with the same prefix."""
+    redis_url = os.environ["TEST_REDIS_URL"]
+    prefix = f"tt-test-{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [redis_url], "prefix": prefix},
+        }
+    }
+    alice = await persona("alice@example.com", "10.00")
+    headers = {"Authorization": f"Bearer {await access_token(alice)}"}
+    with daphne_server(REDIS_URL=redis_url, REDIS_PREFIX=prefix) as server_a:
+        with daphne_server(REDIS_URL=redis_url, REDIS_PREFIX=prefix) as server_b:
+            sockets = [await MiniWebSocket.connect(server, "/ws/events", headers) for server in (server_a, server_b)]
+            try:
+                for ws in sockets:
+                    assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
+                await credit(alice, 2_000_000_000)
+                for ws in sockets:
+                    event = await ws.receive_json(timeout=1)
+                    assert (event["balance"], event["reason"]) == ("12.000000000", "bonus")
+            finally:
+                for ws in sockets:
+                    await ws.close()
