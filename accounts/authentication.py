@@ -1,5 +1,6 @@
 """DRF glue for the shared bearer check."""
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from .auth import AuthFailed, authenticate_bearer, bearer_from_header
@@ -20,3 +21,17 @@ class BearerAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request):
         return self.keyword
+
+
+class BearerAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Tells drf-spectacular how the bearer credential looks in the OpenAPI schema."""
+
+    target_class = BearerAuthentication
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (tt_…) or a desktop access token from /api/auth/token.",
+        }

@@ -166,3 +166,12 @@ def token_logout(*, refresh: str) -> None:
         TokenFamily.objects.filter(pk=token.family_id, revoked_at__isnull=True).update(
             revoked_at=timezone.now(), revoked_reason="logout"
         )
+
+
+def token_family_revoke(*, family: TokenFamily, reason: str) -> TokenFamily:
+    """End one login (staff action): its refresh tokens stop rotating, its access tokens stop working."""
+    TokenFamily.objects.filter(pk=family.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now(), revoked_reason=reason
+    )
+    family.refresh_from_db(fields=["revoked_at", "revoked_reason"])
+    return family

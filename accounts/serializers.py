@@ -1,0 +1,179 @@
+"""Input and output shapes for /api/auth and /api/keys.
+
+``limits_clean`` is the one validator for an API key's ``limits``; the REST API and the admin
+both use it, so a limit a user cannot set through one cannot be set through the other either.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from wallet.money import MoneyError, format_usd, parse_usd
+
+from .models import ApiKey, User
+
+LIMIT_KEYS = ("rpm", "daily_spend", "monthly_spend", "allowed_models")
+
+
+def limits_clean(value: object) -> dict:
+    """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models}``.
+
+    Missing keys mean "no limit" (null). Spend caps are decimal strings, stored as 9-place
+    strings; numbers are refused because a JSON number may already have been rounded by a float
+    on its way here. Raises Django's ``ValidationError`` (DRF and admin forms both understand it).
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise DjangoValidationError("limits must be an object with rpm, daily_spend, monthly_spend, allowed_models")
+    unknown = sorted(set(value) - set(LIMIT_KEYS))
+    if unknown:
+        raise DjangoValidationError(f"unknown limit(s): {', '.join(unknown)}; allowed: {', '.join(LIMIT_KEYS)}")
+
+    rpm = value.get("rpm")
+    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm <= 0):
+        raise DjangoValidationError("rpm must be a positive whole number of requests per minute, or null")
+
+    cleaned: dict = {"rpm": rpm}
+    for name in ("daily_spend", "monthly_spend"):
+        raw = value.get(name)
+        if raw is None:
+            cleaned[name] = None
+            continue
+        if not isinstance(raw, str):
+            raise DjangoValidationError(f'{name} must be a decimal string such as "5.00" (not a number), or null')
+        try:
+            nanos = parse_usd(raw)
+        except MoneyError as exc:
+            raise DjangoValidationError(f"{name}: {exc}") from None
+        if nanos < 0:
+            raise DjangoValidationError(f"{name} cannot be negative")
+        cleaned[name] = format_usd(nanos)
+
+    models = value.get("allowed_models")
+    if models is not None:
+        if not isinstance(models, list) or not models:
+            raise DjangoValidationError("allowed_models must be a non-empty list of model ids, or null for every model")
+        if not all(isinstance(model, str) and model.strip() for model in models):
+            raise DjangoValidationError("allowed_models entries must be non-empty strings")
+        # Order kept, duplicates dropped: the list is shown back to the user as they wrote it.
+        models = list(dict.fromkeys(model.strip() for model in models))
+    cleaned["allowed_models"] = models
+    return cleaned
+
+
+# --- auth -------------------------------------------------------------------------------------
+
+
+class SignupSerializer(serializers.Serializer):
+    email = serializers.EmailField(max_length=254)
+    password = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
+
+    def validate_email(self, value):
+        email = User.objects.normalize_email(value).lower()
+        if User.objects.filter(email__iexact=email).exists():
+            raise serializers.ValidationError("an account with this email address already exists")
+        return email
+
+    def validate(self, attrs):
+        # Django's password validators, including "too similar to the email".
+        validate_password(attrs["password"], user=User(email=attrs["email"]))
+        return attrs
+
+
+class CredentialsSerializer(serializers.Serializer):
+    email = serializers.CharField(max_length=254)
+    password = serializers.CharField(write_only=True, trim_whitespace=False, max_length=4096)
+
+
+class RefreshSerializer(serializers.Serializer):
+    refresh = serializers.CharField(max_length=200)
+
+
+class UserOutSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.EmailField()
+
+
+class SignupOutSerializer(serializers.Serializer):
+    user = UserOutSerializer()
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+    expires_in = serializers.IntegerField(help_text="access token lifetime in seconds")
+
+
+class TokenPairOutSerializer(serializers.Serializer):
+    access = serializers.CharField()
+    refresh = serializers.CharField()
+    expires_in = serializers.IntegerField(help_text="access token lifetime in seconds")
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+class LimitsOutSerializer(serializers.Serializer):
+    """Documentation shape of ``limits`` (stored as JSON, rendered as-is)."""
+
+    rpm = serializers.IntegerField(allow_null=True, min_value=1)
+    daily_spend = serializers.CharField(allow_null=True, help_text='USD decimal string, e.g. "5.000000000"')
+    monthly_spend = serializers.CharField(allow_null=True, help_text="USD decimal string")
+    allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
+
+
+@extend_schema_field(LimitsOutSerializer)
+class LimitsField(serializers.JSONField):
+    def to_internal_value(self, data):
+        return limits_clean(super().to_internal_value(data))
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    revoked = serializers.BooleanField(read_only=True)
+    limits = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked", "scopes", "limits"]
+        read_only_fields = fields
+
+    @extend_schema_field(LimitsOutSerializer)
+    def get_limits(self, key):
+        return {name: (key.limits or {}).get(name) for name in LIMIT_KEYS}
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.SerializerMethodField(help_text="the secret; shown this once and never again")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]
+        read_only_fields = fields
+
+    def get_key(self, key) -> str:
+        return self.context["secret"]
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    limits = LimitsField(required=False, allow_null=True, help_text="see LimitsOut; missing keys mean no limit")
+
+    def validate_expires_at(self, value):
+        if value is not None and value <= timezone.now():
+            raise serializers.ValidationError("expires_at must be in the future")
+        return value
+
+
+class ApiKeyUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, required=False)
+    limits = LimitsField(
+        required=False,
+        allow_null=True,
+        help_text="replaces the whole limits object; missing keys (or null) mean no limit",
+    )
+
+    def validate_limits(self, value):
+        # null clears every limit; stored as the full all-null object so readers see one shape.
+        return limits_clean(value)
