@@ -1,0 +1,93 @@
+"""Shapes for the /api wallet endpoints: amounts leave as 9-place decimal strings, never floats."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+
+from django.utils.dateparse import parse_date, parse_datetime
+from rest_framework import serializers
+
+from .models import Entry, EntryKind
+from .money import format_usd
+
+
+class MoneyField(serializers.Field):
+    """Integer nanodollars out as ``"12.345678901"``."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("read_only", True)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value: int) -> str:
+        return format_usd(value)
+
+
+class WalletSerializer(serializers.Serializer):
+    balance = MoneyField()
+    held = MoneyField()
+    available = MoneyField()
+    currency = serializers.CharField(read_only=True)
+    status = serializers.ChoiceField(
+        choices=["ok", "low", "blocked"],
+        read_only=True,
+        help_text="ok; low (available below low_balance_threshold); blocked (balance ≤ 0 or available "
+        "below MIN_BALANCE, so requests are refused until a top-up)",
+    )
+    low_balance_threshold = MoneyField()
+
+
+class EntrySerializer(serializers.ModelSerializer):
+    amount = MoneyField()
+    balance_after = MoneyField()
+
+    class Meta:
+        model = Entry
+        fields = ["id", "kind", "amount", "balance_after", "description", "reference", "created_at", "metadata"]
+        read_only_fields = fields
+
+
+class InstantField(serializers.Field):
+    """An ISO 8601 datetime, or a bare date meaning that day's start in UTC.
+
+    ``end_of_day=True`` turns a bare date into the start of the *next* day, so ``until=2026-01-31``
+    (an exclusive bound) still includes everything on the 31st. A datetime without an offset is UTC.
+    """
+
+    def __init__(self, *, end_of_day: bool = False, **kwargs):
+        self.end_of_day = end_of_day
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data) -> datetime:
+        text = str(data).strip()
+        try:
+            # Date first: Python 3.11's fromisoformat would read "2026-01-31" as a midnight datetime.
+            day = parse_date(text)
+            moment = None if day else parse_datetime(text)
+        except ValueError:  # well-formed but impossible, like 2026-13-45
+            moment = day = None
+        if moment is None and day is None:
+            raise serializers.ValidationError(
+                f"{text!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime (YYYY-MM-DDTHH:MM:SSZ)"
+            )
+        if moment is None:
+            moment = datetime.combine(day, time.min, tzinfo=UTC)
+            if self.end_of_day:
+                moment += timedelta(days=1)
+        elif moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment
+
+    def to_representation(self, value):
+        return value.isoformat()
+
+
+class EntryFilterSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=EntryKind.choices, required=False)
+    since = InstantField(required=False, help_text="inclusive; a date or an ISO 8601 datetime (UTC if no offset)")
+    until = InstantField(required=False, end_of_day=True, help_text="exclusive; a bare date includes that whole day")
+
+    def validate(self, attrs):
+        since, until = attrs.get("since"), attrs.get("until")
+        if since and until and since >= until:
+            raise serializers.ValidationError({"until": "must be after since"})
+        return attrs
