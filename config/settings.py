@@ -227,6 +227,8 @@ UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
 PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)
 PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)
+# Seconds each process keeps a model's price before reading the table again (0 = every request).
+PROXY_PRICE_CACHE_SECONDS = env_int("PROXY_PRICE_CACHE_SECONDS", 10)
 REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})
 HOLD_TTL = env_int("HOLD_TTL", 15 * 60, minimum=30)  # seconds before reconcile_holds may act
 RUN_MAX_STEPS = env_int("RUN_MAX_STEPS", 0)  # 0 = unlimited steps per X-Tokentill-Run
@@ -239,6 +241,12 @@ LEMONSQUEEZY_API_URL = env.str("LEMONSQUEEZY_API_URL", default="https://api.lemo
 STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")  # tests point this at a loopback fake
+# Pack → provider product ids, applied at seed time to packs whose id is still empty (never over
+# ids staff typed into the admin).
+LEMONSQUEEZY_VARIANT_STARTER = env.str("LEMONSQUEEZY_VARIANT_STARTER", default="")
+LEMONSQUEEZY_VARIANT_PRO = env.str("LEMONSQUEEZY_VARIANT_PRO", default="")
+STRIPE_PRICE_STARTER = env.str("STRIPE_PRICE_STARTER", default="")
+STRIPE_PRICE_PRO = env.str("STRIPE_PRICE_PRO", default="")
 PAYMENTS_TEST_MODE = env_bool("PAYMENTS_TEST_MODE", False)
 LEMONSQUEEZY_FEE_PERCENT = env_decimal("LEMONSQUEEZY_FEE_PERCENT", "5")
 LEMONSQUEEZY_FEE_FIXED = env_decimal("LEMONSQUEEZY_FEE_FIXED", "0.50")

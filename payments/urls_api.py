@@ -1,3 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from . import api
+
+urlpatterns = [
+    path("packs", api.PackListApi.as_view(), name="packs"),
+    path("checkout", api.CheckoutCreateApi.as_view(), name="checkout"),
+]

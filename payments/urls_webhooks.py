@@ -1,3 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from . import views
+
+urlpatterns = [
+    path("lemonsqueezy", views.lemonsqueezy_webhook, name="webhook-lemonsqueezy"),
+    path("stripe", views.stripe_webhook, name="webhook-stripe"),
+]

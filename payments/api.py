@@ -1,0 +1,82 @@
+"""DRF entry points: the pack list and checkout creation."""
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import exceptions, serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from wallet.money import format_usd
+
+from .models import CreditPack, Provider
+from .selectors import pack_list
+from .services import ProviderError, ProviderNotConfigured, UnknownPack, checkout_create
+
+
+class ServiceUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "This payment provider is not configured."
+
+
+class BadGateway(exceptions.APIException):
+    status_code = status.HTTP_502_BAD_GATEWAY
+    default_detail = "The payment provider could not create a checkout."
+
+
+class PackSerializer(serializers.Serializer):
+    id = serializers.CharField(source="slug")
+    name = serializers.CharField()
+    price = serializers.SerializerMethodField()
+    currency = serializers.CharField()
+    credit = serializers.SerializerMethodField()
+    bonus = serializers.SerializerMethodField()
+    recurring = serializers.BooleanField()
+    lemonsqueezy_variant_id = serializers.CharField()
+    stripe_price_id = serializers.CharField()
+
+    def get_price(self, pack: CreditPack) -> str:
+        return format_usd(pack.price)
+
+    def get_credit(self, pack: CreditPack) -> str:
+        return format_usd(pack.credit)
+
+    def get_bonus(self, pack: CreditPack) -> str:
+        return format_usd(pack.bonus)
+
+
+class PackListApi(APIView):
+    # The price list is public: a desktop app may show it before anyone signs in.
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses=PackSerializer(many=True))
+    def get(self, request):
+        return Response(PackSerializer(pack_list(), many=True).data)
+
+
+class CheckoutCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        pack = serializers.CharField(max_length=40)
+        provider = serializers.ChoiceField(choices=Provider.choices, required=False)
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={
+            201: inline_serializer(
+                "CheckoutCreated", {"checkout_id": serializers.CharField(), "url": serializers.URLField()}
+            )
+        },
+    )
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            checkout = checkout_create(
+                user=request.user, pack_slug=data.validated_data["pack"], provider=data.validated_data.get("provider")
+            )
+        except UnknownPack as exc:
+            raise exceptions.ValidationError({"detail": str(exc)})
+        except ProviderNotConfigured as exc:
+            raise ServiceUnavailable(str(exc))
+        except ProviderError as exc:
+            raise BadGateway(str(exc))
+        return Response({"checkout_id": checkout.public_id, "url": checkout.url}, status=status.HTTP_201_CREATED)
