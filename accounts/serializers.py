@@ -81,7 +81,10 @@ class SignupSerializer(serializers.Serializer):
 
     def validate(self, attrs):
         # Django's password validators, including "too similar to the email".
-        validate_password(attrs["password"], user=User(email=attrs["email"]))
+        try:
+            validate_password(attrs["password"], user=User(email=attrs["email"]))
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"password": list(exc.messages)}) from None
         return attrs
 
 

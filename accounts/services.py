@@ -129,6 +129,10 @@ def token_refresh(*, refresh: str) -> TokenPair:
     is revoked and both must log in again — the standard refresh-token-reuse defence.
     """
     now = timezone.now()
+    # Every refusal is decided inside the block but raised after it: an exception leaving an
+    # atomic(savepoint=False) block marks a caller's enclosing transaction as broken, and the
+    # reuse revocation must commit anyway.
+    failure = None
     with transaction.atomic(savepoint=False):
         token = (
             RefreshToken.objects.select_for_update()
@@ -137,35 +141,33 @@ def token_refresh(*, refresh: str) -> TokenPair:
             .first()
         )
         if token is None:
-            raise InvalidRefreshToken("unknown refresh token")
-        family = token.family
-        if family.revoked_at is not None or not family.user.is_active:
-            raise InvalidRefreshToken("this session has been revoked")
-        if token.used_at is not None:
+            failure = "unknown refresh token"
+        elif token.family.revoked_at is not None or not token.family.user.is_active:
+            failure = "this session has been revoked"
+        elif token.used_at is not None:
+            family = token.family
             family.revoked_at, family.revoked_reason = now, "refresh_token_reuse"
             family.save(update_fields=["revoked_at", "revoked_reason"])
-            reuse_detected = True
+            failure = "refresh token reuse detected; every session of this login is revoked"
         elif token.expires_at <= now:
-            raise InvalidRefreshToken("refresh token expired")
+            failure = "refresh token expired"
         else:
-            reuse_detected = False
             token.used_at = now
             token.save(update_fields=["used_at"])
-            pair = _issue(family)
-    # Raised outside the block so the family revocation above commits.
-    if reuse_detected:
-        raise InvalidRefreshToken("refresh token reuse detected; every session of this login is revoked")
+            pair = _issue(token.family)
+    if failure is not None:
+        raise InvalidRefreshToken(failure)
     return pair
 
 
 def token_logout(*, refresh: str) -> None:
-    with transaction.atomic(savepoint=False):
-        token = RefreshToken.objects.select_related("family").filter(token_hash=sha256_hex(refresh or "")).first()
-        if token is None:
-            raise InvalidRefreshToken("unknown refresh token")
-        TokenFamily.objects.filter(pk=token.family_id, revoked_at__isnull=True).update(
-            revoked_at=timezone.now(), revoked_reason="logout"
-        )
+    # Looked up before the write so an unknown token raises outside any atomic block (see above).
+    token = RefreshToken.objects.filter(token_hash=sha256_hex(refresh or "")).first()
+    if token is None:
+        raise InvalidRefreshToken("unknown refresh token")
+    TokenFamily.objects.filter(pk=token.family_id, revoked_at__isnull=True).update(
+        revoked_at=timezone.now(), revoked_reason="logout"
+    )
 
 
 def token_family_revoke(*, family: TokenFamily, reason: str) -> TokenFamily:
