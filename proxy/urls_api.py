@@ -1,3 +1,9 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from . import api
+
+urlpatterns = [
+    path("usage", api.UsageListApi.as_view(), name="usage-list"),
+    path("usage/summary", api.UsageSummaryApi.as_view(), name="usage-summary"),
+    path("usage/<int:usage_id>", api.UsageDetailApi.as_view(), name="usage-detail"),
+]

@@ -1,0 +1,144 @@
+"""``/api/usage``: a user's own usage records, one record, and totals per day or model.
+
+Views parse the query string, call a selector in ``proxy.usage_selectors`` and render; bad input
+is a 400 with a human ``detail``; anyone else's record is a 404, never a 403 that confirms it exists.
+"""
+
+from datetime import UTC, datetime, time, timedelta
+
+from django.utils.dateparse import parse_date, parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework.exceptions import NotFound, ParseError
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .serializers import (
+    UsageDaySerializer,
+    UsageModelSerializer,
+    UsageRecordSerializer,
+    UsageSummarySerializer,
+    UsageTotalsSerializer,
+)
+from .usage_selectors import GROUPINGS, usage_get, usage_list, usage_summary
+
+
+class UsagePagination(CursorPagination):
+    # A cursor, not page numbers: new requests land at the top while a client pages down, and
+    # an offset would then show some records twice. ``-id`` breaks ties between equal times.
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+    def decode_cursor(self, request):
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise ParseError("cursor is not one this API handed out") from None
+
+    def get_paginated_response(self, data):
+        return Response({"results": data, "next": self.get_next_link()})
+
+    def get_paginated_response_schema(self, schema):
+        return {
+            "type": "object",
+            "required": ["results", "next"],
+            "properties": {"results": schema, "next": {"type": "string", "format": "uri", "nullable": True}},
+        }
+
+
+def _bound(params, name: str, *, end: bool) -> datetime | None:
+    """``since``/``until``: a date (a whole UTC day) or an ISO 8601 date-time (UTC if naive).
+
+    ``until=2025-05-01`` includes all of May 1st; a date-time ``until`` is exclusive.
+    """
+    raw = (params.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        day = parse_date(raw)
+    except ValueError:
+        day = None
+    if day is not None:
+        start = datetime.combine(day, time.min, tzinfo=UTC)
+        return start + timedelta(days=1) if end else start
+    # An unencoded "+01:00" in a query string arrives as " 01:00"; read it as the sender meant.
+    for candidate in (raw, raw.replace(" ", "+")):
+        try:
+            moment = parse_datetime(candidate)
+        except ValueError:
+            moment = None
+        if moment is not None:
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    raise ParseError(f"{name}={raw!r} is not a date (YYYY-MM-DD) or an ISO 8601 date-time")
+
+
+def _filters(params) -> dict:
+    filters = {"model": params.get("model") or None, "since": _bound(params, "since", end=False)}
+    filters["until"] = _bound(params, "until", end=True)
+    key = params.get("key")
+    if key:
+        if not key.isdigit():
+            raise ParseError(f"key={key!r} is not an API key id")
+        filters["api_key_id"] = int(key)
+    if filters["since"] and filters["until"] and filters["since"] >= filters["until"]:
+        raise ParseError("since must be before until")
+    return filters
+
+
+_FILTER_PARAMS = [
+    OpenApiParameter("model", str, description="only this model id"),
+    OpenApiParameter("key", int, description="only requests made with this API key (one of yours)"),
+    OpenApiParameter("since", OpenApiTypes.DATETIME, description="from this date or instant (inclusive)"),
+    OpenApiParameter("until", OpenApiTypes.DATETIME, description="to this instant (exclusive) or date (inclusive)"),
+]
+
+
+class UsageListApi(APIView):
+    pagination_class = UsagePagination
+
+    @extend_schema(
+        parameters=[*_FILTER_PARAMS, OpenApiParameter("limit", int, description="page size, at most 200")],
+        responses=UsageRecordSerializer(many=True),
+        summary="Your usage records, newest first",
+    )
+    def get(self, request):
+        records = usage_list(user=request.user, **_filters(request.query_params))
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(records, request, view=self)
+        return paginator.get_paginated_response(UsageRecordSerializer(page, many=True).data)
+
+
+class UsageDetailApi(APIView):
+    @extend_schema(responses=UsageRecordSerializer, summary="One of your usage records")
+    def get(self, request, usage_id: int):
+        record = usage_get(user=request.user, usage_id=usage_id)
+        if record is None:
+            raise NotFound("no such usage record")
+        return Response(UsageRecordSerializer(record).data)
+
+
+class UsageSummaryApi(APIView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("group_by", str, enum=list(GROUPINGS), description="default: day"),
+            *_FILTER_PARAMS,
+        ],
+        responses=UsageSummarySerializer,
+        summary="Your usage totals per day (UTC) or per model",
+    )
+    def get(self, request):
+        group_by = request.query_params.get("group_by") or "day"
+        if group_by not in GROUPINGS:
+            raise ParseError(f"group_by must be one of: {', '.join(GROUPINGS)}")
+        summary = usage_summary(user=request.user, group_by=group_by, **_filters(request.query_params))
+        row_serializer = UsageDaySerializer if group_by == "day" else UsageModelSerializer
+        return Response(
+            {
+                "group_by": group_by,
+                "results": row_serializer(summary["results"], many=True).data,
+                "totals": UsageTotalsSerializer(summary["totals"]).data,
+            }
+        )

@@ -1,0 +1,85 @@
+"""How usage records and usage totals look on ``/api``: amounts as 9-place USD strings."""
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from rest_framework import serializers
+
+from wallet.money import format_usd
+
+from .models import UsageRecord
+
+_NANO = Decimal(1).scaleb(-9)
+
+
+def usd_9(value: Decimal | None) -> str | None:
+    """An upstream cost (exact decimal USD, up to 15 places) as the API's 9-place string."""
+    if value is None:
+        return None
+    return f"{Decimal(value).quantize(_NANO, rounding=ROUND_HALF_UP):.9f}"
+
+
+class UsageRecordSerializer(serializers.ModelSerializer):
+    upstream_cost = serializers.SerializerMethodField(help_text="USD the upstream charged us; null if unknown")
+    charge = serializers.SerializerMethodField(help_text="USD debited from the wallet")
+
+    class Meta:
+        model = UsageRecord
+        fields = [
+            "id",
+            "request_id",
+            "model",
+            "upstream_model",
+            "stream",
+            "status",
+            "prompt_tokens",
+            "completion_tokens",
+            "reasoning_tokens",
+            "cached_tokens",
+            "upstream_cost",
+            "charge",
+            "estimated",
+            "latency_ms",
+            "created_at",
+            "run",
+            "agent",
+            "tool",
+        ]
+        read_only_fields = fields
+
+    def get_upstream_cost(self, record) -> str | None:
+        return usd_9(record.upstream_cost)
+
+    def get_charge(self, record) -> str:
+        return format_usd(record.charge)
+
+
+class UsageTotalsSerializer(serializers.Serializer):
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    reasoning_tokens = serializers.IntegerField()
+    cached_tokens = serializers.IntegerField()
+    upstream_cost = serializers.SerializerMethodField()
+    charge = serializers.SerializerMethodField()
+
+    def get_upstream_cost(self, row) -> str:
+        return usd_9(row["upstream_cost"])
+
+    def get_charge(self, row) -> str:
+        return format_usd(row["charge"])
+
+
+class UsageDaySerializer(UsageTotalsSerializer):
+    day = serializers.DateField()
+
+
+class UsageModelSerializer(UsageTotalsSerializer):
+    model = serializers.CharField()
+
+
+class UsageSummarySerializer(serializers.Serializer):
+    """Documents the summary's shape for the schema; the view renders the parts itself."""
+
+    group_by = serializers.ChoiceField(choices=["day", "model"])
+    results = UsageDaySerializer(many=True)
+    totals = UsageTotalsSerializer()

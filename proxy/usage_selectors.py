@@ -1,0 +1,81 @@
+"""Reads of a user's usage records: filtered lists, one record, and totals per day or model.
+
+Every function takes the user and starts from that user's rows, so no caller can forget the
+ownership filter. Totals are computed by the database (one GROUP BY query plus one aggregate),
+identically on SQLite and PostgreSQL; money stays integer nanodollars until it is rendered.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Count, QuerySet, Sum
+from django.db.models.functions import TruncDate
+
+from .models import UsageRecord
+
+GROUPINGS = ("day", "model")
+_TOTALS = {
+    "requests": Count("id"),
+    "prompt_tokens": Sum("prompt_tokens", default=0),
+    "completion_tokens": Sum("completion_tokens", default=0),
+    "reasoning_tokens": Sum("reasoning_tokens", default=0),
+    "cached_tokens": Sum("cached_tokens", default=0),
+    # Records whose upstream cost is unknown (refused, nothing reported) add nothing.
+    "upstream_cost": Sum("upstream_cost", default=Decimal(0)),
+    "charge": Sum("charge", default=0),  # nanodollars
+}
+
+
+def usage_list(
+    *,
+    user,
+    model: str | None = None,
+    api_key_id: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[UsageRecord]:
+    """The user's records, newest first. ``since`` is inclusive, ``until`` exclusive."""
+    queryset = UsageRecord.objects.filter(user=user)
+    if model:
+        queryset = queryset.filter(model=model)
+    if api_key_id is not None:
+        # Filtering through the user's own rows means another user's key id matches nothing.
+        queryset = queryset.filter(api_key_id=api_key_id)
+    if since is not None:
+        queryset = queryset.filter(created_at__gte=since)
+    if until is not None:
+        queryset = queryset.filter(created_at__lt=until)
+    return queryset.order_by("-created_at", "-id")
+
+
+def usage_get(*, user, usage_id: int) -> UsageRecord | None:
+    return UsageRecord.objects.filter(user=user, pk=usage_id).first()
+
+
+def usage_summary(*, user, group_by: str, **filters) -> dict:
+    """``{"results": [{<group>: …, **totals}], "totals": {…}}`` for the filtered records.
+
+    Days are UTC calendar days (TIME_ZONE is UTC), oldest first; models are ordered by what they
+    cost the user, most first.
+    """
+    if group_by not in GROUPINGS:
+        raise ValueError(f"group_by must be one of {', '.join(GROUPINGS)}")
+    queryset = usage_list(user=user, **filters).order_by()
+    # Aggregates are named total_* because an annotation may not reuse a field's name.
+    totals = {f"total_{name}": expression for name, expression in _TOTALS.items()}
+    if group_by == "day":
+        grouped = queryset.annotate(day=TruncDate("created_at")).values("day").annotate(**totals).order_by("day")
+    else:
+        grouped = queryset.values("model").annotate(**totals).order_by("-total_charge", "model")
+    return {
+        "results": [{group_by: row[group_by], **_untotal(row)} for row in grouped],
+        "totals": _untotal(queryset.aggregate(**totals)),
+    }
+
+
+def _untotal(row: dict) -> dict:
+    # PostgreSQL's SUM(bigint) is numeric, so counts and nanodollars come back as Decimal there:
+    # normalise them to int so callers see the same types on both databases.
+    return {name: row[f"total_{name}"] if name == "upstream_cost" else int(row[f"total_{name}"]) for name in _TOTALS}
