@@ -1,3 +1,25 @@
-from django.urls import path  # noqa: F401
+"""The user web portal (session auth). ``/topup`` is also the link the proxy puts in refusals."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from accounts import views as account_views
+from payments import views_portal as payment_views
+from proxy import views_portal as usage_views
+from wallet import views as wallet_views
+
+app_name = "portal"
+
+urlpatterns = [
+    path("", wallet_views.home, name="home"),
+    path("login", account_views.LoginView.as_view(), name="login"),
+    path("signup", account_views.signup, name="signup"),
+    path("logout", account_views.logout_view, name="logout"),
+    path("keys", account_views.keys, name="keys"),
+    path("keys/<int:key_id>/rename", account_views.key_rename, name="key_rename"),
+    path("keys/<int:key_id>/revoke", account_views.key_revoke, name="key_revoke"),
+    path("history", wallet_views.history, name="history"),
+    path("history.csv", wallet_views.history_csv, name="history_csv"),
+    path("usage", usage_views.usage, name="usage"),
+    path("topup", payment_views.topup, name="topup"),
+    path("topup/done", payment_views.topup_done, name="topup_done"),
+]

@@ -19,6 +19,13 @@ from wallet import consumers
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
 
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    # The default PBKDF2 work factor costs ~0.3 s per persona; it protects nothing in a test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 

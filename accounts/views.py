@@ -1,0 +1,109 @@
+"""Portal pages for the account: log in, sign up, log out, API keys (session auth)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.db import IntegrityError
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_POST
+
+from .forms import ApiKeyNameForm, LoginForm, SignupForm
+from .selectors import api_key_get, api_key_list
+from .services import api_key_create, api_key_revoke, api_key_update, user_signup
+from .throttles import LoginFailureThrottle, SignupThrottle
+
+THROTTLED = "Too many attempts. Please wait a few minutes and try again."
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login view with the same failed-login throttle as ``/api/auth/token``."""
+
+    authentication_form = LoginForm
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+    def post(self, request, *args, **kwargs):
+        self.throttle = LoginFailureThrottle(request, request.POST.get("username", ""))
+        if self.throttle.wait() is not None:
+            # While throttled the password is not even checked, so the answer cannot leak it.
+            form = self.get_form()
+            form.errors.clear()
+            form.add_error(None, THROTTLED)
+            return self.render_to_response(self.get_context_data(form=form), status=429)
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        self.throttle.record_failure()
+        return super().form_invalid(form)
+
+
+logout_view = auth_views.LogoutView.as_view()
+
+
+@never_cache
+def signup(request):
+    if request.user.is_authenticated:
+        return redirect("portal:home")
+    form = SignupForm(request.POST or None)
+    if request.method == "POST":
+        if not SignupThrottle().allow_request(request, None):
+            form.add_error(None, THROTTLED)
+            return render(request, "registration/signup.html", {"form": form}, status=429)
+        if form.is_valid():
+            try:
+                user = user_signup(email=form.cleaned_data["email"], password=form.cleaned_data["password"])
+            except IntegrityError:  # the same email signed up between our check and the insert
+                form.add_error("email", "An account with this email address already exists.")
+            else:
+                login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+                return redirect("portal:home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@never_cache
+@login_required
+def keys(request):
+    """List keys; POST creates one and shows its secret in this one response only.
+
+    The secret is rendered straight into the POST response (``no-store``) rather than kept in the
+    session for a redirect: it is then never written anywhere on our side. The page's script turns
+    the history entry into a plain GET, so reloading shows the list without the secret.
+    """
+    form = ApiKeyNameForm(request.POST or None)
+    new_secret = None
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            _key, new_secret = api_key_create(user=request.user, name=form.cleaned_data["name"])
+            form = ApiKeyNameForm()
+        else:
+            status = 400
+    context = {"keys": api_key_list(user=request.user), "form": form, "new_secret": new_secret, "now": timezone.now()}
+    return render(request, "portal/keys.html", context, status=status)
+
+
+@require_POST
+@login_required
+def key_rename(request, key_id: int):
+    key = api_key_get(user=request.user, key_id=key_id)  # 404 for anyone else's key
+    form = ApiKeyNameForm(request.POST)
+    if form.is_valid():
+        api_key_update(key=key, name=form.cleaned_data["name"])
+        messages.success(request, f"Key {key.prefix}… renamed.")
+    else:
+        messages.error(request, "A key name must be 1 to 100 characters.")
+    return redirect("portal:keys")
+
+
+@require_POST
+@login_required
+def key_revoke(request, key_id: int):
+    key = api_key_get(user=request.user, key_id=key_id)
+    api_key_revoke(key=key)
+    messages.success(request, f"Key {key.prefix}… revoked. Requests using it are refused from now on.")
+    return redirect("portal:keys")

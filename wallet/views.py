@@ -1,0 +1,79 @@
+"""Portal pages for the wallet: the home page (balance, recent entries) and the ledger history."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import HttpResponseBadRequest, StreamingHttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+
+from .models import EntryKind
+from .selectors import WalletStatus, entries_csv_lines, entry_list, wallet_summary
+
+RECENT_ENTRIES = 10
+HISTORY_PAGE_SIZE = 50
+
+
+def start_of_day(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=timezone.get_current_timezone())
+
+
+class HistoryFilter(forms.Form):
+    kind = forms.ChoiceField(choices=[("", "All kinds"), *EntryKind.choices], required=False)
+    since = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
+
+    def selector_filters(self) -> dict:
+        """The filters for ``entry_list``; ``until`` is a whole day, so it ends at the next midnight."""
+        data = self.cleaned_data if self.is_valid() else {}
+        since, until = data.get("since"), data.get("until")
+        return {
+            "kind": data.get("kind") or None,
+            "since": start_of_day(since) if since else None,
+            "until": start_of_day(until + timedelta(days=1)) if until else None,
+        }
+
+    def query_string(self) -> str:
+        data = self.cleaned_data if self.is_valid() else {}
+        return urlencode({name: value for name, value in data.items() if value})
+
+
+@never_cache
+@login_required
+def home(request):
+    summary = wallet_summary(user=request.user)
+    context = {
+        "wallet": summary,
+        "low": summary.status in (WalletStatus.LOW, WalletStatus.BLOCKED),
+        "blocked": summary.status == WalletStatus.BLOCKED,
+        "entries": entry_list(user=request.user)[:RECENT_ENTRIES],
+    }
+    return render(request, "portal/home.html", context)
+
+
+@never_cache
+@login_required
+def history(request):
+    filters = HistoryFilter(request.GET or None)
+    entries = entry_list(user=request.user, **filters.selector_filters()) if not filters.errors else []
+    page = Paginator(entries, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
+    context = {"filters": filters, "page": page, "query": filters.query_string()}
+    return render(request, "portal/history.html", context)
+
+
+@login_required
+def history_csv(request):
+    filters = HistoryFilter(request.GET or None)
+    if filters.errors:  # an export must never silently widen to the whole history
+        return HttpResponseBadRequest("Invalid filter: " + "; ".join(filters.errors), content_type="text/plain")
+    entries = entry_list(user=request.user, **filters.selector_filters())
+    response = StreamingHttpResponse(entries_csv_lines(entries), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="tokentill-history.csv"'
+    response["Cache-Control"] = "no-store"
+    return response
