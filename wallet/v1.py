@@ -1,3 +1,268 @@
-from ninja import Router
+"""The wallet's ``/v1`` endpoints (Django Ninja): balance, tool charges and billing deposits.
 
-router = Router()
+* ``GET /v1/user/balance`` — the caller's own wallet.
+* ``POST /v1/user/charge`` — debit a tool charge now. ``user`` (an email address or a numeric
+  user id) charges someone else and needs an API key with the ``billing`` scope.
+* ``POST /v1/user/balance/deposit`` — credit a trial, bonus or grant; ``billing`` scope only.
+
+Both writes require an ``Idempotency-Key`` header, stored namespaced on the target wallet
+(``charge:<key>``, ``deposit:<key>``): a retry with the same key answers the first result and
+changes nothing; the same key with a different amount is a 409. Amounts are decimal strings:
+a JSON number is refused rather than read through a float.
+"""
+
+from __future__ import annotations
+
+from functools import wraps
+from typing import Any, Literal
+
+from django.conf import settings
+from ninja import Header, Router, Schema, Status
+from pydantic import Field
+
+from accounts.auth import Principal
+from accounts.models import Scope, User
+from accounts.ninja_auth import BearerAuth
+
+from .models import EntryKind
+from .money import MoneyError, format_usd, parse_usd
+from .selectors import wallet_summary
+from .services import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    WalletError,
+    wallet_charge,
+    wallet_credit,
+    wallet_get_or_create,
+)
+
+router = Router(tags=["wallet"], auth=BearerAuth())
+
+MAX_IDEMPOTENCY_KEY = 128  # stored as "charge:<key>" in a 200-character column
+
+
+class Refused(Exception):
+    """An answer in the OpenAI error shape; raised by helpers, rendered by ``_openai_errors``."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _openai_errors(view):
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        # Imported here: config.v1 imports this module while it is still being set up.
+        from config.v1 import openai_error
+
+        try:
+            return view(request, *args, **kwargs)
+        except Refused as exc:
+            type_ = {403: "permission_error", 404: "not_found_error"}.get(exc.status, "invalid_request_error")
+            return openai_error(request, exc.status, exc.message, type_, exc.code, param=exc.param)
+        except IdempotencyConflict:
+            return openai_error(
+                request,
+                409,
+                "this Idempotency-Key was already used for a different request",
+                "invalid_request_error",
+                "idempotency_conflict",
+                param="Idempotency-Key",
+            )
+
+    return wrapper
+
+
+def _amount(value: object) -> int:
+    if not isinstance(value, str):
+        raise Refused(
+            400,
+            'amount must be a decimal string such as "0.010000000"; JSON numbers are refused so that no '
+            "float ever touches money",
+            "invalid_amount",
+            "amount",
+        )
+    try:
+        amount = parse_usd(value)
+    except MoneyError as exc:
+        raise Refused(400, f"amount: {exc}", "invalid_amount", "amount") from None
+    if amount <= 0:
+        raise Refused(400, "amount must be positive", "invalid_amount", "amount")
+    return amount
+
+
+def _key(value: str | None) -> str:
+    key = (value or "").strip()
+    if not key:
+        raise Refused(400, "the Idempotency-Key header is required", "idempotency_key_required", "Idempotency-Key")
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters"
+        raise Refused(400, message, "invalid_request", "Idempotency-Key")
+    return key
+
+
+def _require_billing(principal: Principal, what: str) -> None:
+    if not principal.has_scope(Scope.BILLING):
+        raise Refused(403, f"{what} needs an API key with the billing scope", "insufficient_scope")
+
+
+def _user(ref: str | int) -> User:
+    """A user by email address (case-insensitive) or by numeric id."""
+    text = str(ref).strip()
+    found = (
+        User.objects.filter(pk=int(text)).first() if text.isdigit() else User.objects.filter(email__iexact=text).first()
+    )
+    if found is None:
+        raise Refused(404, f"no such user: {text}", "user_not_found", "user")
+    return found
+
+
+def _wallet_of(user: User):
+    return wallet_get_or_create(user=user)
+
+
+# --- Schemas ------------------------------------------------------------------------------------
+
+AMOUNT_HELP = 'USD as a decimal string, e.g. "0.010000000" (at most 9 places); JSON numbers are refused'
+USER_HELP = "the user's email address or numeric id"
+
+
+class BalanceOut(Schema):
+    balance: str
+    held: str
+    available: str
+    currency: str
+
+
+class ChargeIn(Schema):
+    # Typed loosely only so that a JSON number reaches the view and gets a clear refusal.
+    amount: str | int | float = Field(description=AMOUNT_HELP)
+    description: str = Field(max_length=500)
+    metadata: dict[str, Any] | None = None
+    user: str | int | None = Field(default=None, description=USER_HELP + "; needs the billing scope")
+
+
+class ChargeOut(Schema):
+    success: bool
+    charged: str
+    balance: str
+    entry_id: int
+
+
+class ChargeRefusedOut(Schema):
+    success: bool
+    message: str
+    topup_url: str
+
+
+class DepositIn(Schema):
+    user: str | int = Field(description=USER_HELP)
+    amount: str | int | float = Field(description=AMOUNT_HELP)
+    kind: Literal["trial", "bonus", "grant"]
+    metadata: dict[str, Any] | None = None
+
+
+class DepositOut(Schema):
+    entry_id: int
+    balance: str
+
+
+class OpenAIErrorOut(Schema):
+    error: dict[str, Any]
+
+
+_ERRORS = {code: OpenAIErrorOut for code in (400, 401, 403, 404, 409)}
+
+
+# --- Endpoints ----------------------------------------------------------------------------------
+
+
+@router.get("/user/balance", response=BalanceOut, summary="The caller's wallet")
+def user_balance(request):
+    summary = wallet_summary(user=request.auth.user)
+    return {
+        "balance": format_usd(summary.balance),
+        "held": format_usd(summary.held),
+        "available": format_usd(summary.available),
+        "currency": summary.currency,
+    }
+
+
+@router.post(
+    "/user/charge",
+    response={200: ChargeOut, 402: ChargeRefusedOut, **_ERRORS},
+    summary="Charge a tool use now, if the available balance covers it",
+)
+@_openai_errors
+def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+    principal: Principal = request.auth
+    key = _key(idempotency_key)
+    amount = _amount(body.amount)
+    target = principal.user
+    if body.user is not None:
+        _require_billing(principal, "charging another user")
+        target = _user(body.user)
+    try:
+        entry = wallet_charge(
+            wallet=_wallet_of(target),
+            amount=amount,
+            idempotency_key=f"charge:{key}",
+            reference=key,
+            description=body.description,
+            metadata=body.metadata,
+        )
+    except InsufficientFunds as short:
+        return Status(
+            402,
+            {
+                "success": False,
+                "message": f"Insufficient funds: this charge needs {format_usd(amount)} USD and "
+                f"{format_usd(max(short.available, 0))} USD is available. Top up to continue.",
+                "topup_url": f"{settings.APP_URL}/topup",
+            },
+        )
+    except IdempotencyConflict:
+        raise  # a WalletError too, but answered 409 by _openai_errors
+    except WalletError as exc:
+        raise Refused(400, str(exc), "invalid_request") from None
+    # The body comes from the entry, not the wallet, so a replay answers exactly what the first
+    # call did even after later changes.
+    return Status(
+        200,
+        {
+            "success": True,
+            "charged": format_usd(-entry.amount),
+            "balance": format_usd(entry.balance_after),
+            "entry_id": entry.pk,
+        },
+    )
+
+
+@router.post(
+    "/user/balance/deposit",
+    response={201: DepositOut, **_ERRORS},
+    summary="Credit a trial, bonus or grant to a user (billing scope)",
+)
+@_openai_errors
+def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+    principal: Principal = request.auth
+    _require_billing(principal, "depositing")
+    key = _key(idempotency_key)
+    amount = _amount(body.amount)
+    target = _user(body.user)
+    kind = EntryKind(body.kind)
+    try:
+        entry = wallet_credit(
+            wallet=_wallet_of(target),
+            amount=amount,
+            kind=kind,
+            idempotency_key=f"deposit:{key}",
+            reference=key,
+            description=f"{kind.label} (API deposit)",
+            metadata=body.metadata,
+        )
+    except IdempotencyConflict:
+        raise  # a WalletError too, but answered 409 by _openai_errors
+    except WalletError as exc:
+        raise Refused(400, str(exc), "invalid_request") from None
+    return Status(201, {"entry_id": entry.pk, "balance": format_usd(entry.balance_after)})
