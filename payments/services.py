@@ -367,7 +367,7 @@ def _subscription_key(provider: str, subscription_id: str) -> str:
 
 def _locked_payment(provider: str, provider_payment_id: str) -> Payment | None:
     return (
-        Payment.objects.select_for_update()
+        Payment.objects.select_for_update(of=("self",))
         .filter(provider=provider, provider_payment_id=provider_payment_id)
         .select_related("user")
         .first()
@@ -376,7 +376,7 @@ def _locked_payment(provider: str, provider_payment_id: str) -> Payment | None:
 
 def _locked_subscription(provider: str, subscription_id: str) -> Subscription | None:
     return (
-        Subscription.objects.select_for_update()
+        Subscription.objects.select_for_update(of=("self",))
         .filter(provider=provider, provider_subscription_id=subscription_id)
         .select_related("pack", "user")
         .first()
@@ -682,7 +682,7 @@ def _stripe_charge_refunded(event: WebhookEvent, payload: dict) -> Outcome:
     if not payment_intent:
         return Outcome(EventStatus.IGNORED, note="charge without a payment_intent")
     payment = (
-        Payment.objects.select_for_update()
+        Payment.objects.select_for_update(of=("self",))
         .filter(provider=ST, payment_intent=payment_intent)
         .select_related("user")
         .first()
