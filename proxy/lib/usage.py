@@ -1,0 +1,114 @@
+"""Reading token usage and cost out of upstream responses and stream chunks.
+
+No Django imports. JSON must have been parsed with ``wallet.money.loads_decimal`` so that
+OpenRouter's ``usage.cost`` arrives as an exact ``Decimal``. Servers disagree on *where* usage
+goes (a final ``choices: []`` chunk for OpenAI/vLLM/Ollama/OpenRouter, the finish chunk for old
+llama.cpp, every chunk for vLLM's continuous mode), so a stream meter simply keeps the last
+non-null ``usage`` it sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # includes reasoning tokens
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from cache (a subset of prompt_tokens)
+    cache_write_tokens: int = 0  # prompt tokens written to cache (a subset of prompt_tokens)
+    cost: Decimal | None = None  # USD, only when the upstream reports it (OpenRouter)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        return 0
+    return max(int(value), 0)
+
+
+def _details(usage: dict, name: str) -> dict:
+    value = usage.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def usage_from(value: object) -> Usage | None:
+    """A ``usage`` object → ``Usage``; anything that is not one → None."""
+    if not isinstance(value, dict):
+        return None
+    prompt_details = _details(value, "prompt_tokens_details")
+    completion_details = _details(value, "completion_tokens_details")
+    cost = value.get("cost")
+    if isinstance(cost, bool) or not isinstance(cost, (Decimal, int)):
+        cost = None
+    elif not Decimal(cost).is_finite() or cost < 0:
+        cost = None
+    return Usage(
+        prompt_tokens=_count(value.get("prompt_tokens")),
+        completion_tokens=_count(value.get("completion_tokens")),
+        reasoning_tokens=_count(completion_details.get("reasoning_tokens")),
+        cached_tokens=_count(prompt_details.get("cached_tokens")),
+        cache_write_tokens=_count(prompt_details.get("cache_write_tokens", value.get("cache_write_tokens"))),
+        cost=Decimal(cost) if cost is not None else None,
+    )
+
+
+def estimate_tokens(text_length: int) -> int:
+    """Roughly four characters per token for English text; an estimate, marked as one."""
+    return (text_length + 3) // 4
+
+
+class StreamMeter:
+    """Watches a chat completion (chunks or a whole response) for what billing needs."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.model = ""
+        self.usage: Usage | None = None
+        self.finish_reason = ""
+        self.error = ""
+        self.output_chars = 0  # content relayed so far, for an estimate when usage never comes
+
+    def observe(self, obj: object) -> None:
+        if not isinstance(obj, dict):
+            return
+        if not self.id and isinstance(obj.get("id"), str):
+            self.id = obj["id"]
+        if isinstance(obj.get("model"), str) and obj["model"]:
+            self.model = obj["model"]
+        usage = usage_from(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        error = obj.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else error
+            self.error = str(message or "upstream error")[:500]
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._observe_choice(choice)
+
+    def _observe_choice(self, choice: dict) -> None:
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])[:40]
+        for part in (choice.get("delta"), choice.get("message")):
+            if isinstance(part, dict):
+                self.output_chars += _text_length(part)
+
+
+def _text_length(part: dict) -> int:
+    total = 0
+    for name in ("content", "reasoning", "reasoning_content", "refusal"):
+        value = part.get(name)
+        if isinstance(value, str):
+            total += len(value)
+    calls = part.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                total += sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return total
