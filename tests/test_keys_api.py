@@ -14,6 +14,12 @@ from accounts.services import api_key_create
 NO_LIMITS = {"rpm": None, "daily_spend": None, "monthly_spend": None, "allowed_models": None}
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2 at production strength costs ~0.3 s per hash; these tests hash dozens of passwords.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def key_client(secret):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
