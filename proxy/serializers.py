@@ -77,9 +77,14 @@ class UsageModelSerializer(UsageTotalsSerializer):
     model = serializers.CharField()
 
 
+class _UsageGroupSerializer(UsageTotalsSerializer):
+    day = serializers.DateField(required=False, help_text="present when group_by=day (a UTC day)")
+    model = serializers.CharField(required=False, help_text="present when group_by=model")
+
+
 class UsageSummarySerializer(serializers.Serializer):
     """Documents the summary's shape for the schema; the view renders the parts itself."""
 
     group_by = serializers.ChoiceField(choices=["day", "model"])
-    results = UsageDaySerializer(many=True)
+    results = _UsageGroupSerializer(many=True)
     totals = UsageTotalsSerializer()
