@@ -94,13 +94,17 @@ class ApiKeyForm(forms.ModelForm):
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ("name", "prefix", "user", "scopes", "created_at", "last_used_at", "expires_at", "is_revoked")
+    list_display = ("name", "prefix", "user", "scope_list", "created_at", "last_used_at", "expires_at", "is_revoked")
     list_filter = (("revoked_at", admin.EmptyFieldListFilter), "created_at")
     list_select_related = ("user",)
     search_fields = ("name", "prefix", "user__email")
     readonly_fields = ("user", "prefix", "created_at", "last_used_at", "revoked_at")
     fields = ("user", "name", "prefix", "scopes", "limits", "expires_at", "created_at", "last_used_at", "revoked_at")
     actions = ["revoke"]
+
+    @admin.display(description="scopes")
+    def scope_list(self, key):
+        return ", ".join(key.scopes or []) or "—"
 
     @admin.display(boolean=True, description="revoked", ordering="revoked_at")
     def is_revoked(self, key):

@@ -105,7 +105,8 @@ class TokenView(_CredentialView):
         throttle = LoginFailureThrottle(request, email)
         wait = throttle.wait()
         if wait is not None:
-            raise exceptions.Throttled(wait=wait, detail=f"too many failed logins; try again in {wait} seconds")
+            # DRF appends "Expected available in N seconds." and sets Retry-After.
+            raise exceptions.Throttled(wait=wait, detail="Too many failed logins.")
         user = authenticate(request, email=email, password=serializer.validated_data["password"])
         if user is None:
             throttle.record_failure()

@@ -147,6 +147,7 @@ def test_staff_grant_the_billing_scope(admin_client, alice_key):
     assert response.status_code == 302, response.context["adminform"].form.errors
     key.refresh_from_db()
     assert key.scopes == ["proxy", "billing"]
+    assert "proxy, billing" in admin_client.get("/admin/accounts/apikey/").content.decode()
 
 
 def test_the_admin_normalises_limits_with_the_api_rules(admin_client, alice_key):
