@@ -1,0 +1,176 @@
+"""The staff dashboard on the admin index: the figures, the period, and who may see them."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db.models import F
+from django.test import Client, RequestFactory
+from django.utils import timezone
+
+from config import dashboard_selectors
+from config.admin_dashboard import dashboard_context
+from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
+from proxy.models import UsageRecord, UsageStatus
+from tests.conftest import make_user
+from wallet.models import Wallet
+from wallet.services import hold_create, hold_settle
+
+NANOS = 10**9
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def figure(html: str, name: str) -> str:
+    match = re.search(rf'data-figure="{name}"[^>]*>(.*?)</(?:strong|td)>', html, flags=re.S)
+    assert match, f"no figure {name}"
+    return re.sub(r"<[^>]+>", "", match.group(1)).strip()
+
+
+def payment(n: int, *, gross: str, fee: str, refunded: str = "0", days_ago: int = 0, **fields) -> Payment:
+    gross_n, fee_n = int(Decimal(gross) * NANOS), int(Decimal(fee) * NANOS)
+    return Payment.objects.create(
+        provider="lemonsqueezy",
+        provider_payment_id=f"order-{n}",
+        gross=gross_n,
+        fee=fee_n,
+        net=gross_n - fee_n,
+        refunded_amount=int(Decimal(refunded) * NANOS),
+        created_at=timezone.now() - timedelta(days=days_ago),
+        **fields,
+    )
+
+
+def usage(user, request_id: str, *, cost: str, charge: str, model: str, days_ago: int = 0, tokens=(1000, 200)):
+    return UsageRecord.objects.create(
+        request_id=request_id,
+        user=user,
+        model=model,
+        status=UsageStatus.OK,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        upstream_cost=Decimal(cost),
+        charge=int(Decimal(charge) * NANOS),
+        created_at=timezone.now() - timedelta(days=days_ago),
+    )
+
+
+@pytest.fixture
+def business(alice, bob):
+    payment(1, gross="10.00", fee="1.00")
+    payment(2, gross="25.00", fee="1.75", refunded="25.00", status=PaymentStatus.REFUNDED)
+    payment(3, gross="10.00", fee="1.00", days_ago=40)  # outside 7 and 30 days, inside 90
+    payment(4, gross="99.00", fee="0", test_mode=True)  # test-mode money is not revenue
+    usage(alice, "r1", cost="1.000000000", charge="1.20", model="openai/gpt-4o-mini")
+    usage(alice, "r2", cost="0.500000000", charge="0.60", model="anthropic/claude-sonnet-4", days_ago=2)
+    usage(bob, "r3", cost="2.000000000", charge="2.40", model="openai/gpt-4o-mini", days_ago=20)
+    # A settle overage takes carol below zero: the hold was for 1 ¢, the request cost 25 ¢.
+    carol = make_user("carol@example.com", balance="0.01")
+    hold = hold_create(wallet=carol.wallet, amount=10**7, request_id="over")
+    hold_settle(hold=hold, amount=25 * 10**7)
+    hold_create(wallet=Wallet.objects.get(user=alice), amount=3 * 10**8, request_id="in-flight")
+    WebhookEvent.objects.create(
+        provider="stripe", event_id="evt_1", event_type="x", body="{}", status=EventStatus.FAILED
+    )
+    StaffAlert.objects.create(kind="amount_mismatch", message="paid 9.99 for a 10.00 pack")
+    StaffAlert.objects.create(kind="old", message="done", resolved=True)
+
+
+def staff_client(staff) -> Client:
+    client = Client()
+    client.force_login(staff)
+    return client
+
+
+def test_staff_see_revenue_fees_refunds_cost_and_margins_for_the_period(staff, business):
+    html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
+    assert figure(html, "revenue") == "$35.00"
+    assert figure(html, "fees") == "$2.75"
+    assert figure(html, "net") == "$32.25"
+    assert figure(html, "refunds") == "$25.00"
+    assert figure(html, "charged") == "$4.20"
+    assert figure(html, "upstream_cost") == "$3.50"
+    assert figure(html, "margin") == "$0.70"
+    assert figure(html, "net_margin") == "$3.75"  # 32.25 − 25.00 − 3.50
+
+
+def test_the_period_narrows_and_widens_every_money_and_usage_figure(staff, business):
+    client = staff_client(staff)
+    week = client.get("/admin/", {"period": "7"}).content.decode()
+    assert figure(week, "charged") == "$1.80" and figure(week, "revenue") == "$35.00"
+    quarter = client.get("/admin/", {"period": "90"}).content.decode()
+    assert figure(quarter, "revenue") == "$45.00"
+    assert 'aria-current="true" class="current">90 days' in quarter
+    nonsense = client.get("/admin/", {"period": "3650"}).content.decode()
+    assert "last 30 days" in nonsense
+
+
+def test_usage_is_broken_down_by_day_and_by_model(staff, business):
+    html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
+    today = timezone.now().date().isoformat()
+    assert re.search(rf"<td>{today}</td><td>1</td><td>1,000</td><td>200</td>", html)
+    by_model = html.split("Usage by model")[1]
+    assert re.search(r"<td>openai/gpt-4o-mini</td><td>2</td><td>2,000</td><td>400</td>.*?\$3\.60", by_model, re.S)
+    assert by_model.index("openai/gpt-4o-mini") < by_model.index("anthropic/claude-sonnet-4")
+
+
+def test_negative_wallets_holds_failed_webhooks_and_open_alerts_are_shown(staff, business):
+    html = staff_client(staff).get("/admin/").content.decode()
+    below_zero = html.split("Wallets below zero")[1].split("</table>")[0]
+    assert "carol@example.com" in below_zero and "-$0.24" in below_zero and "alice" not in below_zero
+    assert figure(html, "holds") == "1 ($0.30)"
+    assert figure(html, "failed_webhooks") == "1"
+    assert figure(html, "open_alerts") == "1"
+    assert "1 failed webhook event" in html and "1 open staff alert" in html
+
+
+def test_the_ledger_identity_is_shown_and_a_forged_balance_breaks_it(staff, business):
+    client = staff_client(staff)
+    assert figure(client.get("/admin/").content.decode(), "ledger_balanced") == "yes"
+    Wallet.objects.filter(user__email="alice@example.com").update(balance=F("balance") + 1)  # around the ledger
+    html = client.get("/admin/").content.decode()
+    assert figure(html, "ledger_balanced") == "NO"
+    assert "alice@example.com: balance" in html and "verify_ledger" in html
+
+
+def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_num_queries):
+    request = RequestFactory().get("/admin/", {"period": "30"})
+    request.user = staff
+    # payments 1, usage totals 1, by day 1, by model 1, negative wallets 1, holds 1, webhooks +
+    # alerts 2, ledger totals 3, ledger discrepancies 2 — however many rows there are.
+    with django_assert_num_queries(13):
+        context = dashboard_context(request)
+        list(context["negative_wallets"])
+    assert context["money"].requests == 3
+    assert dashboard_selectors.PERIODS == (7, 30, 90)
+
+
+def test_people_who_are_not_staff_are_sent_to_the_admin_login(alice):
+    client = Client()
+    client.force_login(alice)
+    response = client.get("/admin/")
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+
+
+def test_staff_without_access_to_payments_get_the_plain_admin_index(db):
+    support = make_user("support@example.com", is_staff=True)
+    support.user_permissions.add(Permission.objects.get(codename="view_user"))
+    client = Client()
+    client.force_login(support)
+    html = client.get("/admin/").content.decode()
+    assert "data-figure" not in html and "Revenue" not in html
+
+
+def test_staff_with_view_payment_permission_see_the_dashboard(db):
+    finance = make_user("finance@example.com", is_staff=True)
+    finance.user_permissions.add(Permission.objects.get(codename="view_payment"))
+    client = Client()
+    client.force_login(finance)
+    assert figure(client.get("/admin/").content.decode(), "revenue") == "$0.00"
