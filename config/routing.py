@@ -1,8 +1,12 @@
-"""Channels routes: the streaming proxy endpoint and the live-events WebSocket."""
+"""Channels routes: the streaming proxy endpoints and the live-events WebSocket."""
 
-from django.urls import re_path
+from django.urls import path, re_path
 
+from proxy.consumers import ChatCompletionsConsumer, EmbeddingsConsumer
 from wallet.consumers import events_application
 
-http_routes: list = []
+http_routes: list = [
+    path("v1/chat/completions", ChatCompletionsConsumer.as_asgi()),
+    path("v1/embeddings", EmbeddingsConsumer.as_asgi()),
+]
 websocket_routes: list = [re_path(r"^ws/events/?$", events_application)]

@@ -1,0 +1,540 @@
+"""``/v1/chat/completions`` and ``/v1/embeddings``: the metered proxy, as Channels consumers.
+
+Why the consumer is shaped the way it is:
+
+* The response work runs in a task *beside* a disconnect listener (Django's ``asgi.py`` does the
+  same). A consumer's ``handle()`` blocks the dispatch loop, so a relay loop inside it would never
+  hear ``http.disconnect`` (channels issues #1249, #1350): the client could leave and we would
+  keep paying the upstream. On disconnect the task is cancelled, which closes the upstream
+  response (and so cancels the generation), and the settlement in its ``finally`` runs shielded.
+* Upstream bytes are relayed as they arrive; only whole SSE events are held back, and only until
+  their terminating blank line, because the usage chunk may have to be removed.
+* The request is settled *before* the client is told its charge, so the ``: tokentill`` line and
+  the ``X-Tokentill-*`` headers always describe committed money.
+* No channel layer: these consumers never join a group, and opening a layer channel per request
+  would cost a Redis round trip on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import httpx
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.http import AsyncHttpConsumer
+from channels.utils import await_many_dispatch
+from django.conf import settings
+
+from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
+from wallet.money import format_usd, loads_decimal
+
+from . import upstream
+from .demo import DemoResponse
+from .lib.sse import Event, SSEParser
+from .lib.usage import StreamMeter
+from .models import UsageStatus
+from .services import Begun, Funds, Outcome, Refusal, RequestMeta, request_begin, request_settle, usage_refused
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _db(fn):
+    # Not thread-sensitive: each call is a self-contained unit of work, so requests need not
+    # queue behind one another on a single database thread.
+    return database_sync_to_async(fn, thread_sensitive=False)
+
+
+def _ms_since(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class ProxyConsumer(AsyncHttpConsumer):
+    endpoint = ""
+
+    async def __call__(self, scope, receive, send):
+        self.scope = scope
+        self.base_send = send
+        self._receive = receive
+        self.request_id = f"req_{uuid.uuid4().hex}"
+        self.started = time.monotonic()
+        self.body_size = 0
+        self.response_started = False
+        self.disconnected = False
+        self.headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
+        }
+        try:
+            await await_many_dispatch([receive], self.dispatch)
+        except StopConsumer:
+            pass
+
+    async def dispatch(self, message):
+        # Database connections are opened and closed by each database_sync_to_async call.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is not None:
+            await handler(message)
+
+    # --- ASGI plumbing -------------------------------------------------------------------------
+
+    async def http_request(self, message):
+        limit = settings.PROXY_MAX_BODY_BYTES
+        declared = self.headers.get("content-length", "")
+        self.body_size += len(message.get("body", b""))
+        if (declared.isdigit() and int(declared) > limit) or self.body_size > limit:
+            # Answer as soon as we know, without reading (or buffering) the rest of the body.
+            await self._refuse_early(413, f"Request body is larger than {limit} bytes.", "request_too_large")
+            raise StopConsumer()
+        self.body.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        await self._handle_beside_disconnect(b"".join(self.body))
+        raise StopConsumer()
+
+    async def _handle_beside_disconnect(self, body: bytes) -> None:
+        handler = asyncio.ensure_future(self.handle(body))
+        listener = asyncio.ensure_future(self._receive())
+        try:
+            await asyncio.wait({handler, listener}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            handler.cancel()
+            listener.cancel()
+            raise
+        if handler.done():
+            listener.cancel()
+        else:
+            # After the body only http.disconnect can arrive: the client has gone.
+            self.disconnected = True
+            handler.cancel()
+            await asyncio.wait({handler})
+        if not handler.cancelled() and handler.exception() is not None:
+            log.error("proxy request %s failed", self.request_id, exc_info=handler.exception())
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.response_started = True
+        await self.send_headers(
+            status=status,
+            headers=[(b"x-request-id", self.request_id.encode())]
+            + [(name.encode(), value.encode()) for name, value in headers],
+        )
+
+    async def send_json(self, status: int, payload: dict, headers: list[tuple[str, str]] | None = None) -> None:
+        await self.start(status, [("content-type", "application/json"), *(headers or [])])
+        await self.send_body(json.dumps(payload).encode())
+
+    async def send_error(self, status: int, message: str, type_: str, code: str | None = None, **kw) -> None:
+        param = kw.pop("param", None)
+        retry_after = kw.pop("retry_after", None)
+        headers = [("retry-after", str(retry_after))] if retry_after is not None else []
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code, **kw}}
+        await self.send_json(status, body, headers)
+
+    async def send_refusal(self, refusal: Refusal) -> None:
+        await self.send_error(
+            refusal.status,
+            refusal.message,
+            refusal.type,
+            refusal.code,
+            param=refusal.param,
+            retry_after=refusal.retry_after,
+            **refusal.extra,
+        )
+
+    # --- the request ---------------------------------------------------------------------------
+
+    def meta(self, principal) -> RequestMeta:
+        return RequestMeta(
+            request_id=self.request_id,
+            user=principal.user,
+            api_key=principal.api_key,
+            endpoint=self.endpoint,
+            run=self.headers.get("x-tokentill-run", "")[:200],
+            agent=self.headers.get("x-tokentill-agent", "")[:200],
+            tool=self.headers.get("x-tokentill-tool", "")[:200],
+        )
+
+    async def authenticate(self):
+        token = bearer_from_header(self.headers.get("authorization"))
+        try:
+            return await _db(authenticate_bearer)(token)
+        except AuthFailed as exc:
+            await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
+            return None
+
+    async def _refuse_early(self, status: int, message: str, code: str) -> None:
+        principal = await self.authenticate()
+        if principal is None:
+            return
+        await _db(usage_refused)(meta=self.meta(principal), http_status=status, error=message)
+        await self.send_error(status, message, "invalid_request_error", code)
+
+    async def handle(self, body: bytes) -> None:
+        try:
+            await self.serve(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("proxy request %s failed", self.request_id)
+            if not self.response_started:
+                await self.send_error(500, "Internal error; nothing was charged.", "server_error", "internal_error")
+
+    async def serve(self, body: bytes) -> None:
+        principal = await self.authenticate()
+        if principal is None:
+            return
+        meta = self.meta(principal)
+        if not principal.has_scope("proxy"):
+            refusal = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+            await _db(usage_refused)(meta=meta, http_status=403, error=refusal.message)
+            return await self.send_refusal(refusal)
+        try:
+            payload = self.parse(body)
+            meta.model = payload["model"]
+            meta.stream = payload.get("stream") is True
+        except Refusal as refusal:
+            if isinstance(payload_model := _model_of(body), str):
+                meta.model = payload_model
+            await _db(usage_refused)(meta=meta, http_status=refusal.status, error=refusal.message)
+            return await self.send_refusal(refusal)
+        try:
+            begun = await _db(request_begin)(
+                meta=meta,
+                fallback_models=payload.get("models") if self.endpoint == "chat.completions" else None,
+                prompt_chars=len(body),
+                requested_output=payload.get("max_completion_tokens") or payload.get("max_tokens"),
+            )
+        except Refusal as refusal:
+            return await self.send_refusal(refusal)
+        except Funds as funds:
+            return await self.insufficient_funds(funds, payload)
+        await self.forward(begun, payload)
+
+    def parse(self, body: bytes) -> dict:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise Refusal(400, "The request body is not valid JSON.", code="invalid_json")
+        if not isinstance(payload, dict):
+            raise Refusal(400, "The request body must be a JSON object.", code="invalid_request")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise Refusal(400, "`model` is required.", code="invalid_request", param="model")
+        for name in ("max_tokens", "max_completion_tokens"):
+            if payload.get(name) is not None and not _positive_int(payload[name]):
+                raise Refusal(400, f"`{name}` must be a positive integer.", code="invalid_request", param=name)
+        return payload
+
+    async def insufficient_funds(self, funds: Funds, payload: dict) -> None:
+        message = (
+            f"Your balance (${format_usd(funds.balance)}, ${format_usd(funds.available)} available) "
+            f"cannot cover this request. Top up at {settings.APP_URL}/topup"
+        )
+        await self.send_error(
+            402,
+            message,
+            "insufficient_funds",
+            "insufficient_funds",
+            topup_url=f"{settings.APP_URL}/topup",
+            balance=format_usd(funds.balance),
+        )
+
+    async def open_upstream(self, begun: Begun, body: dict, path: str):
+        if begun.price.is_demo:
+            return DemoResponse(body, begun.rates, prompt_chars=len(json.dumps(body.get("messages", ""))))
+        content = json.dumps(body).encode()
+        return upstream.client().stream(
+            "POST", upstream.url(path), content=content, headers=upstream.headers(), timeout=upstream.timeout()
+        )
+
+    async def forward(self, begun: Begun, payload: dict) -> None:
+        outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
+        finish = None
+        try:
+            finish = await self.relay(begun, payload, outcome)
+        except asyncio.CancelledError:
+            outcome.status = UsageStatus.CANCELLED
+            outcome.error = "client disconnected"
+            raise
+        except Exception as exc:
+            # A bug of ours mid-relay: still settle what the upstream did, marked as an error.
+            outcome.status, outcome.error = UsageStatus.UPSTREAM_ERROR, f"proxy error: {type(exc).__name__}"
+            raise
+        finally:
+            outcome.latency_ms = _ms_since(self.started)
+            settling = asyncio.ensure_future(_db(request_settle)(begun=begun, outcome=outcome))
+            # Shielded: a second cancellation (server shutdown) must not lose the settlement.
+            record = await asyncio.shield(settling)
+        await finish(record, begun)
+
+    async def relay_whole(self, begun: Begun, body: dict, outcome: Outcome, path: str):
+        """Forward a non-streamed request; return what to send once it is settled."""
+        try:
+            async with await self.open_upstream(begun, body, path) as response:
+                raw = await response.aread()
+                outcome.ttfb_ms = _ms_since(self.started)
+        except httpx.TimeoutException:
+            return self.upstream_failed(outcome, 504, "The upstream model timed out.")
+        except httpx.HTTPError as exc:
+            return self.upstream_failed(outcome, 502, f"The upstream model is unreachable ({type(exc).__name__}).")
+        if response.status_code >= 400:
+            return self.upstream_rejected(outcome, response.status_code, raw, response.headers)
+        try:
+            parsed = loads_decimal(raw)
+        except ValueError:
+            return self.upstream_failed(outcome, 502, "The upstream model sent a malformed response.")
+        meter = StreamMeter()
+        meter.observe(parsed)
+        self.copy_meter(meter, outcome)
+        outcome.generation_id = outcome.generation_id or response.headers.get("x-generation-id", "")
+        outcome.http_status = 200
+        if meter.error:
+            outcome.status = UsageStatus.UPSTREAM_ERROR
+
+        async def finish(record, begun):
+            headers = [
+                ("content-type", "application/json"),
+                ("x-tokentill-charge", format_usd(record.charge)),
+                ("x-tokentill-balance", format_usd(begun.wallet.balance)),
+            ]
+            await self.start(200, headers)
+            await self.send_body(raw)
+
+        return finish
+
+    def copy_meter(self, meter: StreamMeter, outcome: Outcome) -> None:
+        outcome.usage = meter.usage
+        outcome.upstream_model = meter.model
+        outcome.generation_id = outcome.generation_id or meter.id
+        outcome.finish_reason = meter.finish_reason
+        outcome.output_chars = meter.output_chars
+        if meter.error:
+            outcome.error = meter.error
+
+    def upstream_failed(self, outcome: Outcome, status: int, message: str):
+        outcome.status, outcome.error, outcome.http_status = UsageStatus.UPSTREAM_ERROR, message, status
+        outcome.reached_upstream = False
+
+        async def finish(record, begun):
+            await self.send_error(
+                status, message, "upstream_error", "upstream_timeout" if status == 504 else "upstream_error"
+            )
+
+        return finish
+
+    def upstream_rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers):
+        """An upstream error before any output: nothing is charged.
+
+        The client's own mistakes (400/404/413/422: context too long, bad parameter) come back as
+        400 with the upstream's message so they can be fixed; an upstream rate limit stays 429 with
+        its Retry-After so SDKs back off; everything else (our upstream credentials or credit,
+        upstream outages) is the operator's problem and becomes a 502 that reveals no details.
+        """
+        detail = upstream.error_message(raw[:UPSTREAM_ERROR_BODY_LIMIT])
+        if upstream_status in (400, 404, 413, 422):
+            status, message, code = (
+                400,
+                detail or "The upstream model rejected the request.",
+                "upstream_invalid_request",
+            )
+        elif upstream_status == 429:
+            status, message, code = 429, "The upstream model is rate limited; retry shortly.", "upstream_rate_limited"
+        elif upstream_status in (408, 504, 524):
+            status, message, code = 504, "The upstream model timed out.", "upstream_timeout"
+        else:
+            status, message, code = 502, f"The upstream model failed (HTTP {upstream_status}).", "upstream_error"
+        outcome.status, outcome.http_status, outcome.reached_upstream = UsageStatus.UPSTREAM_ERROR, status, False
+        outcome.error = f"upstream HTTP {upstream_status}: {detail}"[:500]
+        retry_after = headers.get("retry-after") if status == 429 else None
+        type_ = "invalid_request_error" if status == 400 else "upstream_error"
+
+        async def finish(record, begun):
+            await self.send_error(status, message, type_, code, retry_after=retry_after)
+
+        return finish
+
+
+def _model_of(body: bytes):
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload.get("model") if isinstance(payload, dict) else None
+
+
+class ChatCompletionsConsumer(ProxyConsumer):
+    endpoint = "chat.completions"
+
+    def parse(self, body: bytes) -> dict:
+        payload = super().parse(body)
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise Refusal(400, "`messages` must be a non-empty array.", code="invalid_request", param="messages")
+        if "stream" in payload and not isinstance(payload["stream"], bool):
+            raise Refusal(400, "`stream` must be a boolean.", code="invalid_request", param="stream")
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise Refusal(400, "`stream_options` must be an object.", code="invalid_request", param="stream_options")
+        fallbacks = payload.get("models")
+        if fallbacks is not None and (
+            not isinstance(fallbacks, list) or not all(isinstance(m, str) and m for m in fallbacks)
+        ):
+            raise Refusal(400, "`models` must be an array of model ids.", code="invalid_request", param="models")
+        return payload
+
+    def client_wants_usage(self, payload: dict) -> bool:
+        options = payload.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    async def relay(self, begun: Begun, payload: dict, outcome: Outcome):
+        stream = payload.get("stream") is True
+        body = upstream.chat_body(payload, user_id=begun.meta.user.pk, stream=stream, max_output=begun.clamped_to)
+        if not stream:
+            return await self.relay_whole(begun, body, outcome, "chat/completions")
+        return await self.relay_stream(begun, body, outcome, self.client_wants_usage(payload))
+
+    async def relay_stream(self, begun: Begun, body: dict, outcome: Outcome, client_usage: bool):
+        meter = StreamMeter()
+        parser = SSEParser()
+        done = False
+        try:
+            async with await self.open_upstream(begun, body, "chat/completions") as response:
+                if response.status_code >= 400:
+                    raw = await response.aread()
+                    return self.upstream_rejected(outcome, response.status_code, raw, response.headers)
+                outcome.generation_id = response.headers.get("x-generation-id", "")
+                async for chunk in response.aiter_raw():
+                    if outcome.ttfb_ms is None:
+                        outcome.ttfb_ms = _ms_since(self.started)
+                    out = []
+                    for event in parser.feed(chunk):
+                        if event.is_done:
+                            done = True
+                            break
+                        out.append(self.relay_event(event, meter, client_usage))
+                    await self.send_out(b"".join(out))
+                    if done:
+                        break
+                if not done:
+                    await self.send_out(b"".join(self.relay_event(e, meter, client_usage) for e in parser.flush()))
+        except (httpx.TimeoutException, httpx.HTTPError) as exc:
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            if not self.response_started:
+                self.copy_meter(meter, outcome)
+                if timed_out:
+                    return self.upstream_failed(outcome, 504, "The upstream model timed out.")
+                return self.upstream_failed(outcome, 502, f"The upstream model is unreachable ({type(exc).__name__}).")
+            outcome.status = UsageStatus.UPSTREAM_ERROR
+            outcome.error = (
+                "upstream timed out mid-stream" if timed_out else f"upstream stream broke ({type(exc).__name__})"
+            )
+        finally:
+            # Runs on cancellation too, so a disconnect is billed for what was already relayed.
+            error = outcome.error
+            self.copy_meter(meter, outcome)
+            outcome.error = outcome.error or error
+        if not self.response_started and not done:
+            return self.upstream_failed(outcome, 502, "The upstream model closed the stream without any output.")
+        outcome.http_status = 200
+        if meter.error:
+            outcome.status = UsageStatus.UPSTREAM_ERROR
+        if not self.response_started:
+            await self.start_stream()
+
+        async def finish(record, begun):
+            await self.send_body(self.trailer(record.charge, begun.wallet.balance))
+
+        return finish
+
+    def trailer(self, charge: int, balance: int) -> bytes:
+        """The settled charge as an SSE comment (clients ignore it), then the end of the stream."""
+        info = {"request_id": self.request_id, "charge": format_usd(charge), "balance": format_usd(balance)}
+        return b": tokentill " + json.dumps(info).encode() + b"\n\ndata: [DONE]\n\n"
+
+    async def start_stream(self) -> None:
+        await self.start(
+            200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+        )
+
+    async def send_out(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self.response_started:
+            await self.start_stream()
+        await self.send_body(data, more_body=True)
+
+    def relay_event(self, event: Event, meter: StreamMeter, client_usage: bool) -> bytes:
+        if event.is_comment:
+            return event.encode()
+        try:
+            chunk = loads_decimal(event.data)
+        except ValueError:
+            return event.encode()
+        meter.observe(chunk)
+        if client_usage or not isinstance(chunk, dict) or chunk.get("usage") is None:
+            return event.encode()
+        # The client did not ask for usage: drop the usage-only chunk (clients that index
+        # choices[0] break on it), or just the usage key when it rode on a content chunk.
+        if not chunk.get("choices") and not chunk.get("error"):
+            return b""
+        plain = json.loads(event.data)
+        plain.pop("usage", None)
+        return b"data: " + json.dumps(plain, separators=(",", ":")).encode() + b"\n\n"
+
+    async def insufficient_funds(self, funds: Funds, payload: dict) -> None:
+        if settings.REFUSAL_MODE != "assistant_message":
+            return await super().insufficient_funds(funds, payload)
+        text = (
+            f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request. "
+            f"Top up at {settings.APP_URL}/topup and try again."
+        )
+        ident, model, created = f"chatcmpl-{self.request_id}", payload["model"], int(time.time())
+        blocked = [("x-tokentill-blocked", "insufficient_funds")]
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        if payload.get("stream") is not True:
+            completion = {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+            return await self.send_json(200, completion, blocked)
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+        chunks = [
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        if self.client_wants_usage(payload):
+            chunks.append({**base, "choices": [], "usage": usage})
+        body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+        body += self.trailer(0, funds.balance)
+        await self.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *blocked])
+        await self.send_body(body)
+
+
+class EmbeddingsConsumer(ProxyConsumer):
+    endpoint = "embeddings"
+
+    def parse(self, body: bytes) -> dict:
+        payload = super().parse(body)
+        value = payload.get("input")
+        if value in (None, "", []) or not isinstance(value, (str, list)):
+            raise Refusal(400, "`input` must be a string or a non-empty array.", code="invalid_request", param="input")
+        if payload.get("stream"):
+            raise Refusal(400, "Embeddings cannot be streamed.", code="invalid_request", param="stream")
+        return payload
+
+    async def relay(self, begun: Begun, payload: dict, outcome: Outcome):
+        body = upstream.embeddings_body(payload, user_id=begun.meta.user.pk)
+        return await self.relay_whole(begun, body, outcome, "embeddings")

@@ -1,0 +1,159 @@
+"""Guardrail counters in Django's cache: per-key requests per minute, per-key daily and monthly
+spend caps, and per-run step and spend limits.
+
+The cache is Redis when ``REDIS_URL`` is set, so every server process counts against the same
+numbers; without it the counters are per process (fine for the embedded single process).
+
+Spend counters hold *settled charges plus holds in flight*: a request reserves its hold against
+the cap with one atomic ``incr`` *before* it reaches the upstream, and settlement moves the
+counter by ``charge − hold``. Checking after the increment (and undoing it when over) means two
+concurrent requests can never both squeeze under a cap — no read-then-write. A counter missing
+from the cache (restart, eviction) is rebuilt from the usage records once.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import Q, Sum
+
+from wallet.money import format_usd, parse_usd
+
+from .models import UsageRecord, UsageStatus
+
+DAY = 24 * 3600
+
+
+@dataclass
+class LimitExceeded(Exception):
+    message: str
+    code: str
+    retry_after: int  # seconds
+
+
+@dataclass
+class Reservation:
+    """Counter keys a request moved, so settlement (or a refusal) can move them back."""
+
+    keys: list[str] = field(default_factory=list)
+    amount: int = 0  # nanodollars currently reserved on each key
+
+
+def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None = None) -> int:
+    """Atomically add ``delta``; a missing counter starts from ``initial()`` (or zero)."""
+    try:
+        return cache.incr(key, delta)
+    except ValueError:
+        # add() is atomic and a no-op when another process created the key first.
+        cache.add(key, initial() if initial else 0, timeout)
+        return cache.incr(key, delta)
+
+
+def check_rpm(*, api_key, now: datetime) -> None:
+    rpm = (api_key.limits or {}).get("rpm") if api_key is not None else None
+    if not rpm:
+        return
+    key = f"tt:rpm:{api_key.pk}:{now:%Y%m%d%H%M}"
+    if _incr(key, 1, 120) > int(rpm):
+        raise LimitExceeded(
+            f"Rate limit reached for this API key: {rpm} requests per minute.", "rate_limit_exceeded", 60 - now.second
+        )
+
+
+def _window_start(now: datetime, window: str) -> datetime:
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if window == "daily" else day.replace(day=1)
+
+
+def _seconds_to_reset(now: datetime, window: str) -> int:
+    start = _window_start(now, window)
+    if window == "daily":
+        end = start + timedelta(days=1)
+    else:
+        end = start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
+    return max(int((end - now).total_seconds()), 1)
+
+
+def _spent_since(api_key_id: int, since: datetime) -> int:
+    """Charges since ``since`` plus the holds of requests still in flight, in nanodollars."""
+    row = UsageRecord.objects.filter(api_key_id=api_key_id, created_at__gte=since).aggregate(
+        charged=Sum("charge", filter=~Q(status=UsageStatus.PENDING)),
+        held=Sum("hold_amount", filter=Q(status=UsageStatus.PENDING)),
+    )
+    return (row["charged"] or 0) + (row["held"] or 0)
+
+
+def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime) -> Reservation:
+    """Count ``amount`` (a hold) against the key's spend caps and the run's spend limit."""
+    reservation = Reservation(amount=amount)
+    caps: list[tuple[str, int, int, Callable[[], int] | None, str, str, int]] = []
+    limits = (api_key.limits or {}) if api_key is not None else {}
+    for window in ("daily", "monthly"):
+        cap = limits.get(f"{window}_spend")
+        if cap in (None, ""):
+            continue
+        start = _window_start(now, window)
+        key = f"tt:spend:{api_key.pk}:{window}:{start:%Y%m%d}"
+        key_id = api_key.pk
+        caps.append(
+            (
+                key,
+                parse_usd(cap),
+                _seconds_to_reset(now, window) + DAY,
+                lambda key_id=key_id, start=start: _spent_since(key_id, start),
+                f"This API key reached its {window} spend cap of ${format_usd(parse_usd(cap))}.",
+                "spend_cap_reached",
+                _seconds_to_reset(now, window),
+            )
+        )
+    run_cap = parse_usd(settings.RUN_MAX_SPEND)
+    if run and run_cap:
+        caps.append(
+            (
+                f"tt:run:{user_id}:{run}:spend",
+                run_cap,
+                7 * DAY,
+                None,
+                f"This agent run reached its spend limit of ${format_usd(run_cap)}.",
+                "run_spend_limit",
+                3600,
+            )
+        )
+    for key, cap, timeout, initial, message, code, retry_after in caps:
+        total = _incr(key, amount, timeout, initial)
+        reservation.keys.append(key)
+        if total > cap:
+            release(reservation)
+            raise LimitExceeded(message, code, retry_after)
+    return reservation
+
+
+def adjust(reservation: Reservation, new_amount: int) -> None:
+    """Move every reserved counter to ``new_amount`` (a clamped hold, or the final charge)."""
+    delta = new_amount - reservation.amount
+    if delta:
+        for key in reservation.keys:
+            try:
+                cache.incr(key, delta)
+            except ValueError:  # the window's counter expired meanwhile; nothing to correct
+                pass
+    reservation.amount = new_amount
+
+
+def release(reservation: Reservation) -> None:
+    adjust(reservation, 0)
+
+
+def check_run_steps(*, run: str, user_id: int) -> None:
+    if not run or not settings.RUN_MAX_STEPS:
+        return
+    steps = _incr(f"tt:run:{user_id}:{run}:steps", 1, 7 * DAY)
+    if steps > settings.RUN_MAX_STEPS:
+        raise LimitExceeded(
+            f"This agent run reached its limit of {settings.RUN_MAX_STEPS} steps.", "run_step_limit", 3600
+        )

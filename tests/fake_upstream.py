@@ -1,0 +1,352 @@
+"""A fake OpenAI-compatible / OpenRouter upstream: a real HTTP server on 127.0.0.1, in a thread.
+
+Each test scripts the replies it needs, per route (``chat``, ``embeddings``, ``generation``,
+``models``), in order; every request the proxy makes is recorded (path, headers, JSON body) so
+tests can assert what reached the upstream — and what did not. Streamed replies are written
+chunk by chunk with real pauses, and a write failing because the proxy closed the connection is
+timed, which is how disconnect tests prove the upstream request was cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: dict | bytes | None = None
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0  # seconds before the status line
+
+
+@dataclass
+class StreamReply:
+    """``items``: bytes are written as one chunk; a float pauses that many seconds."""
+
+    items: Iterable[bytes | float]
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict
+    json: object
+
+
+def sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chunk(content=None, *, finish=None, role=None, model="openai/gpt-4o-mini", id="gen-fake-1", **extra) -> dict:
+    delta = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": 1761300000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def usage(prompt, completion, *, cost=None, cached=0, reasoning=0, cache_write=0) -> dict:
+    result = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+    if cost is not None:
+        result["cost"] = cost
+    return result
+
+
+def usage_chunk(u: dict, *, model="openai/gpt-4o-mini", id="gen-fake-1") -> bytes:
+    """The usage-only chunk with the cost written verbatim (a JSON number, never a float)."""
+    cost = u.pop("cost", None)
+    body = json.dumps({"id": id, "object": "chat.completion.chunk", "model": model, "choices": [], "usage": u})
+    if cost is not None:
+        body = body[:-2] + f', "cost": {cost}}}}}'
+    return sse(body.encode())
+
+
+def completion(content="Pong.", *, u=None, model="openai/gpt-4o-mini", id="gen-fake-1", finish="stop") -> bytes:
+    u = dict(u or usage(10, 2))
+    cost = u.pop("cost", None)
+    body = json.dumps(
+        {
+            "id": id,
+            "object": "chat.completion",
+            "created": 1761300000,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": u,
+        }
+    )
+    if cost is not None:
+        body = body[:-2] + f', "cost": {cost}}}}}'
+    return body.encode()
+
+
+def stream_of(*words, u=None, model="openai/gpt-4o-mini", id="gen-fake-1", comments=False) -> list[bytes]:
+    items = [b": OPENROUTER PROCESSING\n\n"] if comments else []
+    items.append(sse(chunk("", role="assistant", model=model, id=id)))
+    items += [sse(chunk(w, model=model, id=id)) for w in words]
+    items.append(sse(chunk(None, finish="stop", model=model, id=id)))
+    if u is not None:
+        items.append(usage_chunk(dict(u), model=model, id=id))
+    items.append(DONE)
+    return items
+
+
+ROUTES = {"/chat/completions": "chat", "/embeddings": "embeddings", "/generation": "generation", "/models": "models"}
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.replies: dict[str, deque] = defaultdict(deque)
+        self.requests: list[Recorded] = []
+        self.stream_closed_at: float | None = None
+        self.stream_finished = threading.Event()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/v1"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.replies.clear()
+            self.requests.clear()
+            self.stream_closed_at = None
+            self.stream_finished.clear()
+
+    def script(self, route: str, *replies) -> None:
+        with self._lock:
+            self.replies[route].extend(replies)
+
+    def next_reply(self, route: str):
+        with self._lock:
+            if self.replies[route]:
+                return self.replies[route].popleft()
+        return Reply(500, {"error": {"message": f"no scripted reply for {route}", "code": 500}})
+
+    def calls(self, route: str) -> list[Recorded]:
+        return [r for r in self.requests if ROUTES.get(r.path.split("?")[0].removeprefix("/api/v1")) == route]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler_for(fake: FakeUpstream):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+        def _serve(self, method: str):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                parsed = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = raw
+            fake.requests.append(Recorded(method, self.path, {k.lower(): v for k, v in self.headers.items()}, parsed))
+            route = ROUTES.get(self.path.split("?")[0].removeprefix("/api/v1"), "unknown")
+            reply = fake.next_reply(route)
+            if isinstance(reply, StreamReply):
+                return self._stream(reply)
+            if reply.delay:
+                time.sleep(reply.delay)
+            body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body or {}).encode()
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _stream(self, reply: StreamReply):
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            try:
+                for item in reply.items:
+                    if isinstance(item, float):
+                        time.sleep(item)
+                        continue
+                    self.wfile.write(f"{len(item):x}\r\n".encode() + item + b"\r\n")
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                fake.stream_closed_at = time.monotonic()
+                self.close_connection = True
+            finally:
+                fake.stream_finished.set()
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def do_GET(self):
+            self._serve("GET")
+
+    return Handler
+
+
+def slow_stream(seconds: float = 10.0, interval: float = 0.05):
+    """Words forever (bounded): for disconnect tests. The generator stops once writes fail."""
+    yield sse(chunk("", role="assistant"))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        yield interval
+        yield sse(chunk("word "))
+
+
+@pytest.fixture(scope="session")
+def fake_upstream_server():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def fake_upstream(fake_upstream_server, settings):
+    """The fake upstream, emptied, with the proxy pointed at it as an OpenRouter upstream."""
+    from proxy.selectors import price_cache_clear
+
+    fake_upstream_server.reset()
+    settings.UPSTREAM_BASE_URL = fake_upstream_server.url
+    settings.UPSTREAM_API_KEY = "sk-or-v1-server-secret"
+    settings.UPSTREAM_KIND = "openrouter"
+    settings.PROXY_PRICE_CACHE_SECONDS = 0
+    price_cache_clear()
+    yield fake_upstream_server
+    price_cache_clear()
+
+
+# --- driving the proxy through its ASGI application ------------------------------------------
+
+
+@dataclass
+class ProxyResponse:
+    status: int
+    headers: dict
+    body: bytes
+    chunks: list[bytes]
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> dict:
+        return self.json()["error"]
+
+    def data_events(self) -> list[str]:
+        return [line[6:] for line in self.body.decode().split("\n") if line.startswith("data: ")]
+
+    def comments(self) -> list[str]:
+        return [line for line in self.body.decode().split("\n") if line.startswith(":")]
+
+    def tokentill(self) -> dict:
+        (line,) = [c for c in self.comments() if c.startswith(": tokentill ")]
+        return json.loads(line.removeprefix(": tokentill "))
+
+
+def scope_for(path: str, token: str | None, headers: dict | None, body: bytes) -> dict:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if token:
+        raw.append((b"authorization", f"Bearer {token}".encode()))
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": raw,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def proxy_call(
+    path: str,
+    body,
+    *,
+    token: str | None,
+    headers: dict | None = None,
+    body_parts: list[bytes] | None = None,
+    disconnect_after: int | None = None,
+    timeout: float = 10,
+):
+    """POST to the live ASGI app, reading the response chunk by chunk.
+
+    ``disconnect_after=n`` sends ``http.disconnect`` after ``n`` body chunks and returns at once
+    (with the time of the disconnect in ``headers["_disconnected_at"]``).
+    """
+    from channels.testing import ApplicationCommunicator
+
+    from config.asgi import application
+
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    parts = body_parts or [raw]
+    communicator = ApplicationCommunicator(application, scope_for(path, token, headers, raw))
+    for index, part in enumerate(parts):
+        await communicator.send_input({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
+    start = await communicator.receive_output(timeout)
+    assert start["type"] == "http.response.start", start
+    response_headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    chunks: list[bytes] = []
+    while True:
+        message = await communicator.receive_output(timeout)
+        chunks.append(message.get("body", b""))
+        if disconnect_after is not None and len(chunks) >= disconnect_after:
+            response_headers["_disconnected_at"] = str(time.monotonic())
+            await communicator.send_input({"type": "http.disconnect"})
+            await communicator.wait(timeout)
+            break
+        if not message.get("more_body"):
+            break
+    await communicator.wait(timeout)
+    return ProxyResponse(start["status"], response_headers, b"".join(chunks), chunks)
+
+
+def call(path: str, body, **kwargs) -> ProxyResponse:
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(proxy_call)(path, body, **kwargs)

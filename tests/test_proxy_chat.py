@@ -1,0 +1,367 @@
+"""/v1/chat/completions through the live ASGI app, against the fake upstream on loopback."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+
+from decimal import Decimal
+
+import pytest
+
+from accounts.services import api_key_create
+from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
+from proxy.upstream import pseudonym
+from tests.conftest import make_user
+from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    DONE,
+    Reply,
+    StreamReply,
+    call,
+    chunk,
+    completion,
+    fake_upstream,
+    fake_upstream_server,
+    sse,
+    stream_of,
+    usage,
+    usage_chunk,
+)
+from wallet.models import Entry, Hold, HoldStatus, Wallet
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+MODEL = "openai/gpt-4o-mini"
+HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
+
+
+@pytest.fixture
+def price(db):
+    return ModelPrice.objects.create(
+        model=MODEL, name="GPT-4o mini", prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
+    )
+
+
+@pytest.fixture
+def key(alice, price):
+    return api_key_create(user=alice, name="laptop")[1]
+
+
+def balance(user) -> int:
+    return Wallet.objects.get(user=user).balance
+
+
+def record() -> UsageRecord:
+    return UsageRecord.objects.get()
+
+
+# --- the happy paths ----------------------------------------------------------------------------
+
+
+def test_it_charges_openrouter_cost_times_markup_to_the_nanodollar(fake_upstream, alice, key):
+    fake_upstream.script("chat", Reply(body=completion(u=usage(412, 37, cost="0.0000597", cached=256))))
+    response = call(CHAT, HELLO, token=key)
+    assert response.status == 200
+    assert response.json()["choices"][0]["message"]["content"] == "Pong."
+    assert response.headers["x-tokentill-charge"] == "0.000071640"  # 0.0000597 × 1.2
+    assert response.headers["x-tokentill-balance"] == "9.999928360"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert balance(alice) == 10_000_000_000 - 71_640
+    rec = record()
+    assert (rec.status, rec.charge, rec.cost_source, rec.upstream_cost) == (
+        UsageStatus.OK,
+        71_640,
+        CostSource.UPSTREAM,
+        Decimal("0.0000597"),
+    )
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens) == (412, 37, 256)
+    assert rec.request_id == response.headers["x-request-id"]
+    assert rec.generation_id == "gen-fake-1" and rec.latency_ms is not None
+    entry = Entry.objects.get(kind="usage")
+    assert entry.amount == -71_640 and entry.reference == rec.request_id
+    assert Hold.objects.get().status == HoldStatus.SETTLED
+
+
+def test_the_upstream_gets_the_server_key_attribution_and_a_pseudonymous_user(fake_upstream, alice, key, settings):
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.00001"))))
+    response = call(CHAT, {**HELLO, "user": "alice@example.com"}, token=key)
+    (sent,) = fake_upstream.calls("chat")
+    assert sent.headers["authorization"] == "Bearer sk-or-v1-server-secret"
+    assert sent.headers["http-referer"] == settings.APP_URL
+    assert sent.headers["x-title"] == sent.headers["x-openrouter-title"] == settings.APP_TITLE
+    assert sent.json["user"] == pseudonym(alice.pk) != "alice@example.com"
+    assert len(sent.json["user"]) == 64
+    assert sent.json["usage"] == {"include": True}
+    assert "stream_options" not in sent.json
+    assert "sk-or-v1" not in str(response.headers) + response.body.decode()
+
+
+def test_an_openai_compatible_upstream_is_billed_from_the_price_table_with_reasoning_and_cache(
+    fake_upstream, alice, key, settings, price
+):
+    settings.UPSTREAM_KIND = "openai"
+    price.reasoning, price.cache_read, price.request_fee = Decimal("2.40"), Decimal("0.075"), 100_000
+    price.save()
+    u = usage(1000, 500, cached=400, reasoning=200)
+    fake_upstream.script("chat", Reply(body=completion(u=u)))
+    response = call(CHAT, {**HELLO, "max_completion_tokens": 600}, token=key)
+    # 600 fresh × 0.15 + 400 cached × 0.075 + 300 × 0.60 + 200 reasoning × 2.40, per 1M, + $0.0001 fee
+    cost = (600 * Decimal("0.15") + 400 * Decimal("0.075") + 300 * Decimal("0.60") + 200 * Decimal("2.40")) / 10**6
+    cost += Decimal("0.0001")
+    expected = int((cost * Decimal("1.2") * 10**9).to_integral_value())
+    assert response.headers["x-tokentill-charge"] == f"{Decimal(expected) / 10**9:.9f}"
+    rec = record()
+    assert (rec.charge, rec.cost_source, rec.reasoning_tokens) == (expected, CostSource.PRICE_TABLE, 200)
+    assert rec.prices["reasoning"] == "2.400000000000" and rec.markup == Decimal("0.2")
+    (sent,) = fake_upstream.calls("chat")
+    assert sent.json["max_tokens"] == 600  # Ollama reads only max_tokens
+    assert "stream_options" not in sent.json  # vLLM refuses it on a non-streamed request
+
+
+def test_a_fallback_model_that_answered_is_billed_at_its_own_price(fake_upstream, alice, key, settings):
+    settings.UPSTREAM_KIND = "openai"
+    ModelPrice.objects.create(model="cheap/model", prompt=Decimal("0.01"), completion=Decimal("0.01"))
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1000, 1000), model="cheap/model")))
+    call(CHAT, {**HELLO, "models": ["cheap/model"]}, token=key)
+    rec = record()
+    assert rec.upstream_model == "cheap/model"
+    assert rec.charge == 24_000  # 2000 tokens × $0.01/M × 1.2
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+
+def test_a_stream_is_relayed_with_comments_and_without_the_usage_chunk_nobody_asked_for(fake_upstream, alice, key):
+    u = usage(20, 3, cost="0.000012")
+    fake_upstream.script("chat", StreamReply(stream_of("Po", "ng", ".", u=u, comments=True)))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    assert response.status == 200 and response.headers["content-type"] == "text/event-stream"
+    events = response.data_events()
+    assert events[-1] == "[DONE]"
+    assert all('"usage"' not in e for e in events)
+    assert response.comments()[0] == ": OPENROUTER PROCESSING"
+    body = response.body.decode()
+    assert body.index(": tokentill ") < body.index("data: [DONE]")
+    trailer = response.tokentill()
+    assert trailer["request_id"] == response.headers["x-request-id"]
+    assert (trailer["charge"], trailer["balance"]) == ("0.000014400", "9.999985600")
+    assert len(response.chunks) >= 4  # relayed as it came, not in one piece
+    assert record().stream is True and record().charge == 14_400
+
+
+def test_a_client_that_asks_for_usage_gets_the_usage_chunk(fake_upstream, alice, key):
+    fake_upstream.script("chat", StreamReply(stream_of("Hi", u=usage(5, 1, cost="0.000001"))))
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    response = call(CHAT, body, token=key)
+    usage_events = [e for e in response.data_events() if '"usage"' in e]
+    assert len(usage_events) == 1 and '"choices": []' in usage_events[0]
+
+
+def test_usage_riding_on_the_finish_chunk_is_billed_and_only_the_usage_key_is_stripped(
+    fake_upstream, alice, key, settings
+):
+    settings.UPSTREAM_KIND = "openai"  # old llama.cpp: usage on the finish chunk, no cost
+    items = [sse(chunk("Hi", role="assistant")), sse(chunk(None, finish="stop", usage=usage(100, 50))), DONE]
+    fake_upstream.script("chat", StreamReply(items))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    finish = [e for e in response.data_events() if '"finish_reason":"stop"' in e]
+    assert len(finish) == 1 and '"usage"' not in finish[0]
+    assert record().charge == int((100 * Decimal("0.15") + 50 * Decimal("0.6")) * Decimal("1.2") * 1000)
+    (sent,) = fake_upstream.calls("chat")
+    assert sent.json["stream_options"] == {"include_usage": True}
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_a_bad_credential_is_401_and_nothing_is_recorded(fake_upstream, price):
+    response = call(CHAT, HELLO, token="tt_not-a-real-key")
+    assert response.status == 401 and response.error["code"] == "invalid_api_key"
+    assert set(response.error) >= {"message", "type", "param", "code"}
+    assert UsageRecord.objects.count() == 0 and not fake_upstream.requests
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "invalid_request"),
+        ({"model": MODEL}, "invalid_request"),
+        ({"model": MODEL, "messages": []}, "invalid_request"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "invalid_request"),
+        ({**HELLO, "max_tokens": -1}, "invalid_request"),
+        ({**HELLO, "model": "nobody/nothing"}, "model_not_found"),
+    ],
+)
+def test_malformed_requests_and_unknown_models_are_400_and_recorded_as_refused(fake_upstream, alice, key, body, code):
+    response = call(CHAT, body, token=key)
+    assert response.status == 400 and response.error["code"] == code
+    assert record().status == UsageStatus.REFUSED and record().charge == 0 and record().http_status == 400
+    assert not fake_upstream.requests
+
+
+def test_a_disabled_model_is_not_found(fake_upstream, alice, key, price):
+    from django.utils import timezone
+
+    ModelPrice.objects.create(model=MODEL, enabled=False, effective_from=timezone.now())
+    assert call(CHAT, HELLO, token=key).error["code"] == "model_not_found"
+
+
+def test_a_body_over_the_limit_is_413_by_content_length_and_by_what_arrived(fake_upstream, alice, key, settings):
+    settings.PROXY_MAX_BODY_BYTES = 2048
+    big = {**HELLO, "messages": [{"role": "user", "content": "x" * 4000}]}
+    assert call(CHAT, big, token=key).status == 413
+    raw = b'{"model": "x", "pad": "' + b"y" * 1500
+    response = call(CHAT, raw, token=key, body_parts=[raw, b"z" * 1500, b'"}'])
+    assert response.status == 413 and response.error["code"] == "request_too_large"
+    assert UsageRecord.objects.filter(http_status=413).count() == 2 and not fake_upstream.requests
+
+
+def test_a_key_without_the_proxy_scope_or_for_other_models_is_403(fake_upstream, alice, price):
+    billing = api_key_create(user=alice, name="billing", scopes=["billing"])[1]
+    assert call(CHAT, HELLO, token=billing).error["code"] == "insufficient_scope"
+    narrow = api_key_create(user=alice, name="narrow", limits={"allowed_models": ["other/model"]})[1]
+    response = call(CHAT, HELLO, token=narrow)
+    assert response.status == 403 and response.error["code"] == "model_not_allowed"
+    assert not fake_upstream.requests
+
+
+def test_an_empty_wallet_gets_402_with_a_topup_link_and_the_upstream_never_hears(fake_upstream, bob, price, settings):
+    token = api_key_create(user=bob, name="k")[1]
+    response = call(CHAT, HELLO, token=token)
+    assert response.status == 402
+    assert response.error["type"] == response.error["code"] == "insufficient_funds"
+    assert response.error["topup_url"] == settings.APP_URL + "/topup"
+    assert response.error["balance"] == "0.000000000"
+    assert not fake_upstream.requests
+    assert record().status == UsageStatus.REFUSED and record().http_status == 402
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_assistant_message_mode_refuses_with_a_readable_completion(fake_upstream, bob, price, settings, stream):
+    settings.REFUSAL_MODE = "assistant_message"
+    token = api_key_create(user=bob, name="k")[1]
+    response = call(CHAT, {**HELLO, "stream": stream}, token=token)
+    assert response.status == 200 and response.headers["x-tokentill-blocked"] == "insufficient_funds"
+    if stream:
+        assert response.data_events()[-1] == "[DONE]" and response.tokentill()["charge"] == "0.000000000"
+        assert "/topup" in response.data_events()[0]
+    else:
+        assert "/topup" in response.json()["choices"][0]["message"]["content"]
+    assert not fake_upstream.requests
+
+
+def test_a_small_balance_clamps_the_output_cap_instead_of_refusing(fake_upstream, price, settings):
+    settings.MIN_BALANCE = Decimal("0")
+    poor = make_user("poor@example.com", balance="0.0005")  # affords ~690 output tokens at $0.60/M × 1.2
+    token = api_key_create(user=poor, name="k")[1]
+    fake_upstream.script("chat", Reply(body=completion(u=usage(10, 5, cost="0.000001"))))
+    assert call(CHAT, {**HELLO, "max_tokens": 5000}, token=token).status == 200
+    (sent,) = fake_upstream.calls("chat")
+    assert settings.PROXY_MIN_OUTPUT_TOKENS <= sent.json["max_tokens"] < 700
+    assert record().hold_amount <= 500_000
+
+
+def test_the_keys_rpm_limit_is_429_with_retry_after(fake_upstream, alice, price):
+    token = api_key_create(user=alice, name="k", limits={"rpm": 1})[1]
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.000001"))))
+    assert call(CHAT, HELLO, token=token).status == 200
+    response = call(CHAT, HELLO, token=token)
+    assert response.status == 429 and response.error["code"] == "rate_limit_exceeded"
+    assert 0 < int(response.headers["retry-after"]) <= 60
+
+
+def test_a_daily_spend_cap_counts_holds_in_flight(fake_upstream, alice, price):
+    from proxy.lib.pricing import hold_nanos
+    from proxy.selectors import rates_for
+    from wallet.money import format_usd
+
+    # A hold for max_tokens=1000 at $0.60/M × 1.2 is ~$0.00072; cap = one hold and a half.
+    one = hold_nanos(rates_for(price), prompt_tokens=len(b'{"model": "x"}') // 4, max_output=1000)
+    token = api_key_create(user=alice, name="k", limits={"daily_spend": format_usd(one * 3 // 2)})[1]
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.000001"))))
+    body = {**HELLO, "max_tokens": 1000}
+    first = call(CHAT, body, token=token)
+    assert first.status == 200  # settled at a tiny charge: the cap has room again
+    # Now hold money in flight: a pending request's hold counts against the cap.
+    from accounts.models import ApiKey
+    from proxy.services import RequestMeta, request_begin
+
+    key_row = ApiKey.objects.get(name="k")
+    meta = RequestMeta(request_id="req_inflight", user=alice, api_key=key_row, endpoint="chat.completions", model=MODEL)
+    request_begin(meta=meta, prompt_chars=100, requested_output=1000)
+    response = call(CHAT, body, token=token)
+    assert response.status == 429 and response.error["code"] == "spend_cap_reached"
+    assert 0 < int(response.headers["retry-after"]) <= 86400
+
+
+def test_run_step_and_spend_limits_are_429(fake_upstream, alice, key, settings):
+    settings.RUN_MAX_STEPS = 1
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.000001"))))
+    run = {"X-Tokentill-Run": "run-42", "X-Tokentill-Agent": "planner", "X-Tokentill-Tool": "search"}
+    assert call(CHAT, HELLO, token=key, headers=run).status == 200
+    response = call(CHAT, HELLO, token=key, headers=run)
+    assert response.status == 429 and response.error["code"] == "run_step_limit"
+    first = UsageRecord.objects.get(status=UsageStatus.OK)
+    assert (first.run, first.agent, first.tool) == ("run-42", "planner", "search")
+    settings.RUN_MAX_STEPS, settings.RUN_MAX_SPEND = 0, Decimal("0.0001")
+    response = call(CHAT, HELLO, token=key, headers={"X-Tokentill-Run": "run-43"})
+    assert response.status == 429 and response.error["code"] == "run_spend_limit"
+
+
+# --- upstream failures --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply, status, code",
+    [
+        (Reply(500, {"error": {"message": "boom", "code": 500}}), 502, "upstream_error"),
+        (Reply(402, {"error": {"message": "Insufficient credits", "code": 402}}), 502, "upstream_error"),
+        (Reply(429, {"error": {"message": "slow", "code": 429}}, {"Retry-After": "7"}), 429, "upstream_rate_limited"),
+        (Reply(400, {"error": {"message": "context too long", "code": 400}}), 400, "upstream_invalid_request"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_before_output_is_mapped_and_costs_nothing(
+    fake_upstream, alice, key, reply, status, code, stream
+):
+    fake_upstream.script("chat", reply)
+    response = call(CHAT, {**HELLO, "stream": stream}, token=key)
+    assert response.status == status and response.error["code"] == code
+    assert "Insufficient credits" not in response.body.decode()  # the operator's account is not the user's business
+    if status == 429:
+        assert response.headers["retry-after"] == "7"
+    rec = record()
+    assert (rec.status, rec.charge, rec.http_status) == (UsageStatus.UPSTREAM_ERROR, 0, status)
+    assert balance(alice) == 10_000_000_000 and Hold.objects.get().status == HoldStatus.RELEASED
+
+
+def test_an_upstream_timeout_is_504_and_an_unreachable_upstream_502(fake_upstream, alice, key, settings):
+    settings.UPSTREAM_READ_TIMEOUT = Decimal("0.3")
+    fake_upstream.script("chat", Reply(body=completion(), delay=1.0))
+    response = call(CHAT, HELLO, token=key)
+    assert response.status == 504 and response.error["code"] == "upstream_timeout"
+    settings.UPSTREAM_BASE_URL = "http://127.0.0.1:9/api/v1"  # discard port: connection refused
+    assert call(CHAT, HELLO, token=key).status == 502
+    assert balance(alice) == 10_000_000_000
+
+
+def test_an_openrouter_error_mid_stream_without_usage_is_free(fake_upstream, alice, key):
+    error = chunk("", finish="error", error={"code": 502, "message": "Upstream connection dropped"})
+    fake_upstream.script("chat", StreamReply([sse(chunk("Hel", role="assistant")), sse(error)]))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    assert response.status == 200 and "Upstream connection dropped" in response.body.decode()
+    assert response.data_events()[-1] == "[DONE]"
+    rec = record()
+    assert (rec.status, rec.charge, rec.finish_reason) == (UsageStatus.UPSTREAM_ERROR, 0, "error")
+    assert rec.error == "Upstream connection dropped"
+
+
+def test_a_stream_cut_off_without_usage_is_billed_as_a_marked_estimate(fake_upstream, alice, key, settings):
+    settings.UPSTREAM_KIND = "openai"  # vLLM: error event then [DONE], no usage
+    error = {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}
+    items = [sse(chunk("x" * 400, role="assistant")), sse(error), DONE]
+    fake_upstream.script("chat", StreamReply(items))
+    call(CHAT, {**HELLO, "stream": True}, token=key)
+    rec = record()
+    assert rec.estimated and rec.cost_source == CostSource.ESTIMATE and rec.status == UsageStatus.UPSTREAM_ERROR
+    assert rec.completion_tokens == 100 and rec.charge > 0
+    assert balance(alice) == 10_000_000_000 - rec.charge
