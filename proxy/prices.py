@@ -147,6 +147,8 @@ def price_validate(price: ModelPrice) -> None:
         raise PriceError("a price needs a model id")
     for name in RATE_FIELDS:
         value = getattr(price, name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = Decimal(value)  # the column default is a plain 0
         if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
             raise PriceError(f"{name} must be a non-negative decimal rate, not {value!r}")
         if value >= _RATE_LIMIT or value.quantize(_RATE_QUANTUM) != value:

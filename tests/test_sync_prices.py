@@ -264,3 +264,13 @@ def test_an_unreachable_upstream_is_a_clear_error(openrouter, db):
 
     with pytest.raises(CommandError, match="could not fetch"):
         call_command("sync_prices", "--url", url, "--timeout", "2", stdout=StringIO())
+
+
+def test_a_price_version_is_never_saved_with_an_impossible_rate(db):
+    from proxy.prices import PriceError, price_version_create
+
+    assert price_version_create(model="acme/defaults", source="test").prompt == 0
+    for bad in (Decimal("-1"), Decimal("1e-13"), Decimal("Infinity"), 0.5):
+        with pytest.raises(PriceError):
+            price_version_create(model="acme/bad", source="test", prompt=bad)
+    assert not ModelPrice.objects.filter(model="acme/bad").exists()
