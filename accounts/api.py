@@ -23,6 +23,7 @@ from rest_framework.views import APIView
 from .auth import Principal
 from .selectors import api_key_get, api_key_list
 from .serializers import (
+    DUPLICATE_EMAIL,
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
@@ -44,8 +45,6 @@ from .services import (
     user_signup,
 )
 from .throttles import LoginFailureThrottle, SignupThrottle
-
-DUPLICATE_EMAIL = "an account with this email address already exists"
 
 _401 = OpenApiResponse(description="bad or revoked credential")
 _429 = OpenApiResponse(description="too many attempts; see Retry-After")

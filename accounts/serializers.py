@@ -17,6 +17,7 @@ from wallet.money import MoneyError, format_usd, parse_usd
 from .models import ApiKey, User
 
 LIMIT_KEYS = ("rpm", "daily_spend", "monthly_spend", "allowed_models")
+DUPLICATE_EMAIL = "an account with this email address already exists"
 
 
 def limits_clean(value: object) -> dict:
@@ -76,7 +77,7 @@ class SignupSerializer(serializers.Serializer):
     def validate_email(self, value):
         email = User.objects.normalize_email(value).lower()
         if User.objects.filter(email__iexact=email).exists():
-            raise serializers.ValidationError("an account with this email address already exists")
+            raise serializers.ValidationError(DUPLICATE_EMAIL)
         return email
 
     def validate(self, attrs):
