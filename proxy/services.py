@@ -213,6 +213,10 @@ def request_begin(
                 model=meta.model,
                 stream=meta.stream,
                 status=UsageStatus.PENDING,
+                # The prompt estimate, until settlement writes the upstream's count: what an
+                # expired hold is charged if the request never finishes (see holds_reconcile).
+                prompt_tokens=prompt_tokens,
+                estimated=True,
                 hold_amount=amount,
                 markup=rates.markup,
                 price=price,
@@ -341,3 +345,89 @@ def request_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
         )
     limits.adjust(begun.reservation, charge)
     return record
+
+
+# --- operations -------------------------------------------------------------------------------
+
+DEMO_MODEL = "tokentill/demo"
+
+
+def demo_price_ensure() -> tuple[ModelPrice, bool]:
+    """The built-in demo model's price row (created once; staff edits to it are kept)."""
+    existing = ModelPrice.objects.filter(model=DEMO_MODEL).order_by("-effective_from", "-id").first()
+    if existing is not None:
+        return existing, False
+    price = ModelPrice.objects.create(
+        model=DEMO_MODEL,
+        name="Tokentill demo (offline, canned replies)",
+        prompt=Decimal("0.50"),
+        completion=Decimal("1.50"),
+        is_demo=True,
+        default_max_output=512,
+        context_length=8192,
+        source="seed",
+    )
+    return price, True
+
+
+def _rates_from_snapshot(record: UsageRecord) -> Rates:
+    snap = record.prices or {}
+    if not snap and record.price is not None:
+        return rates_for(record.price)
+    return Rates(
+        prompt=Decimal(snap.get("prompt", "0")),
+        completion=Decimal(snap.get("completion", "0")),
+        reasoning=Decimal(snap.get("reasoning", "0")),
+        cache_read=Decimal(snap.get("cache_read", "0")),
+        cache_write=Decimal(snap.get("cache_write", "0")),
+        request_fee=int(snap.get("request_fee", 0)),
+        min_charge=int(snap.get("min_charge", 0)),
+        markup=Decimal(snap.get("markup", str(settings.MARKUP))),
+    )
+
+
+def _count(value) -> int:
+    return max(int(value), 0) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else 0
+
+
+def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
+    """Close one expired hold; ``generation`` is the upstream's lookup (OpenRouter) or None.
+
+    Never silently dropped: with a lookup the record is charged the upstream's ``total_cost``;
+    without one it is charged the estimate of its prompt (marked ``estimated``); a hold with no
+    usage record at all is released.
+    """
+    record = UsageRecord.objects.filter(request_id=hold.request_id).first()
+    if record is None:
+        hold_release(hold=hold)
+        return f"{hold.request_id}: released (no usage record)"
+    rates = _rates_from_snapshot(record)
+    cost = generation.get("total_cost") if generation else None
+    if isinstance(cost, (int, Decimal)) and not isinstance(cost, bool) and cost >= 0:
+        record.prompt_tokens = _count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
+        record.completion_tokens = _count(
+            generation.get("native_tokens_completion") or generation.get("tokens_completion")
+        )
+        record.reasoning_tokens = _count(generation.get("native_tokens_reasoning"))
+        record.cached_tokens = _count(generation.get("native_tokens_cached"))
+        record.upstream_cost = Decimal(cost)
+        record.cost_source = CostSource.RECONCILED
+        record.estimated = False
+        record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK
+        record.finish_reason = str(generation.get("finish_reason") or "")[:40]
+        how = "settled from the upstream's generation lookup"
+    else:
+        usage = Usage(prompt_tokens=record.prompt_tokens)
+        record.completion_tokens = 0
+        record.upstream_cost = cost_usd(rates, usage)
+        record.cost_source = CostSource.ESTIMATE
+        record.estimated = True
+        record.status = UsageStatus.UPSTREAM_ERROR
+        record.error = "never settled by its server process; charged an estimate of its prompt"
+        how = "settled at an estimate of its prompt"
+    record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+    record.settled_at = timezone.now()
+    with transaction.atomic(savepoint=False):
+        hold_settle(hold=hold, amount=record.charge, description=f"{record.model} ({record.request_id}, reconciled)")
+        record.save()
+    return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"

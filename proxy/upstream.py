@@ -13,11 +13,14 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 import weakref
 from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
+
+from wallet.money import loads_decimal
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 
@@ -121,3 +124,25 @@ def error_message(raw: bytes) -> str:
         if isinstance(error, str):
             return error[:500]
     return ""
+
+
+def generation_lookup(generation_id: str, *, attempts: int = 4, backoff: float = 0.5) -> dict | None:
+    """OpenRouter's record of one generation (``GET /generation?id=``), or None.
+
+    The record often appears only a moment after the generation ends, so a 404 is read as "not
+    yet" and retried with a doubling pause, a bounded number of times.
+    """
+    with httpx.Client(timeout=timeout(), trust_env=False) as sync_client:
+        for attempt in range(attempts):
+            try:
+                response = sync_client.get(url("generation"), params={"id": generation_id}, headers=headers())
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.status_code == 200:
+                data = loads_decimal(response.content)
+                return data.get("data") if isinstance(data, dict) and isinstance(data.get("data"), dict) else None
+            if response is not None and response.status_code not in (404, 429) and response.status_code < 500:
+                return None
+            if attempt < attempts - 1:
+                time.sleep(backoff * 2**attempt)
+    return None

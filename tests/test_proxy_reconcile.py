@@ -1,0 +1,78 @@
+"""manage.py reconcile_holds: expired holds are settled from the upstream's generation lookup,
+at an estimate, or released — never dropped."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+
+import io
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from proxy.lib.pricing import Rates, charge_nanos, cost_usd
+from proxy.lib.usage import Usage
+from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
+from proxy.services import RequestMeta, request_begin
+from tests.fake_upstream import Reply, fake_upstream, fake_upstream_server  # noqa: F401
+from wallet.models import Entry, Hold, HoldStatus, Wallet
+from wallet.services import hold_create
+
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def price(db):
+    return ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
+
+
+def begin(user, request_id: str, *, expired: bool = True):
+    meta = RequestMeta(request_id=request_id, user=user, api_key=None, endpoint="chat.completions", model=MODEL)
+    begun = request_begin(meta=meta, prompt_chars=4000, requested_output=100)
+    if expired:
+        Hold.objects.filter(pk=begun.hold.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    return begun
+
+
+def reconcile() -> str:
+    out = io.StringIO()
+    call_command("reconcile_holds", "--backoff", "0.01", stdout=out)
+    return out.getvalue()
+
+
+def test_an_expired_hold_with_a_generation_is_charged_what_openrouter_reports(fake_upstream, alice, price):
+    begin(alice, "req_gen")
+    UsageRecord.objects.filter(request_id="req_gen").update(generation_id="gen-77")
+    found = {"data": {"id": "gen-77", "total_cost": 0.002, "native_tokens_prompt": 900, "native_tokens_completion": 80}}
+    fake_upstream.script("generation", Reply(404, {"error": {"code": 404}}), Reply(404, {}), Reply(body=found))
+    output = reconcile()
+    assert "req_gen: settled from the upstream's generation lookup" in output
+    assert len(fake_upstream.calls("generation")) == 3
+    assert fake_upstream.calls("generation")[0].path.endswith("/generation?id=gen-77")
+    record = UsageRecord.objects.get(request_id="req_gen")
+    assert (record.cost_source, record.charge, record.estimated) == (CostSource.RECONCILED, 2_400_000, False)
+    assert (record.prompt_tokens, record.completion_tokens, record.status) == (900, 80, UsageStatus.OK)
+    assert Hold.objects.get().status == HoldStatus.SETTLED
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - 2_400_000
+
+
+def test_an_expired_hold_nobody_can_look_up_is_charged_its_prompt_estimate(fake_upstream, alice, price):
+    begin(alice, "req_est")
+    assert "req_est: settled at an estimate of its prompt" in reconcile()
+    record = UsageRecord.objects.get(request_id="req_est")
+    expected = charge_nanos(cost_usd(Rates(prompt=Decimal("0.15")), Usage(prompt_tokens=1000)), markup=Decimal("0.2"))
+    assert (record.cost_source, record.estimated, record.charge) == (CostSource.ESTIMATE, True, expected)
+    assert Entry.objects.get(kind="usage").amount == -expected
+    assert not fake_upstream.requests
+
+
+def test_a_hold_without_a_usage_record_is_released_and_live_holds_are_left_alone(fake_upstream, alice, price):
+    orphan = hold_create(wallet=alice.wallet, amount=5_000, request_id="req_orphan", ttl_seconds=30)
+    Hold.objects.filter(pk=orphan.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    begin(alice, "req_live", expired=False)
+    output = reconcile()
+    assert "req_orphan: released (no usage record)" in output and "reconciled 1 expired hold(s)" in output
+    assert Hold.objects.get(request_id="req_orphan").status == HoldStatus.RELEASED
+    assert Hold.objects.get(request_id="req_live").status == HoldStatus.ACTIVE
+    assert not Entry.objects.filter(kind="usage").exists()

@@ -1,0 +1,137 @@
+"""Disconnects, the demo model, embeddings and the hot path's query budget."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+
+import json
+from decimal import Decimal
+
+import pytest
+from django.core.management import call_command
+
+from accounts.auth import authenticate_bearer
+from accounts.services import api_key_create
+from proxy import demo
+from proxy.lib.usage import Usage
+from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
+from proxy.selectors import price_cache_clear, price_current
+from proxy.services import Outcome, RequestMeta, request_begin, request_settle
+from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    Reply,
+    StreamReply,
+    call,
+    fake_upstream,
+    fake_upstream_server,
+    slow_stream,
+)
+from wallet.models import Hold, HoldStatus, Wallet
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+MODEL = "openai/gpt-4o-mini"
+HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
+
+
+@pytest.fixture
+def price(db):
+    return ModelPrice.objects.create(
+        model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
+    )
+
+
+@pytest.fixture
+def key(alice, price):
+    return api_key_create(user=alice, name="laptop")[1]
+
+
+def test_a_client_that_disconnects_cancels_the_upstream_within_a_second_and_pays_an_estimate(fake_upstream, alice, key):
+    fake_upstream.script("chat", StreamReply(slow_stream(seconds=10)))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key, disconnect_after=6)
+    disconnected_at = float(response.headers["_disconnected_at"])
+    assert fake_upstream.stream_finished.wait(3), "the upstream kept streaming after the client left"
+    assert fake_upstream.stream_closed_at - disconnected_at < 1.0
+    record = UsageRecord.objects.get()
+    assert (record.status, record.estimated, record.cost_source) == (UsageStatus.CANCELLED, True, CostSource.ESTIMATE)
+    words = response.body.count(b"word ")
+    assert words >= 4 and record.completion_tokens >= (5 * words) // 4  # output that reached the client is billed
+    assert record.charge > 0
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - record.charge
+    assert Hold.objects.get().status == HoldStatus.SETTLED
+
+
+def test_the_demo_model_streams_and_bills_offline(fake_upstream, settings, monkeypatch):
+    from tests.conftest import make_user
+
+    monkeypatch.setattr(demo, "WORD_DELAY", 0.001)
+    settings.UPSTREAM_API_KEY = ""
+    settings.SIGNUP_TRIAL_CREDIT = Decimal("1.00")
+    call_command("seed", stdout=open("/dev/null", "w"))
+    call_command("seed", stdout=open("/dev/null", "w"))  # idempotent
+    assert ModelPrice.objects.filter(model="tokentill/demo").count() == 1
+    carol = make_user("carol@example.com")  # trial credit only
+    token = api_key_create(user=carol, name="k")[1]
+    body = {"model": "tokentill/demo", "messages": [{"role": "user", "content": "hello there"}], "stream": True}
+    response = call(CHAT, body, token=token)
+    chunks = [json.loads(e) for e in response.data_events()[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert response.status == 200 and "Tokentill demo model" in text and "hello there" in text
+    assert response.data_events()[-1] == "[DONE]" and all('"usage"' not in e for e in response.data_events())
+    record = UsageRecord.objects.get()
+    assert record.cost_source == CostSource.PRICE_TABLE and record.charge > 0
+    assert response.tokentill()["balance"] == f"{Decimal(1_000_000_000 - record.charge) / 10**9:.9f}"
+    whole = call(CHAT, {**body, "stream": False}, token=token)
+    assert "Tokentill demo model" in whole.json()["choices"][0]["message"]["content"]
+    assert not fake_upstream.requests
+
+
+def test_the_demo_model_is_hidden_once_an_upstream_is_configured(fake_upstream, alice):
+    call_command("seed", stdout=open("/dev/null", "w"))
+    token = api_key_create(user=alice, name="k")[1]
+    body = {"model": "tokentill/demo", "messages": [{"role": "user", "content": "hi"}]}
+    assert call(CHAT, body, token=token).error["code"] == "model_not_found"
+
+
+def test_embeddings_are_billed_from_openrouter_cost_or_prompt_tokens(fake_upstream, alice, key, settings):
+    reply = b'{"object":"list","model":"openai/gpt-4o-mini","data":[{"object":"embedding","index":0,'
+    reply += b'"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":7,"total_tokens":7,"cost":0.00000105}}'
+    fake_upstream.script("embeddings", Reply(body=reply))
+    response = call("/v1/embeddings", {"model": MODEL, "input": "hello"}, token=key)
+    assert response.status == 200 and response.body == reply
+    assert response.headers["x-tokentill-charge"] == "0.000001260"
+    settings.UPSTREAM_KIND = "openai"
+    fake_upstream.script("embeddings", Reply(body={"data": [], "model": MODEL, "usage": {"prompt_tokens": 10000}}))
+    response = call("/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}, token=key)
+    assert response.headers["x-tokentill-charge"] == "0.001800000"  # 10k × $0.15/M × 1.2
+    records = UsageRecord.objects.filter(endpoint="embeddings").order_by("id")
+    assert [r.charge for r in records] == [1_260, 1_800_000]
+    (first, second) = fake_upstream.calls("embeddings")
+    assert first.json["user"] == second.json["user"] != str(alice.pk)  # the pseudonym, not the id
+    assert second.json["input"] == ["a", "b"] and "stream_options" not in second.json
+
+
+def test_embeddings_refuse_missing_input_and_streaming(fake_upstream, alice, key):
+    assert call("/v1/embeddings", {"model": MODEL}, token=key).status == 400
+    assert call("/v1/embeddings", {"model": MODEL, "input": "x", "stream": True}, token=key).status == 400
+    assert not fake_upstream.requests
+
+
+@pytest.mark.django_db
+def test_the_hot_path_runs_a_pinned_number_of_queries(alice, alice_key, price, settings, django_assert_num_queries):
+    settings.PROXY_PRICE_CACHE_SECONDS = 60
+    price_cache_clear()
+    price_current(MODEL)
+    _, secret = alice_key
+    authenticate_bearer(secret)  # the first use stamps last_used_at; later ones within a minute do not
+    with django_assert_num_queries(1):
+        principal = authenticate_bearer(secret)
+    meta = RequestMeta(request_id="req_q", user=principal.user, api_key=principal.api_key, endpoint="chat.completions")
+    meta.model = MODEL
+    # wallet, conditional hold UPDATE, hold INSERT, usage record INSERT
+    with django_assert_num_queries(4):
+        begun = request_begin(meta=meta, prompt_chars=400, requested_output=100)
+    outcome = Outcome(usage=Usage(prompt_tokens=100, completion_tokens=20), upstream_model=MODEL)
+    # lock wallet, close hold, release held, debit balance, ledger entry, usage record UPDATE
+    with django_assert_num_queries(6):
+        record = request_settle(begun=begun, outcome=outcome)
+    assert record.charge == int((100 * Decimal("0.15") + 20 * Decimal("0.6")) * Decimal("1.2") * 1000)
+    price_cache_clear()
