@@ -7,6 +7,12 @@ from tests.fake_payment_apis import LS_SECRET, STRIPE_SECRET, FakeLemonSqueezy, 
 NANOS = 10**9
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """The personas' sign-up hashes a password; these tests are about money, not passwords."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def payment_settings(settings):
     settings.LEMONSQUEEZY_WEBHOOK_SECRET = LS_SECRET

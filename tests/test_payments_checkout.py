@@ -15,6 +15,7 @@ from tests.payments_fixtures import NANOS
 
 pytestmark = pytest.mark.django_db
 packs, payment_settings, fake_ls, fake_stripe = fx.packs, fx.payment_settings, fx.fake_ls, fx.fake_stripe
+fast_password_hashing = fx.fast_password_hashing
 
 
 def test_the_pack_list_is_public_and_shows_price_credit_and_bonus(packs):

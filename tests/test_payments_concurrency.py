@@ -14,6 +14,7 @@ from wallet.models import Entry
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 packs, payment_settings = fx.packs, fx.payment_settings
+fast_password_hashing = fx.fast_password_hashing
 
 DELIVERIES = 8
 

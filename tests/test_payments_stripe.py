@@ -19,6 +19,7 @@ from wallet.models import Entry, EntryKind
 
 pytestmark = pytest.mark.django_db
 packs, payment_settings = fx.packs, fx.payment_settings
+fast_password_hashing = fx.fast_password_hashing
 
 
 @pytest.fixture
