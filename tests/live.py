@@ -47,46 +47,62 @@ def shared_database_url() -> str:
 @contextmanager
 def daphne_server(**env_overrides: str):
     """Run ``config.asgi:application`` under Daphne on a free loopback port; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX"}}
-    env.update(
-        DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings", PYTHONDONTWRITEBYTECODE="1"
-    )
-    env.update(env_overrides)
-    log_path = BASE_DIR / "var" / f"daphne-{port}.log"
-    log_path.parent.mkdir(exist_ok=True)
-    daphne = Path(sys.executable).with_name("daphne")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=BASE_DIR,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daphne exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daphne did not answer within 30 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
+    with daphne_servers(1, **env_overrides) as (url,):
         yield url
+
+
+@contextmanager
+def daphne_servers(count: int, **env_overrides: str):
+    """``count`` Daphne processes started side by side (start-up is the slow part); yields their URLs.
+    Every process is terminated on the way out, whatever happened."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX"}}
+    env.update(DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(env_overrides)
+    daphne = Path(sys.executable).with_name("daphne")
+    (BASE_DIR / "var").mkdir(exist_ok=True)
+    servers: list[tuple[subprocess.Popen, str, Path]] = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            log_path = BASE_DIR / "var" / f"daphne-{port}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+                    cwd=BASE_DIR,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            servers.append((proc, f"http://127.0.0.1:{port}", log_path))
+        for proc, url, log_path in servers:
+            _wait_until_up(proc, url, log_path)
+        yield [url for _, url, _ in servers]
     finally:
-        proc.terminate()
+        for proc, _, _ in servers:
+            proc.terminate()
+        for proc, _, log_path in servers:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            log_path.unlink(missing_ok=True)
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daphne exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log_path.unlink(missing_ok=True)
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"daphne did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
 
 
 class WebSocketClosed(Exception):

@@ -115,6 +115,7 @@ def test_a_visitor_signs_up_sees_the_trial_credit_and_manages_a_key(page):
     page.get_by_role("button", name="Revoke key laptop").click()
     page.wait_for_url("**/keys")
     assert "revoked" in page.get_by_role("status").inner_text()
+    page.screenshot(path=str(BASE_DIR / "var" / "portal-keys.png"), full_page=True)
     assert (
         httpx.get(
             page.url.replace("/keys", "/v1/user/balance"), headers={"Authorization": f"Bearer {secret}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import httpx
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -14,7 +15,7 @@ from django.test import Client
 from accounts.services import api_key_create, api_key_revoke, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
-from tests.live import MiniWebSocket, daphne_server
+from tests.live import MiniWebSocket, daphne_servers
 from wallet import consumers
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
@@ -225,29 +226,26 @@ async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(m
 
 @pytest.mark.postgres
 @pytest.mark.redis
-async def test_an_event_published_by_one_process_reaches_sockets_on_other_processes(settings):
-    """Two Daphne processes sharing PostgreSQL and Redis, sockets open on both; the money moves in
-    a third process (this one), which publishes through the same Redis with the same prefix."""
-    redis_url = os.environ["TEST_REDIS_URL"]
-    prefix = f"tt-test-{uuid.uuid4().hex[:8]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [redis_url], "prefix": prefix},
-        }
-    }
+async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_another():
+    """Two Daphne processes sharing PostgreSQL and Redis: alice listens on B, an operator's
+    billing key credits her through A, and B's socket hears it."""
+    redis = {"REDIS_URL": os.environ["TEST_REDIS_URL"], "REDIS_PREFIX": f"tt-test-{uuid.uuid4().hex[:8]}"}
     alice = await persona("alice@example.com", "10.00")
+    operator = await persona("operator@example.com")
+    _, billing_key = await database_sync_to_async(api_key_create)(user=operator, name="billing", scopes=["billing"])
     headers = {"Authorization": f"Bearer {await access_token(alice)}"}
-    with daphne_server(REDIS_URL=redis_url, REDIS_PREFIX=prefix) as server_a:
-        with daphne_server(REDIS_URL=redis_url, REDIS_PREFIX=prefix) as server_b:
-            sockets = [await MiniWebSocket.connect(server, "/ws/events", headers) for server in (server_a, server_b)]
-            try:
-                for ws in sockets:
-                    assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
-                await credit(alice, 2_000_000_000)
-                for ws in sockets:
-                    event = await ws.receive_json(timeout=1)
-                    assert (event["balance"], event["reason"]) == ("12.000000000", "bonus")
-            finally:
-                for ws in sockets:
-                    await ws.close()
+    with daphne_servers(2, **redis) as (server_a, server_b):
+        ws = await MiniWebSocket.connect(server_b, "/ws/events", headers)
+        try:
+            assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
+            async with httpx.AsyncClient(base_url=server_a, timeout=5) as http:
+                deposit = await http.post(
+                    "/v1/user/balance/deposit",
+                    json={"user": "alice@example.com", "amount": "2.000000001", "kind": "bonus"},
+                    headers={"Authorization": f"Bearer {billing_key}", "Idempotency-Key": "cross-process-1"},
+                )
+            assert deposit.status_code == 201, deposit.text
+            event = await ws.receive_json(timeout=1)
+            assert (event["balance"], event["reason"]) == ("12.000000001", "bonus")
+        finally:
+            await ws.close()
