@@ -30,11 +30,10 @@ class LoginView(auth_views.LoginView):
     def post(self, request, *args, **kwargs):
         self.throttle = LoginFailureThrottle(request, request.POST.get("username", ""))
         if self.throttle.wait() is not None:
-            # While throttled the password is not even checked, so the answer cannot leak it.
-            form = self.get_form()
-            form.errors.clear()
-            form.add_error(None, THROTTLED)
-            return self.render_to_response(self.get_context_data(form=form), status=429)
+            # While throttled the password is not even checked (binding the form would check it),
+            # so the answer cannot leak whether this guess was right.
+            form = self.get_form_class()(request, initial={"username": request.POST.get("username", "")})
+            return self.render_to_response(self.get_context_data(form=form, throttled=THROTTLED), status=429)
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):
