@@ -109,7 +109,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
     async def _auth_deadline(self):
         await asyncio.sleep(AUTH_TIMEOUT_SECONDS)
         if self.user is None:
-            await self._refuse("authenticate within a few seconds: send {\"type\": \"auth\", \"token\": \"…\"}")
+            await self._refuse('authenticate within a few seconds: send {"type": "auth", "token": "…"}')
 
     async def _authenticate_token(self, token: str):
         user, reason = await _principal_user(token)
