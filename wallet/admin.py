@@ -26,15 +26,6 @@ from .services import WalletError, wallet_correct
 RECENT_ENTRIES = 10
 
 
-def _usd(field: str, label: str):
-    def column(obj):
-        return format_usd(getattr(obj, field))
-
-    column.short_description = label
-    column.admin_order_field = field
-    return column
-
-
 class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request, obj=None):
         return False
@@ -92,9 +83,17 @@ class WalletAdmin(ReadOnlyAdmin):
     readonly_fields = fields
     change_form_template = "admin/wallet/wallet/change_form.html"
 
-    balance_usd = admin.display(description="balance (USD)", ordering="balance")(lambda self, w: format_usd(w.balance))
-    held_usd = admin.display(description="held (USD)", ordering="held")(lambda self, w: format_usd(w.held))
-    available_usd = admin.display(description="available (USD)")(lambda self, w: format_usd(w.available))
+    @admin.display(description="balance (USD)", ordering="balance")
+    def balance_usd(self, wallet):
+        return format_usd(wallet.balance)
+
+    @admin.display(description="held (USD)", ordering="held")
+    def held_usd(self, wallet):
+        return format_usd(wallet.held)
+
+    @admin.display(description="available (USD)")
+    def available_usd(self, wallet):
+        return format_usd(wallet.available)
 
     @admin.display(description="recent entries")
     def recent_entries(self, wallet):
@@ -204,8 +203,13 @@ class EntryAdmin(ReadOnlyAdmin):
     ]
     readonly_fields = fields
 
-    amount_usd = admin.display(description="amount (USD)", ordering="amount")(lambda self, e: format_usd(e.amount))
-    balance_after_usd = admin.display(description="balance after (USD)")(lambda self, e: format_usd(e.balance_after))
+    @admin.display(description="amount (USD)", ordering="amount")
+    def amount_usd(self, entry):
+        return format_usd(entry.amount)
+
+    @admin.display(description="balance after (USD)")
+    def balance_after_usd(self, entry):
+        return format_usd(entry.balance_after)
 
     @admin.display(description="user", ordering="wallet__user__email")
     def user(self, entry):
@@ -231,7 +235,9 @@ class HoldAdmin(ReadOnlyAdmin):
     ]
     readonly_fields = fields
 
-    amount_usd = admin.display(description="amount (USD)", ordering="amount")(lambda self, h: format_usd(h.amount))
+    @admin.display(description="amount (USD)", ordering="amount")
+    def amount_usd(self, hold):
+        return format_usd(hold.amount)
 
     @admin.display(description="user", ordering="wallet__user__email")
     def user(self, hold):

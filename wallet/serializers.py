@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, time, timedelta
 
 from django.utils.dateparse import parse_date, parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import Entry, EntryKind
 from .money import format_usd
 
 
+@extend_schema_field({"type": "string", "format": "decimal", "example": "12.345678901"})
 class MoneyField(serializers.Field):
     """Integer nanodollars out as ``"12.345678901"``."""
 
@@ -46,6 +49,7 @@ class EntrySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class InstantField(serializers.Field):
     """An ISO 8601 datetime, or a bare date meaning that day's start in UTC.
 
