@@ -24,11 +24,12 @@ import time
 import uuid
 
 import httpx
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
+from django.db import close_old_connections
 
 from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
 from wallet.money import format_usd, loads_decimal
@@ -46,9 +47,23 @@ UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
 
 
 def _db(fn):
-    # Not thread-sensitive: each call is a self-contained unit of work, so requests need not
-    # queue behind one another on a single database thread.
-    return database_sync_to_async(fn, thread_sensitive=False)
+    """Run ``fn`` in a worker thread with the ORM, honouring ``CONN_MAX_AGE`` around it.
+
+    Not thread-sensitive: each call is a self-contained unit of work, so requests need not queue
+    behind one another on one database thread. The connection housekeeping is done *inside*
+    the call: with asgiref ≥ 3.9 the function runs in a copied context, where the
+    ``close_old_connections`` that ``channels.db.database_sync_to_async`` does around it does not
+    see the connection the function opened, so connections were left for the garbage collector.
+    """
+
+    def run(*args, **kwargs):
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(run, thread_sensitive=False)
 
 
 def _ms_since(start: float) -> int:

@@ -1,0 +1,180 @@
+"""The proxy behind a real server (Daphne in a subprocess, sharing the test database), used by the
+official openai SDK — sync, async and streaming — and hammered concurrently on PostgreSQL."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from django.conf import settings as django_settings
+from django.core.management import call_command
+
+from accounts.services import api_key_create
+from proxy.models import ModelPrice, UsageRecord, UsageStatus
+from tests.conftest import make_user
+from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    Reply,
+    StreamReply,
+    completion,
+    fake_upstream,
+    fake_upstream_server,
+    stream_of,
+    usage,
+)
+from wallet.models import Entry, Hold, HoldStatus, Wallet
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "openai/gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Say pong"}]
+
+
+def database_url() -> str:
+    db = django_settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker, fake_upstream_server):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "SECRET_KEY": django_settings.SECRET_KEY,
+        "UPSTREAM_BASE_URL": fake_upstream_server.url,
+        "UPSTREAM_API_KEY": "sk-or-v1-server-secret",
+        "UPSTREAM_KIND": "openrouter",
+        "PROXY_PRICE_CACHE_SECONDS": "0",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("REDIS_URL", None)
+    daphne = Path(sys.executable).with_name("daphne")
+    proc = subprocess.Popen(
+        [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"daphne did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def price(db):
+    return ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
+
+
+@pytest.fixture
+def sdk_key(alice, price):
+    return api_key_create(user=alice, name="sdk")[1]
+
+
+def test_the_openai_sdk_gets_a_completion_and_its_charge(server, fake_upstream, sdk_key):
+    fake_upstream.script("chat", Reply(body=completion("Pong.", u=usage(412, 37, cost="0.0000597"))))
+    client = openai.OpenAI(base_url=server + "/v1", api_key=sdk_key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+    result = raw.parse()
+    assert result.choices[0].message.content == "Pong." and result.usage.prompt_tokens == 412
+    assert raw.headers["x-tokentill-charge"] == "0.000071640"
+    assert raw.headers["x-request-id"] == UsageRecord.objects.get().request_id
+
+
+def test_the_openai_sdk_streams_and_never_sees_the_usage_chunk_it_did_not_ask_for(server, fake_upstream, sdk_key):
+    u = usage(20, 3, cost="0.000012")
+    fake_upstream.script("chat", StreamReply(stream_of("Po", "ng", ".", u=u, comments=True)))
+    client = openai.OpenAI(base_url=server + "/v1", api_key=sdk_key, max_retries=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Pong."
+    assert all(c.choices for c in chunks)
+    assert UsageRecord.objects.get().charge == 14_400
+
+
+def test_the_async_openai_sdk_streams_with_usage_when_asked(server, fake_upstream, sdk_key):
+    fake_upstream.script("chat", StreamReply(stream_of("Hi", u=usage(5, 1, cost="0.000001"))))
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=sdk_key, max_retries=0)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [c async for c in stream]
+        await client.close()
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 1
+
+
+def test_the_openai_sdk_sees_402_and_model_not_found_as_api_errors(server, fake_upstream, bob, price):
+    client = openai.OpenAI(base_url=server + "/v1", api_key=api_key_create(user=bob, name="k")[1], max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert refused.value.status_code == 402 and refused.value.body["code"] == "insufficient_funds"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model="nobody/nothing", messages=MESSAGES)
+    assert unknown.value.body["code"] == "model_not_found"
+    assert not fake_upstream.requests
+
+
+@pytest.mark.postgres
+def test_concurrent_requests_never_spend_more_than_the_wallet_holds(server, fake_upstream, price):
+    k = 5
+    # 256 output tokens at $390.625/M with no markup is exactly $0.10 — hold and charge alike.
+    ModelPrice.objects.create(model="conc/model", completion=Decimal("390.625"), markup=Decimal("0"))
+    user = make_user("crowd@example.com", balance=str(Decimal("0.1") * k))
+    token = api_key_create(user=user, name="k")[1]
+    reply = completion("ok", u=usage(3, 256), model="conc/model")
+    fake_upstream.script("chat", *[Reply(body=reply, delay=0.2) for _ in range(4 * k)])
+    body = {"model": "conc/model", "messages": MESSAGES, "max_tokens": 256}
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {token}"}
+            requests = [client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(4 * k)]
+            return await asyncio.gather(*requests)
+
+    statuses = sorted(r.status_code for r in asyncio.run(crowd()))
+    assert statuses == [200] * k + [402] * (3 * k)
+    assert len(fake_upstream.calls("chat")) == k
+    wallet = Wallet.objects.get(user=user)
+    assert (wallet.balance, wallet.held) == (0, 0)
+    assert Entry.objects.filter(wallet=wallet, kind="usage").count() == k
+    assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
+    assert UsageRecord.objects.filter(status=UsageStatus.REFUSED, http_status=402).count() == 3 * k
+    call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
