@@ -204,35 +204,42 @@ class ProxyConsumer(AsyncHttpConsumer):
                 await self.send_error(500, "Internal error; nothing was charged.", "server_error", "internal_error")
 
     async def serve(self, body: bytes) -> None:
-        principal = await self.authenticate()
-        if principal is None:
-            return
-        meta = self.meta(principal)
-        if not principal.has_scope("proxy"):
-            refusal = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
-            await _db(usage_refused)(meta=meta, http_status=403, error=refusal.message)
-            return await self.send_refusal(refusal)
         try:
-            payload = self.parse(body)
-            meta.model = payload["model"]
-            meta.stream = payload.get("stream") is True
+            payload, invalid = self.parse(body), None
         except Refusal as refusal:
-            if isinstance(payload_model := _model_of(body), str):
-                meta.model = payload_model
-            await _db(usage_refused)(meta=meta, http_status=refusal.status, error=refusal.message)
-            return await self.send_refusal(refusal)
+            payload, invalid = None, refusal
         try:
-            begun = await _db(request_begin)(
-                meta=meta,
-                fallback_models=payload.get("models") if self.endpoint == "chat.completions" else None,
-                prompt_chars=len(body),
-                requested_output=payload.get("max_completion_tokens") or payload.get("max_tokens"),
-            )
+            begun = await _db(self.admit)(body, payload, invalid)
+        except AuthFailed as exc:
+            return await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
         except Refusal as refusal:
             return await self.send_refusal(refusal)
         except Funds as funds:
             return await self.insufficient_funds(funds, payload)
         await self.forward(begun, payload)
+
+    def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
+        """Authenticate, then record a refusal or take the hold — one trip to a worker thread.
+
+        Raises ``AuthFailed`` (no record: there is no user), ``Refusal`` or ``Funds``.
+        """
+        principal = authenticate_bearer(bearer_from_header(self.headers.get("authorization")))
+        meta = self.meta(principal)
+        if not principal.has_scope("proxy"):
+            invalid = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+        if payload is not None:
+            meta.model, meta.stream = payload["model"], payload.get("stream") is True
+        elif isinstance(model := _model_of(body), str):
+            meta.model = model
+        if invalid is not None:
+            usage_refused(meta=meta, http_status=invalid.status, error=invalid.message)
+            raise invalid
+        return request_begin(
+            meta=meta,
+            fallback_models=payload.get("models") if self.endpoint == "chat.completions" else None,
+            prompt_chars=len(body),
+            requested_output=payload.get("max_completion_tokens") or payload.get("max_tokens"),
+        )
 
     def parse(self, body: bytes) -> dict:
         try:
