@@ -208,8 +208,14 @@ class ProxyConsumer(AsyncHttpConsumer):
             payload, invalid = self.parse(body), None
         except Refusal as refusal:
             payload, invalid = None, refusal
+        admitting = asyncio.ensure_future(_db(self.admit)(body, payload, invalid))
         try:
-            begun = await _db(self.admit)(body, payload, invalid)
+            # Shielded: a worker thread cannot be interrupted, so if the client leaves now the
+            # hold may still be taken — abandon() waits for it and frees it.
+            begun = await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            await self.abandon(admitting)
+            raise
         except AuthFailed as exc:
             return await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
         except Refusal as refusal:
@@ -217,6 +223,15 @@ class ProxyConsumer(AsyncHttpConsumer):
         except Funds as funds:
             return await self.insufficient_funds(funds, payload)
         await self.forward(begun, payload)
+
+    async def abandon(self, admitting: asyncio.Future) -> None:
+        """The client left before anything was forwarded: release the hold if one was taken."""
+        try:
+            begun = await admitting
+        except Exception:  # refused or failed: nothing is held
+            return
+        outcome = Outcome(status=UsageStatus.CANCELLED, reached_upstream=False, error="client disconnected")
+        await _db(request_settle)(begun=begun, outcome=outcome)
 
     def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
         """Authenticate, then record a refusal or take the hold — one trip to a worker thread.

@@ -135,3 +135,26 @@ def test_the_hot_path_runs_a_pinned_number_of_queries(alice, alice_key, price, s
         record = request_settle(begun=begun, outcome=outcome)
     assert record.charge == int((100 * Decimal("0.15") + 20 * Decimal("0.6")) * Decimal("1.2") * 1000)
     price_cache_clear()
+
+
+def test_a_client_that_leaves_before_forwarding_is_not_charged_and_the_upstream_never_hears(fake_upstream, alice, key):
+    from asgiref.sync import async_to_sync
+    from channels.testing import ApplicationCommunicator
+
+    from config.asgi import application
+    from tests.fake_upstream import scope_for
+
+    raw = json.dumps(HELLO).encode()
+
+    async def leave_at_once():
+        communicator = ApplicationCommunicator(application, scope_for(CHAT, key, None, raw))
+        await communicator.send_input({"type": "http.request", "body": raw, "more_body": False})
+        await communicator.send_input({"type": "http.disconnect"})
+        await communicator.wait(5)
+
+    async_to_sync(leave_at_once)()
+    record = UsageRecord.objects.get()
+    assert (record.status, record.charge) == (UsageStatus.CANCELLED, 0)
+    assert Hold.objects.get().status == HoldStatus.RELEASED
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000
+    assert not fake_upstream.requests
