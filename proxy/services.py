@@ -313,11 +313,9 @@ def request_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.latency_ms = outcome.latency_ms
     record.ttfb_ms = outcome.ttfb_ms
     record.settled_at = timezone.now()
+    # The record is written first and the wallet touched last: the wallet row's lock is then
+    # held only for the settle statement and the commit (see wallet.services).
     with transaction.atomic(savepoint=False):
-        if outcome.reached_upstream:
-            hold_settle(hold=begun.hold, amount=charge, description=f"{record.model} ({record.request_id})")
-        else:
-            hold_release(hold=begun.hold)
         record.save(
             update_fields=[
                 "status",
@@ -343,6 +341,10 @@ def request_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
                 "settled_at",
             ]
         )
+        if outcome.reached_upstream:
+            hold_settle(hold=begun.hold, amount=charge, description=f"{record.model} ({record.request_id})")
+        else:
+            hold_release(hold=begun.hold)
     limits.adjust(begun.reservation, charge)
     return record
 

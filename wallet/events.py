@@ -41,7 +41,10 @@ def publish(user_id: int, payload: dict) -> None:
         log.exception("could not publish balance event for user %s", user_id)
 
 
-def publish_on_commit(wallet, reason: str) -> None:
-    payload = balance_payload(balance=wallet.balance, held=wallet.held, reason=reason)
-    user_id = wallet.user_id
+def publish_balance_on_commit(user_id: int, *, balance: int, held: int, reason: str) -> None:
+    payload = balance_payload(balance=balance, held=held, reason=reason)
     transaction.on_commit(lambda: publish(user_id, payload))
+
+
+def publish_on_commit(wallet, reason: str) -> None:
+    publish_balance_on_commit(wallet.user_id, balance=wallet.balance, held=wallet.held, reason=reason)

@@ -7,9 +7,14 @@ Concurrency policy (read this before changing anything here):
   usage record in the same transaction as the settle) they join it instead of adding savepoints.
 * Taking a hold is a single conditional UPDATE with a row-count check, never read-then-write,
   so concurrent holds can never together exceed the available balance.
-* Everything else that must read before it writes locks the wallet row first
-  (``select_for_update``), keeps the block short, and always locks wallet before hold, so two
-  services can never deadlock on each other.
+* A busy agent means one hot wallet row, and every request queues on its lock, so the hold
+  path keeps that lock as briefly as it can: on PostgreSQL creating, settling and releasing a
+  hold are each ONE statement (data-modifying CTEs), committed on its own when no caller
+  transaction is open; the ORM path (SQLite, which serializes writers anyway) does the same
+  steps in one short transaction.
+* Lock order: a hold row before its wallet row (settle/release claim the hold, then touch the
+  wallet); credits, charges, refunds and corrections lock only the wallet
+  (``select_for_update``) and never an existing hold, so no two services can deadlock.
 * ``(wallet, idempotency_key)`` is UNIQUE in the database. Under the wallet lock a replay finds
   the first entry and returns it unchanged; the constraint is the guarantee behind that check.
 * Balance events go out with ``transaction.on_commit``: a client is never told about money that
@@ -18,11 +23,13 @@ Concurrency policy (read this before changing anything here):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -303,30 +310,189 @@ def hold_create(
     if amount <= 0:
         raise WalletError("a hold must be positive")
     need = max(amount, min_available)
-    ttl = ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL
     now = timezone.now()
-    with _atomic():
-        # One conditional UPDATE: the database decides atomically whether the money is there.
-        # Reading the balance first and writing after would let two requests both see enough.
-        reserved = Wallet.objects.filter(pk=wallet.pk, balance__gte=F("held") + need).update(
-            held=F("held") + amount, updated_at=now
-        )
-        if not reserved:
-            current = Wallet.objects.get(pk=wallet.pk)
-            hold = None
-        else:
-            hold = Hold.objects.create(
-                wallet=wallet,
-                amount=amount,
-                request_id=request_id,
-                description=description[:500],
-                metadata=metadata or {},
-                created_at=now,
-                expires_at=now + timedelta(seconds=ttl),
+    hold = Hold(
+        wallet=wallet,
+        amount=amount,
+        request_id=request_id,
+        description=description[:500],
+        metadata=metadata or {},
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL),
+    )
+    if connection.vendor == "postgresql":
+        reserved = _pg_hold_create(hold, need=need)
+    else:
+        with _atomic():
+            # One conditional UPDATE: the database decides atomically whether the money is
+            # there. Reading the balance first and writing after would let two requests both
+            # see enough.
+            reserved = Wallet.objects.filter(pk=wallet.pk, balance__gte=F("held") + need).update(
+                held=F("held") + amount, updated_at=now
             )
-    if hold is None:  # raised outside the block, which wrote nothing (see wallet_charge)
+            if reserved:
+                hold.save(force_insert=True)
+    if not reserved:
+        current = Wallet.objects.get(pk=wallet.pk)
         raise InsufficientFunds(needed=need, available=current.available, balance=current.balance)
     return hold
+
+
+# On PostgreSQL each hold operation is ONE statement (data-modifying CTEs). Outside a caller's
+# transaction that statement is its own transaction, so the hot wallet's row lock is held for
+# the statement and its commit flush only — no Python runs while other requests queue on the
+# row. The SQL does exactly what the ORM branch beside it does; the tests run both.
+_PG_HOLD_CREATE = """
+WITH w AS (
+    UPDATE {wallet} SET held = held + %(amount)s, updated_at = %(now)s
+    WHERE id = %(wallet_id)s AND balance >= held + %(need)s
+    RETURNING id
+)
+INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
+SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s
+FROM w
+RETURNING id
+"""
+
+_PG_HOLD_CLOSE = """
+WITH h AS (
+    UPDATE {hold} SET status = %(status)s, closed_at = %(now)s
+    WHERE id = %(hold_id)s AND status = %(active)s
+    RETURNING amount, wallet_id
+), w AS (
+    UPDATE {wallet} SET balance = balance - %(amount)s, held = held - h.amount, updated_at = %(now)s
+    FROM h WHERE {wallet}.id = h.wallet_id
+    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id
+), e AS (
+    INSERT INTO {entry} (wallet_id, kind, amount, balance_after, idempotency_key, reference, description,
+                         metadata, created_at)
+    SELECT %(wallet_id)s, %(kind)s, -%(amount)s, w.balance, %(key)s, %(reference)s, %(description)s,
+           %(metadata)s::jsonb, %(now)s
+    FROM w WHERE %(amount)s > 0
+    RETURNING id
+)
+SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
+"""
+
+
+def _pg_tables() -> dict:
+    return {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
+
+
+def _json(value: dict) -> str:
+    return json.dumps(value, cls=DjangoJSONEncoder)
+
+
+def _pg_hold_create(hold: Hold, *, need: int) -> bool:
+    params = {
+        "amount": hold.amount,
+        "need": need,
+        "now": hold.created_at,
+        "wallet_id": hold.wallet_id,
+        "request_id": hold.request_id,
+        "status": hold.status,
+        "description": hold.description,
+        "metadata": _json(hold.metadata),
+        "expires_at": hold.expires_at,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_PG_HOLD_CREATE.format(**_pg_tables()), params)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    hold.pk = row[0]
+    hold._state.adding, hold._state.db = False, connection.alias
+    return True
+
+
+def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    """Close an active hold, debit ``amount`` and write its entry; None if it was not active."""
+    now = timezone.now()
+    key = f"hold:{hold.request_id}"
+    params = {
+        "status": status,
+        "active": HoldStatus.ACTIVE,
+        "now": now,
+        "hold_id": hold.pk,
+        "amount": amount,
+        "wallet_id": hold.wallet_id,
+        "kind": kind,
+        "key": key,
+        "reference": hold.request_id,
+        "description": description,
+        "metadata": _json(metadata),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_PG_HOLD_CLOSE.format(**_pg_tables()), params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    entry_id, balance, held, user_id = row
+    entry = None
+    if entry_id is not None:
+        entry = Entry(
+            pk=entry_id,
+            wallet_id=hold.wallet_id,
+            kind=kind,
+            amount=-amount,
+            balance_after=balance,
+            idempotency_key=key,
+            reference=hold.request_id,
+            description=description,
+            metadata=metadata,
+            created_at=now,
+        )
+        entry._state.adding, entry._state.db = False, connection.alias
+        entry.replayed = False
+    return entry, (balance, held, user_id)
+
+
+def _orm_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    """The same as ``_pg_hold_close`` through the ORM, in one transaction."""
+    now = timezone.now()
+    with _atomic():
+        closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
+        if not closed:
+            return None
+        Wallet.objects.filter(pk=hold.wallet_id).update(
+            balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
+        )
+        state = Wallet.objects.filter(pk=hold.wallet_id).values_list("balance", "held", "user_id").get()
+        entry = None
+        if amount:
+            entry = Entry.objects.create(
+                wallet_id=hold.wallet_id,
+                kind=kind,
+                amount=-amount,
+                balance_after=state[0],
+                idempotency_key=f"hold:{hold.request_id}",
+                reference=hold.request_id,
+                description=description,
+                metadata=metadata,
+                created_at=now,
+            )
+            entry.replayed = False
+    return entry, state
+
+
+def _hold_close(
+    hold: Hold, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+):
+    close = _pg_hold_close if connection.vendor == "postgresql" else _orm_hold_close
+    description = (description or hold.description)[:500]
+    result = close(hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {})
+    if result is None:
+        return None
+    entry, (balance, held, user_id) = result
+    # After commit (immediately when no caller transaction is open): the client never hears of
+    # money that was rolled back.
+    events.publish_balance_on_commit(
+        user_id, balance=balance, held=held, reason=kind if entry is not None else "hold_released"
+    )
+    if Hold.wallet.is_cached(hold):  # keep the caller's wallet object truthful without a query
+        hold.wallet.balance, hold.wallet.held = balance, held
+    hold.status = status
+    return (entry,)
 
 
 def hold_settle(
@@ -346,44 +512,20 @@ def hold_settle(
     _check_amount(amount)
     if amount < 0:
         raise WalletError("a settlement cannot be negative")
-    with _atomic():
-        locked = _lock(hold.wallet_id)
-        closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(
-            status=HoldStatus.SETTLED, closed_at=timezone.now()
-        )
-        if not closed:
-            hold.refresh_from_db()
-            return Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
-        Wallet.objects.filter(pk=locked.pk).update(held=F("held") - hold.amount)
-        locked.held -= hold.amount
-        entry = None
-        if amount:
-            entry = _post(
-                locked,
-                kind=kind,
-                amount=-amount,
-                idempotency_key=f"hold:{hold.request_id}",
-                reference=hold.request_id,
-                description=description or hold.description,
-                metadata=metadata,
-            )
-        else:
-            events.publish_on_commit(locked, "hold_released")
-    hold.status = HoldStatus.SETTLED
-    hold.wallet.balance, hold.wallet.held = locked.balance, locked.held
-    return entry
+    closed = _hold_close(
+        hold, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
+    )
+    if closed is None:  # already settled or released: answer with what happened the first time
+        hold.refresh_from_db(fields=["status", "closed_at"])
+        prior = Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
+        if prior is not None:
+            prior.replayed = True
+        return prior
+    return closed[0]
 
 
 def hold_release(*, hold: Hold) -> Hold:
     """Free a hold without charging anything (the request never reached the upstream)."""
-    with _atomic():
-        locked = _lock(hold.wallet_id)
-        released = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(
-            status=HoldStatus.RELEASED, closed_at=timezone.now()
-        )
-        if released:
-            Wallet.objects.filter(pk=locked.pk).update(held=F("held") - hold.amount)
-            locked.held -= hold.amount
-            events.publish_on_commit(locked, "hold_released")
-    hold.refresh_from_db()
+    if _hold_close(hold, status=HoldStatus.RELEASED) is None:
+        hold.refresh_from_db(fields=["status", "closed_at"])
     return hold
