@@ -4,15 +4,15 @@ Views parse the query string, call a selector in ``proxy.usage_selectors`` and r
 is a 400 with a human ``detail``; anyone else's record is a 404, never a 403 that confirms it exists.
 """
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime
 
-from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.exceptions import NotFound, ParseError
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
+
+from config.api_common import ResultsCursorPagination, parse_instant
 
 from .serializers import (
     UsageDaySerializer,
@@ -24,55 +24,18 @@ from .serializers import (
 from .usage_selectors import GROUPINGS, usage_get, usage_list, usage_summary
 
 
-class UsagePagination(CursorPagination):
-    # A cursor, not page numbers: new requests land at the top while a client pages down, and
-    # an offset would then show some records twice. ``-id`` breaks ties between equal times.
-    ordering = ("-created_at", "-id")
-    page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
-
-    def decode_cursor(self, request):
-        try:
-            return super().decode_cursor(request)
-        except NotFound:
-            raise ParseError("cursor is not one this API handed out") from None
-
-    def get_paginated_response(self, data):
-        return Response({"results": data, "next": self.get_next_link()})
-
-    def get_paginated_response_schema(self, schema):
-        return {
-            "type": "object",
-            "required": ["results", "next"],
-            "properties": {"results": schema, "next": {"type": "string", "format": "uri", "nullable": True}},
-        }
+class UsagePagination(ResultsCursorPagination):
+    ordering = ("-created_at", "-id")  # ``-id`` breaks ties between equal times
 
 
 def _bound(params, name: str, *, end: bool) -> datetime | None:
-    """``since``/``until``: a date (a whole UTC day) or an ISO 8601 date-time (UTC if naive).
-
-    ``until=2025-05-01`` includes all of May 1st; a date-time ``until`` is exclusive.
-    """
     raw = (params.get(name) or "").strip()
     if not raw:
         return None
     try:
-        day = parse_date(raw)
-    except ValueError:
-        day = None
-    if day is not None:
-        start = datetime.combine(day, time.min, tzinfo=UTC)
-        return start + timedelta(days=1) if end else start
-    # An unencoded "+01:00" in a query string arrives as " 01:00"; read it as the sender meant.
-    for candidate in (raw, raw.replace(" ", "+")):
-        try:
-            moment = parse_datetime(candidate)
-        except ValueError:
-            moment = None
-        if moment is not None:
-            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    raise ParseError(f"{name}={raw!r} is not a date (YYYY-MM-DD) or an ISO 8601 date-time")
+        return parse_instant(raw, end_of_day=end)
+    except ValueError as exc:
+        raise ParseError(f"{name}: {exc}") from None
 
 
 def _filters(params) -> dict:

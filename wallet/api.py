@@ -13,11 +13,12 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, generics
-from rest_framework.pagination import CursorPagination
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
+
+from config.api_common import ResultsCursorPagination
 
 from .selectors import entries_csv_lines, entry_get, entry_list, wallet_summary
 from .serializers import EntryFilterSerializer, EntrySerializer, WalletSerializer
@@ -39,22 +40,8 @@ class CSVRenderer(BaseRenderer):
         return "".join(data).encode(self.charset)
 
 
-class EntryCursorPagination(CursorPagination):
+class EntryCursorPagination(ResultsCursorPagination):
     ordering = "-id"  # ids only grow, so newest first and a cursor never skips or repeats a row
-    page_size = 50
-
-    def get_paginated_response(self, data):
-        return Response({"results": data, "next": self.get_next_link()})
-
-    def get_paginated_response_schema(self, schema):
-        return {
-            "type": "object",
-            "required": ["results", "next"],
-            "properties": {
-                "results": schema,
-                "next": {"type": "string", "nullable": True, "format": "uri"},
-            },
-        }
 
 
 class WalletApi(APIView):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime
 
-from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+
+from config.api_common import parse_instant
 
 from .models import Entry, EntryKind
 from .money import format_usd
@@ -62,24 +63,10 @@ class InstantField(serializers.Field):
         super().__init__(**kwargs)
 
     def to_internal_value(self, data) -> datetime:
-        text = str(data).strip()
         try:
-            # Date first: Python 3.11's fromisoformat would read "2026-01-31" as a midnight datetime.
-            day = parse_date(text)
-            moment = None if day else parse_datetime(text)
-        except ValueError:  # well-formed but impossible, like 2026-13-45
-            moment = day = None
-        if moment is None and day is None:
-            raise serializers.ValidationError(
-                f"{text!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime (YYYY-MM-DDTHH:MM:SSZ)"
-            )
-        if moment is None:
-            moment = datetime.combine(day, time.min, tzinfo=UTC)
-            if self.end_of_day:
-                moment += timedelta(days=1)
-        elif moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment
+            return parse_instant(data, end_of_day=self.end_of_day)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
 
     def to_representation(self, value):
         return value.isoformat()
