@@ -16,6 +16,7 @@ from wallet.services import (
     hold_create,
     hold_release,
     hold_settle,
+    usage_reconcile,
     wallet_charge,
     wallet_correct,
     wallet_credit,
@@ -323,3 +324,31 @@ def test_idempotency_keys_are_per_wallet(wallet):
     wallet_credit(wallet=wallet, amount=USD, kind=EntryKind.BONUS, idempotency_key="same")
     wallet_credit(wallet=other, amount=2 * USD, kind=EntryKind.BONUS, idempotency_key="same")
     assert (_fresh(wallet).balance, _fresh(other).balance) == (11 * USD, 2 * USD)
+
+
+# --- reconciling a settled estimate -----------------------------------------------------------
+
+
+def test_reconcile_debits_what_the_estimate_missed_and_only_once():
+    wallet = _wallet("estimate-low@example.com", usd=1)
+    first = usage_reconcile(wallet=wallet, request_id="req_low", delta=30_000)
+    again = usage_reconcile(wallet=wallet, request_id="req_low", delta=30_000)
+    wallet.refresh_from_db()
+    assert (first.kind, first.amount) == (EntryKind.USAGE, -30_000)
+    assert again.pk == first.pk and again.replayed
+    assert wallet.balance == USD - 30_000
+
+
+def test_reconcile_gives_back_an_overestimate_as_a_system_correction():
+    wallet = _wallet("estimate-high@example.com", usd=1)
+    entry = usage_reconcile(wallet=wallet, request_id="req_high", delta=-12_345)
+    wallet.refresh_from_db()
+    assert (entry.kind, entry.amount, entry.created_by) == (EntryKind.CORRECTION, 12_345, None)
+    assert entry.metadata["source"] == "reconcile_holds"
+    assert wallet.balance == USD + 12_345
+
+
+def test_reconcile_of_an_exact_estimate_writes_nothing():
+    wallet = _wallet("estimate-exact@example.com", usd=1)
+    assert usage_reconcile(wallet=wallet, request_id="req_exact", delta=0) is None
+    assert Entry.objects.filter(wallet=wallet).count() == 1

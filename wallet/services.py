@@ -217,6 +217,48 @@ def wallet_charge(
     return entry
 
 
+def usage_reconcile(
+    *,
+    wallet: Wallet,
+    request_id: str,
+    delta: int,
+    description: str = "",
+    metadata: dict | None = None,
+) -> Entry | None:
+    """Correct a settled *estimate* once the upstream has said what the request really cost.
+
+    ``delta`` is actual charge − estimated charge. More → a further ``usage`` debit (the output
+    was already delivered, so like any overage it may take the balance below zero); less → a
+    ``correction`` credit written by the system (no staff user) that gives the difference back.
+    Keyed ``reconcile:<request_id>``: a request is reconciled at most once.
+    """
+    _check_amount(delta)
+    if delta == 0:
+        return None
+    kind = EntryKind.USAGE if delta > 0 else EntryKind.CORRECTION
+    key = f"reconcile:{request_id}"
+    with _atomic():
+        locked = _lock(wallet.pk)
+        prior = _prior(locked.pk, key)
+        entry = (
+            None
+            if prior is not None
+            else _post(
+                locked,
+                kind=kind,
+                amount=-delta,
+                idempotency_key=key,
+                reference=request_id,
+                description=description or f"reconciled from the upstream's report ({request_id})",
+                metadata={"source": "reconcile_holds", **(metadata or {})},
+            )
+        )
+    if prior is not None:
+        return _as_replay(prior, key, kind=kind, amount=-delta)
+    wallet.balance = locked.balance
+    return entry
+
+
 def wallet_refund(
     *,
     wallet: Wallet,
