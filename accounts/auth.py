@@ -2,8 +2,8 @@
 
 ``authenticate_bearer(token) -> Principal`` or ``AuthFailed(reason)``. An API key (``tt_…``) is
 found by its prefix and compared by hash in constant time; anything else is read as a signed
-access token naming a token family, which must not be revoked. One query either way, plus a
-throttled ``last_used_at`` write for keys.
+access token naming a token family, which must not be revoked. One query either way (the user and
+their wallet joined in), plus a throttled ``last_used_at`` write for keys.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from .models import ApiKey, Scope, TokenFamily, User
 from .services import ACCESS_SALT, API_KEY_PREFIX, sha256_hex
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write a row on every single request
+# The wallet rides along in the same query (a join on a unique key): nearly every bearer request
+# — above all each proxied one — needs it next, and a second query would cost a round trip.
+_WITH_USER = ("user", "user__wallet")
 
 
 class AuthFailed(Exception):
@@ -60,7 +63,7 @@ def authenticate_bearer(token: str | None) -> Principal:
 
 
 def _authenticate_key(token: str) -> Principal:
-    key = ApiKey.objects.select_related("user").filter(prefix=token[: ApiKey.PREFIX_LENGTH]).first()
+    key = ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]).first()
     if key is None or not hmac.compare_digest(key.key_hash, sha256_hex(token)):
         raise AuthFailed("invalid API key")
     now = timezone.now()
@@ -84,7 +87,7 @@ def _authenticate_access_token(token: str) -> Principal:
     except signing.BadSignature:
         raise AuthFailed("invalid access token") from None
     family = (
-        TokenFamily.objects.select_related("user")
+        TokenFamily.objects.select_related(*_WITH_USER)
         .filter(pk=payload.get("f"), revoked_at__isnull=True, user__is_active=True)
         .first()
     )

@@ -3,9 +3,10 @@
 
 Every request a known user makes leaves one ``UsageRecord``: refused ones with status
 ``refused`` and no charge, the rest ``pending`` until ``request_settle`` closes them. Hot-path
-query budget (pinned by tests): begin = wallet + hold UPDATE + hold INSERT + record INSERT,
-settle = wallet lock + hold/wallet updates + ledger entry + record UPDATE; the price comes from
-the per-process cache in ``selectors``.
+query budget (pinned by tests): begin = the hold (one statement on PostgreSQL) + record INSERT,
+each committing on its own (the wallet comes joined to the authenticated user); settle = record
+UPDATE + the hold's settlement (one statement on PostgreSQL) in one transaction; the price comes
+from the per-process cache in ``selectors``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.models import User
 from wallet.models import Hold, Wallet
 from wallet.money import usd_to_nanos
 from wallet.services import InsufficientFunds, hold_create, hold_release, hold_settle, wallet_get_or_create
@@ -123,6 +125,16 @@ def _refuse(meta: RequestMeta, refusal: Refusal) -> Refusal:
     return refusal
 
 
+def _wallet_of(user) -> Wallet:
+    """The user's wallet, without a query when authentication already joined it in."""
+    if User.wallet.is_cached(user):
+        try:
+            return user.wallet
+        except Wallet.DoesNotExist:  # joined and absent: created below
+            pass
+    return wallet_get_or_create(user=user)
+
+
 def request_begin(
     *,
     meta: RequestMeta,
@@ -182,50 +194,52 @@ def request_begin(
     except limits.LimitExceeded as exc:
         raise _refuse(meta, Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after))
 
-    wallet = wallet_get_or_create(user=meta.user)
+    wallet = _wallet_of(meta.user)
     floor = usd_to_nanos(settings.MIN_BALANCE)
     clamped_to = None
     short: InsufficientFunds | None = None
-    with transaction.atomic(savepoint=False):
-        try:
-            hold = hold_create(wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor)
-        except InsufficientFunds as exc:
-            # Cannot cover the full output cap: a shorter answer is still worth giving when the
-            # balance affords a useful number of tokens (and stays above the floor).
-            affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=exc.available)
-            hold = None
-            short = exc
-            if exc.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
-                clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable)
-                try:
-                    hold = hold_create(wallet=wallet, amount=clamped, request_id=meta.request_id, min_available=floor)
-                    clamped_to, max_output, amount, short = affordable, affordable, clamped, None
-                except InsufficientFunds as again:  # a concurrent request took the money first
-                    short = again
-        if hold is None:
-            _refused_record(meta, http_status=402, error="insufficient funds")
-        else:
-            record = UsageRecord.objects.create(
-                request_id=meta.request_id,
-                user=meta.user,
-                api_key=meta.api_key,
-                endpoint=meta.endpoint,
-                model=meta.model,
-                stream=meta.stream,
-                status=UsageStatus.PENDING,
-                # The prompt estimate, until settlement writes the upstream's count: what an
-                # expired hold is charged if the request never finishes (see holds_reconcile).
-                prompt_tokens=prompt_tokens,
-                estimated=True,
-                hold_amount=amount,
-                markup=rates.markup,
-                price=price,
-                prices=rates.snapshot(),
-                run=meta.run,
-                agent=meta.agent,
-                tool=meta.tool,
-                created_at=now,
-            )
+    # No transaction around the hold and the record: each commits on its own, so the wallet row
+    # is locked only for the hold's own statement, and BEGIN/COMMIT round trips are saved. A
+    # crash between the two leaves a hold without a record, which ``reconcile_holds`` releases.
+    try:
+        hold = hold_create(wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor)
+    except InsufficientFunds as exc:
+        # Cannot cover the full output cap: a shorter answer is still worth giving when the
+        # balance affords a useful number of tokens (and stays above the floor).
+        affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=exc.available)
+        hold = None
+        short = exc
+        if exc.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
+            clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable)
+            try:
+                hold = hold_create(wallet=wallet, amount=clamped, request_id=meta.request_id, min_available=floor)
+                clamped_to, max_output, amount, short = affordable, affordable, clamped, None
+            except InsufficientFunds as again:  # a concurrent request took the money first
+                short = again
+    if hold is None:
+        _refused_record(meta, http_status=402, error="insufficient funds")
+    else:
+        record = UsageRecord.objects.create(
+            request_id=meta.request_id,
+            user=meta.user,
+            api_key=meta.api_key,
+            endpoint=meta.endpoint,
+            model=meta.model,
+            stream=meta.stream,
+            status=UsageStatus.PENDING,
+            # The prompt estimate, until settlement writes the upstream's count: what an
+            # expired hold is charged if the request never finishes (see holds_reconcile).
+            prompt_tokens=prompt_tokens,
+            estimated=True,
+            hold_amount=amount,
+            markup=rates.markup,
+            price=price,
+            prices=rates.snapshot(),
+            run=meta.run,
+            agent=meta.agent,
+            tool=meta.tool,
+            created_at=now,
+        )
     if short is not None:
         limits.release(reservation)
         raise Funds(balance=short.balance, available=short.available, needed=short.needed)

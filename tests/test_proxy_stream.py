@@ -127,9 +127,9 @@ def test_the_hot_path_runs_a_pinned_number_of_queries(alice, alice_key, price, s
         principal = authenticate_bearer(secret)
     meta = RequestMeta(request_id="req_q", user=principal.user, api_key=principal.api_key, endpoint="chat.completions")
     meta.model = MODEL
-    # wallet, the hold (one statement on PostgreSQL; conditional UPDATE + INSERT on SQLite),
-    # usage record INSERT
-    with django_assert_num_queries(3 if connection.vendor == "postgresql" else 4):
+    # the hold (one statement on PostgreSQL; conditional UPDATE + INSERT on SQLite), usage record
+    # INSERT — the wallet needs no query: authentication joined it to the user
+    with django_assert_num_queries(2 if connection.vendor == "postgresql" else 3):
         begun = request_begin(meta=meta, prompt_chars=400, requested_output=100)
     outcome = Outcome(usage=Usage(prompt_tokens=100, completion_tokens=20), upstream_model=MODEL)
     # usage record UPDATE, then the settle: one statement on PostgreSQL (wallet.services), on
