@@ -13,10 +13,12 @@ import asyncio
 import hashlib
 import hmac
 import json
+import select
 import time
 import weakref
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from django.conf import settings
 
@@ -34,17 +36,113 @@ def timeout() -> httpx.Timeout:
     )
 
 
+class _LinearPool(httpcore.AsyncConnectionPool):
+    """httpcore's connection pool, with its bookkeeping pass made linear in the pool size.
+
+    httpcore 1.0 runs ``_assign_requests_to_connections`` when every request starts and ends. Its
+    clean-up loop over the pool builds, for each idle connection, a list of the whole pool only
+    to take its length — O(n²) per call. With 16–64 upstream requests in flight that was the
+    largest CPU cost of a proxied request. This is the same method with that length read as
+    ``len(self._connections)`` (what the list's length always is); nothing else differs.
+    """
+
+    def _assign_requests_to_connections(self) -> list:
+        closing_connections = []
+        for connection in list(self._connections):
+            if connection.is_closed():
+                self._connections.remove(connection)
+            elif connection.has_expired():
+                self._connections.remove(connection)
+                closing_connections.append(connection)
+            elif connection.is_idle() and len(self._connections) > self._max_keepalive_connections:
+                self._connections.remove(connection)
+                closing_connections.append(connection)
+
+        queued_requests = [request for request in self._requests if request.is_queued()]
+        for pool_request in queued_requests:
+            origin = pool_request.request.url.origin
+            available = next((c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None)
+            if available is not None:
+                pool_request.assign_to_connection(available)
+            elif len(self._connections) < self._max_connections:
+                connection = self.create_connection(origin)
+                self._connections.append(connection)
+                pool_request.assign_to_connection(connection)
+            else:
+                idle = next((c for c in self._connections if c.is_idle()), None)
+                if idle is not None:
+                    self._connections.remove(idle)
+                    closing_connections.append(idle)
+                    connection = self.create_connection(origin)
+                    self._connections.append(connection)
+                    pool_request.assign_to_connection(connection)
+        return closing_connections
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """An anyio connection whose "is the server gone?" probe costs one ``poll``.
+
+    httpcore asks every idle connection that on every pool operation; anyio answered by
+    rebuilding its whole attribute table, ``getpeername`` included, each time.
+    """
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream):
+        self._stream = stream
+        self._socket = stream.get_extra_info("socket")
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None):
+        return _Stream(await self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        if info == "is_readable":
+            # As httpcore's own check: a socket that is gone counts as readable (about to EOF).
+            fd = -1 if self._socket is None else self._socket.fileno()
+            if fd < 0:
+                return True
+            poll = select.poll()
+            poll.register(fd, select.POLLIN)
+            return bool(poll.poll(0))
+        return self._stream.get_extra_info(info)
+
+
+class _Backend(httpcore.AnyIOBackend):
+    async def connect_tcp(self, *args, **kwargs):
+        return _Stream(await super().connect_tcp(*args, **kwargs))
+
+
+def _transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # httpx builds the pool itself; only a plain httpcore pool (the case here: no proxy, no
+    # HTTP/2) has exactly the behaviour _LinearPool reproduces, so only that one is swapped.
+    # (tests/test_proxy_stream.py checks the swap still happens after an httpx upgrade.)
+    if type(getattr(transport, "_pool", None)) is httpcore.AsyncConnectionPool:
+        transport._pool.__class__ = _LinearPool
+        transport._pool._network_backend = _Backend()
+    return transport
+
+
 def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     shared = _clients.get(loop)
     if shared is None or shared.is_closed:
+        limits = httpx.Limits(
+            max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
+            max_keepalive_connections=min(settings.UPSTREAM_MAX_CONNECTIONS, 100),
+            keepalive_expiry=30,
+        )
         shared = httpx.AsyncClient(
             timeout=timeout(),
-            limits=httpx.Limits(
-                max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
-                max_keepalive_connections=min(settings.UPSTREAM_MAX_CONNECTIONS, 100),
-                keepalive_expiry=30,
-            ),
+            limits=limits,
+            transport=_transport(limits),
             # Never pick up proxies or credentials from the environment for upstream calls.
             trust_env=False,
         )

@@ -139,3 +139,34 @@ def test_affordable_output_is_the_largest_cap_whose_hold_fits():
 
 def test_affordable_output_is_zero_when_not_even_the_prompt_fits():
     assert affordable_output(RATES, prompt_tokens=10_000_000, available=1_000) == 0
+
+
+async def test_the_upstream_client_keeps_one_linear_pool_that_reuses_and_trims_idle_connections():
+    """The pool swap in proxy.upstream must survive httpx upgrades, and behave as httpcore's."""
+    import asyncio
+
+    import httpx
+
+    from proxy import upstream
+
+    pool = upstream.client()._transport._pool
+    assert type(pool) is upstream._LinearPool and isinstance(pool._network_backend, upstream._Backend)
+
+    async def answer(reader, writer):
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    limits = httpx.Limits(max_connections=4, max_keepalive_connections=1)
+    async with httpx.AsyncClient(transport=upstream._transport(limits)) as client:
+        replies = await asyncio.wait_for(asyncio.gather(*(client.get(url) for _ in range(4))), 10)
+        assert [r.text for r in replies] == ["ok"] * 4
+        pool = client._transport._pool
+        await asyncio.wait_for(client.get(url), 10)  # the bookkeeping pass trims idle surplus
+        assert len(pool.connections) == 1 and not pool.connections[0].is_closed()
+        first = pool.connections[0]
+        await asyncio.wait_for(client.get(url), 10)
+        assert pool.connections == [first]  # kept alive and reused
+    server.close()
