@@ -205,7 +205,8 @@ def main() -> None:
     env.pop("REDIS_URL", None)
     daphne_bin = str(Path(sys.executable).with_name("daphne"))
     daphne = subprocess.Popen(
-        [daphne_bin, "-b", "127.0.0.1", "-p", str(tt_port), "config.asgi:application"],
+        # Launched as scripts/run launches it (no per-request access log).
+        [daphne_bin, "-v", "0", "-b", "127.0.0.1", "-p", str(tt_port), "config.asgi:application"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
