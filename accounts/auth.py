@@ -62,8 +62,14 @@ def authenticate_bearer(token: str | None) -> Principal:
     return _authenticate_access_token(token)
 
 
+def _one(queryset):
+    """The row a lookup by a unique key found, or None."""
+    return next(iter(queryset.order_by()[:1]), None)
+
+
 def _authenticate_key(token: str) -> Principal:
-    key = ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]).first()
+    # The prefix is unique: no ORDER BY (``first()`` would sort by the model's ordering).
+    key = _one(ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]))
     if key is None or not hmac.compare_digest(key.key_hash, sha256_hex(token)):
         raise AuthFailed("invalid API key")
     now = timezone.now()
@@ -86,10 +92,10 @@ def _authenticate_access_token(token: str) -> Principal:
         raise AuthFailed("access token expired") from None
     except signing.BadSignature:
         raise AuthFailed("invalid access token") from None
-    family = (
-        TokenFamily.objects.select_related(*_WITH_USER)
-        .filter(pk=payload.get("f"), revoked_at__isnull=True, user__is_active=True)
-        .first()
+    family = _one(
+        TokenFamily.objects.select_related(*_WITH_USER).filter(
+            pk=payload.get("f"), revoked_at__isnull=True, user__is_active=True
+        )
     )
     if family is None:
         raise AuthFailed("this session has been revoked")
