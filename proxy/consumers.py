@@ -44,6 +44,7 @@ from .services import Begun, Funds, Outcome, Refusal, RequestMeta, request_begin
 log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
+DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
 
 
 def _db(fn):
@@ -64,6 +65,20 @@ def _db(fn):
             close_old_connections()
 
     return sync_to_async(run, thread_sensitive=False)
+
+
+async def _drain(chunks) -> None:
+    """Read what follows ``[DONE]`` (normally just the end of the body) so the upstream
+    connection goes back to the pool; leaving the body unread makes httpx close it, and the
+    next request pays a new connection (a TLS handshake, against a real upstream). Bounded: an
+    upstream that keeps the stream open after ``[DONE]`` just loses its connection, as before.
+    """
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+    except TimeoutError:
+        pass
 
 
 def _ms_since(start: float) -> int:
@@ -449,7 +464,8 @@ class ChatCompletionsConsumer(ProxyConsumer):
                     raw = await response.aread()
                     return self.upstream_rejected(outcome, response.status_code, raw, response.headers)
                 outcome.generation_id = response.headers.get("x-generation-id", "")
-                async for chunk in response.aiter_raw():
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
                     if outcome.ttfb_ms is None:
                         outcome.ttfb_ms = _ms_since(self.started)
                     out = []
@@ -461,7 +477,9 @@ class ChatCompletionsConsumer(ProxyConsumer):
                     await self.send_out(b"".join(out))
                     if done:
                         break
-                if not done:
+                if done:
+                    await _drain(chunks)
+                else:
                     await self.send_out(b"".join(self.relay_event(e, meter, client_usage) for e in parser.flush()))
         except (httpx.TimeoutException, httpx.HTTPError) as exc:
             timed_out = isinstance(exc, httpx.TimeoutException)
