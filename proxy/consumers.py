@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
+from wallet import events
 from wallet.money import format_usd, loads_decimal
 
 from . import upstream
@@ -65,6 +66,18 @@ def _db(fn):
             close_old_connections()
 
     return sync_to_async(run, thread_sensitive=False)
+
+
+def _settle_collecting(begun: Begun, outcome: Outcome):
+    with events.collected() as committed:
+        return request_settle(begun=begun, outcome=outcome), committed
+
+
+async def _settle(begun: Begun, outcome: Outcome):
+    """Settle in a worker thread; the balance event it committed is sent from the loop here."""
+    record, committed = await _db(_settle_collecting)(begun, outcome)
+    await events.send_collected(committed)
+    return record
 
 
 async def _drain(chunks) -> None:
@@ -246,7 +259,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         except Exception:  # refused or failed: nothing is held
             return
         outcome = Outcome(status=UsageStatus.CANCELLED, reached_upstream=False, error="client disconnected")
-        await _db(request_settle)(begun=begun, outcome=outcome)
+        await _settle(begun, outcome)
 
     def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
         """Authenticate, then record a refusal or take the hold — one trip to a worker thread.
@@ -323,7 +336,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             raise
         finally:
             outcome.latency_ms = _ms_since(self.started)
-            settling = asyncio.ensure_future(_db(request_settle)(begun=begun, outcome=outcome))
+            settling = asyncio.ensure_future(_settle(begun, outcome))
             # Shielded: a second cancellation (server shutdown) must not lose the settlement.
             record = await asyncio.shield(settling)
         await finish(record, begun)

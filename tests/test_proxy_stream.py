@@ -161,3 +161,25 @@ def test_a_client_that_leaves_before_forwarding_is_not_charged_and_the_upstream_
     assert Hold.objects.get().status == HoldStatus.RELEASED
     assert Wallet.objects.get(user=alice).balance == 10_000_000_000
     assert not fake_upstream.requests
+
+
+async def test_a_settled_charge_reaches_the_users_balance_socket_from_the_proxy(fake_upstream, alice, key):
+    """The settlement's balance event is sent from the consumer's loop once it has committed."""
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+    from tests.fake_upstream import completion, proxy_call, usage
+
+    fake_upstream.script("chat", Reply(body=completion(u=usage(100, 20))))
+    ws = WebsocketCommunicator(application, "/ws/events", headers=[(b"authorization", f"Bearer {key}".encode())])
+    assert (await ws.connect())[0]
+    snapshot = await ws.receive_json_from(1)
+    response = await proxy_call(CHAT, HELLO, token=key)
+    assert response.status == 200
+    event = await ws.receive_json_from(1)
+    wallet = await database_sync_to_async(Wallet.objects.get)(user=alice)
+    assert snapshot["reason"] == "snapshot" and event["reason"] == "usage"
+    assert event["balance"] == response.headers["x-tokentill-balance"] == f"{wallet.balance / 10**9:.9f}"
+    assert event["held"] == "0.000000000"
+    await ws.disconnect()
