@@ -22,7 +22,14 @@ from django.utils import timezone
 from accounts.models import User
 from wallet.models import Hold, Wallet
 from wallet.money import usd_to_nanos
-from wallet.services import InsufficientFunds, hold_create, hold_release, hold_settle, wallet_get_or_create
+from wallet.services import (
+    InsufficientFunds,
+    hold_create,
+    hold_release,
+    hold_settle,
+    usage_reconcile,
+    wallet_get_or_create,
+)
 
 from . import limits
 from .lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
@@ -406,6 +413,23 @@ def _count(value) -> int:
     return max(int(value), 0) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else 0
 
 
+def _apply_generation(record: UsageRecord, generation: dict | None) -> bool:
+    """Copy the upstream's own account of a generation onto the record; False if it has none."""
+    cost = generation.get("total_cost") if generation else None
+    if not isinstance(cost, (int, Decimal)) or isinstance(cost, bool) or cost < 0:
+        return False
+    record.prompt_tokens = _count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
+    record.completion_tokens = _count(generation.get("native_tokens_completion") or generation.get("tokens_completion"))
+    record.reasoning_tokens = _count(generation.get("native_tokens_reasoning"))
+    record.cached_tokens = _count(generation.get("native_tokens_cached"))
+    record.upstream_cost = Decimal(cost)
+    record.cost_source = CostSource.RECONCILED
+    record.estimated = False
+    record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK
+    record.finish_reason = str(generation.get("finish_reason") or "")[:40]
+    return True
+
+
 def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
     """Close one expired hold; ``generation`` is the upstream's lookup (OpenRouter) or None.
 
@@ -418,19 +442,7 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
         hold_release(hold=hold)
         return f"{hold.request_id}: released (no usage record)"
     rates = _rates_from_snapshot(record)
-    cost = generation.get("total_cost") if generation else None
-    if isinstance(cost, (int, Decimal)) and not isinstance(cost, bool) and cost >= 0:
-        record.prompt_tokens = _count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
-        record.completion_tokens = _count(
-            generation.get("native_tokens_completion") or generation.get("tokens_completion")
-        )
-        record.reasoning_tokens = _count(generation.get("native_tokens_reasoning"))
-        record.cached_tokens = _count(generation.get("native_tokens_cached"))
-        record.upstream_cost = Decimal(cost)
-        record.cost_source = CostSource.RECONCILED
-        record.estimated = False
-        record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK
-        record.finish_reason = str(generation.get("finish_reason") or "")[:40]
+    if _apply_generation(record, generation):
         how = "settled from the upstream's generation lookup"
     else:
         usage = Usage(prompt_tokens=record.prompt_tokens)
@@ -447,3 +459,35 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
         hold_settle(hold=hold, amount=record.charge, description=f"{record.model} ({record.request_id}, reconciled)")
         record.save()
     return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"
+
+
+def estimates_to_reconcile(*, settled_before, limit: int):
+    """Settled requests charged an estimate that the upstream can still account for."""
+    return (
+        UsageRecord.objects.filter(cost_source=CostSource.ESTIMATE, estimated=True, settled_at__lte=settled_before)
+        .exclude(generation_id="")
+        .select_related("user__wallet")
+        .order_by("settled_at", "pk")[:limit]
+    )
+
+
+def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
+    """Replace a settled estimate with what the upstream says the generation cost.
+
+    The estimate was already debited (a disconnected client had output that is never free), so
+    only the difference moves, through ``wallet.services.usage_reconcile``, once per request.
+    """
+    estimated_charge = record.charge
+    if not _apply_generation(record, generation):
+        return f"{record.request_id}: generation {record.generation_id} not available upstream; estimate kept"
+    rates = _rates_from_snapshot(record)
+    record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+    with transaction.atomic(savepoint=False):
+        record.save()
+        usage_reconcile(
+            wallet=record.user.wallet,
+            request_id=record.request_id,
+            delta=record.charge - estimated_charge,
+            description=f"{record.model} ({record.request_id}): estimate replaced by the upstream's cost",
+        )
+    return f"{record.request_id}: estimate {estimated_charge} replaced by {record.charge} nanodollars"

@@ -14,7 +14,7 @@ from django.utils import timezone
 from proxy.lib.pricing import Rates, charge_nanos, cost_usd
 from proxy.lib.usage import Usage
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from proxy.services import RequestMeta, request_begin
+from proxy.services import Outcome, RequestMeta, request_begin, request_settle
 from tests.fake_upstream import Reply, fake_upstream, fake_upstream_server  # noqa: F401
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 from wallet.services import hold_create
@@ -76,3 +76,42 @@ def test_a_hold_without_a_usage_record_is_released_and_live_holds_are_left_alone
     assert Hold.objects.get(request_id="req_orphan").status == HoldStatus.RELEASED
     assert Hold.objects.get(request_id="req_live").status == HoldStatus.ACTIVE
     assert not Entry.objects.filter(kind="usage").exists()
+
+
+def settle_estimate(user, request_id: str, generation_id: str, *, seconds_ago: int = 60) -> UsageRecord:
+    """A streamed request whose client left before usage arrived: settled at a marked estimate."""
+    begun = begin(user, request_id, expired=False)
+    outcome = Outcome(
+        status=UsageStatus.CANCELLED, generation_id=generation_id, output_chars=400, trust_upstream_cost=True
+    )
+    record = request_settle(begun=begun, outcome=outcome)
+    UsageRecord.objects.filter(pk=record.pk).update(settled_at=timezone.now() - timedelta(seconds=seconds_ago))
+    assert (record.cost_source, record.estimated) == (CostSource.ESTIMATE, True)
+    return record
+
+
+@pytest.mark.parametrize("total_cost", [0.002, 0.0001])  # the estimate was low / high
+def test_a_settled_estimate_is_corrected_to_what_openrouter_reports_once(fake_upstream, alice, price, total_cost):
+    estimate = settle_estimate(alice, "req_cut", "gen-cut")
+    found = {"data": {"id": "gen-cut", "total_cost": total_cost, "native_tokens_prompt": 1000, "cancelled": True}}
+    fake_upstream.script("generation", Reply(body=found))
+    output = reconcile()
+    actual = charge_nanos(Decimal(str(total_cost)), markup=Decimal("0.2"))
+    assert f"req_cut: estimate {estimate.charge} replaced by {actual} nanodollars" in output
+    record = UsageRecord.objects.get(request_id="req_cut")
+    assert (record.cost_source, record.estimated, record.charge) == (CostSource.RECONCILED, False, actual)
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - actual  # estimate + difference = actual
+    assert Entry.objects.filter(reference="req_cut").count() == 2
+    assert "req_cut" not in reconcile()  # corrected once; the next run leaves it alone
+    assert len(fake_upstream.calls("generation")) == 1
+
+
+def test_an_estimate_is_kept_while_the_lookup_is_not_ready_or_too_young(fake_upstream, alice, price):
+    settle_estimate(alice, "req_young", "gen-young", seconds_ago=0)
+    old = settle_estimate(alice, "req_late", "gen-late")
+    fake_upstream.script("generation", *[Reply(404, {"error": {"code": 404}})] * 4)
+    output = reconcile()
+    assert "req_young" not in output
+    assert "req_late: generation gen-late not available upstream; estimate kept" in output
+    record = UsageRecord.objects.get(request_id="req_late")
+    assert (record.cost_source, record.charge) == (CostSource.ESTIMATE, old.charge)

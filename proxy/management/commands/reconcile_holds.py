@@ -5,7 +5,14 @@ With OpenRouter, a hold whose usage record carries a generation id is charged wh
 says the generation cost; otherwise the record's prompt estimate is charged and marked
 ``estimated``; a hold without a usage record is released. Nothing is dropped silently: every
 hold handled is printed.
+
+Then, where the upstream offers a generation lookup (OpenRouter), requests that settled at an
+*estimate* (the client disconnected, or the stream was cut before usage arrived) are corrected
+to the upstream's own cost: only the difference moves, once per request. Records settled in the
+last ``--settle-delay`` seconds are left for the next run, since the lookup lags completion.
 """
+
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
@@ -13,7 +20,7 @@ from django.utils import timezone
 
 from proxy import upstream
 from proxy.models import UsageRecord
-from proxy.services import hold_reconcile
+from proxy.services import estimate_reconcile, estimates_to_reconcile, hold_reconcile
 from wallet.models import Hold, HoldStatus
 
 
@@ -23,8 +30,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--attempts", type=int, default=4, help="generation lookups per hold (404 = not yet)")
         parser.add_argument("--backoff", type=float, default=0.5, help="seconds before the first retry (doubles)")
+        parser.add_argument("--settle-delay", type=float, default=10.0, help="leave estimates younger than this")
+        parser.add_argument("--limit", type=int, default=500, help="estimates corrected per run at most")
 
-    def handle(self, *args, attempts, backoff, **options):
+    def handle(self, *args, attempts, backoff, settle_delay, limit, **options):
         expired = Hold.objects.filter(status=HoldStatus.ACTIVE, expires_at__lte=timezone.now()).select_related("wallet")
         handled = 0
         for hold in expired.order_by("expires_at", "pk"):
@@ -39,3 +48,12 @@ class Command(BaseCommand):
             self.stdout.write(hold_reconcile(hold=hold, generation=generation))
             handled += 1
         self.stdout.write(f"reconciled {handled} expired hold(s)")
+        if not (settings.UPSTREAM_KIND == "openrouter" and settings.UPSTREAM_API_KEY):
+            return  # no generation lookup upstream: an estimate is the final word, as API.md says
+        checked = 0
+        settled_before = timezone.now() - timedelta(seconds=settle_delay)
+        for record in estimates_to_reconcile(settled_before=settled_before, limit=limit):
+            generation = upstream.generation_lookup(record.generation_id, attempts=attempts, backoff=backoff)
+            self.stdout.write(estimate_reconcile(record=record, generation=generation))
+            checked += 1
+        self.stdout.write(f"checked {checked} estimated charge(s) against the upstream")
