@@ -12,6 +12,7 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from wallet.money import MoneyError, format_usd, parse_usd
 
@@ -216,7 +217,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
             "<td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
-                    format_html(' style="font-weight:bold"') if version.pk == obj.pk else "",
+                    mark_safe(' style="font-weight:bold"') if version.pk == obj.pk else "",
                     reverse("admin:proxy_modelprice_change", args=[version.pk]),
                     f"{version.effective_from:%Y-%m-%d %H:%M:%S}",
                     version.prompt,

@@ -28,6 +28,7 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient
 
 
 def timeout() -> httpx.Timeout:
+    # Seconds, not money: httpx wants floats, settings parse them strictly as decimals.
     return httpx.Timeout(
         connect=float(settings.UPSTREAM_CONNECT_TIMEOUT),
         read=float(settings.UPSTREAM_READ_TIMEOUT),
