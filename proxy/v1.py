@@ -43,6 +43,10 @@ def _owner(price) -> str:
 def list_models(request):
     # The demo model stands in for an upstream; once a real upstream key is set it is not sold.
     prices = prices_current_enabled(include_demo=not settings.UPSTREAM_API_KEY)
+    key = request.auth.api_key
+    allowed = (key.limits or {}).get("allowed_models") if key is not None else None
+    if allowed is not None:  # a restricted key sees only what it may call (the proxy's 403 rule)
+        prices = [price for price in prices if price.model in allowed]
     return {
         "object": "list",
         "data": [

@@ -146,3 +146,17 @@ def test_current_enabled_prices_pick_exactly_one_version_per_model(db):
     rows = list(prices_current_enabled(now=now))
 
     assert [(row.model, row.pk) for row in rows] == [("a/x", latest.pk), ("b/y", only.pk)]
+
+
+def test_a_key_limited_to_some_models_lists_only_those(alice):
+    from rest_framework.test import APIClient
+
+    from accounts.services import api_key_create
+
+    for model in ("acme/one", "acme/two", "acme/three"):
+        price(model, prompt=Decimal("1"))
+    _, secret = api_key_create(user=alice, name="narrow", limits={"allowed_models": ["acme/two", "acme/gone"]})
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert list(listed(client)) == ["acme/two"]
+    assert set(listed(bearer_client(alice))) == {"acme/one", "acme/two", "acme/three"}  # the user's own token
