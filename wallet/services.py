@@ -131,6 +131,38 @@ def _atomic():
     return transaction.atomic(savepoint=False)
 
 
+def _post_once(
+    wallet: Wallet,
+    *,
+    kind: str,
+    amount: int,
+    idempotency_key: str | None,
+    needs_available: int | None = None,
+    **fields,
+) -> Entry:
+    """Lock the wallet; answer a replayed key with its first entry, else post one entry.
+
+    ``needs_available`` refuses with ``InsufficientFunds`` unless balance − held covers it.
+    Replays and refusals are answered after the block, which then wrote nothing: an exception
+    inside a joined transaction would poison the caller's transaction.
+    """
+    with _atomic():
+        locked = _lock(wallet.pk)
+        prior = _prior(locked.pk, idempotency_key)
+        short = prior is None and needs_available is not None and locked.available < needs_available
+        entry = (
+            None
+            if prior is not None or short
+            else _post(locked, kind=kind, amount=amount, idempotency_key=idempotency_key, **fields)
+        )
+    if prior is not None:
+        return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
+    if short:
+        raise InsufficientFunds(needed=needs_available, available=locked.available, balance=locked.balance)
+    wallet.balance, wallet.held = locked.balance, locked.held
+    return entry
+
+
 def wallet_credit(
     *,
     wallet: Wallet,
@@ -147,23 +179,9 @@ def wallet_credit(
         raise WalletError(f"{kind!r} is not a credit kind")
     if amount <= 0:
         raise WalletError("a credit must be positive")
+    fields = {"reference": reference, "description": description, "metadata": metadata}
     try:
-        with _atomic():
-            locked = _lock(wallet.pk)
-            prior = _prior(locked.pk, idempotency_key)
-            entry = (
-                None
-                if prior is not None
-                else _post(
-                    locked,
-                    kind=kind,
-                    amount=amount,
-                    idempotency_key=idempotency_key,
-                    reference=reference,
-                    description=description,
-                    metadata=metadata,
-                )
-            )
+        return _post_once(wallet, kind=kind, amount=amount, idempotency_key=idempotency_key, **fields)
     except IntegrityError:
         # Only reachable if a concurrent writer bypassed the wallet lock; the UNIQUE constraint
         # kept the ledger right, so answer as a replay.
@@ -171,10 +189,6 @@ def wallet_credit(
         if prior is None:
             raise
         return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
-    if prior is not None:
-        return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
-    wallet.balance = locked.balance
-    return entry
 
 
 def wallet_charge(
@@ -190,31 +204,16 @@ def wallet_charge(
     _check_amount(amount)
     if amount <= 0:
         raise WalletError("a charge must be positive")
-    with _atomic():
-        locked = _lock(wallet.pk)
-        prior = _prior(locked.pk, idempotency_key)
-        short = prior is None and locked.available < amount
-        entry = (
-            None
-            if prior is not None or short
-            else _post(
-                locked,
-                kind=EntryKind.CHARGE,
-                amount=-amount,
-                idempotency_key=idempotency_key,
-                reference=reference,
-                description=description,
-                metadata=metadata,
-            )
-        )
-    # Raised after the block, which wrote nothing: an exception inside a joined transaction
-    # would poison the caller's transaction.
-    if prior is not None:
-        return _as_replay(prior, idempotency_key, kind=EntryKind.CHARGE, amount=-amount)
-    if short:
-        raise InsufficientFunds(needed=amount, available=locked.available, balance=locked.balance)
-    wallet.balance, wallet.held = locked.balance, locked.held
-    return entry
+    return _post_once(
+        wallet,
+        kind=EntryKind.CHARGE,
+        amount=-amount,
+        idempotency_key=idempotency_key,
+        needs_available=amount,
+        reference=reference,
+        description=description,
+        metadata=metadata,
+    )
 
 
 def usage_reconcile(
@@ -235,28 +234,15 @@ def usage_reconcile(
     _check_amount(delta)
     if delta == 0:
         return None
-    kind = EntryKind.USAGE if delta > 0 else EntryKind.CORRECTION
-    key = f"reconcile:{request_id}"
-    with _atomic():
-        locked = _lock(wallet.pk)
-        prior = _prior(locked.pk, key)
-        entry = (
-            None
-            if prior is not None
-            else _post(
-                locked,
-                kind=kind,
-                amount=-delta,
-                idempotency_key=key,
-                reference=request_id,
-                description=description or f"reconciled from the upstream's report ({request_id})",
-                metadata={"source": "reconcile_holds", **(metadata or {})},
-            )
-        )
-    if prior is not None:
-        return _as_replay(prior, key, kind=kind, amount=-delta)
-    wallet.balance = locked.balance
-    return entry
+    return _post_once(
+        wallet,
+        kind=EntryKind.USAGE if delta > 0 else EntryKind.CORRECTION,
+        amount=-delta,
+        idempotency_key=f"reconcile:{request_id}",
+        reference=request_id,
+        description=description or f"reconciled from the upstream's report ({request_id})",
+        metadata={"source": "reconcile_holds", **(metadata or {})},
+    )
 
 
 def wallet_refund(
@@ -272,26 +258,15 @@ def wallet_refund(
     _check_amount(amount)
     if amount <= 0:
         raise WalletError("a refund clawback must be positive")
-    with _atomic():
-        locked = _lock(wallet.pk)
-        prior = _prior(locked.pk, idempotency_key)
-        entry = (
-            None
-            if prior is not None
-            else _post(
-                locked,
-                kind=EntryKind.REFUND,
-                amount=-amount,
-                idempotency_key=idempotency_key,
-                reference=reference,
-                description=description,
-                metadata=metadata,
-            )
-        )
-    if prior is not None:
-        return _as_replay(prior, idempotency_key, kind=EntryKind.REFUND, amount=-amount)
-    wallet.balance = locked.balance
-    return entry
+    return _post_once(
+        wallet,
+        kind=EntryKind.REFUND,
+        amount=-amount,
+        idempotency_key=idempotency_key,
+        reference=reference,
+        description=description,
+        metadata=metadata,
+    )
 
 
 def wallet_correct(
@@ -310,26 +285,15 @@ def wallet_correct(
         raise WalletError("a correction needs a reason")
     if staff_user is None or not staff_user.is_staff:
         raise WalletError("only staff can correct a wallet")
-    with _atomic():
-        locked = _lock(wallet.pk)
-        prior = _prior(locked.pk, idempotency_key)
-        entry = (
-            None
-            if prior is not None
-            else _post(
-                locked,
-                kind=EntryKind.CORRECTION,
-                amount=amount,
-                idempotency_key=idempotency_key,
-                description=reason.strip(),
-                metadata={"staff": staff_user.email},
-                created_by=staff_user,
-            )
-        )
-    if prior is not None:
-        return _as_replay(prior, idempotency_key, kind=EntryKind.CORRECTION, amount=amount)
-    wallet.balance = locked.balance
-    return entry
+    return _post_once(
+        wallet,
+        kind=EntryKind.CORRECTION,
+        amount=amount,
+        idempotency_key=idempotency_key,
+        description=reason.strip(),
+        metadata={"staff": staff_user.email},
+        created_by=staff_user,
+    )
 
 
 def hold_create(
