@@ -6,9 +6,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from wallet.money import format_usd
+from wallet.serializers import MoneyField
 
-from .models import CreditPack, Provider
+from .models import Provider
 from .selectors import pack_list
 from .services import ProviderError, ProviderNotConfigured, UnknownPack, checkout_create
 
@@ -26,22 +26,13 @@ class BadGateway(exceptions.APIException):
 class PackSerializer(serializers.Serializer):
     id = serializers.CharField(source="slug")
     name = serializers.CharField()
-    price = serializers.SerializerMethodField()
+    price = MoneyField()
     currency = serializers.CharField()
-    credit = serializers.SerializerMethodField()
-    bonus = serializers.SerializerMethodField()
+    credit = MoneyField(help_text="what lands in the wallet, bonus included")
+    bonus = MoneyField()
     recurring = serializers.BooleanField()
     lemonsqueezy_variant_id = serializers.CharField()
     stripe_price_id = serializers.CharField()
-
-    def get_price(self, pack: CreditPack) -> str:
-        return format_usd(pack.price)
-
-    def get_credit(self, pack: CreditPack) -> str:
-        return format_usd(pack.credit)
-
-    def get_bonus(self, pack: CreditPack) -> str:
-        return format_usd(pack.bonus)
 
 
 class PackListApi(APIView):

@@ -1,26 +1,23 @@
 """How usage records and usage totals look on ``/api``: amounts as 9-place USD strings."""
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from rest_framework import serializers
 
-from wallet.money import format_usd
+from wallet.money import format_usd, usd_to_nanos
+from wallet.serializers import MoneyField
 
 from .models import UsageRecord
-
-_NANO = Decimal(1).scaleb(-9)
 
 
 def usd_9(value: Decimal | None) -> str | None:
     """An upstream cost (exact decimal USD, up to 15 places) as the API's 9-place string."""
-    if value is None:
-        return None
-    return f"{Decimal(value).quantize(_NANO, rounding=ROUND_HALF_UP):.9f}"
+    return None if value is None else format_usd(usd_to_nanos(value))
 
 
 class UsageRecordSerializer(serializers.ModelSerializer):
     upstream_cost = serializers.SerializerMethodField(help_text="USD the upstream charged us; null if unknown")
-    charge = serializers.SerializerMethodField(help_text="USD debited from the wallet")
+    charge = MoneyField(help_text="USD debited from the wallet")
 
     class Meta:
         model = UsageRecord
@@ -49,9 +46,6 @@ class UsageRecordSerializer(serializers.ModelSerializer):
     def get_upstream_cost(self, record) -> str | None:
         return usd_9(record.upstream_cost)
 
-    def get_charge(self, record) -> str:
-        return format_usd(record.charge)
-
 
 class UsageTotalsSerializer(serializers.Serializer):
     requests = serializers.IntegerField()
@@ -60,13 +54,10 @@ class UsageTotalsSerializer(serializers.Serializer):
     reasoning_tokens = serializers.IntegerField()
     cached_tokens = serializers.IntegerField()
     upstream_cost = serializers.SerializerMethodField()
-    charge = serializers.SerializerMethodField()
+    charge = MoneyField()
 
     def get_upstream_cost(self, row) -> str:
         return usd_9(row["upstream_cost"])
-
-    def get_charge(self, row) -> str:
-        return format_usd(row["charge"])
 
 
 class UsageDaySerializer(UsageTotalsSerializer):
