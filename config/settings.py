@@ -55,6 +55,11 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def env_seconds(name: str, default: str) -> float:
+    """A duration in seconds. A float on purpose: it is handed to clocks and sockets, never money."""
+    return float(env_decimal(name, default))
+
+
 def env_choice(name: str, default: str, choices: set[str]) -> str:
     raw = env.str(name, default=default).strip()
     if raw not in choices:
@@ -221,8 +226,8 @@ UPSTREAM_KIND = env_choice(
     "openrouter" if "openrouter.ai" in UPSTREAM_BASE_URL else "openai",
     {"openrouter", "openai"},
 )
-UPSTREAM_CONNECT_TIMEOUT = env_decimal("UPSTREAM_CONNECT_TIMEOUT", "10")
-UPSTREAM_READ_TIMEOUT = env_decimal("UPSTREAM_READ_TIMEOUT", "300")
+UPSTREAM_CONNECT_TIMEOUT = env_seconds("UPSTREAM_CONNECT_TIMEOUT", "10")
+UPSTREAM_READ_TIMEOUT = env_seconds("UPSTREAM_READ_TIMEOUT", "300")
 UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
 PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)

@@ -28,12 +28,11 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient
 
 
 def timeout() -> httpx.Timeout:
-    # Seconds, not money: httpx wants floats, settings parse them strictly as decimals.
     return httpx.Timeout(
-        connect=float(settings.UPSTREAM_CONNECT_TIMEOUT),
-        read=float(settings.UPSTREAM_READ_TIMEOUT),
-        write=float(settings.UPSTREAM_CONNECT_TIMEOUT),
-        pool=float(settings.UPSTREAM_CONNECT_TIMEOUT),
+        connect=settings.UPSTREAM_CONNECT_TIMEOUT,
+        read=settings.UPSTREAM_READ_TIMEOUT,
+        write=settings.UPSTREAM_CONNECT_TIMEOUT,
+        pool=settings.UPSTREAM_CONNECT_TIMEOUT,
     )
 
 

@@ -335,7 +335,7 @@ def test_an_upstream_error_before_output_is_mapped_and_costs_nothing(
 
 
 def test_an_upstream_timeout_is_504_and_an_unreachable_upstream_502(fake_upstream, alice, key, settings):
-    settings.UPSTREAM_READ_TIMEOUT = Decimal("0.3")
+    settings.UPSTREAM_READ_TIMEOUT = 0.3
     fake_upstream.script("chat", Reply(body=completion(), delay=1.0))
     response = call(CHAT, HELLO, token=key)
     assert response.status == 504 and response.error["code"] == "upstream_timeout"
