@@ -234,6 +234,13 @@ PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)
 PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)
 # Seconds each process keeps a model's price before reading the table again (0 = every request).
 PROXY_PRICE_CACHE_SECONDS = env_int("PROXY_PRICE_CACHE_SECONDS", 10)
+# On PostgreSQL the proxy's hot path runs its few statements on async connections from the event
+# loop (config/adb.py) instead of the ORM in worker threads; false falls back to the ORM.
+PROXY_ASYNC_DB = env_bool("PROXY_ASYNC_DB", True)
+PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async connections per process
+PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
+# Prepared statements on those connections; turn off behind PgBouncer in transaction mode < 1.21.
+PROXY_DB_PREPARE = env_bool("PROXY_DB_PREPARE", True)
 REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})
 HOLD_TTL = env_int("HOLD_TTL", 15 * 60, minimum=30)  # seconds before reconcile_holds may act
 RUN_MAX_STEPS = env_int("RUN_MAX_STEPS", 0)  # 0 = unlimited steps per X-Tokentill-Run
@@ -286,5 +293,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    # psycopg's pool logs every checkout at INFO: a line (and its CPU) per proxied statement.
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}, "psycopg.pool": {"level": "WARNING"}},
 }

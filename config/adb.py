@@ -1,0 +1,267 @@
+"""The proxy hot path's own async PostgreSQL connections.
+
+Django's ORM is synchronous, so from async code every query is a trip to a worker thread and
+back, plus the ORM building its SQL, plus a health-check ``SELECT 1`` each time a connection is
+taken up again. For the metered proxy that was most of the CPU a request cost, and under load
+the worker threads and the event loop queue for the GIL behind each other. Yet the proxy's hot
+path is only a handful of fixed statements per request (authenticate, take the hold, write the
+usage record, settle), so on PostgreSQL they run here, from the event loop, on psycopg's async
+connections. Everything else in Tokentill — and the hot path on SQLite, where ``native()`` is
+false — goes through the ORM in a worker thread (``in_thread``).
+
+* One ``psycopg_pool.AsyncConnectionPool`` per event loop: a server process has one loop for its
+  life; tests run a loop per call and close its pool with ``close()``.
+* The pool connects with the parameters and type adapters Django's own backend uses
+  (``get_connection_params()``), so it reaches the database the ORM reaches and values load as
+  the ORM loads them (jsonb as text for ``JSONField``, timestamps in UTC).
+* Connections are in autocommit: one statement is its own transaction, and each step of the hot
+  path is ONE statement — writes that must commit together are parts of one ``WITH`` (the
+  ``insert_statement``/``update_statement`` builders make such parts from model instances).
+* Parameters are bound server-side and statements prepared on each connection's first use
+  (``PROXY_DB_PREPARE``): measured on the authentication lookup, about a third of the client
+  CPU and a tenth of the server CPU of an unprepared statement, whose planning dominated.
+* ``observe()`` lets a caller see every statement sent (the tests pin the hot path's count, as
+  ``django_assert_num_queries`` does for ORM code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connections, models
+from psycopg_pool import AsyncConnectionPool
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool] = weakref.WeakKeyDictionary()
+_observers: list[Callable[[str], None]] = []
+
+
+def native() -> bool:
+    """Does the hot path talk to the database from the event loop (PostgreSQL), or via the ORM?"""
+    # (The engine from settings, not ``connections["default"].vendor``: that lookup goes through
+    # a context-local and is measurable at several calls per request.)
+    return settings.PROXY_ASYNC_DB and settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+
+
+def in_thread(fn):
+    """``fn`` run in a worker thread with the ORM, honouring ``CONN_MAX_AGE`` around it.
+
+    Not thread-sensitive: each call is a self-contained unit of work, so requests need not queue
+    behind one another on one database thread. The connection housekeeping is done *inside* the
+    call: with asgiref ≥ 3.9 the function runs in a copied context, where the
+    ``close_old_connections`` that ``channels.db.database_sync_to_async`` does around it does not
+    see the connection the function opened, so connections were left for the garbage collector.
+    """
+
+    def run(*args, **kwargs):
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(run, thread_sensitive=False)
+
+
+def _connection_params() -> dict[str, Any]:
+    wrapper = connections["default"]
+    params = wrapper.get_connection_params()
+    # Django's cursor class is a sync one; ours bind server-side (psycopg's default).
+    params.pop("cursor_factory", None)
+    params["autocommit"] = True
+    # Django leaves prepared statements off for transaction-pooling proxies (PgBouncer < 1.21);
+    # the hot path's few fixed statements gain most from them, so they have their own switch.
+    params["prepare_threshold"] = 0 if settings.PROXY_DB_PREPARE else None
+    return params
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    """What Django does to each new connection: the session time zone, and the role if one is set."""
+    wrapper = connections["default"]
+    if wrapper.timezone_name and conn.info.parameter_status("TimeZone") != wrapper.timezone_name:
+        await conn.execute(wrapper.ops.set_time_zone_sql(), [wrapper.timezone_name])
+    if role := wrapper.settings_dict["OPTIONS"].get("assume_role"):
+        await conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(role)))
+
+
+async def _pool() -> AsyncConnectionPool:
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = AsyncConnectionPool(
+            kwargs=_connection_params(),
+            min_size=0,
+            max_size=settings.PROXY_DB_POOL_SIZE,
+            timeout=settings.PROXY_DB_POOL_TIMEOUT,
+            configure=_configure,
+            name="tokentill-proxy",
+            open=False,
+        )
+        _pools[loop] = pool
+        await pool.open()
+    return pool
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
+    pool = await _pool()
+    conn = await pool.getconn()
+    try:
+        yield conn
+    finally:
+        await pool.putconn(conn)
+
+
+async def close() -> None:
+    """Close this event loop's pool (tests, whose loops are short-lived; process shutdown)."""
+    pool = _pools.pop(asyncio.get_running_loop(), None)
+    if pool is not None:
+        await pool.close()
+
+
+@contextmanager
+def observe(callback: Callable[[str], None]):
+    """Call ``callback(sql)`` for every statement sent while the block runs."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _sent(sql: str) -> None:
+    for callback in _observers:
+        callback(sql)
+
+
+async def fetchone(sql: str, params: dict | list | None = None) -> tuple | None:
+    """Run one statement that returns rows (its own transaction); its first row, or None."""
+    async with connection() as conn:
+        cursor = conn.cursor()
+        _sent(sql)
+        await cursor.execute(sql, params)
+        return await cursor.fetchone()
+
+
+async def execute(sql: str, params: dict | list | None = None) -> None:
+    """Run one statement that returns no rows (its own transaction)."""
+    async with connection() as conn:
+        _sent(sql)
+        await conn.cursor().execute(sql, params)
+
+
+# --- rows and model instances -------------------------------------------------------------------
+
+
+def columns(model, alias: str) -> str:
+    """The select list for every concrete field of ``model``, as ``load`` reads it back."""
+    return ", ".join(f'{alias}."{field.column}"' for field in model._meta.concrete_fields)
+
+
+@lru_cache(maxsize=64)
+def _loaders(model) -> tuple[list[str], list]:
+    """The attribute names ``columns`` selects, and the fields whose values need converting."""
+    fields = model._meta.concrete_fields
+    return [field.attname for field in fields], [(i, f) for i, f in enumerate(fields) if hasattr(f, "from_db_value")]
+
+
+def load(model, row: tuple, start: int = 0):
+    """A model instance from ``row[start:]`` as selected by ``columns``, converted as the ORM does;
+    returns ``(instance, index after its columns)``, or ``(None, …)`` for an outer join's NULLs."""
+    names, converted = _loaders(model)
+    end = start + len(names)
+    values = list(row[start:end])
+    if values[0] is None:  # the primary key: nothing joined
+        return None, end
+    if converted:
+        wrapper = connections["default"]
+        for index, field in converted:
+            if values[index] is not None:
+                values[index] = field.from_db_value(values[index], None, wrapper)
+    return model.from_db("default", names, values), end
+
+
+# Field types whose attribute value psycopg already adapts exactly as the ORM's preparation would
+# leave it (PostgreSQL backend, USE_TZ): for them the ORM's per-field ``get_db_prep_save`` round
+# is skipped — on a 30-column usage record it was most of the cost of writing one. Everything else
+# (JSON, auto_now dates, anything unknown) still goes through the ORM's preparation.
+_AS_IS = (
+    models.CharField,
+    models.TextField,
+    models.IntegerField,
+    models.BooleanField,
+    models.DecimalField,
+    models.UUIDField,
+    models.ForeignKey,
+)
+
+
+@lru_cache(maxsize=64)
+def _plan(model, names: tuple[str, ...] | None, prefix: str) -> tuple[list, list, list[str]]:
+    """For the fields (all but the primary key, or ``names``): the fields, whether each needs the
+    ORM's preparation, and each one's placeholder, cast to its column type — a parameter in an
+    ``INSERT … SELECT`` list has no column to take its type from."""
+    meta = model._meta
+    if names is None:
+        fields = [field for field in meta.concrete_fields if not field.primary_key]
+    else:
+        fields = [meta.get_field(name) for name in names]
+    slow = [
+        not isinstance(field, _AS_IS) or getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
+        for field in fields
+    ]
+    wrapper = connections["default"]
+    marks = [f"%({prefix}{i})s::{field.cast_db_type(wrapper)}" for i, field in enumerate(fields)]
+    return fields, slow, marks
+
+
+def _params(instance, fields, slow, prefix: str, add: bool) -> dict:
+    wrapper = connections["default"]
+    return {
+        f"{prefix}{i}": field.get_db_prep_save(field.pre_save(instance, add), wrapper)
+        if needs
+        else getattr(instance, field.attname)
+        for i, (field, needs) in enumerate(zip(fields, slow, strict=True))
+    }
+
+
+# (S608 below: identifiers come from model metadata; every value is a bound parameter.)
+
+
+def insert_statement(instance, *, prefix: str = "v", source: str | None = None) -> tuple[str, dict]:
+    """``INSERT … RETURNING pk`` for an unsaved instance, every column prepared as the ORM would.
+
+    With ``source`` (a CTE name) the row is inserted once per row of ``source`` — used inside a
+    ``WITH`` to insert only if an earlier part of the statement succeeded. Parameters are named
+    ``<prefix><n>`` so the statement can join others in one ``WITH``.
+    """
+    meta = type(instance)._meta
+    fields, slow, marks = _plan(type(instance), None, prefix)
+    names = ", ".join(f'"{field.column}"' for field in fields)
+    rows = f"SELECT {', '.join(marks)} FROM {source}" if source else f"VALUES ({', '.join(marks)})"  # noqa: S608
+    sql = f'INSERT INTO "{meta.db_table}" ({names}) {rows} RETURNING "{meta.pk.column}"'
+    return sql, _params(instance, fields, slow, prefix, add=True)
+
+
+def update_statement(instance, field_names: list[str], *, prefix: str = "v") -> tuple[str, dict]:
+    """``UPDATE … SET <fields> WHERE pk RETURNING pk`` for a saved instance, values prepared as the
+    ORM would; parameters named as for ``insert_statement``."""
+    meta = type(instance)._meta
+    fields, slow, marks = _plan(type(instance), tuple(field_names), prefix)
+    assignments = ", ".join(f'"{field.column}" = {mark}' for field, mark in zip(fields, marks, strict=True))
+    where = f'"{meta.pk.column}" = %({prefix}pk)s'
+    sql = f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
+    return sql, {**_params(instance, fields, slow, prefix, add=False), f"{prefix}pk": instance.pk}
+
+
+def saved(instance, pk) -> None:
+    """Mark an instance written by raw SQL as the ORM marks one it saved."""
+    instance.pk = pk
+    instance._state.adding, instance._state.db = False, "default"
