@@ -86,3 +86,8 @@ async def send_collected(pending: list) -> None:
             await layer.group_send(group_for_user(user_id), {"type": "wallet.event", "event": payload})
         except Exception:  # a dead channel layer must never fail a committed charge
             log.exception("could not publish balance event for user %s", user_id)
+
+
+async def apublish_balance(user_id: int, *, balance: int, held: int, reason: str) -> None:
+    """From async code, once the change has committed."""
+    await send_collected([(user_id, balance_payload(balance=balance, held=held, reason=reason))])

@@ -26,12 +26,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
+
+from config import adb
 
 from . import events
 from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet
@@ -296,6 +299,25 @@ def wallet_correct(
     )
 
 
+def _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata) -> tuple[Hold, int]:
+    """The unsaved hold, and what the available balance must reach for it to be taken."""
+    _check_amount(amount)
+    _check_amount(min_available)
+    if amount <= 0:
+        raise WalletError("a hold must be positive")
+    now = timezone.now()
+    hold = Hold(
+        wallet=wallet,
+        amount=amount,
+        request_id=request_id,
+        description=description[:500],
+        metadata=metadata or {},
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL),
+    )
+    return hold, max(amount, min_available)
+
+
 def hold_create(
     *,
     wallet: Wallet,
@@ -311,21 +333,8 @@ def hold_create(
     ``min_available`` is a floor the available balance must reach before anything is reserved
     (``MIN_BALANCE``): the request needs ``available ≥ max(amount, min_available)``.
     """
-    _check_amount(amount)
-    _check_amount(min_available)
-    if amount <= 0:
-        raise WalletError("a hold must be positive")
-    need = max(amount, min_available)
-    now = timezone.now()
-    hold = Hold(
-        wallet=wallet,
-        amount=amount,
-        request_id=request_id,
-        description=description[:500],
-        metadata=metadata or {},
-        created_at=now,
-        expires_at=now + timedelta(seconds=ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL),
-    )
+    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
+    now = hold.created_at
     if connection.vendor == "postgresql":
         reserved = _pg_hold_create(hold, need=need)
     else:
@@ -353,15 +362,17 @@ WITH w AS (
     UPDATE {wallet} SET held = held + %(amount)s, updated_at = %(now)s
     WHERE id = %(wallet_id)s AND balance >= held + %(need)s
     RETURNING id
-)
-INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
-SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s
-FROM w
-RETURNING id
+), h AS (
+    INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
+    SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s
+    FROM w
+    RETURNING id
+){also}
+SELECT h.id{also_id} FROM h
 """
 
 _PG_HOLD_CLOSE = """
-WITH h AS (
+WITH {also}h AS (
     UPDATE {hold} SET status = %(status)s, closed_at = %(now)s
     WHERE id = %(hold_id)s AND status = %(active)s
     RETURNING amount, wallet_id
@@ -381,16 +392,20 @@ SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
 """
 
 
-def _pg_tables() -> dict:
-    return {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
+_PG_WALLET_STATE = "SELECT balance, held FROM {wallet} WHERE id = %s"
+
+_TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
+_PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="")
+_PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="")
+_PG_WALLET_STATE_SQL = _PG_WALLET_STATE.format(**_TABLES)
 
 
 def _json(value: dict) -> str:
     return json.dumps(value, cls=DjangoJSONEncoder)
 
 
-def _pg_hold_create(hold: Hold, *, need: int) -> bool:
-    params = {
+def _pg_hold_create_params(hold: Hold, need: int) -> dict:
+    return {
         "amount": hold.amount,
         "need": need,
         "now": hold.created_at,
@@ -401,8 +416,11 @@ def _pg_hold_create(hold: Hold, *, need: int) -> bool:
         "metadata": _json(hold.metadata),
         "expires_at": hold.expires_at,
     }
+
+
+def _pg_hold_create(hold: Hold, *, need: int) -> bool:
     with connection.cursor() as cursor:
-        cursor.execute(_PG_HOLD_CREATE.format(**_pg_tables()), params)
+        cursor.execute(_PG_HOLD_CREATE_SQL, _pg_hold_create_params(hold, need))
         row = cursor.fetchone()
     if row is None:
         return False
@@ -411,26 +429,25 @@ def _pg_hold_create(hold: Hold, *, need: int) -> bool:
     return True
 
 
-def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
-    """Close an active hold, debit ``amount`` and write its entry; None if it was not active."""
-    now = timezone.now()
-    key = f"hold:{hold.request_id}"
-    params = {
+def _pg_hold_close_params(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    return {
         "status": status,
         "active": HoldStatus.ACTIVE,
-        "now": now,
+        "now": timezone.now(),
         "hold_id": hold.pk,
         "amount": amount,
         "wallet_id": hold.wallet_id,
         "kind": kind,
-        "key": key,
+        "key": f"hold:{hold.request_id}",
         "reference": hold.request_id,
         "description": description,
         "metadata": _json(metadata),
     }
-    with connection.cursor() as cursor:
-        cursor.execute(_PG_HOLD_CLOSE.format(**_pg_tables()), params)
-        row = cursor.fetchone()
+
+
+def _pg_hold_closed(hold: Hold, params: dict, row: tuple | None, metadata: dict):
+    """The entry (or None) and the wallet's new state from ``_PG_HOLD_CLOSE``'s row; None if the
+    hold was not active."""
     if row is None:
         return None
     entry_id, balance, held, user_id = row
@@ -439,18 +456,29 @@ def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, descripti
         entry = Entry(
             pk=entry_id,
             wallet_id=hold.wallet_id,
-            kind=kind,
-            amount=-amount,
+            kind=params["kind"],
+            amount=-params["amount"],
             balance_after=balance,
-            idempotency_key=key,
+            idempotency_key=params["key"],
             reference=hold.request_id,
-            description=description,
+            description=params["description"],
             metadata=metadata,
-            created_at=now,
+            created_at=params["now"],
         )
         entry._state.adding, entry._state.db = False, connection.alias
         entry.replayed = False
     return entry, (balance, held, user_id)
+
+
+def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    """Close an active hold, debit ``amount`` and write its entry; None if it was not active."""
+    params = _pg_hold_close_params(
+        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(_PG_HOLD_CLOSE_SQL, params)
+        row = cursor.fetchone()
+    return _pg_hold_closed(hold, params, row, metadata)
 
 
 def _orm_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
@@ -489,16 +517,20 @@ def _hold_close(
     result = close(hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {})
     if result is None:
         return None
-    entry, (balance, held, user_id) = result
+    entry, state = result
     # After commit (immediately when no caller transaction is open): the client never hears of
     # money that was rolled back.
-    events.publish_balance_on_commit(
-        user_id, balance=balance, held=held, reason=kind if entry is not None else "hold_released"
-    )
+    events.publish_balance_on_commit(state[2], **_closed(hold, status, entry, state))
+    return (entry,)
+
+
+def _closed(hold: Hold, status: str, entry: Entry | None, state: tuple) -> dict:
+    """Bring the caller's objects up to date after a close; the balance event's fields."""
+    balance, held, _ = state
     if Hold.wallet.is_cached(hold):  # keep the caller's wallet object truthful without a query
         hold.wallet.balance, hold.wallet.held = balance, held
     hold.status = status
-    return (entry,)
+    return {"balance": balance, "held": held, "reason": entry.kind if entry is not None else "hold_released"}
 
 
 def hold_settle(
@@ -522,12 +554,16 @@ def hold_settle(
         hold, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
     )
     if closed is None:  # already settled or released: answer with what happened the first time
-        hold.refresh_from_db(fields=["status", "closed_at"])
-        prior = Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
-        if prior is not None:
-            prior.replayed = True
-        return prior
+        return _first_settlement(hold)
     return closed[0]
+
+
+def _first_settlement(hold: Hold) -> Entry | None:
+    hold.refresh_from_db(fields=["status", "closed_at"])
+    prior = Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
+    if prior is not None:
+        prior.replayed = True
+    return prior
 
 
 def hold_release(*, hold: Hold) -> Hold:
@@ -535,3 +571,129 @@ def hold_release(*, hold: Hold) -> Hold:
     if _hold_close(hold, status=HoldStatus.RELEASED) is None:
         hold.refresh_from_db(fields=["status", "closed_at"])
     return hold
+
+
+# --- the hold path on the event loop ----------------------------------------------------------
+#
+# The proxy takes and settles holds from async code. On PostgreSQL (``adb.native()``) the very
+# statements above run on the hot path's async connections, with no worker thread in between;
+# elsewhere the sync service runs in a worker thread. Same rules, same SQL, one implementation.
+
+
+async def ahold_create(
+    *,
+    wallet: Wallet,
+    amount: int,
+    request_id: str,
+    min_available: int = 0,
+    ttl_seconds: int | None = None,
+    description: str = "",
+    metadata: dict | None = None,
+    also_insert=None,
+) -> Hold:
+    """``hold_create`` for async callers. ``also_insert`` — an unsaved model instance — is
+    inserted in the same transaction if and only if the hold is taken (the proxy's usage record:
+    no hold without the record that explains it, and no record of money never reserved)."""
+    if not adb.native():
+        create = partial(
+            hold_create,
+            wallet=wallet,
+            amount=amount,
+            request_id=request_id,
+            min_available=min_available,
+            ttl_seconds=ttl_seconds,
+            description=description,
+            metadata=metadata,
+        )
+        return await _in_thread_with(create, insert=also_insert)
+    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
+    params = _pg_hold_create_params(hold, need)
+    sql = _PG_HOLD_CREATE_SQL
+    if also_insert is not None:
+        insert, extra = adb.insert_statement(also_insert, prefix="also_", source="h")
+        sql = _PG_HOLD_CREATE.format(**_TABLES, also=f", also AS ({insert})", also_id=", (SELECT id FROM also)")
+        params.update(extra)
+    row = await adb.fetchone(sql, params)
+    if row is None:
+        balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk])
+        raise InsufficientFunds(needed=need, available=balance - held, balance=balance)
+    adb.saved(hold, row[0])
+    if also_insert is not None:
+        adb.saved(also_insert, row[1])
+    return hold
+
+
+async def ahold_settle(
+    *,
+    hold: Hold,
+    amount: int,
+    description: str = "",
+    metadata: dict | None = None,
+    kind: str = EntryKind.USAGE,
+    also_save: tuple[object, list[str]] | None = None,
+) -> Entry | None:
+    """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
+    in the same transaction (the proxy's usage record, so a charge never commits without the
+    record that explains it)."""
+    _check_amount(amount)
+    if amount < 0:
+        raise WalletError("a settlement cannot be negative")
+    if not adb.native():
+        settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
+        return await _in_thread_with(settle, save=also_save)
+    closed = await _ahold_close(
+        hold, also_save, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
+    )
+    if closed is None:
+        return await adb.in_thread(_first_settlement)(hold)
+    return closed[0]
+
+
+async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | None = None) -> Hold:
+    """``hold_release`` for async callers; ``also_save`` as for ``ahold_settle``."""
+    if not adb.native():
+        return await _in_thread_with(partial(hold_release, hold=hold), save=also_save)
+    if await _ahold_close(hold, also_save, status=HoldStatus.RELEASED) is None:
+        await adb.in_thread(hold.refresh_from_db)(fields=["status", "closed_at"])
+    return hold
+
+
+async def _in_thread_with(service, *, insert=None, save=None):
+    """``service()`` with the companion write in one transaction, in a worker thread (the ORM
+    path); the balance event it committed is sent from the event loop, not bounced back from the
+    thread."""
+
+    def run():
+        with events.collected() as committed, _atomic():
+            if save is not None:
+                instance, fields = save
+                instance.save(update_fields=fields)
+            result = service()
+            if insert is not None:  # only reached when the service did not refuse
+                insert.save(force_insert=True)
+            return result, committed
+
+    result, committed = await adb.in_thread(run)()
+    await events.send_collected(committed)
+    return result
+
+
+async def _ahold_close(
+    hold: Hold, also_save, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+):
+    metadata = metadata or {}
+    description = (description or hold.description)[:500]
+    params = _pg_hold_close_params(
+        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
+    )
+    sql = _PG_HOLD_CLOSE_SQL
+    if also_save is not None:
+        update, extra = adb.update_statement(*also_save, prefix="also_")
+        sql = _PG_HOLD_CLOSE.format(**_TABLES, also=f"also AS ({update}), ")
+        params.update(extra)
+    result = _pg_hold_closed(hold, params, await adb.fetchone(sql, params), metadata)
+    if result is None:
+        return None
+    entry, state = result
+    await events.apublish_balance(state[2], **_closed(hold, status, entry, state))  # committed by now
+    return (entry,)
