@@ -24,15 +24,12 @@ import time
 import uuid
 
 import httpx
-from asgiref.sync import sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from channels.utils import await_many_dispatch
 from django.conf import settings
-from django.db import close_old_connections
 
-from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
-from wallet import events
+from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
 from wallet.money import format_usd, loads_decimal
 
 from . import upstream
@@ -40,44 +37,12 @@ from .demo import DemoResponse
 from .lib.sse import Event, SSEParser
 from .lib.usage import StreamMeter
 from .models import UsageStatus
-from .services import Begun, Funds, Outcome, Refusal, RequestMeta, request_begin, request_settle, usage_refused
+from .services import Begun, Funds, Outcome, Refusal, RequestMeta, arequest_begin, arequest_settle, ausage_refused
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
 DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
-
-
-def _db(fn):
-    """Run ``fn`` in a worker thread with the ORM, honouring ``CONN_MAX_AGE`` around it.
-
-    Not thread-sensitive: each call is a self-contained unit of work, so requests need not queue
-    behind one another on one database thread. The connection housekeeping is done *inside*
-    the call: with asgiref ≥ 3.9 the function runs in a copied context, where the
-    ``close_old_connections`` that ``channels.db.database_sync_to_async`` does around it does not
-    see the connection the function opened, so connections were left for the garbage collector.
-    """
-
-    def run(*args, **kwargs):
-        close_old_connections()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            close_old_connections()
-
-    return sync_to_async(run, thread_sensitive=False)
-
-
-def _settle_collecting(begun: Begun, outcome: Outcome):
-    with events.collected() as committed:
-        return request_settle(begun=begun, outcome=outcome), committed
-
-
-async def _settle(begun: Begun, outcome: Outcome):
-    """Settle in a worker thread; the balance event it committed is sent from the loop here."""
-    record, committed = await _db(_settle_collecting)(begun, outcome)
-    await events.send_collected(committed)
-    return record
 
 
 async def _drain(chunks) -> None:
@@ -123,7 +88,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             pass
 
     async def dispatch(self, message):
-        # Database connections are opened and closed by each database_sync_to_async call.
+        # No database connection is held across the request: the services take one per step.
         handler = getattr(self, message["type"].replace(".", "_"), None)
         if handler is not None:
             await handler(message)
@@ -209,7 +174,7 @@ class ProxyConsumer(AsyncHttpConsumer):
     async def authenticate(self):
         token = bearer_from_header(self.headers.get("authorization"))
         try:
-            return await _db(authenticate_bearer)(token)
+            return await aauthenticate_bearer(token)
         except AuthFailed as exc:
             await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
             return None
@@ -218,7 +183,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         principal = await self.authenticate()
         if principal is None:
             return
-        await _db(usage_refused)(meta=self.meta(principal), http_status=status, error=message)
+        await ausage_refused(meta=self.meta(principal), http_status=status, error=message)
         await self.send_error(status, message, "invalid_request_error", code)
 
     async def handle(self, body: bytes) -> None:
@@ -236,10 +201,10 @@ class ProxyConsumer(AsyncHttpConsumer):
             payload, invalid = self.parse(body), None
         except Refusal as refusal:
             payload, invalid = None, refusal
-        admitting = asyncio.ensure_future(_db(self.admit)(body, payload, invalid))
+        admitting = asyncio.ensure_future(self.admit(body, payload, invalid))
         try:
-            # Shielded: a worker thread cannot be interrupted, so if the client leaves now the
-            # hold may still be taken — abandon() waits for it and frees it.
+            # Shielded: admission runs to its end even if the client leaves now (a half-taken
+            # hold is worse than a finished one) — abandon() waits for it and frees the hold.
             begun = await asyncio.shield(admitting)
         except asyncio.CancelledError:
             await self.abandon(admitting)
@@ -259,14 +224,14 @@ class ProxyConsumer(AsyncHttpConsumer):
         except Exception:  # refused or failed: nothing is held
             return
         outcome = Outcome(status=UsageStatus.CANCELLED, reached_upstream=False, error="client disconnected")
-        await _settle(begun, outcome)
+        await arequest_settle(begun=begun, outcome=outcome)
 
-    def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
-        """Authenticate, then record a refusal or take the hold — one trip to a worker thread.
+    async def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
+        """Authenticate, then record a refusal or take the hold.
 
         Raises ``AuthFailed`` (no record: there is no user), ``Refusal`` or ``Funds``.
         """
-        principal = authenticate_bearer(bearer_from_header(self.headers.get("authorization")))
+        principal = await aauthenticate_bearer(bearer_from_header(self.headers.get("authorization")))
         meta = self.meta(principal)
         if not principal.has_scope("proxy"):
             invalid = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
@@ -275,9 +240,9 @@ class ProxyConsumer(AsyncHttpConsumer):
         elif isinstance(model := _model_of(body), str):
             meta.model = model
         if invalid is not None:
-            usage_refused(meta=meta, http_status=invalid.status, error=invalid.message)
+            await ausage_refused(meta=meta, http_status=invalid.status, error=invalid.message)
             raise invalid
-        return request_begin(
+        return await arequest_begin(
             meta=meta,
             fallback_models=payload.get("models") if self.endpoint == "chat.completions" else None,
             prompt_chars=len(body),
@@ -336,7 +301,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             raise
         finally:
             outcome.latency_ms = _ms_since(self.started)
-            settling = asyncio.ensure_future(_settle(begun, outcome))
+            settling = asyncio.ensure_future(arequest_settle(begun=begun, outcome=outcome))
             # Shielded: a second cancellation (server shutdown) must not lose the settlement.
             record = await asyncio.shield(settling)
         await finish(record, begun)

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Q, Sum
 
+from config import adb
 from wallet.money import format_usd, parse_usd
 
 from .models import UsageRecord, UsageStatus
@@ -133,6 +134,18 @@ def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime
     return reservation
 
 
+def uses_counters(*, api_key, run: str) -> bool:
+    """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
+    limits = (api_key.limits or {}) if api_key is not None else {}
+    if (
+        limits.get("rpm")
+        or limits.get("daily_spend") not in (None, "")
+        or limits.get("monthly_spend") not in (None, "")
+    ):
+        return True
+    return bool(run) and bool(settings.RUN_MAX_STEPS or parse_usd(settings.RUN_MAX_SPEND))
+
+
 def adjust(reservation: Reservation, new_amount: int) -> None:
     """Move every reserved counter to ``new_amount`` (a clamped hold, or the final charge)."""
     delta = new_amount - reservation.amount
@@ -147,6 +160,17 @@ def adjust(reservation: Reservation, new_amount: int) -> None:
 
 def release(reservation: Reservation) -> None:
     adjust(reservation, 0)
+
+
+async def aadjust(reservation: Reservation, new_amount: int) -> None:
+    """``adjust`` for async callers: a reservation that moved no counter needs no cache trip."""
+    if reservation.keys and new_amount != reservation.amount:
+        await adb.in_thread(adjust)(reservation, new_amount)
+    reservation.amount = new_amount
+
+
+async def arelease(reservation: Reservation) -> None:
+    await aadjust(reservation, 0)
 
 
 def check_run_steps(*, run: str, user_id: int) -> None:

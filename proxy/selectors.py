@@ -48,6 +48,21 @@ def price_current(model: str) -> ModelPrice | None:
     return price
 
 
+def prices_cached(models: list[str]) -> list[ModelPrice | None] | None:
+    """The cached prices of ``models`` (None entries for unknown models) if every one is cached
+    and fresh, else None — so async callers know whether a lookup would need the database."""
+    if settings.PROXY_PRICE_CACHE_SECONDS <= 0:
+        return None
+    now = time.monotonic()
+    found = []
+    for model in models:
+        cached = _cache.get(model)
+        if cached is None or cached[0] <= now:
+            return None
+        found.append(cached[1])
+    return found
+
+
 def price_cache_clear() -> None:
     with _cache_lock:
         _cache.clear()

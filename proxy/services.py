@@ -2,11 +2,15 @@
 (charge + record in one transaction), and the record of a refused request.
 
 Every request a known user makes leaves one ``UsageRecord``: refused ones with status
-``refused`` and no charge, the rest ``pending`` until ``request_settle`` closes them. Hot-path
-query budget (pinned by tests): begin = the hold (one statement on PostgreSQL) + record INSERT,
-each committing on its own (the wallet comes joined to the authenticated user); settle = record
-UPDATE + the hold's settlement (one statement on PostgreSQL) in one transaction; the price comes
-from the per-process cache in ``selectors``.
+``refused`` and no charge, the rest ``pending`` until ``arequest_settle`` closes them.
+
+The request services are async: the consumer calls them from its event loop. On PostgreSQL their
+statements run right there on the hot path's async connections (``config.adb``); elsewhere each
+step is the ORM in a worker thread. Statement budget on PostgreSQL (pinned by tests): begin = ONE
+statement, the hold with its pending record (the wallet comes joined to the authenticated user);
+settle = ONE statement, the record UPDATE with the hold's settlement. The price comes from the
+per-process cache in ``selectors``; the guardrail counters, when a key or run has any, from
+Django's cache in a worker thread.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import User
+from config import adb
 from wallet.models import Hold, Wallet
 from wallet.money import usd_to_nanos
 from wallet.services import (
     InsufficientFunds,
-    hold_create,
+    ahold_create,
+    ahold_release,
+    ahold_settle,
     hold_release,
     hold_settle,
     usage_reconcile,
@@ -35,7 +42,7 @@ from . import limits
 from .lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
 from .lib.usage import Usage, estimate_tokens
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from .selectors import model_servable, price_current, rates_for
+from .selectors import model_servable, price_current, prices_cached, rates_for
 
 
 @dataclass
@@ -104,7 +111,7 @@ class Outcome:
 
 
 def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> UsageRecord:
-    return UsageRecord.objects.create(
+    return UsageRecord(
         request_id=meta.request_id,
         user=meta.user,
         api_key=meta.api_key,
@@ -122,66 +129,68 @@ def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> Usage
     )
 
 
-def usage_refused(*, meta: RequestMeta, http_status: int, error: str) -> UsageRecord:
+async def _arecord(record: UsageRecord) -> UsageRecord:
+    """Insert a usage record: on the event loop on PostgreSQL, else through the ORM in a thread."""
+    if not adb.native():
+        await adb.in_thread(record.save)(force_insert=True)
+        return record
+    (pk,) = await adb.fetchone(*adb.insert_statement(record))
+    adb.saved(record, pk)
+    return record
+
+
+async def ausage_refused(*, meta: RequestMeta, http_status: int, error: str) -> UsageRecord:
     """Record a request refused before it reached the upstream (nothing charged)."""
-    return _refused_record(meta, http_status=http_status, error=error)
+    return await _arecord(_refused_record(meta, http_status=http_status, error=error))
 
 
-def _refuse(meta: RequestMeta, refusal: Refusal) -> Refusal:
-    _refused_record(meta, http_status=refusal.status, error=refusal.message)
-    return refusal
+@dataclass
+class Plan:
+    """What a request will be held for, decided before any money moves."""
+
+    price: ModelPrice
+    rates: Rates
+    prompt_tokens: int  # estimate, from the request size
+    max_output: int
+    amount: int  # nanodollars to hold
+    reservation: limits.Reservation
 
 
-def _wallet_of(user) -> Wallet:
-    """The user's wallet, without a query when authentication already joined it in."""
-    if User.wallet.is_cached(user):
-        try:
-            return user.wallet
-        except Wallet.DoesNotExist:  # joined and absent: created below
-            pass
-    return wallet_get_or_create(user=user)
-
-
-def request_begin(
+def request_plan(
     *,
     meta: RequestMeta,
     fallback_models: list[str] | None = None,
     prompt_chars: int,
     requested_output: int | None,
-    now: datetime | None = None,
-) -> Begun:
-    """Check guardrails, price the request and reserve its cost, or raise ``Refusal``/``Funds``.
+    now: datetime,
+    prices: list[ModelPrice | None] | None = None,
+) -> Plan:
+    """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
     The order is the cheap-to-expensive one: model and key rules (no writes), rate counters
-    (cache), spend caps (cache reservation), then the hold (one conditional UPDATE).
+    (cache), spend caps (cache reservation). ``prices`` are those of ``meta.model`` and the
+    fallbacks when the caller already has them (see ``arequest_begin``), else they are looked up.
     """
-    now = now or timezone.now()
-    models = [meta.model, *(m for m in fallback_models or [] if m != meta.model)]
-    prices = []
-    for model in models:
-        price = price_current(model)
+    models = _requested_models(meta, fallback_models)
+    if prices is None:
+        prices = [price_current(model) for model in models]
+    for model, price in zip(models, prices, strict=True):
         if not model_servable(price):
-            raise _refuse(meta, Refusal(400, f"The model `{model}` does not exist.", code="model_not_found"))
+            raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
         if price.is_demo and meta.endpoint != "chat.completions":
-            raise _refuse(
-                meta, Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
-            )
-        prices.append(price)
+            raise Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
     allowed = (meta.api_key.limits or {}).get("allowed_models") if meta.api_key is not None else None
     if allowed is not None:
         for model in models:
             if model not in allowed:
-                raise _refuse(
-                    meta,
-                    Refusal(
-                        403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
-                    ),
+                raise Refusal(
+                    403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
     try:
         limits.check_rpm(api_key=meta.api_key, now=now)
         limits.check_run_steps(run=meta.run, user_id=meta.user.pk)
     except limits.LimitExceeded as exc:
-        raise _refuse(meta, Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after))
+        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
 
     prompt_tokens = estimate_tokens(prompt_chars)
     # With fallbacks any listed model may answer: reserve for the dearest.
@@ -199,79 +208,127 @@ def request_begin(
             api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now
         )
     except limits.LimitExceeded as exc:
-        raise _refuse(meta, Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after))
+        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
+    return Plan(price, rates, prompt_tokens, max_output, amount, reservation)
 
-    wallet = _wallet_of(meta.user)
-    floor = usd_to_nanos(settings.MIN_BALANCE)
-    clamped_to = None
-    short: InsufficientFunds | None = None
-    # No transaction around the hold and the record: each commits on its own, so the wallet row
-    # is locked only for the hold's own statement, and BEGIN/COMMIT round trips are saved. A
-    # crash between the two leaves a hold without a record, which ``reconcile_holds`` releases.
+
+def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
+    return [meta.model, *(m for m in fallback_models or [] if m != meta.model)]
+
+
+async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
+    """``request_plan`` on the event loop when it needs no I/O (prices cached, no cache counters
+    for this key or run); otherwise in a worker thread, where the price table and the cache
+    (Redis, when configured) may be reached."""
+    prices = prices_cached(_requested_models(meta, kwargs.get("fallback_models")))
+    if prices is None or limits.uses_counters(api_key=meta.api_key, run=meta.run):
+        return await adb.in_thread(request_plan)(meta=meta, **kwargs)
+    return request_plan(meta=meta, prices=prices, **kwargs)
+
+
+async def _wallet_of(user) -> Wallet:
+    """The user's wallet, without a query when authentication already joined it in."""
+    if User.wallet.is_cached(user):
+        try:
+            return user.wallet
+        except Wallet.DoesNotExist:  # joined and absent: created below
+            pass
+    return await adb.in_thread(wallet_get_or_create)(user=user)
+
+
+async def arequest_begin(
+    *,
+    meta: RequestMeta,
+    fallback_models: list[str] | None = None,
+    prompt_chars: int,
+    requested_output: int | None,
+    now: datetime | None = None,
+) -> Begun:
+    """Check guardrails, price the request and reserve its cost, or raise ``Refusal``/``Funds``.
+
+    Every outcome leaves a usage record: ``refused`` for a refusal, ``pending`` with the hold —
+    written by the hold's own statement (``also_insert``), so there is never a hold without its
+    record or a record of money never reserved. On PostgreSQL that is one statement besides
+    authentication, committing on its own, so the wallet row is locked for that statement only.
+    """
+    now = now or timezone.now()
     try:
-        hold = hold_create(wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor)
-    except InsufficientFunds as exc:
+        plan = await _aplan(
+            meta, fallback_models=fallback_models, prompt_chars=prompt_chars, requested_output=requested_output, now=now
+        )
+    except Refusal as refusal:
+        await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
+        raise
+    rates, prompt_tokens, max_output, amount = plan.rates, plan.prompt_tokens, plan.max_output, plan.amount
+    wallet = await _wallet_of(meta.user)
+    floor = usd_to_nanos(settings.MIN_BALANCE)
+    record = UsageRecord(
+        request_id=meta.request_id,
+        user=meta.user,
+        api_key=meta.api_key,
+        endpoint=meta.endpoint,
+        model=meta.model,
+        stream=meta.stream,
+        status=UsageStatus.PENDING,
+        # The prompt estimate, until settlement writes the upstream's count: what an expired
+        # hold is charged if the request never finishes (see hold_reconcile).
+        prompt_tokens=prompt_tokens,
+        estimated=True,
+        hold_amount=amount,
+        markup=rates.markup,
+        price=plan.price,
+        prices=rates.snapshot(),
+        run=meta.run,
+        agent=meta.agent,
+        tool=meta.tool,
+        created_at=now,
+    )
+    clamped_to = None
+    hold = None
+    try:
+        hold = await ahold_create(
+            wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor, also_insert=record
+        )
+    except InsufficientFunds as short:
         # Cannot cover the full output cap: a shorter answer is still worth giving when the
         # balance affords a useful number of tokens (and stays above the floor).
-        affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=exc.available)
-        hold = None
-        short = exc
-        if exc.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
+        affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=short.available)
+        if short.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
             clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable)
+            record.hold_amount = clamped
             try:
-                hold = hold_create(wallet=wallet, amount=clamped, request_id=meta.request_id, min_available=floor)
-                clamped_to, max_output, amount, short = affordable, affordable, clamped, None
+                hold = await ahold_create(
+                    wallet=wallet, amount=clamped, request_id=meta.request_id, min_available=floor, also_insert=record
+                )
+                clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
                 short = again
-    if hold is None:
-        _refused_record(meta, http_status=402, error="insufficient funds")
-    else:
-        record = UsageRecord.objects.create(
-            request_id=meta.request_id,
-            user=meta.user,
-            api_key=meta.api_key,
-            endpoint=meta.endpoint,
-            model=meta.model,
-            stream=meta.stream,
-            status=UsageStatus.PENDING,
-            # The prompt estimate, until settlement writes the upstream's count: what an
-            # expired hold is charged if the request never finishes (see holds_reconcile).
-            prompt_tokens=prompt_tokens,
-            estimated=True,
-            hold_amount=amount,
-            markup=rates.markup,
-            price=price,
-            prices=rates.snapshot(),
-            run=meta.run,
-            agent=meta.agent,
-            tool=meta.tool,
-            created_at=now,
-        )
-    if short is not None:
-        limits.release(reservation)
-        raise Funds(balance=short.balance, available=short.available, needed=short.needed)
-    limits.adjust(reservation, amount)
+        if hold is None:
+            await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"))
+            await limits.arelease(plan.reservation)
+            raise Funds(balance=short.balance, available=short.available, needed=short.needed)
+    await limits.aadjust(plan.reservation, amount)
     return Begun(
         meta=meta,
         wallet=wallet,
         hold=hold,
         record=record,
-        price=price,
+        price=plan.price,
         rates=rates,
         prompt_tokens=prompt_tokens,
         max_output=max_output,
         clamped_to=clamped_to,
-        reservation=reservation,
+        reservation=plan.reservation,
     )
 
 
-def _billing_rates(begun: Begun, upstream_model: str) -> tuple[ModelPrice, Rates]:
+async def _abilling_price(begun: Begun, upstream_model: str) -> ModelPrice:
     """A fallback that answered is billed at its own price when we have one."""
-    if upstream_model and upstream_model != begun.price.model:
-        other = price_current(upstream_model)
-        if other is not None:
-            return other, rates_for(other)
-    return begun.price, begun.rates
+    if not upstream_model or upstream_model == begun.price.model:
+        return begun.price
+    cached = prices_cached([upstream_model])
+    other = cached[0] if cached is not None else await adb.in_thread(price_current)(upstream_model)
+    return other or begun.price
 
 
 @dataclass
@@ -285,9 +342,9 @@ class Settlement:
     usage: Usage
 
 
-def settlement_compute(begun: Begun, outcome: Outcome) -> Settlement:
-    """What a finished request is charged, and on what basis. No writes."""
-    price, rates = _billing_rates(begun, outcome.upstream_model)
+def settlement_compute(begun: Begun, outcome: Outcome, price: ModelPrice) -> Settlement:
+    """What a finished request is charged at ``price``, and on what basis. No writes."""
+    rates = begun.rates if price is begun.price else rates_for(price)
 
     def priced(cost: Decimal | None, source: str, usage: Usage, estimated: bool = False) -> Settlement:
         charge = charge_nanos(cost, markup=rates.markup, min_charge=rates.min_charge) if cost is not None else 0
@@ -308,9 +365,34 @@ def settlement_compute(begun: Begun, outcome: Outcome) -> Settlement:
     return priced(cost_usd(rates, usage), CostSource.PRICE_TABLE, usage)
 
 
-def request_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
+_SETTLED_FIELDS = [
+    "status",
+    "upstream_model",
+    "generation_id",
+    "finish_reason",
+    "error",
+    "http_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "upstream_cost",
+    "cost_source",
+    "charge",
+    "markup",
+    "price",
+    "prices",
+    "estimated",
+    "latency_ms",
+    "ttfb_ms",
+    "settled_at",
+]
+
+
+async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     """Charge the request and close its record in one transaction (release when nothing is due)."""
-    result = settlement_compute(begun, outcome)
+    result = settlement_compute(begun, outcome, await _abilling_price(begun, outcome.upstream_model))
     usage, rates, charge = result.usage, result.rates, result.charge
     record = begun.record
     record.status = outcome.status
@@ -334,39 +416,13 @@ def request_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.latency_ms = outcome.latency_ms
     record.ttfb_ms = outcome.ttfb_ms
     record.settled_at = timezone.now()
-    # The record is written first and the wallet touched last: the wallet row's lock is then
-    # held only for the settle statement and the commit (see wallet.services).
-    with transaction.atomic(savepoint=False):
-        record.save(
-            update_fields=[
-                "status",
-                "upstream_model",
-                "generation_id",
-                "finish_reason",
-                "error",
-                "http_status",
-                "prompt_tokens",
-                "completion_tokens",
-                "reasoning_tokens",
-                "cached_tokens",
-                "cache_write_tokens",
-                "upstream_cost",
-                "cost_source",
-                "charge",
-                "markup",
-                "price",
-                "prices",
-                "estimated",
-                "latency_ms",
-                "ttfb_ms",
-                "settled_at",
-            ]
-        )
-        if outcome.reached_upstream:
-            hold_settle(hold=begun.hold, amount=charge, description=f"{record.model} ({record.request_id})")
-        else:
-            hold_release(hold=begun.hold)
-    limits.adjust(begun.reservation, charge)
+    also_save = (record, _SETTLED_FIELDS)
+    if outcome.reached_upstream:
+        description = f"{record.model} ({record.request_id})"
+        await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
+    else:
+        await ahold_release(hold=begun.hold, also_save=also_save)
+    await limits.aadjust(begun.reservation, charge)
     return record
 
 

@@ -319,12 +319,21 @@ async def proxy_call(
     ``disconnect_after=n`` sends ``http.disconnect`` after ``n`` body chunks and returns at once
     (with the time of the disconnect in ``headers["_disconnected_at"]``).
     """
-    from channels.testing import ApplicationCommunicator
-
+    from config import adb
     from config.asgi import application
 
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     parts = body_parts or [raw]
+    try:
+        return await _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout)
+    finally:
+        # Each call runs on an event loop of its own: close the hot path's pool with it.
+        await adb.close()
+
+
+async def _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout):
+    from channels.testing import ApplicationCommunicator
+
     communicator = ApplicationCommunicator(application, scope_for(path, token, headers, raw))
     for index, part in enumerate(parts):
         await communicator.send_input({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
@@ -344,6 +353,23 @@ async def proxy_call(
             break
     await communicator.wait(timeout)
     return ProxyResponse(start["status"], response_headers, b"".join(chunks), chunks)
+
+
+def run_async(service, **kwargs):
+    """Call an async service (``arequest_begin``…) from a sync test, on a loop of its own whose
+    hot-path pool is closed afterwards. The test must be ``transaction=True``: the service's
+    connections (worker threads, or the async pool) see only committed rows."""
+    from asgiref.sync import async_to_sync
+
+    from config import adb
+
+    async def run():
+        try:
+            return await service(**kwargs)
+        finally:
+            await adb.close()
+
+    return async_to_sync(run)()
 
 
 def call(path: str, body, **kwargs) -> ProxyResponse:

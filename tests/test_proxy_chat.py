@@ -283,11 +283,12 @@ def test_a_daily_spend_cap_counts_holds_in_flight(fake_upstream, alice, price):
     assert first.status == 200  # settled at a tiny charge: the cap has room again
     # Now hold money in flight: a pending request's hold counts against the cap.
     from accounts.models import ApiKey
-    from proxy.services import RequestMeta, request_begin
+    from proxy.services import RequestMeta, arequest_begin
+    from tests.fake_upstream import run_async
 
     key_row = ApiKey.objects.get(name="k")
     meta = RequestMeta(request_id="req_inflight", user=alice, api_key=key_row, endpoint="chat.completions", model=MODEL)
-    request_begin(meta=meta, prompt_chars=100, requested_output=1000)
+    run_async(arequest_begin, meta=meta, prompt_chars=100, requested_output=1000)
     response = call(CHAT, body, token=token)
     assert response.status == 429 and response.error["code"] == "spend_cap_reached"
     assert 0 < int(response.headers["retry-after"]) <= 86400

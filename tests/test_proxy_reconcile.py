@@ -14,10 +14,14 @@ from django.utils import timezone
 from proxy.lib.pricing import Rates, charge_nanos, cost_usd
 from proxy.lib.usage import Usage
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from proxy.services import Outcome, RequestMeta, request_begin, request_settle
-from tests.fake_upstream import Reply, fake_upstream, fake_upstream_server  # noqa: F401
+from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle
+from tests.fake_upstream import Reply, fake_upstream, fake_upstream_server, run_async  # noqa: F401
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 from wallet.services import hold_create
+
+# Requests are begun through the proxy's own (async) services, whose connections see only what
+# the test committed.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 MODEL = "openai/gpt-4o-mini"
 
@@ -29,7 +33,7 @@ def price(db):
 
 def begin(user, request_id: str, *, expired: bool = True):
     meta = RequestMeta(request_id=request_id, user=user, api_key=None, endpoint="chat.completions", model=MODEL)
-    begun = request_begin(meta=meta, prompt_chars=4000, requested_output=100)
+    begun = run_async(arequest_begin, meta=meta, prompt_chars=4000, requested_output=100)
     if expired:
         Hold.objects.filter(pk=begun.hold.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     return begun
@@ -84,7 +88,7 @@ def settle_estimate(user, request_id: str, generation_id: str, *, seconds_ago: i
     outcome = Outcome(
         status=UsageStatus.CANCELLED, generation_id=generation_id, output_chars=400, trust_upstream_cost=True
     )
-    record = request_settle(begun=begun, outcome=outcome)
+    record = run_async(arequest_settle, begun=begun, outcome=outcome)
     UsageRecord.objects.filter(pk=record.pk).update(settled_at=timezone.now() - timedelta(seconds=seconds_ago))
     assert (record.cost_source, record.estimated) == (CostSource.ESTIMATE, True)
     return record

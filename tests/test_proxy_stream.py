@@ -3,26 +3,27 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
 import json
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db.backends.signals import connection_created
 
-from accounts.auth import authenticate_bearer
 from accounts.services import api_key_create
+from config import adb
 from proxy import demo
-from proxy.lib.usage import Usage
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from proxy.selectors import price_cache_clear, price_current
-from proxy.services import Outcome, RequestMeta, request_begin, request_settle
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     Reply,
     StreamReply,
     call,
+    completion,
     fake_upstream,
     fake_upstream_server,
     slow_stream,
+    usage,
 )
 from wallet.models import Hold, HoldStatus, Wallet
 
@@ -116,27 +117,58 @@ def test_embeddings_refuse_missing_input_and_streaming(fake_upstream, alice, key
     assert not fake_upstream.requests
 
 
-@pytest.mark.django_db
-def test_the_hot_path_runs_a_pinned_number_of_queries(alice, alice_key, price, settings, django_assert_num_queries):
+@contextmanager
+def orm_queries_in_any_thread():
+    """Every ORM query run while the block is open, in any thread (the proxy's ORM work runs in
+    worker threads, whose connections ``django_assert_num_queries`` cannot see). Tests run with
+    ``CONN_MAX_AGE = 0``, so each worker call opens the connection this hooks into."""
+    queries: list[str] = []
+    hooked = []
+
+    def record(execute, sql, params, many, context):
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    def hook(sender, connection, **kwargs):
+        if record not in connection.execute_wrappers:  # a thread's wrapper object reconnects
+            connection.execute_wrappers.append(record)
+            hooked.append(connection)
+
+    connection_created.connect(hook)
+    try:
+        yield queries
+    finally:
+        connection_created.disconnect(hook)
+        for connection in hooked:
+            connection.execute_wrappers.remove(record)
+
+
+def test_the_hot_path_runs_a_pinned_number_of_statements(fake_upstream, alice, key, settings):
     settings.PROXY_PRICE_CACHE_SECONDS = 60
     price_cache_clear()
     price_current(MODEL)
-    _, secret = alice_key
-    authenticate_bearer(secret)  # the first use stamps last_used_at; later ones within a minute do not
-    with django_assert_num_queries(1):
-        principal = authenticate_bearer(secret)
-    meta = RequestMeta(request_id="req_q", user=principal.user, api_key=principal.api_key, endpoint="chat.completions")
-    meta.model = MODEL
-    # the hold (one statement on PostgreSQL; conditional UPDATE + INSERT on SQLite), usage record
-    # INSERT — the wallet needs no query: authentication joined it to the user
-    with django_assert_num_queries(2 if connection.vendor == "postgresql" else 3):
-        begun = request_begin(meta=meta, prompt_chars=400, requested_output=100)
-    outcome = Outcome(usage=Usage(prompt_tokens=100, completion_tokens=20), upstream_model=MODEL)
-    # usage record UPDATE, then the settle: one statement on PostgreSQL (wallet.services), on
-    # SQLite close hold, debit wallet, read balance, ledger entry
-    with django_assert_num_queries(2 if connection.vendor == "postgresql" else 5):
-        record = request_settle(begun=begun, outcome=outcome)
-    assert record.charge == int((100 * Decimal("0.15") + 20 * Decimal("0.6")) * Decimal("1.2") * 1000)
+    fake_upstream.script("chat", Reply(body=completion(u=usage(100, 20))), Reply(body=completion(u=usage(100, 20))))
+    assert call(CHAT, HELLO, token=key).status == 200  # the key's first use stamps last_used_at; the next does not
+    sent: list[str] = []
+    with orm_queries_in_any_thread() as orm, adb.observe(sent.append):
+        response = call(CHAT, HELLO, token=key)
+    assert response.status == 200
+    if adb.native():
+        # On PostgreSQL all of it runs on the event loop's async connections, none in the ORM,
+        # and each step is one statement: the key (user and wallet joined); the hold with its
+        # pending usage record; the settlement with the record's update.
+        assert orm == []
+        key, begin, settle = sent
+        assert key.startswith("SELECT") and "accounts_apikey" in key
+        assert "wallet_hold" in begin and 'INSERT INTO "proxy_usagerecord"' in begin
+        assert "wallet_entry" in settle and 'UPDATE "proxy_usagerecord"' in settle
+    else:
+        # Through the ORM (SQLite): the key with its user and wallet; the hold's conditional
+        # UPDATE + INSERT; the record INSERT; then in one transaction the record UPDATE, the
+        # hold closed, the wallet debited and read back, the ledger entry.
+        assert sent == []
+        writes = [sql for sql in orm if not sql.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
+        assert len(writes) == 1 + 2 + 1 + 5, "\n".join(sql[:90] for sql in orm)
     price_cache_clear()
 
 
@@ -154,6 +186,7 @@ def test_a_client_that_leaves_before_forwarding_is_not_charged_and_the_upstream_
         await communicator.send_input({"type": "http.request", "body": raw, "more_body": False})
         await communicator.send_input({"type": "http.disconnect"})
         await communicator.wait(5)
+        await adb.close()
 
     async_to_sync(leave_at_once)()
     record = UsageRecord.objects.get()
