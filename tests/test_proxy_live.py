@@ -1,16 +1,12 @@
-"""The proxy behind a real server (Daphne in a subprocess, sharing the test database), used by the
-official openai SDK — sync, async and streaming — and hammered concurrently on PostgreSQL."""
+"""The proxy behind a real server (the shipped uvicorn command in a subprocess, sharing the test
+database), used by the official openai SDK — sync, async and streaming — and hammered
+concurrently on PostgreSQL."""
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
-import time
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import openai
@@ -30,69 +26,26 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     stream_of,
     usage,
 )
+from tests.live import live_server
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say pong"}]
 
 
-def database_url() -> str:
-    db = django_settings.DATABASES["default"]
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker, fake_upstream_server):
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "UPSTREAM_BASE_URL": fake_upstream_server.url,
-        "UPSTREAM_API_KEY": "sk-or-v1-server-secret",
-        "UPSTREAM_KIND": "openrouter",
-        "PROXY_PRICE_CACHE_SECONDS": "0",
-        "LOG_LEVEL": "WARNING",
-    }
-    env.pop("REDIS_URL", None)
-    daphne = Path(sys.executable).with_name("daphne")
-    proc = subprocess.Popen(
-        [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"daphne did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with live_server(
+        SECRET_KEY=django_settings.SECRET_KEY,
+        UPSTREAM_BASE_URL=fake_upstream_server.url,
+        UPSTREAM_API_KEY="sk-or-v1-server-secret",
+        UPSTREAM_KIND="openrouter",
+        PROXY_PRICE_CACHE_SECONDS="0",
+        LOG_LEVEL="WARNING",
+    ) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from django.test import Client
 from accounts.services import api_key_create, api_key_revoke, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
-from tests.live import MiniWebSocket, daphne_servers
+from tests.live import MiniWebSocket, live_servers
 from wallet import consumers
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
@@ -227,14 +227,14 @@ async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(m
 @pytest.mark.postgres
 @pytest.mark.redis
 async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_another():
-    """Two Daphne processes sharing PostgreSQL and Redis: alice listens on B, an operator's
+    """Two server processes sharing PostgreSQL and Redis: alice listens on B, an operator's
     billing key credits her through A, and B's socket hears it."""
     redis = {"REDIS_URL": os.environ["TEST_REDIS_URL"], "REDIS_PREFIX": f"tt-test-{uuid.uuid4().hex[:8]}"}
     alice = await persona("alice@example.com", "10.00")
     operator = await persona("operator@example.com")
     _, billing_key = await database_sync_to_async(api_key_create)(user=operator, name="billing", scopes=["billing"])
     headers = {"Authorization": f"Bearer {await access_token(alice)}"}
-    with daphne_servers(2, **redis) as (server_a, server_b):
+    with live_servers(2, **redis) as (server_a, server_b):
         ws = await MiniWebSocket.connect(server_b, "/ws/events", headers)
         try:
             assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
