@@ -6,6 +6,8 @@ concurrently on PostgreSQL."""
 
 import asyncio
 import os
+import socket
+import time
 from decimal import Decimal
 
 import httpx
@@ -23,6 +25,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     completion,
     fake_upstream,
     fake_upstream_server,
+    slow_stream,
     stream_of,
     usage,
 )
@@ -131,3 +134,70 @@ def test_concurrent_requests_never_spend_more_than_the_wallet_holds(server, fake
     assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
     assert UsageRecord.objects.filter(status=UsageStatus.REFUSED, http_status=402).count() == 3 * k
     call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
+
+
+# --- what the server itself must not get in the way of ------------------------------------
+
+
+def wait_for(predicate, timeout: float = 5):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+    return result
+
+
+def test_a_stream_reaches_the_client_chunk_by_chunk_as_the_upstream_sends_it(server, fake_upstream, sdk_key):
+    items = stream_of("Po", "ng", u=usage(5, 2, cost="0.000001"))
+    items.insert(2, 1.0)  # the upstream thinks for a second after its first word
+    fake_upstream.script("chat", StreamReply(items))
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    seen: dict[bytes, float] = {}
+    headers = {"Authorization": f"Bearer {sdk_key}"}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=10) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        for chunk in response.iter_raw():
+            for marker in (b'"Po"', b"[DONE]"):
+                if marker in chunk:
+                    seen.setdefault(marker, time.monotonic())
+    assert seen[b"[DONE]"] - seen[b'"Po"'] > 0.8, "the first word was held back until the stream ended"
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_the_upstream_and_pays_for_what_it_got(
+    server, fake_upstream, alice, sdk_key
+):
+    fake_upstream.script("chat", StreamReply(slow_stream(seconds=10)))
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    received = b""
+    headers = {"Authorization": f"Bearer {sdk_key}"}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=10) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if received.count(b"word ") >= 3:
+                break
+    hung_up_at = time.monotonic()  # leaving the block closed the connection mid-body
+    assert fake_upstream.stream_finished.wait(3), "the upstream kept streaming after the client left"
+    assert fake_upstream.stream_closed_at - hung_up_at < 1.0
+    record = wait_for(lambda: UsageRecord.objects.exclude(status=UsageStatus.PENDING).first())
+    assert record is not None and record.status == UsageStatus.CANCELLED and record.charge > 0
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - record.charge
+    assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
+
+
+def test_a_body_over_the_limit_is_refused_before_the_rest_is_sent(server, fake_upstream, sdk_key):
+    declared = 8 * django_settings.PROXY_MAX_BODY_BYTES
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {sdk_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b'{"model": "' + b"x" * 65536)
+        # Nothing more is sent: the answer must come from what arrived, not from reading it all.
+        answer = b""
+        while b"request_too_large" not in answer and (part := sock.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"request_too_large" in answer
+    assert UsageRecord.objects.get().http_status == 413 and not fake_upstream.requests
