@@ -86,7 +86,6 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[:
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -277,6 +276,11 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"signup": SIGNUP_RATE, "login": LOGIN_RATE},
+    # Throttles key on REMOTE_ADDR only. Left unset, DRF would key on the raw X-Forwarded-For,
+    # which any client can forge to get a fresh allowance per request; the server (uvicorn)
+    # already replaces the address with the forwarded one when the peer is a trusted proxy
+    # (FORWARDED_ALLOW_IPS).
+    "NUM_PROXIES": 0,
     "EXCEPTION_HANDLER": "config.exceptions.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }

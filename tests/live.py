@@ -1,5 +1,6 @@
-"""Helpers for tests that talk to a real server process: Daphne in a subprocess, a tiny WebSocket
-client (RFC 6455, text frames only) over asyncio streams, and the test database's URL.
+"""Helpers for tests that talk to a real server process: the shipped uvicorn command in a
+subprocess, a tiny WebSocket client (RFC 6455, text frames only) over asyncio streams, and the
+test database's URL.
 
 The server processes share the test database: its name is read after pytest-django created it,
 and tests using them are ``transaction=True`` so what they write is committed and visible.
@@ -44,35 +45,39 @@ def shared_database_url() -> str:
     return f"postgres://{auth}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
+# The flags scripts/run serves with, so the tests exercise what ships. One worker per process,
+# whatever WEB_CONCURRENCY says: a test that needs several processes starts several and knows
+# which one it talks to.
+UVICORN_FLAGS = "--loop uvloop --http httptools --ws websockets --lifespan off --no-access-log --workers 1".split()
+
+
 @contextmanager
-def daphne_server(**env_overrides: str):
-    """Run ``config.asgi:application`` under Daphne on a free loopback port; yields its base URL."""
-    with daphne_servers(1, **env_overrides) as (url,):
+def live_server(**env_overrides: str):
+    """Run ``config.asgi:application`` under uvicorn on a free loopback port; yields its base URL."""
+    with live_servers(1, **env_overrides) as (url,):
         yield url
 
 
 @contextmanager
-def daphne_servers(count: int, **env_overrides: str):
-    """``count`` Daphne processes started side by side (start-up is the slow part); yields their URLs.
-    Every process is terminated on the way out, whatever happened."""
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX"}}
+def live_servers(count: int, **env_overrides: str):
+    """``count`` server processes started side by side (start-up is the slow part); yields their
+    URLs. Each logs to ``var/server-<port>.log`` while it runs (the tail is in the error if it does
+    not start). Every process is terminated on the way out, whatever happened."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX", "WEB_CONCURRENCY"}}
     env.update(DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(env_overrides)
-    daphne = Path(sys.executable).with_name("daphne")
+    uvicorn = Path(sys.executable).with_name("uvicorn")
     (BASE_DIR / "var").mkdir(exist_ok=True)
     servers: list[tuple[subprocess.Popen, str, Path]] = []
     try:
         for _ in range(count):
             port = free_port()
-            log_path = BASE_DIR / "var" / f"daphne-{port}.log"
+            log_path = BASE_DIR / "var" / f"server-{port}.log"
+            command = [str(uvicorn), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-                    cwd=BASE_DIR,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                    [*command, *UVICORN_FLAGS], cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
             servers.append((proc, f"http://127.0.0.1:{port}", log_path))
         for proc, url, log_path in servers:
@@ -94,14 +99,14 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: fl
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"daphne exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"the server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"daphne did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"the server did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
         time.sleep(0.1)
 
 

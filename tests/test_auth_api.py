@@ -44,8 +44,9 @@ def set_rates(settings, **rates):
     }
 
 
-def signup(client, email="carol@example.com", password=PASSWORD, addr="10.0.0.1"):
-    return client.post("/api/auth/signup", {"email": email, "password": password}, format="json", REMOTE_ADDR=addr)
+def signup(client, email="carol@example.com", password=PASSWORD, addr="10.0.0.1", **extra):
+    body = {"email": email, "password": password}
+    return client.post("/api/auth/signup", body, format="json", REMOTE_ADDR=addr, **extra)
 
 
 def login(client, email="alice@example.com", password=PASSWORD, addr="10.0.0.1"):
@@ -152,6 +153,18 @@ def test_signups_are_throttled_per_client_address(client, db, settings):
     assert "detail" in throttled.json()
     assert not User.objects.filter(email="b@example.com").exists()
     assert elsewhere.status_code == 201
+
+
+def test_a_forged_x_forwarded_for_buys_no_fresh_signup_allowance(client, db, settings):
+    # The server decides the client address (uvicorn trusts X-Forwarded-For only from
+    # FORWARDED_ALLOW_IPS and puts the result in REMOTE_ADDR); the throttle must not re-read the
+    # header, which any client can write.
+    set_rates(settings, signup="1/h")
+
+    first = signup(client, email="a@example.com", HTTP_X_FORWARDED_FOR="198.51.100.1")
+    forged = signup(client, email="b@example.com", HTTP_X_FORWARDED_FOR="198.51.100.2")
+
+    assert (first.status_code, forged.status_code) == (201, 429)
 
 
 # --- login ------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from django.db import OperationalError, connection
+
+from tests.live import BASE_DIR, live_server
 
 
 def test_healthz_answers_ok_without_touching_anything(client, db, django_assert_num_queries):
@@ -77,3 +80,16 @@ def test_readyz_is_unavailable_when_the_database_cannot_be_queried(client, db, s
 def test_probes_only_answer_get(client, db, method):
     assert getattr(client, method)("/healthz").status_code == 405
     assert getattr(client, method)("/readyz").status_code == 405
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_server_process_answers_the_probes_and_serves_static_files():
+    with live_server(UPSTREAM_API_KEY="") as url:
+        assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"database": "ok", "channel_layer": "ok", "upstream": "demo"}
+        css = httpx.get(url + "/static/portal.css")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        assert css.content == (BASE_DIR / "static" / "portal.css").read_bytes()
+        assert httpx.get(url + "/static/admin/css/base.css").status_code == 200

@@ -1,5 +1,6 @@
 """The portal in a real browser (Debian's chromium through Playwright) against a real server
-(Daphne in a subprocess, sharing the test database), WebSocket live updates included."""
+(the shipped uvicorn command in a subprocess, sharing the test database), WebSocket live updates
+included."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from accounts.services import api_key_create
 from tests.conftest import make_user
-from tests.live import BASE_DIR, daphne_server
+from tests.live import BASE_DIR, live_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -62,7 +63,7 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker):
-    with daphne_server(SIGNUP_TRIAL_CREDIT="0.50") as url:
+    with live_server(SIGNUP_TRIAL_CREDIT="0.50") as url:
         yield url
 
 

@@ -1,16 +1,14 @@
-"""The proxy behind a real server (Daphne in a subprocess, sharing the test database), used by the
-official openai SDK — sync, async and streaming — and hammered concurrently on PostgreSQL."""
+"""The proxy behind a real server (the shipped uvicorn command in a subprocess, sharing the test
+database), used by the official openai SDK — sync, async and streaming — and hammered
+concurrently on PostgreSQL."""
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
 import asyncio
 import os
 import socket
-import subprocess
-import sys
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import openai
@@ -27,72 +25,30 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     completion,
     fake_upstream,
     fake_upstream_server,
+    slow_stream,
     stream_of,
     usage,
 )
+from tests.live import live_server
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say pong"}]
 
 
-def database_url() -> str:
-    db = django_settings.DATABASES["default"]
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker, fake_upstream_server):
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "UPSTREAM_BASE_URL": fake_upstream_server.url,
-        "UPSTREAM_API_KEY": "sk-or-v1-server-secret",
-        "UPSTREAM_KIND": "openrouter",
-        "PROXY_PRICE_CACHE_SECONDS": "0",
-        "LOG_LEVEL": "WARNING",
-    }
-    env.pop("REDIS_URL", None)
-    daphne = Path(sys.executable).with_name("daphne")
-    proc = subprocess.Popen(
-        [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"daphne did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with live_server(
+        SECRET_KEY=django_settings.SECRET_KEY,
+        UPSTREAM_BASE_URL=fake_upstream_server.url,
+        UPSTREAM_API_KEY="sk-or-v1-server-secret",
+        UPSTREAM_KIND="openrouter",
+        PROXY_PRICE_CACHE_SECONDS="0",
+        LOG_LEVEL="WARNING",
+    ) as url:
+        yield url
 
 
 @pytest.fixture
@@ -178,3 +134,70 @@ def test_concurrent_requests_never_spend_more_than_the_wallet_holds(server, fake
     assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
     assert UsageRecord.objects.filter(status=UsageStatus.REFUSED, http_status=402).count() == 3 * k
     call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
+
+
+# --- what the server itself must not get in the way of ------------------------------------
+
+
+def wait_for(predicate, timeout: float = 5):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+    return result
+
+
+def test_a_stream_reaches_the_client_chunk_by_chunk_as_the_upstream_sends_it(server, fake_upstream, sdk_key):
+    items = stream_of("Po", "ng", u=usage(5, 2, cost="0.000001"))
+    items.insert(2, 1.0)  # the upstream thinks for a second after its first word
+    fake_upstream.script("chat", StreamReply(items))
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    seen: dict[bytes, float] = {}
+    headers = {"Authorization": f"Bearer {sdk_key}"}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=10) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        for chunk in response.iter_raw():
+            for marker in (b'"Po"', b"[DONE]"):
+                if marker in chunk:
+                    seen.setdefault(marker, time.monotonic())
+    assert seen[b"[DONE]"] - seen[b'"Po"'] > 0.8, "the first word was held back until the stream ended"
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_the_upstream_and_pays_for_what_it_got(
+    server, fake_upstream, alice, sdk_key
+):
+    fake_upstream.script("chat", StreamReply(slow_stream(seconds=10)))
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    received = b""
+    headers = {"Authorization": f"Bearer {sdk_key}"}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=10) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if received.count(b"word ") >= 3:
+                break
+    hung_up_at = time.monotonic()  # leaving the block closed the connection mid-body
+    assert fake_upstream.stream_finished.wait(3), "the upstream kept streaming after the client left"
+    assert fake_upstream.stream_closed_at - hung_up_at < 1.0
+    record = wait_for(lambda: UsageRecord.objects.exclude(status=UsageStatus.PENDING).first())
+    assert record is not None and record.status == UsageStatus.CANCELLED and record.charge > 0
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - record.charge
+    assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
+
+
+def test_a_body_over_the_limit_is_refused_before_the_rest_is_sent(server, fake_upstream, sdk_key):
+    declared = 8 * django_settings.PROXY_MAX_BODY_BYTES
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {sdk_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b'{"model": "' + b"x" * 65536)
+        # Nothing more is sent: the answer must come from what arrived, not from reading it all.
+        answer = b""
+        while b"request_too_large" not in answer and (part := sock.recv(65536)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"request_too_large" in answer
+    assert UsageRecord.objects.get().http_status == 413 and not fake_upstream.requests

@@ -15,7 +15,7 @@ from django.test import Client
 from accounts.services import api_key_create, api_key_revoke, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
-from tests.live import MiniWebSocket, daphne_servers
+from tests.live import MiniWebSocket, WebSocketClosed, live_server, live_servers
 from wallet import consumers
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
@@ -227,14 +227,14 @@ async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(m
 @pytest.mark.postgres
 @pytest.mark.redis
 async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_another():
-    """Two Daphne processes sharing PostgreSQL and Redis: alice listens on B, an operator's
+    """Two server processes sharing PostgreSQL and Redis: alice listens on B, an operator's
     billing key credits her through A, and B's socket hears it."""
     redis = {"REDIS_URL": os.environ["TEST_REDIS_URL"], "REDIS_PREFIX": f"tt-test-{uuid.uuid4().hex[:8]}"}
     alice = await persona("alice@example.com", "10.00")
     operator = await persona("operator@example.com")
     _, billing_key = await database_sync_to_async(api_key_create)(user=operator, name="billing", scopes=["billing"])
     headers = {"Authorization": f"Bearer {await access_token(alice)}"}
-    with daphne_servers(2, **redis) as (server_a, server_b):
+    with live_servers(2, **redis) as (server_a, server_b):
         ws = await MiniWebSocket.connect(server_b, "/ws/events", headers)
         try:
             assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
@@ -249,3 +249,65 @@ async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_ano
             assert (event["balance"], event["reason"]) == ("12.000000001", "bonus")
         finally:
             await ws.close()
+
+
+# --- the same protocol through the shipped server process ----------------------------------
+# The communicator tests above drive the consumer directly; these check that uvicorn's
+# WebSocket layer hands it the same headers and carries its messages and close codes unchanged.
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker):
+    with live_server() as url:
+        yield url
+
+
+async def test_the_server_process_authenticates_a_header_and_answers_pings(server):
+    alice = await persona("alice@example.com", "10.00")
+    ws = await MiniWebSocket.connect(server, "/ws/events", {"Authorization": f"Bearer {await access_token(alice)}"})
+    try:
+        assert (await ws.receive_json(timeout=5))["balance"] == "10.000000000"
+        await ws.send_json({"type": "ping"})
+        assert await ws.receive_json() == {"type": "pong"}
+    finally:
+        await ws.close()
+
+
+async def test_the_server_process_authenticates_a_first_message(server):
+    alice = await persona("alice@example.com", "1.00")
+    ws = await MiniWebSocket.connect(server, "/ws/events")
+    try:
+        await ws.send_json({"type": "auth", "token": await access_token(alice)})
+        assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
+    finally:
+        await ws.close()
+
+
+async def test_the_server_process_sends_the_error_then_closes_with_4401(server):
+    ws = await MiniWebSocket.connect(server, "/ws/events", {"Authorization": "Bearer tt_not-a-real-key"})
+    try:
+        assert (await ws.receive_json(timeout=5))["code"] == "unauthenticated"
+        with pytest.raises(WebSocketClosed) as closed:
+            await ws.receive_json()
+        assert closed.value.code == 4401
+    finally:
+        await ws.close()
+
+
+async def test_the_server_process_honours_a_cookie_only_from_our_own_origin(server):
+    alice = await persona("alice@example.com", "3.00")
+    cookie = (await session_cookie(alice)).decode()
+    ours = await MiniWebSocket.connect(server, "/ws/events", {"Cookie": cookie, "Origin": server})
+    try:
+        assert (await ours.receive_json(timeout=5))["balance"] == "3.000000000"
+    finally:
+        await ours.close()
+    foreign = await MiniWebSocket.connect(server, "/ws/events", {"Cookie": cookie, "Origin": "https://evil.example"})
+    try:
+        await foreign.send_json({"type": "ping"})  # still unauthenticated: must authenticate first
+        assert (await foreign.receive_json(timeout=5))["code"] == "unauthenticated"
+        with pytest.raises(WebSocketClosed) as closed:
+            await foreign.receive_json()
+        assert closed.value.code == 4401
+    finally:
+        await foreign.close()
