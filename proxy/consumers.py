@@ -2,11 +2,16 @@
 
 Why the consumer is shaped the way it is:
 
-* The response work runs in a task *beside* a disconnect listener (Django's ``asgi.py`` does the
-  same). A consumer's ``handle()`` blocks the dispatch loop, so a relay loop inside it would never
-  hear ``http.disconnect`` (channels issues #1249, #1350): the client could leave and we would
-  keep paying the upstream. On disconnect the task is cancelled, which closes the upstream
-  response (and so cancels the generation), and the settlement in its ``finally`` runs shielded.
+* The request is served with a disconnect listener running *beside* it (Django's ``asgi.py``
+  does the same). A consumer's ``handle()`` blocks the dispatch loop, so a relay loop inside it
+  would never hear ``http.disconnect`` (channels issues #1249, #1350): the client could leave and
+  we would keep paying the upstream. The listener cancels the request's task only while it is
+  relaying — that closes the upstream response, and so cancels the generation — and otherwise
+  just notes the departure: admission runs to its end and then releases its hold, settlement
+  always completes (and is shielded against any other cancellation, such as a shutdown).
+* No more tasks than that: under load every extra task is another wait behind everything else
+  that is ready on the event loop. The request runs in the ASGI server's own task; the body is
+  read straight from ``receive`` rather than through Channels' dispatch loop.
 * Upstream bytes are relayed as they arrive; only whole SSE events are held back, and only until
   their terminating blank line, because the usage chunk may have to be removed.
 * The request is settled *before* the client is told its charge, so the ``: tokentill`` line and
@@ -24,9 +29,7 @@ import time
 import uuid
 
 import httpx
-from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
-from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
@@ -73,60 +76,66 @@ class ProxyConsumer(AsyncHttpConsumer):
     async def __call__(self, scope, receive, send):
         self.scope = scope
         self.base_send = send
-        self._receive = receive
         self.request_id = f"req_{uuid.uuid4().hex}"
         self.started = time.monotonic()
-        self.body_size = 0
         self.response_started = False
         self.disconnected = False
+        self.cancellable = False  # may a disconnect cancel the work right now? (only while relaying)
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
         }
+        body = await self.read_body(receive)
+        if body is None:
+            return
+        task = asyncio.current_task()
+        listener = asyncio.ensure_future(self.listen_for_disconnect(receive, task))
         try:
-            await await_many_dispatch([receive], self.dispatch)
-        except StopConsumer:
-            pass
-
-    async def dispatch(self, message):
-        # No database connection is held across the request: the services take one per step.
-        handler = getattr(self, message["type"].replace(".", "_"), None)
-        if handler is not None:
-            await handler(message)
+            await self.handle(body)
+        except asyncio.CancelledError:
+            if not self.disconnected:
+                raise  # not ours: the server is shutting down
+            task.uncancel()  # ours, for a client that left: handled
+        finally:
+            listener.cancel()
 
     # --- ASGI plumbing -------------------------------------------------------------------------
 
-    async def http_request(self, message):
+    async def read_body(self, receive) -> bytes | None:
+        """The whole request body, or None when it was refused (413) or the client left."""
         limit = settings.PROXY_MAX_BODY_BYTES
+        too_large = f"Request body is larger than {limit} bytes."
         declared = self.headers.get("content-length", "")
-        self.body_size += len(message.get("body", b""))
-        if (declared.isdigit() and int(declared) > limit) or self.body_size > limit:
-            # Answer as soon as we know, without reading (or buffering) the rest of the body.
-            await self._refuse_early(413, f"Request body is larger than {limit} bytes.", "request_too_large")
-            raise StopConsumer()
-        self.body.append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        await self._handle_beside_disconnect(b"".join(self.body))
-        raise StopConsumer()
+        if declared.isdigit() and int(declared) > limit:
+            # Refused before a byte is read, so a client waiting on ``Expect: 100-continue`` is
+            # told not to send the body at all.
+            await self._refuse_early(413, too_large, "request_too_large")
+            return None
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:  # answered without reading (or buffering) the rest
+                await self._refuse_early(413, too_large, "request_too_large")
+                return None
+            parts.append(part)
+            if not message.get("more_body"):
+                return b"".join(parts)
 
-    async def _handle_beside_disconnect(self, body: bytes) -> None:
-        handler = asyncio.ensure_future(self.handle(body))
-        listener = asyncio.ensure_future(self._receive())
-        try:
-            await asyncio.wait({handler, listener}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            handler.cancel()
-            listener.cancel()
-            raise
-        if handler.done():
-            listener.cancel()
-        else:
-            # After the body only http.disconnect can arrive: the client has gone.
+    async def listen_for_disconnect(self, receive, task: asyncio.Task) -> None:
+        # After the body only http.disconnect can arrive: the client has gone.
+        if (await receive())["type"] == "http.disconnect":
             self.disconnected = True
-            handler.cancel()
-            await asyncio.wait({handler})
-        if not handler.cancelled() and handler.exception() is not None:
-            log.error("proxy request %s failed", self.request_id, exc_info=handler.exception())
+            if self.cancellable:
+                task.cancel()
+
+    def allow_cancel(self, allowed: bool) -> None:
+        """Relaying may be cancelled by a disconnect; admission and settlement may not."""
+        self.cancellable = allowed
+        if allowed and self.disconnected:  # the client left just before: stop at the next await
+            asyncio.current_task().cancel()
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.response_started = True
@@ -136,9 +145,14 @@ class ProxyConsumer(AsyncHttpConsumer):
             + [(name.encode(), value.encode()) for name, value in headers],
         )
 
+    async def send_whole(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        """A response with a known length (sent with Content-Length, not chunked)."""
+        await self.start(status, [*headers, ("content-length", str(len(body)))])
+        await self.send_body(body)
+
     async def send_json(self, status: int, payload: dict, headers: list[tuple[str, str]] | None = None) -> None:
-        await self.start(status, [("content-type", "application/json"), *(headers or [])])
-        await self.send_body(json.dumps(payload).encode())
+        body = json.dumps(payload).encode()
+        await self.send_whole(status, body, [("content-type", "application/json"), *(headers or [])])
 
     async def send_error(self, status: int, message: str, type_: str, code: str | None = None, **kw) -> None:
         param = kw.pop("param", None)
@@ -201,28 +215,22 @@ class ProxyConsumer(AsyncHttpConsumer):
             payload, invalid = self.parse(body), None
         except Refusal as refusal:
             payload, invalid = None, refusal
-        admitting = asyncio.ensure_future(self.admit(body, payload, invalid))
         try:
-            # Shielded: admission runs to its end even if the client leaves now (a half-taken
-            # hold is worse than a finished one) — abandon() waits for it and frees the hold.
-            begun = await asyncio.shield(admitting)
-        except asyncio.CancelledError:
-            await self.abandon(admitting)
-            raise
+            # Not cancellable (see the module docstring): a half-taken hold is worse than a
+            # finished one, which abandon() frees if the client has left meanwhile.
+            begun = await self.admit(body, payload, invalid)
         except AuthFailed as exc:
             return await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
         except Refusal as refusal:
             return await self.send_refusal(refusal)
         except Funds as funds:
             return await self.insufficient_funds(funds, payload)
+        if self.disconnected:
+            return await self.abandon(begun)
         await self.forward(begun, payload)
 
-    async def abandon(self, admitting: asyncio.Future) -> None:
-        """The client left before anything was forwarded: release the hold if one was taken."""
-        try:
-            begun = await admitting
-        except Exception:  # refused or failed: nothing is held
-            return
+    async def abandon(self, begun: Begun) -> None:
+        """The client left before anything was forwarded: release the hold."""
         outcome = Outcome(status=UsageStatus.CANCELLED, reached_upstream=False, error="client disconnected")
         await arequest_settle(begun=begun, outcome=outcome)
 
@@ -281,15 +289,13 @@ class ProxyConsumer(AsyncHttpConsumer):
     async def open_upstream(self, begun: Begun, body: dict, path: str):
         if begun.price.is_demo:
             return DemoResponse(body, begun.rates, prompt_chars=len(json.dumps(body.get("messages", ""))))
-        content = json.dumps(body).encode()
-        return upstream.client().stream(
-            "POST", upstream.url(path), content=content, headers=upstream.headers(), timeout=upstream.timeout()
-        )
+        return upstream.stream(path, json.dumps(body).encode())
 
     async def forward(self, begun: Begun, payload: dict) -> None:
         outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
         finish = None
         try:
+            self.allow_cancel(True)
             finish = await self.relay(begun, payload, outcome)
         except asyncio.CancelledError:
             outcome.status = UsageStatus.CANCELLED
@@ -300,6 +306,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             outcome.status, outcome.error = UsageStatus.UPSTREAM_ERROR, f"proxy error: {type(exc).__name__}"
             raise
         finally:
+            self.allow_cancel(False)
             outcome.latency_ms = _ms_since(self.started)
             settling = asyncio.ensure_future(arequest_settle(begun=begun, outcome=outcome))
             # Shielded: a second cancellation (server shutdown) must not lose the settlement.
@@ -336,8 +343,7 @@ class ProxyConsumer(AsyncHttpConsumer):
                 ("x-tokentill-charge", format_usd(record.charge)),
                 ("x-tokentill-balance", format_usd(begun.wallet.balance)),
             ]
-            await self.start(200, headers)
-            await self.send_body(raw)
+            await self.send_whole(200, raw, headers)
 
         return finish
 
