@@ -453,21 +453,26 @@ def _pg_hold_closed(hold: Hold, params: dict, row: tuple | None, metadata: dict)
     entry_id, balance, held, user_id = row
     entry = None
     if entry_id is not None:
-        entry = Entry(
-            pk=entry_id,
-            wallet_id=hold.wallet_id,
-            kind=params["kind"],
-            amount=-params["amount"],
-            balance_after=balance,
-            idempotency_key=params["key"],
-            reference=hold.request_id,
-            description=params["description"],
-            metadata=metadata,
-            created_at=params["now"],
-        )
-        entry._state.adding, entry._state.db = False, connection.alias
+        # from_db: the ORM's own fast path for a row it has read (positional, no defaults).
+        values = {
+            "id": entry_id,
+            "wallet_id": hold.wallet_id,
+            "kind": params["kind"],
+            "amount": -params["amount"],
+            "balance_after": balance,
+            "idempotency_key": params["key"],
+            "reference": hold.request_id,
+            "description": params["description"],
+            "metadata": metadata,
+            "created_by_id": None,
+            "created_at": params["now"],
+        }
+        entry = Entry.from_db(connection.alias, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
         entry.replayed = False
     return entry, (balance, held, user_id)
+
+
+_ENTRY_FIELDS = [field.attname for field in Entry._meta.concrete_fields]
 
 
 def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
