@@ -28,9 +28,12 @@ import logging
 import time
 import uuid
 
+import django.db
 import httpx
+import psycopg
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
+from psycopg_pool import PoolTimeout
 
 from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
 from wallet.money import format_usd, loads_decimal
@@ -45,6 +48,8 @@ from .services import Begun, Funds, Outcome, Refusal, RequestMeta, arequest_begi
 log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
+# Failures that mean "the database cannot take this request now", not a bug: answered 503.
+DATABASE_UNAVAILABLE = (django.db.OperationalError, django.db.InterfaceError, psycopg.OperationalError, PoolTimeout)
 DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
 
 
@@ -81,6 +86,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.response_started = False
         self.disconnected = False
         self.cancellable = False  # may a disconnect cancel the work right now? (only while relaying)
+        self.forwarded = False  # has the request been sent upstream?
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
         }
@@ -194,10 +200,13 @@ class ProxyConsumer(AsyncHttpConsumer):
             return None
 
     async def _refuse_early(self, status: int, message: str, code: str) -> None:
-        principal = await self.authenticate()
-        if principal is None:
-            return
-        await ausage_refused(meta=self.meta(principal), http_status=status, error=message)
+        try:
+            principal = await self.authenticate()
+            if principal is None:
+                return
+            await ausage_refused(meta=self.meta(principal), http_status=status, error=message)
+        except DATABASE_UNAVAILABLE:  # the refusal still stands; it just goes unrecorded
+            log.exception("proxy request %s: could not record its refusal", self.request_id)
         await self.send_error(status, message, "invalid_request_error", code)
 
     async def handle(self, body: bytes) -> None:
@@ -205,10 +214,18 @@ class ProxyConsumer(AsyncHttpConsumer):
             await self.serve(body)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("proxy request %s failed", self.request_id)
-            if not self.response_started:
-                await self.send_error(500, "Internal error; nothing was charged.", "server_error", "internal_error")
+            if self.response_started:
+                return
+            # Before forwarding nothing is held or charged; after it, a hold the settlement could
+            # not close is charged by reconcile_holds from its record.
+            after = " It will be reconciled from its usage record." if self.forwarded else " Nothing was charged."
+            if isinstance(exc, DATABASE_UNAVAILABLE):
+                message = "The billing database is unavailable or busy; retry shortly." + after
+                await self.send_error(503, message, "server_error", "service_unavailable", retry_after=1)
+            else:
+                await self.send_error(500, "Internal error." + after, "server_error", "internal_error")
 
     async def serve(self, body: bytes) -> None:
         try:
@@ -295,6 +312,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
         finish = None
         try:
+            self.forwarded = True
             self.allow_cancel(True)
             finish = await self.relay(begun, payload, outcome)
         except asyncio.CancelledError:

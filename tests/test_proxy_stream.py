@@ -216,3 +216,23 @@ async def test_a_settled_charge_reaches_the_users_balance_socket_from_the_proxy(
     assert event["balance"] == response.headers["x-tokentill-balance"] == f"{wallet.balance / 10**9:.9f}"
     assert event["held"] == "0.000000000"
     await ws.disconnect()
+
+
+@pytest.mark.postgres
+def test_a_database_too_busy_for_the_request_is_a_503_and_nothing_moves(fake_upstream, alice, key, settings):
+    from asgiref.sync import async_to_sync
+
+    from tests.fake_upstream import proxy_call
+
+    settings.PROXY_DB_POOL_SIZE, settings.PROXY_DB_POOL_TIMEOUT = 1, 0.2
+
+    async def with_the_only_connection_taken():
+        async with adb.connection():
+            return await proxy_call(CHAT, HELLO, token=key)
+
+    response = async_to_sync(with_the_only_connection_taken)()
+    assert response.status == 503 and response.headers["retry-after"] == "1"
+    assert response.error["code"] == "service_unavailable" and "Nothing was charged" in response.error["message"]
+    assert response.headers["content-type"] == "application/json" and response.headers["x-request-id"]
+    assert not fake_upstream.requests
+    assert not Hold.objects.exists() and Wallet.objects.get(user=alice).balance == 10_000_000_000
