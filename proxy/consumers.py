@@ -48,6 +48,7 @@ from .services import Begun, Funds, Outcome, Refusal, RequestMeta, arequest_begi
 log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
+MAX_FALLBACK_MODELS = 10  # OpenRouter's ``models``: each is priced before the request is held
 # Failures that mean "the database cannot take this request now", not a bug: answered 503.
 DATABASE_UNAVAILABLE = (django.db.OperationalError, django.db.InterfaceError, psycopg.OperationalError, PoolTimeout)
 DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
@@ -75,6 +76,12 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _model_id(value: object) -> bool:
+    """A plausible model id: a short printable string (it is stored, and looked up in the price
+    table — a NUL or a lone surrogate cannot even be sent to PostgreSQL)."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and value.strip() == value and value.isprintable()
+
+
 class ProxyConsumer(AsyncHttpConsumer):
     endpoint = ""
 
@@ -87,6 +94,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.disconnected = False
         self.cancellable = False  # may a disconnect cancel the work right now? (only while relaying)
         self.forwarded = False  # has the request been sent upstream?
+        self.requested_model = ""  # the body's model id, once parsed
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
         }
@@ -260,10 +268,9 @@ class ProxyConsumer(AsyncHttpConsumer):
         meta = self.meta(principal)
         if not principal.has_scope("proxy"):
             invalid = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+        meta.model = self.requested_model
         if payload is not None:
-            meta.model, meta.stream = payload["model"], payload.get("stream") is True
-        elif isinstance(model := _model_of(body), str):
-            meta.model = model
+            meta.stream = payload.get("stream") is True
         if invalid is not None:
             await ausage_refused(meta=meta, http_status=invalid.status, error=invalid.message)
             raise invalid
@@ -272,19 +279,21 @@ class ProxyConsumer(AsyncHttpConsumer):
             fallback_models=payload.get("models") if self.endpoint == "chat.completions" else None,
             prompt_chars=len(body),
             requested_output=payload.get("max_completion_tokens") or payload.get("max_tokens"),
+            choices=payload.get("n") or 1,
         )
 
     def parse(self, body: bytes) -> dict:
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             raise Refusal(400, "The request body is not valid JSON.", code="invalid_json")
         if not isinstance(payload, dict):
             raise Refusal(400, "The request body must be a JSON object.", code="invalid_request")
-        model = payload.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise Refusal(400, "`model` is required.", code="invalid_request", param="model")
-        for name in ("max_tokens", "max_completion_tokens"):
+        if _model_id(payload.get("model")):
+            self.requested_model = payload["model"]  # recorded even if a later check refuses
+        else:
+            raise Refusal(400, "`model` must be a model id.", code="invalid_request", param="model")
+        for name in ("max_tokens", "max_completion_tokens", "n"):
             if payload.get(name) is not None and not _positive_int(payload[name]):
                 raise Refusal(400, f"`{name}` must be a positive integer.", code="invalid_request", param=name)
         return payload
@@ -417,14 +426,6 @@ class ProxyConsumer(AsyncHttpConsumer):
         return finish
 
 
-def _model_of(body: bytes):
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return payload.get("model") if isinstance(payload, dict) else None
-
-
 class ChatCompletionsConsumer(ProxyConsumer):
     endpoint = "chat.completions"
 
@@ -440,9 +441,16 @@ class ChatCompletionsConsumer(ProxyConsumer):
             raise Refusal(400, "`stream_options` must be an object.", code="invalid_request", param="stream_options")
         fallbacks = payload.get("models")
         if fallbacks is not None and (
-            not isinstance(fallbacks, list) or not all(isinstance(m, str) and m for m in fallbacks)
+            not isinstance(fallbacks, list)
+            or len(fallbacks) > MAX_FALLBACK_MODELS
+            or not all(_model_id(model) for model in fallbacks)
         ):
-            raise Refusal(400, "`models` must be an array of model ids.", code="invalid_request", param="models")
+            raise Refusal(
+                400,
+                f"`models` must be an array of at most {MAX_FALLBACK_MODELS} model ids.",
+                code="invalid_request",
+                param="models",
+            )
         return payload
 
     def client_wants_usage(self, payload: dict) -> bool:
@@ -451,7 +459,7 @@ class ChatCompletionsConsumer(ProxyConsumer):
 
     async def relay(self, begun: Begun, payload: dict, outcome: Outcome):
         stream = payload.get("stream") is True
-        body = upstream.chat_body(payload, user_id=begun.meta.user.pk, stream=stream, max_output=begun.clamped_to)
+        body = upstream.chat_body(payload, user_id=begun.meta.user.pk, stream=stream, max_output=begun.max_output)
         if not stream:
             return await self.relay_whole(begun, body, outcome, "chat/completions")
         return await self.relay_stream(begun, body, outcome, self.client_wants_usage(payload))

@@ -89,9 +89,10 @@ class Begun:
     price: ModelPrice
     rates: Rates
     prompt_tokens: int  # estimate, from the request size
-    max_output: int
+    max_output: int  # output tokens per choice, the cap sent upstream
     clamped_to: int | None  # set when the output cap was lowered to what the balance affords
     reservation: limits.Reservation
+    models: list[str] = field(default_factory=list)  # the model asked for, then its fallbacks
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Plan:
     price: ModelPrice
     rates: Rates
     prompt_tokens: int  # estimate, from the request size
-    max_output: int
+    max_output: int  # output tokens per choice: the cap sent upstream
+    choices: int  # the request's ``n``
     amount: int  # nanodollars to hold
     reservation: limits.Reservation
 
@@ -162,6 +164,7 @@ def request_plan(
     fallback_models: list[str] | None = None,
     prompt_chars: int,
     requested_output: int | None,
+    choices: int = 1,
     now: datetime,
     prices: list[ModelPrice | None] | None = None,
 ) -> Plan:
@@ -169,16 +172,21 @@ def request_plan(
 
     The order is the cheap-to-expensive one: model and key rules (no writes), rate counters
     (cache), spend caps (cache reservation). ``prices`` are those of ``meta.model`` and the
-    fallbacks when the caller already has them (see ``arequest_begin``), else they are looked up.
+    fallbacks when the caller already has them (see ``arequest_begin``), else they are looked up,
+    stopping at the first unknown one.
+
+    The hold is the most the request can cost: the prompt estimate plus ``choices`` × the output
+    cap (the client's ``max_tokens``, else the model's default — which is then sent upstream).
     """
     models = _requested_models(meta, fallback_models)
-    if prices is None:
-        prices = [price_current(model) for model in models]
-    for model, price in zip(models, prices, strict=True):
+    found = []
+    for index, model in enumerate(models):
+        price = prices[index] if prices is not None else price_current(model)
         if not model_servable(price):
             raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
         if price.is_demo and meta.endpoint != "chat.completions":
             raise Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
+        found.append(price)
     allowed = (meta.api_key.limits or {}).get("allowed_models") if meta.api_key is not None else None
     if allowed is not None:
         for model in models:
@@ -193,23 +201,23 @@ def request_plan(
         raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
 
     prompt_tokens = estimate_tokens(prompt_chars)
+
+    def hold_for(price: ModelPrice) -> int:
+        output = (requested_output or price.default_max_output) * choices
+        return hold_nanos(rates_for(price), prompt_tokens=prompt_tokens, max_output=output)
+
     # With fallbacks any listed model may answer: reserve for the dearest.
-    price = max(
-        prices,
-        key=lambda p: hold_nanos(
-            rates_for(p), prompt_tokens=prompt_tokens, max_output=requested_output or p.default_max_output
-        ),
-    )
+    price = max(found, key=hold_for)
     rates = rates_for(price)
     max_output = requested_output or price.default_max_output
-    amount = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=max_output)
+    amount = hold_for(price)
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now
         )
     except limits.LimitExceeded as exc:
         raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
-    return Plan(price, rates, prompt_tokens, max_output, amount, reservation)
+    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation)
 
 
 def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
@@ -242,6 +250,7 @@ async def arequest_begin(
     fallback_models: list[str] | None = None,
     prompt_chars: int,
     requested_output: int | None,
+    choices: int = 1,
     now: datetime | None = None,
 ) -> Begun:
     """Check guardrails, price the request and reserve its cost, or raise ``Refusal``/``Funds``.
@@ -254,7 +263,12 @@ async def arequest_begin(
     now = now or timezone.now()
     try:
         plan = await _aplan(
-            meta, fallback_models=fallback_models, prompt_chars=prompt_chars, requested_output=requested_output, now=now
+            meta,
+            fallback_models=fallback_models,
+            prompt_chars=prompt_chars,
+            requested_output=requested_output,
+            choices=choices,
+            now=now,
         )
     except Refusal as refusal:
         await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
@@ -292,9 +306,10 @@ async def arequest_begin(
     except InsufficientFunds as short:
         # Cannot cover the full output cap: a shorter answer is still worth giving when the
         # balance affords a useful number of tokens (and stays above the floor).
-        affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=short.available)
+        # (Per choice: ``n`` choices share what is affordable.)
+        affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=short.available) // choices
         if short.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
-            clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable)
+            clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable * choices)
             record.hold_amount = clamped
             try:
                 hold = await ahold_create(
@@ -319,12 +334,14 @@ async def arequest_begin(
         max_output=max_output,
         clamped_to=clamped_to,
         reservation=plan.reservation,
+        models=_requested_models(meta, fallback_models),
     )
 
 
 async def _abilling_price(begun: Begun, upstream_model: str) -> ModelPrice:
-    """A fallback that answered is billed at its own price when we have one."""
-    if not upstream_model or upstream_model == begun.price.model:
+    """A fallback that answered is billed at its own price when we have one — only a model the
+    request named: whatever else an upstream reports serving is billed as the request was held."""
+    if not upstream_model or upstream_model == begun.price.model or upstream_model not in begun.models:
         return begun.price
     cached = prices_cached([upstream_model])
     other = cached[0] if cached is not None else await adb.in_thread(price_current)(upstream_model)

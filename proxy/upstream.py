@@ -240,15 +240,19 @@ def _reads_max_tokens_only() -> bool:
     return urlsplit(settings.UPSTREAM_BASE_URL).hostname != "api.openai.com"
 
 
-def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int | None) -> dict:
-    """The client's request as the upstream gets it: output cap, usage switch, pseudonymous user."""
+def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int) -> dict:
+    """The client's request as the upstream gets it: output cap, usage switch, pseudonymous user.
+
+    ``max_output`` — what the hold was taken for — is always sent, under the name the client used
+    (``max_completion_tokens`` when it used neither): without it the upstream could generate
+    more than the hold covers.
+    """
     out = dict(body)
     out["user"] = pseudonym(user_id)
-    if max_output is not None:
-        if "max_completion_tokens" in out or "max_tokens" not in out:
-            out["max_completion_tokens"] = max_output
-        if "max_tokens" in out:
-            out["max_tokens"] = max_output
+    if "max_completion_tokens" in out or "max_tokens" not in out:
+        out["max_completion_tokens"] = max_output
+    if "max_tokens" in out:
+        out["max_tokens"] = max_output
     if is_openrouter():
         out["usage"] = {"include": True}
     else:

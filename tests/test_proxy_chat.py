@@ -188,7 +188,15 @@ def test_a_bad_credential_is_401_and_nothing_is_recorded(fake_upstream, price):
         ({"model": MODEL, "messages": []}, "invalid_request"),
         ({"messages": [{"role": "user", "content": "x"}]}, "invalid_request"),
         ({**HELLO, "max_tokens": -1}, "invalid_request"),
+        ({**HELLO, "n": 0}, "invalid_request"),
         ({**HELLO, "model": "nobody/nothing"}, "model_not_found"),
+        # Inputs that once reached the database (a 500 there) or the recursion limit:
+        (b"[" * 5000 + b"]" * 5000, "invalid_json"),
+        ({**HELLO, "model": "gpt\u0000x"}, "invalid_request"),
+        (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}', "invalid_request"),
+        ({**HELLO, "model": "m" * 201}, "invalid_request"),
+        ({**HELLO, "models": [MODEL] * 11}, "invalid_request"),
+        ({**HELLO, "models": ["nobody/nothing", *[f"x/{i}" for i in range(9)]]}, "model_not_found"),
     ],
 )
 def test_malformed_requests_and_unknown_models_are_400_and_recorded_as_refused(fake_upstream, alice, key, body, code):
@@ -247,6 +255,41 @@ def test_assistant_message_mode_refuses_with_a_readable_completion(fake_upstream
     else:
         assert "/topup" in response.json()["choices"][0]["message"]["content"]
     assert not fake_upstream.requests
+
+
+def test_the_output_cap_the_hold_covers_is_always_sent_upstream(fake_upstream, alice, key, price):
+    """Without max_tokens the hold assumes the model's default output cap — so that cap is what
+    the upstream is told; with n choices the hold covers each of them."""
+    import json
+
+    from proxy.lib.pricing import hold_nanos
+    from proxy.lib.usage import estimate_tokens
+    from proxy.selectors import rates_for
+
+    bodies = [HELLO, {**HELLO, "max_tokens": 50}, {**HELLO, "max_tokens": 50, "n": 3}]
+    fake_upstream.script("chat", *[Reply(body=completion(u=usage(10, 5, cost="0.000001")))] * 3)
+    for body in bodies:
+        call(CHAT, body, token=key)
+    plain, capped, three = fake_upstream.calls("chat")
+    assert plain.json["max_completion_tokens"] == price.default_max_output == 1000
+    assert capped.json["max_tokens"] == 50 and three.json["max_tokens"] == 50 and three.json["n"] == 3
+    holds = [r.hold_amount for r in UsageRecord.objects.order_by("id")]
+    prompts = [estimate_tokens(len(json.dumps(body).encode())) for body in bodies]
+    rates = rates_for(price)
+    assert holds == [
+        hold_nanos(rates, prompt_tokens=prompts[0], max_output=1000),
+        hold_nanos(rates, prompt_tokens=prompts[1], max_output=50),
+        hold_nanos(rates, prompt_tokens=prompts[2], max_output=150),
+    ]
+
+
+def test_billing_ignores_a_model_the_request_never_named(fake_upstream, alice, key, settings):
+    settings.UPSTREAM_KIND = "openai"
+    ModelPrice.objects.create(model="dear/model", prompt=Decimal("100"), completion=Decimal("100"))
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1000, 1000), model="dear/model")))
+    call(CHAT, HELLO, token=key)
+    assert record().upstream_model == "dear/model"
+    assert record().charge == 900_000  # at the requested model's price: 1000 × 0.15 + 1000 × 0.60, per 1M, × 1.2
 
 
 def test_a_small_balance_clamps_the_output_cap_instead_of_refusing(fake_upstream, price, settings):
