@@ -252,13 +252,15 @@ def insert_statement(instance, *, prefix: str = "v", source: str | None = None) 
     return sql, _params(instance, fields, slow, prefix, add=True)
 
 
-def update_statement(instance, field_names: list[str], *, prefix: str = "v") -> tuple[str, dict]:
-    """``UPDATE … SET <fields> WHERE pk RETURNING pk`` for a saved instance, values prepared as the
-    ORM would; parameters named as for ``insert_statement``."""
+def update_statement(
+    instance, field_names: list[str], *, prefix: str = "v", condition: str | None = None
+) -> tuple[str, dict]:
+    """``UPDATE … SET <fields> WHERE pk [AND condition] RETURNING pk`` for a saved instance,
+    values prepared as the ORM would; parameters named as for ``insert_statement``."""
     meta = type(instance)._meta
     fields, slow, marks = _plan(type(instance), tuple(field_names), prefix)
     assignments = ", ".join(f'"{field.column}" = {mark}' for field, mark in zip(fields, marks, strict=True))
-    where = f'"{meta.pk.column}" = %({prefix}pk)s'
+    where = f'"{meta.pk.column}" = %({prefix}pk)s' + (f" AND {condition}" if condition else "")
     sql = f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
     return sql, {**_params(instance, fields, slow, prefix, add=False), f"{prefix}pk": instance.pk}
 

@@ -43,12 +43,24 @@ from .demo import DemoResponse
 from .lib.sse import Event, SSEParser
 from .lib.usage import StreamMeter
 from .models import UsageStatus
-from .services import Begun, Funds, Outcome, Refusal, RequestMeta, arequest_begin, arequest_settle, ausage_refused
+from .services import (
+    Begun,
+    Funds,
+    Outcome,
+    Refusal,
+    RequestMeta,
+    arequest_begin,
+    arequest_progress,
+    arequest_settle,
+    ausage_refused,
+)
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
 MAX_FALLBACK_MODELS = 10  # OpenRouter's ``models``: each is priced before the request is held
+PROGRESS_AFTER = 1.0  # seconds a request runs before its progress is first written down
+PROGRESS_EVERY = 60.0  # seconds between progress writes after that (at most HOLD_TTL / 3)
 # Failures that mean "the database cannot take this request now", not a bug: answered 503.
 DATABASE_UNAVAILABLE = (django.db.OperationalError, django.db.InterfaceError, psycopg.OperationalError, PoolTimeout)
 DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
@@ -76,6 +88,33 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+_COST_MARK = "__tokentill_charge__"
+
+
+def _dumps_charged(plain: dict, charge: int) -> bytes:
+    """``plain`` (a chunk or completion whose ``usage`` OpenRouter priced) as JSON, its
+    ``usage.cost`` now what the caller was charged: OpenRouter's own figure is our cost price, and
+    a client reading ``cost`` should see what it paid (``cost_details`` breaks down the former)."""
+    usage = plain["usage"]
+    usage["cost"] = _COST_MARK
+    usage.pop("cost_details", None)
+    return json.dumps(plain, separators=(",", ":")).replace(f'"{_COST_MARK}"', format_usd(charge)).encode()
+
+
+def _priced(obj: object) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("usage"), dict) and "cost" in obj["usage"]
+
+
+def _charge_as_cost(raw: bytes, parsed: object, charge: int) -> bytes:
+    """A whole response with ``usage.cost`` restated as the charge (see ``_dumps_charged``)."""
+    return _dumps_charged(json.loads(raw), charge) if _priced(parsed) else raw
+
+
+def _usd(nanos: int) -> str:
+    """Money for a sentence: ``$1.500000000``, ``-$0.000120000``."""
+    return f"-${format_usd(-nanos)}" if nanos < 0 else f"${format_usd(nanos)}"
+
+
 def _model_id(value: object) -> bool:
     """A plausible model id: a short printable string (it is stored, and looked up in the price
     table — a NUL or a lone surrogate cannot even be sent to PostgreSQL)."""
@@ -98,6 +137,14 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
         }
+        self.begun: Begun | None = None
+        self.meter: StreamMeter | None = None  # what a stream has relayed so far (for progress writes)
+        self.progress_timer: asyncio.TimerHandle | None = None
+        self.progress: asyncio.Future | None = None
+        self.settling = False
+        if scope.get("method") != "POST":
+            message = f"{scope.get('method')} is not allowed here; send POST."
+            return await self.send_error(405, message, "invalid_request_error", "method_not_allowed", allow="POST")
         body = await self.read_body(receive)
         if body is None:
             return
@@ -159,6 +206,11 @@ class ProxyConsumer(AsyncHttpConsumer):
             + [(name.encode(), value.encode()) for name, value in headers],
         )
 
+    def clamp_headers(self) -> list[tuple[str, str]]:
+        """Tell a client whose output cap was lowered to what its balance affords."""
+        clamped = self.begun.clamped_to if self.begun is not None else None
+        return [("x-tokentill-max-tokens", str(clamped))] if clamped is not None else []
+
     async def send_whole(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         """A response with a known length (sent with Content-Length, not chunked)."""
         await self.start(status, [*headers, ("content-length", str(len(body)))])
@@ -172,6 +224,8 @@ class ProxyConsumer(AsyncHttpConsumer):
         param = kw.pop("param", None)
         retry_after = kw.pop("retry_after", None)
         headers = [("retry-after", str(retry_after))] if retry_after is not None else []
+        if allow := kw.pop("allow", None):
+            headers.append(("allow", allow))
         body = {"error": {"message": message, "type": type_, "param": param, "code": code, **kw}}
         await self.send_json(status, body, headers)
 
@@ -300,7 +354,7 @@ class ProxyConsumer(AsyncHttpConsumer):
 
     async def insufficient_funds(self, funds: Funds, payload: dict) -> None:
         message = (
-            f"Your balance (${format_usd(funds.balance)}, ${format_usd(funds.available)} available) "
+            f"Your balance ({_usd(funds.balance)}, {_usd(funds.available)} available) "
             f"cannot cover this request. Top up at {settings.APP_URL}/topup"
         )
         await self.send_error(
@@ -319,9 +373,11 @@ class ProxyConsumer(AsyncHttpConsumer):
 
     async def forward(self, begun: Begun, payload: dict) -> None:
         outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
+        self.begun = begun
         finish = None
         try:
             self.forwarded = True
+            self.schedule_progress(begun, outcome, PROGRESS_AFTER)
             self.allow_cancel(True)
             finish = await self.relay(begun, payload, outcome)
         except asyncio.CancelledError:
@@ -335,15 +391,52 @@ class ProxyConsumer(AsyncHttpConsumer):
         finally:
             self.allow_cancel(False)
             outcome.latency_ms = _ms_since(self.started)
-            settling = asyncio.ensure_future(arequest_settle(begun=begun, outcome=outcome))
+            settling = asyncio.ensure_future(self.settle(begun, outcome))
             # Shielded: a second cancellation (server shutdown) must not lose the settlement.
             record = await asyncio.shield(settling)
         await finish(record, begun)
+
+    async def settle(self, begun: Begun, outcome: Outcome):
+        # Progress writes stop first, and one in flight lands first: the settlement is the last
+        # word on the record and the hold.
+        self.settling = True
+        if self.progress_timer is not None:
+            self.progress_timer.cancel()
+        if self.progress is not None and not self.progress.done():
+            await asyncio.wait({self.progress})
+        return await arequest_settle(begun=begun, outcome=outcome)
+
+    # --- progress writes (crash safety for requests that run a while) --------------------------
+
+    def schedule_progress(self, begun: Begun, outcome: Outcome, delay: float) -> None:
+        """A request still running after ``delay`` writes down its progress (arequest_progress);
+        requests that finish sooner never pay for it — a timer, not a task, until then."""
+        if not self.settling:
+            loop = asyncio.get_running_loop()
+            self.progress_timer = loop.call_later(delay, self._start_progress, begun, outcome)
+
+    def _start_progress(self, begun: Begun, outcome: Outcome) -> None:
+        self.progress = asyncio.ensure_future(self.write_progress(begun, outcome))
+
+    async def write_progress(self, begun: Begun, outcome: Outcome) -> None:
+        meter = self.meter
+        try:
+            await arequest_progress(
+                begun=begun,
+                generation_id=outcome.generation_id or (meter.id if meter else ""),
+                output_chars=meter.output_chars if meter else 0,
+            )
+        except Exception:  # the request goes on; the next write tries again
+            log.warning("proxy request %s: could not write its progress", self.request_id, exc_info=True)
+        self.schedule_progress(begun, outcome, max(min(settings.HOLD_TTL / 3, PROGRESS_EVERY), 1.0))
 
     async def relay_whole(self, begun: Begun, body: dict, outcome: Outcome, path: str):
         """Forward a non-streamed request; return what to send once it is settled."""
         try:
             async with await self.open_upstream(begun, body, path) as response:
+                # Known before the body: a client that leaves while it is generated still leaves
+                # the id for reconcile_holds to ask OpenRouter what it cost.
+                outcome.generation_id = response.headers.get("x-generation-id", "")
                 raw = await response.aread()
                 outcome.ttfb_ms = _ms_since(self.started)
         except httpx.TimeoutException:
@@ -359,7 +452,6 @@ class ProxyConsumer(AsyncHttpConsumer):
         meter = StreamMeter()
         meter.observe(parsed)
         self.copy_meter(meter, outcome)
-        outcome.generation_id = outcome.generation_id or response.headers.get("x-generation-id", "")
         outcome.http_status = 200
         if meter.error:
             outcome.status = UsageStatus.UPSTREAM_ERROR
@@ -369,8 +461,9 @@ class ProxyConsumer(AsyncHttpConsumer):
                 ("content-type", "application/json"),
                 ("x-tokentill-charge", format_usd(record.charge)),
                 ("x-tokentill-balance", format_usd(begun.wallet.balance)),
+                *self.clamp_headers(),
             ]
-            await self.send_whole(200, raw, headers)
+            await self.send_whole(200, _charge_as_cost(raw, parsed, record.charge), headers)
 
         return finish
 
@@ -465,9 +558,11 @@ class ChatCompletionsConsumer(ProxyConsumer):
         return await self.relay_stream(begun, body, outcome, self.client_wants_usage(payload))
 
     async def relay_stream(self, begun: Begun, body: dict, outcome: Outcome, client_usage: bool):
-        meter = StreamMeter()
+        meter = self.meter = StreamMeter()
         parser = SSEParser()
         done = False
+        self.data_relayed = False  # any data event (not just keep-alive comments) sent on?
+        self.priced_usage: dict | None = None  # the usage chunk held back to restate its cost
         try:
             async with await self.open_upstream(begun, body, "chat/completions") as response:
                 if response.status_code >= 400:
@@ -507,8 +602,19 @@ class ChatCompletionsConsumer(ProxyConsumer):
             error = outcome.error
             self.copy_meter(meter, outcome)
             outcome.error = outcome.error or error
-        if not self.response_started and not done:
-            return self.upstream_failed(outcome, 502, "The upstream model closed the stream without any output.")
+        failure = None  # an error event the client must see before the stream ends
+        if not done and not self.data_relayed:
+            # Nothing but keep-alive comments: a failure before any output, which costs nothing.
+            no_output = "The upstream model closed the stream without any output."
+            if not self.response_started:
+                return self.upstream_failed(outcome, 502, no_output)
+            outcome.reached_upstream = False
+            outcome.status, outcome.error, failure = UsageStatus.UPSTREAM_ERROR, outcome.error or no_output, no_output
+        elif not done and not meter.finish_reason and not meter.error:
+            # Cut off mid-answer (a stream always ends with [DONE], or at least a finish reason).
+            outcome.status = UsageStatus.UPSTREAM_ERROR
+            outcome.error = outcome.error or "the upstream ended the stream before [DONE]"
+            failure = "The upstream model's stream was cut off; the answer is incomplete."
         outcome.http_status = 200
         if meter.error:
             outcome.status = UsageStatus.UPSTREAM_ERROR
@@ -516,7 +622,13 @@ class ChatCompletionsConsumer(ProxyConsumer):
             await self.start_stream()
 
         async def finish(record, begun):
-            await self.send_body(self.trailer(record.charge, begun.wallet.balance))
+            tail = []
+            if self.priced_usage is not None:
+                tail.append(b"data: " + _dumps_charged(self.priced_usage, record.charge) + b"\n\n")
+            if failure is not None:
+                error = {"message": failure, "type": "upstream_error", "param": None, "code": "upstream_error"}
+                tail.append(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+            await self.send_body(b"".join(tail) + self.trailer(record.charge, begun.wallet.balance))
 
         return finish
 
@@ -526,9 +638,8 @@ class ChatCompletionsConsumer(ProxyConsumer):
         return b": tokentill " + json.dumps(info).encode() + b"\n\ndata: [DONE]\n\n"
 
     async def start_stream(self) -> None:
-        await self.start(
-            200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
-        )
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+        await self.start(200, [*headers, *self.clamp_headers()])
 
     async def send_out(self, data: bytes) -> None:
         if not data:
@@ -540,19 +651,31 @@ class ChatCompletionsConsumer(ProxyConsumer):
     def relay_event(self, event: Event, meter: StreamMeter, client_usage: bool) -> bytes:
         if event.is_comment:
             return event.encode()
+        self.data_relayed = True
         try:
             chunk = loads_decimal(event.data)
         except ValueError:
             return event.encode()
         meter.observe(chunk)
-        if client_usage or not isinstance(chunk, dict) or chunk.get("usage") is None:
+        if not isinstance(chunk, dict) or chunk.get("usage") is None:
             return event.encode()
-        # The client did not ask for usage: drop the usage-only chunk (clients that index
-        # choices[0] break on it), or just the usage key when it rode on a content chunk.
-        if not chunk.get("choices") and not chunk.get("error"):
-            return b""
-        plain = json.loads(event.data)
-        plain.pop("usage", None)
+        usage_only = not chunk.get("choices") and not chunk.get("error")
+        if client_usage:
+            if not _priced(chunk):
+                return event.encode()
+            if usage_only:  # the stream's last data event: sent, restated, once the charge is known
+                self.priced_usage = json.loads(event.data)
+                return b""
+            plain = json.loads(event.data)  # cost on a content chunk (not OpenRouter's way): not ours to show
+            plain["usage"].pop("cost", None)
+            plain["usage"].pop("cost_details", None)
+        else:
+            # The client did not ask for usage: drop the usage-only chunk (clients that index
+            # choices[0] break on it), or just the usage key when it rode on a content chunk.
+            if usage_only:
+                return b""
+            plain = json.loads(event.data)
+            plain.pop("usage", None)
         return b"data: " + json.dumps(plain, separators=(",", ":")).encode() + b"\n\n"
 
     async def insufficient_funds(self, funds: Funds, payload: dict) -> None:

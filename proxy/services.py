@@ -15,6 +15,7 @@ Django's cache in a worker thread.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -30,6 +31,7 @@ from wallet.money import usd_to_nanos
 from wallet.services import (
     InsufficientFunds,
     ahold_create,
+    ahold_extend,
     ahold_release,
     ahold_settle,
     hold_release,
@@ -43,6 +45,8 @@ from .lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_
 from .lib.usage import Usage, estimate_tokens
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import model_servable, price_current, prices_cached, rates_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -338,6 +342,23 @@ async def arequest_begin(
     )
 
 
+async def arequest_progress(*, begun: Begun, generation_id: str, output_chars: int) -> bool:
+    """Write down, while a request runs, what a crash of this process would otherwise lose.
+
+    The generation id lets ``reconcile_holds`` ask OpenRouter what the request really cost; the
+    estimate of the output relayed so far is what it charges when there is no such lookup (output
+    that reached the client is never free); and the hold's expiry moves ``HOLD_TTL`` ahead, so a
+    stream that runs longer than that is not mistaken for an abandoned one. One statement; False
+    if the hold is no longer active.
+    """
+    record = begun.record
+    record.generation_id = generation_id[:200]
+    record.completion_tokens = estimate_tokens(output_chars)
+    return await ahold_extend(
+        hold=begun.hold, seconds=settings.HOLD_TTL, also_save=(record, ["generation_id", "completion_tokens"])
+    )
+
+
 async def _abilling_price(begun: Begun, upstream_model: str) -> ModelPrice:
     """A fallback that answered is billed at its own price when we have one — only a model the
     request named: whatever else an upstream reports serving is billed as the request was held."""
@@ -436,7 +457,14 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     also_save = (record, _SETTLED_FIELDS)
     if outcome.reached_upstream:
         description = f"{record.model} ({record.request_id})"
-        await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
+        entry = await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
+        if entry is not None and entry.replayed:
+            # Someone closed the hold first (reconcile_holds, after the heartbeat could not reach
+            # the database for HOLD_TTL): their charge stands, and so does the record explaining
+            # it — which is what the client is told, not what this settlement computed.
+            log.warning("request %s settled after its hold was closed; its first charge stands", record.request_id)
+            await adb.in_thread(record.refresh_from_db)()
+            charge = record.charge
     else:
         await ahold_release(hold=begun.hold, also_save=also_save)
     await limits.aadjust(begun.reservation, charge)
@@ -518,14 +546,15 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
     if _apply_generation(record, generation):
         how = "settled from the upstream's generation lookup"
     else:
-        usage = Usage(prompt_tokens=record.prompt_tokens)
-        record.completion_tokens = 0
+        # completion_tokens is the estimate of what was relayed, as of the request's last
+        # progress write (arequest_progress); zero if it never got that far.
+        usage = Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
         record.upstream_cost = cost_usd(rates, usage)
         record.cost_source = CostSource.ESTIMATE
         record.estimated = True
         record.status = UsageStatus.UPSTREAM_ERROR
-        record.error = "never settled by its server process; charged an estimate of its prompt"
-        how = "settled at an estimate of its prompt"
+        record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
+        how = "settled at an estimate of its prompt and output relayed"
     record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
     record.settled_at = timezone.now()
     with transaction.atomic(savepoint=False):

@@ -283,7 +283,7 @@ class ProxyResponse:
         return json.loads(line.removeprefix(": tokentill "))
 
 
-def scope_for(path: str, token: str | None, headers: dict | None, body: bytes) -> dict:
+def scope_for(path: str, token: str | None, headers: dict | None, body: bytes, method: str = "POST") -> dict:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if token:
         raw.append((b"authorization", f"Bearer {token}".encode()))
@@ -292,7 +292,7 @@ def scope_for(path: str, token: str | None, headers: dict | None, body: bytes) -
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
@@ -313,6 +313,7 @@ async def proxy_call(
     body_parts: list[bytes] | None = None,
     disconnect_after: int | None = None,
     timeout: float = 10,
+    method: str = "POST",
 ):
     """POST to the live ASGI app, reading the response chunk by chunk.
 
@@ -325,16 +326,16 @@ async def proxy_call(
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     parts = body_parts or [raw]
     try:
-        return await _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout)
+        return await _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout, method)
     finally:
         # Each call runs on an event loop of its own: close the hot path's pool with it.
         await adb.close()
 
 
-async def _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout):
+async def _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout, method):
     from channels.testing import ApplicationCommunicator
 
-    communicator = ApplicationCommunicator(application, scope_for(path, token, headers, raw))
+    communicator = ApplicationCommunicator(application, scope_for(path, token, headers, raw, method))
     for index, part in enumerate(parts):
         await communicator.send_input({"type": "http.request", "body": part, "more_body": index < len(parts) - 1})
     start = await communicator.receive_output(timeout)

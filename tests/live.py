@@ -51,6 +51,16 @@ def shared_database_url() -> str:
 UVICORN_FLAGS = "--loop uvloop --http httptools --ws websockets --lifespan off --no-access-log --workers 1".split()
 
 
+_running: dict[str, subprocess.Popen] = {}
+
+
+def crash(url: str) -> None:
+    """SIGKILL the server at ``url``: no finally blocks, no graceful shutdown — a crash."""
+    proc = _running[url]
+    proc.kill()
+    proc.wait(timeout=5)
+
+
 @contextmanager
 def live_server(**env_overrides: str):
     """Run ``config.asgi:application`` under uvicorn on a free loopback port; yields its base URL."""
@@ -82,8 +92,11 @@ def live_servers(count: int, **env_overrides: str):
             servers.append((proc, f"http://127.0.0.1:{port}", log_path))
         for proc, url, log_path in servers:
             _wait_until_up(proc, url, log_path)
+            _running[url] = proc
         yield [url for _, url, _ in servers]
     finally:
+        for _, url, _ in servers:
+            _running.pop(url, None)
         for proc, _, _ in servers:
             proc.terminate()
         for proc, _, log_path in servers:

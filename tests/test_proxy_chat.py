@@ -147,12 +147,33 @@ def test_a_stream_is_relayed_with_comments_and_without_the_usage_chunk_nobody_as
     assert record().stream is True and record().charge == 14_400
 
 
-def test_a_client_that_asks_for_usage_gets_the_usage_chunk(fake_upstream, alice, key):
-    fake_upstream.script("chat", StreamReply(stream_of("Hi", u=usage(5, 1, cost="0.000001"))))
+def test_a_client_that_asks_for_usage_gets_the_usage_chunk_priced_at_its_charge(fake_upstream, alice, key):
+    """OpenRouter's usage.cost is what the request cost us; the client is shown what it paid."""
+    import json
+
+    u = usage(5, 1, cost="0.000001")
+    u["cost_details"] = {"upstream_inference_cost": 0.0000009}
+    fake_upstream.script("chat", StreamReply(stream_of("Hi", u=u)))
     body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}}
     response = call(CHAT, body, token=key)
     usage_events = [e for e in response.data_events() if '"usage"' in e]
-    assert len(usage_events) == 1 and '"choices": []' in usage_events[0]
+    assert len(usage_events) == 1
+    chunk = json.loads(usage_events[0], parse_float=Decimal)
+    assert chunk["choices"] == [] and chunk["usage"]["prompt_tokens"] == 5
+    assert chunk["usage"]["cost"] == Decimal(response.tokentill()["charge"]) == Decimal("0.0000012")
+    assert "cost_details" not in chunk["usage"]
+    assert response.data_events()[-2:] == [usage_events[0], "[DONE]"]  # still the last data event
+
+
+def test_a_whole_response_states_the_charge_as_its_usage_cost(fake_upstream, alice, key):
+    import json
+
+    fake_upstream.script("chat", Reply(body=completion(u=usage(412, 37, cost="0.0000597"))))
+    response = call(CHAT, HELLO, token=key)
+    body = json.loads(response.body, parse_float=Decimal)
+    assert body["usage"]["cost"] == Decimal(response.headers["x-tokentill-charge"]) == Decimal("0.00007164")
+    assert body["choices"][0]["message"]["content"] == "Pong." and body["usage"]["completion_tokens"] == 37
+    assert int(response.headers["content-length"]) == len(response.body)
 
 
 def test_usage_riding_on_the_finish_chunk_is_billed_and_only_the_usage_key_is_stripped(
@@ -297,9 +318,11 @@ def test_a_small_balance_clamps_the_output_cap_instead_of_refusing(fake_upstream
     poor = make_user("poor@example.com", balance="0.0005")  # affords ~690 output tokens at $0.60/M × 1.2
     token = api_key_create(user=poor, name="k")[1]
     fake_upstream.script("chat", Reply(body=completion(u=usage(10, 5, cost="0.000001"))))
-    assert call(CHAT, {**HELLO, "max_tokens": 5000}, token=token).status == 200
+    response = call(CHAT, {**HELLO, "max_tokens": 5000}, token=token)
+    assert response.status == 200
     (sent,) = fake_upstream.calls("chat")
     assert settings.PROXY_MIN_OUTPUT_TOKENS <= sent.json["max_tokens"] < 700
+    assert response.headers["x-tokentill-max-tokens"] == str(sent.json["max_tokens"])  # the client is told
     assert record().hold_amount <= 500_000
 
 
@@ -409,3 +432,47 @@ def test_a_stream_cut_off_without_usage_is_billed_as_a_marked_estimate(fake_upst
     assert rec.estimated and rec.cost_source == CostSource.ESTIMATE and rec.status == UsageStatus.UPSTREAM_ERROR
     assert rec.completion_tokens == 100 and rec.charge > 0
     assert balance(alice) == 10_000_000_000 - rec.charge
+
+
+def test_a_stream_that_ends_before_done_is_an_upstream_error_the_client_is_told_of(fake_upstream, alice, key):
+    import json
+
+    fake_upstream.script("chat", StreamReply([sse(chunk("x" * 400, role="assistant"))]))  # then the line drops
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    events = response.data_events()
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "upstream_error"
+    rec = record()
+    assert (rec.status, rec.cost_source, rec.estimated) == (UsageStatus.UPSTREAM_ERROR, CostSource.ESTIMATE, True)
+    assert rec.completion_tokens == 100 and rec.charge > 0  # the output relayed is billed, marked as an estimate
+    assert response.tokentill()["charge"] == f"{Decimal(rec.charge) / 10**9:.9f}"
+
+
+def test_a_stream_of_nothing_but_keep_alives_is_a_failure_that_costs_nothing(fake_upstream, alice, key):
+    import json
+
+    fake_upstream.script("chat", StreamReply([b": OPENROUTER PROCESSING\n\n"]))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    assert response.status == 200 and response.comments()[0] == ": OPENROUTER PROCESSING"  # already relayed
+    assert json.loads(response.data_events()[0])["error"]["code"] == "upstream_error"
+    assert response.tokentill()["charge"] == "0.000000000" and response.data_events()[-1] == "[DONE]"
+    rec = record()
+    assert (rec.status, rec.charge) == (UsageStatus.UPSTREAM_ERROR, 0) and "without any output" in rec.error
+    assert Hold.objects.get().status == HoldStatus.RELEASED and balance(alice) == 10_000_000_000
+
+
+def test_only_post_is_served(fake_upstream, alice, key):
+    response = call(CHAT, b"", token=key, method="GET")
+    assert response.status == 405 and response.headers["allow"] == "POST"
+    assert response.error["code"] == "method_not_allowed" and not fake_upstream.requests
+
+
+def test_a_refusal_states_a_negative_balance_readably(fake_upstream, price):
+    from wallet.services import hold_create, hold_settle
+
+    poor = make_user("poor@example.com", balance="0.01")
+    hold = hold_create(wallet=poor.wallet, amount=1, request_id="req_old")
+    hold_settle(hold=hold, amount=20_000_000)  # an overage took the wallet below zero
+    token = api_key_create(user=poor, name="k")[1]
+    response = call(CHAT, HELLO, token=token)
+    assert response.status == 402 and response.error["balance"] == "-0.010000000"
+    assert "(-$0.010000000, -$0.010000000 available)" in response.error["message"]

@@ -201,3 +201,50 @@ def test_a_body_over_the_limit_is_refused_before_the_rest_is_sent(server, fake_u
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"request_too_large" in answer
     assert UsageRecord.objects.get().http_status == 413 and not fake_upstream.requests
+
+
+def test_a_request_whose_server_dies_mid_stream_is_charged_what_openrouter_reports(
+    fake_upstream, fake_upstream_server, alice, price, settings
+):
+    """SIGKILL mid-stream: the hold and the pending record outlive the process, and
+    reconcile_holds charges what OpenRouter's generation lookup reports — which it can do only
+    because the running request wrote down its generation id (and its output so far)."""
+    import io
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from proxy.models import CostSource
+    from tests.live import crash
+
+    token = api_key_create(user=alice, name="k")[1]
+    fake_upstream.script("chat", StreamReply(slow_stream(seconds=20), headers={"X-Generation-Id": "gen-crash-42"}))
+    env = {"UPSTREAM_BASE_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-or-v1-server-secret"}
+    with live_server(SECRET_KEY=django_settings.SECRET_KEY, UPSTREAM_KIND="openrouter", **env) as url:
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ) as response:
+            deadline = time.monotonic() + 8
+            for _ in response.iter_raw():
+                written = UsageRecord.objects.filter(generation_id="gen-crash-42", completion_tokens__gt=0)
+                if written.exists() or time.monotonic() > deadline:
+                    break
+            crash(url)
+    record = UsageRecord.objects.get()
+    assert (record.status, record.generation_id) == (UsageStatus.PENDING, "gen-crash-42")
+    assert record.completion_tokens > 0  # the output relayed before the crash, as an estimate
+    assert Hold.objects.get().status == HoldStatus.ACTIVE
+
+    Hold.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    found = {"id": "gen-crash-42", "total_cost": 0.0005, "native_tokens_prompt": 10, "native_tokens_completion": 200}
+    fake_upstream.script("generation", Reply(body={"data": {**found, "cancelled": True}}))
+    settings.UPSTREAM_KIND, settings.UPSTREAM_API_KEY = "openrouter", env["UPSTREAM_API_KEY"]
+    settings.UPSTREAM_BASE_URL = env["UPSTREAM_BASE_URL"]
+    output = io.StringIO()
+    call_command("reconcile_holds", "--backoff", "0.01", stdout=output)
+    assert "settled from the upstream's generation lookup" in output.getvalue()
+    record.refresh_from_db()
+    assert (record.cost_source, record.charge, record.completion_tokens) == (CostSource.RECONCILED, 600_000, 200)
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - 600_000
+    assert Hold.objects.get().status == HoldStatus.SETTLED

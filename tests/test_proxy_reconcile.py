@@ -119,3 +119,23 @@ def test_an_estimate_is_kept_while_the_lookup_is_not_ready_or_too_young(fake_ups
     assert "req_late: generation gen-late not available upstream; estimate kept" in output
     record = UsageRecord.objects.get(request_id="req_late")
     assert (record.cost_source, record.charge) == (CostSource.ESTIMATE, old.charge)
+
+
+def test_a_settlement_after_reconcile_closed_the_hold_leaves_its_charge_and_record_standing(
+    fake_upstream, alice, price
+):
+    """Should a running request's hold ever be reconciled first (its progress writes failed for
+    HOLD_TTL), the late settlement changes nothing: the ledger and the record keep agreeing."""
+    begun = begin(alice, "req_late")
+    assert "req_late: settled at an estimate" in reconcile()
+    reconciled = UsageRecord.objects.get(request_id="req_late")
+    outcome = Outcome(usage=Usage(prompt_tokens=5000, completion_tokens=5000), upstream_model=MODEL)
+    record = run_async(arequest_settle, begun=begun, outcome=outcome)
+    assert record.charge == reconciled.charge == -Entry.objects.get(kind="usage").amount
+    stored = UsageRecord.objects.get(request_id="req_late")
+    assert (stored.charge, stored.cost_source, stored.completion_tokens) == (
+        reconciled.charge,
+        CostSource.ESTIMATE,
+        reconciled.completion_tokens,
+    )
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - reconciled.charge

@@ -98,8 +98,8 @@ def test_embeddings_are_billed_from_openrouter_cost_or_prompt_tokens(fake_upstre
     reply += b'"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":7,"total_tokens":7,"cost":0.00000105}}'
     fake_upstream.script("embeddings", Reply(body=reply))
     response = call("/v1/embeddings", {"model": MODEL, "input": "hello"}, token=key)
-    assert response.status == 200 and response.body == reply
-    assert response.headers["x-tokentill-charge"] == "0.000001260"
+    assert response.status == 200 and response.headers["x-tokentill-charge"] == "0.000001260"
+    assert response.body == reply.replace(b'"cost":0.00000105', b'"cost":0.000001260')  # the charge, not our cost
     settings.UPSTREAM_KIND = "openai"
     fake_upstream.script("embeddings", Reply(body={"data": [], "model": MODEL, "usage": {"prompt_tokens": 10000}}))
     response = call("/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}, token=key)
@@ -164,11 +164,11 @@ def test_the_hot_path_runs_a_pinned_number_of_statements(fake_upstream, alice, k
         assert "wallet_entry" in settle and 'UPDATE "proxy_usagerecord"' in settle
     else:
         # Through the ORM (SQLite): the key with its user and wallet; the hold's conditional
-        # UPDATE + INSERT; the record INSERT; then in one transaction the record UPDATE, the
-        # hold closed, the wallet debited and read back, the ledger entry.
+        # UPDATE + INSERT; the record INSERT; then in one transaction the hold checked (locked)
+        # active, closed, the wallet debited and read back, the ledger entry, the record UPDATE.
         assert sent == []
         writes = [sql for sql in orm if not sql.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
-        assert len(writes) == 1 + 2 + 1 + 5, "\n".join(sql[:90] for sql in orm)
+        assert len(writes) == 1 + 2 + 1 + 6, "\n".join(sql[:90] for sql in orm)
     price_cache_clear()
 
 
@@ -236,3 +236,25 @@ def test_a_database_too_busy_for_the_request_is_a_503_and_nothing_moves(fake_ups
     assert response.headers["content-type"] == "application/json" and response.headers["x-request-id"]
     assert not fake_upstream.requests
     assert not Hold.objects.exists() and Wallet.objects.get(user=alice).balance == 10_000_000_000
+
+
+def test_a_request_that_runs_a_while_keeps_its_hold_from_expiring(fake_upstream, alice, key, settings, monkeypatch):
+    """Progress writes push the hold's expiry out, so reconcile_holds never takes a live stream
+    for an abandoned one — however much longer than HOLD_TTL it runs."""
+    from proxy import consumers
+
+    monkeypatch.setattr(consumers, "PROGRESS_AFTER", 0.1)
+    monkeypatch.setattr(consumers, "PROGRESS_EVERY", 0.2)  # made a second: the least allowed
+    settings.HOLD_TTL = 30
+    from itertools import chain
+
+    from tests.fake_upstream import DONE, chunk, sse
+
+    items = chain(slow_stream(seconds=1.5), [sse(chunk(None, finish="stop")), DONE])
+    fake_upstream.script("chat", StreamReply(items, headers={"X-Generation-Id": "gen-long"}))
+    response = call(CHAT, {**HELLO, "stream": True}, token=key)
+    assert response.status == 200 and response.data_events()[-1] == "[DONE]"
+    hold, record = Hold.objects.get(), UsageRecord.objects.get()
+    assert hold.status == HoldStatus.SETTLED
+    assert (hold.expires_at - hold.created_at).total_seconds() >= 30 + 1.0  # extended twice while it ran
+    assert record.generation_id == "gen-long" and record.status == UsageStatus.OK

@@ -372,11 +372,11 @@ SELECT h.id{also_id} FROM h
 """
 
 _PG_HOLD_CLOSE = """
-WITH {also}h AS (
+WITH h AS (
     UPDATE {hold} SET status = %(status)s, closed_at = %(now)s
     WHERE id = %(hold_id)s AND status = %(active)s
     RETURNING amount, wallet_id
-), w AS (
+){also}, w AS (
     UPDATE {wallet} SET balance = balance - %(amount)s, held = held - h.amount, updated_at = %(now)s
     FROM h WHERE {wallet}.id = h.wallet_id
     RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id
@@ -392,11 +392,19 @@ SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
 """
 
 
+_PG_HOLD_EXTEND = """
+WITH h AS (
+    UPDATE {hold} SET expires_at = %(until)s WHERE id = %(hold_id)s AND status = %(active)s RETURNING id
+){also}
+SELECT id FROM h
+"""
+
 _PG_WALLET_STATE = "SELECT balance, held FROM {wallet} WHERE id = %s"
 
 _TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
 _PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="")
 _PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="")
+_PG_HOLD_EXTEND_SQL = _PG_HOLD_EXTEND.format(**_TABLES, also="")
 _PG_WALLET_STATE_SQL = _PG_WALLET_STATE.format(**_TABLES)
 
 
@@ -610,7 +618,7 @@ async def ahold_create(
             description=description,
             metadata=metadata,
         )
-        return await _in_thread_with(create, insert=also_insert)
+        return await _in_thread_with(create, hold=None, insert=also_insert)
     hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
     params = _pg_hold_create_params(hold, need)
     sql = _PG_HOLD_CREATE_SQL
@@ -638,14 +646,15 @@ async def ahold_settle(
     also_save: tuple[object, list[str]] | None = None,
 ) -> Entry | None:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
-    in the same transaction (the proxy's usage record, so a charge never commits without the
-    record that explains it)."""
+    in the same transaction if this call closes the hold (the proxy's usage record: a charge never
+    commits without the record that explains it, and a hold someone else closed first — say
+    ``reconcile_holds`` — keeps the record that explains *that* charge)."""
     _check_amount(amount)
     if amount < 0:
         raise WalletError("a settlement cannot be negative")
     if not adb.native():
         settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
-        return await _in_thread_with(settle, save=also_save)
+        return await _in_thread_with(settle, hold=hold, save=also_save)
     closed = await _ahold_close(
         hold, also_save, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
     )
@@ -657,24 +666,62 @@ async def ahold_settle(
 async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | None = None) -> Hold:
     """``hold_release`` for async callers; ``also_save`` as for ``ahold_settle``."""
     if not adb.native():
-        return await _in_thread_with(partial(hold_release, hold=hold), save=also_save)
+        return await _in_thread_with(partial(hold_release, hold=hold), hold=hold, save=also_save)
     if await _ahold_close(hold, also_save, status=HoldStatus.RELEASED) is None:
         await adb.in_thread(hold.refresh_from_db)(fields=["status", "closed_at"])
     return hold
 
 
-async def _in_thread_with(service, *, insert=None, save=None):
+def hold_extend(*, hold: Hold, seconds: int) -> bool:
+    """Push an active hold's expiry ``seconds`` from now: its request is still running, so
+    ``reconcile_holds`` must leave it alone. False if the hold is no longer active."""
+    until = timezone.now() + timedelta(seconds=seconds)
+    extended = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(expires_at=until)
+    if extended:
+        hold.expires_at = until
+    return bool(extended)
+
+
+async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, list[str]] | None = None) -> bool:
+    """``hold_extend`` for async callers; ``also_save`` is saved with it if the hold is active."""
+    if not adb.native():
+        return await _in_thread_with(partial(hold_extend, hold=hold, seconds=seconds), hold=hold, save=also_save)
+    until = timezone.now() + timedelta(seconds=seconds)
+    params = {"until": until, "hold_id": hold.pk, "active": HoldStatus.ACTIVE}
+    sql = _PG_HOLD_EXTEND_SQL
+    if also_save is not None:
+        sql, params = _with_save(_PG_HOLD_EXTEND, params, also_save)
+    extended = await adb.fetchone(sql, params) is not None
+    if extended:
+        hold.expires_at = until
+    return extended
+
+
+def _with_save(template: str, params: dict, also_save: tuple[object, list[str]]) -> tuple[str, dict]:
+    """``template`` with the caller's UPDATE as one more part of its WITH, run only if the
+    statement's ``h`` (the hold it acts on) found the hold active."""
+    update, extra = adb.update_statement(*also_save, prefix="also_", condition="EXISTS (SELECT 1 FROM h)")
+    return template.format(**_TABLES, also=f", also AS ({update})"), {**params, **extra}
+
+
+def _locked_active(hold: Hold) -> bool:
+    return Hold.objects.select_for_update().filter(pk=hold.pk, status=HoldStatus.ACTIVE).exists()
+
+
+async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None):
     """``service()`` with the companion write in one transaction, in a worker thread (the ORM
-    path); the balance event it committed is sent from the event loop, not bounced back from the
-    thread."""
+    path): ``insert`` only if the service did not refuse, ``save`` only if the hold was active
+    (locked first: a hold row before its wallet row, as everywhere). The balance event it
+    committed is sent from the event loop, not bounced back from the thread."""
 
     def run():
         with events.collected() as committed, _atomic():
-            if save is not None:
+            active = save is None or _locked_active(hold)
+            result = service()
+            if save is not None and active:
                 instance, fields = save
                 instance.save(update_fields=fields)
-            result = service()
-            if insert is not None:  # only reached when the service did not refuse
+            if insert is not None:
                 insert.save(force_insert=True)
             return result, committed
 
@@ -693,9 +740,7 @@ async def _ahold_close(
     )
     sql = _PG_HOLD_CLOSE_SQL
     if also_save is not None:
-        update, extra = adb.update_statement(*also_save, prefix="also_")
-        sql = _PG_HOLD_CLOSE.format(**_TABLES, also=f"also AS ({update}), ")
-        params.update(extra)
+        sql, params = _with_save(_PG_HOLD_CLOSE, params, also_save)
     result = _pg_hold_closed(hold, params, await adb.fetchone(sql, params), metadata)
     if result is None:
         return None
