@@ -119,3 +119,22 @@ def test_many_wallets_verify_in_a_fixed_number_of_queries(db, django_assert_max_
         wallet_credit(wallet=wallet_get_or_create(user=user), amount=i + 1, kind=EntryKind.TOP_UP, idempotency_key="o")
     with django_assert_max_num_queries(6):
         _run()
+
+
+def test_a_usage_record_that_disagrees_with_the_ledger_is_named(alice):
+    from proxy.models import UsageRecord, UsageStatus
+
+    hold = hold_create(wallet=alice.wallet, amount=5_000, request_id="req-rec-1")
+    hold_settle(hold=hold, amount=4_000)
+    record = UsageRecord.objects.create(
+        request_id="req-rec-1", user=alice, model="m", status=UsageStatus.OK, charge=4_000, settled_at=hold.closed_at
+    )
+    UsageRecord.objects.create(request_id="req-rec-2", user=alice, model="m", status=UsageStatus.REFUSED)
+    assert "Ledger verified" in _run()[0]
+    UsageRecord.objects.filter(pk=record.pk).update(charge=4_001)  # the record says one nanodollar more
+    with pytest.raises(CommandError):
+        _run()
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError):
+        call_command("verify_ledger", stdout=out, stderr=err)
+    assert "usage record req-rec-1: charged 0.000004001 but the ledger debited 0.000004000" in err.getvalue()

@@ -1,12 +1,14 @@
 """``manage.py verify_ledger``: prove the wallets agree with the ledger, or name every one that does not.
 
-Checks each wallet (balance = Σ entries, held = Σ active holds, the entries' running balances)
-and the accounting identity over the whole ledger, printing the totals per entry kind. Exits 0
-when everything holds, non-zero otherwise — suitable for cron or a deploy check.
+Checks each wallet (balance = Σ entries, held = Σ active holds, the entries' running balances),
+the accounting identity over the whole ledger, and that every settled usage record's charge is
+what the ledger debited for it, printing the totals per entry kind. Exits 0 when everything
+holds, non-zero otherwise — suitable for cron or a deploy check.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
+from proxy.selectors import usage_discrepancies
 from wallet.models import EntryKind
 from wallet.money import format_usd
 from wallet.selectors import ledger_discrepancies, ledger_totals
@@ -27,6 +29,10 @@ class Command(BaseCommand):
         self.stdout.write(f"  {'Σ active holds':<{width}}  {format_usd(totals.active_holds_total):>22}")
 
         problems = [f"wallet {d.wallet_id} ({d.user_email}): {d.problem}" for d in ledger_discrepancies()]
+        problems += [
+            f"usage record {request_id}: charged {format_usd(charge)} but the ledger debited {format_usd(debited)}"
+            for request_id, charge, debited in usage_discrepancies()
+        ]
         if totals.entries_total != totals.balances_total:
             problems.append(
                 f"accounting identity broken: Σ entries {format_usd(totals.entries_total)} ≠ "
