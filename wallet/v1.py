@@ -13,6 +13,8 @@ a JSON number is refused rather than read through a float.
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal, InvalidOperation
 from functools import wraps
 from typing import Any, Literal
 
@@ -25,7 +27,7 @@ from accounts.models import Scope, User
 from accounts.ninja_auth import BearerAuth
 
 from .models import EntryKind
-from .money import MoneyError, format_usd, parse_usd
+from .money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from .selectors import wallet_summary
 from .services import (
     IdempotencyConflict,
@@ -39,6 +41,12 @@ from .services import (
 router = Router(tags=["wallet"], auth=BearerAuth())
 
 MAX_IDEMPOTENCY_KEY = 128  # stored as "charge:<key>" in a 200-character column
+# One charge or deposit moves at most this much. Far above any tool charge or grant, far below
+# what the ledger's bigint nanodollars hold (about 9.2 billion USD), so no single amount, nor a
+# balance built from a few thousand of them, can overflow a column.
+MAX_AMOUNT_USD = Decimal(1_000_000)
+MAX_METADATA_BYTES = 4096  # the metadata object as compact UTF-8 JSON; it is copied into the ledger
+MAX_USER_ID = 2**63 - 1
 
 
 class Refused(Exception):
@@ -82,6 +90,15 @@ def _amount(value: object) -> int:
             "invalid_amount",
             "amount",
         )
+    # Bounded before parse_usd converts it: "1e999990" is a finite decimal whose conversion to an
+    # int of nanodollars alone takes seconds of CPU, and anything past the bigint is a 500.
+    try:
+        decimal = Decimal(value.strip())
+    except InvalidOperation:
+        decimal = None  # parse_usd says what is wrong with it
+    if decimal is not None and decimal.is_finite() and decimal.copy_abs() > MAX_AMOUNT_USD:
+        message = f"amount must be at most {format_usd(usd_to_nanos(MAX_AMOUNT_USD))} USD"
+        raise Refused(400, message, "invalid_amount", "amount")
     try:
         amount = parse_usd(value)
     except MoneyError as exc:
@@ -89,6 +106,24 @@ def _amount(value: object) -> int:
     if amount <= 0:
         raise Refused(400, "amount must be positive", "invalid_amount", "amount")
     return amount
+
+
+def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
+    """A small flat object: it is stored on the ledger entry and shown in every listing of it."""
+    if not value:
+        return {}
+    if any(isinstance(item, dict | list) for item in value.values()):
+        message = "metadata must be a flat object of strings, numbers, booleans or null"
+        raise Refused(400, message, "invalid_request", "metadata")
+    try:
+        # allow_nan=False: Python's JSON reader accepts NaN, which neither database's JSON does.
+        size = len(json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError:
+        raise Refused(400, "metadata: NaN and Infinity are not JSON numbers", "invalid_request", "metadata") from None
+    if size > MAX_METADATA_BYTES:
+        message = f"metadata is {size} bytes of JSON; at most {MAX_METADATA_BYTES} are stored"
+        raise Refused(400, message, "invalid_request", "metadata")
+    return value
 
 
 def _key(value: str | None) -> str:
@@ -109,9 +144,13 @@ def _require_billing(principal: Principal, what: str) -> None:
 def _user(ref: str | int) -> User:
     """A user by email address (case-insensitive) or by numeric id."""
     text = str(ref).strip()
-    found = (
-        User.objects.filter(pk=int(text)).first() if text.isdigit() else User.objects.filter(email__iexact=text).first()
-    )
+    # isascii(): "²" is a digit to isdigit() but not to int(); the length bound keeps int() from
+    # refusing thousands of digits (and the id within a bigint).
+    if text.isascii() and text.isdigit():
+        in_range = len(text) <= len(str(MAX_USER_ID)) and int(text) <= MAX_USER_ID
+        found = User.objects.filter(pk=int(text)).first() if in_range else None
+    else:
+        found = User.objects.filter(email__iexact=text).first()
     if found is None:
         raise Refused(404, f"no such user: {text}", "user_not_found", "user")
     return found
@@ -198,6 +237,7 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     principal: Principal = request.auth
     key = _key(idempotency_key)
     amount = _amount(body.amount)
+    metadata = _metadata(body.metadata)
     target = principal.user
     if body.user is not None:
         _require_billing(principal, "charging another user")
@@ -209,7 +249,7 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
             idempotency_key=f"charge:{key}",
             reference=key,
             description=body.description,
-            metadata=body.metadata,
+            metadata=metadata,
         )
     except InsufficientFunds as short:
         return Status(
@@ -249,6 +289,7 @@ def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(
     _require_billing(principal, "depositing")
     key = _key(idempotency_key)
     amount = _amount(body.amount)
+    metadata = _metadata(body.metadata)
     target = _user(body.user)
     kind = EntryKind(body.kind)
     try:
@@ -259,7 +300,7 @@ def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(
             idempotency_key=f"deposit:{key}",
             reference=key,
             description=f"{kind.label} (API deposit)",
-            metadata=body.metadata,
+            metadata=metadata,
         )
     except IdempotencyConflict:
         raise  # a WalletError too, but answered 409 by _openai_errors
