@@ -10,6 +10,8 @@ from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from proxy.limits import LimitExceeded
+
 api = NinjaAPI(title="Tokentill /v1", version="1.0.0", urls_namespace="v1", docs_url="/docs")
 
 
@@ -38,6 +40,14 @@ def _validation_error(request, exc: ValidationError):
 def _auth_error(request, exc):
     reason = getattr(request, "auth_failure", None) or "invalid or missing bearer token"
     return openai_error(request, 401, reason, "invalid_request_error", "invalid_api_key")
+
+
+@api.exception_handler(LimitExceeded)
+def _limit_exceeded(request, exc: LimitExceeded):
+    # A key's rpm (checked by BearerAuth) or spend cap (a tool charge): the proxy's 429.
+    response = openai_error(request, 429, exc.message, "rate_limit_error", exc.code)
+    response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 @api.exception_handler(HttpError)

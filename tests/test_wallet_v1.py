@@ -67,7 +67,7 @@ def test_it_refuses_a_missing_credential_in_openai_shape(client):
     assert response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_it_charges_the_caller(alice, alice_v1):
+def test_it_charges_the_caller(alice, alice_key, alice_v1):
     response = _charge(alice_v1, {"amount": "0.25", "description": "web search", "metadata": {"tool": "search"}})
     assert response.status_code == 200
     body = response.json()
@@ -77,7 +77,7 @@ def test_it_charges_the_caller(alice, alice_v1):
     assert entry.amount == -parse_usd("0.25")
     assert entry.idempotency_key == "charge:k1"
     assert entry.description == "web search"
-    assert entry.metadata == {"tool": "search"}
+    assert entry.metadata == {"tool": "search", "api_key_id": alice_key[0].pk}  # which key made it
     assert _balance(alice) == parse_usd("9.75")
 
 
@@ -253,11 +253,12 @@ def test_charge_metadata_must_be_a_small_flat_object(alice, alice_v1, metadata):
     assert not Entry.objects.filter(kind=EntryKind.CHARGE).exists()
 
 
-def test_charge_metadata_up_to_4kb_is_stored_as_sent(alice, alice_v1):
+def test_charge_metadata_up_to_4kb_is_stored_as_sent(alice, alice_key, alice_v1):
     metadata = {"blob": "x" * 4057, "n": 1, "ok": True, "none": None}  # 4,096 bytes of compact JSON
     response = _charge(alice_v1, {"amount": "0.01", "description": "tool", "metadata": metadata})
     assert response.status_code == 200
-    assert Entry.objects.get(pk=response.json()["entry_id"]).metadata == metadata
+    stored = Entry.objects.get(pk=response.json()["entry_id"]).metadata
+    assert stored == {**metadata, "api_key_id": alice_key[0].pk}
 
 
 @pytest.mark.parametrize("path", ["/v1/user/charge", "/v1/user/balance/deposit"])

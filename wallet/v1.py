@@ -19,14 +19,16 @@ from functools import wraps
 from typing import Any, Literal
 
 from django.conf import settings
+from django.utils import timezone
 from ninja import Header, Router, Schema, Status
 from pydantic import Field
 
 from accounts.auth import Principal
 from accounts.models import Scope, User
 from accounts.ninja_auth import BearerAuth
+from proxy import limits
 
-from .models import EntryKind
+from .models import Entry, EntryKind
 from .money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from .selectors import wallet_summary
 from .services import (
@@ -126,6 +128,19 @@ def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
     return value
 
 
+def _charge_metadata(principal: Principal, value: dict[str, Any] | None) -> dict[str, Any]:
+    """The caller's metadata plus the API key that made the charge: what the key's spend counters
+    are rebuilt from when the cache loses them. A caller cannot name a key itself (or someone
+    else's key could be made to look spent)."""
+    metadata = _metadata(value)
+    if limits.CHARGE_API_KEY_FIELD in metadata:
+        message = f"metadata.{limits.CHARGE_API_KEY_FIELD} is recorded by Tokentill, not set by the caller"
+        raise Refused(400, message, "invalid_request", "metadata")
+    if principal.api_key is None:
+        return metadata
+    return {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+
+
 def _key(value: str | None) -> str:
     key = (value or "").strip()
     if not key:
@@ -158,6 +173,24 @@ def _user(ref: str | int) -> User:
 
 def _wallet_of(user: User):
     return wallet_get_or_create(user=user)
+
+
+def _reserve_spend(principal: Principal, *, wallet, idempotency_key: str, amount: int) -> limits.Reservation:
+    """Count a charge against its API key's daily and monthly spend caps *before* it is posted,
+    with the proxy's atomic counters, so concurrent charges cannot together pass a cap.
+
+    A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
+    nothing and must still answer its first result. Whether the key was already posted on is
+    read only when the cap refuses; an entry, once there, stays (the ledger is append-only).
+    """
+    try:
+        return limits.reserve_spend(
+            api_key=principal.api_key, run="", user_id=principal.user.pk, amount=amount, now=timezone.now()
+        )
+    except limits.LimitExceeded:
+        if Entry.objects.filter(wallet=wallet, idempotency_key=idempotency_key).exists():
+            return limits.Reservation()  # wallet_charge answers the replay (or the 409)
+        raise
 
 
 # --- Schemas ------------------------------------------------------------------------------------
@@ -210,7 +243,7 @@ class OpenAIErrorOut(Schema):
     error: dict[str, Any]
 
 
-_ERRORS = {code: OpenAIErrorOut for code in (400, 401, 403, 404, 409)}
+_ERRORS = {code: OpenAIErrorOut for code in (400, 401, 403, 404, 409, 429)}
 
 
 # --- Endpoints ----------------------------------------------------------------------------------
@@ -237,20 +270,24 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     principal: Principal = request.auth
     key = _key(idempotency_key)
     amount = _amount(body.amount)
-    metadata = _metadata(body.metadata)
+    metadata = _charge_metadata(principal, body.metadata)
     target = principal.user
     if body.user is not None:
         _require_billing(principal, "charging another user")
         target = _user(body.user)
+    wallet = _wallet_of(target)
+    reservation = _reserve_spend(principal, wallet=wallet, idempotency_key=f"charge:{key}", amount=amount)
+    posted = 0  # nanodollars this call debited: all that the spend counters keep
     try:
         entry = wallet_charge(
-            wallet=_wallet_of(target),
+            wallet=wallet,
             amount=amount,
             idempotency_key=f"charge:{key}",
             reference=key,
             description=body.description,
             metadata=metadata,
         )
+        posted = 0 if entry.replayed else amount
     except InsufficientFunds as short:
         return Status(
             402,
@@ -265,6 +302,10 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
         raise  # a WalletError too, but answered 409 by _openai_errors
     except WalletError as exc:
         raise Refused(400, str(exc), "invalid_request") from None
+    finally:
+        # Nothing posted (402, 409, a replay of a charge already counted, an error): the
+        # reservation goes back, so a cap never counts a charge twice or one that never happened.
+        limits.adjust(reservation, posted)
     # The body comes from the entry, not the wallet, so a replay answers exactly what the first
     # call did even after later changes.
     return Status(
