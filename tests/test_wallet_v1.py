@@ -8,7 +8,7 @@ from django.test import Client, override_settings
 from accounts.services import api_key_create, token_pair_issue
 from wallet.models import Entry, EntryKind
 from wallet.money import parse_usd
-from wallet.services import hold_create
+from wallet.services import hold_create, wallet_credit
 
 pytestmark = pytest.mark.django_db
 
@@ -103,6 +103,25 @@ def test_a_replayed_key_returns_the_first_result_and_changes_nothing(alice, alic
     assert first.json()["balance"] == "9.000000000"
     assert _balance(alice) == parse_usd("7")
     assert Entry.objects.filter(kind=EntryKind.CHARGE).count() == 2
+
+
+def test_a_key_refused_for_funds_posts_nothing_so_the_same_key_charges_after_a_top_up(bob):
+    _, secret = api_key_create(user=bob, name="bob agent")
+    bob_v1 = _client(secret)
+    refused = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert refused.status_code == 402
+    assert not Entry.objects.filter(wallet=bob.wallet, idempotency_key="charge:retry-me").exists()
+
+    wallet_credit(wallet=bob.wallet, amount=parse_usd("1"), kind=EntryKind.TOP_UP, idempotency_key="top-up")
+    charged = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert charged.status_code == 200
+    assert charged.json()["balance"] == "0.600000000"
+    # From the first 200 on, the key is used: the same request answers that body, once.
+    again = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert again.status_code == 200
+    assert again.json() == charged.json()
+    assert _balance(bob) == parse_usd("0.60")
+    assert Entry.objects.filter(wallet=bob.wallet, kind=EntryKind.CHARGE).count() == 1
 
 
 def test_the_same_key_with_a_different_amount_is_a_409(alice, alice_v1):

@@ -6,9 +6,16 @@
 * ``POST /v1/user/balance/deposit`` — credit a trial, bonus or grant; ``billing`` scope only.
 
 Both writes require an ``Idempotency-Key`` header, stored namespaced on the target wallet
-(``charge:<key>``, ``deposit:<key>``): a retry with the same key answers the first result and
-changes nothing; the same key with a different amount is a 409. Amounts are decimal strings:
-a JSON number is refused rather than read through a float.
+(``charge:<key>``, ``deposit:<key>``) on the entry they post. Once an entry is posted, a retry
+with the same key answers that entry's result and changes nothing; the same key with a different
+amount is a 409. A charge refused for funds (402) posts nothing, so its key is still unused: the
+same request retried after a top-up is charged then — what an agent retrying after the user tops
+up needs — and only from that 200 on does the key answer the same body. Amounts are decimal
+strings: a JSON number is refused rather than read through a float.
+
+An API key's limits hold here as on the proxy (``proxy.limits``): ``BearerAuth`` counts every
+request against its rpm, and a tool charge is reserved against its spend caps before it is
+posted and kept only if it was (not for a 402, a 409 or a replay).
 """
 
 from __future__ import annotations
