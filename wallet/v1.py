@@ -204,6 +204,7 @@ def _reserve_spend(principal: Principal, *, wallet, idempotency_key: str, amount
 
 AMOUNT_HELP = 'USD as a decimal string, e.g. "0.010000000" (at most 9 places); JSON numbers are refused'
 USER_HELP = "the user's email address or numeric id"
+METADATA_HELP = f"a flat object (strings, numbers, booleans, null) of at most {MAX_METADATA_BYTES} bytes of JSON"
 
 
 class BalanceOut(Schema):
@@ -217,7 +218,7 @@ class ChargeIn(Schema):
     # Typed loosely only so that a JSON number reaches the view and gets a clear refusal.
     amount: str | int | float = Field(description=AMOUNT_HELP)
     description: str = Field(max_length=500)
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
     user: str | int | None = Field(default=None, description=USER_HELP + "; needs the billing scope")
 
 
@@ -238,7 +239,7 @@ class DepositIn(Schema):
     user: str | int = Field(description=USER_HELP)
     amount: str | int | float = Field(description=AMOUNT_HELP)
     kind: Literal["trial", "bonus", "grant"]
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
 
 
 class DepositOut(Schema):
