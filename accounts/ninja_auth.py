@@ -1,6 +1,14 @@
-"""Ninja glue for the shared bearer check: ``request.auth`` is a ``Principal``."""
+"""Ninja glue for the shared bearer check: ``request.auth`` is a ``Principal``.
 
+An API key's ``rpm`` counts every ``/v1`` request it makes, on the same counter as the proxy's
+(``proxy.limits``). It is checked here, once the key is known, so that no ``/v1`` endpoint can
+forget it; ``LimitExceeded`` propagates to ``config.v1``, which answers the 429.
+"""
+
+from django.utils import timezone
 from ninja.security import HttpBearer
+
+from proxy import limits
 
 from .auth import AuthFailed, authenticate_bearer
 
@@ -13,4 +21,5 @@ class BearerAuth(HttpBearer):
             request.auth_failure = exc.reason
             return None
         request.user = principal.user
+        limits.check_rpm(api_key=principal.api_key, now=timezone.now())
         return principal

@@ -1,9 +1,10 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from . import health
 from .v1 import api as v1_api
+from .v1 import not_found as v1_not_found
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
@@ -15,7 +16,12 @@ urlpatterns = [
     path("api/", include("wallet.urls_api")),
     path("api/", include("proxy.urls_api")),
     path("api/", include("payments.urls_api")),
+    # Unknown paths under /v1/ answer in the OpenAI shape: "/v1/" itself before Ninja's routes (its
+    # root view exists only to be reversed, and answers Django's HTML 404), anything else after
+    # them. /v1/chat/completions and /v1/embeddings never get here under ASGI (config/routing.py).
+    path("v1/", v1_not_found),
     path("v1/", v1_api.urls),
+    re_path(r"^v1/", v1_not_found),
     path("webhooks/", include("payments.urls_webhooks")),
     path("", include("config.urls_portal")),
 ]

@@ -1,12 +1,16 @@
 """The machine-facing ``/v1`` JSON API (Django Ninja), in the OpenAI error shape.
 
-``/v1/chat/completions`` is not here: it is a Channels consumer (see ``config/asgi.py``) because
-it streams. Everything else under ``/v1`` is registered on this one ``NinjaAPI``.
+``/v1/chat/completions`` and ``/v1/embeddings`` are not here: they are Channels consumers (see
+``config/routing.py``), routed before Django sees the request. Everything else under ``/v1`` is
+registered on this one ``NinjaAPI``, and any other path under ``/v1/`` is ``not_found``.
 """
 
 from django.http import HttpRequest
+from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from proxy.limits import LimitExceeded
 
 api = NinjaAPI(title="Tokentill /v1", version="1.0.0", urls_namespace="v1", docs_url="/docs")
 
@@ -38,9 +42,24 @@ def _auth_error(request, exc):
     return openai_error(request, 401, reason, "invalid_request_error", "invalid_api_key")
 
 
+@api.exception_handler(LimitExceeded)
+def _limit_exceeded(request, exc: LimitExceeded):
+    # A key's rpm (checked by BearerAuth) or spend cap (a tool charge): the proxy's 429.
+    response = openai_error(request, 429, exc.message, "rate_limit_error", exc.code)
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
     return openai_error(request, exc.status_code, str(exc), "invalid_request_error", None)
+
+
+@csrf_exempt  # any method, any client: the answer is the same 404 and changes nothing
+def not_found(request: HttpRequest):
+    """Unknown paths under ``/v1/``: OpenAI SDKs read the error from a JSON body, not an HTML page."""
+    message = f"Unknown URL ({request.method} {request.path})"
+    return openai_error(request, 404, message, "invalid_request_error", "not_found")
 
 
 # Routers register themselves here; imported at the bottom so they can import ``api`` helpers.

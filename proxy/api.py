@@ -23,6 +23,8 @@ from .serializers import (
 )
 from .usage_selectors import GROUPINGS, usage_get, usage_list, usage_summary
 
+MAX_ID = 2**63 - 1  # ids are bigints: a larger number names no key, and SQLite cannot even bind it
+
 
 class UsagePagination(ResultsCursorPagination):
     ordering = ("-created_at", "-id")  # ``-id`` breaks ties between equal times
@@ -43,7 +45,9 @@ def _filters(params) -> dict:
     filters["until"] = _bound(params, "until", end=True)
     key = params.get("key")
     if key:
-        if not key.isdigit():
+        # isdigit() alone lets "²" through to int(); the length check comes before int(), which
+        # refuses (ValueError) strings of thousands of digits.
+        if not (key.isascii() and key.isdigit()) or len(key) > len(str(MAX_ID)) or int(key) > MAX_ID:
             raise ParseError(f"key={key!r} is not an API key id")
         filters["api_key_id"] = int(key)
     if filters["since"] and filters["until"] and filters["since"] >= filters["until"]:

@@ -7,8 +7,10 @@ numbers; without it the counters are per process (fine for the embedded single p
 Spend counters hold *settled charges plus holds in flight*: a request reserves its hold against
 the cap with one atomic ``incr`` *before* it reaches the upstream, and settlement moves the
 counter by ``charge − hold``. Checking after the increment (and undoing it when over) means two
-concurrent requests can never both squeeze under a cap — no read-then-write. A counter missing
-from the cache (restart, eviction) is rebuilt from the usage records once.
+concurrent requests can never both squeeze under a cap — no read-then-write. A tool charge
+(``POST /v1/user/charge``) reserves its amount the same way before it is posted, and gives it
+back when nothing was posted (refused, or a replay). A counter missing from the cache (restart,
+eviction) is rebuilt once from the key's usage records and the tool charges it made.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 
 from config import adb
+from wallet.models import Entry, EntryKind
 from wallet.money import format_usd, parse_usd
 
 from .models import UsageRecord, UsageStatus
 
 DAY = 24 * 3600
+# The ledger entry of a tool charge made with an API key names the key here, in its metadata
+# (set by wallet/v1.py, refused from callers): what a lost spend counter is rebuilt from.
+CHARGE_API_KEY_FIELD = "api_key_id"
 
 
 @dataclass
@@ -81,12 +87,16 @@ def _seconds_to_reset(now: datetime, window: str) -> int:
 
 
 def _spent_since(api_key_id: int, since: datetime) -> int:
-    """Charges since ``since`` plus the holds of requests still in flight, in nanodollars."""
+    """What the key spent since ``since``, in nanodollars: its requests' charges plus the holds of
+    those still in flight, and the tool charges it made (on any wallet: a billing key charges others)."""
     row = UsageRecord.objects.filter(api_key_id=api_key_id, created_at__gte=since).aggregate(
         charged=Sum("charge", filter=~Q(status=UsageStatus.PENDING)),
         held=Sum("hold_amount", filter=Q(status=UsageStatus.PENDING)),
     )
-    return (row["charged"] or 0) + (row["held"] or 0)
+    tools = Entry.objects.filter(
+        kind=EntryKind.CHARGE, created_at__gte=since, **{f"metadata__{CHARGE_API_KEY_FIELD}": api_key_id}
+    ).aggregate(debited=Sum("amount"))
+    return (row["charged"] or 0) + (row["held"] or 0) - (tools["debited"] or 0)  # debits are negative
 
 
 def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime) -> Reservation:

@@ -171,6 +171,31 @@ def test_bad_filters_are_a_400_with_a_detail(alice_client, query):
     assert isinstance(response.json()["detail"], str)
 
 
+@pytest.mark.parametrize("path", ["/api/usage", "/api/usage/summary"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "-1",
+        "%C2%B2",  # "²": a digit to str.isdigit(), not to int()
+        "9223372036854775808",  # one past the largest bigint id
+        "99999999999999999999",
+        "9" * 5000,  # longer than int() will parse
+    ],
+)
+def test_a_key_filter_that_cannot_be_an_id_is_a_400_not_a_500(alice_client, path, key):
+    response = alice_client.get(f"{path}?key={key}")
+
+    assert response.status_code == 400
+    assert "not an API key id" in response.json()["detail"]
+
+
+def test_the_largest_possible_key_id_is_a_valid_filter_that_matches_nothing(alice, alice_client):
+    usage(alice)
+    response = alice_client.get("/api/usage?key=9223372036854775807")
+    assert response.status_code == 200
+    assert response.json()["results"] == []
+
+
 def test_every_response_carries_the_request_id(alice, alice_client):
     record = usage(alice)
     for url in ("/api/usage", f"/api/usage/{record.pk}", "/api/usage/summary", "/api/usage/0", "/api/usage?since=x"):

@@ -8,7 +8,7 @@ from django.test import Client, override_settings
 from accounts.services import api_key_create, token_pair_issue
 from wallet.models import Entry, EntryKind
 from wallet.money import parse_usd
-from wallet.services import hold_create
+from wallet.services import hold_create, wallet_credit
 
 pytestmark = pytest.mark.django_db
 
@@ -67,7 +67,7 @@ def test_it_refuses_a_missing_credential_in_openai_shape(client):
     assert response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_it_charges_the_caller(alice, alice_v1):
+def test_it_charges_the_caller(alice, alice_key, alice_v1):
     response = _charge(alice_v1, {"amount": "0.25", "description": "web search", "metadata": {"tool": "search"}})
     assert response.status_code == 200
     body = response.json()
@@ -77,7 +77,7 @@ def test_it_charges_the_caller(alice, alice_v1):
     assert entry.amount == -parse_usd("0.25")
     assert entry.idempotency_key == "charge:k1"
     assert entry.description == "web search"
-    assert entry.metadata == {"tool": "search"}
+    assert entry.metadata == {"tool": "search", "api_key_id": alice_key[0].pk}  # which key made it
     assert _balance(alice) == parse_usd("9.75")
 
 
@@ -103,6 +103,25 @@ def test_a_replayed_key_returns_the_first_result_and_changes_nothing(alice, alic
     assert first.json()["balance"] == "9.000000000"
     assert _balance(alice) == parse_usd("7")
     assert Entry.objects.filter(kind=EntryKind.CHARGE).count() == 2
+
+
+def test_a_key_refused_for_funds_posts_nothing_so_the_same_key_charges_after_a_top_up(bob):
+    _, secret = api_key_create(user=bob, name="bob agent")
+    bob_v1 = _client(secret)
+    refused = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert refused.status_code == 402
+    assert not Entry.objects.filter(wallet=bob.wallet, idempotency_key="charge:retry-me").exists()
+
+    wallet_credit(wallet=bob.wallet, amount=parse_usd("1"), kind=EntryKind.TOP_UP, idempotency_key="top-up")
+    charged = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert charged.status_code == 200
+    assert charged.json()["balance"] == "0.600000000"
+    # From the first 200 on, the key is used: the same request answers that body, once.
+    again = _charge(bob_v1, {"amount": "0.40", "description": "search"}, key="retry-me")
+    assert again.status_code == 200
+    assert again.json() == charged.json()
+    assert _balance(bob) == parse_usd("0.60")
+    assert Entry.objects.filter(wallet=bob.wallet, kind=EntryKind.CHARGE).count() == 1
 
 
 def test_the_same_key_with_a_different_amount_is_a_409(alice, alice_v1):
@@ -197,3 +216,88 @@ def test_bad_deposits_are_refused_in_openai_shape(bob, billing_v1, body, status)
     assert response.status_code == status
     assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
     assert _balance(bob) == 0
+
+
+# --- bounds: bad input is a 400 in the OpenAI shape, never a 500 ----------------------------------
+
+TOO_LARGE = [
+    "1000000.000000001",  # just past the per-operation limit
+    "99999999999999999999",  # past the ledger's bigint
+    "1e999990",  # finite; converting it to nanodollars alone would take seconds of CPU
+    "1e999999999",  # past what Decimal's context holds
+    "-1e30",
+]
+
+
+@pytest.mark.parametrize("amount", TOO_LARGE)
+def test_a_charge_above_a_million_dollars_is_a_400(alice, alice_v1, amount):
+    response = _charge(alice_v1, {"amount": amount, "description": "tool"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_amount", "amount")
+    assert "at most 1000000.000000000 USD" in error["message"]
+    assert _balance(alice) == parse_usd("10")
+
+
+@pytest.mark.parametrize("amount", TOO_LARGE)
+def test_a_deposit_above_a_million_dollars_is_a_400(bob, billing_v1, amount):
+    response = _deposit(billing_v1, {"user": bob.email, "amount": amount, "kind": "grant"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_amount"
+    assert _balance(bob) == 0
+
+
+def test_a_deposit_of_exactly_a_million_dollars_is_accepted(bob, billing_v1):
+    response = _deposit(billing_v1, {"user": bob.email, "amount": "1000000", "kind": "grant"})
+    assert response.status_code == 201
+    assert response.json()["balance"] == "1000000.000000000"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"blob": "x" * 100_000},
+        {"blob": "x" * 4090},  # 4,101 bytes once encoded with its key
+        {"blob": "é" * 2050},  # 2,061 characters but 4,111 bytes of UTF-8
+        {"nested": {"a": 1}},
+        {"list": [1, 2]},
+    ],
+    ids=["100KB", "just-over-4KB", "utf8-bytes", "nested-object", "list"],
+)
+def test_charge_metadata_must_be_a_small_flat_object(alice, alice_v1, metadata):
+    response = _charge(alice_v1, {"amount": "0.01", "description": "tool", "metadata": metadata})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "metadata")
+    assert not Entry.objects.filter(kind=EntryKind.CHARGE).exists()
+
+
+def test_charge_metadata_up_to_4kb_is_stored_as_sent(alice, alice_key, alice_v1):
+    metadata = {"blob": "x" * 4057, "n": 1, "ok": True, "none": None}  # 4,096 bytes of compact JSON
+    response = _charge(alice_v1, {"amount": "0.01", "description": "tool", "metadata": metadata})
+    assert response.status_code == 200
+    stored = Entry.objects.get(pk=response.json()["entry_id"]).metadata
+    assert stored == {**metadata, "api_key_id": alice_key[0].pk}
+
+
+@pytest.mark.parametrize("path", ["/v1/user/charge", "/v1/user/balance/deposit"])
+def test_nan_in_metadata_is_a_400_not_a_database_error(bob, billing_v1, path):
+    # Python's JSON reader accepts NaN; neither database's JSON type does.
+    body = '{"user": "bob@example.com", "amount": "1", "kind": "bonus", "description": "x", "metadata": {"x": NaN}}'
+    response = billing_v1.post(path, body, content_type="application/json", headers={"Idempotency-Key": "nan"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "metadata"
+
+
+def test_deposit_metadata_is_bounded_too(bob, billing_v1):
+    response = _deposit(billing_v1, {"user": bob.email, "amount": "1", "kind": "bonus", "metadata": {"b": "x" * 5000}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "metadata"
+    assert _balance(bob) == 0
+
+
+@pytest.mark.parametrize("user", ["²", "99999999999999999999", "9" * 5000])
+def test_a_user_reference_that_cannot_be_an_id_or_email_is_a_404(billing_v1, user):
+    response = _charge(billing_v1, {"amount": "0.5", "description": "x", "user": user})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "user_not_found"
