@@ -34,6 +34,13 @@ def test_it_refuses_what_is_not_an_amount(value):
         parse_usd(value)
 
 
+@pytest.mark.parametrize("value", ["1e999990", "-1e999990", "10000000000000", 10**13])
+def test_it_refuses_amounts_too_large_for_the_ledger_before_any_arithmetic(value):
+    with pytest.raises(MoneyError, match="too large"):
+        parse_usd(value)
+    assert parse_usd("9999999999999") == 9_999_999_999_999 * 10**9  # just under the bound
+
+
 def test_it_refuses_more_than_nine_decimal_places_from_clients():
     with pytest.raises(MoneyError, match="decimal places"):
         parse_usd("0.0000000001")

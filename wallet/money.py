@@ -11,6 +11,7 @@ import json
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 10**9
+MAX_DIGITS_USD = 13  # amounts from 10¹³ USD up are refused: nanodollars live in a 64-bit integer
 _NANO = Decimal(1).scaleb(-9)
 
 
@@ -34,6 +35,10 @@ def _as_decimal(value: object) -> Decimal:
         raise MoneyError(f"refusing {type(value).__name__} as money")
     if not result.is_finite():
         raise MoneyError(f"{value!r} is not a finite amount")
+    if result and result.adjusted() >= MAX_DIGITS_USD:
+        # Before any arithmetic: "1e999990" would otherwise become a million-digit integer (and
+        # seconds of CPU) on its way to a bigint it can never fit.
+        raise MoneyError(f"{value!r} is too large to be an amount of money")
     return result
 
 
