@@ -596,6 +596,21 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def machine_speed() -> str:
+    """A fixed slice of Python work timed in CPU time, best of five — the same figure on the same
+    machine whatever else the benchmark does, so two runs' tables can be told apart from two
+    machines' (or one shared VM's busy and quiet hours)."""
+    best = float("inf")
+    for _ in range(5):
+        began = time.process_time()
+        total = 0
+        for i in range(200_000):
+            total += i * i
+        json.dumps({"values": list(range(2000))})
+        best = min(best, time.process_time() - began)
+    return f"{best * 1000:.1f} ms for the reference loop"
+
+
 def main() -> int:
     args = parse_args()
     if args.serve_upstream:
@@ -642,6 +657,7 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, PostgreSQL, uvicorn --workers {args.workers}; "
             "latencies in ms, CPU in ms per proxied request"
         )
+        print(f"machine speed: {machine_speed()} (compare runs only at similar speeds: shared VMs drift)")
         for profile in args.profiles:
             run_profile(bench, profile, args)
         print(
