@@ -48,7 +48,10 @@ def shared_database_url() -> str:
 # The flags scripts/run serves with, so the tests exercise what ships. One worker per process,
 # whatever WEB_CONCURRENCY says: a test that needs several processes starts several and knows
 # which one it talks to.
-UVICORN_FLAGS = "--loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --workers 1".split()
+UVICORN_FLAGS = [
+    *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"),
+    *("--lifespan", "off", "--no-access-log", "--workers", "1"),
+]
 
 
 _running: dict[str, subprocess.Popen] = {}

@@ -101,7 +101,10 @@ def test_it_adds_new_models_disabled_with_exact_per_million_rates(openrouter, db
 
     out, _ = sync(openrouter)
 
-    assert "synced 1 models: 1 new, 0 changed, 0 unchanged" in out
+    lines = out.splitlines()
+    assert lines[0] == f"fetching {openrouter.url} …"  # progress as it goes, then the summary
+    assert lines[1] == "1 models listed, 1 with usable prices; comparing with the table …"
+    assert "synced 1 models: 1 new, 0 changed, 0 unchanged" in lines[-1]
     [price] = versions("openai/gpt-4o-mini")
     assert price.enabled is False  # an operator decides what they sell
     assert price.source == "sync_prices"

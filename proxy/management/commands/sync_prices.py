@@ -37,10 +37,15 @@ class Command(BaseCommand):
             raise CommandError("--timeout must be positive")
         url = url or f"{settings.UPSTREAM_BASE_URL}/models"
         verbosity = opts.get("verbosity", 1)
+        if verbosity >= 1:
+            self.stdout.write(f"fetching {url} …")
         items = self._fetch(url, timeout)
         offers = self._parse(items)
         if not offers:
             raise CommandError(f"{url} listed {len(items)} models but none had usable prices; nothing changed")
+        if verbosity >= 1:
+            listed = f"{len(items)} models listed, {len(offers)} with usable prices"
+            self.stdout.write(f"{listed}; comparing with the table …")
         try:
             result = prices_sync(offers=offers, enable_new=enable_new, disable_missing=disable_missing, dry_run=dry_run)
         except PriceError as exc:
