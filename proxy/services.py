@@ -115,7 +115,8 @@ class Outcome:
     ttfb_ms: int | None = None
 
 
-def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> UsageRecord:
+def _record_of(meta: RequestMeta, **fields) -> UsageRecord:
+    """The (unsaved) usage record of this request: who, what, and the client's labels."""
     return UsageRecord(
         request_id=meta.request_id,
         user=meta.user,
@@ -123,13 +124,20 @@ def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> Usage
         endpoint=meta.endpoint,
         model=meta.model[:200],
         stream=meta.stream,
+        run=meta.run,
+        agent=meta.agent,
+        tool=meta.tool,
+        **fields,
+    )
+
+
+def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> UsageRecord:
+    return _record_of(
+        meta,
         status=UsageStatus.REFUSED,
         http_status=http_status,
         error=error[:500],
         cost_source=CostSource.NONE,
-        run=meta.run,
-        agent=meta.agent,
-        tool=meta.tool,
         settled_at=timezone.now(),
     )
 
@@ -280,13 +288,8 @@ async def arequest_begin(
     rates, prompt_tokens, max_output, amount = plan.rates, plan.prompt_tokens, plan.max_output, plan.amount
     wallet = await _wallet_of(meta.user)
     floor = usd_to_nanos(settings.MIN_BALANCE)
-    record = UsageRecord(
-        request_id=meta.request_id,
-        user=meta.user,
-        api_key=meta.api_key,
-        endpoint=meta.endpoint,
-        model=meta.model,
-        stream=meta.stream,
+    record = _record_of(
+        meta,
         status=UsageStatus.PENDING,
         # The prompt estimate, until settlement writes the upstream's count: what an expired
         # hold is charged if the request never finishes (see hold_reconcile).
@@ -296,9 +299,6 @@ async def arequest_begin(
         markup=rates.markup,
         price=plan.price,
         prices=rates.snapshot(),
-        run=meta.run,
-        agent=meta.agent,
-        tool=meta.tool,
         created_at=now,
     )
     clamped_to = None
