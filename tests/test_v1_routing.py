@@ -27,6 +27,17 @@ def test_an_authenticated_client_gets_the_same_404(alice_key):
     assert response.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    "method, path, allowed", [("get", "/v1/user/charge", "POST"), ("post", "/v1/user/balance", "GET")]
+)
+def test_a_wrong_method_on_a_v1_path_is_a_405_in_the_openai_shape(db, method, path, allowed):
+    response = getattr(Client(), method)(path)
+    assert response.status_code == 405 and response["Allow"] == allowed and response["X-Request-Id"]
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed")
+    assert f"{method.upper()} is not allowed here; use {allowed}." == error["message"]
+
+
 def test_ninjas_docs_and_schema_still_answer(db):
     assert Client().get("/v1/docs").status_code == 200
     schema = Client().get("/v1/openapi.json")
