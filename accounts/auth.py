@@ -153,19 +153,19 @@ async def aauthenticate_bearer(token: str | None) -> Principal:
     if not token:
         raise AuthFailed("missing bearer token")
     if token.startswith(API_KEY_PREFIX):
-        row = await adb.fetchone(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]])
+        row = await adb.fetchone(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]], retry=True)
         key = None
         if row is not None:
             key, end = adb.load(ApiKey, row)
             key.user = _user_with_wallet(row, end)
         now = timezone.now()
         if _checked_key(key, token, now):
-            await adb.execute(_TOUCH_SQL, [now, key.pk])
+            await adb.execute(_TOUCH_SQL, [now, key.pk], retry=True)
             key.last_used_at = now
         return Principal(user=key.user, api_key=key)
     family_id = _access_token_family(token)
     try:
-        row = await adb.fetchone(_FAMILY_SQL, [uuid.UUID(str(family_id))])
+        row = await adb.fetchone(_FAMILY_SQL, [uuid.UUID(str(family_id))], retry=True)
     except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
         row = None
     if row is None:

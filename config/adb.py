@@ -27,6 +27,7 @@ false — goes through the ORM in a worker thread (``in_thread``).
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, contextmanager
@@ -37,6 +38,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connections, models
+from psycopg.types.numeric import Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool] = weakref.WeakKeyDictionary()
@@ -54,10 +56,9 @@ def in_thread(fn):
     """``fn`` run in a worker thread with the ORM, honouring ``CONN_MAX_AGE`` around it.
 
     Not thread-sensitive: each call is a self-contained unit of work, so requests need not queue
-    behind one another on one database thread. The connection housekeeping is done *inside* the
-    call: with asgiref ≥ 3.9 the function runs in a copied context, where the
-    ``close_old_connections`` that ``channels.db.database_sync_to_async`` does around it does not
-    see the connection the function opened, so connections were left for the garbage collector.
+    behind one another on one database thread. Each call does its own connection housekeeping
+    (``close_old_connections`` before and after, in the worker thread itself), so whichever
+    thread runs the next call finds a connection that is fresh or properly closed.
     """
 
     def run(*args, **kwargs):
@@ -83,12 +84,31 @@ def _connection_params() -> dict[str, Any]:
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
-    """What Django does to each new connection: the session time zone, and the role if one is set."""
+    """What Django does to each new connection: the session time zone, and the role if one is set.
+
+    Also: every Python int is sent as int8. psycopg otherwise picks int2, int4 or int8 by value,
+    and a prepared statement is keyed by its parameters' types, so each statement would be
+    prepared once per mix of small and large amounts.
+    """
+    conn.adapters.register_dumper(int, Int8Dumper)
+    _returned_at[conn] = time.monotonic()  # just connected: no need to ask it anything yet
     wrapper = connections["default"]
     if wrapper.timezone_name and conn.info.parameter_status("TimeZone") != wrapper.timezone_name:
         await conn.execute(wrapper.ops.set_time_zone_sql(), [wrapper.timezone_name])
     if role := wrapper.settings_dict["OPTIONS"].get("assume_role"):
         await conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(role)))
+
+
+# A connection idle this long is asked ``SELECT 1`` before it is handed out: a database restart,
+# a failover or an idle cut by a load balancer leaves every pooled connection dead, and the next
+# request — possibly a settlement — must not be the one to find out. Busy connections skip it.
+CHECK_IDLE_AFTER = 2.0  # seconds
+_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
+
+
+async def _check(conn: psycopg.AsyncConnection) -> None:
+    if time.monotonic() - _returned_at.get(conn, 0.0) > CHECK_IDLE_AFTER:
+        await AsyncConnectionPool.check_connection(conn)  # raises when dead: the pool takes another
 
 
 async def _pool() -> AsyncConnectionPool:
@@ -101,11 +121,18 @@ async def _pool() -> AsyncConnectionPool:
             max_size=settings.PROXY_DB_POOL_SIZE,
             timeout=settings.PROXY_DB_POOL_TIMEOUT,
             configure=_configure,
+            check=_check,
+            # Idle connections are closed after a minute, before most load balancers cut them.
+            max_idle=60.0,
+            # psycopg_pool retries a failed connect with a doubling pause for this long; kept
+            # short, the pool starts over on the next request once the database is back instead
+            # of sitting out the rest of its backoff.
+            reconnect_timeout=2.0,
             name="tokentill-proxy",
             open=False,
         )
-        _pools[loop] = pool
         await pool.open()
+        _pools[loop] = pool  # only once open: a failed open must not poison this loop
     return pool
 
 
@@ -116,6 +143,7 @@ async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
     try:
         yield conn
     finally:
+        _returned_at[conn] = time.monotonic()
         await pool.putconn(conn)
 
 
@@ -141,20 +169,40 @@ def _sent(sql: str) -> None:
         callback(sql)
 
 
-async def fetchone(sql: str, params: dict | list | None = None) -> tuple | None:
-    """Run one statement that returns rows (its own transaction); its first row, or None."""
-    async with connection() as conn:
-        cursor = conn.cursor()
-        _sent(sql)
-        await cursor.execute(sql, params)
-        return await cursor.fetchone()
+async def fetchone(sql: str, params: dict | list | None = None, *, retry: bool = False) -> tuple | None:
+    """Run one statement that returns rows (its own transaction); its first row, or None.
+
+    ``retry``: the statement may safely run twice (a read, or a write conditional on state the
+    first run would have changed), so on a connection found dead it is sent once more on a fresh
+    one. Either way a dead connection makes the pool test all its idle ones (see ``_run``).
+    """
+    return await _run(sql, params, fetch=True, retry=retry)
 
 
-async def execute(sql: str, params: dict | list | None = None) -> None:
-    """Run one statement that returns no rows (its own transaction)."""
-    async with connection() as conn:
-        _sent(sql)
-        await conn.cursor().execute(sql, params)
+async def execute(sql: str, params: dict | list | None = None, *, retry: bool = False) -> None:
+    """Run one statement that returns no rows (its own transaction); ``retry`` as for ``fetchone``."""
+    await _run(sql, params, fetch=False, retry=retry)
+
+
+async def _run(sql: str, params, *, fetch: bool, retry: bool):
+    attempts = 2 if retry else 1
+    for attempt in range(attempts):
+        conn = None
+        try:
+            async with connection() as conn:
+                _sent(sql)
+                cursor = conn.cursor()
+                await cursor.execute(sql, params)
+                return await cursor.fetchone() if fetch else None
+        except psycopg.OperationalError:  # (PoolTimeout is one too: then there is no connection)
+            if conn is None or not conn.broken:
+                raise
+            # A connection the server closed (a restart, a failover, a terminated backend): its
+            # idle siblings are most likely dead too, so the pool tests them all now rather
+            # than hand them to the next statements one failure at a time.
+            await (await _pool()).check()
+            if attempt == attempts - 1:
+                raise
 
 
 # --- rows and model instances -------------------------------------------------------------------
@@ -220,8 +268,16 @@ def _plan(model, names: tuple[str, ...] | None, prefix: str) -> tuple[list, list
         for field in fields
     ]
     wrapper = connections["default"]
-    marks = [f"%({prefix}{i})s::{field.cast_db_type(wrapper)}" for i, field in enumerate(fields)]
+    marks = [f"%({prefix}{i})s::{_cast(field, wrapper)}" for i, field in enumerate(fields)]
     return fields, slow, marks
+
+
+def _cast(field, wrapper) -> str:
+    # A cast to varchar(n) would silently cut an over-long value where the ORM's INSERT refuses
+    # it: cast character columns to plain varchar and let the column's own length check apply.
+    if isinstance(field, models.CharField):
+        return wrapper.ops.cast_char_field_without_max_length
+    return field.cast_db_type(wrapper)
 
 
 def _params(instance, fields, slow, prefix: str, add: bool) -> dict:

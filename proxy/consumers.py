@@ -7,11 +7,13 @@ Why the consumer is shaped the way it is:
   would never hear ``http.disconnect`` (channels issues #1249, #1350): the client could leave and
   we would keep paying the upstream. The listener cancels the request's task only while it is
   relaying — that closes the upstream response, and so cancels the generation — and otherwise
-  just notes the departure: admission runs to its end and then releases its hold, settlement
-  always completes (and is shielded against any other cancellation, such as a shutdown).
-* No more tasks than that: under load every extra task is another wait behind everything else
-  that is ready on the event loop. The request runs in the ASGI server's own task; the body is
-  read straight from ``receive`` rather than through Channels' dispatch loop.
+  just notes the departure: admission runs to its end and then releases its hold, and the
+  settlement runs in a task of its own, shielded, so the client leaving cannot interrupt it. (A
+  forced shutdown can: ``reconcile_holds`` then settles the hold left behind.)
+* Few tasks: under load every task is another wait behind everything else ready on the event
+  loop. The request runs in the ASGI server's own task, with the listener beside it, the
+  settlement's task, and — only for a request still running after a second — a progress write;
+  the body is read straight from ``receive`` rather than through Channels' dispatch loop.
 * Upstream bytes are relayed as they arrive; only whole SSE events are held back, and only until
   their terminating blank line, because the usage chunk may have to be removed.
 * The request is settled *before* the client is told its charge, so the ``: tokentill`` line and
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
 MAX_FALLBACK_MODELS = 10  # OpenRouter's ``models``: each is priced before the request is held
+MAX_OUTPUT_TOKENS = 10_000_000  # far above any model's output limit; bounds what a hold is priced for
+LARGE_BODY = 256 * 1024  # bytes: a whole answer this large is parsed in a worker thread
 PROGRESS_AFTER = 1.0  # seconds a request runs before its progress is first written down
 PROGRESS_EVERY = 60.0  # seconds between progress writes after that (at most HOLD_TTL / 3)
 # Failures that mean "the database cannot take this request now", not a bug: answered 503.
@@ -76,7 +80,7 @@ async def _drain(chunks) -> None:
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in chunks:
                 pass
-    except TimeoutError:
+    except (TimeoutError, httpx.HTTPError):  # the answer is complete: only the connection is lost
         pass
 
 
@@ -107,7 +111,32 @@ def _priced(obj: object) -> bool:
 
 def _charge_as_cost(raw: bytes, parsed: object, charge: int) -> bytes:
     """A whole response with ``usage.cost`` restated as the charge (see ``_dumps_charged``)."""
-    return _dumps_charged(json.loads(raw), charge) if _priced(parsed) else raw
+    if not _priced(parsed):
+        return raw
+    spliced = _splice_usage(raw, parsed["usage"], charge)
+    return spliced if spliced is not None else _dumps_charged(json.loads(raw), charge)
+
+
+def _splice_usage(raw: bytes, usage: dict, charge: int) -> bytes | None:
+    """``raw`` with only its usage object rewritten — an embeddings answer can be megabytes of
+    floats that re-serialising would hold the event loop for (and reformat). OpenAI-shaped
+    answers put ``usage`` last or nearly; the last ``"usage"`` whose object is the one parsed is
+    it. None when it cannot be found so (the caller re-serialises the whole)."""
+    at = raw.rfind(b'"usage"')
+    colon = raw.find(b":", at + len(b'"usage"')) if at >= 0 else -1
+    if colon < 0:
+        return None
+    tail = raw[colon + 1 :].decode("utf-8", errors="replace")
+    try:
+        value, end = _DECODER.raw_decode(tail, len(tail) - len(tail.lstrip()))
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or loads_decimal(tail[:end]) != usage:
+        return None
+    return raw[: colon + 1] + _dumps_charged({"usage": value}, charge)[len(b'{"usage":') : -1] + tail[end:].encode()
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _usd(nanos: int) -> str:
@@ -142,6 +171,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.progress_timer: asyncio.TimerHandle | None = None
         self.progress: asyncio.Future | None = None
         self.settling = False
+        self.settlement_unawaited = False
         if scope.get("method") != "POST":
             message = f"{scope.get('method')} is not allowed here; send POST."
             return await self.send_error(405, message, "invalid_request_error", "method_not_allowed", allow="POST")
@@ -193,10 +223,10 @@ class ProxyConsumer(AsyncHttpConsumer):
                 task.cancel()
 
     def allow_cancel(self, allowed: bool) -> None:
-        """Relaying may be cancelled by a disconnect; admission and settlement may not."""
+        """Relaying may be cancelled by a disconnect; admission and settlement may not. (A
+        departure noted before relaying began is handled by ``serve``, which checks for it
+        with no await between that check and this call.)"""
         self.cancellable = allowed
-        if allowed and self.disconnected:  # the client left just before: stop at the next await
-            asyncio.current_task().cancel()
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.response_started = True
@@ -347,9 +377,10 @@ class ProxyConsumer(AsyncHttpConsumer):
             self.requested_model = payload["model"]  # recorded even if a later check refuses
         else:
             raise Refusal(400, "`model` must be a model id.", code="invalid_request", param="model")
-        for name in ("max_tokens", "max_completion_tokens", "n"):
-            if payload.get(name) is not None and not _positive_int(payload[name]):
-                raise Refusal(400, f"`{name}` must be a positive integer.", code="invalid_request", param=name)
+        for name, most in (("max_tokens", MAX_OUTPUT_TOKENS), ("max_completion_tokens", MAX_OUTPUT_TOKENS), ("n", 128)):
+            if payload.get(name) is not None and not (_positive_int(payload[name]) and payload[name] <= most):
+                message = f"`{name}` must be a positive integer no larger than {most}."
+                raise Refusal(400, message, code="invalid_request", param=name)
         return payload
 
     async def insufficient_funds(self, funds: Funds, payload: dict) -> None:
@@ -392,9 +423,21 @@ class ProxyConsumer(AsyncHttpConsumer):
             self.allow_cancel(False)
             outcome.latency_ms = _ms_since(self.started)
             settling = asyncio.ensure_future(self.settle(begun, outcome))
+            settling.add_done_callback(self._settled)
             # Shielded: a second cancellation (server shutdown) must not lose the settlement.
-            record = await asyncio.shield(settling)
+            try:
+                record = await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                self.settlement_unawaited = True
+                raise
         await finish(record, begun)
+
+    def _settled(self, settling: asyncio.Future) -> None:
+        # If whoever awaited the settlement was cancelled meanwhile, nobody else will hear of its
+        # failure: log it here (and never leave an exception unretrieved).
+        failure = None if settling.cancelled() else settling.exception()
+        if failure is not None and self.settlement_unawaited:
+            log.error("proxy request %s: settlement failed", self.request_id, exc_info=failure)
 
     async def settle(self, begun: Begun, outcome: Outcome):
         # Progress writes stop first, and one in flight lands first: the settlement is the last
@@ -446,7 +489,8 @@ class ProxyConsumer(AsyncHttpConsumer):
         if response.status_code >= 400:
             return self.upstream_rejected(outcome, response.status_code, raw, response.headers)
         try:
-            parsed = loads_decimal(raw)
+            # A large body (embeddings of many inputs) is parsed off the event loop.
+            parsed = await asyncio.to_thread(loads_decimal, raw) if len(raw) > LARGE_BODY else loads_decimal(raw)
         except ValueError:
             return self.upstream_failed(outcome, 502, "The upstream model sent a malformed response.")
         meter = StreamMeter()
@@ -583,6 +627,7 @@ class ChatCompletionsConsumer(ProxyConsumer):
                     if done:
                         break
                 if done:
+                    self.allow_cancel(False)  # the answer is complete: a client leaving now changes nothing
                     await _drain(chunks)
                 else:
                     await self.send_out(b"".join(self.relay_event(e, meter, client_usage) for e in parser.flush()))

@@ -16,6 +16,7 @@ eviction) is rebuilt once from the key's usage records and the tool charges it m
 from __future__ import annotations
 
 import calendar
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,6 +32,8 @@ from wallet.money import format_usd, parse_usd
 from .models import UsageRecord, UsageStatus
 
 DAY = 24 * 3600
+
+log = logging.getLogger(__name__)
 # The ledger entry of a tool charge made with an API key names the key here, in its metadata
 # (set by wallet/v1.py, refused from callers): what a lost spend counter is rebuilt from.
 CHARGE_API_KEY_FIELD = "api_key_id"
@@ -173,9 +176,17 @@ def release(reservation: Reservation) -> None:
 
 
 async def aadjust(reservation: Reservation, new_amount: int) -> None:
-    """``adjust`` for async callers: a reservation that moved no counter needs no cache trip."""
+    """``adjust`` for async callers: a reservation that moved no counter needs no cache trip.
+
+    Best effort: it runs beside money that has already moved (a hold taken, a charge committed),
+    and a cache (Redis) that fails then must not fail the request — the client would retry and
+    pay twice. The counter is left where it was, which the next window starts afresh from.
+    """
     if reservation.keys and new_amount != reservation.amount:
-        await adb.in_thread(adjust)(reservation, new_amount)
+        try:
+            await adb.in_thread(adjust)(reservation, new_amount)
+        except Exception:
+            log.exception("spend counters %s could not be moved to %s", reservation.keys, new_amount)
     reservation.amount = new_amount
 
 

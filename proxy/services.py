@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from config import adb
-from wallet.models import Hold, Wallet
+from wallet.models import Hold, HoldStatus, Wallet
 from wallet.money import usd_to_nanos
 from wallet.services import (
     InsufficientFunds,
@@ -47,6 +47,8 @@ from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import model_servable, price_current, prices_cached, rates_for
 
 log = logging.getLogger(__name__)
+
+MAX_HOLD = 2**62  # nanodollars (~4.6 billion USD): well inside the 64-bit columns holds are kept in
 
 
 @dataclass
@@ -223,6 +225,8 @@ def request_plan(
     rates = rates_for(price)
     max_output = requested_output or price.default_max_output
     amount = hold_for(price)
+    if amount > MAX_HOLD:
+        raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now
@@ -307,7 +311,13 @@ async def arequest_begin(
         hold = await ahold_create(
             wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor, also_insert=record
         )
-    except InsufficientFunds as short:
+    except Exception as failed:
+        if not isinstance(failed, InsufficientFunds):
+            # The hold could not be taken at all (the database is away): give the spend caps
+            # back what this request reserved, or they would count a request that never ran.
+            await limits.arelease(plan.reservation)
+            raise
+        short = failed
         # Cannot cover the full output cap: a shorter answer is still worth giving when the
         # balance affords a useful number of tokens (and stays above the floor).
         # (Per choice: ``n`` choices share what is affordable.)
@@ -322,6 +332,9 @@ async def arequest_begin(
                 clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
                 short = again
+            except Exception:
+                await limits.arelease(plan.reservation)
+                raise
         if hold is None:
             await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"))
             await limits.arelease(plan.reservation)
@@ -457,16 +470,16 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     also_save = (record, _SETTLED_FIELDS)
     if outcome.reached_upstream:
         description = f"{record.model} ({record.request_id})"
-        entry = await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
-        if entry is not None and entry.replayed:
-            # Someone closed the hold first (reconcile_holds, after the heartbeat could not reach
-            # the database for HOLD_TTL): their charge stands, and so does the record explaining
-            # it — which is what the client is told, not what this settlement computed.
-            log.warning("request %s settled after its hold was closed; its first charge stands", record.request_id)
-            await adb.in_thread(record.refresh_from_db)()
-            charge = record.charge
+        await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
     else:
         await ahold_release(hold=begun.hold, also_save=also_save)
+    if not begun.hold.closed_here:
+        # Someone closed the hold first (reconcile_holds, after progress writes could not reach
+        # the database for HOLD_TTL): their charge stands, and so does the record explaining it
+        # — which is what the client is told, not what this settlement computed.
+        log.warning("request %s settled after its hold was closed; its first charge stands", record.request_id)
+        await adb.in_thread(record.refresh_from_db)()
+        charge = record.charge
     await limits.aadjust(begun.reservation, charge)
     return record
 
@@ -535,29 +548,40 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
     """Close one expired hold; ``generation`` is the upstream's lookup (OpenRouter) or None.
 
     Never silently dropped: with a lookup the record is charged the upstream's ``total_cost``;
-    without one it is charged the estimate of its prompt (marked ``estimated``); a hold with no
-    usage record at all is released.
+    without one it is charged the estimate of its prompt and the output relayed (marked
+    ``estimated``); a hold with no usage record at all is released.
+
+    The hold is locked and checked again first — still active, still expired — and the record read
+    under that lock: between the command picking the hold and getting here (a generation lookup
+    takes seconds) the request may have settled, or written its progress and so pushed the expiry
+    out. Then it is left alone, and the ledger and its record keep agreeing. (Hold before record,
+    the order the proxy's settlement takes them in.)
     """
-    record = UsageRecord.objects.filter(request_id=hold.request_id).first()
-    if record is None:
-        hold_release(hold=hold)
-        return f"{hold.request_id}: released (no usage record)"
-    rates = _rates_from_snapshot(record)
-    if _apply_generation(record, generation):
-        how = "settled from the upstream's generation lookup"
-    else:
-        # completion_tokens is the estimate of what was relayed, as of the request's last
-        # progress write (arequest_progress); zero if it never got that far.
-        usage = Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
-        record.upstream_cost = cost_usd(rates, usage)
-        record.cost_source = CostSource.ESTIMATE
-        record.estimated = True
-        record.status = UsageStatus.UPSTREAM_ERROR
-        record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
-        how = "settled at an estimate of its prompt and output relayed"
-    record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
-    record.settled_at = timezone.now()
     with transaction.atomic(savepoint=False):
+        still = Hold.objects.select_for_update().filter(
+            pk=hold.pk, status=HoldStatus.ACTIVE, expires_at__lte=timezone.now()
+        )
+        if not still.exists():
+            return f"{hold.request_id}: left alone (it settled, or its request is still running)"
+        record = UsageRecord.objects.filter(request_id=hold.request_id).first()
+        if record is None:
+            hold_release(hold=hold)
+            return f"{hold.request_id}: released (no usage record)"
+        rates = _rates_from_snapshot(record)
+        if _apply_generation(record, generation):
+            how = "settled from the upstream's generation lookup"
+        else:
+            # completion_tokens is the estimate of what was relayed, as of the request's last
+            # progress write (arequest_progress); zero if it never got that far.
+            usage = Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
+            record.upstream_cost = cost_usd(rates, usage)
+            record.cost_source = CostSource.ESTIMATE
+            record.estimated = True
+            record.status = UsageStatus.UPSTREAM_ERROR
+            record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
+            how = "settled at an estimate of its prompt and output relayed"
+        record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+        record.settled_at = timezone.now()
         hold_settle(hold=hold, amount=record.charge, description=f"{record.model} ({record.request_id}, reconciled)")
         record.save()
     return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"

@@ -258,3 +258,17 @@ def test_a_request_that_runs_a_while_keeps_its_hold_from_expiring(fake_upstream,
     assert hold.status == HoldStatus.SETTLED
     assert (hold.expires_at - hold.created_at).total_seconds() >= 30 + 1.0  # extended twice while it ran
     assert record.generation_id == "gen-long" and record.status == UsageStatus.OK
+
+
+def test_a_large_embeddings_answer_is_relayed_as_it_came_but_for_its_cost(fake_upstream, alice, key):
+    """Megabytes of vectors are parsed off the event loop and never re-serialised: only the
+    usage object is rewritten (cost restated as the charge), every other byte is the upstream's."""
+    vector = ",".join(["0.0123456789"] * 1536)
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":[{vector}]}}' for i in range(30))
+    reply = f'{{"object":"list","model":"{MODEL}","data":[{data}],'.encode()
+    reply += b'"usage":{"prompt_tokens":700,"total_tokens":700,"cost":0.00001}}'
+    assert len(reply) > 256 * 1024
+    fake_upstream.script("embeddings", Reply(body=reply))
+    response = call("/v1/embeddings", {"model": MODEL, "input": ["x"] * 30}, token=key)
+    assert response.status == 200 and response.headers["x-tokentill-charge"] == "0.000012000"
+    assert response.body == reply.replace(b'"cost":0.00001}', b'"cost":0.000012000}')

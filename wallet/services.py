@@ -543,6 +543,7 @@ def _closed(hold: Hold, status: str, entry: Entry | None, state: tuple) -> dict:
     if Hold.wallet.is_cached(hold):  # keep the caller's wallet object truthful without a query
         hold.wallet.balance, hold.wallet.held = balance, held
     hold.status = status
+    hold.closed_here = True
     return {"balance": balance, "held": held, "reason": entry.kind if entry is not None else "hold_released"}
 
 
@@ -558,7 +559,8 @@ def hold_settle(
 
     The actual amount is charged even when it is more than the hold (the estimate was low): the
     balance may then go slightly negative, which blocks the wallet until it is topped up. An
-    amount of zero frees the hold and writes no entry. Settling twice returns the first result.
+    amount of zero frees the hold and writes no entry. Settling twice returns the first result;
+    afterwards ``hold.closed_here`` says whether this call was the one that closed the hold.
     """
     _check_amount(amount)
     if amount < 0:
@@ -572,6 +574,7 @@ def hold_settle(
 
 
 def _first_settlement(hold: Hold) -> Entry | None:
+    hold.closed_here = False
     hold.refresh_from_db(fields=["status", "closed_at"])
     prior = Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
     if prior is not None:
@@ -582,6 +585,7 @@ def _first_settlement(hold: Hold) -> Entry | None:
 def hold_release(*, hold: Hold) -> Hold:
     """Free a hold without charging anything (the request never reached the upstream)."""
     if _hold_close(hold, status=HoldStatus.RELEASED) is None:
+        hold.closed_here = False
         hold.refresh_from_db(fields=["status", "closed_at"])
     return hold
 
@@ -628,7 +632,7 @@ async def ahold_create(
         params.update(extra)
     row = await adb.fetchone(sql, params)
     if row is None:
-        balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk])
+        balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk], retry=True)
         raise InsufficientFunds(needed=need, available=balance - held, balance=balance)
     adb.saved(hold, row[0])
     if also_insert is not None:
@@ -668,6 +672,7 @@ async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | Non
     if not adb.native():
         return await _in_thread_with(partial(hold_release, hold=hold), hold=hold, save=also_save)
     if await _ahold_close(hold, also_save, status=HoldStatus.RELEASED) is None:
+        hold.closed_here = False
         await adb.in_thread(hold.refresh_from_db)(fields=["status", "closed_at"])
     return hold
 
@@ -691,7 +696,7 @@ async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, lis
     sql = _PG_HOLD_EXTEND_SQL
     if also_save is not None:
         sql, params = _with_save(_PG_HOLD_EXTEND, params, also_save)
-    extended = await adb.fetchone(sql, params) is not None
+    extended = await adb.fetchone(sql, params, retry=True) is not None  # conditional: safe to re-run
     if extended:
         hold.expires_at = until
     return extended
@@ -741,7 +746,9 @@ async def _ahold_close(
     sql = _PG_HOLD_CLOSE_SQL
     if also_save is not None:
         sql, params = _with_save(_PG_HOLD_CLOSE, params, also_save)
-    result = _pg_hold_closed(hold, params, await adb.fetchone(sql, params), metadata)
+    # Safe to re-run on a dead connection: the close (and the save with it) is conditional on the
+    # hold still being active, so a second run after a first that committed changes nothing.
+    result = _pg_hold_closed(hold, params, await adb.fetchone(sql, params, retry=True), metadata)
     if result is None:
         return None
     entry, state = result
