@@ -254,10 +254,9 @@ _AS_IS = (
 
 
 @lru_cache(maxsize=64)
-def _plan(model, names: tuple[str, ...] | None, prefix: str) -> tuple[list, list, list[str]]:
-    """For the fields (all but the primary key, or ``names``): the fields, whether each needs the
-    ORM's preparation, and each one's placeholder, cast to its column type — a parameter in an
-    ``INSERT … SELECT`` list has no column to take its type from."""
+def _plan(model, names: tuple[str, ...] | None) -> tuple[list, list]:
+    """The fields (all but the primary key, or ``names``), and whether each needs the ORM's
+    preparation."""
     meta = model._meta
     if names is None:
         fields = [field for field in meta.concrete_fields if not field.primary_key]
@@ -267,9 +266,14 @@ def _plan(model, names: tuple[str, ...] | None, prefix: str) -> tuple[list, list
         not isinstance(field, _AS_IS) or getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
         for field in fields
     ]
+    return fields, slow
+
+
+def _marks(fields, prefix: str) -> list[str]:
+    """Each field's placeholder, cast to its column type — a parameter in an ``INSERT … SELECT``
+    list has no column to take its type from."""
     wrapper = connections["default"]
-    marks = [f"%({prefix}{i})s::{_cast(field, wrapper)}" for i, field in enumerate(fields)]
-    return fields, slow, marks
+    return [f"%({prefix}{i})s::{_cast(field, wrapper)}" for i, field in enumerate(fields)]
 
 
 def _cast(field, wrapper) -> str:
@@ -290,7 +294,29 @@ def _params(instance, fields, slow, prefix: str, add: bool) -> dict:
     }
 
 
+# The SQL text depends only on the model, the fields and the names chosen, so it is built once
+# (and psycopg prepares it once per connection); each call only prepares the values.
 # (S608 below: identifiers come from model metadata; every value is a bound parameter.)
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(model, prefix: str, source: str | None) -> str:
+    meta = model._meta
+    fields, _ = _plan(model, None)
+    marks = ", ".join(_marks(fields, prefix))
+    names = ", ".join(f'"{field.column}"' for field in fields)
+    rows = f"SELECT {marks} FROM {source}" if source else f"VALUES ({marks})"  # noqa: S608
+    return f'INSERT INTO "{meta.db_table}" ({names}) {rows} RETURNING "{meta.pk.column}"'
+
+
+@lru_cache(maxsize=64)
+def _update_sql(model, names: tuple[str, ...], prefix: str, condition: str | None) -> str:
+    meta = model._meta
+    fields, _ = _plan(model, names)
+    marks = _marks(fields, prefix)
+    assignments = ", ".join(f'"{field.column}" = {mark}' for field, mark in zip(fields, marks, strict=True))
+    where = f'"{meta.pk.column}" = %({prefix}pk)s' + (f" AND {condition}" if condition else "")
+    return f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
 
 
 def insert_statement(instance, *, prefix: str = "v", source: str | None = None) -> tuple[str, dict]:
@@ -300,12 +326,9 @@ def insert_statement(instance, *, prefix: str = "v", source: str | None = None) 
     ``WITH`` to insert only if an earlier part of the statement succeeded. Parameters are named
     ``<prefix><n>`` so the statement can join others in one ``WITH``.
     """
-    meta = type(instance)._meta
-    fields, slow, marks = _plan(type(instance), None, prefix)
-    names = ", ".join(f'"{field.column}"' for field in fields)
-    rows = f"SELECT {', '.join(marks)} FROM {source}" if source else f"VALUES ({', '.join(marks)})"  # noqa: S608
-    sql = f'INSERT INTO "{meta.db_table}" ({names}) {rows} RETURNING "{meta.pk.column}"'
-    return sql, _params(instance, fields, slow, prefix, add=True)
+    model = type(instance)
+    fields, slow = _plan(model, None)
+    return _insert_sql(model, prefix, source), _params(instance, fields, slow, prefix, add=True)
 
 
 def update_statement(
@@ -313,12 +336,10 @@ def update_statement(
 ) -> tuple[str, dict]:
     """``UPDATE … SET <fields> WHERE pk [AND condition] RETURNING pk`` for a saved instance,
     values prepared as the ORM would; parameters named as for ``insert_statement``."""
-    meta = type(instance)._meta
-    fields, slow, marks = _plan(type(instance), tuple(field_names), prefix)
-    assignments = ", ".join(f'"{field.column}" = {mark}' for field, mark in zip(fields, marks, strict=True))
-    where = f'"{meta.pk.column}" = %({prefix}pk)s' + (f" AND {condition}" if condition else "")
-    sql = f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
-    return sql, {**_params(instance, fields, slow, prefix, add=False), f"{prefix}pk": instance.pk}
+    model, names = type(instance), tuple(field_names)
+    fields, slow = _plan(model, names)
+    params = {**_params(instance, fields, slow, prefix, add=False), f"{prefix}pk": instance.pk}
+    return _update_sql(model, names, prefix, condition), params
 
 
 def saved(instance, pk) -> None:

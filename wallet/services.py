@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
+from functools import lru_cache, partial
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -403,8 +403,8 @@ _PG_WALLET_STATE = "SELECT balance, held FROM {wallet} WHERE id = %s"
 
 _TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
 _PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="")
-_PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="")
-_PG_HOLD_EXTEND_SQL = _PG_HOLD_EXTEND.format(**_TABLES, also="")
+_PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="", also_id="")
+_PG_HOLD_EXTEND_SQL = _PG_HOLD_EXTEND.format(**_TABLES, also="", also_id="")
 _PG_WALLET_STATE_SQL = _PG_WALLET_STATE.format(**_TABLES)
 
 
@@ -628,7 +628,7 @@ async def ahold_create(
     sql = _PG_HOLD_CREATE_SQL
     if also_insert is not None:
         insert, extra = adb.insert_statement(also_insert, prefix="also_", source="h")
-        sql = _PG_HOLD_CREATE.format(**_TABLES, also=f", also AS ({insert})", also_id=", (SELECT id FROM also)")
+        sql = _composed(_PG_HOLD_CREATE, f", also AS ({insert})", ", (SELECT id FROM also)")
         params.update(extra)
     row = await adb.fetchone(sql, params)
     if row is None:
@@ -706,7 +706,13 @@ def _with_save(template: str, params: dict, also_save: tuple[object, list[str]])
     """``template`` with the caller's UPDATE as one more part of its WITH, run only if the
     statement's ``h`` (the hold it acts on) found the hold active."""
     update, extra = adb.update_statement(*also_save, prefix="also_", condition="EXISTS (SELECT 1 FROM h)")
-    return template.format(**_TABLES, also=f", also AS ({update})"), {**params, **extra}
+    return _composed(template, f", also AS ({update})"), {**params, **extra}
+
+
+@lru_cache(maxsize=32)
+def _composed(template: str, also: str, also_id: str = "") -> str:
+    """A hold statement with a companion part: the same few texts every time, built once."""
+    return template.format(**_TABLES, also=also, also_id=also_id)
 
 
 def _locked_active(hold: Hold) -> bool:
