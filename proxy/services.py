@@ -42,7 +42,7 @@ from wallet.services import (
 
 from . import limits
 from .lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
-from .lib.usage import Usage, estimate_tokens
+from .lib.usage import Usage, estimate_tokens, reported_cost
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import model_servable, price_current, prices_cached, rates_for
 
@@ -529,14 +529,14 @@ def _count(value) -> int:
 
 def _apply_generation(record: UsageRecord, generation: dict | None) -> bool:
     """Copy the upstream's own account of a generation onto the record; False if it has none."""
-    cost = generation.get("total_cost") if generation else None
-    if not isinstance(cost, (int, Decimal)) or isinstance(cost, bool) or cost < 0:
+    cost = reported_cost(generation, "total_cost") if isinstance(generation, dict) else None
+    if cost is None:
         return False
     record.prompt_tokens = _count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
     record.completion_tokens = _count(generation.get("native_tokens_completion") or generation.get("tokens_completion"))
     record.reasoning_tokens = _count(generation.get("native_tokens_reasoning"))
     record.cached_tokens = _count(generation.get("native_tokens_cached"))
-    record.upstream_cost = Decimal(cost)
+    record.upstream_cost = cost
     record.cost_source = CostSource.RECONCILED
     record.estimated = False
     record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK

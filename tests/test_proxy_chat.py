@@ -176,6 +176,41 @@ def test_a_whole_response_states_the_charge_as_its_usage_cost(fake_upstream, ali
     assert int(response.headers["content-length"]) == len(response.body)
 
 
+def byok_usage(prompt, completion, *, fee, provider, is_byok=True) -> dict:
+    """OpenRouter's usage for a Bring-Your-Own-Key request: ``cost`` is its fee, the provider's
+    charge to the operator's own account is ``cost_details.upstream_inference_cost``."""
+    u = usage(prompt, completion, cost=fee)
+    u["is_byok"] = is_byok
+    u["cost_details"] = {"upstream_inference_cost": provider}
+    return u
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_byok_request_is_billed_the_providers_charge_plus_openrouters_fee(fake_upstream, alice, key, stream):
+    import json
+
+    u = byok_usage(412, 37, fee="0.000003", provider=0.00006)
+    reply = StreamReply(stream_of("Pong", u=u)) if stream else Reply(body=completion(u=u))
+    fake_upstream.script("chat", reply)
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}} if stream else HELLO
+    response = call(CHAT, body, token=key)
+    assert response.status == 200
+    charge = response.tokentill()["charge"] if stream else response.headers["x-tokentill-charge"]
+    assert charge == "0.000075600"  # (0.000003 + 0.00006) × 1.2
+    rec = record()
+    assert (rec.upstream_cost, rec.charge, rec.cost_source) == (Decimal("0.000063"), 75_600, CostSource.UPSTREAM)
+    assert balance(alice) == 10_000_000_000 - 75_600
+    shown = json.loads(response.data_events()[-2] if stream else response.body, parse_float=Decimal)["usage"]
+    assert shown["cost"] == Decimal("0.0000756") and "cost_details" not in shown  # our cost price stays ours
+
+
+def test_an_upstream_inference_cost_without_byok_is_not_added(fake_upstream, alice, key):
+    u = byok_usage(412, 37, fee="0.0000597", provider=0.0000597, is_byok=False)
+    fake_upstream.script("chat", Reply(body=completion(u=u)))
+    assert call(CHAT, HELLO, token=key).headers["x-tokentill-charge"] == "0.000071640"
+    assert record().upstream_cost == Decimal("0.0000597")
+
+
 def test_usage_riding_on_the_finish_chunk_is_billed_and_only_the_usage_key_is_stripped(
     fake_upstream, alice, key, settings
 ):

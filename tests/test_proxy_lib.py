@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from proxy.lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
 from proxy.lib.sse import SSEParser
-from proxy.lib.usage import StreamMeter, Usage, usage_from
+from proxy.lib.usage import StreamMeter, Usage, reported_cost, usage_from
 from wallet.money import loads_decimal
 
 STREAM = (
@@ -170,3 +170,15 @@ async def test_the_upstream_client_keeps_one_linear_pool_that_reuses_and_trims_i
         await asyncio.wait_for(client.get(url), 10)
         assert pool.connections == [first]  # kept alive and reused
     server.close()
+
+
+def test_reported_cost_adds_the_providers_charge_only_for_byok():
+    byok = {"cost": Decimal("0.01"), "is_byok": True, "cost_details": {"upstream_inference_cost": Decimal("0.2")}}
+    assert reported_cost(byok, "cost") == Decimal("0.21")
+    assert reported_cost({**byok, "is_byok": False}, "cost") == Decimal("0.01")
+    for unusable in (None, Decimal("-1"), "0.2", True):
+        assert reported_cost({**byok, "cost_details": {"upstream_inference_cost": unusable}}, "cost") == Decimal("0.01")
+    assert reported_cost({**byok, "cost": None}, "cost") is None  # no cost stated: the price table decides
+    generation = {"total_cost": 1, "is_byok": True, "upstream_inference_cost": Decimal("0.5")}
+    assert reported_cost(generation, "total_cost") == Decimal("1.5")
+    assert usage_from(byok).cost == Decimal("0.21")

@@ -61,6 +61,17 @@ def test_an_expired_hold_with_a_generation_is_charged_what_openrouter_reports(fa
     assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - 2_400_000
 
 
+def test_a_byok_generation_is_charged_the_providers_cost_on_top_of_openrouters_fee(fake_upstream, alice, price):
+    begin(alice, "req_byok")
+    UsageRecord.objects.filter(request_id="req_byok").update(generation_id="gen-byok")
+    found = {"data": {"id": "gen-byok", "total_cost": 0.0001, "upstream_inference_cost": 0.002, "is_byok": True}}
+    fake_upstream.script("generation", Reply(body=found))
+    assert "req_byok: settled from the upstream's generation lookup" in reconcile()
+    record = UsageRecord.objects.get(request_id="req_byok")
+    assert (record.upstream_cost, record.charge) == (Decimal("0.0021"), 2_520_000)
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - 2_520_000
+
+
 def test_an_expired_hold_nobody_can_look_up_is_charged_its_prompt_estimate(fake_upstream, alice, price):
     begin(alice, "req_est")
     assert "req_est: settled at an estimate of its prompt" in reconcile()

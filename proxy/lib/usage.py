@@ -34,24 +34,42 @@ def _details(usage: dict, name: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _amount(value: object) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
+        return None
+    value = Decimal(value)
+    return value if value.is_finite() and value >= 0 else None
+
+
+def reported_cost(report: dict, cost_field: str) -> Decimal | None:
+    """What a request cost us, from OpenRouter's report of it: a response's ``usage`` (cost in
+    ``cost``) or a ``/generation`` record (in ``total_cost``). None when it states no cost.
+
+    With Bring-Your-Own-Key, OpenRouter's figure is only its own fee: the provider bills the
+    operator's account ``upstream_inference_cost`` on top (``usage.cost_details`` in a response,
+    top level in a generation record), so that is added — a BYOK request billed on the fee alone
+    would sell inference at a few percent of its cost.
+    """
+    cost = _amount(report.get(cost_field))
+    if cost is None or report.get("is_byok") is not True:
+        return cost
+    details = _details(report, "cost_details") if cost_field == "cost" else report
+    return cost + (_amount(details.get("upstream_inference_cost")) or 0)
+
+
 def usage_from(value: object) -> Usage | None:
     """A ``usage`` object → ``Usage``; anything that is not one → None."""
     if not isinstance(value, dict):
         return None
     prompt_details = _details(value, "prompt_tokens_details")
     completion_details = _details(value, "completion_tokens_details")
-    cost = value.get("cost")
-    if isinstance(cost, bool) or not isinstance(cost, (Decimal, int)):
-        cost = None
-    elif not Decimal(cost).is_finite() or cost < 0:
-        cost = None
     return Usage(
         prompt_tokens=_count(value.get("prompt_tokens")),
         completion_tokens=_count(value.get("completion_tokens")),
         reasoning_tokens=_count(completion_details.get("reasoning_tokens")),
         cached_tokens=_count(prompt_details.get("cached_tokens")),
         cache_write_tokens=_count(prompt_details.get("cache_write_tokens", value.get("cache_write_tokens"))),
-        cost=Decimal(cost) if cost is not None else None,
+        cost=reported_cost(value, "cost"),
     )
 
 
