@@ -255,6 +255,30 @@ def fake_upstream(fake_upstream_server, settings):
     price_cache_clear()
 
 
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def price(db):
+    """The price the proxy tests bill at: $0.15 / $0.60 per million prompt / completion tokens,
+    a hold assuming 1,000 output tokens when a request sets no cap."""
+    from decimal import Decimal
+
+    from proxy.models import ModelPrice
+
+    return ModelPrice.objects.create(
+        model=MODEL, name="GPT-4o mini", prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
+    )
+
+
+@pytest.fixture
+def key(alice, price):
+    """Alice's API key (default proxy scope, no limits), with ``price`` in place."""
+    from accounts.services import api_key_create
+
+    return api_key_create(user=alice, name="laptop")[1]
+
+
 # --- driving the proxy through its ASGI application ------------------------------------------
 
 

@@ -12,6 +12,7 @@ from proxy.upstream import pseudonym
 from tests.conftest import make_user
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     DONE,
+    MODEL,
     Reply,
     StreamReply,
     call,
@@ -19,6 +20,8 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     completion,
     fake_upstream,
     fake_upstream_server,
+    key,
+    price,
     sse,
     stream_of,
     usage,
@@ -29,20 +32,7 @@ from wallet.models import Entry, Hold, HoldStatus, Wallet
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-MODEL = "openai/gpt-4o-mini"
 HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(
-        model=MODEL, name="GPT-4o mini", prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
-    )
-
-
-@pytest.fixture
-def key(alice, price):
-    return api_key_create(user=alice, name="laptop")[1]
 
 
 def balance(user) -> int:

@@ -3,25 +3,17 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
 import os
-from decimal import Decimal
 
 import pytest
 from django.core.cache import cache
 
 from accounts.services import api_key_create
-from proxy.models import ModelPrice
-from tests.fake_upstream import Reply, call, completion, fake_upstream, fake_upstream_server, usage  # noqa: F401
+from tests.fake_upstream import MODEL, Reply, call, completion, fake_upstream, fake_upstream_server, price, usage  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-MODEL = "openai/gpt-4o-mini"
 HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}], "max_tokens": 100}
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
 
 
 @pytest.mark.redis

@@ -20,11 +20,13 @@ from accounts.services import api_key_create
 from proxy.models import ModelPrice, UsageRecord, UsageStatus
 from tests.conftest import make_user
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    MODEL,
     Reply,
     StreamReply,
     completion,
     fake_upstream,
     fake_upstream_server,
+    price,
     slow_stream,
     stream_of,
     usage,
@@ -34,7 +36,6 @@ from wallet.models import Entry, Hold, HoldStatus, Wallet
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-MODEL = "openai/gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say pong"}]
 
 
@@ -49,11 +50,6 @@ def server(django_db_setup, django_db_blocker, fake_upstream_server):
         LOG_LEVEL="WARNING",
     ) as url:
         yield url
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
 
 
 @pytest.fixture

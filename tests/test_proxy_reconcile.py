@@ -13,22 +13,15 @@ from django.utils import timezone
 
 from proxy.lib.pricing import Rates, charge_nanos, cost_usd
 from proxy.lib.usage import Usage
-from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
+from proxy.models import CostSource, UsageRecord, UsageStatus
 from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle
-from tests.fake_upstream import Reply, fake_upstream, fake_upstream_server, run_async  # noqa: F401
+from tests.fake_upstream import MODEL, Reply, fake_upstream, fake_upstream_server, price, run_async  # noqa: F401
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 from wallet.services import hold_create
 
 # Requests are begun through the proxy's own (async) services, whose connections see only what
 # the test committed.
 pytestmark = pytest.mark.django_db(transaction=True)
-
-MODEL = "openai/gpt-4o-mini"
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
 
 
 def begin(user, request_id: str, *, expired: bool = True):

@@ -24,6 +24,7 @@ from proxy.selectors import usage_discrepancies
 from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle, hold_reconcile
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     DONE,
+    MODEL,
     Reply,
     StreamReply,
     call,
@@ -31,6 +32,8 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     completion,
     fake_upstream,
     fake_upstream_server,
+    key,
+    price,
     run_async,
     sse,
     usage,
@@ -41,21 +44,8 @@ from wallet.models import Entry, Hold, HoldStatus, Wallet
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-MODEL = "openai/gpt-4o-mini"
 HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
 ANSWER = completion(u=usage(10, 2, cost="0.00001"))
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(
-        model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
-    )
-
-
-@pytest.fixture
-def key(alice, price):
-    return api_key_create(user=alice, name="laptop")[1]
 
 
 async def _request(body, token, disconnect_after=None):

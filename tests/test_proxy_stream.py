@@ -16,12 +16,15 @@ from proxy import demo
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from proxy.selectors import price_cache_clear, price_current
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    MODEL,
     Reply,
     StreamReply,
     call,
     completion,
     fake_upstream,
     fake_upstream_server,
+    key,
+    price,
     slow_stream,
     usage,
 )
@@ -30,20 +33,7 @@ from wallet.models import Hold, HoldStatus, Wallet
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-MODEL = "openai/gpt-4o-mini"
 HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
-
-
-@pytest.fixture
-def price(db):
-    return ModelPrice.objects.create(
-        model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"), default_max_output=1000
-    )
-
-
-@pytest.fixture
-def key(alice, price):
-    return api_key_create(user=alice, name="laptop")[1]
 
 
 def test_a_client_that_disconnects_cancels_the_upstream_within_a_second_and_pays_an_estimate(fake_upstream, alice, key):
