@@ -64,8 +64,42 @@ def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None 
         return cache.incr(key, delta)
 
 
+# Which counters a request moves — one answer for the checks below and for ``uses_counters``.
+
+
+def _key_limits(api_key) -> dict:
+    return (api_key.limits or {}) if api_key is not None else {}
+
+
+def _rpm(api_key):
+    return _key_limits(api_key).get("rpm") or None
+
+
+def _spend_caps(api_key) -> list[tuple[str, int]]:
+    """(window, cap in nanodollars) for each spend cap the key sets."""
+    limits = _key_limits(api_key)
+    return [
+        (window, parse_usd(limits[f"{window}_spend"]))
+        for window in ("daily", "monthly")
+        if limits.get(f"{window}_spend") not in (None, "")
+    ]
+
+
+def _run_max_steps(run: str) -> int:
+    return settings.RUN_MAX_STEPS if run else 0
+
+
+def _run_max_spend(run: str) -> int:
+    return parse_usd(settings.RUN_MAX_SPEND) if run else 0
+
+
+def uses_counters(*, api_key, run: str) -> bool:
+    """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
+    return bool(_rpm(api_key) or _spend_caps(api_key) or _run_max_steps(run) or _run_max_spend(run))
+
+
 def check_rpm(*, api_key, now: datetime) -> None:
-    rpm = (api_key.limits or {}).get("rpm") if api_key is not None else None
+    rpm = _rpm(api_key)
     if not rpm:
         return
     key = f"tt:rpm:{api_key.pk}:{now:%Y%m%d%H%M}"
@@ -106,27 +140,23 @@ def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime
     """Count ``amount`` (a hold) against the key's spend caps and the run's spend limit."""
     reservation = Reservation(amount=amount)
     caps: list[tuple[str, int, int, Callable[[], int] | None, str, str, int]] = []
-    limits = (api_key.limits or {}) if api_key is not None else {}
-    for window in ("daily", "monthly"):
-        cap = limits.get(f"{window}_spend")
-        if cap in (None, ""):
-            continue
+    for window, cap in _spend_caps(api_key):
         start = _window_start(now, window)
         key = f"tt:spend:{api_key.pk}:{window}:{start:%Y%m%d}"
         key_id = api_key.pk
         caps.append(
             (
                 key,
-                parse_usd(cap),
+                cap,
                 _seconds_to_reset(now, window) + DAY,
                 lambda key_id=key_id, start=start: _spent_since(key_id, start),
-                f"This API key reached its {window} spend cap of ${format_usd(parse_usd(cap))}.",
+                f"This API key reached its {window} spend cap of ${format_usd(cap)}.",
                 "spend_cap_reached",
                 _seconds_to_reset(now, window),
             )
         )
-    run_cap = parse_usd(settings.RUN_MAX_SPEND)
-    if run and run_cap:
+    run_cap = _run_max_spend(run)
+    if run_cap:
         caps.append(
             (
                 f"tt:run:{user_id}:{run}:spend",
@@ -145,18 +175,6 @@ def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime
             release(reservation)
             raise LimitExceeded(message, code, retry_after)
     return reservation
-
-
-def uses_counters(*, api_key, run: str) -> bool:
-    """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
-    limits = (api_key.limits or {}) if api_key is not None else {}
-    if (
-        limits.get("rpm")
-        or limits.get("daily_spend") not in (None, "")
-        or limits.get("monthly_spend") not in (None, "")
-    ):
-        return True
-    return bool(run) and bool(settings.RUN_MAX_STEPS or parse_usd(settings.RUN_MAX_SPEND))
 
 
 def adjust(reservation: Reservation, new_amount: int) -> None:
@@ -195,10 +213,9 @@ async def arelease(reservation: Reservation) -> None:
 
 
 def check_run_steps(*, run: str, user_id: int) -> None:
-    if not run or not settings.RUN_MAX_STEPS:
+    max_steps = _run_max_steps(run)
+    if not max_steps:
         return
     steps = _incr(f"tt:run:{user_id}:{run}:steps", 1, 7 * DAY)
-    if steps > settings.RUN_MAX_STEPS:
-        raise LimitExceeded(
-            f"This agent run reached its limit of {settings.RUN_MAX_STEPS} steps.", "run_step_limit", 3600
-        )
+    if steps > max_steps:
+        raise LimitExceeded(f"This agent run reached its limit of {max_steps} steps.", "run_step_limit", 3600)

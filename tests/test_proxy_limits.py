@@ -6,6 +6,7 @@ import os
 
 import pytest
 from django.core.cache import cache
+from django.core.cache.backends.locmem import LocMemCache
 
 from accounts.services import api_key_create
 from tests.fake_upstream import MODEL, Reply, call, completion, fake_upstream, fake_upstream_server, price, usage  # noqa: F401
@@ -46,3 +47,54 @@ def test_a_spend_cap_survives_losing_the_cache(fake_upstream, alice, price):
     cache.clear()
     response = call(CHAT, HELLO, token=token)
     assert response.status == 429 and response.error["code"] == "spend_cap_reached"
+
+
+class CountingCache(LocMemCache):
+    """A process-local cache that counts the writes the limit checks make."""
+
+    writes = 0
+
+    def incr(self, *args, **kwargs):
+        CountingCache.writes += 1
+        return super().incr(*args, **kwargs)
+
+    def add(self, *args, **kwargs):
+        CountingCache.writes += 1
+        return super().add(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "key_limits, run, run_steps, run_spend",
+    [
+        ({}, "", 0, "0"),
+        ({}, "run-1", 0, "0"),  # a run label with no run limits configured
+        ({}, "", 50, "2.00"),  # run limits configured, but the request names no run
+        ({"rpm": 0, "daily_spend": None, "monthly_spend": ""}, "", 0, "0"),  # unset, spelled three ways
+        ({"rpm": 60}, "", 0, "0"),
+        ({"daily_spend": "1.00"}, "", 0, "0"),
+        ({"monthly_spend": "0"}, "", 0, "0"),  # a cap of zero is still a cap
+        ({}, "run-1", 50, "0"),
+        ({}, "run-1", 0, "2.00"),
+    ],
+)
+def test_uses_counters_is_true_exactly_when_the_checks_touch_the_cache(
+    alice, settings, key_limits, run, run_steps, run_spend
+):
+    """The async path skips the worker thread when ``uses_counters`` says no counter is involved;
+    were it wrong, a limit would silently go unchecked."""
+    from datetime import UTC, datetime
+
+    from proxy import limits
+
+    settings.CACHES = {"default": {"BACKEND": f"{__name__}.CountingCache"}}
+    settings.RUN_MAX_STEPS, settings.RUN_MAX_SPEND = run_steps, run_spend
+    api_key = api_key_create(user=alice, name="k", limits=key_limits)[0]
+    CountingCache.writes = 0
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    try:
+        limits.check_rpm(api_key=api_key, now=now)
+        limits.check_run_steps(run=run, user_id=alice.pk)
+        limits.reserve_spend(api_key=api_key, run=run, user_id=alice.pk, amount=1, now=now)
+    except limits.LimitExceeded:  # the zero cap refuses; it was checked all the same
+        pass
+    assert limits.uses_counters(api_key=api_key, run=run) == (CountingCache.writes > 0)
