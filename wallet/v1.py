@@ -99,8 +99,9 @@ def _amount(value: object) -> int:
             "invalid_amount",
             "amount",
         )
-    # Bounded before parse_usd converts it: "1e999990" is a finite decimal whose conversion to an
-    # int of nanodollars alone takes seconds of CPU, and anything past the bigint is a 500.
+    # The per-operation bound comes first so that every amount past it, however it is written, gets
+    # the same answer ("1e999990" and "-1e30" included, which parse_usd would refuse as
+    # unrepresentable); parse_usd then judges the form of what is left.
     try:
         decimal = Decimal(value.strip())
     except InvalidOperation:
