@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 
 import pytest
 from django.db.backends.postgresql.base import DatabaseOperations as PgOps
@@ -124,3 +125,55 @@ def alice_key(alice):
     from accounts.services import api_key_create
 
     return api_key_create(user=alice, name="alice laptop")
+
+
+RACE_TIMEOUT = 60  # seconds a racing thread may wait at the barrier or take to finish
+
+
+def race(worker, threads: int) -> list:
+    """Run ``worker(index)`` in ``threads`` threads released together by a barrier, so that they
+    genuinely contend (each has its own database connection, closed when it is done). Returns
+    their results in finishing order; an exception a worker raised is returned as its result,
+    never lost."""
+    from django.db import connections
+
+    barrier = threading.Barrier(threads, timeout=RACE_TIMEOUT)
+    results: list = []
+    lock = threading.Lock()
+
+    def run(index: int):
+        try:
+            barrier.wait()
+            outcome = worker(index)
+        except BaseException as exc:  # reported to the main thread, never lost
+            outcome = exc
+        finally:
+            connections.close_all()
+        with lock:
+            results.append(outcome)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(RACE_TIMEOUT)
+    assert not any(thread.is_alive() for thread in pool), "a worker hung"
+    return results
+
+
+@pytest.fixture
+def redis_cache(settings):
+    """Django's cache on the test Redis (``TEST_REDIS_URL``), under a prefix of this process's own,
+    emptied: counters then live where every server process would see them."""
+    from django.core.cache import cache
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["TEST_REDIS_URL"],
+            "KEY_PREFIX": f"tt-test-{os.getpid()}",
+        }
+    }
+    cache.clear()
+    yield cache
+    cache.clear()

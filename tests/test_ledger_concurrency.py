@@ -6,15 +6,14 @@ A barrier releases them together so the holds genuinely contend for the wallet r
 
 from __future__ import annotations
 
-import threading
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
 from django.db.models import Sum
 
 from accounts.models import User
+from tests.conftest import race
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 from wallet.services import InsufficientFunds, hold_create, hold_settle, wallet_credit, wallet_get_or_create
 
@@ -23,32 +22,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 THREADS = 32
 ATTEMPTS_PER_THREAD = 2
 HOLD = 10_000_000  # $0.01 in nanodollars
-JOIN_TIMEOUT = 60  # seconds
-
-
-def _race(worker, threads: int = THREADS) -> list:
-    barrier = threading.Barrier(threads, timeout=JOIN_TIMEOUT)
-    results: list = []
-    lock = threading.Lock()
-
-    def run(index: int):
-        try:
-            barrier.wait()
-            outcome = worker(index)
-        except BaseException as exc:  # reported to the main thread, never lost
-            outcome = exc
-        finally:
-            connections.close_all()
-        with lock:
-            results.append(outcome)
-
-    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(JOIN_TIMEOUT)
-    assert not any(thread.is_alive() for thread in pool), "a worker hung"
-    return results
 
 
 def test_racing_holds_never_take_more_than_the_wallet_holds():
@@ -68,7 +41,7 @@ def test_racing_holds_never_take_more_than_the_wallet_holds():
             won += 1
         return won, refused
 
-    results = _race(worker)
+    results = race(worker, THREADS)
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
     assert sum(won for won, _ in results) == funded_for
@@ -89,7 +62,7 @@ def test_racing_replays_of_one_idempotency_key_post_once():
     def worker(index: int):
         return wallet_credit(wallet=wallet, amount=HOLD, kind=EntryKind.TOP_UP, idempotency_key="order:1").pk
 
-    results = _race(worker, threads=16)
+    results = race(worker, 16)
     assert not [r for r in results if isinstance(r, BaseException)]
     assert len(set(results)) == 1
     assert Wallet.objects.get(pk=wallet.pk).balance == HOLD

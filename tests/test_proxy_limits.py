@@ -18,15 +18,7 @@ HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}], 
 
 
 @pytest.mark.redis
-def test_rate_counters_live_in_redis_so_every_process_shares_them(fake_upstream, alice, price, settings):
-    settings.CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": os.environ["TEST_REDIS_URL"],
-            "KEY_PREFIX": f"tt-test-{os.getpid()}",
-        }
-    }
-    cache.clear()
+def test_rate_counters_live_in_redis_so_every_process_shares_them(fake_upstream, alice, price, redis_cache):
     key_row, token = api_key_create(user=alice, name="k", limits={"rpm": 2})
     fake_upstream.script("chat", *[Reply(body=completion(u=usage(1, 1, cost="0.000001")))] * 2)
     assert [call(CHAT, HELLO, token=token).status for _ in range(3)] == [200, 200, 429]
@@ -34,7 +26,6 @@ def test_rate_counters_live_in_redis_so_every_process_shares_them(fake_upstream,
 
     client = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
     assert client.keys(f"tt-test-{os.getpid()}:*tt:rpm:{key_row.pk}:*")
-    cache.clear()
 
 
 def test_a_spend_cap_survives_losing_the_cache(fake_upstream, alice, price):

@@ -5,16 +5,15 @@ same counters as the proxy's (proxy.limits), so one budget covers model use and 
 from __future__ import annotations
 
 import os
-import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core.cache import cache
-from django.db import connections
 from django.test import Client
 
 from accounts.services import api_key_create, token_pair_issue
 from proxy.models import UsageRecord, UsageStatus
+from tests.conftest import race
 from wallet.models import Entry, EntryKind
 from wallet.money import parse_usd
 from wallet.services import wallet_credit
@@ -239,45 +238,21 @@ def test_a_caller_cannot_name_the_key_a_charge_is_counted_against(alice, alice_k
 @pytest.mark.django_db(transaction=True)
 def test_racing_charges_never_pass_the_cap_together(alice):
     _, secret = api_key_create(user=alice, name="agent", limits={"daily_spend": "0.05"})
-    threads, barrier, statuses, lock = 12, threading.Barrier(12, timeout=30), [], threading.Lock()
-
-    def run(index: int):
-        try:
-            barrier.wait()
-            status = _charge(_client(secret), "0.01", f"race-{index}").status_code
-        finally:
-            connections.close_all()
-        with lock:
-            statuses.append(status)
-
-    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(60)
+    statuses = race(lambda index: _charge(_client(secret), "0.01", f"race-{index}").status_code, threads=12)
     assert sorted(statuses) == [200] * 5 + [429] * 7
     assert _balance(alice) == parse_usd("9.95")
 
 
 @pytest.mark.redis
-def test_charge_counters_live_in_redis_and_rebuild_there(alice, settings):
-    settings.CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": os.environ["TEST_REDIS_URL"],
-            "KEY_PREFIX": f"tt-test-v1-{os.getpid()}",
-        }
-    }
-    cache.clear()
+def test_charge_counters_live_in_redis_and_rebuild_there(alice, redis_cache):
     key, client = _key(alice, daily_spend="0.05")
     assert _charge(client, "0.03", "a").status_code == 200
     import redis
 
     shared = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
-    (counter,) = shared.keys(f"tt-test-v1-{os.getpid()}:*tt:spend:{key.pk}:daily:*")
+    (counter,) = shared.keys(f"tt-test-{os.getpid()}:*tt:spend:{key.pk}:daily:*")
     assert int(shared.get(counter)) == parse_usd("0.03")  # what another process would read
     shared.delete(counter)  # lost: rebuilt from the ledger, as an integer Redis can add to
     _assert_429(_charge(client, "0.03", "b"), "spend_cap_reached")
     assert _charge(client, "0.02", "c").status_code == 200
     assert int(shared.get(counter)) == parse_usd("0.05")
-    cache.clear()
