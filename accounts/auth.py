@@ -8,12 +8,22 @@ their wallet joined in), plus a throttled ``last_used_at`` write for keys.
 ``aauthenticate_bearer`` is the same check for the proxy's event loop: on PostgreSQL it runs the
 same lookup as one statement on the hot path's async connections (``config.adb``), elsewhere it
 is ``authenticate_bearer`` in a worker thread. The rules themselves are written once, below.
+
+On PostgreSQL the proxy may also take a principal from ``aauthenticate_bearer(token,
+cached=True)``: the rows of a recent lookup, kept in this process, so that a proxied request
+makes no authentication statement of its own. Such a principal is not trusted on its word: its
+``unchanged`` condition (the key's or token family's row, and the user's, are still the row
+versions — PostgreSQL's ``xmin`` — that were read) goes into the request's first write, the hold
+or the refusal's record, and when it is false nothing is written and the caller authenticates
+afresh (``adb.ConditionFailed``). So revoking a key, disabling a user or changing a key's limits
+takes effect on the very next request, exactly as without the cache.
 """
 
 from __future__ import annotations
 
 import hmac
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -43,6 +53,9 @@ class AuthFailed(Exception):
 class Principal:
     user: User
     api_key: ApiKey | None = None
+    # On the event loop's path: a SQL condition (text, parameters), true while the rows this
+    # principal was read from are unchanged — see the module docstring. None on the ORM path.
+    unchanged: tuple[str, dict] | None = None
 
     def has_scope(self, scope: str) -> bool:
         # Desktop tokens act as the user themselves: proxy use only, never billing others.
@@ -123,20 +136,66 @@ def _authenticate_access_token(token: str) -> Principal:
 
 # --- the same on the event loop ----------------------------------------------------------------
 
-# The ORM's select_related(*_WITH_USER) above, as one statement for the async connections. (S608:
-# the identifiers come from model metadata; every value is a bound parameter.)
+# The ORM's select_related(*_WITH_USER) above, as one statement for the async connections, with
+# the versions of the rows the principal depends on last. (S608: the identifiers come from model
+# metadata; every value is a bound parameter.)
 _KEY_SQL = (
-    f"SELECT {adb.columns(ApiKey, 'k')}, {adb.columns(User, 'u')}, {adb.columns(Wallet, 'w')} "  # noqa: S608
+    f"SELECT {adb.columns(ApiKey, 'k')}, {adb.columns(User, 'u')}, {adb.columns(Wallet, 'w')}, "  # noqa: S608
+    "k.xmin::text, u.xmin::text "
     f'FROM "{ApiKey._meta.db_table}" k JOIN "{User._meta.db_table}" u ON u.id = k.user_id '
     f'LEFT JOIN "{Wallet._meta.db_table}" w ON w.user_id = u.id WHERE k.prefix = %s LIMIT 1'
 )
 _FAMILY_SQL = (
-    f"SELECT {adb.columns(TokenFamily, 'f')}, {adb.columns(User, 'u')}, {adb.columns(Wallet, 'w')} "  # noqa: S608
+    f"SELECT {adb.columns(TokenFamily, 'f')}, {adb.columns(User, 'u')}, {adb.columns(Wallet, 'w')}, "  # noqa: S608
+    "f.xmin::text, u.xmin::text "
     f'FROM "{TokenFamily._meta.db_table}" f JOIN "{User._meta.db_table}" u ON u.id = f.user_id '
     f'LEFT JOIN "{Wallet._meta.db_table}" w ON w.user_id = u.id '
     "WHERE f.id = %s AND f.revoked_at IS NULL AND u.is_active LIMIT 1"
 )
-_TOUCH_SQL = f'UPDATE "{ApiKey._meta.db_table}" SET last_used_at = %s WHERE id = %s'  # noqa: S608
+# Only the version that was read is touched: a key changed since (say, revoked) is read again.
+_TOUCH_SQL = (
+    f'UPDATE "{ApiKey._meta.db_table}" SET last_used_at = %s WHERE id = %s AND xmin::text = %s '  # noqa: S608
+    "RETURNING xmin::text"
+)
+
+
+# The ``unchanged`` conditions: the row of the key (or token family) and of its user, as read.
+def _unchanged_sql(model) -> str:
+    return (
+        f'EXISTS (SELECT FROM "{model._meta.db_table}" p JOIN "{User._meta.db_table}" u ON u.id = p.user_id '
+        "WHERE p.id = %(auth_id)s AND p.xmin::text = %(auth_row)s AND u.xmin::text = %(auth_user_row)s)"
+    )
+
+
+_KEY_UNCHANGED = _unchanged_sql(ApiKey)
+_FAMILY_UNCHANGED = _unchanged_sql(TokenFamily)
+
+# Recent lookups' rows, by the key's hash or the token family's id (most recent last). Each entry
+# is one key or signed-in session; a key's entry is replaced when its last_used_at is written.
+_recent: OrderedDict[str, tuple] = OrderedDict()
+RECENT_MAX = 10_000
+_ATTEMPTS = 3  # reads of a key that keeps changing under its last_used_at write, before giving up
+
+
+def forget_recent() -> None:
+    """Drop every recent lookup (tests; the cache is only ever a shortcut)."""
+    _recent.clear()
+
+
+def _remember(ident: str, row: tuple, user: User) -> None:
+    if not User.wallet.is_cached(user):  # no wallet yet: the proxy creates one, so look it up again
+        return
+    _recent[ident] = row
+    _recent.move_to_end(ident)
+    if len(_recent) > RECENT_MAX:
+        _recent.popitem(last=False)
+
+
+def _recalled(ident: str) -> tuple | None:
+    row = _recent.get(ident)
+    if row is not None:
+        _recent.move_to_end(ident)
+    return row
 
 
 def _user_with_wallet(row: tuple, start: int) -> User:
@@ -147,28 +206,65 @@ def _user_with_wallet(row: tuple, start: int) -> User:
     return user
 
 
-async def aauthenticate_bearer(token: str | None) -> Principal:
+def _unchanged(condition: str, ident, row_version: str, user_version: str) -> tuple[str, dict]:
+    return condition, {"auth_id": ident, "auth_row": row_version, "auth_user_row": user_version}
+
+
+async def aauthenticate_bearer(token: str | None, *, cached: bool = False) -> Principal:
+    """``authenticate_bearer`` on the event loop. ``cached``: the proxy's path, which may answer
+    from a recent lookup because it checks the principal's ``unchanged`` condition when it writes
+    (see the module docstring); nobody else may pass it."""
     if not adb.native():
         return await adb.in_thread(authenticate_bearer)(token)
     if not token:
         raise AuthFailed("missing bearer token")
     if token.startswith(API_KEY_PREFIX):
-        row = await adb.fetchone(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]], retry=True)
+        return await _aauthenticate_key(token, cached)
+    family_id = _access_token_family(token)
+    try:
+        family_id = uuid.UUID(str(family_id))
+    except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
+        raise AuthFailed("this session has been revoked") from None
+    ident = f"family:{family_id}"
+    row = _recalled(ident) if cached else None
+    if row is None:
+        row = await adb.fetchone(_FAMILY_SQL, [family_id], retry=True)
+        if row is None:
+            _recent.pop(ident, None)
+            raise AuthFailed("this session has been revoked")
+    _, end = adb.load(TokenFamily, row)
+    user = _user_with_wallet(row, end)
+    _remember(ident, row, user)
+    return Principal(user=user, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:]))
+
+
+async def _aauthenticate_key(token: str, cached: bool) -> Principal:
+    ident = f"key:{sha256_hex(token)}"
+    for _ in range(_ATTEMPTS):
+        row = _recalled(ident) if cached else None
+        if row is None:
+            row = await adb.fetchone(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]], retry=True)
         key = None
         if row is not None:
             key, end = adb.load(ApiKey, row)
             key.user = _user_with_wallet(row, end)
+        key_version, user_version = row[-2:] if row is not None else (None, None)
         now = timezone.now()
-        if _checked_key(key, token, now):
-            await adb.execute(_TOUCH_SQL, [now, key.pk], retry=True)
-            key.last_used_at = now
-        return Principal(user=key.user, api_key=key)
-    family_id = _access_token_family(token)
-    try:
-        row = await adb.fetchone(_FAMILY_SQL, [uuid.UUID(str(family_id))], retry=True)
-    except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
-        row = None
-    if row is None:
-        raise AuthFailed("this session has been revoked")
-    _, end = adb.load(TokenFamily, row)
-    return Principal(user=_user_with_wallet(row, end))
+        try:
+            touch = _checked_key(key, token, now)
+        except AuthFailed:
+            _recent.pop(ident, None)
+            raise
+        if touch:
+            _recent.pop(ident, None)  # its last_used_at is about to change: read it again next time
+            touched = await adb.fetchone(_TOUCH_SQL, [now, key.pk, key_version], retry=True)
+            if touched is None:  # the key changed since it was read: read it again
+                cached = False
+                continue
+            key.last_used_at, key_version = now, touched[0]
+        else:
+            _remember(ident, row, key.user)
+        return Principal(
+            user=key.user, api_key=key, unchanged=_unchanged(_KEY_UNCHANGED, key.pk, key_version, user_version)
+        )
+    raise adb.ConditionFailed("the API key kept changing while it was read")

@@ -45,6 +45,11 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool
 _observers: list[Callable[[str], None]] = []
 
 
+class ConditionFailed(Exception):
+    """A statement written to happen only while some rows are unchanged found them changed, and
+    did nothing (see ``accounts.auth``: a principal from a recent lookup)."""
+
+
 def native() -> bool:
     """Does the hot path talk to the database from the event loop (PostgreSQL), or via the ORM?"""
     # (The engine from settings, not ``connections["default"].vendor``: that lookup goes through

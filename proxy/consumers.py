@@ -38,6 +38,7 @@ from django.conf import settings
 from psycopg_pool import PoolTimeout
 
 from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
+from config import adb
 from wallet.money import format_usd, loads_decimal
 
 from . import upstream
@@ -66,7 +67,15 @@ LARGE_BODY = 256 * 1024  # bytes: a whole answer this large is parsed in a worke
 PROGRESS_AFTER = 1.0  # seconds a request runs before its progress is first written down
 PROGRESS_EVERY = 60.0  # seconds between progress writes after that (at most HOLD_TTL / 3)
 # Failures that mean "the database cannot take this request now", not a bug: answered 503.
-DATABASE_UNAVAILABLE = (django.db.OperationalError, django.db.InterfaceError, psycopg.OperationalError, PoolTimeout)
+# (ConditionFailed: a key or user whose row kept changing while admission ran, ADMIT_ATTEMPTS times.)
+DATABASE_UNAVAILABLE = (
+    django.db.OperationalError,
+    django.db.InterfaceError,
+    psycopg.OperationalError,
+    PoolTimeout,
+    adb.ConditionFailed,
+)
+ADMIT_ATTEMPTS = 3
 DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
 
 
@@ -281,6 +290,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             run=self.headers.get("x-tokentill-run", "")[:200],
             agent=self.headers.get("x-tokentill-agent", "")[:200],
             tool=self.headers.get("x-tokentill-tool", "")[:200],
+            unchanged=principal.unchanged,
         )
 
     async def authenticate(self):
@@ -346,9 +356,21 @@ class ProxyConsumer(AsyncHttpConsumer):
     async def admit(self, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
         """Authenticate, then record a refusal or take the hold.
 
-        Raises ``AuthFailed`` (no record: there is no user), ``Refusal`` or ``Funds``.
+        The principal may come from a recent lookup; the first write checks it is still current
+        (``accounts.auth``), and when it is not, admission starts again from a fresh lookup (so a
+        key's rpm counter can count such a request twice). Raises ``AuthFailed`` (no record: there
+        is no user), ``Refusal`` or ``Funds``.
         """
-        principal = await aauthenticate_bearer(bearer_from_header(self.headers.get("authorization")))
+        token = bearer_from_header(self.headers.get("authorization"))
+        for attempt in range(ADMIT_ATTEMPTS):
+            principal = await aauthenticate_bearer(token, cached=attempt == 0)
+            try:
+                return await self.admit_as(principal, body, payload, invalid)
+            except adb.ConditionFailed:
+                if attempt == ADMIT_ATTEMPTS - 1:
+                    raise
+
+    async def admit_as(self, principal, body: bytes, payload: dict | None, invalid: Refusal | None) -> Begun:
         meta = self.meta(principal)
         if not principal.has_scope("proxy"):
             invalid = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")

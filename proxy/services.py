@@ -7,7 +7,8 @@ Every request a known user makes leaves one ``UsageRecord``: refused ones with s
 The request services are async: the consumer calls them from its event loop. On PostgreSQL their
 statements run right there on the hot path's async connections (``config.adb``); elsewhere each
 step is the ORM in a worker thread. Statement budget on PostgreSQL (pinned by tests): begin = ONE
-statement, the hold with its pending record (the wallet comes joined to the authenticated user);
+statement, the hold with its pending record (the wallet comes joined to the authenticated user,
+and the hold is taken only while the principal is unchanged: ``RequestMeta.unchanged``);
 settle = ONE statement, the record UPDATE with the hold's settlement. The price comes from the
 per-process cache in ``selectors``; the guardrail counters, when a key or run has any, from
 Django's cache in a worker thread.
@@ -84,6 +85,9 @@ class RequestMeta:
     run: str = ""
     agent: str = ""
     tool: str = ""
+    # The principal's ``unchanged`` condition (``accounts.auth``): the request's first write — its
+    # hold, or its refusal's record — happens only while it is true, else ``adb.ConditionFailed``.
+    unchanged: tuple[str, dict] | None = None
 
 
 @dataclass
@@ -144,19 +148,26 @@ def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> Usage
     )
 
 
-async def _arecord(record: UsageRecord) -> UsageRecord:
-    """Insert a usage record: on the event loop on PostgreSQL, else through the ORM in a thread."""
+async def _arecord(record: UsageRecord, only_if: tuple[str, dict] | None = None) -> UsageRecord:
+    """Insert a usage record: on the event loop on PostgreSQL, else through the ORM in a thread.
+    ``only_if`` (PostgreSQL): a condition the insert happens under, else ``adb.ConditionFailed``."""
     if not adb.native():
         await adb.in_thread(record.save)(force_insert=True)
         return record
-    (pk,) = await adb.fetchone(*adb.insert_statement(record))
-    adb.saved(record, pk)
+    if only_if is None:
+        row = await adb.fetchone(*adb.insert_statement(record))
+    else:
+        insert, params = adb.insert_statement(record, source="ok")
+        row = await adb.fetchone(f"WITH ok AS (SELECT 1 WHERE {only_if[0]}) {insert}", {**params, **only_if[1]})
+        if row is None:
+            raise adb.ConditionFailed("the record's condition was false")
+    adb.saved(record, row[0])
     return record
 
 
 async def ausage_refused(*, meta: RequestMeta, http_status: int, error: str) -> UsageRecord:
     """Record a request refused before it reached the upstream (nothing charged)."""
-    return await _arecord(_refused_record(meta, http_status=http_status, error=error))
+    return await _arecord(_refused_record(meta, http_status=http_status, error=error), meta.unchanged)
 
 
 @dataclass
@@ -273,8 +284,10 @@ async def arequest_begin(
 
     Every outcome leaves a usage record: ``refused`` for a refusal, ``pending`` with the hold —
     written by the hold's own statement (``also_insert``), so there is never a hold without its
-    record or a record of money never reserved. On PostgreSQL that is one statement besides
-    authentication, committing on its own, so the wallet row is locked for that statement only.
+    record or a record of money never reserved. On PostgreSQL that is one statement (besides
+    authentication, when the principal was not remembered), committing on its own, so the wallet
+    row is locked for that statement only. Raises ``adb.ConditionFailed`` — nothing held or
+    recorded — when ``meta.unchanged`` no longer holds: the caller authenticates again.
     """
     now = now or timezone.now()
     try:
@@ -309,7 +322,12 @@ async def arequest_begin(
     hold = None
     try:
         hold = await ahold_create(
-            wallet=wallet, amount=amount, request_id=meta.request_id, min_available=floor, also_insert=record
+            wallet=wallet,
+            amount=amount,
+            request_id=meta.request_id,
+            min_available=floor,
+            also_insert=record,
+            only_if=meta.unchanged,
         )
     except Exception as failed:
         if not isinstance(failed, InsufficientFunds):
@@ -327,7 +345,12 @@ async def arequest_begin(
             record.hold_amount = clamped
             try:
                 hold = await ahold_create(
-                    wallet=wallet, amount=clamped, request_id=meta.request_id, min_available=floor, also_insert=record
+                    wallet=wallet,
+                    amount=clamped,
+                    request_id=meta.request_id,
+                    min_available=floor,
+                    also_insert=record,
+                    only_if=meta.unchanged,
                 )
                 clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
@@ -336,8 +359,8 @@ async def arequest_begin(
                 await limits.arelease(plan.reservation)
                 raise
         if hold is None:
-            await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"))
             await limits.arelease(plan.reservation)
+            await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"), meta.unchanged)
             raise Funds(balance=short.balance, available=short.available, needed=short.needed)
     await limits.aadjust(plan.reservation, amount)
     return Begun(

@@ -137,20 +137,21 @@ def test_the_hot_path_runs_a_pinned_number_of_statements(fake_upstream, alice, k
     settings.PROXY_PRICE_CACHE_SECONDS = 60
     price_cache_clear()
     price_current(MODEL)
-    fake_upstream.script("chat", Reply(body=completion(u=usage(100, 20))), Reply(body=completion(u=usage(100, 20))))
+    fake_upstream.script("chat", *[Reply(body=completion(u=usage(100, 20))) for _ in range(3)])
     assert call(CHAT, HELLO, token=key).status == 200  # the key's first use stamps last_used_at; the next does not
+    assert call(CHAT, HELLO, token=key).status == 200  # (on PostgreSQL: read again, and remembered)
     sent: list[str] = []
     with orm_queries_in_any_thread() as orm, adb.observe(sent.append):
         response = call(CHAT, HELLO, token=key)
     assert response.status == 200
     if adb.native():
         # On PostgreSQL all of it runs on the event loop's async connections, none in the ORM,
-        # and each step is one statement: the key (user and wallet joined); the hold with its
-        # pending usage record; the settlement with the record's update.
+        # and each step is one statement: the hold with its pending usage record (and the check
+        # that the remembered key and user are unchanged — tests/test_proxy_auth_cache.py); the
+        # settlement with the record's update.
         assert orm == []
-        key, begin, settle = sent
-        assert key.startswith("SELECT") and "accounts_apikey" in key
-        assert "wallet_hold" in begin and 'INSERT INTO "proxy_usagerecord"' in begin
+        begin, settle = sent
+        assert "wallet_hold" in begin and 'INSERT INTO "proxy_usagerecord"' in begin and "accounts_apikey" in begin
         assert "wallet_entry" in settle and 'UPDATE "proxy_usagerecord"' in settle
     else:
         # Through the ORM (SQLite): the key with its user and wallet; the hold's conditional

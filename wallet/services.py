@@ -360,7 +360,7 @@ def hold_create(
 _PG_HOLD_CREATE = """
 WITH w AS (
     UPDATE {wallet} SET held = held + %(amount)s, updated_at = %(now)s
-    WHERE id = %(wallet_id)s AND balance >= held + %(need)s
+    WHERE id = %(wallet_id)s AND balance >= held + %(need)s{only_if}
     RETURNING id
 ), h AS (
     INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
@@ -400,9 +400,10 @@ SELECT id FROM h
 """
 
 _PG_WALLET_STATE = "SELECT balance, held FROM {wallet} WHERE id = %s"
+_PG_WALLET_STATE_IF = "SELECT balance, held, {only_if} FROM {wallet} WHERE id = %(wallet_id)s"
 
 _TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
-_PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="")
+_PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="", only_if="")
 _PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="", also_id="")
 _PG_HOLD_EXTEND_SQL = _PG_HOLD_EXTEND.format(**_TABLES, also="", also_id="")
 _PG_WALLET_STATE_SQL = _PG_WALLET_STATE.format(**_TABLES)
@@ -607,11 +608,19 @@ async def ahold_create(
     description: str = "",
     metadata: dict | None = None,
     also_insert=None,
+    only_if: tuple[str, dict] | None = None,
 ) -> Hold:
     """``hold_create`` for async callers. ``also_insert`` — an unsaved model instance — is
     inserted in the same transaction if and only if the hold is taken (the proxy's usage record:
-    no hold without the record that explains it, and no record of money never reserved)."""
+    no hold without the record that explains it, and no record of money never reserved).
+
+    ``only_if`` — a SQL condition and its parameters, PostgreSQL only — must also hold for the
+    hold to be taken; when it does not, nothing is written and ``adb.ConditionFailed`` is raised
+    (the proxy's check that its cached principal is still current: ``accounts.auth``).
+    """
     if not adb.native():
+        if only_if is not None:
+            raise ValueError("only_if is checked on PostgreSQL's statements only")
         create = partial(
             hold_create,
             wallet=wallet,
@@ -625,14 +634,24 @@ async def ahold_create(
         return await _in_thread_with(create, hold=None, insert=also_insert)
     hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
     params = _pg_hold_create_params(hold, need)
-    sql = _PG_HOLD_CREATE_SQL
+    also = also_id = condition = ""
     if also_insert is not None:
         insert, extra = adb.insert_statement(also_insert, prefix="also_", source="h")
-        sql = _composed(_PG_HOLD_CREATE, f", also AS ({insert})", ", (SELECT id FROM also)")
+        also, also_id = f", also AS ({insert})", ", (SELECT id FROM also)"
         params.update(extra)
+    if only_if is not None:
+        condition = f" AND {only_if[0]}"
+        params.update(only_if[1])
+    sql = _composed(_PG_HOLD_CREATE, also, also_id, condition)
     row = await adb.fetchone(sql, params)
     if row is None:
-        balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk], retry=True)
+        if only_if is None:
+            balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk], retry=True)
+        else:
+            state = _composed(_PG_WALLET_STATE_IF, "", only_if=only_if[0])
+            balance, held, unchanged = await adb.fetchone(state, {"wallet_id": wallet.pk, **only_if[1]}, retry=True)
+            if not unchanged:
+                raise adb.ConditionFailed("the hold's condition was false")
         raise InsufficientFunds(needed=need, available=balance - held, balance=balance)
     adb.saved(hold, row[0])
     if also_insert is not None:
@@ -710,9 +729,10 @@ def _with_save(template: str, params: dict, also_save: tuple[object, list[str]])
 
 
 @lru_cache(maxsize=32)
-def _composed(template: str, also: str, also_id: str = "") -> str:
-    """A hold statement with a companion part: the same few texts every time, built once."""
-    return template.format(**_TABLES, also=also, also_id=also_id)
+def _composed(template: str, also: str, also_id: str = "", only_if: str = "") -> str:
+    """A hold statement with a companion part or a condition: the same few texts every time,
+    built once."""
+    return template.format(**_TABLES, also=also, also_id=also_id, only_if=only_if)
 
 
 def _locked_active(hold: Hold) -> bool:
