@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import select
+import ssl
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -107,54 +108,108 @@ class _LinearPool(httpcore.AsyncConnectionPool):
         return closing_connections
 
 
-class _Stream(httpcore.AsyncNetworkStream):
-    """An anyio connection whose "is the server gone?" probe costs one ``poll``.
+class _AsyncioStream(httpcore.AsyncNetworkStream):
+    """An upstream connection as asyncio's own streams (uvloop's, in the server).
 
-    httpcore asks every idle connection that on every pool operation; anyio answered by
-    rebuilding its whole attribute table, ``getpeername`` included, each time.
+    httpcore's default backend goes through anyio, which wraps every read and write in a cancel
+    scope, and does TLS itself in Python over a memory BIO; here a timeout is ``asyncio.timeout``
+    and TLS is the event loop's. ``bench/upstream_client.py`` measures both. Failures map to
+    httpcore's exceptions as its anyio backend maps them, so httpx raises what it always raised.
     """
 
-    def __init__(self, stream: httpcore.AsyncNetworkStream):
-        self._stream = stream
-        self._socket = stream.get_extra_info("socket")
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader, self._writer = reader, writer
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._stream.read(max_bytes, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)  # b"" at the end: httpcore reads it as closed
+        except TimeoutError:
+            raise httpcore.ReadTimeout("timed out reading from the upstream") from None
+        except OSError as exc:  # (ssl.SSLError is one)
+            raise httpcore.ReadError(str(exc)) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._stream.write(buffer, timeout)
+        if not buffer:
+            return
+        try:
+            self._writer.write(buffer)
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            raise httpcore.WriteTimeout("timed out writing to the upstream") from None
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc)) from exc
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        # As anyio closes a connection: at once, without a TLS goodbye the peer may never answer.
+        self._writer.transport.abort()
+        await asyncio.sleep(0)
 
     async def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None):
-        return _Stream(await self._stream.start_tls(ssl_context, server_hostname, timeout))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError:
+            await self.aclose()
+            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
+        except OSError as exc:
+            await self.aclose()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return self
 
     def get_extra_info(self, info: str):
         if info == "is_readable":
-            # As httpcore's own check: a socket that is gone counts as readable (about to EOF).
-            fd = -1 if self._socket is None else self._socket.fileno()
+            # httpcore asks every idle connection this before reusing it: one ``poll``. As its own
+            # check, a socket that is gone counts as readable (about to read the end).
+            sock = self._writer.get_extra_info("socket")
+            fd = -1 if sock is None else sock.fileno()
             if fd < 0:
                 return True
             poll = select.poll()
             poll.register(fd, select.POLLIN)
             return bool(poll.poll(0))
-        return self._stream.get_extra_info(info)
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        if info in ("ssl_object", "socket"):
+            return self._writer.get_extra_info(info)
+        return None
 
 
-class _Backend(httpcore.AnyIOBackend):
-    async def connect_tcp(self, *args, **kwargs):
-        return _Stream(await super().connect_tcp(*args, **kwargs))
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend on asyncio's streams (see ``_AsyncioStream``)."""
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options=None
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(local_address, 0) if local_address else None
+                )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out connecting to the upstream") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        sock = writer.get_extra_info("socket")  # (asyncio turns Nagle off already)
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return _AsyncioStream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
-def _transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+def _transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
     # httpx builds the pool itself; only a plain httpcore pool (the case here: no proxy, no
     # HTTP/2) has exactly the behaviour _LinearPool reproduces, so only that one is swapped.
-    # (tests/test_proxy_stream.py checks the swap still happens after an httpx upgrade.)
+    # (tests/test_proxy_lib.py checks the swap still happens after an httpx upgrade.)
     if type(getattr(transport, "_pool", None)) is httpcore.AsyncConnectionPool:
         transport._pool.__class__ = _LinearPool
-        transport._pool._network_backend = _Backend()
+        transport._pool._network_backend = AsyncioBackend()
     return transport
 
 
