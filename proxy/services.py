@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 
 from django.conf import settings
 from django.db import transaction
@@ -320,15 +321,16 @@ async def arequest_begin(
     )
     clamped_to = None
     hold = None
+    take = partial(
+        ahold_create,
+        wallet=wallet,
+        request_id=meta.request_id,
+        min_available=floor,
+        also_insert=record,
+        only_if=meta.unchanged,
+    )
     try:
-        hold = await ahold_create(
-            wallet=wallet,
-            amount=amount,
-            request_id=meta.request_id,
-            min_available=floor,
-            also_insert=record,
-            only_if=meta.unchanged,
-        )
+        hold = await take(amount=amount)
     except Exception as failed:
         if not isinstance(failed, InsufficientFunds):
             # The hold could not be taken at all (the database is away): give the spend caps
@@ -344,14 +346,7 @@ async def arequest_begin(
             clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable * choices)
             record.hold_amount = clamped
             try:
-                hold = await ahold_create(
-                    wallet=wallet,
-                    amount=clamped,
-                    request_id=meta.request_id,
-                    min_available=floor,
-                    also_insert=record,
-                    only_if=meta.unchanged,
-                )
+                hold = await take(amount=clamped)
                 clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
                 short = again
