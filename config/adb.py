@@ -88,6 +88,31 @@ def _connection_params() -> dict[str, Any]:
     return params
 
 
+class _Connection(psycopg.AsyncConnection):
+    """A pooled connection that keeps a cursor per statement text.
+
+    psycopg builds a cursor's parameter adapters anew whenever the cursor runs another statement
+    than its last (and a new cursor always does), so one cursor per statement lets each of the hot
+    path's few statements reuse its adapters. Measured on a slow hour of the development VM, a
+    statement with three to five parameters through ``fetchone``: 300 – 340 → 215 – 280 µs of
+    client CPU.
+    """
+
+    MAX_CURSORS = 64  # far more than the statements the hot path has; a bound all the same
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._statement_cursors: dict[str, psycopg.AsyncCursor] = {}
+
+    def statement_cursor(self, sql: str) -> psycopg.AsyncCursor:
+        cursor = self._statement_cursors.get(sql)
+        if cursor is None:
+            if len(self._statement_cursors) >= self.MAX_CURSORS:
+                self._statement_cursors.clear()
+            cursor = self._statement_cursors[sql] = self.cursor()
+        return cursor
+
+
 async def _configure(conn: psycopg.AsyncConnection) -> None:
     """What Django does to each new connection: the session time zone, and the role if one is set.
 
@@ -122,6 +147,7 @@ async def _pool() -> AsyncConnectionPool:
     if pool is None:
         pool = AsyncConnectionPool(
             kwargs=_connection_params(),
+            connection_class=_Connection,
             min_size=0,
             max_size=settings.PROXY_DB_POOL_SIZE,
             timeout=settings.PROXY_DB_POOL_TIMEOUT,
@@ -196,7 +222,7 @@ async def _run(sql: str, params, *, fetch: bool, retry: bool):
         try:
             async with connection() as conn:
                 _sent(sql)
-                cursor = conn.cursor()
+                cursor = conn.statement_cursor(sql)
                 await cursor.execute(sql, params)
                 return await cursor.fetchone() if fetch else None
         except psycopg.OperationalError:  # (PoolTimeout is one too: then there is no connection)
