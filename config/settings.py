@@ -229,6 +229,11 @@ UPSTREAM_KIND = env_choice(
 UPSTREAM_CONNECT_TIMEOUT = env_seconds("UPSTREAM_CONNECT_TIMEOUT", "10")
 UPSTREAM_READ_TIMEOUT = env_seconds("UPSTREAM_READ_TIMEOUT", "300")
 UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
+# PEM certificates trusted for the upstream besides the public ones (a vLLM or Ollama server
+# behind a private CA, or its self-signed certificate).
+UPSTREAM_CA_BUNDLE = env.str("UPSTREAM_CA_BUNDLE", default="")
+if UPSTREAM_CA_BUNDLE and not Path(UPSTREAM_CA_BUNDLE).is_file():
+    raise ImproperlyConfigured(f"UPSTREAM_CA_BUNDLE={UPSTREAM_CA_BUNDLE!r} is not a file")
 PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)
 PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)

@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+import certifi
 import httpcore
 import httpx
 from django.conf import settings
@@ -213,6 +214,15 @@ def _transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) ->
     return transport
 
 
+def verify() -> ssl.SSLContext:
+    """What upstream certificates are trusted: the public CAs httpx trusts (certifi's bundle),
+    and ``UPSTREAM_CA_BUNDLE``'s certificates besides."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if settings.UPSTREAM_CA_BUNDLE:
+        context.load_verify_locations(cafile=settings.UPSTREAM_CA_BUNDLE)
+    return context
+
+
 def _shared() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
     loop = asyncio.get_running_loop()
     shared = _clients.get(loop)
@@ -222,7 +232,7 @@ def _shared() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
             max_keepalive_connections=min(settings.UPSTREAM_MAX_CONNECTIONS, 100),
             keepalive_expiry=30,
         )
-        transport = _transport(limits)
+        transport = _transport(limits, verify=verify())
         client = httpx.AsyncClient(
             timeout=timeout(),
             limits=limits,
@@ -349,7 +359,7 @@ def generation_lookup(generation_id: str, *, attempts: int = 4, backoff: float =
     The record often appears only a moment after the generation ends, so a 404 is read as "not
     yet" and retried with a doubling pause, a bounded number of times.
     """
-    with httpx.Client(timeout=timeout(), trust_env=False) as sync_client:
+    with httpx.Client(timeout=timeout(), trust_env=False, verify=verify()) as sync_client:
         for attempt in range(attempts):
             try:
                 response = sync_client.get(url("generation"), params={"id": generation_id}, headers=headers())

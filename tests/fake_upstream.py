@@ -10,6 +10,7 @@ timed, which is how disconnect tests prove the upstream request was cancelled.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
@@ -122,21 +123,33 @@ def stream_of(*words, u=None, model="openai/gpt-4o-mini", id="gen-fake-1", comme
 ROUTES = {"/chat/completions": "chat", "/embeddings": "embeddings", "/generation": "generation", "/models": "models"}
 
 
+def serve_tls(server: ThreadingHTTPServer, tls: tuple[str, str] | None) -> str:
+    """Make ``server`` answer HTTPS with ``tls`` = (certificate, key) files; its URL scheme."""
+    if tls is None:
+        return "http"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return "https"
+
+
 class FakeUpstream:
-    def __init__(self):
+    def __init__(self, tls: tuple[str, str] | None = None):
+        """``tls``: (certificate, key) files — then it answers HTTPS only."""
         self.replies: dict[str, deque] = defaultdict(deque)
         self.requests: list[Recorded] = []
         self.stream_closed_at: float | None = None
         self.stream_finished = threading.Event()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.scheme = serve_tls(self.server, tls)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/api/v1"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/api/v1"
 
     def reset(self) -> None:
         with self._lock:

@@ -8,11 +8,12 @@ import pytest
 
 from accounts.services import api_key_create
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from proxy.upstream import pseudonym
+from proxy.upstream import generation_lookup, pseudonym
 from tests.conftest import make_user
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     DONE,
     MODEL,
+    FakeUpstream,
     Reply,
     StreamReply,
     call,
@@ -22,6 +23,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     fake_upstream_server,
     key,
     price,
+    self_signed_certificate,
     sse,
     stream_of,
     usage,
@@ -501,3 +503,31 @@ def test_a_refusal_states_a_negative_balance_readably(fake_upstream, price):
     response = call(CHAT, HELLO, token=token)
     assert response.status == 402 and response.error["balance"] == "-0.010000000"
     assert "(-$0.010000000, -$0.010000000 available)" in response.error["message"]
+
+
+def test_an_https_upstream_behind_a_private_ca_is_trusted_through_upstream_ca_bundle(
+    fake_upstream, alice, key, settings, tmp_path
+):
+    """vLLM or Ollama behind TLS with their own certificate: refused until the operator trusts it,
+    then proxied — whole and streamed — as any upstream is (and so is the generation lookup)."""
+    cert, private_key = self_signed_certificate(str(tmp_path))
+    tls = FakeUpstream(tls=(cert, private_key))
+    try:
+        settings.UPSTREAM_BASE_URL = tls.url
+        tls.script("chat", Reply(body=completion(u=usage(100, 20, cost=0.00003))))
+        untrusted = call(CHAT, HELLO, token=key)
+        assert untrusted.status == 502 and untrusted.error["code"] == "upstream_error"
+        assert not tls.requests  # the handshake failed: nothing was sent
+        assert UsageRecord.objects.get().charge == 0
+
+        settings.UPSTREAM_CA_BUNDLE = cert
+        whole = call(CHAT, HELLO, token=key)
+        assert whole.status == 200 and whole.headers["x-tokentill-charge"] == "0.000036000"
+        tls.script("chat", StreamReply(stream_of("Hello", " there", u=usage(10, 2, cost=0.00001))))
+        streamed = call(CHAT, {**HELLO, "stream": True}, token=key)
+        assert streamed.status == 200 and streamed.data_events()[-1] == "[DONE]"
+        assert streamed.tokentill()["charge"] == "0.000012000"
+        tls.script("generation", Reply(body={"data": {"id": "gen-1", "total_cost": 0.5}}))
+        assert generation_lookup("gen-1") == {"id": "gen-1", "total_cost": Decimal("0.5")}
+    finally:
+        tls.close()

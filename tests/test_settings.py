@@ -34,6 +34,7 @@ def test_defaults_start_embedded():
         ("SIGNUP_RATE", "twenty"),
         ("PROXY_MAX_BODY_BYTES", "big"),
         ("PAYMENTS_TEST_MODE", "perhaps"),
+        ("UPSTREAM_CA_BUNDLE", "/no/such/ca.pem"),
     ],
 )
 def test_it_refuses_values_it_cannot_understand(name, value):

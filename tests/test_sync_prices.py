@@ -12,12 +12,13 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from proxy.models import ModelPrice
+from tests.fake_upstream import self_signed_certificate, serve_tls
 
 
 class FakeOpenRouter:
     """Serves whatever ``body``/``status`` say and remembers the request headers it saw."""
 
-    def __init__(self):
+    def __init__(self, tls: tuple[str, str] | None = None):
         self.status = 200
         self.body: bytes = b'{"data": []}'
         self.seen_headers: list[dict] = []
@@ -36,7 +37,8 @@ class FakeOpenRouter:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/models"
+        scheme = serve_tls(self.server, tls)
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/api/v1/models"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -277,3 +279,17 @@ def test_a_price_version_is_never_saved_with_an_impossible_rate(db):
         with pytest.raises(PriceError):
             price_version_create(model="acme/bad", source="test", prompt=bad)
     assert not ModelPrice.objects.filter(model="acme/bad").exists()
+
+
+def test_an_https_price_list_behind_a_private_ca_is_read_once_upstream_ca_bundle_trusts_it(settings, db, tmp_path):
+    cert, key = self_signed_certificate(str(tmp_path))
+    fake = FakeOpenRouter(tls=(cert, key))
+    try:
+        fake.serve([model("local/llama")])
+        with pytest.raises(CommandError, match="ConnectError"):
+            sync(fake)
+        settings.UPSTREAM_CA_BUNDLE = cert
+        out, _ = sync(fake)
+        assert "1 new" in out and versions("local/llama")
+    finally:
+        fake.close()

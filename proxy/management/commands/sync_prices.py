@@ -10,6 +10,7 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from proxy import upstream
 from proxy.prices import PriceError, PriceOffer, offer_from_openrouter, prices_sync
 from wallet.money import format_usd, loads_decimal
 
@@ -80,7 +81,12 @@ class Command(BaseCommand):
         if settings.UPSTREAM_API_KEY:
             headers["Authorization"] = f"Bearer {settings.UPSTREAM_API_KEY}"
         try:
-            response = httpx.get(url, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            response = httpx.get(
+                url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                verify=upstream.verify(),
+            )
         except httpx.HTTPError as exc:
             # The exception text names the URL and the failure, never the request headers (the key).
             raise CommandError(f"could not fetch {url}: {type(exc).__name__}: {exc}") from None
