@@ -1,13 +1,11 @@
 """N parallel deliveries of one event credit once (PostgreSQL: real concurrent connections)."""
 
-import threading
-
 import pytest
-from django.db import connection
 from django.test import Client
 
 from payments.models import EventStatus, Payment, WebhookEvent
 from tests import payments_fixtures as fx
+from tests.conftest import race
 from tests.fake_payment_apis import ls_order, ls_refund, post_ls, post_stripe, stripe_event, stripe_session
 from tests.payments_fixtures import NANOS, balance_of
 from wallet.models import Entry
@@ -21,28 +19,9 @@ DELIVERIES = 8
 
 def deliver_in_parallel(post) -> list[int]:
     """Run ``post(client)`` in DELIVERIES threads released together; return the status codes."""
-    barrier = threading.Barrier(DELIVERIES, timeout=20)
-    statuses: list[int] = []
-    errors: list[BaseException] = []
-
-    def worker():
-        try:
-            client = Client()
-            barrier.wait()
-            statuses.append(post(client).status_code)
-        except BaseException as exc:  # surfaced below: a thread's failure must fail the test
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=worker) for _ in range(DELIVERIES)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "a delivery hung"
-    assert not errors, errors
-    return statuses
+    outcomes = race(lambda _: post(Client()).status_code, DELIVERIES)
+    assert all(isinstance(outcome, int) for outcome in outcomes), outcomes  # a thread's failure fails the test
+    return outcomes
 
 
 def test_parallel_replays_of_one_lemon_squeezy_order_credit_exactly_once(alice, packs):
@@ -74,21 +53,11 @@ def test_parallel_replays_of_one_stripe_event_credit_exactly_once(alice, packs):
 def test_a_refund_racing_its_order_is_never_lost(alice, packs):
     order = ls_order(user_id=alice.pk)
     refund = ls_refund(user_id=alice.pk, refunded_cents=1000)
-    barrier = threading.Barrier(2, timeout=20)
+    payloads = (order, refund)
 
-    def send(payload):
-        try:
-            barrier.wait()
-            post_ls(Client(), payload)
-        finally:
-            connection.close()
+    outcomes = race(lambda index: post_ls(Client(), payloads[index]).status_code, 2)
 
-    threads = [threading.Thread(target=send, args=(payload,)) for payload in (order, refund)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-
+    assert all(isinstance(outcome, int) for outcome in outcomes), outcomes
     # Whichever committed first, the refund is applied: credited $10, clawed back $10.
     assert balance_of(alice) == 10 * NANOS
     assert set(WebhookEvent.objects.values_list("status", flat=True)) == {EventStatus.PROCESSED}
