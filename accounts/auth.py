@@ -177,11 +177,6 @@ RECENT_MAX = 10_000
 _ATTEMPTS = 3  # reads of a key that keeps changing under its last_used_at write, before giving up
 
 
-def forget_recent() -> None:
-    """Drop every recent lookup (tests; the cache is only ever a shortcut)."""
-    _recent.clear()
-
-
 def _remember(ident: str, row: tuple, user: User) -> None:
     if not User.wallet.is_cached(user):  # no wallet yet: the proxy creates one, so look it up again
         return
