@@ -88,10 +88,10 @@ def _one(queryset):
     return next(iter(queryset.order_by()[:1]), None)
 
 
-def _checked_key(key: ApiKey | None, token: str, now) -> bool:
+def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
     """Refuse a key that does not match, is revoked or expired, or whose user is disabled;
     True when its ``last_used_at`` is stale enough to be written."""
-    if key is None or not hmac.compare_digest(key.key_hash, sha256_hex(token)):
+    if key is None or not hmac.compare_digest(key.key_hash, token_hash):
         raise AuthFailed("invalid API key")
     if key.revoked_at is not None:
         raise AuthFailed("this API key has been revoked")
@@ -106,7 +106,7 @@ def _authenticate_key(token: str) -> Principal:
     # The prefix is unique: no ORDER BY (``first()`` would sort by the model's ordering).
     key = _one(ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]))
     now = timezone.now()
-    if _checked_key(key, token, now):
+    if _checked_key(key, sha256_hex(token), now):
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
         key.last_used_at = now
     return Principal(user=key.user, api_key=key)
@@ -234,7 +234,8 @@ async def aauthenticate_bearer(token: str | None, *, cached: bool = False) -> Pr
 
 
 async def _aauthenticate_key(token: str, cached: bool) -> Principal:
-    ident = f"key:{sha256_hex(token)}"
+    token_hash = sha256_hex(token)
+    ident = f"key:{token_hash}"
     for _ in range(_ATTEMPTS):
         row = _recalled(ident) if cached else None
         if row is None:
@@ -246,7 +247,7 @@ async def _aauthenticate_key(token: str, cached: bool) -> Principal:
         key_version, user_version = row[-2:] if row is not None else (None, None)
         now = timezone.now()
         try:
-            touch = _checked_key(key, token, now)
+            touch = _checked_key(key, token_hash, now)
         except AuthFailed:
             _recent.pop(ident, None)
             raise
