@@ -1,5 +1,5 @@
-"""What one upstream call costs the proxy's process in CPU: its httpx transport, over plain HTTP and TLS,
-with the proxy's own asyncio network backend and with httpcore's default (anyio).
+"""What one upstream call costs the proxy's process in CPU: its httpx transport over aiohttp, against
+httpx's own (httpcore and h11), over plain HTTP and TLS.
 
     .venv/bin/python bench/upstream_client.py [--requests 4000] [--conc 16] [--rounds 3]
 
@@ -7,7 +7,7 @@ A local server (a subprocess on uvloop, HTTP/1.1 keep-alive; for TLS a throwaway
 certificate) answers every ``POST`` with a small OpenRouter-shaped JSON body at once. In this
 process, on uvloop as the server runs, ``--conc`` tasks send requests back to back through the
 shared transport exactly as ``proxy.upstream.stream`` does (request built, sent, body read,
-response closed), after a warm-up on the same connections. Printed per backend and protocol:
+response closed), after a warm-up on the same connections. Printed per transport and protocol:
 this process's CPU time per request (best of ``--rounds``, the figure that matters: it is CPU
 the proxy's event loop cannot spend on anything else) and the requests per second.
 """
@@ -71,15 +71,29 @@ def serve(port: int, cert: str | None, key: str | None) -> None:
     uvloop.run(main())
 
 
-async def measure(url: str, backend, cafile: str | None, requests: int, conc: int) -> tuple[float, float]:
+def ours(limits, context):
+    from proxy import upstream
+
+    return upstream.AiohttpTransport(limits, verify=context)
+
+
+def httpx_default(limits, context):
+    import httpx
+
+    return httpx.AsyncHTTPTransport(limits=limits, verify=context, trust_env=False)
+
+
+TRANSPORTS = {"aiohttp (ours)": ours, "httpcore (httpx's)": httpx_default}
+
+
+async def measure(url: str, make_transport, cafile: str | None, requests: int, conc: int) -> tuple[float, float]:
     """(µs of this process's CPU per request, requests per second) through one transport."""
     import httpx
 
     from proxy import upstream
 
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=30)
-    transport = upstream._transport(limits, verify=ssl.create_default_context(cafile=cafile) if cafile else True)
-    transport._pool._network_backend = backend
+    transport = make_transport(limits, ssl.create_default_context(cafile=cafile) if cafile else upstream.verify())
     target, timeout = httpx.URL(url), httpx.Timeout(10).as_dict()
 
     async def one() -> None:
@@ -119,13 +133,10 @@ def main() -> None:
     import django
 
     django.setup()
-    import httpcore
     import uvloop
 
-    from proxy import upstream
     from tests.fake_upstream import self_signed_certificate
 
-    backends = {"asyncio (ours)": upstream.AsyncioBackend, "anyio (httpcore's)": httpcore.AnyIOBackend}
     print(f"one upstream call through the proxy's transport; {args.conc} in flight, CPU of this process")
     with tempfile.TemporaryDirectory() as directory:
         cert, key = self_signed_certificate(directory)
@@ -136,12 +147,12 @@ def main() -> None:
             )
             try:
                 time.sleep(1.0)
-                for label, backend in backends.items():
+                for label, make_transport in TRANSPORTS.items():
                     runs = [
                         uvloop.run(
                             measure(
                                 f"{scheme}://127.0.0.1:{port}/v1/chat/completions",
-                                backend(),
+                                make_transport,
                                 cert if tls else None,
                                 args.requests,
                                 args.conc,

@@ -2,15 +2,18 @@
 
 One shared ``httpx.AsyncClient`` per event loop — in a server process that is one client for the
 whole process, so connections are pooled instead of a TLS handshake per request. (Tests run
-an event loop per test, and a pooled connection cannot outlive its loop, hence the per-loop map.)
-The server's upstream key goes only into the ``Authorization`` header of upstream requests; it is
-never logged, echoed or sent to a client.
+an event loop per test, and a pooled connection cannot outlive its loop, hence the per-loop map
+and ``close()``.) The server's upstream key goes only into the ``Authorization`` header of
+upstream requests; it is never logged, echoed or sent to a client.
 
-Proxied requests (``stream()``) go straight to that client's transport — its connection pool,
-limits and timeouts — without the client's cookie jar, auth flow and redirect loop, which a proxy
-must not use anyway: an upstream's cookies (Cloudflare sets them on OpenRouter's responses) would
-be kept and replayed on every user's requests, and redirects are never followed. Measured: 475 →
-309 µs of CPU per proxied request.
+The client's transport is aiohttp's HTTP/1.1 client (``AiohttpTransport``): httpx's request and
+response objects, limits and timeouts, over aiohttp's C-accelerated parser and connection pool.
+Measured with ``bench/upstream_client.py``, one proxied call cost about 690 µs of the event
+loop's CPU through httpx's own transport (httpcore, h11) and about 245 µs through this one.
+Proxied requests (``stream()``) go straight to the transport — without the client's cookie jar,
+auth flow and redirect loop, which a proxy must not use anyway: an upstream's cookies
+(Cloudflare sets them on OpenRouter's responses) would be kept and replayed on every user's
+requests, and redirects are never followed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import select
 import ssl
 import time
 import weakref
@@ -28,14 +30,14 @@ from contextlib import asynccontextmanager
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+import aiohttp
 import certifi
-import httpcore
 import httpx
 from django.conf import settings
 
 from wallet.money import loads_decimal
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]] = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AiohttpTransport]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -49,169 +51,107 @@ def timeout() -> httpx.Timeout:
     )
 
 
-class _LinearPool(httpcore.AsyncConnectionPool):
-    """httpcore's connection pool, with its bookkeeping pass made cheaper per request.
+def _httpx_error(exc: Exception) -> httpx.TransportError:
+    """What httpx's own transport raises for the same failure, so callers see what they always saw.
 
-    httpcore 1.0 runs ``_assign_requests_to_connections`` when every request starts and ends.
-    Two costs grew with the pool: its clean-up loop built, for each idle connection, a list of
-    the whole pool only to take its length (O(n²) per call), and it asked every idle connection
-    whether the server had closed it — a ``poll`` system call each, twice per request. Here the
-    length is ``len(self._connections)``, and the full expiry sweep runs at most every
-    ``SWEEP_SECONDS``; in between, an idle connection is checked just before it is reused, so a
-    request is still never sent down a connection the server has closed.
+    (httpx-aiohttp, the published adapter, maps every connection error to ``ConnectTimeout``: an
+    upstream that dropped the connection would then read as a timeout — a 504, not a 502.)
     """
-
-    SWEEP_SECONDS = 0.5
-    _swept_at = 0.0
-
-    def _assign_requests_to_connections(self) -> list:
-        closing_connections = []
-        now = time.monotonic()
-        sweep = now - self._swept_at >= self.SWEEP_SECONDS
-        if sweep:
-            self._swept_at = now
-        for connection in list(self._connections):
-            if connection.is_closed():
-                self._connections.remove(connection)
-            elif sweep and connection.has_expired():
-                self._connections.remove(connection)
-                closing_connections.append(connection)
-            elif connection.is_idle() and len(self._connections) > self._max_keepalive_connections:
-                self._connections.remove(connection)
-                closing_connections.append(connection)
-
-        queued_requests = [request for request in self._requests if request.is_queued()]
-        for pool_request in queued_requests:
-            origin = pool_request.request.url.origin
-            available = None
-            for candidate in list(self._connections):
-                if candidate.can_handle_request(origin) and candidate.is_available():
-                    if candidate.has_expired():  # closed by the server since the last sweep
-                        self._connections.remove(candidate)
-                        closing_connections.append(candidate)
-                        continue
-                    available = candidate
-                    break
-            if available is not None:
-                pool_request.assign_to_connection(available)
-            elif len(self._connections) < self._max_connections:
-                connection = self.create_connection(origin)
-                self._connections.append(connection)
-                pool_request.assign_to_connection(connection)
-            else:
-                idle = next((c for c in self._connections if c.is_idle()), None)
-                if idle is not None:
-                    self._connections.remove(idle)
-                    closing_connections.append(idle)
-                    connection = self.create_connection(origin)
-                    self._connections.append(connection)
-                    pool_request.assign_to_connection(connection)
-        return closing_connections
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # waiting for a pooled connection, or connecting
+        return httpx.ConnectTimeout(str(exc) or "timed out connecting to the upstream")
+    if isinstance(exc, TimeoutError):  # aiohttp's sock_read: nothing arrived for the read timeout
+        return httpx.ReadTimeout(str(exc) or "timed out reading from the upstream")
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unresolvable, TLS handshake or certificate
+        return httpx.ConnectError(str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(str(exc) or "the upstream broke the HTTP exchange")
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return httpx.ReadError(str(exc))
+    return httpx.TransportError(str(exc) or type(exc).__name__)
 
 
-class _AsyncioStream(httpcore.AsyncNetworkStream):
-    """An upstream connection as asyncio's own streams (uvloop's, in the server).
+_FAILURES = (aiohttp.ClientError, OSError)  # TimeoutError is an OSError
 
-    httpcore's default backend goes through anyio, which wraps every read and write in a cancel
-    scope, and does TLS itself in Python over a memory BIO; here a timeout is ``asyncio.timeout``
-    and TLS is the event loop's. ``bench/upstream_client.py`` measures both. Failures map to
-    httpcore's exceptions as its anyio backend maps them, so httpx raises what it always raised.
-    """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self._reader, self._writer = reader, writer
+class _Body(httpx.AsyncByteStream):
+    """A response body as aiohttp receives it: each chunk as soon as it arrives (SSE relays
+    need that), transfer-decoded, content-encoding left to httpx."""
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async with asyncio.timeout(timeout):
-                return await self._reader.read(max_bytes)  # b"" at the end: httpcore reads it as closed
-        except TimeoutError:
-            raise httpcore.ReadTimeout("timed out reading from the upstream") from None
-        except OSError as exc:  # (ssl.SSLError is one)
-            raise httpcore.ReadError(str(exc)) from exc
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        try:
-            self._writer.write(buffer)
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-        except TimeoutError:
-            raise httpcore.WriteTimeout("timed out writing to the upstream") from None
-        except OSError as exc:
-            raise httpcore.WriteError(str(exc)) from exc
+            while chunk := await self._response.content.readany():
+                yield chunk
+        except _FAILURES as exc:
+            raise _httpx_error(exc) from exc
 
     async def aclose(self) -> None:
-        # As anyio closes a connection: at once, without a TLS goodbye the peer may never answer.
-        self._writer.transport.abort()
-        await asyncio.sleep(0)
+        # Read to its end, the connection goes back to the pool; left unread — a client that left
+        # mid-answer — it is closed, and closing it is how an upstream generation is cancelled.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
-    async def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None):
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over one ``aiohttp.ClientSession`` (made on first use, on the
+    running loop). ``limits`` bound the connections and their keep-alive; a request's httpx
+    timeouts apply as aiohttp's: ``pool`` to getting a connection, ``connect`` to opening one,
+    ``read`` between received bytes (which also catches an upstream that stops reading)."""
+
+    def __init__(self, limits: httpx.Limits, *, verify: ssl.SSLContext | None = None):
+        self._limits = limits
+        self._ssl = verify if verify is not None else ssl.create_default_context(cafile=certifi.where())
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limits.max_connections or 0,
+                keepalive_timeout=self._limits.keepalive_expiry,
+                ssl=self._ssl,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are never kept (above)
+                auto_decompress=False,  # httpx decodes Content-Encoding, as with its own transport
+                trust_env=False,  # never an environment proxy or .netrc credentials
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        limits = request.extensions.get("timeout", {})
         try:
-            async with asyncio.timeout(timeout):
-                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
-        except TimeoutError:
-            await self.aclose()
-            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
-        except OSError as exc:
-            await self.aclose()
-            raise httpcore.ConnectError(str(exc)) from exc
-        return self
+            response = await self._client().request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=limits.get("pool"),
+                    sock_connect=limits.get("connect"),
+                    sock_read=limits.get("read"),
+                ),
+            )
+        except _FAILURES as exc:
+            raise _httpx_error(exc) from exc
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=_Body(response),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1")},
+        )
 
-    def get_extra_info(self, info: str):
-        if info == "is_readable":
-            # httpcore asks every idle connection this before reusing it: one ``poll``. As its own
-            # check, a socket that is gone counts as readable (about to read the end).
-            sock = self._writer.get_extra_info("socket")
-            fd = -1 if sock is None else sock.fileno()
-            if fd < 0:
-                return True
-            poll = select.poll()
-            poll.register(fd, select.POLLIN)
-            return bool(poll.poll(0))
-        if info == "client_addr":
-            return self._writer.get_extra_info("sockname")
-        if info == "server_addr":
-            return self._writer.get_extra_info("peername")
-        if info in ("ssl_object", "socket"):
-            return self._writer.get_extra_info(info)
-        return None
-
-
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on asyncio's streams (see ``_AsyncioStream``)."""
-
-    async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options=None
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, local_addr=(local_address, 0) if local_address else None
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("timed out connecting to the upstream") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        sock = writer.get_extra_info("socket")  # (asyncio turns Nagle off already)
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return _AsyncioStream(reader, writer)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-def _transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=verify)
-    # httpx builds the pool itself; only a plain httpcore pool (the case here: no proxy, no
-    # HTTP/2) has exactly the behaviour _LinearPool reproduces, so only that one is swapped.
-    # (tests/test_proxy_lib.py checks the swap still happens after an httpx upgrade.)
-    if type(getattr(transport, "_pool", None)) is httpcore.AsyncConnectionPool:
-        transport._pool.__class__ = _LinearPool
-        transport._pool._network_backend = AsyncioBackend()
-    return transport
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def verify() -> ssl.SSLContext:
@@ -223,7 +163,7 @@ def verify() -> ssl.SSLContext:
     return context
 
 
-def _shared() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
+def _shared() -> tuple[httpx.AsyncClient, AiohttpTransport]:
     loop = asyncio.get_running_loop()
     shared = _clients.get(loop)
     if shared is None or shared[0].is_closed:
@@ -232,10 +172,9 @@ def _shared() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
             max_keepalive_connections=min(settings.UPSTREAM_MAX_CONNECTIONS, 100),
             keepalive_expiry=30,
         )
-        transport = _transport(limits, verify=verify())
+        transport = AiohttpTransport(limits, verify=verify())
         client = httpx.AsyncClient(
             timeout=timeout(),
-            limits=limits,
             transport=transport,
             # Never pick up proxies or credentials from the environment for upstream calls.
             trust_env=False,
@@ -246,6 +185,13 @@ def _shared() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
 
 def client() -> httpx.AsyncClient:
     return _shared()[0]
+
+
+async def close() -> None:
+    """Close this event loop's client and its connections (tests, whose loops are short-lived)."""
+    shared = _clients.pop(asyncio.get_running_loop(), None)
+    if shared is not None:
+        await shared[0].aclose()
 
 
 @lru_cache(maxsize=32)

@@ -391,7 +391,6 @@ async def proxy_call(
     ``disconnect_after=n`` sends ``http.disconnect`` after ``n`` body chunks and returns at once
     (with the time of the disconnect in ``headers["_disconnected_at"]``).
     """
-    from config import adb
     from config.asgi import application
 
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -399,8 +398,17 @@ async def proxy_call(
     try:
         return await _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout, method)
     finally:
-        # Each call runs on an event loop of its own: close the hot path's pool with it.
-        await adb.close()
+        await close_loop_resources()
+
+
+async def close_loop_resources() -> None:
+    """Each call runs on an event loop of its own: close the hot path's database pool and the
+    upstream client with it."""
+    from config import adb
+    from proxy import upstream
+
+    await adb.close()
+    await upstream.close()
 
 
 async def _proxy_call(application, path, raw, parts, token, headers, disconnect_after, timeout, method):
@@ -433,13 +441,11 @@ def run_async(service, **kwargs):
     connections (worker threads, or the async pool) see only committed rows."""
     from asgiref.sync import async_to_sync
 
-    from config import adb
-
     async def run():
         try:
             return await service(**kwargs)
         finally:
-            await adb.close()
+            await close_loop_resources()
 
     return async_to_sync(run)()
 

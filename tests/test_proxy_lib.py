@@ -2,7 +2,6 @@
 
 from decimal import Decimal
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -140,92 +139,6 @@ def test_affordable_output_is_the_largest_cap_whose_hold_fits():
 
 def test_affordable_output_is_zero_when_not_even_the_prompt_fits():
     assert affordable_output(RATES, prompt_tokens=10_000_000, available=1_000) == 0
-
-
-async def test_the_upstream_client_keeps_one_linear_pool_that_reuses_and_trims_idle_connections():
-    """The pool swap in proxy.upstream must survive httpx upgrades, and behave as httpcore's."""
-    import asyncio
-
-    import httpx
-
-    from proxy import upstream
-
-    pool = upstream.client()._transport._pool
-    assert type(pool) is upstream._LinearPool and isinstance(pool._network_backend, upstream.AsyncioBackend)
-
-    async def answer(reader, writer):
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=1)
-    async with httpx.AsyncClient(transport=upstream._transport(limits)) as client:
-        replies = await asyncio.wait_for(asyncio.gather(*(client.get(url) for _ in range(4))), 10)
-        assert [r.text for r in replies] == ["ok"] * 4
-        pool = client._transport._pool
-        await asyncio.wait_for(client.get(url), 10)  # the bookkeeping pass trims idle surplus
-        assert len(pool.connections) == 1 and not pool.connections[0].is_closed()
-        first = pool.connections[0]
-        await asyncio.wait_for(client.get(url), 10)
-        assert pool.connections == [first]  # kept alive and reused
-    server.close()
-
-
-async def test_the_upstream_transport_speaks_tls_and_fails_as_httpx_does(tmp_path):
-    """Production upstreams are HTTPS: the handshake, a certificate we do not trust, a server
-    that never answers and one that is not there, through the proxy's own network backend."""
-    import asyncio
-    import ssl
-
-    import httpx
-
-    from proxy import upstream
-    from tests.fake_upstream import self_signed_certificate
-
-    cert, key = self_signed_certificate(str(tmp_path))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-
-    async def answer(reader, writer):
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    async def never_answer(reader, writer):
-        await reader.read()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
-    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
-    trusted = ssl.create_default_context(cafile=cert)
-    async with httpx.AsyncClient(transport=upstream._transport(limits, verify=trusted)) as client:
-        replies = [await asyncio.wait_for(client.get(url), 10) for _ in range(2)]
-        assert [r.text for r in replies] == ["ok", "ok"]
-        (connection,) = client._transport._pool.connections  # kept alive over TLS, and reused
-        assert connection._connection._network_stream.get_extra_info("ssl_object") is not None
-    async with httpx.AsyncClient(transport=upstream._transport(limits)) as client:  # the system's CAs only
-        with pytest.raises(httpx.ConnectError):
-            await asyncio.wait_for(client.get(url), 10)
-        silent_url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}/"
-        with pytest.raises(httpx.ReadTimeout):
-            await asyncio.wait_for(client.get(silent_url, timeout=httpx.Timeout(5, read=0.2)), 10)
-    silent.close()
-    server.close()
-    gone = socket_port_nobody_listens_on()
-    async with httpx.AsyncClient(transport=upstream._transport(limits)) as client:
-        with pytest.raises(httpx.ConnectError):
-            await asyncio.wait_for(client.get(f"http://127.0.0.1:{gone}/"), 10)
-
-
-def socket_port_nobody_listens_on() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_reported_cost_adds_the_providers_charge_only_for_byok():

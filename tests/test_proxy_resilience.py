@@ -29,6 +29,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     StreamReply,
     call,
     chunk,
+    close_loop_resources,
     completion,
     fake_upstream,
     fake_upstream_server,
@@ -93,7 +94,7 @@ def test_a_pooled_connection_the_server_closed_is_not_handed_to_the_next_request
             await asyncio.sleep(0.1)
             return await _request(HELLO, key)
         finally:
-            await adb.close()
+            await close_loop_resources()
 
     assert async_to_sync(scenario)().status == 200
 
@@ -117,7 +118,7 @@ def test_a_connection_that_died_during_the_stream_does_not_leave_the_hold_open(f
             await _request({**HELLO, "stream": True}, key)
         finally:
             await killer
-            await adb.close()
+            await close_loop_resources()
 
     async_to_sync(scenario)()
     assert Hold.objects.get().status == HoldStatus.SETTLED
@@ -146,7 +147,7 @@ def test_the_hot_path_serves_again_as_soon_as_the_database_is_back(fake_upstream
                 pass
             return time.monotonic() - back
         finally:
-            await adb.close()
+            await close_loop_resources()
 
     assert async_to_sync(scenario)() < 1.5
 
@@ -287,7 +288,7 @@ def test_a_disconnect_at_any_moment_leaves_ledger_holds_and_records_agreeing(
             for moment in moments:
                 await leave_at(moment)
         finally:
-            await adb.close()
+            await close_loop_resources()
 
     async_to_sync(sweep)()
     wallet = Wallet.objects.get(user=alice)

@@ -20,6 +20,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     Reply,
     StreamReply,
     call,
+    close_loop_resources,
     completion,
     fake_upstream,
     fake_upstream_server,
@@ -177,7 +178,7 @@ def test_a_client_that_leaves_before_forwarding_is_not_charged_and_the_upstream_
         await communicator.send_input({"type": "http.request", "body": raw, "more_body": False})
         await communicator.send_input({"type": "http.disconnect"})
         await communicator.wait(5)
-        await adb.close()
+        await close_loop_resources()
 
     async_to_sync(leave_at_once)()
     record = UsageRecord.objects.get()
