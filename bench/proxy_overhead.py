@@ -296,7 +296,7 @@ class Result:
 
 async def closed_loop(
     target: Target,
-    token: str,
+    tokens: list[str],
     *,
     stream: bool,
     concurrency: int,
@@ -305,8 +305,10 @@ async def closed_loop(
     stagger: float,
     meters: dict,
 ) -> Result:
-    """``concurrency`` workers, one connection each, share ``total`` requests after ``warmup`` untimed ones."""
-    raw = target.request(request_body(stream), token)
+    """``concurrency`` workers, one connection each, share ``total`` requests after ``warmup`` untimed ones;
+    worker ``i`` sends with ``tokens[i % len(tokens)]``."""
+    body = request_body(stream)
+    raws = [target.request(body, tokens[i % len(tokens)]) for i in range(concurrency)]
     connections = [Connection(target) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in connections))
     latencies: list[float] = []
@@ -319,7 +321,7 @@ async def closed_loop(
         while remaining > 0:
             remaining -= 1
             began = time.perf_counter()
-            await connection.send(raw, stream=stream)
+            await connection.send(raws[index], stream=stream)
             if timed:
                 latencies.append((time.perf_counter() - began) * 1000)
 
@@ -415,8 +417,8 @@ def set_delays(port: int, upstream_ms: float, chunk_ms: float) -> None:
     opener.open(urllib.request.Request(f"http://127.0.0.1:{port}/_bench/delays", data=body), timeout=5).read()
 
 
-def prepare_database(pg: str, name: str) -> tuple[str, str]:
-    """Scratch database, migrated, with a funded user, an API key and the bench model's price."""
+def prepare_database(pg: str, name: str, users: int) -> tuple[str, list[str]]:
+    """Scratch database, migrated, with ``users`` funded users, an API key each and the bench model's price."""
     import psycopg
 
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
@@ -445,11 +447,13 @@ def prepare_database(pg: str, name: str) -> tuple[str, str]:
     from wallet.services import wallet_credit
 
     ModelPrice.objects.create(model=MODEL, prompt=Decimal("0.15"), completion=Decimal("0.60"))
-    user = user_signup(email="bench@example.com", password="bench bench bench")
-    wallet_credit(wallet=user.wallet, amount=FUNDING, kind=EntryKind.TOP_UP, idempotency_key="bench")
-    token = api_key_create(user=user, name="bench")[1]
+    tokens = []
+    for n in range(users):
+        user = user_signup(email=f"bench{n}@example.com", password="bench bench bench")
+        wallet_credit(wallet=user.wallet, amount=FUNDING, kind=EntryKind.TOP_UP, idempotency_key="bench")
+        tokens.append(api_key_create(user=user, name="bench")[1])
     connections.close_all()  # nothing of ours stays connected while the server is measured
-    return url, token
+    return url, tokens
 
 
 def check_ledger(proxied_requests: int) -> bool:
@@ -468,26 +472,30 @@ def check_ledger(proxied_requests: int) -> bool:
     except CommandError as exc:
         print(f"  FAILED: {exc}")
         verified = False
-    wallet = Wallet.objects.get(user__email="bench@example.com")
-    records = UsageRecord.objects.filter(user=wallet.user)
+    wallets = list(Wallet.objects.filter(user__email__startswith="bench"))
+    records = UsageRecord.objects.all()
     by_status = dict(records.values_list("status").annotate(n=Count("id")).order_by())
     by_source = dict(records.values_list("cost_source").annotate(n=Count("id")).order_by())
-    charged = records.aggregate(total=Sum("charge"))["total"] or 0
-    usage = Entry.objects.filter(wallet=wallet, kind=EntryKind.USAGE).aggregate(total=Sum("amount"), n=Count("id"))
-    active_holds = Hold.objects.filter(wallet=wallet, status=HoldStatus.ACTIVE).count()
-    debited = FUNDING - wallet.balance
+    charged_by_user = dict(records.values_list("user").annotate(total=Sum("charge")).order_by())
+    charged = sum(charged_by_user.values())
+    usage = Entry.objects.filter(kind=EntryKind.USAGE).aggregate(total=Sum("amount"), n=Count("id"))
+    active_holds = Hold.objects.filter(status=HoldStatus.ACTIVE).count()
+    debited = sum(FUNDING - wallet.balance for wallet in wallets)
+    held = sum(wallet.held for wallet in wallets)
     checks = {
         f"a usage record for each of the {proxied_requests} proxied requests": records.count() == proxied_requests,
         "every record settled ok (none pending, cancelled or failed)": by_status == {UsageStatus.OK: proxied_requests},
-        "wallet debited exactly Σ record charges": debited == charged,
+        "each wallet debited exactly Σ its records' charges": all(
+            FUNDING - wallet.balance == charged_by_user.get(wallet.user_id, 0) for wallet in wallets
+        ),
         "Σ usage entries = −Σ record charges": -(usage["total"] or 0) == charged,
-        "no active holds, nothing held": active_holds == 0 and wallet.held == 0,
+        "no active holds, nothing held": active_holds == 0 and held == 0,
         "verify_ledger passed": verified,
     }
     print(
         f"\nLedger check: {records.count()} usage records {by_status}, cost sources {by_source}; "
-        f"{usage['n']} usage entries; Σ charges ${format_usd(charged)}; wallet debited ${format_usd(debited)}; "
-        f"{active_holds} active holds, held ${format_usd(wallet.held)}"
+        f"{usage['n']} usage entries; Σ charges ${format_usd(charged)}; {len(wallets)} wallets debited "
+        f"${format_usd(debited)}; {active_holds} active holds, held ${format_usd(held)}"
     )
     for label, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {label}")
@@ -508,13 +516,13 @@ def pct(values: list[float], p: float) -> float:
 class Bench:
     direct: Target
     proxied: Target
-    token: str
+    tokens: list[str]
     upstream_port: int
     meters: dict
     proxied_requests: int = 0  # every request sent through the proxy, warm-ups included
 
     def run(self, target: Target, **kw) -> Result:
-        result = run_async(closed_loop(target, self.token, meters=self.meters, **kw))
+        result = run_async(closed_loop(target, self.tokens, meters=self.meters, **kw))
         if target is self.proxied:
             self.proxied_requests += kw["warmup"] + kw["total"]
         return result
@@ -585,14 +593,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-ms", type=float, default=10, help="realistic: gap between SSE events (default 10)")
     parser.add_argument("--run-seconds", type=float, default=8, help="realistic: upstream time per run (default 8)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn --workers (default 1)")
+    parser.add_argument(
+        "--users", type=int, default=1, help="users (wallets) the workers take turns with (default 1: one hot wallet)"
+    )
     parser.add_argument("--no-stagger", action="store_true", help="realistic: start a run's workers together")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for option, allowed in (("profiles", {"instant", "realistic"}), ("modes", {"whole", "stream"})):
         if not getattr(args, option) or not set(getattr(args, option)) <= allowed:
             parser.error(f"--{option}: choose from {','.join(sorted(allowed))}")
-    if not args.conc or min(args.conc) < 1 or args.requests < 1:
-        parser.error("--conc and --requests must be positive")
+    if not args.conc or min(args.conc) < 1 or args.requests < 1 or args.users < 1:
+        parser.error("--conc, --requests and --users must be positive")
     return args
 
 
@@ -646,7 +657,7 @@ def main() -> int:
         serve_upstream(args.serve_upstream)
         return 0
     try:
-        database_url, token = prepare_database(args.pg, args.db_name)
+        database_url, tokens = prepare_database(args.pg, args.db_name, args.users)
     except BenchError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -671,7 +682,7 @@ def main() -> int:
     bench = Bench(
         direct=Target("127.0.0.1", up_port, "/api/v1/chat/completions"),
         proxied=Target("127.0.0.1", tt_port, "/v1/chat/completions"),
-        token=token,
+        tokens=tokens,
         upstream_port=up_port,
         meters={"server": lambda: tree_cpu(server.pid), "postgres": postgres_cpu, "client": time.process_time},
     )

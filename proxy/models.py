@@ -72,15 +72,21 @@ class CostSource(models.TextChoices):
 
 
 class UsageRecord(models.Model):
+    """One proxied request. Written twice per request on the hot path (inserted pending, updated
+    at settlement — a change of indexed columns, so every index gets a new entry each time), so
+    it carries only the indexes its queries use: by user and time, by key, by status, by time."""
+
     request_id = models.CharField(max_length=128, unique=True)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="usage_records")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="usage_records", db_index=False
+    )
     api_key = models.ForeignKey(
         "accounts.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
     )
     endpoint = models.CharField(max_length=40, default="chat.completions")
     model = models.CharField(max_length=200, help_text="model the client asked for")
     upstream_model = models.CharField(max_length=200, blank=True, help_text="model that actually served it")
-    generation_id = models.CharField(max_length=200, blank=True, db_index=True)
+    generation_id = models.CharField(max_length=200, blank=True)
     stream = models.BooleanField(default=False)
     status = models.CharField(max_length=20, choices=UsageStatus.choices, default=UsageStatus.PENDING)
     http_status = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -100,13 +106,17 @@ class UsageRecord(models.Model):
     charge = models.BigIntegerField(default=0, help_text="nanodollars debited from the wallet")
     hold_amount = models.BigIntegerField(default=0, help_text="nanodollars reserved before forwarding")
     markup = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
-    price = models.ForeignKey(ModelPrice, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Unindexed: price versions are never deleted (nothing may, the admin included), which is all
+    # an index here would serve.
+    price = models.ForeignKey(
+        ModelPrice, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
+    )
     prices = models.JSONField(default=dict, blank=True, help_text="snapshot of the rates and fees used")
     estimated = models.BooleanField(default=False)
 
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttfb_ms = models.PositiveIntegerField(null=True, blank=True)
-    run = models.CharField(max_length=200, blank=True, db_index=True)
+    run = models.CharField(max_length=200, blank=True)
     agent = models.CharField(max_length=200, blank=True)
     tool = models.CharField(max_length=200, blank=True)
 

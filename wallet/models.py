@@ -57,7 +57,8 @@ class AppendOnlyError(Exception):
 
 
 class Entry(models.Model):
-    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries")
+    # No index of its own: (wallet, idempotency_key) and (wallet, kind, created_at) lead with it.
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries", db_index=False)
     kind = models.CharField(max_length=16, choices=EntryKind.choices)
     amount = models.BigIntegerField()  # nanodollars, signed: credits > 0, debits < 0
     balance_after = models.BigIntegerField()  # nanodollars
@@ -77,7 +78,11 @@ class Entry(models.Model):
             models.CheckConstraint(condition=~Q(amount=0), name="entry_amount_non_zero"),
             models.UniqueConstraint(fields=["wallet", "idempotency_key"], name="entry_wallet_idempotency_key"),
             models.CheckConstraint(
-                condition=(Q(kind__in=list(CREDIT_KINDS), amount__gt=0) | Q(kind__in=list(DEBIT_KINDS), amount__lt=0))
+                # sorted: a set's order changes between processes, and each order read as a new
+                # constraint to makemigrations.
+                condition=(
+                    Q(kind__in=sorted(CREDIT_KINDS), amount__gt=0) | Q(kind__in=sorted(DEBIT_KINDS), amount__lt=0)
+                )
                 | Q(kind=EntryKind.CORRECTION),
                 name="entry_sign_matches_kind",
             ),

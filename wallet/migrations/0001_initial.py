@@ -138,8 +138,8 @@ class Migration(migrations.Migration):
             model_name="entry",
             constraint=models.CheckConstraint(
                 condition=models.Q(
-                    models.Q(("amount__gt", 0), ("kind__in", ["trial", "bonus", "top_up", "grant"])),
-                    models.Q(("amount__lt", 0), ("kind__in", ["refund", "charge", "usage"])),
+                    models.Q(("amount__gt", 0), ("kind__in", ["bonus", "grant", "top_up", "trial"])),
+                    models.Q(("amount__lt", 0), ("kind__in", ["charge", "refund", "usage"])),
                     ("kind", "correction"),
                     _connector="OR",
                 ),
