@@ -123,7 +123,8 @@ def test_a_fallback_model_that_answered_is_billed_at_its_own_price(fake_upstream
 
 def test_a_stream_is_relayed_with_comments_and_without_the_usage_chunk_nobody_asked_for(fake_upstream, alice, key):
     u = usage(20, 3, cost="0.000012")
-    fake_upstream.script("chat", StreamReply(stream_of("Po", "ng", ".", u=u, comments=True)))
+    paced = [item for event in stream_of("Po", "ng", ".", u=u, comments=True) for item in (event, 0.02)]
+    fake_upstream.script("chat", StreamReply(paced))
     response = call(CHAT, {**HELLO, "stream": True}, token=key)
     assert response.status == 200 and response.headers["content-type"] == "text/event-stream"
     events = response.data_events()
@@ -135,7 +136,7 @@ def test_a_stream_is_relayed_with_comments_and_without_the_usage_chunk_nobody_as
     trailer = response.tokentill()
     assert trailer["request_id"] == response.headers["x-request-id"]
     assert (trailer["charge"], trailer["balance"]) == ("0.000014400", "9.999985600")
-    assert len(response.chunks) >= 4  # relayed as it came, not in one piece
+    assert len(response.chunks) >= 4  # relayed as it came (20 ms apart), not in one piece
     assert record().stream is True and record().charge == 14_400
 
 
