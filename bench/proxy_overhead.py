@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/proxy_overhead.py [--db-name tt_bench_proxy] [--pg postgres://postgres@127.0.0.1:5432]
         [--profiles instant,realistic] [--modes whole,stream] [--conc 1,16,64] [--requests 400]
-        [--upstream-ms 50] [--chunk-ms 10] [--workers 1] [--run-seconds 8] [--no-stagger]
+        [--upstream-ms 50] [--chunk-ms 10] [--workers 1] [--run-seconds 8] [--no-stagger] [--users 1] [--no-floor]
 
 What runs, all on this machine:
 
-* a scratch PostgreSQL database ``--db-name`` (dropped and re-created), migrated, with one funded
-  user, an API key and the bench model's price;
+* a scratch PostgreSQL database ``--db-name`` (dropped and re-created), migrated, with ``--users``
+  funded users (default 1: every request on one hot wallet row, the worst case for its lock), an API
+  key each and the bench model's price;
 * a fake upstream (a subprocess: an asyncio server on uvloop, HTTP/1.1 keep-alive, Nagle off) that
   answers ``POST …/chat/completions`` with OpenRouter-shaped bodies — JSON with ``usage.cost``, or
   SSE events ending with a usage chunk and ``data: [DONE]``, each event written as its own HTTP
@@ -16,6 +17,12 @@ What runs, all on this machine:
   delayed requests in flight are cheap;
 * Tokentill, launched with exactly the shipped command (``.venv/bin/uvicorn config.asgi:application
   … --loop uvloop --http httptools --workers N``), ``CONN_MAX_AGE=60``, the upstream set to the fake;
+* the floor (``bench/floor_proxy.py``, unless ``--no-floor``): a bare ASGI app under the same uvicorn
+  command that does only the database and upstream work a metered request cannot skip — the hold's
+  statement, the upstream call, the settlement's statement — with no framework and none of
+  Tokentill's rules. Each proxied row is followed by a ``floor`` row: the same requests through it.
+  Its "added" is what this machine charges for those hops and writes; Tokentill's minus the
+  floor's is what Tokentill's own code costs;
 * the load generator, in this process: a minimal HTTP/1.1 client over raw asyncio streams, one
   keep-alive connection per worker, closed loop (a worker sends its next request when the last one
   has been read to the end). Its CPU per request is small and the same for direct and proxied runs.
@@ -58,9 +65,10 @@ about ``--run-seconds`` (default 8) of upstream time, never below 100 requests �
 that is 160 non-streamed / 100 streamed requests — so the default run (both profiles, both modes,
 concurrency 1, 16, 64) takes under two minutes. The row's ``n`` column shows the count used.
 
-At the end, in this process, ``manage.py verify_ledger`` runs against the scratch database and the
-wallet is checked to have been debited exactly the sum of the usage records' charges, with a settled
-("ok") record for every proxied request, none pending and no active hold. Exits non-zero otherwise.
+At the end, in this process, ``manage.py verify_ledger`` runs against the scratch database and each
+wallet is checked to have been debited exactly the sum of its usage records' charges, with a settled
+("ok") record for every request sent through Tokentill or the floor, none pending and no active
+hold. Exits non-zero otherwise.
 """
 
 from __future__ import annotations
@@ -516,14 +524,18 @@ def pct(values: list[float], p: float) -> float:
 class Bench:
     direct: Target
     proxied: Target
+    floor: Target | None  # bench/floor_proxy.py, or None with --no-floor
     tokens: list[str]
     upstream_port: int
-    meters: dict
-    proxied_requests: int = 0  # every request sent through the proxy, warm-ups included
+    servers: dict  # target → the pid of the process serving it (for its CPU)
+    proxied_requests: int = 0  # every request sent through Tokentill or the floor, warm-ups included
 
     def run(self, target: Target, **kw) -> Result:
-        result = run_async(closed_loop(target, self.tokens, meters=self.meters, **kw))
-        if target is self.proxied:
+        meters = {"postgres": postgres_cpu, "client": time.process_time}
+        if target in self.servers:
+            meters["server"] = lambda: tree_cpu(self.servers[target])
+        result = run_async(closed_loop(target, self.tokens, meters=meters, **kw))
+        if target in self.servers:
             self.proxied_requests += kw["warmup"] + kw["total"]
         return result
 
@@ -575,6 +587,8 @@ def run_profile(bench: Bench, profile: str, args: argparse.Namespace) -> None:
             d = bench.run(bench.direct, **kw)
             p = bench.run(bench.proxied, **kw)
             print(row(mode, concurrency, d, p), flush=True)
+            if bench.floor is not None:
+                print(row("floor", concurrency, d, bench.run(bench.floor, **kw)), flush=True)
 
 
 def csv(kind):
@@ -597,6 +611,7 @@ def parse_args() -> argparse.Namespace:
         "--users", type=int, default=1, help="users (wallets) the workers take turns with (default 1: one hot wallet)"
     )
     parser.add_argument("--no-stagger", action="store_true", help="realistic: start a run's workers together")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor rows (bench/floor_proxy.py)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for option, allowed in (("profiles", {"instant", "realistic"}), ("modes", {"whole", "stream"})):
@@ -661,7 +676,7 @@ def main() -> int:
     except BenchError as exc:
         print(exc, file=sys.stderr)
         return 1
-    up_port, tt_port = free_port(), free_port()
+    up_port, tt_port, floor_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)])
     env = {
         **os.environ,
@@ -679,20 +694,36 @@ def main() -> int:
     command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", str(args.workers)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    processes = [server, upstream]
     bench = Bench(
         direct=Target("127.0.0.1", up_port, "/api/v1/chat/completions"),
         proxied=Target("127.0.0.1", tt_port, "/v1/chat/completions"),
+        floor=None if args.no_floor else Target("127.0.0.1", floor_port, "/v1/chat/completions"),
         tokens=tokens,
         upstream_port=up_port,
-        meters={"server": lambda: tree_cpu(server.pid), "postgres": postgres_cpu, "client": time.process_time},
+        servers={},
     )
+    bench.servers[bench.proxied] = server.pid
+    if bench.floor is not None:
+        # The same uvicorn command, serving the floor instead of Tokentill.
+        floor_command = [part if part != "config.asgi:application" else "floor_proxy:application" for part in command]
+        floor_command[floor_command.index(str(tt_port))] = str(floor_port)
+        floor_command += ["--app-dir", str(ROOT / "bench")]
+        floor = subprocess.Popen(
+            floor_command, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=server_log, stderr=subprocess.STDOUT
+        )
+        processes.append(floor)
+        bench.servers[bench.floor] = floor.pid
     exit_code = 0
     try:
         wait_for(f"http://127.0.0.1:{up_port}/", upstream)
         wait_for(f"http://127.0.0.1:{tt_port}/healthz", server)
+        if bench.floor is not None:
+            wait_for(f"http://127.0.0.1:{floor_port}/", processes[-1])
         # The first requests after start pay imports, connections and caches: keep them out of every run.
-        for stream in (False, True):
-            bench.run(bench.proxied, stream=stream, concurrency=4, total=0, warmup=40, stagger=0)
+        for target in bench.servers:
+            for stream in (False, True):
+                bench.run(target, stream=stream, concurrency=4, total=0, warmup=40, stagger=0)
         print(
             f"{os.cpu_count()} CPUs, PostgreSQL, uvicorn --workers {args.workers}; "
             "latencies in ms, CPU in ms per proxied request"
@@ -710,10 +741,10 @@ def main() -> int:
         print(f"\nABORTED: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
-        server.terminate()
-        upstream.terminate()
-        server.wait(10)
-        upstream.wait(10)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
         server_log.close()
     sys.stdout.flush()
     log_lines = [line for line in Path(server_log.name).read_text().splitlines() if not line.startswith("INFO:")]
