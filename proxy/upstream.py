@@ -65,7 +65,7 @@ def _httpx_error(exc: Exception) -> httpx.TransportError:
         return httpx.ConnectError(str(exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
         return httpx.RemoteProtocolError(str(exc) or "the upstream broke the HTTP exchange")
-    if isinstance(exc, aiohttp.ClientOSError | OSError):
+    if isinstance(exc, OSError):  # (aiohttp's ClientOSError is one) the connection failed mid-exchange
         return httpx.ReadError(str(exc))
     return httpx.TransportError(str(exc) or type(exc).__name__)
 
