@@ -668,6 +668,9 @@ def loopback_round_trip() -> str:
 
 def main() -> int:
     args = parse_args()
+    # The scratch database and the servers run on what this script sets, never a developer's .env
+    # (whose trial credit, say, would put every wallet off the funding the ledger check expects).
+    os.environ["TOKENTILL_DOTENV"] = "off"
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0

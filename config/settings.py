@@ -8,6 +8,7 @@ built-in demo model instead of an upstream.
 """
 
 import os
+import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# A developer's .env is for the server they run (scripts/run writes one, with a trial credit that
+# changes every new balance). The test suite and the overhead benchmark run on the environment
+# they set up, so they never read it: pytest by being the process (it loads these settings before
+# any conftest could say so), the servers and scripts they start by TOKENTILL_DOTENV=off.
+if os.environ.get("TOKENTILL_DOTENV", "on") != "off" and "pytest" not in sys.modules:
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

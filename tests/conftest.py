@@ -16,6 +16,10 @@ from django.db.backends.sqlite3.base import DatabaseOperations as SqliteOps
 
 _triggers = importlib.import_module("wallet.migrations.0002_append_only_triggers")
 
+# The live servers and fresh interpreters the tests start must not read a developer's .env either
+# (config/settings.py: this process already does not).
+os.environ["TOKENTILL_DOTENV"] = "off"
+
 
 # The ledger refuses DELETE and TRUNCATE by trigger. Between transactional tests Django empties
 # every table with a flush; the test database's teardown is the one party allowed to erase the

@@ -18,6 +18,24 @@ def load_settings(expression="settings.MARKUP", **env):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
 
 
+def test_a_developers_env_file_is_read_by_the_server_and_never_by_the_tests():
+    """scripts/run writes .env (a trial credit, say); scripts/test right after must not see it."""
+    dotenv, kept = ROOT / ".env", ROOT / ".env.kept-by-test"
+    if dotenv.exists():
+        dotenv.rename(kept)
+    try:
+        dotenv.write_text("MARKUP=0.99\n")
+        assert load_settings(TOKENTILL_DOTENV="on").stdout.strip() == "0.99"  # a server, or manage.py
+        assert load_settings().stdout.strip() == "0.20"  # what the tests' own children inherit: off
+        from django.conf import settings
+
+        assert str(settings.MARKUP) == "0.20"  # (and this process never read one)
+    finally:
+        dotenv.unlink()
+        if kept.exists():
+            kept.rename(dotenv)
+
+
 def test_defaults_start_embedded():
     result = load_settings()
     assert result.returncode == 0, result.stderr
