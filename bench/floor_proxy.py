@@ -41,12 +41,12 @@ from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from accounts.models import ApiKey  # noqa: E402
+from proxy.lib.pricing import charge_nanos  # noqa: E402
 from proxy.models import UsageRecord  # noqa: E402
 from wallet.models import Wallet  # noqa: E402
 
 UTC = datetime.UTC
 HOLD = 100_000  # nanodollars held per request: far above any bench request's charge
-MARKUP = Decimal(settings.MARKUP) + 1
 SETTLED_FIELDS = [
     "status", "upstream_model", "generation_id", "finish_reason", "http_status", "prompt_tokens",
     "completion_tokens", "upstream_cost", "cost_source", "charge", "estimated", "latency_ms", "settled_at",
@@ -182,7 +182,7 @@ class Floor:
                 assert relayed and usage is not None
 
         cost = Decimal(usage["cost"])
-        charge = int((cost * MARKUP * 10**9).to_integral_value())
+        charge = charge_nanos(cost, markup=settings.MARKUP)  # the one charge rule, half-up
         settled = datetime.datetime.now(UTC)
         record = [
             "ok", payload["model"], "gen-bench", "stop", 200, usage["prompt_tokens"], usage["completion_tokens"],

@@ -167,11 +167,8 @@ def _shared() -> tuple[httpx.AsyncClient, AiohttpTransport]:
     loop = asyncio.get_running_loop()
     shared = _clients.get(loop)
     if shared is None or shared[0].is_closed:
-        limits = httpx.Limits(
-            max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
-            max_keepalive_connections=min(settings.UPSTREAM_MAX_CONNECTIONS, 100),
-            keepalive_expiry=30,
-        )
+        # (aiohttp keeps every idle connection up to the total; it has no separate keep-alive cap.)
+        limits = httpx.Limits(max_connections=settings.UPSTREAM_MAX_CONNECTIONS, keepalive_expiry=30)
         transport = AiohttpTransport(limits, verify=verify())
         client = httpx.AsyncClient(
             timeout=timeout(),
