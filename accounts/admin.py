@@ -13,7 +13,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 
-from wallet.money import format_usd
+from core.money import format_usd
 from wallet.services import wallet_get_or_create
 
 from .models import ApiKey, Scope, TokenFamily, User

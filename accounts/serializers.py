@@ -12,7 +12,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from wallet.money import MoneyError, format_usd, parse_usd
+from core.money import MoneyError, format_usd, parse_usd
 
 from .models import ApiKey, User
 

@@ -12,8 +12,8 @@ from django.core import signing
 from django.db import transaction
 from django.utils import timezone
 
+from core.money import usd_to_nanos
 from wallet.models import EntryKind
-from wallet.money import usd_to_nanos
 from wallet.services import wallet_credit, wallet_get_or_create
 
 from .models import ApiKey, RefreshToken, Scope, TokenFamily, User

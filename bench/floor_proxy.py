@@ -41,7 +41,7 @@ from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from accounts.models import ApiKey  # noqa: E402
-from proxy.lib.pricing import charge_nanos  # noqa: E402
+from core.pricing import charge_nanos  # noqa: E402
 from proxy.models import UsageRecord  # noqa: E402
 from wallet.models import Wallet  # noqa: E402
 

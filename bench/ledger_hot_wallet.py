@@ -147,8 +147,8 @@ def main() -> int:
     from django.db import connections
 
     from accounts.models import User
+    from core.money import format_usd
     from wallet.models import EntryKind, Wallet
-    from wallet.money import format_usd
     from wallet.services import wallet_credit, wallet_get_or_create
 
     call_command("migrate", verbosity=0)

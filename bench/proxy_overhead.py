@@ -469,9 +469,9 @@ def check_ledger(proxied_requests: int) -> bool:
     from django.core.management import CommandError, call_command
     from django.db.models import Count, Sum
 
+    from core.money import format_usd
     from proxy.models import UsageRecord, UsageStatus
     from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
-    from wallet.money import format_usd
 
     print("\nmanage.py verify_ledger:", flush=True)
     try:

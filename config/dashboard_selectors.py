@@ -21,10 +21,10 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from core.money import usd_to_nanos
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord
 from wallet.models import Hold, HoldStatus, Wallet
-from wallet.money import usd_to_nanos
 
 PERIODS = (7, 30, 90)
 DEFAULT_PERIOD = 30

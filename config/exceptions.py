@@ -5,7 +5,7 @@ from django.http import Http404
 from rest_framework import exceptions
 from rest_framework.views import exception_handler
 
-from wallet.money import MoneyError
+from core.money import MoneyError
 
 
 def api_exception_handler(exc, context):

@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
-from wallet.money import MoneyError, format_cents, format_usd, parse_usd
+from core.money import MoneyError, format_cents, format_usd, parse_usd
 
 from .models import Checkout, CreditPack, EventStatus, Payment, StaffAlert, Subscription, WebhookEvent
 from .services import staff_alert_resolve, webhook_event_replay

@@ -37,8 +37,8 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from core.money import NANOS_PER_USD, format_cents, loads_decimal, mul_round, usd_to_nanos
 from wallet.models import EntryKind
-from wallet.money import NANOS_PER_USD, format_cents, loads_decimal, mul_round, usd_to_nanos
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
 
 from .models import (

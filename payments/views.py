@@ -8,7 +8,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from wallet.money import loads_decimal
+from core.money import loads_decimal
 
 from .models import Provider
 from .providers import lemonsqueezy, stripe_provider

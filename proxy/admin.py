@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from wallet.money import MoneyError, format_usd, parse_usd
+from core.money import MoneyError, format_usd, parse_usd
 
 from .models import ModelPrice, UsageRecord
 from .prices import (

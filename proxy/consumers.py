@@ -39,12 +39,12 @@ from psycopg_pool import PoolTimeout
 
 from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
 from config import adb
-from wallet.money import format_usd, loads_decimal
+from core.money import format_usd, loads_decimal
+from core.sse import Event, SSEParser
+from core.usage import StreamMeter
 
 from . import upstream
 from .demo import DemoResponse
-from .lib.sse import Event, SSEParser
-from .lib.usage import StreamMeter
 from .models import UsageStatus
 from .services import (
     Begun,

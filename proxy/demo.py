@@ -15,8 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
-from .lib.pricing import Rates, cost_usd
-from .lib.usage import Usage, estimate_tokens
+from core.pricing import Rates, cost_usd
+from core.usage import Usage, estimate_tokens
 
 WORD_DELAY = 0.02  # seconds between streamed words: slow enough to look like a model typing
 

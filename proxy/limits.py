@@ -26,8 +26,8 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 
 from config import adb
+from core.money import format_usd, parse_usd
 from wallet.models import Entry, EntryKind
-from wallet.money import format_usd, parse_usd
 
 from .models import UsageRecord, UsageStatus
 

@@ -22,7 +22,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
-from wallet.money import MoneyError, usd_to_nanos
+from core.money import MoneyError, usd_to_nanos
 
 from .models import PER_MILLION, ModelPrice
 from .selectors import price_cache_clear

@@ -16,7 +16,8 @@ from django.db.models import F, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
-from .lib.pricing import Rates
+from core.pricing import Rates
+
 from .models import ModelPrice, UsageRecord, UsageStatus
 
 _cache: dict[str, tuple[float, ModelPrice | None]] = {}

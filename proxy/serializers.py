@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from rest_framework import serializers
 
-from wallet.money import format_usd, usd_to_nanos
+from core.money import format_usd, usd_to_nanos
 from wallet.serializers import MoneyField
 
 from .models import UsageRecord

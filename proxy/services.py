@@ -28,8 +28,10 @@ from django.utils import timezone
 
 from accounts.models import User
 from config import adb
+from core.money import usd_to_nanos
+from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
+from core.usage import Usage, estimate_tokens, reported_cost
 from wallet.models import Hold, HoldStatus, Wallet
-from wallet.money import usd_to_nanos
 from wallet.services import (
     InsufficientFunds,
     ahold_create,
@@ -43,8 +45,6 @@ from wallet.services import (
 )
 
 from . import limits
-from .lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
-from .lib.usage import Usage, estimate_tokens, reported_cost
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import model_servable, price_current, prices_cached, rates_for
 

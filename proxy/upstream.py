@@ -35,7 +35,7 @@ import certifi
 import httpx
 from django.conf import settings
 
-from wallet.money import loads_decimal
+from core.money import loads_decimal
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AiohttpTransport]] = (
     weakref.WeakKeyDictionary()

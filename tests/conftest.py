@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(config, items):
 
 def make_user(email: str, *, balance: str = "0", password: str = "correct horse battery staple", **extra):
     from accounts.services import user_signup
+    from core.money import parse_usd
     from wallet.models import EntryKind
-    from wallet.money import parse_usd
     from wallet.services import wallet_credit
 
     user = user_signup(email=email, password=password)

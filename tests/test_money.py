@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wallet.money import (
+from core.money import (
     MoneyError,
     format_cents,
     format_usd,

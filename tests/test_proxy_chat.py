@@ -311,8 +311,8 @@ def test_the_output_cap_the_hold_covers_is_always_sent_upstream(fake_upstream, a
     the upstream is told; with n choices the hold covers each of them."""
     import json
 
-    from proxy.lib.pricing import hold_nanos
-    from proxy.lib.usage import estimate_tokens
+    from core.pricing import hold_nanos
+    from core.usage import estimate_tokens
     from proxy.selectors import rates_for
 
     bodies = [HELLO, {**HELLO, "max_tokens": 50}, {**HELLO, "max_tokens": 50, "n": 3}]
@@ -364,9 +364,9 @@ def test_the_keys_rpm_limit_is_429_with_retry_after(fake_upstream, alice, price)
 
 
 def test_a_daily_spend_cap_counts_holds_in_flight(fake_upstream, alice, price):
-    from proxy.lib.pricing import hold_nanos
+    from core.money import format_usd
+    from core.pricing import hold_nanos
     from proxy.selectors import rates_for
-    from wallet.money import format_usd
 
     # A hold for max_tokens=1000 at $0.60/M × 1.2 is ~$0.00072; cap = one hold and a half.
     one = hold_nanos(rates_for(price), prompt_tokens=len(b'{"model": "x"}') // 4, max_output=1000)

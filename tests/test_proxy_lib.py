@@ -5,10 +5,10 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.lib.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
-from proxy.lib.sse import SSEParser
-from proxy.lib.usage import StreamMeter, Usage, reported_cost, usage_from
-from wallet.money import loads_decimal
+from core.money import loads_decimal
+from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
+from core.sse import SSEParser
+from core.usage import StreamMeter, Usage, reported_cost, usage_from
 
 STREAM = (
     b": OPENROUTER PROCESSING\n\n"

@@ -11,8 +11,8 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from proxy.lib.pricing import Rates, charge_nanos, cost_usd
-from proxy.lib.usage import Usage
+from core.pricing import Rates, charge_nanos, cost_usd
+from core.usage import Usage
 from proxy.models import CostSource, UsageRecord, UsageStatus
 from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle
 from tests.fake_upstream import MODEL, Reply, fake_upstream, fake_upstream_server, price, run_async  # noqa: F401

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from accounts.services import api_key_create
 from config import adb
-from proxy.lib.usage import Usage
+from core.usage import Usage
 from proxy.models import ModelPrice, UsageRecord
 from proxy.selectors import usage_discrepancies
 from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle, hold_reconcile

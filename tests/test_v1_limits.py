@@ -12,10 +12,10 @@ from django.core.cache import cache
 from django.test import Client
 
 from accounts.services import api_key_create, token_pair_issue
+from core.money import parse_usd
 from proxy.models import UsageRecord, UsageStatus
 from tests.conftest import race
 from wallet.models import Entry, EntryKind
-from wallet.money import parse_usd
 from wallet.services import wallet_credit
 
 pytestmark = pytest.mark.django_db

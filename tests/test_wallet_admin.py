@@ -7,9 +7,9 @@ import re
 import pytest
 from django.contrib.admin.models import LogEntry
 
+from core.money import parse_usd
 from tests.conftest import make_user
 from wallet.models import Entry, EntryKind, Hold
-from wallet.money import parse_usd
 from wallet.services import hold_create
 
 pytestmark = pytest.mark.django_db

@@ -11,9 +11,9 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
+from core.money import parse_usd
 from tests.conftest import bearer_client
 from wallet.models import EntryKind
-from wallet.money import parse_usd
 from wallet.services import hold_create, hold_settle, wallet_credit
 
 pytestmark = pytest.mark.django_db

@@ -7,8 +7,8 @@ from django.db import transaction
 from django.db.models import Sum
 
 from accounts.models import User
+from core.money import parse_usd
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
-from wallet.money import parse_usd
 from wallet.services import (
     IdempotencyConflict,
     InsufficientFunds,

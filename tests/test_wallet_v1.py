@@ -6,8 +6,8 @@ import pytest
 from django.test import Client, override_settings
 
 from accounts.services import api_key_create, token_pair_issue
+from core.money import parse_usd
 from wallet.models import Entry, EntryKind
-from wallet.money import parse_usd
 from wallet.services import hold_create, wallet_credit
 
 pytestmark = pytest.mark.django_db

@@ -19,8 +19,9 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from core.money import MoneyError, format_usd, parse_usd
+
 from .models import Entry, Hold, HoldStatus, Wallet
-from .money import MoneyError, format_usd, parse_usd
 from .services import WalletError, wallet_correct
 
 RECENT_ENTRIES = 10

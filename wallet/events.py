@@ -14,7 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from .money import format_usd
+from core.money import format_usd
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from django.conf import settings
 from django.db.models import BigIntegerField, F, OuterRef, Q, QuerySet, Subquery, Sum, Value, Window
 from django.db.models.functions import Coalesce
 
+from core.money import format_usd, usd_to_nanos
+
 from .models import Entry, EntryKind, Hold, HoldStatus, Wallet
-from .money import format_usd, usd_to_nanos
 
 
 class WalletStatus:

@@ -9,9 +9,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from config.api_common import parse_instant
+from core.money import format_usd
 
 from .models import Entry, EntryKind
-from .money import format_usd
 
 
 @extend_schema_field({"type": "string", "format": "decimal", "example": "12.345678901"})

@@ -33,10 +33,10 @@ from pydantic import Field
 from accounts.auth import Principal
 from accounts.models import Scope, User
 from accounts.ninja_auth import BearerAuth
+from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from proxy import limits
 
 from .models import Entry, EntryKind
-from .money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from .selectors import wallet_summary
 from .services import (
     IdempotencyConflict,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 from django.conf import settings
 
-from wallet.money import loads_decimal
+from core.money import loads_decimal
 
 from .errors import ProviderError
 

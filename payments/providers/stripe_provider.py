@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import stripe
 from django.conf import settings
 
-from wallet.money import loads_decimal
+from core.money import loads_decimal
 
 from .errors import ProviderError
 

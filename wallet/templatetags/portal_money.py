@@ -4,7 +4,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from django import template
 
-from wallet.money import format_cents, format_usd
+from core.money import format_cents, format_usd
 
 register = template.Library()
 

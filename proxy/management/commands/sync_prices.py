@@ -10,9 +10,9 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from core.money import format_usd, loads_decimal
 from proxy import upstream
 from proxy.prices import PriceError, PriceOffer, offer_from_openrouter, prices_sync
-from wallet.money import format_usd, loads_decimal
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # OpenRouter's full list is a few MB; refuse anything absurd
 

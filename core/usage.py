@@ -1,6 +1,6 @@
 """Reading token usage and cost out of upstream responses and stream chunks.
 
-No Django imports. JSON must have been parsed with ``wallet.money.loads_decimal`` so that
+No Django imports. JSON must have been parsed with ``core.money.loads_decimal`` so that
 OpenRouter's ``usage.cost`` arrives as an exact ``Decimal``. Servers disagree on *where* usage
 goes (a final ``choices: []`` chunk for OpenAI/vLLM/Ollama/OpenRouter, the finish chunk for old
 llama.cpp, every chunk for vLLM's continuous mode), so a stream meter simply keeps the last

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from wallet.money import NANOS_PER_USD
+from core.money import NANOS_PER_USD
 
 from .usage import Usage
 
