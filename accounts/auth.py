@@ -6,7 +6,7 @@ access token naming a token family, which must not be revoked. One query either 
 their wallet joined in), plus a throttled ``last_used_at`` write for keys.
 
 ``aauthenticate_bearer`` is the same check for the proxy's event loop: on PostgreSQL it runs the
-same lookup as one statement on the hot path's async connections (``config.adb``), elsewhere it
+same lookup as one statement on the hot path's async connections (``infra.adb``), elsewhere it
 is ``authenticate_bearer`` in a worker thread. The rules themselves are written once, below.
 
 On PostgreSQL the proxy may also take a principal from ``aauthenticate_bearer(token,
@@ -31,7 +31,7 @@ from django.conf import settings
 from django.core import signing
 from django.utils import timezone
 
-from config import adb
+from infra import adb
 from wallet.models import Wallet
 
 from .models import ApiKey, Scope, TokenFamily, User

@@ -113,7 +113,7 @@ class Floor:
 
     async def start(self) -> None:
         async def configure(conn) -> None:
-            conn.adapters.register_dumper(int, Int8Dumper)  # as config.adb: one prepared plan per statement
+            conn.adapters.register_dumper(int, Int8Dumper)  # as infra.adb: one prepared plan per statement
 
         url = os.environ["DATABASE_URL"]
         self.pool = AsyncConnectionPool(

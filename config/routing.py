@@ -2,8 +2,8 @@
 
 from django.urls import path, re_path
 
+from accounts.consumers import events_application
 from proxy.consumers import ChatCompletionsConsumer, EmbeddingsConsumer
-from wallet.consumers import events_application
 
 http_routes: list = [
     path("v1/chat/completions", ChatCompletionsConsumer.as_asgi()),

@@ -106,11 +106,12 @@ INSTALLED_APPS = [
     "wallet",
     "proxy",
     "payments",
+    "backoffice",
 ]
 
 MIDDLEWARE = [
-    "config.middleware.RequestIdMiddleware",
-    "config.middleware.V1MethodNotAllowedMiddleware",
+    "infra.middleware.RequestIdMiddleware",
+    "infra.middleware.V1MethodNotAllowedMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -135,7 +136,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "config.context_processors.site",
+                "infra.context_processors.site",
             ],
         },
     },
@@ -293,7 +294,7 @@ REST_FRAMEWORK = {
     # already replaces the address with the forwarded one when the peer is a trusted proxy
     # (FORWARDED_ALLOW_IPS).
     "NUM_PROXIES": 0,
-    "EXCEPTION_HANDLER": "config.exceptions.api_exception_handler",
+    "EXCEPTION_HANDLER": "infra.drf.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {

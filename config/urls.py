@@ -2,9 +2,12 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from . import health
-from .v1 import api as v1_api
-from .v1 import not_found as v1_not_found
+from infra import health
+from infra.ninja import api as v1_api
+from infra.ninja import not_found as v1_not_found
+from proxy.v1 import router as v1_router
+
+v1_api.add_router("", v1_router)
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),

@@ -3,8 +3,8 @@
 from django.urls import path
 
 from accounts import views as account_views
-from payments import views_portal as payment_views
-from proxy import views_portal as usage_views
+from payments import views as payment_views
+from proxy import views as usage_views
 from wallet import views as wallet_views
 
 app_name = "portal"

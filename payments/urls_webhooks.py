@@ -1,8 +1,8 @@
 from django.urls import path
 
-from . import views
+from . import webhooks
 
 urlpatterns = [
-    path("lemonsqueezy", views.lemonsqueezy_webhook, name="webhook-lemonsqueezy"),
-    path("stripe", views.stripe_webhook, name="webhook-stripe"),
+    path("lemonsqueezy", webhooks.lemonsqueezy_webhook, name="webhook-lemonsqueezy"),
+    path("stripe", webhooks.stripe_webhook, name="webhook-stripe"),
 ]

@@ -1,63 +1,51 @@
-"""Webhook endpoints: verify the signature over the raw body, hand the event to the service,
-map the result to a status code. Lemon Squeezy wants exactly 200; both retry on anything else."""
+"""Portal pages for buying credit: the pack list (POST starts a hosted checkout) and the page the
+provider sends the buyer back to, which shows the balance and updates it live when the webhook
+credits the wallet."""
 
-import json
+from __future__ import annotations
 
-import stripe
-from django.http import JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
 
-from core.money import loads_decimal
+from wallet.selectors import wallet_summary
 
-from .models import Provider
 from .providers import lemonsqueezy, stripe_provider
-from .services import WebhookResult, webhook_receive
+from .providers.errors import ProviderError
+from .selectors import pack_list
+from .services import ProviderNotConfigured, UnknownPack, checkout_create
 
 
-def _answer(result: WebhookResult) -> JsonResponse:
-    if not result.ok:
-        return JsonResponse({"detail": "processing failed; it will be retried"}, status=500)
-    return JsonResponse({"status": result.event.status, "duplicate": result.duplicate}, status=200)
+def _page(request, *, error: str = "", status: int = 200):
+    context = {
+        "packs": pack_list(),
+        "wallet": wallet_summary(user=request.user),
+        "payments_configured": lemonsqueezy.is_configured() or stripe_provider.is_configured(),
+        "error": error,
+    }
+    return render(request, "portal/topup.html", context, status=status)
 
 
-@csrf_exempt
-@require_POST
-def lemonsqueezy_webhook(request):
-    raw = request.body
-    if not lemonsqueezy.signature_valid(raw, request.headers.get("X-Signature")):
-        return JsonResponse({"detail": "invalid signature"}, status=400)
+@never_cache
+@login_required
+def topup(request):
+    if request.method != "POST":
+        return _page(request)
     try:
-        payload = loads_decimal(raw)
-        event_id = lemonsqueezy.event_id(payload)
-        event_type = str(payload["meta"]["event_name"])
-    except (ValueError, KeyError, TypeError):
-        return JsonResponse({"detail": "not a Lemon Squeezy event"}, status=400)
-    result = webhook_receive(
-        provider=Provider.LEMONSQUEEZY,
-        event_id=event_id,
-        event_type=event_type,
-        body=raw.decode(),
-        test_mode=lemonsqueezy.is_test_mode(payload),
-    )
-    return _answer(result)
+        # The service picks the provider configured for this pack (Lemon Squeezy first).
+        checkout = checkout_create(user=request.user, pack_slug=request.POST.get("pack", ""))
+    except UnknownPack:
+        return _page(request, error="That credit pack is not on sale.", status=400)
+    except ProviderNotConfigured as exc:
+        return _page(request, error=f"{exc} Please contact the operator.", status=503)
+    except ProviderError:
+        return _page(
+            request, error="The payment processor could not start a checkout. Please try again shortly.", status=502
+        )
+    return redirect(checkout.url)
 
 
-@csrf_exempt
-@require_POST
-def stripe_webhook(request):
-    raw = request.body
-    try:
-        event = stripe_provider.event_from_request(raw, request.headers.get("Stripe-Signature"))
-    except stripe.SignatureVerificationError:
-        return JsonResponse({"detail": "invalid signature"}, status=400)
-    except (ValueError, json.JSONDecodeError):
-        return JsonResponse({"detail": "not a Stripe event"}, status=400)
-    result = webhook_receive(
-        provider=Provider.STRIPE,
-        event_id=str(event["id"]),
-        event_type=str(event["type"]),
-        body=raw.decode(),
-        test_mode=event.get("livemode") is False,
-    )
-    return _answer(result)
+@never_cache
+@login_required
+def topup_done(request):
+    return render(request, "portal/topup_done.html", {"wallet": wallet_summary(user=request.user)})

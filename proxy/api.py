@@ -12,7 +12,7 @@ from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api_common import ResultsCursorPagination, parse_instant
+from infra.drf import ResultsCursorPagination, parse_instant
 
 from .serializers import (
     UsageDaySerializer,

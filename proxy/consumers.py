@@ -38,10 +38,10 @@ from django.conf import settings
 from psycopg_pool import PoolTimeout
 
 from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
-from config import adb
 from core.money import format_usd, loads_decimal
 from core.sse import Event, SSEParser
 from core.usage import StreamMeter
+from infra import adb
 
 from . import upstream
 from .demo import DemoResponse

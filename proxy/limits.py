@@ -25,8 +25,9 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Q, Sum
 
-from config import adb
 from core.money import format_usd, parse_usd
+from core.openai_errors import OpenAIError
+from infra import adb
 from wallet.models import Entry, EntryKind
 
 from .models import UsageRecord, UsageStatus
@@ -35,15 +36,15 @@ DAY = 24 * 3600
 
 log = logging.getLogger(__name__)
 # The ledger entry of a tool charge made with an API key names the key here, in its metadata
-# (set by wallet/v1.py, refused from callers): what a lost spend counter is rebuilt from.
+# (set by proxy/v1.py, refused from callers): what a lost spend counter is rebuilt from.
 CHARGE_API_KEY_FIELD = "api_key_id"
 
 
-@dataclass
-class LimitExceeded(Exception):
-    message: str
-    code: str
-    retry_after: int  # seconds
+class LimitExceeded(OpenAIError):
+    """A guardrail refused the request: a 429 in the OpenAI shape, with ``Retry-After``."""
+
+    def __init__(self, message: str, code: str, retry_after: int):
+        super().__init__(429, message, "rate_limit_error", code, retry_after=retry_after)
 
 
 @dataclass

@@ -12,13 +12,11 @@ import threading
 import time
 
 from django.conf import settings
-from django.db.models import F, OuterRef, Q, Subquery, Sum, Value
-from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
 from core.pricing import Rates
 
-from .models import ModelPrice, UsageRecord, UsageStatus
+from .models import ModelPrice
 
 _cache: dict[str, tuple[float, ModelPrice | None]] = {}
 _cache_lock = threading.Lock()
@@ -97,37 +95,3 @@ def rates_for(price: ModelPrice) -> Rates:
         min_charge=price.min_charge,
         markup=price.effective_markup(),
     )
-
-
-def usage_discrepancies(*, limit: int = 100) -> list[tuple[str, int, int]]:
-    """Settled usage records whose charge is not what the ledger debited for them:
-    ``(request_id, record charge, debited)``, nanodollars, at most ``limit``.
-
-    A request's debits are its settlement entry (``hold:<request_id>``) and, when an estimate was
-    corrected, its reconciliation (``reconcile:<request_id>``): every charge must be re-derivable
-    from its record, so the two must agree to the nanodollar.
-    """
-    from wallet.models import Entry  # the ledger is the wallet app's; this check is the proxy's
-
-    keys = Q(idempotency_key=Concat(Value("hold:"), OuterRef("request_id"))) | Q(
-        idempotency_key=Concat(Value("reconcile:"), OuterRef("request_id"))
-    )
-    debits = (
-        Entry.objects.filter(keys, wallet__user_id=OuterRef("user_id"))
-        .order_by()
-        .values("wallet__user_id")
-        .annotate(total=Sum("amount"))
-        .values("total")
-    )
-    settled = UsageRecord.objects.exclude(status__in=[UsageStatus.PENDING, UsageStatus.REFUSED])
-    rows = (
-        settled.annotate(debited=Coalesce(-Subquery(debits), 0))
-        .exclude(debited=F("charge"))
-        .order_by("id")
-        .values_list("request_id", "charge", "debited")[:limit]
-    )
-    return list(rows)
-
-
-def usage_record_for_hold(request_id: str) -> UsageRecord | None:
-    return UsageRecord.objects.select_related("price").filter(request_id=request_id).first()

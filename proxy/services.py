@@ -5,7 +5,7 @@ Every request a known user makes leaves one ``UsageRecord``: refused ones with s
 ``refused`` and no charge, the rest ``pending`` until ``arequest_settle`` closes them.
 
 The request services are async: the consumer calls them from its event loop. On PostgreSQL their
-statements run right there on the hot path's async connections (``config.adb``); elsewhere each
+statements run right there on the hot path's async connections (``infra.adb``); elsewhere each
 step is the ORM in a worker thread. Statement budget on PostgreSQL (pinned by tests): begin = ONE
 statement, the hold with its pending record (the wallet comes joined to the authenticated user,
 and the hold is taken only while the principal is unchanged: ``RequestMeta.unchanged``);
@@ -27,10 +27,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import User
-from config import adb
 from core.money import usd_to_nanos
+from core.openai_errors import OpenAIError
 from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
 from core.usage import Usage, estimate_tokens, reported_cost
+from infra import adb
 from wallet.models import Hold, HoldStatus, Wallet
 from wallet.services import (
     InsufficientFunds,
@@ -53,17 +54,9 @@ log = logging.getLogger(__name__)
 MAX_HOLD = 2**62  # nanodollars (~4.6 billion USD): well inside the 64-bit columns holds are kept in
 
 
-@dataclass
-class Refusal(Exception):
-    """A request stopped before the upstream; rendered as an OpenAI-shaped error."""
-
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    code: str | None = None
-    param: str | None = None
-    retry_after: int | None = None
-    extra: dict = field(default_factory=dict)
+# A request stopped before the upstream, rendered as an OpenAI-shaped error. (A guardrail's
+# ``limits.LimitExceeded`` is one too.)
+Refusal = OpenAIError
 
 
 @dataclass
@@ -220,11 +213,8 @@ def request_plan(
                 raise Refusal(
                     403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
-    try:
-        limits.check_rpm(api_key=meta.api_key, now=now)
-        limits.check_run_steps(run=meta.run, user_id=meta.user.pk)
-    except limits.LimitExceeded as exc:
-        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
+    limits.check_rpm(api_key=meta.api_key, now=now)
+    limits.check_run_steps(run=meta.run, user_id=meta.user.pk)
 
     prompt_tokens = estimate_tokens(prompt_chars)
 
@@ -239,12 +229,7 @@ def request_plan(
     amount = hold_for(price)
     if amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
-    try:
-        reservation = limits.reserve_spend(
-            api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now
-        )
-    except limits.LimitExceeded as exc:
-        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
+    reservation = limits.reserve_spend(api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now)
     return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation)
 
 

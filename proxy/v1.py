@@ -1,16 +1,213 @@
-"""The proxy's Ninja endpoints under ``/v1``: the model list with its prices.
+"""The machine-facing ``/v1`` JSON endpoints (Django Ninja), in the OpenAI error shape.
 
-``/v1/chat/completions`` is a Channels consumer, not here (it streams).
+* ``GET /v1/models`` — the models on sale, with prices (markup included).
+* ``GET /v1/user/balance`` — the caller's own wallet.
+* ``POST /v1/user/charge`` — debit a tool charge now (``proxy.charges``). ``user`` (an email
+  address or a numeric user id) charges someone else and needs an API key with the ``billing``
+  scope.
+* ``POST /v1/user/balance/deposit`` — credit a trial, bonus or grant; ``billing`` scope only.
+
+``/v1/chat/completions`` and ``/v1/embeddings`` are not here: they stream (``proxy.consumers``).
+Every endpoint authenticates with ``BearerAuth``, which also counts the key's rpm.
+
+Both writes require an ``Idempotency-Key`` header, stored namespaced on the target wallet
+(``charge:<key>``, ``deposit:<key>``) on the entry they post. Once an entry is posted, a retry
+with the same key answers that entry's result and changes nothing; the same key with a different
+amount is a 409. A charge refused for funds (402) posts nothing, so its key is still unused: the
+same request retried after a top-up is charged then — what an agent retrying after the user tops
+up needs — and only from that 200 on does the key answer the same body. Amounts are decimal
+strings: a JSON number is refused rather than read through a float.
 """
 
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
 from django.conf import settings
-from ninja import Router, Schema
+from ninja import Header, Router, Schema, Status
+from pydantic import Field
 
-from accounts.ninja_auth import BearerAuth
+from accounts.auth import Principal
+from accounts.models import Scope, User
+from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
+from core.openai_errors import OpenAIError
+from wallet.models import EntryKind
+from wallet.selectors import wallet_summary
+from wallet.services import IdempotencyConflict, InsufficientFunds, WalletError, wallet_credit, wallet_get_or_create
 
+from . import limits
+from .charges import tool_charge
+from .ninja_auth import BearerAuth
 from .prices import price_public_rates, prices_current_enabled
 
-router = Router(tags=["models"])
+router = Router(auth=BearerAuth())
+
+MAX_IDEMPOTENCY_KEY = 128  # stored as "charge:<key>" in a 200-character column
+# One charge or deposit moves at most this much. Far above any tool charge or grant, far below
+# what the ledger's bigint nanodollars hold (about 9.2 billion USD), so no single amount, nor a
+# balance built from a few thousand of them, can overflow a column.
+MAX_AMOUNT_USD = Decimal(1_000_000)
+MAX_METADATA_BYTES = 4096  # the metadata object as compact UTF-8 JSON; it is copied into the ledger
+MAX_USER_ID = 2**63 - 1
+
+
+def _refused(message: str, code: str, param: str | None = None, status: int = 400) -> OpenAIError:
+    return OpenAIError(status, message, code=code, param=param)
+
+
+IDEMPOTENCY_CONFLICT = OpenAIError(
+    409,
+    "this Idempotency-Key was already used for a different request",
+    code="idempotency_conflict",
+    param="Idempotency-Key",
+)
+
+
+def _amount(value: object) -> int:
+    if not isinstance(value, str):
+        raise _refused(
+            'amount must be a decimal string such as "0.010000000"; JSON numbers are refused so that no '
+            "float ever touches money",
+            "invalid_amount",
+            "amount",
+        )
+    # The per-operation bound comes first so that every amount past it, however it is written, gets
+    # the same answer ("1e999990" and "-1e30" included, which parse_usd would refuse as
+    # unrepresentable); parse_usd then judges the form of what is left.
+    try:
+        decimal = Decimal(value.strip())
+    except InvalidOperation:
+        decimal = None  # parse_usd says what is wrong with it
+    if decimal is not None and decimal.is_finite() and decimal.copy_abs() > MAX_AMOUNT_USD:
+        message = f"amount must be at most {format_usd(usd_to_nanos(MAX_AMOUNT_USD))} USD"
+        raise _refused(message, "invalid_amount", "amount")
+    try:
+        amount = parse_usd(value)
+    except MoneyError as exc:
+        raise _refused(f"amount: {exc}", "invalid_amount", "amount") from None
+    if amount <= 0:
+        raise _refused("amount must be positive", "invalid_amount", "amount")
+    return amount
+
+
+def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
+    """A small flat object: it is stored on the ledger entry and shown in every listing of it."""
+    if not value:
+        return {}
+    if any(isinstance(item, dict | list) for item in value.values()):
+        message = "metadata must be a flat object of strings, numbers, booleans or null"
+        raise _refused(message, "invalid_request", "metadata")
+    try:
+        # allow_nan=False: Python's JSON reader accepts NaN, which neither database's JSON does.
+        size = len(json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError:
+        raise _refused("metadata: NaN and Infinity are not JSON numbers", "invalid_request", "metadata") from None
+    if size > MAX_METADATA_BYTES:
+        message = f"metadata is {size} bytes of JSON; at most {MAX_METADATA_BYTES} are stored"
+        raise _refused(message, "invalid_request", "metadata")
+    return value
+
+
+def _charge_metadata(principal: Principal, value: dict[str, Any] | None) -> dict[str, Any]:
+    """The caller's metadata plus the API key that made the charge: what the key's spend counters
+    are rebuilt from when the cache loses them. A caller cannot name a key itself (or someone
+    else's key could be made to look spent)."""
+    metadata = _metadata(value)
+    if limits.CHARGE_API_KEY_FIELD in metadata:
+        message = f"metadata.{limits.CHARGE_API_KEY_FIELD} is recorded by Tokentill, not set by the caller"
+        raise _refused(message, "invalid_request", "metadata")
+    if principal.api_key is None:
+        return metadata
+    return {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+
+
+def _key(value: str | None) -> str:
+    key = (value or "").strip()
+    if not key:
+        raise _refused("the Idempotency-Key header is required", "idempotency_key_required", "Idempotency-Key")
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters"
+        raise _refused(message, "invalid_request", "Idempotency-Key")
+    return key
+
+
+def _require_billing(principal: Principal, what: str) -> None:
+    if not principal.has_scope(Scope.BILLING):
+        raise _refused(f"{what} needs an API key with the billing scope", "insufficient_scope", status=403)
+
+
+def _user(ref: str | int) -> User:
+    """A user by email address (case-insensitive) or by numeric id."""
+    text = str(ref).strip()
+    # isascii(): "²" is a digit to isdigit() but not to int(); the length bound keeps int() from
+    # refusing thousands of digits (and the id within a bigint).
+    if text.isascii() and text.isdigit():
+        in_range = len(text) <= len(str(MAX_USER_ID)) and int(text) <= MAX_USER_ID
+        found = User.objects.filter(pk=int(text)).first() if in_range else None
+    else:
+        found = User.objects.filter(email__iexact=text).first()
+    if found is None:
+        raise _refused(f"no such user: {text}", "user_not_found", "user", status=404)
+    return found
+
+
+# --- Schemas ------------------------------------------------------------------------------------
+
+AMOUNT_HELP = 'USD as a decimal string, e.g. "0.010000000" (at most 9 places); JSON numbers are refused'
+USER_HELP = "the user's email address or numeric id"
+METADATA_HELP = f"a flat object (strings, numbers, booleans, null) of at most {MAX_METADATA_BYTES} bytes of JSON"
+
+
+class BalanceOut(Schema):
+    balance: str
+    held: str
+    available: str
+    currency: str
+
+
+class ChargeIn(Schema):
+    # Typed loosely only so that a JSON number reaches the view and gets a clear refusal.
+    amount: str | int | float = Field(description=AMOUNT_HELP)
+    description: str = Field(max_length=500)
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
+    user: str | int | None = Field(default=None, description=USER_HELP + "; needs the billing scope")
+
+
+class ChargeOut(Schema):
+    success: bool
+    charged: str
+    balance: str
+    entry_id: int
+
+
+class ChargeRefusedOut(Schema):
+    success: bool
+    message: str
+    topup_url: str
+
+
+class DepositIn(Schema):
+    user: str | int = Field(description=USER_HELP)
+    amount: str | int | float = Field(description=AMOUNT_HELP)
+    kind: Literal["trial", "bonus", "grant"]
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
+
+
+class DepositOut(Schema):
+    entry_id: int
+    balance: str
+
+
+class OpenAIErrorOut(Schema):
+    error: dict[str, Any]
+
+
+_ERRORS = {code: OpenAIErrorOut for code in (400, 401, 403, 404, 409, 429)}
+
+
+# --- Endpoints ----------------------------------------------------------------------------------
 
 
 class ModelPricing(Schema):
@@ -39,7 +236,7 @@ def _owner(price) -> str:
     return owner if slash else "tokentill"
 
 
-@router.get("/models", response=ModelList, auth=BearerAuth(), summary="Models on sale, with prices")
+@router.get("/models", response=ModelList, tags=["models"], summary="Models on sale, with prices")
 def list_models(request):
     # The demo model stands in for an upstream; once a real upstream key is set it is not sold.
     prices = prices_current_enabled(include_demo=not settings.UPSTREAM_API_KEY)
@@ -60,3 +257,97 @@ def list_models(request):
             for price in prices
         ],
     }
+
+
+@router.get("/user/balance", response=BalanceOut, tags=["wallet"], summary="The caller's wallet")
+def user_balance(request):
+    summary = wallet_summary(user=request.auth.user)
+    return {
+        "balance": format_usd(summary.balance),
+        "held": format_usd(summary.held),
+        "available": format_usd(summary.available),
+        "currency": summary.currency,
+    }
+
+
+@router.post(
+    "/user/charge",
+    response={200: ChargeOut, 402: ChargeRefusedOut, **_ERRORS},
+    tags=["wallet"],
+    summary="Charge a tool use now, if the available balance covers it",
+)
+def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+    principal: Principal = request.auth
+    key = _key(idempotency_key)
+    amount = _amount(body.amount)
+    metadata = _charge_metadata(principal, body.metadata)
+    target = principal.user
+    if body.user is not None:
+        _require_billing(principal, "charging another user")
+        target = _user(body.user)
+    try:
+        charged = tool_charge(
+            principal=principal,
+            target=target,
+            amount=amount,
+            idempotency_key=key,
+            description=body.description,
+            metadata=metadata,
+        )
+    except InsufficientFunds as short:
+        return Status(
+            402,
+            {
+                "success": False,
+                "message": f"Insufficient funds: this charge needs {format_usd(amount)} USD and "
+                f"{format_usd(max(short.available, 0))} USD is available. Top up to continue.",
+                "topup_url": f"{settings.APP_URL}/topup",
+            },
+        )
+    except IdempotencyConflict:
+        raise IDEMPOTENCY_CONFLICT from None
+    except WalletError as exc:
+        raise _refused(str(exc), "invalid_request") from None
+    # The body comes from the entry, not the wallet, so a replay answers exactly what the first
+    # call did even after later changes.
+    entry = charged.entry
+    return Status(
+        200,
+        {
+            "success": True,
+            "charged": format_usd(-entry.amount),
+            "balance": format_usd(entry.balance_after),
+            "entry_id": entry.pk,
+        },
+    )
+
+
+@router.post(
+    "/user/balance/deposit",
+    response={201: DepositOut, **_ERRORS},
+    tags=["wallet"],
+    summary="Credit a trial, bonus or grant to a user (billing scope)",
+)
+def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
+    principal: Principal = request.auth
+    _require_billing(principal, "depositing")
+    key = _key(idempotency_key)
+    amount = _amount(body.amount)
+    metadata = _metadata(body.metadata)
+    target = _user(body.user)
+    kind = EntryKind(body.kind)
+    try:
+        entry = wallet_credit(
+            wallet=wallet_get_or_create(user=target),
+            amount=amount,
+            kind=kind,
+            idempotency_key=f"deposit:{key}",
+            reference=key,
+            description=f"{kind.label} (API deposit)",
+            metadata=metadata,
+        )
+    except IdempotencyConflict:
+        raise IDEMPOTENCY_CONFLICT from None
+    except WalletError as exc:
+        raise _refused(str(exc), "invalid_request") from None
+    return Status(201, {"entry_id": entry.pk, "balance": format_usd(entry.balance_after)})

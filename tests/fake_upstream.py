@@ -404,7 +404,7 @@ async def proxy_call(
 async def close_loop_resources() -> None:
     """Each call runs on an event loop of its own: close the hot path's database pool and the
     upstream client with it."""
-    from config import adb
+    from infra import adb
     from proxy import upstream
 
     await adb.close()

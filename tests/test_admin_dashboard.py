@@ -12,8 +12,8 @@ from django.db.models import F
 from django.test import Client, RequestFactory
 from django.utils import timezone
 
-from config import dashboard_selectors
-from config.admin_dashboard import dashboard_context
+from backoffice import selectors as dashboard_selectors
+from backoffice.dashboard import dashboard_context
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord, UsageStatus
 from tests.conftest import make_user

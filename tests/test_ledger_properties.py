@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import User
+from backoffice.reports import ledger_discrepancies, ledger_totals
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
-from wallet.selectors import ledger_discrepancies, ledger_totals
 from wallet.services import (
     IdempotencyConflict,
     InsufficientFunds,

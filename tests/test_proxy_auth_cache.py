@@ -12,7 +12,7 @@ be — and that the upstream never heard of a request that should have been refu
 import pytest
 
 from accounts.models import ApiKey, TokenFamily, User
-from config import adb
+from infra import adb
 from proxy.models import UsageRecord, UsageStatus
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     MODEL,

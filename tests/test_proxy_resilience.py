@@ -17,10 +17,10 @@ from asgiref.sync import async_to_sync
 from django.utils import timezone
 
 from accounts.services import api_key_create
-from config import adb
+from backoffice.reports import usage_discrepancies
 from core.usage import Usage
+from infra import adb
 from proxy.models import ModelPrice, UsageRecord
-from proxy.selectors import usage_discrepancies
 from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle, hold_reconcile
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     DONE,

@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.db.backends.signals import connection_created
 
 from accounts.services import api_key_create
-from config import adb
+from infra import adb
 from proxy import demo
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from proxy.selectors import price_cache_clear, price_current

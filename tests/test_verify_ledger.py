@@ -9,9 +9,9 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from accounts.models import User
+from backoffice.reports import ledger_discrepancies, ledger_totals
 from core.money import parse_usd
 from wallet.models import EntryKind
-from wallet.selectors import ledger_discrepancies, ledger_totals
 from wallet.services import (
     hold_create,
     hold_settle,

@@ -12,11 +12,11 @@ from channels.testing import WebsocketCommunicator
 from django.db import transaction
 from django.test import Client
 
+from accounts import consumers
 from accounts.services import api_key_create, api_key_revoke, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
 from tests.live import MiniWebSocket, WebSocketClosed, live_server, live_servers
-from wallet import consumers
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
 

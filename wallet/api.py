@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from config.api_common import ResultsCursorPagination
+from infra.drf import ResultsCursorPagination
 
 from .selectors import entries_csv_lines, entry_get, entry_list, wallet_summary
 from .serializers import EntryFilterSerializer, EntrySerializer, WalletSerializer

@@ -8,8 +8,8 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from config.api_common import parse_instant
 from core.money import format_usd
+from infra.drf import parse_instant
 
 from .models import Entry, EntryKind
 

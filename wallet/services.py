@@ -34,7 +34,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from config import adb
+from infra import adb
 
 from . import events
 from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet

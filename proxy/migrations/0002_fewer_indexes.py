@@ -8,7 +8,7 @@ import django.db.models.deletion
 from django.conf import settings
 from django.db import migrations, models
 
-from config.migration_ops import drop_indexes
+from infra.migration_ops import drop_indexes
 
 # (index, column, is it PostgreSQL's varchar_pattern_ops twin for LIKE queries)
 UNUSED = [

@@ -1,12 +1,12 @@
 """Drop two ledger indexes no query needs, each written on every proxied request: the entry's
 own wallet index ((wallet, idempotency_key) and (wallet, kind, created_at) lead with the wallet)
 and the hold's LIKE twin of its request id (looked up by equality only). By name, as
-``config.migration_ops.drop_indexes`` explains."""
+``infra.migration_ops.drop_indexes`` explains."""
 
 import django.db.models.deletion
 from django.db import migrations, models
 
-from config.migration_ops import drop_indexes
+from infra.migration_ops import drop_indexes
 
 
 class Migration(migrations.Migration):

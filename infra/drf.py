@@ -1,13 +1,30 @@
-"""Pieces the account API's list endpoints share: the page shape and the date filters."""
+"""DRF glue for the account API (``/api``): one error shape, the list endpoints' page shape and
+their date filters."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
 from django.utils.dateparse import parse_date, parse_datetime
+from rest_framework import exceptions
 from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from core.money import MoneyError
+
+
+def api_exception_handler(exc, context):
+    """One error shape for /api: DRF's ``{"detail": ...}``, also for errors DRF does not raise itself."""
+    if isinstance(exc, MoneyError):
+        exc = exceptions.ValidationError({"detail": str(exc)})
+    response = exception_handler(exc, context)
+    if response is not None and isinstance(exc, (Http404, PermissionDenied)):
+        response.data = {"detail": str(exc) or response.data.get("detail", "")}
+    return response
 
 
 class ResultsCursorPagination(CursorPagination):

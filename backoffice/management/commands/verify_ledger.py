@@ -8,10 +8,9 @@ holds, non-zero otherwise — suitable for cron or a deploy check.
 
 from django.core.management.base import BaseCommand, CommandError
 
+from backoffice.reports import ledger_discrepancies, ledger_totals, usage_discrepancies
 from core.money import format_usd
-from proxy.selectors import usage_discrepancies
 from wallet.models import EntryKind
-from wallet.selectors import ledger_discrepancies, ledger_totals
 
 
 class Command(BaseCommand):

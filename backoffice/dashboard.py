@@ -8,9 +8,9 @@ staff get the plain index.
 
 from __future__ import annotations
 
-from wallet.selectors import ledger_discrepancies, ledger_totals
+from backoffice.reports import ledger_discrepancies, ledger_totals
 
-from . import dashboard_selectors as selectors
+from . import selectors
 
 DISCREPANCIES_SHOWN = 20
 

@@ -2,15 +2,15 @@
 
 An API key's ``rpm`` counts every ``/v1`` request it makes, on the same counter as the proxy's
 (``proxy.limits``). It is checked here, once the key is known, so that no ``/v1`` endpoint can
-forget it; ``LimitExceeded`` propagates to ``config.v1``, which answers the 429.
+forget it; ``LimitExceeded`` propagates to ``infra.ninja``, which answers the 429.
 """
 
 from django.utils import timezone
 from ninja.security import HttpBearer
 
-from proxy import limits
+from accounts.auth import AuthFailed, authenticate_bearer
 
-from .auth import AuthFailed, authenticate_bearer
+from . import limits
 
 
 class BearerAuth(HttpBearer):

@@ -1,11 +1,11 @@
 """``{% tokentill_dashboard %}``: the staff dashboard panels on the admin index.
 
 A template tag because the admin index is the stock ``admin.site`` view; the figures come from
-``config.admin_dashboard`` (which reads through ``config.dashboard_selectors``)."""
+``backoffice.dashboard`` (which reads through ``backoffice.selectors``)."""
 
 from django import template
 
-from config.admin_dashboard import dashboard_context
+from backoffice.dashboard import dashboard_context
 
 register = template.Library()
 

@@ -6,6 +6,8 @@ import uuid
 
 from django.http import JsonResponse
 
+from core.openai_errors import error_body
+
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -40,13 +42,8 @@ class V1MethodNotAllowedMiddleware:
         if response.get("Content-Type", "").startswith("application/json"):
             return response
         allowed = response.get("Allow", "")
-        error = {
-            "message": f"{request.method} is not allowed here; use {allowed or 'another method'}.",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "method_not_allowed",
-        }
-        shaped = JsonResponse({"error": error}, status=405)
+        message = f"{request.method} is not allowed here; use {allowed or 'another method'}."
+        shaped = JsonResponse(error_body(message, code="method_not_allowed"), status=405)
         if allowed:
             shaped["Allow"] = allowed
         return shaped

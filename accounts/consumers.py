@@ -31,10 +31,10 @@ from channels.security.websocket import OriginValidator
 from channels.sessions import SessionMiddlewareStack
 from django.conf import settings
 
-from accounts.auth import AuthFailed, authenticate_bearer, bearer_from_header
+from wallet import events
+from wallet.services import wallet_get_or_create
 
-from . import events
-from .services import wallet_get_or_create
+from .auth import AuthFailed, authenticate_bearer, bearer_from_header
 
 AUTH_TIMEOUT_SECONDS = 5.0
 # An open socket re-checks its credential (revoked key, logged-out session) when an event

@@ -1,0 +1,77 @@
+"""Tool charges (``POST /v1/user/charge``): one service that reserves the charge against the
+caller's spend caps, posts it to the ledger and keeps the counters true.
+
+An API key's limits hold here as on the proxy (``proxy.limits``): a charge is counted against the
+key's daily and monthly spend caps with the proxy's atomic counters *before* it is posted, so
+concurrent charges cannot together pass a cap, and the reservation is kept only for money that
+was actually posted — not for a 402, a 409 or a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.utils import timezone
+
+from accounts.auth import Principal
+from wallet.models import Entry
+from wallet.services import wallet_charge, wallet_get_or_create
+
+from . import limits
+
+
+@dataclass(frozen=True)
+class ToolCharge:
+    entry: Entry
+    replayed: bool  # True when the idempotency key had already been charged: nothing moved now
+
+
+def tool_charge(
+    *,
+    principal: Principal,
+    target,
+    amount: int,
+    idempotency_key: str,
+    description: str,
+    metadata: dict,
+) -> ToolCharge:
+    """Debit ``amount`` nanodollars from ``target``'s wallet now, if its available balance covers it.
+
+    ``idempotency_key`` is the caller's ``Idempotency-Key``; it is stored namespaced on the
+    target's wallet (``charge:<key>``). Raises ``wallet.services.InsufficientFunds`` (nothing
+    posted: the same key retried after a top-up is charged then), ``IdempotencyConflict`` (the key
+    was used for another amount), ``limits.LimitExceeded`` (a spend cap is full) or ``WalletError``.
+    """
+    wallet = wallet_get_or_create(user=target)
+    namespaced = f"charge:{idempotency_key}"
+    reservation = _reserve(principal, wallet=wallet, idempotency_key=namespaced, amount=amount)
+    posted = 0  # nanodollars this call debited: all that the spend counters keep
+    try:
+        entry = wallet_charge(
+            wallet=wallet,
+            amount=amount,
+            idempotency_key=namespaced,
+            reference=idempotency_key,
+            description=description,
+            metadata=metadata,
+        )
+        posted = 0 if entry.replayed else amount
+    finally:
+        # Nothing posted (402, 409, a replay of a charge already counted, an error): the
+        # reservation goes back, so a cap never counts a charge twice or one that never happened.
+        limits.adjust(reservation, posted)
+    return ToolCharge(entry=entry, replayed=entry.replayed)
+
+
+def _reserve(principal: Principal, *, wallet, idempotency_key: str, amount: int) -> limits.Reservation:
+    """A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
+    nothing and must still answer its first result. Whether the key was already posted on is read
+    only when the cap refuses; an entry, once there, stays (the ledger is append-only)."""
+    try:
+        return limits.reserve_spend(
+            api_key=principal.api_key, run="", user_id=principal.user.pk, amount=amount, now=timezone.now()
+        )
+    except limits.LimitExceeded:
+        if Entry.objects.filter(wallet=wallet, idempotency_key=idempotency_key).exists():
+            return limits.Reservation()  # wallet_charge answers the replay (or the 409)
+        raise
