@@ -7,7 +7,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 from django.core.asgi import get_asgi_application
 
-django_asgi_app = get_asgi_application()  # before importing consumers: it sets up Django
+django_asgi_app = get_asgi_application()  # before importing the routes: it sets up Django
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
@@ -21,7 +21,7 @@ application = ProtocolTypeRouter(
     }
 )
 
-# Everything loaded so far (settings, models, URLconfs, admin, consumers) lives as long as the
+# Everything loaded so far (settings, models, URLconfs, admin, endpoints) lives as long as the
 # process. Freezing it moves it out of the cyclic garbage collector's generations, so full
 # collections stop re-scanning it: measured under load, GC time per proxied request halved and
 # the occasional full collection no longer stalls every request in flight for tens of ms.

@@ -1,12 +1,13 @@
-"""Channels routes: the streaming proxy endpoints and the live-events WebSocket."""
+"""Channels routes: the metered endpoints (plain ASGI applications, streamed and not) and the
+live-events WebSocket."""
 
 from django.urls import path, re_path
 
 from accounts.consumers import events_application
-from proxy.consumers import ChatCompletionsConsumer, EmbeddingsConsumer
+from proxy.endpoints import chat_completions, embeddings
 
 http_routes: list = [
-    path("v1/chat/completions", ChatCompletionsConsumer.as_asgi()),
-    path("v1/embeddings", EmbeddingsConsumer.as_asgi()),
+    path("v1/chat/completions", chat_completions),
+    path("v1/embeddings", embeddings),
 ]
 websocket_routes: list = [re_path(r"^ws/events/?$", events_application)]

@@ -4,7 +4,7 @@
 Every request a known user makes leaves one ``UsageRecord``: refused ones with status
 ``refused`` and no charge, the rest ``pending`` until ``arequest_settle`` closes them.
 
-The request services are async: the consumer calls them from its event loop. On PostgreSQL their
+The request services are async: the metered endpoints call them from the event loop. On PostgreSQL their
 statements run right there on the hot path's async connections (``infra.adb``); elsewhere each
 step is the ORM in a worker thread. Statement budget on PostgreSQL (pinned by tests): begin = ONE
 statement, the hold with its pending record (the wallet comes joined to the authenticated user,
@@ -110,7 +110,9 @@ class Outcome:
     error: str = ""
     http_status: int | None = None
     output_chars: int = 0
-    reached_upstream: bool = True
+    # Does the upstream's work cost money? False when the request never reached it, or it
+    # refused or failed before any output: the hold is released, nothing is charged.
+    billable: bool = True
     latency_ms: int | None = None
     ttfb_ms: int | None = None
 
@@ -405,7 +407,7 @@ def settlement_compute(begun: Begun, outcome: Outcome, price: ModelPrice) -> Set
         return Settlement(charge, cost, source, estimated, price, rates, usage)
 
     usage = outcome.usage
-    if not outcome.reached_upstream:
+    if not outcome.billable:
         return priced(None, CostSource.NONE, usage or Usage())
     if usage is None:
         if outcome.trust_upstream_cost and outcome.finish_reason == "error":
@@ -471,7 +473,7 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.ttfb_ms = outcome.ttfb_ms
     record.settled_at = timezone.now()
     also_save = (record, _SETTLED_FIELDS)
-    if outcome.reached_upstream:
+    if outcome.billable:
         description = f"{record.model} ({record.request_id})"
         await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
     else:

@@ -7,7 +7,7 @@
   scope.
 * ``POST /v1/user/balance/deposit`` — credit a trial, bonus or grant; ``billing`` scope only.
 
-``/v1/chat/completions`` and ``/v1/embeddings`` are not here: they stream (``proxy.consumers``).
+``/v1/chat/completions`` and ``/v1/embeddings`` are not here: they stream (``proxy.endpoints``).
 Every endpoint authenticates with ``BearerAuth``, which also counts the key's rpm.
 
 Both writes require an ``Idempotency-Key`` header, stored namespaced on the target wallet

@@ -253,7 +253,7 @@ def test_a_disconnect_at_any_moment_leaves_ledger_holds_and_records_agreeing(
     from channels.testing import ApplicationCommunicator
 
     from config.asgi import application
-    from proxy import consumers
+    from proxy.endpoints import request as consumers
     from tests.fake_upstream import scope_for
 
     real_fetchone = adb.fetchone

@@ -233,7 +233,7 @@ def test_a_database_too_busy_for_the_request_is_a_503_and_nothing_moves(fake_ups
 def test_a_request_that_runs_a_while_keeps_its_hold_from_expiring(fake_upstream, alice, key, settings, monkeypatch):
     """Progress writes push the hold's expiry out, so reconcile_holds never takes a live stream
     for an abandoned one — however much longer than HOLD_TTL it runs."""
-    from proxy import consumers
+    from proxy.endpoints import request as consumers
 
     monkeypatch.setattr(consumers, "PROGRESS_AFTER", 0.1)
     monkeypatch.setattr(consumers, "PROGRESS_EVERY", 0.2)  # made a second: the least allowed

@@ -1,0 +1,104 @@
+"""What a refused or failed request answers: the OpenAI-shaped errors and the assistant-message
+refusal. No I/O: each function returns the error (or the body) for the lifecycle to send.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from django.conf import settings
+
+from core.money import format_usd
+from core.openai_errors import OpenAIError
+
+from .. import upstream
+from ..services import Funds
+
+UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def usd(nanos: int) -> str:
+    """Money for a sentence: ``$1.500000000``, ``-$0.000120000``."""
+    return f"-${format_usd(-nanos)}" if nanos < 0 else f"${format_usd(nanos)}"
+
+
+def topup_url() -> str:
+    return f"{settings.APP_URL}/topup"
+
+
+def insufficient_funds(funds: Funds) -> OpenAIError:
+    """The 402: what the balance is, what the request needed, and where to top up."""
+    message = (
+        f"Your balance ({usd(funds.balance)}, {usd(funds.available)} available) "
+        f"cannot cover this request. Top up at {topup_url()}"
+    )
+    extra = {"topup_url": topup_url(), "balance": format_usd(funds.balance), "needed": format_usd(funds.needed)}
+    return OpenAIError(402, message, "insufficient_funds", "insufficient_funds", extra=extra)
+
+
+def assistant_message_text(funds: Funds) -> str:
+    return (
+        f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request. "
+        f"Top up at {topup_url()} and try again."
+    )
+
+
+def assistant_completion(*, request_id: str, model: str, text: str) -> dict:
+    """A whole chat completion carrying ``text`` as the assistant's answer (nothing charged)."""
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def assistant_stream(*, request_id: str, model: str, text: str, with_usage: bool) -> bytes:
+    """The same answer as the data events of a stream (the caller appends the tail)."""
+    base = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    if with_usage:
+        chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+
+
+def upstream_failed(status: int, message: str) -> OpenAIError:
+    """The upstream could not be reached or timed out before any output: 502 or 504."""
+    return OpenAIError(status, message, "upstream_error", "upstream_timeout" if status == 504 else "upstream_error")
+
+
+def upstream_rejected(upstream_status: int, raw: bytes, headers) -> tuple[OpenAIError, str]:
+    """An upstream error answer before any output, and the detail recorded for staff.
+
+    The client's own mistakes (400/404/413/422: context too long, bad parameter) come back as 400
+    with the upstream's message so they can be fixed; an upstream rate limit stays 429 with its
+    Retry-After so SDKs back off; everything else (our upstream credentials or credit, upstream
+    outages) is the operator's problem and becomes a 502 that reveals no details.
+    """
+    detail = upstream.error_message(raw[:UPSTREAM_ERROR_BODY_LIMIT])
+    if upstream_status in (400, 404, 413, 422):
+        message = detail or "The upstream model rejected the request."
+        error = OpenAIError(400, message, "invalid_request_error", "upstream_invalid_request")
+    elif upstream_status == 429:
+        retry_after = headers.get("retry-after")
+        error = OpenAIError(
+            429, "The upstream model is rate limited; retry shortly.", "upstream_error", "upstream_rate_limited"
+        )
+        error.retry_after = retry_after
+    elif upstream_status in (408, 504, 524):
+        error = OpenAIError(504, "The upstream model timed out.", "upstream_error", "upstream_timeout")
+    else:
+        message = f"The upstream model failed (HTTP {upstream_status})."
+        error = OpenAIError(502, message, "upstream_error", "upstream_error")
+    return error, f"upstream HTTP {upstream_status}: {detail}"[:500]

@@ -1,0 +1,385 @@
+"""One metered request's lifecycle, whatever its protocol: authenticate, admit (guardrails and the
+hold), forward, settle, answer.
+
+* Admission runs to its end even if the client leaves meanwhile (a half-taken hold is worse than
+  a finished one, which is then released); relaying may be cancelled by a disconnect (which
+  closes the upstream response, and so cancels the generation); the settlement runs in a task of
+  its own, shielded, so the client leaving cannot interrupt it. (A forced shutdown can:
+  ``reconcile_holds`` then settles the hold left behind.)
+* Few tasks: under load every task is another wait behind everything else ready on the event
+  loop. The request runs in the ASGI server's own task, with the disconnect listener beside it,
+  the settlement's task, and — only for a request still running after a second — a progress write.
+* The request is settled *before* the client is told its charge, so the ``: tokentill`` line and
+  the ``X-Tokentill-*`` headers always describe committed money.
+* No channel layer: these endpoints never join a group, and opening a layer channel per request
+  would cost a Redis round trip on every call.
+
+An ``Endpoint`` (``chat.py``, ``embeddings.py``) knows its protocol: how to validate a body, how
+to relay the upstream's answer, how to render a refusal. This module knows none of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import django.db
+import httpx
+import psycopg
+from django.conf import settings
+from psycopg_pool import PoolTimeout
+
+from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
+from core.openai_errors import OpenAIError
+from core.usage import StreamMeter
+from infra import adb
+
+from .. import upstream
+from ..demo import DemoResponse
+from ..models import UsageStatus
+from ..services import (
+    Begun,
+    Funds,
+    Outcome,
+    Refusal,
+    RequestMeta,
+    arequest_begin,
+    arequest_progress,
+    arequest_settle,
+    ausage_refused,
+)
+from . import refusals
+from .asgi import BodyTooLarge, ClientGone, Exchange
+from .validation import Invalid, Parsed
+
+log = logging.getLogger(__name__)
+
+PROGRESS_AFTER = 1.0  # seconds a request runs before its progress is first written down
+PROGRESS_EVERY = 60.0  # seconds between progress writes after that (at most HOLD_TTL / 3)
+# Failures that mean "the database cannot take this request now", not a bug: answered 503.
+# (ConditionFailed: a key or user whose row kept changing while admission ran, ADMIT_ATTEMPTS times.)
+DATABASE_UNAVAILABLE = (
+    django.db.OperationalError,
+    django.db.InterfaceError,
+    psycopg.OperationalError,
+    PoolTimeout,
+    adb.ConditionFailed,
+)
+ADMIT_ATTEMPTS = 3
+
+# What a relay returns: how to answer the client once the request is settled.
+Finish = Callable[..., Awaitable[None]]
+
+
+class Endpoint:
+    """One protocol's half of a metered request. Subclasses set ``name`` (the usage record's
+    ``endpoint``) and implement ``parse`` and ``relay``."""
+
+    name = ""
+
+    def parse(self, body: bytes) -> Parsed:
+        raise NotImplementedError
+
+    async def relay(self, request: ProxyRequest, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:
+        """Forward the request and relay the answer; return what to send once it is settled."""
+        raise NotImplementedError
+
+    async def send_error(self, request: ProxyRequest, error: OpenAIError) -> None:
+        await request.exchange.send_json(error.status, error.body(), _error_headers(error))
+
+    async def insufficient_funds(self, request: ProxyRequest, funds: Funds, parsed: Parsed) -> None:
+        await self.send_error(request, refusals.insufficient_funds(funds))
+
+
+def _error_headers(error: OpenAIError) -> list[tuple[str, str]]:
+    return [("retry-after", str(error.retry_after))] if error.retry_after is not None else []
+
+
+class MeteredApplication:
+    """The ASGI application serving one ``Endpoint`` (routed in ``config/routing.py``)."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send) -> None:
+        exchange = Exchange(scope, receive, send, request_id=f"req_{uuid.uuid4().hex}")
+        await ProxyRequest(self.endpoint, exchange).serve()
+
+
+def ms_since(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+class ProxyRequest:
+    def __init__(self, endpoint: Endpoint, exchange: Exchange):
+        self.endpoint, self.exchange = endpoint, exchange
+        self.request_id = exchange.request_id
+        self.started = time.monotonic()
+        self.forwarded = False  # has the request been sent upstream?
+        self.begun: Begun | None = None
+        self.meter: StreamMeter | None = None  # what a stream has relayed so far (for progress writes)
+        self.progress_timer: asyncio.TimerHandle | None = None
+        self.progress: asyncio.Future | None = None
+        self.settling = False
+        self.settlement_unawaited = False
+
+    # --- entry ---------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        exchange = self.exchange
+        if exchange.method != "POST":
+            message = f"{exchange.method} is not allowed here; send POST."
+            error = Refusal(405, message, code="method_not_allowed")
+            return await exchange.send_json(405, error.body(), [("allow", "POST")])
+        try:
+            body = await exchange.read_body(settings.PROXY_MAX_BODY_BYTES)
+        except ClientGone:
+            return
+        except BodyTooLarge:
+            return await self.refuse_early(413, f"Request body is larger than {settings.PROXY_MAX_BODY_BYTES} bytes.")
+        exchange.listen_for_disconnect()
+        try:
+            await self.handle(body)
+        except asyncio.CancelledError:
+            if not exchange.disconnected:
+                raise  # not ours: the server is shutting down
+            asyncio.current_task().uncancel()  # ours, for a client that left: handled
+        finally:
+            exchange.stop_listening()
+
+    async def refuse_early(self, status: int, message: str) -> None:
+        """Refused before the body was read (413): recorded for a known user, then answered."""
+        try:
+            principal = await self.authenticate()
+            if principal is None:
+                return
+            await ausage_refused(meta=self.meta(principal, model=""), http_status=status, error=message)
+        except DATABASE_UNAVAILABLE:  # the refusal still stands; it just goes unrecorded
+            log.exception("proxy request %s: could not record its refusal", self.request_id)
+        await self.endpoint.send_error(self, Refusal(status, message, code="request_too_large"))
+
+    async def authenticate(self):
+        token = bearer_from_header(self.exchange.headers.get("authorization"))
+        try:
+            return await aauthenticate_bearer(token)
+        except AuthFailed as exc:
+            await self.endpoint.send_error(self, Refusal(401, exc.reason, code="invalid_api_key"))
+            return None
+
+    def meta(self, principal, *, model: str, stream: bool = False) -> RequestMeta:
+        headers = self.exchange.headers
+        return RequestMeta(
+            request_id=self.request_id,
+            user=principal.user,
+            api_key=principal.api_key,
+            endpoint=self.endpoint.name,
+            model=model,
+            stream=stream,
+            run=headers.get("x-tokentill-run", "")[:200],
+            agent=headers.get("x-tokentill-agent", "")[:200],
+            tool=headers.get("x-tokentill-tool", "")[:200],
+            unchanged=principal.unchanged,
+        )
+
+    async def handle(self, body: bytes) -> None:
+        try:
+            await self.run(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("proxy request %s failed", self.request_id)
+            if self.exchange.response_started:
+                return
+            # Before forwarding nothing is held or charged; after it, a hold the settlement could
+            # not close is charged by reconcile_holds from its record.
+            after = " It will be reconciled from its usage record." if self.forwarded else " Nothing was charged."
+            if isinstance(exc, DATABASE_UNAVAILABLE):
+                message = "The billing database is unavailable or busy; retry shortly." + after
+                error = OpenAIError(503, message, "server_error", "service_unavailable", retry_after=1)
+            else:
+                error = OpenAIError(500, "Internal error." + after, "server_error", "internal_error")
+            await self.endpoint.send_error(self, error)
+
+    async def run(self, body: bytes) -> None:
+        try:
+            parsed, invalid = self.endpoint.parse(body), None
+        except Invalid as refused:
+            parsed, invalid = None, refused
+        try:
+            # Not cancellable: a half-taken hold is worse than a finished one, which abandon()
+            # frees if the client has left meanwhile.
+            begun = await self.admit(parsed, invalid)
+        except AuthFailed as exc:
+            return await self.endpoint.send_error(self, Refusal(401, exc.reason, code="invalid_api_key"))
+        except Funds as funds:
+            return await self.endpoint.insufficient_funds(self, funds, parsed)
+        except Refusal as refusal:
+            return await self.endpoint.send_error(self, refusal)
+        if self.exchange.disconnected:
+            return await self.abandon(begun)
+        await self.forward(begun, parsed)
+
+    # --- admission -----------------------------------------------------------------------------
+
+    async def admit(self, parsed: Parsed | None, invalid: Invalid | None) -> Begun:
+        """Authenticate, then record a refusal or take the hold.
+
+        The principal may come from a recent lookup; the first write checks it is still current
+        (``accounts.auth``), and when it is not, admission starts again from a fresh lookup (so a
+        key's rpm counter can count such a request twice). Raises ``AuthFailed`` (no record: there
+        is no user), ``Refusal`` or ``Funds``.
+        """
+        token = bearer_from_header(self.exchange.headers.get("authorization"))
+        for attempt in range(ADMIT_ATTEMPTS):
+            principal = await aauthenticate_bearer(token, cached=attempt == 0)
+            try:
+                return await self.admit_as(principal, parsed, invalid)
+            except adb.ConditionFailed:
+                if attempt == ADMIT_ATTEMPTS - 1:
+                    raise
+
+    async def admit_as(self, principal, parsed: Parsed | None, invalid: Invalid | None) -> Begun:
+        if parsed is None:
+            meta = self.meta(principal, model=invalid.model)
+            refusal = invalid.refusal
+        else:
+            meta = self.meta(principal, model=parsed.model, stream=parsed.stream)
+            refusal = None
+        if not principal.has_scope("proxy"):
+            refusal = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+        if refusal is not None:
+            await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
+            raise refusal
+        return await arequest_begin(
+            meta=meta,
+            fallback_models=parsed.fallback_models,
+            prompt_chars=parsed.prompt_chars,
+            requested_output=parsed.requested_output,
+            choices=parsed.choices,
+        )
+
+    async def abandon(self, begun: Begun) -> None:
+        """The client left before anything was forwarded: release the hold."""
+        outcome = Outcome(status=UsageStatus.CANCELLED, billable=False, error="client disconnected")
+        await arequest_settle(begun=begun, outcome=outcome)
+
+    # --- forwarding and settlement ---------------------------------------------------------------
+
+    async def open_upstream(self, begun: Begun, body: dict, path: str):
+        """The upstream's answer to ``body`` (an async context manager), or the demo model's."""
+        if begun.price.is_demo:
+            return DemoResponse(body, begun.rates, prompt_chars=len(json.dumps(body.get("messages", ""))))
+        return upstream.stream(path, json.dumps(body).encode())
+
+    async def forward(self, begun: Begun, parsed: Parsed) -> None:
+        outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
+        self.begun = begun
+        finish = None
+        try:
+            self.forwarded = True
+            self.schedule_progress(begun, outcome, PROGRESS_AFTER)
+            self.exchange.cancellable = True
+            finish = await self.endpoint.relay(self, begun, parsed, outcome)
+        except asyncio.CancelledError:
+            outcome.status = UsageStatus.CANCELLED
+            outcome.error = "client disconnected"
+            raise
+        except Exception as exc:
+            # A bug of ours mid-relay: still settle what the upstream did, marked as an error.
+            outcome.status, outcome.error = UsageStatus.UPSTREAM_ERROR, f"proxy error: {type(exc).__name__}"
+            raise
+        finally:
+            self.exchange.cancellable = False
+            outcome.latency_ms = ms_since(self.started)
+            settling = asyncio.ensure_future(self.settle(begun, outcome))
+            settling.add_done_callback(self._settled)
+            # Shielded: a second cancellation (server shutdown) must not lose the settlement.
+            try:
+                record = await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                self.settlement_unawaited = True
+                raise
+        await finish(record, begun)
+
+    def _settled(self, settling: asyncio.Future) -> None:
+        # If whoever awaited the settlement was cancelled meanwhile, nobody else will hear of its
+        # failure: log it here (and never leave an exception unretrieved).
+        failure = None if settling.cancelled() else settling.exception()
+        if failure is not None and self.settlement_unawaited:
+            log.error("proxy request %s: settlement failed", self.request_id, exc_info=failure)
+
+    async def settle(self, begun: Begun, outcome: Outcome):
+        # Progress writes stop first, and one in flight lands first: the settlement is the last
+        # word on the record and the hold.
+        self.settling = True
+        if self.progress_timer is not None:
+            self.progress_timer.cancel()
+        if self.progress is not None and not self.progress.done():
+            await asyncio.wait({self.progress})
+        return await arequest_settle(begun=begun, outcome=outcome)
+
+    # --- progress writes (crash safety for requests that run a while) ----------------------------
+
+    def schedule_progress(self, begun: Begun, outcome: Outcome, delay: float) -> None:
+        """A request still running after ``delay`` writes down its progress (arequest_progress);
+        requests that finish sooner never pay for it — a timer, not a task, until then."""
+        if not self.settling:
+            loop = asyncio.get_running_loop()
+            self.progress_timer = loop.call_later(delay, self._start_progress, begun, outcome)
+
+    def _start_progress(self, begun: Begun, outcome: Outcome) -> None:
+        self.progress = asyncio.ensure_future(self.write_progress(begun, outcome))
+
+    async def write_progress(self, begun: Begun, outcome: Outcome) -> None:
+        meter = self.meter
+        try:
+            await arequest_progress(
+                begun=begun,
+                generation_id=outcome.generation_id or (meter.id if meter else ""),
+                output_chars=meter.output_chars if meter else 0,
+            )
+        except Exception:  # the request goes on; the next write tries again
+            log.warning("proxy request %s: could not write its progress", self.request_id, exc_info=True)
+        self.schedule_progress(begun, outcome, max(min(settings.HOLD_TTL / 3, PROGRESS_EVERY), 1.0))
+
+    # --- outcomes a relay reports ----------------------------------------------------------------
+
+    def copy_meter(self, meter: StreamMeter, outcome: Outcome) -> None:
+        outcome.usage = meter.usage
+        outcome.upstream_model = meter.model
+        outcome.generation_id = outcome.generation_id or meter.id
+        outcome.finish_reason = meter.finish_reason
+        outcome.output_chars = meter.output_chars
+        if meter.error:
+            outcome.error = meter.error
+
+    def failed(self, outcome: Outcome, status: int, message: str) -> Finish:
+        """The upstream failed before any output: nothing is charged; answer 502/504 once settled."""
+        outcome.status, outcome.error, outcome.http_status = UsageStatus.UPSTREAM_ERROR, message, status
+        outcome.billable = False
+        error = refusals.upstream_failed(status, message)
+
+        async def finish(record, begun):
+            await self.endpoint.send_error(self, error)
+
+        return finish
+
+    def rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers) -> Finish:
+        """An upstream error answer before any output: nothing is charged."""
+        error, detail = refusals.upstream_rejected(upstream_status, raw, headers)
+        outcome.status, outcome.http_status, outcome.billable = UsageStatus.UPSTREAM_ERROR, error.status, False
+        outcome.error = detail
+
+        async def finish(record, begun):
+            await self.endpoint.send_error(self, error)
+
+        return finish
+
+    def timed_out_or_unreachable(self, outcome: Outcome, exc: httpx.HTTPError) -> Finish:
+        if isinstance(exc, httpx.TimeoutException):
+            return self.failed(outcome, 504, "The upstream model timed out.")
+        return self.failed(outcome, 502, f"The upstream model is unreachable ({type(exc).__name__}).")
