@@ -247,8 +247,9 @@ PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)
 # Seconds each process keeps a model's price before reading the table again (0 = every request).
 PROXY_PRICE_CACHE_SECONDS = env_int("PROXY_PRICE_CACHE_SECONDS", 10)
 # On PostgreSQL the proxy's hot path runs its few statements on async connections from the event
-# loop (config/adb.py) instead of the ORM in worker threads; false falls back to the ORM.
-PROXY_ASYNC_DB = env_bool("PROXY_ASYNC_DB", True)
+# loop (infra/adb.py); there is no ORM fallback to choose: one implementation per database.
+if env.str("PROXY_ASYNC_DB", default="true").strip().lower() not in {"1", "true", "yes", "on"}:
+    raise ImproperlyConfigured("PROXY_ASYNC_DB=false is no longer supported: remove it (see the README)")
 PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async connections per process
 PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
 # Prepared statements on those connections; turn off behind PgBouncer in transaction mode < 1.21.

@@ -51,10 +51,13 @@ class ConditionFailed(Exception):
 
 
 def native() -> bool:
-    """Does the hot path talk to the database from the event loop (PostgreSQL), or via the ORM?"""
+    """Is the database PostgreSQL, where the ledger's hold operations and the bearer lookup are
+    hand-written statements (run here from the event loop, or on Django's connection from sync
+    code)? Otherwise (SQLite) they are the ORM, in a worker thread from async code. The one
+    switch between the two implementations."""
     # (The engine from settings, not ``connections["default"].vendor``: that lookup goes through
     # a context-local and is measurable at several calls per request.)
-    return settings.PROXY_ASYNC_DB and settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
 def in_thread(fn):

@@ -9,21 +9,13 @@ was actually posted — not for a 402, a 409 or a replay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from django.utils import timezone
 
 from accounts.auth import Principal
 from wallet.models import Entry
-from wallet.services import wallet_charge, wallet_get_or_create
+from wallet.services import Posted, wallet_charge, wallet_get_or_create
 
 from . import limits
-
-
-@dataclass(frozen=True)
-class ToolCharge:
-    entry: Entry
-    replayed: bool  # True when the idempotency key had already been charged: nothing moved now
 
 
 def tool_charge(
@@ -34,7 +26,7 @@ def tool_charge(
     idempotency_key: str,
     description: str,
     metadata: dict,
-) -> ToolCharge:
+) -> Posted:
     """Debit ``amount`` nanodollars from ``target``'s wallet now, if its available balance covers it.
 
     ``idempotency_key`` is the caller's ``Idempotency-Key``; it is stored namespaced on the
@@ -45,9 +37,9 @@ def tool_charge(
     wallet = wallet_get_or_create(user=target)
     namespaced = f"charge:{idempotency_key}"
     reservation = _reserve(principal, wallet=wallet, idempotency_key=namespaced, amount=amount)
-    posted = 0  # nanodollars this call debited: all that the spend counters keep
+    posted = None
     try:
-        entry = wallet_charge(
+        posted = wallet_charge(
             wallet=wallet,
             amount=amount,
             idempotency_key=namespaced,
@@ -55,12 +47,11 @@ def tool_charge(
             description=description,
             metadata=metadata,
         )
-        posted = 0 if entry.replayed else amount
     finally:
         # Nothing posted (402, 409, a replay of a charge already counted, an error): the
         # reservation goes back, so a cap never counts a charge twice or one that never happened.
-        limits.adjust(reservation, posted)
-    return ToolCharge(entry=entry, replayed=entry.replayed)
+        limits.adjust(reservation, amount if posted is not None and not posted.replayed else 0)
+    return posted
 
 
 def _reserve(principal: Principal, *, wallet, idempotency_key: str, amount: int) -> limits.Reservation:

@@ -475,10 +475,10 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     also_save = (record, _SETTLED_FIELDS)
     if outcome.billable:
         description = f"{record.model} ({record.request_id})"
-        await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
+        closed = await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
     else:
-        await ahold_release(hold=begun.hold, also_save=also_save)
-    if not begun.hold.closed_here:
+        closed = await ahold_release(hold=begun.hold, also_save=also_save)
+    if not closed.closed_here:
         # Someone closed the hold first (reconcile_holds, after progress writes could not reach
         # the database for HOLD_TTL): their charge stands, and so does the record explaining it
         # — which is what the client is told, not what this settlement computed.

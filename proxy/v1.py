@@ -337,7 +337,7 @@ def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(
     target = _user(body.user)
     kind = EntryKind(body.kind)
     try:
-        entry = wallet_credit(
+        posted = wallet_credit(
             wallet=wallet_get_or_create(user=target),
             amount=amount,
             kind=kind,
@@ -350,4 +350,5 @@ def user_deposit(request, body: DepositIn, idempotency_key: str | None = Header(
         raise IDEMPOTENCY_CONFLICT from None
     except WalletError as exc:
         raise _refused(str(exc), "invalid_request") from None
+    entry = posted.entry
     return Status(201, {"entry_id": entry.pk, "balance": format_usd(entry.balance_after)})

@@ -60,7 +60,7 @@ def test_racing_replays_of_one_idempotency_key_post_once():
     wallet = wallet_get_or_create(user=User.objects.create_user(email="replay@example.com"))
 
     def worker(index: int):
-        return wallet_credit(wallet=wallet, amount=HOLD, kind=EntryKind.TOP_UP, idempotency_key="order:1").pk
+        return wallet_credit(wallet=wallet, amount=HOLD, kind=EntryKind.TOP_UP, idempotency_key="order:1").entry.pk
 
     results = race(worker, 16)
     assert not [r for r in results if isinstance(r, BaseException)]

@@ -79,14 +79,14 @@ def _apply(op: tuple, wallet: Wallet, staff: User, model: Model) -> None:
         _, amount, key, kind = op
         before = model.keyed.get(key) if key else None
         try:
-            entry = wallet_credit(wallet=wallet, amount=amount, kind=kind, idempotency_key=key)
+            posted = wallet_credit(wallet=wallet, amount=amount, kind=kind, idempotency_key=key)
         except IdempotencyConflict:
             assert before is not None and before != (kind, amount)
             return
         if before is not None:
-            assert before == (kind, amount) and entry.replayed
+            assert before == (kind, amount) and posted.replayed
         else:
-            assert not entry.replayed
+            assert not posted.replayed
             model.balance += amount
             if key:
                 model.keyed[key] = (kind, amount)
@@ -116,7 +116,9 @@ def _apply(op: tuple, wallet: Wallet, staff: User, model: Model) -> None:
         tracked = model.holds[op[1] % len(model.holds)]
         hold, amount, status = tracked
         if name == "settle":
-            entry = hold_settle(hold=hold, amount=op[2])
+            closed = hold_settle(hold=hold, amount=op[2])
+            assert closed.closed_here == (status == HoldStatus.ACTIVE)
+            entry = closed.entry
             if status == HoldStatus.ACTIVE:
                 model.held -= amount
                 model.balance -= op[2]  # in full, even above the hold

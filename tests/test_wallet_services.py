@@ -10,6 +10,7 @@ from accounts.models import User
 from core.money import parse_usd
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 from wallet.services import (
+    Closed,
     IdempotencyConflict,
     InsufficientFunds,
     WalletError,
@@ -65,16 +66,17 @@ def _assert_consistent(wallet: Wallet) -> None:
 
 
 def test_a_credit_adds_money_and_records_the_balance_after(wallet):
-    entry = wallet_credit(
+    posted = wallet_credit(
         wallet=wallet, amount=parse_usd("2.5"), kind=EntryKind.BONUS, idempotency_key="b1", reference="promo"
     )
+    entry = posted.entry
     assert (entry.kind, entry.amount, entry.balance_after, entry.reference) == (
         "bonus",
         2_500_000_000,
         12_500_000_000,
         "promo",
     )
-    assert entry.replayed is False
+    assert posted.replayed is False
     assert wallet.balance == _fresh(wallet).balance == 12_500_000_000
     _assert_consistent(wallet)
 
@@ -82,8 +84,8 @@ def test_a_credit_adds_money_and_records_the_balance_after(wallet):
 def test_a_replayed_credit_returns_the_first_entry_and_changes_nothing(wallet):
     first = wallet_credit(wallet=wallet, amount=USD, kind=EntryKind.GRANT, idempotency_key="g1")
     again = wallet_credit(wallet=wallet, amount=USD, kind=EntryKind.GRANT, idempotency_key="g1")
-    assert again.pk == first.pk
-    assert again.replayed is True
+    assert again.entry.pk == first.entry.pk
+    assert (first.replayed, again.replayed) == (False, True)
     assert _fresh(wallet).balance == 11 * USD
     assert Entry.objects.filter(wallet=wallet).count() == 2
 
@@ -153,7 +155,9 @@ def test_floats_are_refused_as_amounts(wallet, call):
 
 
 def test_a_charge_debits_the_available_balance(wallet):
-    entry = wallet_charge(wallet=wallet, amount=parse_usd("0.000000001"), idempotency_key="c1", description="tool")
+    entry = wallet_charge(
+        wallet=wallet, amount=parse_usd("0.000000001"), idempotency_key="c1", description="tool"
+    ).entry
     assert (entry.kind, entry.amount, entry.balance_after) == ("charge", -1, 10 * USD - 1)
     _assert_consistent(wallet)
 
@@ -171,7 +175,7 @@ def test_a_charge_larger_than_available_is_refused_and_writes_nothing(wallet):
 def test_a_replayed_charge_answers_even_after_the_money_is_gone(wallet):
     first = wallet_charge(wallet=wallet, amount=10 * USD, idempotency_key="c1")
     again = wallet_charge(wallet=wallet, amount=10 * USD, idempotency_key="c1")
-    assert (again.pk, again.replayed) == (first.pk, True)
+    assert (again.entry.pk, again.replayed) == (first.entry.pk, True)
     assert _fresh(wallet).balance == 0
 
 
@@ -207,7 +211,9 @@ def test_a_hold_needs_the_minimum_available_balance_too(wallet):
 
 def test_settling_below_the_hold_charges_the_actual_and_frees_the_rest(wallet):
     hold = hold_create(wallet=wallet, amount=2 * USD, request_id="r1")
-    entry = hold_settle(hold=hold, amount=parse_usd("0.3"), metadata={"model": "m"})
+    closed = hold_settle(hold=hold, amount=parse_usd("0.3"), metadata={"model": "m"})
+    entry = closed.entry
+    assert closed.closed_here
     assert (entry.kind, entry.amount, entry.reference, entry.idempotency_key) == (
         "usage",
         -parse_usd("0.3"),
@@ -222,7 +228,7 @@ def test_settling_below_the_hold_charges_the_actual_and_frees_the_rest(wallet):
 
 def test_settling_above_the_hold_charges_in_full_and_may_go_negative(wallet):
     hold = hold_create(wallet=wallet, amount=10 * USD, request_id="r1")
-    entry = hold_settle(hold=hold, amount=10 * USD + parse_usd("0.25"))
+    entry = hold_settle(hold=hold, amount=10 * USD + parse_usd("0.25")).entry
     assert entry.amount == -(10 * USD + parse_usd("0.25"))
     row = _fresh(wallet)
     assert (row.balance, row.held) == (-parse_usd("0.25"), 0)
@@ -233,7 +239,7 @@ def test_settling_above_the_hold_charges_in_full_and_may_go_negative(wallet):
 
 def test_settling_zero_frees_the_hold_and_writes_no_entry(wallet):
     hold = hold_create(wallet=wallet, amount=USD, request_id="r1")
-    assert hold_settle(hold=hold, amount=0) is None
+    assert hold_settle(hold=hold, amount=0) == Closed(closed_here=True, entry=None)
     assert (_fresh(wallet).balance, _fresh(wallet).held) == (10 * USD, 0)
     assert Entry.objects.filter(wallet=wallet).count() == 1
 
@@ -242,25 +248,28 @@ def test_settling_twice_returns_the_first_entry_and_charges_once(wallet):
     hold = hold_create(wallet=wallet, amount=USD, request_id="r1")
     first = hold_settle(hold=hold, amount=USD // 2)
     again = hold_settle(hold=Hold.objects.get(pk=hold.pk), amount=USD)
-    assert again.pk == first.pk
+    assert (first.closed_here, again.closed_here) == (True, False)
+    assert again.entry.pk == first.entry.pk
     assert _fresh(wallet).balance == 10 * USD - USD // 2
     _assert_consistent(wallet)
 
 
 def test_a_release_frees_the_hold_without_charging(wallet):
     hold = hold_create(wallet=wallet, amount=USD, request_id="r1")
-    released = hold_release(hold=hold)
-    assert released.status == HoldStatus.RELEASED
+    assert hold_release(hold=hold) == Closed(closed_here=True, entry=None)
+    assert hold.status == HoldStatus.RELEASED
     assert (_fresh(wallet).balance, _fresh(wallet).held) == (10 * USD, 0)
-    assert hold_settle(hold=released, amount=USD) is None  # a released hold cannot be charged later
-    hold_release(hold=released)  # and releasing twice changes nothing
+    # a released hold cannot be charged later
+    assert hold_settle(hold=hold, amount=USD) == Closed(closed_here=False, entry=None)
+    assert not hold_release(hold=hold).closed_here  # and releasing twice changes nothing
     assert (_fresh(wallet).balance, _fresh(wallet).held) == (10 * USD, 0)
 
 
 def test_releasing_a_settled_hold_changes_nothing(wallet):
     hold = hold_create(wallet=wallet, amount=USD, request_id="r1")
     hold_settle(hold=hold, amount=USD)
-    assert hold_release(hold=hold).status == HoldStatus.SETTLED
+    assert not hold_release(hold=hold).closed_here
+    assert hold.status == HoldStatus.SETTLED
     assert (_fresh(wallet).balance, _fresh(wallet).held) == (9 * USD, 0)
 
 
@@ -282,17 +291,17 @@ def test_a_settlement_cannot_be_negative(wallet):
 
 def test_a_refund_claws_back_credit_even_below_zero(wallet):
     wallet_charge(wallet=wallet, amount=9 * USD, idempotency_key="c1")
-    entry = wallet_refund(wallet=wallet, amount=10 * USD, idempotency_key="refund:1", reference="order-1")
+    entry = wallet_refund(wallet=wallet, amount=10 * USD, idempotency_key="refund:1", reference="order-1").entry
     assert (entry.kind, entry.amount, entry.balance_after) == ("refund", -10 * USD, -9 * USD)
     again = wallet_refund(wallet=wallet, amount=10 * USD, idempotency_key="refund:1")
-    assert (again.pk, again.replayed) == (entry.pk, True)
+    assert (again.entry.pk, again.replayed) == (entry.pk, True)
     assert _fresh(wallet).balance == -9 * USD
     _assert_consistent(wallet)
 
 
 def test_a_correction_records_who_and_why(wallet, staff_user):
-    up = wallet_correct(wallet=wallet, amount=USD, reason="  goodwill  ", staff_user=staff_user)
-    down = wallet_correct(wallet=wallet, amount=-3 * USD, reason="duplicate grant", staff_user=staff_user)
+    up = wallet_correct(wallet=wallet, amount=USD, reason="  goodwill  ", staff_user=staff_user).entry
+    down = wallet_correct(wallet=wallet, amount=-3 * USD, reason="duplicate grant", staff_user=staff_user).entry
     assert (up.kind, up.amount, up.description, up.created_by) == ("correction", USD, "goodwill", staff_user)
     assert (down.amount, down.balance_after) == (-3 * USD, 8 * USD)
     assert up.metadata == {"staff": "ops@example.com"}
@@ -313,7 +322,7 @@ def test_a_correction_needs_staff_a_reason_and_an_amount(wallet, staff_user):
 def test_a_replayed_correction_posts_once(wallet, staff_user):
     first = wallet_correct(wallet=wallet, amount=USD, reason="x", staff_user=staff_user, idempotency_key="k")
     again = wallet_correct(wallet=wallet, amount=USD, reason="x", staff_user=staff_user, idempotency_key="k")
-    assert (again.pk, again.replayed) == (first.pk, True)
+    assert (again.entry.pk, again.replayed) == (first.entry.pk, True)
     with pytest.raises(IdempotencyConflict):
         wallet_correct(wallet=wallet, amount=-USD, reason="x", staff_user=staff_user, idempotency_key="k")
     assert _fresh(wallet).balance == 11 * USD
@@ -334,14 +343,14 @@ def test_reconcile_debits_what_the_estimate_missed_and_only_once():
     first = usage_reconcile(wallet=wallet, request_id="req_low", delta=30_000)
     again = usage_reconcile(wallet=wallet, request_id="req_low", delta=30_000)
     wallet.refresh_from_db()
-    assert (first.kind, first.amount) == (EntryKind.USAGE, -30_000)
-    assert again.pk == first.pk and again.replayed
+    assert (first.entry.kind, first.entry.amount) == (EntryKind.USAGE, -30_000)
+    assert again.entry.pk == first.entry.pk and again.replayed
     assert wallet.balance == USD - 30_000
 
 
 def test_reconcile_gives_back_an_overestimate_as_a_system_correction():
     wallet = _wallet("estimate-high@example.com", usd=1)
-    entry = usage_reconcile(wallet=wallet, request_id="req_high", delta=-12_345)
+    entry = usage_reconcile(wallet=wallet, request_id="req_high", delta=-12_345).entry
     wallet.refresh_from_db()
     assert (entry.kind, entry.amount, entry.created_by) == (EntryKind.CORRECTION, 12_345, None)
     assert entry.metadata["source"] == "reconcile_holds"

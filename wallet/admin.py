@@ -150,7 +150,7 @@ class WalletAdmin(ReadOnlyAdmin):
         if request.method == "POST" and form.is_valid():
             amount = form.cleaned_data["amount"]
             try:
-                entry = wallet_correct(
+                posted = wallet_correct(
                     wallet=wallet,
                     amount=amount,
                     reason=form.cleaned_data["reason"],
@@ -160,7 +160,8 @@ class WalletAdmin(ReadOnlyAdmin):
             except WalletError as exc:
                 form.add_error(None, str(exc))
             else:
-                if getattr(entry, "replayed", False):
+                entry = posted.entry
+                if posted.replayed:
                     messages.warning(request, "That correction was already recorded; nothing was posted twice.")
                 else:
                     self.log_change(request, wallet, f"Correction {format_usd(amount)} USD: {entry.description}")

@@ -9,9 +9,11 @@ Concurrency policy (read this before changing anything here):
   so concurrent holds can never together exceed the available balance.
 * A busy agent means one hot wallet row, and every request queues on its lock, so the hold
   path keeps that lock as briefly as it can: on PostgreSQL creating, settling and releasing a
-  hold are each ONE statement (data-modifying CTEs), committed on its own when no caller
-  transaction is open; the ORM path (SQLite, which serializes writers anyway) does the same
-  steps in one short transaction.
+  hold are each ONE statement (``wallet.pg``), committed on its own when no caller transaction
+  is open; on SQLite (which serializes writers anyway) ``_Orm`` does the same steps in one short
+  transaction. ``infra.adb.native()`` is the one switch between the two.
+* Results are return values: ``Posted`` (the entry, and whether it was a replay) and ``Closed``
+  (whether this call closed the hold, and the settlement's entry).
 * Lock order: a hold row before its wallet row (settle/release claim the hold, then touch the
   wallet); credits, charges, refunds and corrections lock only the wallet
   (``select_for_update``) and never an existing hold, so no two services can deadlock.
@@ -23,20 +25,18 @@ Concurrency policy (read this before changing anything here):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache, partial
+from functools import partial
 
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from infra import adb
 
-from . import events
+from . import events, pg
 from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet
 
 
@@ -58,10 +58,17 @@ class IdempotencyConflict(WalletError):
     """The key was used before for a different change."""
 
 
+@dataclass(frozen=True)
+class Posted:
+    """What a posting service did: the entry, and whether it was posted by this call or is the
+    first result of an idempotency key replayed (then nothing moved now)."""
+
+    entry: Entry
+    replayed: bool = False
+
+
 def wallet_get_or_create(*, user) -> Wallet:
-    wallet = getattr(user, "_wallet_cache", None)
-    if wallet is None:
-        wallet, _ = Wallet.objects.get_or_create(user=user)
+    wallet, _ = Wallet.objects.get_or_create(user=user)
     return wallet
 
 
@@ -76,7 +83,7 @@ def _prior(wallet_id: int, idempotency_key: str | None) -> Entry | None:
     return Entry.objects.filter(wallet_id=wallet_id, idempotency_key=idempotency_key).first()
 
 
-def _as_replay(prior: Entry, idempotency_key: str, *, kind: str, amount: int | None) -> Entry:
+def _as_replay(prior: Entry, idempotency_key: str, *, kind: str, amount: int | None) -> Posted:
     """Answer a replay with the first entry, or refuse a key reused for a different change.
 
     Called *after* the service's atomic block has closed. An exception leaving an
@@ -85,8 +92,7 @@ def _as_replay(prior: Entry, idempotency_key: str, *, kind: str, amount: int | N
     """
     if prior.kind != kind or (amount is not None and prior.amount != amount):
         raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was already used for a different change")
-    prior.replayed = True
-    return prior
+    return Posted(prior, replayed=True)
 
 
 def _check_amount(amount: object) -> None:
@@ -125,7 +131,6 @@ def _post(
         metadata=metadata or {},
         created_by=created_by,
     )
-    entry.replayed = False
     events.publish_on_commit(wallet, reason or kind)
     return entry
 
@@ -142,7 +147,7 @@ def _post_once(
     idempotency_key: str | None,
     needs_available: int | None = None,
     **fields,
-) -> Entry:
+) -> Posted:
     """Lock the wallet; answer a replayed key with its first entry, else post one entry.
 
     ``needs_available`` refuses with ``InsufficientFunds`` unless balance − held covers it.
@@ -163,7 +168,7 @@ def _post_once(
     if short:
         raise InsufficientFunds(needed=needs_available, available=locked.available, balance=locked.balance)
     wallet.balance, wallet.held = locked.balance, locked.held
-    return entry
+    return Posted(entry)
 
 
 def wallet_credit(
@@ -175,7 +180,7 @@ def wallet_credit(
     reference: str = "",
     description: str = "",
     metadata: dict | None = None,
-) -> Entry:
+) -> Posted:
     """Add money: a paid top-up, a trial, a bonus or a subscription grant."""
     _check_amount(amount)
     if kind not in CREDIT_KINDS:
@@ -202,7 +207,7 @@ def wallet_charge(
     description: str = "",
     metadata: dict | None = None,
     reference: str = "",
-) -> Entry:
+) -> Posted:
     """Debit a tool charge now, only if the available balance (balance − held) covers it."""
     _check_amount(amount)
     if amount <= 0:
@@ -226,7 +231,7 @@ def usage_reconcile(
     delta: int,
     description: str = "",
     metadata: dict | None = None,
-) -> Entry | None:
+) -> Posted | None:
     """Correct a settled *estimate* once the upstream has said what the request really cost.
 
     ``delta`` is actual charge − estimated charge. More → a further ``usage`` debit (the output
@@ -256,7 +261,7 @@ def wallet_refund(
     reference: str = "",
     description: str = "",
     metadata: dict | None = None,
-) -> Entry:
+) -> Posted:
     """Claw back refunded credit. May take the balance below zero: the money already left."""
     _check_amount(amount)
     if amount <= 0:
@@ -279,7 +284,7 @@ def wallet_correct(
     reason: str,
     staff_user,
     idempotency_key: str | None = None,
-) -> Entry:
+) -> Posted:
     """A staff correction, positive or negative, always with a reason and who made it."""
     _check_amount(amount)
     if amount == 0:
@@ -297,6 +302,24 @@ def wallet_correct(
         metadata={"staff": staff_user.email},
         created_by=staff_user,
     )
+
+
+# --- holds --------------------------------------------------------------------------------------------
+#
+# A hold operation is decided by the database in one step. On PostgreSQL that step is one
+# statement from ``wallet.pg`` (sync callers run it on Django's connection, async ones on the hot
+# path's async connections); on SQLite it is ``_Orm``, the same steps in one short transaction.
+# ``adb.native()`` is the one switch between them.
+
+
+@dataclass(frozen=True)
+class Closed:
+    """What settling or releasing a hold did."""
+
+    # Did this call close the hold? False when someone closed it first (say ``reconcile_holds``):
+    # then the first result stands and ``entry`` is the first settlement's entry, if it had one.
+    closed_here: bool
+    entry: Entry | None  # the debit, or None (released, or settled at zero)
 
 
 def _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata) -> tuple[Hold, int]:
@@ -318,6 +341,88 @@ def _hold_new(wallet, amount, request_id, min_available, ttl_seconds, descriptio
     return hold, max(amount, min_available)
 
 
+class _Orm:
+    """The hold operations through the ORM: SQLite's implementation (which serialises writers
+    anyway), each one short transaction. The contract tests also run it on PostgreSQL."""
+
+    @staticmethod
+    def create(hold: Hold, need: int) -> bool:
+        with _atomic():
+            # One conditional UPDATE: the database decides atomically whether the money is there.
+            # Reading the balance first and writing after would let two requests both see enough.
+            reserved = Wallet.objects.filter(pk=hold.wallet_id, balance__gte=F("held") + need).update(
+                held=F("held") + hold.amount, updated_at=hold.created_at
+            )
+            if reserved:
+                hold.save(force_insert=True)
+        return bool(reserved)
+
+    @staticmethod
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+        now = timezone.now()
+        with _atomic():
+            closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
+            if not closed:
+                return None
+            Wallet.objects.filter(pk=hold.wallet_id).update(
+                balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
+            )
+            row = Wallet.objects.filter(pk=hold.wallet_id).values_list("balance", "held", "user_id").get()
+            state = pg.WalletState(*row)
+            entry = None
+            if amount:
+                entry = Entry.objects.create(
+                    wallet_id=hold.wallet_id,
+                    kind=kind,
+                    amount=-amount,
+                    balance_after=state.balance,
+                    idempotency_key=f"hold:{hold.request_id}",
+                    reference=hold.request_id,
+                    description=description,
+                    metadata=metadata,
+                    created_at=now,
+                )
+        return entry, state
+
+    @staticmethod
+    def extend(hold: Hold, until) -> bool:
+        return bool(Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(expires_at=until))
+
+    @staticmethod
+    def state(wallet_id: int) -> tuple[int, int]:
+        return Wallet.objects.filter(pk=wallet_id).values_list("balance", "held").get()
+
+
+class _Pg:
+    """The hold operations as ``wallet.pg``'s statements on Django's connection."""
+
+    @staticmethod
+    def create(hold: Hold, need: int) -> bool:
+        row = pg.run(pg.hold_create(hold, need))
+        if row is not None:
+            adb.saved(hold, row[0])
+        return row is not None
+
+    @staticmethod
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+        statement = pg.hold_close(
+            hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
+        )
+        return pg.hold_closed(hold, statement, pg.run(statement), metadata=metadata)
+
+    @staticmethod
+    def extend(hold: Hold, until) -> bool:
+        return pg.run(pg.hold_extend(hold, until)) is not None
+
+    @staticmethod
+    def state(wallet_id: int) -> tuple[int, int]:
+        return pg.run(pg.wallet_state(wallet_id))
+
+
+def _implementation() -> type[_Orm] | type[_Pg]:
+    return _Pg if adb.native() else _Orm
+
+
 def hold_create(
     *,
     wallet: Wallet,
@@ -334,218 +439,43 @@ def hold_create(
     (``MIN_BALANCE``): the request needs ``available ≥ max(amount, min_available)``.
     """
     hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
-    now = hold.created_at
-    if connection.vendor == "postgresql":
-        reserved = _pg_hold_create(hold, need=need)
-    else:
-        with _atomic():
-            # One conditional UPDATE: the database decides atomically whether the money is
-            # there. Reading the balance first and writing after would let two requests both
-            # see enough.
-            reserved = Wallet.objects.filter(pk=wallet.pk, balance__gte=F("held") + need).update(
-                held=F("held") + amount, updated_at=now
-            )
-            if reserved:
-                hold.save(force_insert=True)
-    if not reserved:
-        current = Wallet.objects.get(pk=wallet.pk)
-        raise InsufficientFunds(needed=need, available=current.available, balance=current.balance)
+    implementation = _implementation()
+    if not implementation.create(hold, need):
+        balance, held = implementation.state(wallet.pk)
+        raise InsufficientFunds(needed=need, available=balance - held, balance=balance)
     return hold
 
 
-# On PostgreSQL each hold operation is ONE statement (data-modifying CTEs). Outside a caller's
-# transaction that statement is its own transaction, so the hot wallet's row lock is held for
-# the statement and its commit flush only — no Python runs while other requests queue on the
-# row. The SQL does exactly what the ORM branch beside it does; the tests run both.
-_PG_HOLD_CREATE = """
-WITH w AS (
-    UPDATE {wallet} SET held = held + %(amount)s, updated_at = %(now)s
-    WHERE id = %(wallet_id)s AND balance >= held + %(need)s{only_if}
-    RETURNING id
-), h AS (
-    INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
-    SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s
-    FROM w
-    RETURNING id
-){also}
-SELECT h.id{also_id} FROM h
-"""
-
-_PG_HOLD_CLOSE = """
-WITH h AS (
-    UPDATE {hold} SET status = %(status)s, closed_at = %(now)s
-    WHERE id = %(hold_id)s AND status = %(active)s
-    RETURNING amount, wallet_id
-){also}, w AS (
-    UPDATE {wallet} SET balance = balance - %(amount)s, held = held - h.amount, updated_at = %(now)s
-    FROM h WHERE {wallet}.id = h.wallet_id
-    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id
-), e AS (
-    INSERT INTO {entry} (wallet_id, kind, amount, balance_after, idempotency_key, reference, description,
-                         metadata, created_at)
-    SELECT %(wallet_id)s, %(kind)s, -%(amount)s, w.balance, %(key)s, %(reference)s, %(description)s,
-           %(metadata)s::jsonb, %(now)s
-    FROM w WHERE %(amount)s > 0
-    RETURNING id
-)
-SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
-"""
+def _closed(hold: Hold, status: str, entry: Entry | None, state: pg.WalletState) -> dict:
+    """Bring the caller's objects up to date after a close; the balance event's fields."""
+    if Hold.wallet.is_cached(hold):  # keep the caller's wallet object truthful without a query
+        hold.wallet.balance, hold.wallet.held = state.balance, state.held
+    hold.status = status
+    reason = entry.kind if entry is not None else "hold_released"
+    return {"balance": state.balance, "held": state.held, "reason": reason}
 
 
-_PG_HOLD_EXTEND = """
-WITH h AS (
-    UPDATE {hold} SET expires_at = %(until)s WHERE id = %(hold_id)s AND status = %(active)s RETURNING id
-){also}
-SELECT id FROM h
-"""
-
-_PG_WALLET_STATE = "SELECT balance, held FROM {wallet} WHERE id = %s"
-_PG_WALLET_STATE_IF = "SELECT balance, held, {only_if} FROM {wallet} WHERE id = %(wallet_id)s"
-
-_TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
-_PG_HOLD_CREATE_SQL = _PG_HOLD_CREATE.format(**_TABLES, also="", also_id="", only_if="")
-_PG_HOLD_CLOSE_SQL = _PG_HOLD_CLOSE.format(**_TABLES, also="", also_id="")
-_PG_HOLD_EXTEND_SQL = _PG_HOLD_EXTEND.format(**_TABLES, also="", also_id="")
-_PG_WALLET_STATE_SQL = _PG_WALLET_STATE.format(**_TABLES)
-
-
-def _json(value: dict) -> str:
-    return json.dumps(value, cls=DjangoJSONEncoder)
-
-
-def _pg_hold_create_params(hold: Hold, need: int) -> dict:
-    return {
-        "amount": hold.amount,
-        "need": need,
-        "now": hold.created_at,
-        "wallet_id": hold.wallet_id,
-        "request_id": hold.request_id,
-        "status": hold.status,
-        "description": hold.description,
-        "metadata": _json(hold.metadata),
-        "expires_at": hold.expires_at,
-    }
-
-
-def _pg_hold_create(hold: Hold, *, need: int) -> bool:
-    with connection.cursor() as cursor:
-        cursor.execute(_PG_HOLD_CREATE_SQL, _pg_hold_create_params(hold, need))
-        row = cursor.fetchone()
-    if row is None:
-        return False
-    hold.pk = row[0]
-    hold._state.adding, hold._state.db = False, connection.alias
-    return True
-
-
-def _pg_hold_close_params(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
-    return {
-        "status": status,
-        "active": HoldStatus.ACTIVE,
-        "now": timezone.now(),
-        "hold_id": hold.pk,
-        "amount": amount,
-        "wallet_id": hold.wallet_id,
-        "kind": kind,
-        "key": f"hold:{hold.request_id}",
-        "reference": hold.request_id,
-        "description": description,
-        "metadata": _json(metadata),
-    }
-
-
-def _pg_hold_closed(hold: Hold, params: dict, row: tuple | None, metadata: dict):
-    """The entry (or None) and the wallet's new state from ``_PG_HOLD_CLOSE``'s row; None if the
-    hold was not active."""
-    if row is None:
-        return None
-    entry_id, balance, held, user_id = row
-    entry = None
-    if entry_id is not None:
-        # from_db: the ORM's own fast path for a row it has read (positional, no defaults).
-        values = {
-            "id": entry_id,
-            "wallet_id": hold.wallet_id,
-            "kind": params["kind"],
-            "amount": -params["amount"],
-            "balance_after": balance,
-            "idempotency_key": params["key"],
-            "reference": hold.request_id,
-            "description": params["description"],
-            "metadata": metadata,
-            "created_by_id": None,
-            "created_at": params["now"],
-        }
-        entry = Entry.from_db(connection.alias, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
-        entry.replayed = False
-    return entry, (balance, held, user_id)
-
-
-_ENTRY_FIELDS = [field.attname for field in Entry._meta.concrete_fields]
-
-
-def _pg_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
-    """Close an active hold, debit ``amount`` and write its entry; None if it was not active."""
-    params = _pg_hold_close_params(
-        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(_PG_HOLD_CLOSE_SQL, params)
-        row = cursor.fetchone()
-    return _pg_hold_closed(hold, params, row, metadata)
-
-
-def _orm_hold_close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
-    """The same as ``_pg_hold_close`` through the ORM, in one transaction."""
-    now = timezone.now()
-    with _atomic():
-        closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
-        if not closed:
-            return None
-        Wallet.objects.filter(pk=hold.wallet_id).update(
-            balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
-        )
-        state = Wallet.objects.filter(pk=hold.wallet_id).values_list("balance", "held", "user_id").get()
-        entry = None
-        if amount:
-            entry = Entry.objects.create(
-                wallet_id=hold.wallet_id,
-                kind=kind,
-                amount=-amount,
-                balance_after=state[0],
-                idempotency_key=f"hold:{hold.request_id}",
-                reference=hold.request_id,
-                description=description,
-                metadata=metadata,
-                created_at=now,
-            )
-            entry.replayed = False
-    return entry, state
-
-
-def _hold_close(
+def _close(
     hold: Hold, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
-):
-    close = _pg_hold_close if connection.vendor == "postgresql" else _orm_hold_close
+) -> Closed | None:
+    """Close the hold if it is still active (None if it was not)."""
     description = (description or hold.description)[:500]
-    result = close(hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {})
+    result = _implementation().close(
+        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {}
+    )
     if result is None:
         return None
     entry, state = result
     # After commit (immediately when no caller transaction is open): the client never hears of
     # money that was rolled back.
-    events.publish_balance_on_commit(state[2], **_closed(hold, status, entry, state))
-    return (entry,)
+    events.publish_balance_on_commit(state.user_id, **_closed(hold, status, entry, state))
+    return Closed(True, entry)
 
 
-def _closed(hold: Hold, status: str, entry: Entry | None, state: tuple) -> dict:
-    """Bring the caller's objects up to date after a close; the balance event's fields."""
-    balance, held, _ = state
-    if Hold.wallet.is_cached(hold):  # keep the caller's wallet object truthful without a query
-        hold.wallet.balance, hold.wallet.held = balance, held
-    hold.status = status
-    hold.closed_here = True
-    return {"balance": balance, "held": held, "reason": entry.kind if entry is not None else "hold_released"}
+def _check_settlement(amount: object) -> None:
+    _check_amount(amount)
+    if amount < 0:
+        raise WalletError("a settlement cannot be negative")
 
 
 def hold_settle(
@@ -555,47 +485,52 @@ def hold_settle(
     description: str = "",
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
-) -> Entry | None:
+) -> Closed:
     """Charge the actual cost of a held request and free the hold.
 
     The actual amount is charged even when it is more than the hold (the estimate was low): the
     balance may then go slightly negative, which blocks the wallet until it is topped up. An
-    amount of zero frees the hold and writes no entry. Settling twice returns the first result;
-    afterwards ``hold.closed_here`` says whether this call was the one that closed the hold.
+    amount of zero frees the hold and writes no entry. Settling a hold already closed changes
+    nothing and answers with the first result (``closed_here`` False).
     """
-    _check_amount(amount)
-    if amount < 0:
-        raise WalletError("a settlement cannot be negative")
-    closed = _hold_close(
+    _check_settlement(amount)
+    closed = _close(
         hold, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
     )
-    if closed is None:  # already settled or released: answer with what happened the first time
-        return _first_settlement(hold)
-    return closed[0]
+    return closed if closed is not None else _first_result(hold)
 
 
-def _first_settlement(hold: Hold) -> Entry | None:
-    hold.closed_here = False
+def _first_result(hold: Hold) -> Closed:
+    """A hold someone else closed first: its state now, and the entry its settlement wrote."""
     hold.refresh_from_db(fields=["status", "closed_at"])
-    prior = Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
-    if prior is not None:
-        prior.replayed = True
-    return prior
+    return Closed(False, _first_settlement_entry(hold))
 
 
-def hold_release(*, hold: Hold) -> Hold:
+def _first_settlement_entry(hold: Hold) -> Entry | None:
+    return Entry.objects.filter(wallet_id=hold.wallet_id, idempotency_key=f"hold:{hold.request_id}").first()
+
+
+def hold_release(*, hold: Hold) -> Closed:
     """Free a hold without charging anything (the request never reached the upstream)."""
-    if _hold_close(hold, status=HoldStatus.RELEASED) is None:
-        hold.closed_here = False
-        hold.refresh_from_db(fields=["status", "closed_at"])
-    return hold
+    closed = _close(hold, status=HoldStatus.RELEASED)
+    return closed if closed is not None else _first_result(hold)
 
 
-# --- the hold path on the event loop ----------------------------------------------------------
+def hold_extend(*, hold: Hold, seconds: int) -> bool:
+    """Push an active hold's expiry ``seconds`` from now: its request is still running, so
+    ``reconcile_holds`` must leave it alone. False if the hold is no longer active."""
+    until = timezone.now() + timedelta(seconds=seconds)
+    extended = _implementation().extend(hold, until)
+    if extended:
+        hold.expires_at = until
+    return extended
+
+
+# --- the hold path on the event loop --------------------------------------------------------------
 #
-# The proxy takes and settles holds from async code. On PostgreSQL (``adb.native()``) the very
-# statements above run on the hot path's async connections, with no worker thread in between;
-# elsewhere the sync service runs in a worker thread. Same rules, same SQL, one implementation.
+# The proxy takes and settles holds from async code. On PostgreSQL the statements above run on the
+# hot path's async connections, with no worker thread in between; on SQLite the ORM
+# implementation runs in a worker thread, its companion write in the same transaction.
 
 
 async def ahold_create(
@@ -633,25 +568,12 @@ async def ahold_create(
         )
         return await _in_thread_with(create, hold=None, insert=also_insert)
     hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
-    params = _pg_hold_create_params(hold, need)
-    also = also_id = condition = ""
-    if also_insert is not None:
-        insert, extra = adb.insert_statement(also_insert, prefix="also_", source="h")
-        also, also_id = f", also AS ({insert})", ", (SELECT id FROM also)"
-        params.update(extra)
-    if only_if is not None:
-        condition = f" AND {only_if[0]}"
-        params.update(only_if[1])
-    sql = _composed(_PG_HOLD_CREATE, also, also_id, condition)
-    row = await adb.fetchone(sql, params)
+    row = await pg.arun(pg.hold_create(hold, need, also_insert=also_insert, only_if=only_if))
     if row is None:
-        if only_if is None:
-            balance, held = await adb.fetchone(_PG_WALLET_STATE_SQL, [wallet.pk], retry=True)
-        else:
-            state = _composed(_PG_WALLET_STATE_IF, "", only_if=only_if[0])
-            balance, held, unchanged = await adb.fetchone(state, {"wallet_id": wallet.pk, **only_if[1]}, retry=True)
-            if not unchanged:
-                raise adb.ConditionFailed("the hold's condition was false")
+        state = await pg.arun(pg.wallet_state(wallet.pk, only_if))
+        if only_if is not None and not state[2]:
+            raise adb.ConditionFailed("the hold's condition was false")
+        balance, held = state[:2]
         raise InsufficientFunds(needed=need, available=balance - held, balance=balance)
     adb.saved(hold, row[0])
     if also_insert is not None:
@@ -667,43 +589,25 @@ async def ahold_settle(
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
     also_save: tuple[object, list[str]] | None = None,
-) -> Entry | None:
+) -> Closed:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
     in the same transaction if this call closes the hold (the proxy's usage record: a charge never
     commits without the record that explains it, and a hold someone else closed first — say
     ``reconcile_holds`` — keeps the record that explains *that* charge)."""
-    _check_amount(amount)
-    if amount < 0:
-        raise WalletError("a settlement cannot be negative")
+    _check_settlement(amount)
     if not adb.native():
         settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
         return await _in_thread_with(settle, hold=hold, save=also_save)
-    closed = await _ahold_close(
+    return await _aclose(
         hold, also_save, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
     )
-    if closed is None:
-        return await adb.in_thread(_first_settlement)(hold)
-    return closed[0]
 
 
-async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | None = None) -> Hold:
+async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | None = None) -> Closed:
     """``hold_release`` for async callers; ``also_save`` as for ``ahold_settle``."""
     if not adb.native():
         return await _in_thread_with(partial(hold_release, hold=hold), hold=hold, save=also_save)
-    if await _ahold_close(hold, also_save, status=HoldStatus.RELEASED) is None:
-        hold.closed_here = False
-        await adb.in_thread(hold.refresh_from_db)(fields=["status", "closed_at"])
-    return hold
-
-
-def hold_extend(*, hold: Hold, seconds: int) -> bool:
-    """Push an active hold's expiry ``seconds`` from now: its request is still running, so
-    ``reconcile_holds`` must leave it alone. False if the hold is no longer active."""
-    until = timezone.now() + timedelta(seconds=seconds)
-    extended = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(expires_at=until)
-    if extended:
-        hold.expires_at = until
-    return bool(extended)
+    return await _aclose(hold, also_save, status=HoldStatus.RELEASED)
 
 
 async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, list[str]] | None = None) -> bool:
@@ -711,28 +615,26 @@ async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, lis
     if not adb.native():
         return await _in_thread_with(partial(hold_extend, hold=hold, seconds=seconds), hold=hold, save=also_save)
     until = timezone.now() + timedelta(seconds=seconds)
-    params = {"until": until, "hold_id": hold.pk, "active": HoldStatus.ACTIVE}
-    sql = _PG_HOLD_EXTEND_SQL
-    if also_save is not None:
-        sql, params = _with_save(_PG_HOLD_EXTEND, params, also_save)
-    extended = await adb.fetchone(sql, params, retry=True) is not None  # conditional: safe to re-run
+    extended = await pg.arun(pg.hold_extend(hold, until, also_save=also_save)) is not None
     if extended:
         hold.expires_at = until
     return extended
 
 
-def _with_save(template: str, params: dict, also_save: tuple[object, list[str]]) -> tuple[str, dict]:
-    """``template`` with the caller's UPDATE as one more part of its WITH, run only if the
-    statement's ``h`` (the hold it acts on) found the hold active."""
-    update, extra = adb.update_statement(*also_save, prefix="also_", condition="EXISTS (SELECT 1 FROM h)")
-    return _composed(template, f", also AS ({update})"), {**params, **extra}
-
-
-@lru_cache(maxsize=32)
-def _composed(template: str, also: str, also_id: str = "", only_if: str = "") -> str:
-    """A hold statement with a companion part or a condition: the same few texts every time,
-    built once."""
-    return template.format(**_TABLES, also=also, also_id=also_id, only_if=only_if)
+async def _aclose(
+    hold: Hold, also_save, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+) -> Closed:
+    metadata = metadata or {}
+    description = (description or hold.description)[:500]
+    statement = pg.hold_close(
+        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata, also_save=also_save
+    )
+    result = pg.hold_closed(hold, statement, await pg.arun(statement), metadata=metadata)
+    if result is None:
+        return await adb.in_thread(_first_result)(hold)
+    entry, state = result
+    await events.apublish_balance(state.user_id, **_closed(hold, status, entry, state))  # committed by now
+    return Closed(True, entry)
 
 
 def _locked_active(hold: Hold) -> bool:
@@ -759,24 +661,3 @@ async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None)
     result, committed = await adb.in_thread(run)()
     await events.send_collected(committed)
     return result
-
-
-async def _ahold_close(
-    hold: Hold, also_save, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
-):
-    metadata = metadata or {}
-    description = (description or hold.description)[:500]
-    params = _pg_hold_close_params(
-        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
-    )
-    sql = _PG_HOLD_CLOSE_SQL
-    if also_save is not None:
-        sql, params = _with_save(_PG_HOLD_CLOSE, params, also_save)
-    # Safe to re-run on a dead connection: the close (and the save with it) is conditional on the
-    # hold still being active, so a second run after a first that committed changes nothing.
-    result = _pg_hold_closed(hold, params, await adb.fetchone(sql, params, retry=True), metadata)
-    if result is None:
-        return None
-    entry, state = result
-    await events.apublish_balance(state[2], **_closed(hold, status, entry, state))  # committed by now
-    return (entry,)
