@@ -213,6 +213,17 @@ async def test_a_session_cookie_sent_from_a_foreign_site_is_ignored(monkeypatch)
         await expect_refusal(ws)
 
 
+@pytest.mark.parametrize("origin", [b"http://127.0.0.1:abc", b"http://127.0.0.1:99999", b"http://127.0.0.1:-1"])
+async def test_an_origin_whose_port_is_no_port_is_foreign_and_a_token_still_authenticates(origin):
+    alice = await persona("alice@example.com", "3.00")
+    ws = communicator((b"cookie", await session_cookie(alice)), (b"origin", origin))
+    assert (await ws.connect())[0]
+    assert await ws.receive_nothing(0.1)  # the cookie counted for nothing
+    await ws.send_json_to({"type": "auth", "token": await access_token(alice)})
+    assert (await ws.receive_json_from())["reason"] == "snapshot"
+    await ws.disconnect()
+
+
 async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(monkeypatch):
     monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0)
     alice = await persona("alice@example.com", "10.00")
@@ -311,3 +322,14 @@ async def test_the_server_process_honours_a_cookie_only_from_our_own_origin(serv
         assert closed.value.code == 4401
     finally:
         await foreign.close()
+
+
+async def test_the_server_process_treats_an_origin_with_a_broken_port_as_foreign(server):
+    alice = await persona("alice@example.com", "1.00")
+    cookie = (await session_cookie(alice)).decode()
+    ws = await MiniWebSocket.connect(server, "/ws/events", {"Cookie": cookie, "Origin": "http://127.0.0.1:abc"})
+    try:
+        await ws.send_json({"type": "auth", "token": await access_token(alice)})
+        assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
+    finally:
+        await ws.close()

@@ -61,6 +61,10 @@ def origin_is_ours(headers: dict[bytes, bytes]) -> bool:
         return False
     try:
         parsed = urlparse(raw.decode("latin-1"))
+        # Read here because Channels' check reads it unguarded: a port that is not a number, or
+        # is out of range (``http://127.0.0.1:abc``, ``:99999``), raises ValueError. No page of
+        # ours has such an origin, so it is foreign like any other.
+        parsed.port  # noqa: B018
     except ValueError:
         return False
     return OriginValidator(None, allowed_origins()).valid_origin(parsed)
