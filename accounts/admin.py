@@ -16,9 +16,14 @@ from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 from wallet.money import format_usd
 from wallet.services import wallet_get_or_create
 
+from .forms import StaffLoginForm
 from .models import ApiKey, Scope, TokenFamily, User
 from .serializers import limits_clean
 from .services import api_key_revoke, token_family_revoke
+
+# Staff sign-in counts failures in the same buckets as /login and /api/auth/token, and is refused
+# alike while throttled (the admin's own page and look; see accounts.views.staff_login).
+admin.site.login_form = StaffLoginForm
 
 
 class _EmailCleaning:

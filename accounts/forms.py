@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 from django import forms
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
 
 from .models import ApiKey, User
+from .throttles import LoginFailureThrottle
+
+THROTTLED = "Too many attempts. Please wait a few minutes and try again."
 
 
-class LoginForm(AuthenticationForm):
+class ThrottledLoginMixin:
+    """Puts Django's login forms (the portal's, the admin's) behind the failed-login throttle that
+    ``/api/auth/token`` uses, with the same buckets.
+
+    The throttle sits in ``clean()`` because that is where the password is checked: while
+    throttled it is not checked at all (so the answer cannot tell a right guess from a wrong one),
+    and a check that fails is recorded. The view answers 429 when ``throttled`` is set.
+    """
+
+    throttled = False
+
+    def clean(self):
+        throttle = LoginFailureThrottle(self.request, self.data.get("username", ""))
+        if throttle.wait() is not None:
+            self.throttled = True
+            raise forms.ValidationError(THROTTLED, code="throttled")
+        try:
+            return super().clean()
+        except forms.ValidationError:
+            # Only a password that did not authenticate is a failure, not (at the admin) a right
+            # password of someone who is not staff.
+            if self.user_cache is None:
+                throttle.record_failure()
+            raise
+
+
+class StaffLoginForm(ThrottledLoginMixin, AdminAuthenticationForm):
+    """The admin's own login form and page, throttled (``admin.site.login_form``)."""
+
+
+class LoginForm(ThrottledLoginMixin, AuthenticationForm):
     """Django's login form; the user model logs in by email, so the username box is an email box."""
 
     username = forms.EmailField(
