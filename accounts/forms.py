@@ -64,20 +64,22 @@ class SignupForm(forms.Form):
     )
 
     def clean_email(self) -> str:
-        email = self.cleaned_data["email"].strip().lower()
-        # A friendly early answer; the UNIQUE constraint still decides a race (see the view).
-        if User.objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError("An account with this email address already exists.")
-        return email
+        return self.cleaned_data["email"].strip().lower()
 
     def clean(self):
         cleaned = super().clean()
         email, password = cleaned.get("email"), cleaned.get("password")
         if email and password:
+            # As the API does (SignupSerializer.validate): the password first, so that a weak one
+            # is answered the same whether or not the address has an account.
             try:
                 password_validation.validate_password(password, user=User(email=email))
             except forms.ValidationError as exc:
                 self.add_error("password", exc)
+                return cleaned
+            # A friendly early answer; the UNIQUE constraint still decides a race (see the view).
+            if User.objects.filter(email__iexact=email).exists():
+                self.add_error("email", "An account with this email address already exists.")
         return cleaned
 
 

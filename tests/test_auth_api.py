@@ -132,6 +132,15 @@ def test_signup_applies_the_password_validators(client, db, password, complaint)
     assert not User.objects.filter(email="carol@example.com").exists()
 
 
+@pytest.mark.parametrize("password", ["password", "short", "8412957301"])
+def test_a_weak_password_is_answered_alike_whether_or_not_the_address_has_an_account(client, alice, password):
+    taken = signup(client, email="alice@example.com", password=password)
+    free = signup(client, email="nobody@example.com", password=password)
+
+    assert (taken.status_code, taken.json()) == (free.status_code, free.json())
+    assert list(taken.json()) == ["password"]
+
+
 def test_signup_refuses_a_malformed_email(client, db):
     response = signup(client, email="not-an-email")
 
