@@ -19,12 +19,14 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
 
-class _LiveRateThrottle(SimpleRateThrottle):
+class LiveRateThrottle(SimpleRateThrottle):
+    """DRF's rate throttle, reading its scope's rate when it runs (see the module docstring)."""
+
     def get_rate(self):
         return api_settings.DEFAULT_THROTTLE_RATES[self.scope]
 
 
-class SignupThrottle(_LiveRateThrottle):
+class SignupThrottle(LiveRateThrottle):
     """Every sign-up attempt counts, successful or not, per client address."""
 
     scope = "signup"
@@ -33,7 +35,7 @@ class SignupThrottle(_LiveRateThrottle):
         return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
 
 
-class _FailureBucket(_LiveRateThrottle):
+class _FailureBucket(LiveRateThrottle):
     """A sliding window of *failed* attempts under one key; successes are never counted."""
 
     scope = "login"
