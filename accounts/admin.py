@@ -13,6 +13,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 
+from wallet import events
 from wallet.money import format_usd
 from wallet.services import wallet_get_or_create
 
@@ -77,6 +78,10 @@ class UserAdmin(DjangoUserAdmin):
         # it in the same transaction as the user row (the admin's change view runs in one).
         super().save_model(request, obj, form, change)
         wallet_get_or_create(user=obj)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            # A disabled account's credentials all stop working (accounts.auth); its open
+            # /ws/events sockets close as soon as this commits.
+            events.publish_revocation_on_commit(obj.pk, None)
 
 
 class ApiKeyForm(forms.ModelForm):
