@@ -14,11 +14,17 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
 
 from core.money import format_usd
+from wallet import events
 from wallet.services import wallet_get_or_create
 
+from .forms import StaffLoginForm
 from .models import ApiKey, Scope, TokenFamily, User
 from .serializers import limits_clean
 from .services import api_key_revoke, token_family_revoke
+
+# Staff sign-in counts failures in the same buckets as /login and /api/auth/token, and is refused
+# alike while throttled (the admin's own page and look; see accounts.views.staff_login).
+admin.site.login_form = StaffLoginForm
 
 
 class _EmailCleaning:
@@ -72,6 +78,10 @@ class UserAdmin(DjangoUserAdmin):
         # it in the same transaction as the user row (the admin's change view runs in one).
         super().save_model(request, obj, form, change)
         wallet_get_or_create(user=obj)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            # A disabled account's credentials all stop working (accounts.auth); its open
+            # /ws/events sockets close as soon as this commits.
+            events.publish_revocation_on_commit(obj.pk, None)
 
 
 class ApiKeyForm(forms.ModelForm):

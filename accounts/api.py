@@ -91,8 +91,9 @@ class SignupView(_CredentialView):
 class TokenView(_CredentialView):
     @extend_schema(
         operation_id="auth_token",
-        description="Logs in with email and password. Failed attempts are throttled per client address and "
-        "per email (LOGIN_RATE); while throttled the password is not checked.",
+        description="Logs in with email and password. Failed attempts are throttled per client address, and "
+        "per account and address while the account is under attack (LOGIN_RATE, counted together with /login "
+        "and /admin/login/); while throttled the password is not checked.",
         request=CredentialsSerializer,
         responses={200: TokenPairOutSerializer, 401: _401, 429: _429},
         auth=[],

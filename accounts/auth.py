@@ -53,6 +53,8 @@ class AuthFailed(Exception):
 class Principal:
     user: User
     api_key: ApiKey | None = None
+    # The login an access token belongs to (None for an API key): what revoking it names.
+    token_family_id: uuid.UUID | None = None
     # On the event loop's path: a SQL condition (text, parameters), true while the rows this
     # principal was read from are unchanged — see the module docstring. None on the ORM path.
     unchanged: tuple[str, dict] | None = None
@@ -131,7 +133,7 @@ def _authenticate_access_token(token: str) -> Principal:
     )
     if family is None:
         raise AuthFailed("this session has been revoked")
-    return Principal(user=family.user)
+    return Principal(user=family.user, token_family_id=family.pk)
 
 
 # --- the same on the event loop ----------------------------------------------------------------
@@ -230,7 +232,9 @@ async def aauthenticate_bearer(token: str | None, *, cached: bool = False) -> Pr
     _, end = adb.load(TokenFamily, row)
     user = _user_with_wallet(row, end)
     _remember(ident, row, user)
-    return Principal(user=user, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:]))
+    return Principal(
+        user=user, token_family_id=family_id, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:])
+    )
 
 
 async def _aauthenticate_key(token: str, cached: bool) -> Principal:

@@ -14,6 +14,13 @@ not fatal — the connection may still authenticate with a token.
 
 Failures are reported as an ``{"type": "error", …}`` message followed by a close with code 4401
 (the reason string is dropped by some servers, the message is not).
+
+Revocation: a socket remembers which credential it authenticated with — an API key, a login's
+token family, or a portal session — and closes with 4401 as soon as a ``credential.revoked``
+message for it (or for every credential of the user: the account was disabled) reaches its group
+(``wallet.events``); the user's other sockets stay open. Expiry is not announced: it is noticed
+when an event arrives, at most ``RECHECK_SECONDS`` late, which also covers a revocation message
+the channel layer lost.
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ from django.conf import settings
 from wallet import events
 from wallet.services import wallet_get_or_create
 
-from .auth import AuthFailed, authenticate_bearer, bearer_from_header
+from .auth import AuthFailed, Principal, authenticate_bearer, bearer_from_header
 
 AUTH_TIMEOUT_SECONDS = 5.0
-# An open socket re-checks its credential (revoked key, logged-out session) when an event
-# arrives, at most this often, so revocation ends the stream without a query per event.
+# An open socket re-checks its credential (expired, or revoked where the announcement was lost)
+# when an event arrives, at most this often, so that costs no query per event.
 RECHECK_SECONDS = 60.0
+REVOKED = "this credential has been revoked or has expired"
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_BAD_MESSAGE = 4400
@@ -61,17 +69,27 @@ def origin_is_ours(headers: dict[bytes, bytes]) -> bool:
         return False
     try:
         parsed = urlparse(raw.decode("latin-1"))
+        # Read here because Channels' check reads it unguarded: a port that is not a number, or
+        # is out of range (``http://127.0.0.1:abc``, ``:99999``), raises ValueError. No page of
+        # ours has such an origin, so it is foreign like any other.
+        parsed.port  # noqa: B018
     except ValueError:
         return False
     return OriginValidator(None, allowed_origins()).valid_origin(parsed)
 
 
 @database_sync_to_async
-def _principal_user(token: str):
+def _principal(token: str) -> tuple[Principal | None, str | None]:
     try:
-        return authenticate_bearer(token).user, None
+        return authenticate_bearer(token), None
     except AuthFailed as exc:
         return None, exc.reason
+
+
+def _credential(principal: Principal) -> events.Credential:
+    if principal.api_key is not None:
+        return events.api_key_credential(principal.api_key.pk)
+    return events.token_family_credential(principal.token_family_id)
 
 
 @database_sync_to_async
@@ -84,8 +102,10 @@ def _snapshot(user) -> dict:
 class EventsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         self.user = None
+        self.credential: events.Credential | None = None
         self.group = None
         self.token = None
+        self.closed = False
         self.checked_at = 0.0
         self.auth_timer = None
         headers = dict(self.scope.get("headers", []))
@@ -100,7 +120,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
             user = await get_user(self.scope)
             if user.is_authenticated and user.is_active:
                 await self.accept()
-                await self._start(user)
+                await self._start(user, events.session_credential(self.scope["session"].session_key))
                 return
 
         await self.accept()
@@ -112,15 +132,15 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
             await self._refuse('authenticate within a few seconds: send {"type": "auth", "token": "…"}')
 
     async def _authenticate_token(self, token: str):
-        user, reason = await _principal_user(token)
-        if user is None:
+        principal, reason = await _principal(token)
+        if principal is None:
             await self._refuse(reason)
             return
         self.token = token
-        await self._start(user)
+        await self._start(principal.user, _credential(principal))
 
-    async def _start(self, user):
-        self.user = user
+    async def _start(self, user, credential: events.Credential):
+        self.user, self.credential = user, credential
         self.checked_at = time.monotonic()
         if self.auth_timer is not None:
             self.auth_timer.cancel()
@@ -128,9 +148,20 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
         # an event after the snapshot, instead of falling into the gap and never being seen.
         self.group = events.group_for_user(user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        # Likewise a revocation committed after the credential was checked but before the group
+        # was joined was announced where this socket could not hear it; any later one reaches it.
+        if not await self._credential_alive():
+            await self._refuse(REVOKED)
+            return
         await self.send_json(await _snapshot(user))
 
     async def _refuse(self, reason: str):
+        if self.closed:
+            return
+        self.closed = True
+        if self.group is not None:  # hear nothing more
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            self.group = None
         await self.send_json({"type": "error", "code": "unauthenticated", "message": reason})
         await self.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
 
@@ -155,16 +186,24 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
         # Anything else from an authenticated client is ignored: the stream is one-way.
 
     async def wallet_event(self, message):
+        if self.closed:
+            return
         if time.monotonic() - self.checked_at > RECHECK_SECONDS:
             if not await self._credential_alive():
-                await self._refuse("this credential has been revoked or has expired")
+                await self._refuse(REVOKED)
                 return
             self.checked_at = time.monotonic()
         await self.send_json(message["event"])
 
+    async def credential_revoked(self, message):
+        revoked = message["credential"]
+        if revoked is None or tuple(revoked) == self.credential:
+            await self._refuse("this credential has been revoked")
+
     async def _credential_alive(self) -> bool:
         if self.token is not None:
-            user, _ = await _principal_user(self.token)
+            principal, _ = await _principal(self.token)
+            user = principal.user if principal is not None else None
         else:
             # A fresh store: the scope's session was read once at connect and would not notice
             # a logout since.

@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 from django import forms
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
 
 from .models import ApiKey, User
+from .throttles import LoginFailureThrottle
+
+THROTTLED = "Too many attempts. Please wait a few minutes and try again."
 
 
-class LoginForm(AuthenticationForm):
+class ThrottledLoginMixin:
+    """Puts Django's login forms (the portal's, the admin's) behind the failed-login throttle that
+    ``/api/auth/token`` uses, with the same buckets.
+
+    The throttle sits in ``clean()`` because that is where the password is checked: while
+    throttled it is not checked at all (so the answer cannot tell a right guess from a wrong one),
+    and a check that fails is recorded. The view answers 429 when ``throttled`` is set.
+    """
+
+    throttled = False
+
+    def clean(self):
+        throttle = LoginFailureThrottle(self.request, self.data.get("username", ""))
+        if throttle.wait() is not None:
+            self.throttled = True
+            raise forms.ValidationError(THROTTLED, code="throttled")
+        try:
+            return super().clean()
+        except forms.ValidationError:
+            # Only a password that did not authenticate is a failure, not (at the admin) a right
+            # password of someone who is not staff.
+            if self.user_cache is None:
+                throttle.record_failure()
+            raise
+
+
+class StaffLoginForm(ThrottledLoginMixin, AdminAuthenticationForm):
+    """The admin's own login form and page, throttled (``admin.site.login_form``)."""
+
+
+class LoginForm(ThrottledLoginMixin, AuthenticationForm):
     """Django's login form; the user model logs in by email, so the username box is an email box."""
 
     username = forms.EmailField(
@@ -30,20 +64,22 @@ class SignupForm(forms.Form):
     )
 
     def clean_email(self) -> str:
-        email = self.cleaned_data["email"].strip().lower()
-        # A friendly early answer; the UNIQUE constraint still decides a race (see the view).
-        if User.objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError("An account with this email address already exists.")
-        return email
+        return self.cleaned_data["email"].strip().lower()
 
     def clean(self):
         cleaned = super().clean()
         email, password = cleaned.get("email"), cleaned.get("password")
         if email and password:
+            # As the API does (SignupSerializer.validate): the password first, so that a weak one
+            # is answered the same whether or not the address has an account.
             try:
                 password_validation.validate_password(password, user=User(email=email))
             except forms.ValidationError as exc:
                 self.add_error("password", exc)
+                return cleaned
+            # A friendly early answer; the UNIQUE constraint still decides a race (see the view).
+            if User.objects.filter(email__iexact=email).exists():
+                self.add_error("email", "An account with this email address already exists.")
         return cleaned
 
 

@@ -75,17 +75,19 @@ class SignupSerializer(serializers.Serializer):
     password = serializers.CharField(write_only=True, trim_whitespace=False, style={"input_type": "password"})
 
     def validate_email(self, value):
-        email = User.objects.normalize_email(value).lower()
-        if User.objects.filter(email__iexact=email).exists():
-            raise serializers.ValidationError(DUPLICATE_EMAIL)
-        return email
+        return User.objects.normalize_email(value).lower()
 
     def validate(self, attrs):
-        # Django's password validators, including "too similar to the email".
+        # The password first, with Django's validators (including "too similar to the email"): a
+        # weak password's answer must not depend on whether the address has an account. Only a
+        # caller whose password passes learns that (README, Security: why it cannot be hidden).
         try:
             validate_password(attrs["password"], user=User(email=attrs["email"]))
         except DjangoValidationError as exc:
             raise serializers.ValidationError({"password": list(exc.messages)}) from None
+        # A friendly early answer; the UNIQUE constraint still decides a race (see the view).
+        if User.objects.filter(email__iexact=attrs["email"]).exists():
+            raise serializers.ValidationError({"email": [DUPLICATE_EMAIL]})
         return attrs
 
 

@@ -13,6 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.money import usd_to_nanos
+from wallet import events
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create
 
@@ -95,10 +96,12 @@ def api_key_update(*, key: ApiKey, name: str | None = None, limits: dict | None 
 
 
 def api_key_revoke(*, key: ApiKey) -> ApiKey:
-    """Revoked keys stay in the table for the audit trail (usage records point at them)."""
+    """Revoked keys stay in the table for the audit trail (usage records point at them). Open
+    ``/ws/events`` sockets authenticated with the key are closed once the revocation commits."""
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+        events.publish_revocation_on_commit(key.user_id, events.api_key_credential(key.pk))
     return key
 
 
@@ -148,6 +151,7 @@ def token_refresh(*, refresh: str) -> TokenPair:
             family = token.family
             family.revoked_at, family.revoked_reason = now, "refresh_token_reuse"
             family.save(update_fields=["revoked_at", "revoked_reason"])
+            events.publish_revocation_on_commit(family.user_id, events.token_family_credential(family.pk))
             failure = "refresh token reuse detected; every session of this login is revoked"
         elif token.expires_at <= now:
             failure = "refresh token expired"
@@ -162,18 +166,23 @@ def token_refresh(*, refresh: str) -> TokenPair:
 
 def token_logout(*, refresh: str) -> None:
     # Looked up before the write so an unknown token raises outside any atomic block (see above).
-    token = RefreshToken.objects.filter(token_hash=sha256_hex(refresh or "")).first()
+    token = RefreshToken.objects.select_related("family").filter(token_hash=sha256_hex(refresh or "")).first()
     if token is None:
         raise InvalidRefreshToken("unknown refresh token")
-    TokenFamily.objects.filter(pk=token.family_id, revoked_at__isnull=True).update(
-        revoked_at=timezone.now(), revoked_reason="logout"
-    )
+    _family_revoke(token.family, reason="logout")
 
 
 def token_family_revoke(*, family: TokenFamily, reason: str) -> TokenFamily:
     """End one login (staff action): its refresh tokens stop rotating, its access tokens stop working."""
-    TokenFamily.objects.filter(pk=family.pk, revoked_at__isnull=True).update(
-        revoked_at=timezone.now(), revoked_reason=reason
-    )
+    _family_revoke(family, reason=reason)
     family.refresh_from_db(fields=["revoked_at", "revoked_reason"])
     return family
+
+
+def _family_revoke(family: TokenFamily, *, reason: str) -> None:
+    """Revoke the login unless it already is; its open ``/ws/events`` sockets close after commit."""
+    revoked = TokenFamily.objects.filter(pk=family.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now(), revoked_reason=reason
+    )
+    if revoked:
+        events.publish_revocation_on_commit(family.user_id, events.token_family_credential(family.pk))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.contrib import messages
+from django.contrib import admin, messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -12,33 +12,36 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from .forms import ApiKeyNameForm, LoginForm, SignupForm
+from .forms import THROTTLED, ApiKeyNameForm, LoginForm, SignupForm
 from .selectors import api_key_get, api_key_list
 from .services import api_key_create, api_key_revoke, api_key_update, user_signup
-from .throttles import LoginFailureThrottle, SignupThrottle
-
-THROTTLED = "Too many attempts. Please wait a few minutes and try again."
+from .throttles import SignupThrottle
 
 
 class LoginView(auth_views.LoginView):
-    """Django's login view with the same failed-login throttle as ``/api/auth/token``."""
+    """Django's login view; its form carries the failed-login throttle (see ``ThrottledLoginMixin``)."""
 
     authentication_form = LoginForm
     template_name = "registration/login.html"
     redirect_authenticated_user = True
 
-    def post(self, request, *args, **kwargs):
-        self.throttle = LoginFailureThrottle(request, request.POST.get("username", ""))
-        if self.throttle.wait() is not None:
-            # While throttled the password is not even checked (binding the form would check it),
-            # so the answer cannot leak whether this guess was right.
-            form = self.get_form_class()(request, initial={"username": request.POST.get("username", "")})
-            return self.render_to_response(self.get_context_data(form=form, throttled=THROTTLED), status=429)
-        return super().post(request, *args, **kwargs)
-
     def form_invalid(self, form):
-        self.throttle.record_failure()
-        return super().form_invalid(form)
+        return throttled_status(super().form_invalid(form), form)
+
+
+def throttled_status(response, form):
+    """A login page answering a throttled form says so in its status too (429), as the API does."""
+    if form is not None and form.throttled:
+        response.status_code = 429
+    return response
+
+
+def staff_login(request):
+    """``/admin/login/``: the admin's own login view, page and redirects, unchanged; its form is
+    ``StaffLoginForm`` (``admin.site.login_form``, set in ``accounts/admin.py``), which carries the
+    failed-login throttle. Routed ahead of the admin's URLs only to answer a throttled form 429."""
+    response = admin.site.login(request)
+    return throttled_status(response, (getattr(response, "context_data", None) or {}).get("form"))
 
 
 logout_view = auth_views.LogoutView.as_view()

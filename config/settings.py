@@ -221,6 +221,8 @@ LOW_BALANCE_THRESHOLD = env_decimal("LOW_BALANCE_THRESHOLD", "1.00")
 SIGNUP_TRIAL_CREDIT = env_decimal("SIGNUP_TRIAL_CREDIT", "0")
 SIGNUP_RATE = env_rate("SIGNUP_RATE", "20/h")
 LOGIN_RATE = env_rate("LOGIN_RATE", "10/min")
+# Checkouts a user may start (API and portal together); each is a call to the provider's API.
+CHECKOUT_RATE = env_rate("CHECKOUT_RATE", "10/h")
 ACCESS_TOKEN_TTL = env_int("ACCESS_TOKEN_TTL", 15 * 60, minimum=30)  # seconds
 REFRESH_TOKEN_TTL = env_int("REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60)  # seconds
 
@@ -289,7 +291,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_THROTTLE_RATES": {"signup": SIGNUP_RATE, "login": LOGIN_RATE},
+    "DEFAULT_THROTTLE_RATES": {"signup": SIGNUP_RATE, "login": LOGIN_RATE, "checkout": CHECKOUT_RATE},
     # Throttles key on REMOTE_ADDR only. Left unset, DRF would key on the raw X-Forwarded-For,
     # which any client can forge to get a fresh allowance per request; the server (uvicorn)
     # already replaces the address with the forwarded one when the peer is a trusted proxy

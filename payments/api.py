@@ -1,6 +1,6 @@
 """DRF entry points: the pack list and checkout creation."""
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -11,6 +11,7 @@ from wallet.serializers import MoneyField
 from .models import Provider
 from .selectors import pack_list
 from .services import ProviderError, ProviderNotConfigured, UnknownPack, checkout_create
+from .throttles import CheckoutThrottle
 
 
 class ServiceUnavailable(exceptions.APIException):
@@ -45,17 +46,26 @@ class PackListApi(APIView):
 
 
 class CheckoutCreateApi(APIView):
+    throttle_classes = [CheckoutThrottle]
+
     class InputSerializer(serializers.Serializer):
         pack = serializers.CharField(max_length=40)
         provider = serializers.ChoiceField(choices=Provider.choices, required=False)
+
+    def throttled(self, request, wait):
+        # DRF appends "Expected available in N seconds." and sets Retry-After.
+        raise exceptions.Throttled(wait=wait, detail="Too many checkouts started.")
 
     @extend_schema(
         request=InputSerializer,
         responses={
             201: inline_serializer(
                 "CheckoutCreated", {"checkout_id": serializers.CharField(), "url": serializers.URLField()}
-            )
+            ),
+            429: OpenApiResponse(description="too many checkouts started (CHECKOUT_RATE per user); see Retry-After"),
         },
+        description="Starts a hosted checkout for a credit pack. Limited per user (CHECKOUT_RATE, default 10 per "
+        "hour), together with the portal's top-up form.",
     )
     def post(self, request):
         data = self.InputSerializer(data=request.data)

@@ -4,6 +4,8 @@ credits the wallet."""
 
 from __future__ import annotations
 
+import math
+
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -14,6 +16,7 @@ from .providers import lemonsqueezy, stripe_provider
 from .providers.errors import ProviderError
 from .selectors import pack_list
 from .services import ProviderNotConfigured, UnknownPack, checkout_create
+from .throttles import CheckoutThrottle
 
 
 def _page(request, *, error: str = "", status: int = 200):
@@ -31,6 +34,18 @@ def _page(request, *, error: str = "", status: int = 200):
 def topup(request):
     if request.method != "POST":
         return _page(request)
+    throttle = CheckoutThrottle()
+    if not throttle.allow_request(request, None):
+        wait = math.ceil(throttle.wait() or throttle.duration)
+        minutes = math.ceil(wait / 60)
+        response = _page(
+            request,
+            error=f"You have started too many checkouts recently. Please try again in "
+            f"{minutes} minute{'s' if minutes != 1 else ''}.",
+            status=429,
+        )
+        response["Retry-After"] = str(wait)
+        return response
     try:
         # The service picks the provider configured for this pack (Lemon Squeezy first).
         checkout = checkout_create(user=request.user, pack_slug=request.POST.get("pack", ""))

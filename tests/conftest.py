@@ -53,6 +53,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_redis)
 
 
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """Each test starts with no rate-limit counters: the local-memory cache lives as long as the
+    test process, and user ids repeat between tests (SQLite reuses rolled-back ids), so one test's
+    checkouts or failed logins would otherwise count against the next one's personas."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 def make_user(email: str, *, balance: str = "0", password: str = "correct horse battery staple", **extra):
     from accounts.services import user_signup
     from core.money import parse_usd

@@ -6,6 +6,7 @@ import json
 import pytest
 from django.apps import apps as django_apps
 from django.core.management import call_command
+from django.test import Client
 from rest_framework.test import APIClient
 
 from payments.models import Checkout, CreditPack, StaffAlert, WebhookEvent
@@ -143,6 +144,45 @@ def test_a_stripe_failure_is_502(alice_client, packs, fake_stripe, payment_setti
 
 def test_checkout_needs_a_signed_in_user(packs, fake_ls):
     assert APIClient().post("/api/checkout", {"pack": "starter"}, format="json").status_code == 401
+
+
+@pytest.fixture
+def two_checkouts_an_hour(settings):
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "checkout": "2/h"},
+    }
+
+
+def test_checkouts_are_limited_per_user_before_the_provider_is_called(
+    alice_client, bob_client, packs, fake_ls, two_checkouts_an_hour
+):
+    statuses = [alice_client.post("/api/checkout", {"pack": "starter"}, format="json").status_code for _ in range(2)]
+    refused = alice_client.post("/api/checkout", {"pack": "starter"}, format="json")
+
+    assert statuses == [201, 201]
+    assert refused.status_code == 429
+    assert refused.json()["detail"].startswith("Too many checkouts started. Expected available in")
+    assert 0 < int(refused["Retry-After"]) <= 3600
+    assert len(fake_ls.requests) == Checkout.objects.count() == 2
+    assert bob_client.post("/api/checkout", {"pack": "starter"}, format="json").status_code == 201
+
+
+def test_the_portal_top_up_form_counts_with_the_api_and_explains_the_limit(
+    alice, alice_client, packs, fake_ls, two_checkouts_an_hour
+):
+    portal = Client()
+    portal.force_login(alice)
+    assert alice_client.post("/api/checkout", {"pack": "starter"}, format="json").status_code == 201
+    assert portal.post("/topup", {"pack": "pro"}).status_code == 302  # to the provider's checkout
+
+    refused = portal.post("/topup", {"pack": "pro"})
+
+    assert refused.status_code == 429
+    assert "too many checkouts recently. Please try again in 60 minutes." in refused.content.decode()
+    assert 0 < int(refused["Retry-After"]) <= 3600
+    assert alice_client.post("/api/checkout", {"pack": "starter"}, format="json").status_code == 429
+    assert len(fake_ls.requests) == 2
 
 
 def test_the_data_migration_seeds_starter_and_pro():

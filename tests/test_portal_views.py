@@ -135,6 +135,17 @@ def test_a_weak_password_is_refused_at_sign_up(db):
     assert not User.objects.filter(email="weak@example.com").exists()
 
 
+def test_a_weak_password_is_answered_alike_whether_or_not_the_address_has_an_account(alice):
+    def errors(email: str) -> tuple[int, list[str]]:
+        response = Client().post(reverse("portal:signup"), {"email": email, "password": "password"})
+        return response.status_code, re.findall(r'class="error"[^>]*>([^<]*)<', page_text(response))
+
+    taken, free = errors("alice@example.com"), errors("nobody@example.com")
+
+    assert taken == free
+    assert taken[0] == 200 and "This password is too common." in taken[1][0]
+
+
 def test_sign_ups_are_throttled_per_address(db, settings):
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"login": "9/min", "signup": "2/h"}}
     client = Client(REMOTE_ADDR="198.51.100.9")

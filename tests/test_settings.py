@@ -50,6 +50,7 @@ def test_defaults_start_embedded():
         ("MARKUP", "-0.1"),
         ("REFUSAL_MODE", "shout"),
         ("SIGNUP_RATE", "twenty"),
+        ("CHECKOUT_RATE", "10/10min"),
         ("PROXY_MAX_BODY_BYTES", "big"),
         ("PAYMENTS_TEST_MODE", "perhaps"),
         ("UPSTREAM_CA_BUNDLE", "/no/such/ca.pem"),

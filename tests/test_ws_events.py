@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -11,9 +12,12 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import transaction
 from django.test import Client
+from django.utils import timezone
+from rest_framework.test import APIClient
 
 from accounts import consumers
-from accounts.services import api_key_create, api_key_revoke, token_pair_issue
+from accounts.models import ApiKey, RefreshToken
+from accounts.services import api_key_create, api_key_revoke, sha256_hex, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
 from tests.live import MiniWebSocket, WebSocketClosed, live_server, live_servers
@@ -213,42 +217,240 @@ async def test_a_session_cookie_sent_from_a_foreign_site_is_ignored(monkeypatch)
         await expect_refusal(ws)
 
 
-async def test_a_key_revoked_while_connected_ends_the_stream_at_the_next_event(monkeypatch):
+@pytest.mark.parametrize("origin", [b"http://127.0.0.1:abc", b"http://127.0.0.1:99999", b"http://127.0.0.1:-1"])
+async def test_an_origin_whose_port_is_no_port_is_foreign_and_a_token_still_authenticates(origin):
+    alice = await persona("alice@example.com", "3.00")
+    ws = communicator((b"cookie", await session_cookie(alice)), (b"origin", origin))
+    assert (await ws.connect())[0]
+    assert await ws.receive_nothing(0.1)  # the cookie counted for nothing
+    await ws.send_json_to({"type": "auth", "token": await access_token(alice)})
+    assert (await ws.receive_json_from())["reason"] == "snapshot"
+    await ws.disconnect()
+
+
+async def test_a_key_that_expires_while_connected_ends_the_stream_at_the_next_event(monkeypatch):
+    # Expiry is not announced (a revocation is, below): the next event re-checks the credential.
     monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0)
     alice = await persona("alice@example.com", "10.00")
     key, secret = await database_sync_to_async(api_key_create)(user=alice, name="laptop")
     ws = await connected_with_header(secret)
     await ws.receive_json_from()
-    await database_sync_to_async(api_key_revoke)(key=key)
+    expired = timezone.now() - timedelta(seconds=1)
+    await database_sync_to_async(ApiKey.objects.filter(pk=key.pk).update)(expires_at=expired)
     await credit(alice, 1_000_000_000)
-    assert "revoked" in (await expect_refusal(ws))["message"]
+    assert "expired" in (await expect_refusal(ws))["message"]
+
+
+# --- revocation closes exactly the sockets of the revoked credential -------------------------
+# Each revocation below is made through a public surface (the API, the portal, the admin); the
+# socket it concerns must close with 4401 within a second (waited for with a 2 s timeout), and
+# every other socket must go on hearing events.
+
+CLOSE_WAIT = 2  # seconds; the promise is "within a second", this is the generous event wait
+
+
+async def listening(*headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
+    ws = communicator(*headers)
+    assert (await ws.connect())[0]
+    assert (await ws.receive_json_from())["reason"] == "snapshot"
+    return ws
+
+
+def bearer(token: str) -> tuple[bytes, bytes]:
+    return (b"authorization", f"Bearer {token}".encode())
+
+
+OUR_ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+async def still_listening(user, *sockets: WebsocketCommunicator) -> None:
+    """A credit after the revocation reaches every socket that ignored it: the channel layer keeps
+    one channel's messages in order, so a socket that had acted on the revocation would be closed."""
+    await credit(user, 1)
+    for ws in sockets:
+        assert (await ws.receive_json_from(CLOSE_WAIT))["reason"] == "bonus"
+        await ws.disconnect()
+
+
+@database_sync_to_async
+def signed_in(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def cookie_of(client: Client) -> tuple[bytes, bytes]:
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
+@database_sync_to_async
+def login_pair(user):
+    return token_pair_issue(user=user)
+
+
+def staff_revoke(changelist: str, pk) -> None:
+    """The revoke action of an admin change list, run by staff."""
+    admin = Client()
+    admin.force_login(make_user("staff@example.com", is_staff=True, is_superuser=True))
+    assert admin.post(changelist, {"action": "revoke", "_selected_action": [pk]}).status_code == 302
+
+
+@database_sync_to_async
+def revoke_key(surface: str, key, owner) -> None:
+    if surface == "api":
+        access = token_pair_issue(user=owner).access
+        response = APIClient().delete(f"/api/keys/{key.pk}", HTTP_AUTHORIZATION=f"Bearer {access}")
+        assert response.status_code == 204
+    elif surface == "portal":
+        client = Client()
+        client.force_login(owner)
+        assert client.post(f"/keys/{key.pk}/revoke").status_code == 302
+    else:
+        staff_revoke("/admin/accounts/apikey/", key.pk)
+
+
+@pytest.mark.parametrize("surface", ["api", "portal", "admin"])
+async def test_revoking_a_key_closes_its_sockets_and_no_other(surface):
+    alice = await persona("alice@example.com", "10.00")
+    key, secret = await database_sync_to_async(api_key_create)(user=alice, name="laptop")
+    _, other_secret = await database_sync_to_async(api_key_create)(user=alice, name="server")
+    revoked = [await listening(bearer(secret)), await listening(bearer(secret))]
+    others = [await listening(bearer(other_secret)), await listening(bearer(await access_token(alice)))]
+
+    await revoke_key(surface, key, alice)
+
+    for ws in revoked:
+        assert (await expect_refusal(ws, timeout=CLOSE_WAIT))["message"] == "this credential has been revoked"
+    await still_listening(alice, *others)
+
+
+@database_sync_to_async
+def end_login(how: str, pair) -> None:
+    client = APIClient()
+    if how == "logout":
+        assert client.post("/api/auth/logout", {"refresh": pair.refresh}, format="json").status_code == 204
+    elif how == "refresh token reuse":
+        assert client.post("/api/auth/token/refresh", {"refresh": pair.refresh}, format="json").status_code == 200
+        assert client.post("/api/auth/token/refresh", {"refresh": pair.refresh}, format="json").status_code == 401
+    else:
+        family_id = RefreshToken.objects.get(token_hash=sha256_hex(pair.refresh)).family_id
+        staff_revoke("/admin/accounts/tokenfamily/", family_id)
+
+
+@pytest.mark.parametrize("how", ["logout", "refresh token reuse", "staff"])
+async def test_ending_a_login_closes_its_sockets_and_no_other(how):
+    alice = await persona("alice@example.com", "10.00")
+    laptop, desktop = await login_pair(alice), await login_pair(alice)
+    _, secret = await database_sync_to_async(api_key_create)(user=alice, name="agent")
+    ended = await listening(bearer(laptop.access))
+    others = [await listening(bearer(desktop.access)), await listening(bearer(secret))]
+
+    await end_login(how, laptop)
+
+    assert (await expect_refusal(ended, timeout=CLOSE_WAIT))["message"] == "this credential has been revoked"
+    await still_listening(alice, *others)
+
+
+async def test_signing_out_of_the_portal_closes_that_sessions_sockets_and_no_other():
+    alice = await persona("alice@example.com", "10.00")
+    browser, other_browser = await signed_in(alice), await signed_in(alice)
+    ended = await listening(cookie_of(browser), OUR_ORIGIN)
+    others = [await listening(cookie_of(other_browser), OUR_ORIGIN), await listening(bearer(await access_token(alice)))]
+
+    assert (await database_sync_to_async(browser.post)("/logout")).status_code == 302
+
+    assert (await expect_refusal(ended, timeout=CLOSE_WAIT))["message"] == "this credential has been revoked"
+    await still_listening(alice, *others)
+
+
+async def test_disabling_a_user_in_the_admin_closes_every_socket_of_theirs_and_no_one_elses():
+    alice = await persona("alice@example.com", "10.00")
+    mallory = await persona("mallory@example.com", "1.00")
+    staff = await signed_in(
+        await database_sync_to_async(make_user)("staff@example.com", is_staff=True, is_superuser=True)
+    )
+    _, secret = await database_sync_to_async(api_key_create)(user=alice, name="agent")
+    alices = [
+        await listening(bearer(secret)),
+        await listening(bearer(await access_token(alice))),
+        await listening(cookie_of(await signed_in(alice)), OUR_ORIGIN),
+    ]
+    mallorys = await listening(bearer(await access_token(mallory)))
+
+    form = {"email": "alice@example.com", "date_joined_0": "2025-01-01", "date_joined_1": "00:00:00", "_save": "Save"}
+    response = await database_sync_to_async(staff.post)(f"/admin/accounts/user/{alice.pk}/change/", form)
+    assert response.status_code == 302  # saved, with is_active unticked
+
+    for ws in alices:
+        await expect_refusal(ws, timeout=CLOSE_WAIT)
+    await still_listening(mallory, mallorys)
+
+
+@pytest.fixture(scope="module")
+def servers_sharing_redis(django_db_setup, django_db_blocker):
+    """Two server processes sharing the test database and a Redis channel layer."""
+    redis = {"REDIS_URL": os.environ["TEST_REDIS_URL"], "REDIS_PREFIX": f"tt-test-{uuid.uuid4().hex[:8]}"}
+    with live_servers(2, **redis) as urls:
+        yield urls
 
 
 @pytest.mark.postgres
 @pytest.mark.redis
-async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_another():
+async def test_a_deposit_made_through_one_server_process_reaches_a_socket_on_another(servers_sharing_redis):
     """Two server processes sharing PostgreSQL and Redis: alice listens on B, an operator's
     billing key credits her through A, and B's socket hears it."""
-    redis = {"REDIS_URL": os.environ["TEST_REDIS_URL"], "REDIS_PREFIX": f"tt-test-{uuid.uuid4().hex[:8]}"}
+    server_a, server_b = servers_sharing_redis
     alice = await persona("alice@example.com", "10.00")
     operator = await persona("operator@example.com")
     _, billing_key = await database_sync_to_async(api_key_create)(user=operator, name="billing", scopes=["billing"])
     headers = {"Authorization": f"Bearer {await access_token(alice)}"}
-    with live_servers(2, **redis) as (server_a, server_b):
-        ws = await MiniWebSocket.connect(server_b, "/ws/events", headers)
-        try:
+    ws = await MiniWebSocket.connect(server_b, "/ws/events", headers)
+    try:
+        assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
+        async with httpx.AsyncClient(base_url=server_a, timeout=5) as http:
+            deposit = await http.post(
+                "/v1/user/balance/deposit",
+                json={"user": "alice@example.com", "amount": "2.000000001", "kind": "bonus"},
+                headers={"Authorization": f"Bearer {billing_key}", "Idempotency-Key": "cross-process-1"},
+            )
+        assert deposit.status_code == 201, deposit.text
+        event = await ws.receive_json(timeout=1)
+        assert (event["balance"], event["reason"]) == ("12.000000001", "bonus")
+    finally:
+        await ws.close()
+
+
+async def revoking_a_key_through_one_server_closes_its_socket_on(revoke_on: str, listen_on: str) -> None:
+    """Alice listens on ``listen_on`` with a key and with a token; she revokes the key over HTTP
+    through ``revoke_on``: the key's socket closes with 4401, the token's still answers."""
+    alice = await persona("alice@example.com", "10.00")
+    key, secret = await database_sync_to_async(api_key_create)(user=alice, name="agent")
+    access = await access_token(alice)
+    revoked = await MiniWebSocket.connect(listen_on, "/ws/events", {"Authorization": f"Bearer {secret}"})
+    kept = await MiniWebSocket.connect(listen_on, "/ws/events", {"Authorization": f"Bearer {access}"})
+    try:
+        for ws in (revoked, kept):
             assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
-            async with httpx.AsyncClient(base_url=server_a, timeout=5) as http:
-                deposit = await http.post(
-                    "/v1/user/balance/deposit",
-                    json={"user": "alice@example.com", "amount": "2.000000001", "kind": "bonus"},
-                    headers={"Authorization": f"Bearer {billing_key}", "Idempotency-Key": "cross-process-1"},
-                )
-            assert deposit.status_code == 201, deposit.text
-            event = await ws.receive_json(timeout=1)
-            assert (event["balance"], event["reason"]) == ("12.000000001", "bonus")
-        finally:
-            await ws.close()
+        async with httpx.AsyncClient(base_url=revoke_on, timeout=5) as http:
+            response = await http.delete(f"/api/keys/{key.pk}", headers={"Authorization": f"Bearer {access}"})
+        assert response.status_code == 204, response.text
+
+        assert (await revoked.receive_json(timeout=CLOSE_WAIT))["message"] == "this credential has been revoked"
+        with pytest.raises(WebSocketClosed) as closed:
+            await revoked.receive_json(timeout=CLOSE_WAIT)
+        assert closed.value.code == 4401
+        await kept.send_json({"type": "ping"})
+        assert await kept.receive_json(timeout=CLOSE_WAIT) == {"type": "pong"}
+    finally:
+        await revoked.close()
+        await kept.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_key_revoked_through_one_server_process_closes_its_socket_on_another(servers_sharing_redis):
+    server_a, server_b = servers_sharing_redis
+    await revoking_a_key_through_one_server_closes_its_socket_on(server_a, listen_on=server_b)
 
 
 # --- the same protocol through the shipped server process ----------------------------------
@@ -273,9 +475,13 @@ async def test_the_server_process_authenticates_a_header_and_answers_pings(serve
         await ws.close()
 
 
-async def test_the_server_process_authenticates_a_first_message(server):
+@pytest.mark.parametrize("broken_origin", [False, True])
+async def test_the_server_process_authenticates_a_first_message(server, broken_origin):
     alice = await persona("alice@example.com", "1.00")
-    ws = await MiniWebSocket.connect(server, "/ws/events")
+    # An Origin whose port is no port is foreign (its cookie ignored), not a crash.
+    cookie = (await session_cookie(alice)).decode()
+    headers = {"Cookie": cookie, "Origin": "http://127.0.0.1:abc"} if broken_origin else {}
+    ws = await MiniWebSocket.connect(server, "/ws/events", headers)
     try:
         await ws.send_json({"type": "auth", "token": await access_token(alice)})
         assert (await ws.receive_json(timeout=5))["reason"] == "snapshot"
@@ -311,3 +517,7 @@ async def test_the_server_process_honours_a_cookie_only_from_our_own_origin(serv
         assert closed.value.code == 4401
     finally:
         await foreign.close()
+
+
+async def test_the_server_process_closes_a_socket_whose_key_is_revoked_over_http(server):
+    await revoking_a_key_through_one_server_closes_its_socket_on(server, listen_on=server)

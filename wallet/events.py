@@ -1,10 +1,18 @@
-"""Live balance events: after a wallet change commits, tell the user's open WebSocket connections.
+"""Live events for a user's open ``/ws/events`` connections, sent after the change commits.
 
 Sent through the channel layer (in-memory in one process, Redis across processes) to the group
-``wallet.user.<id>``, which ``/ws/events`` connections join. Always after commit: a client must
-never see money that was rolled back.
+``wallet.user.<id>``, which those connections join. Two kinds:
+
+* ``wallet.event``: the balance after a wallet change. Always after commit: a client must never
+  see money that was rolled back.
+* ``credential.revoked``: one of the user's credentials ended (an API key revoked, a login's token
+  family revoked, a portal session signed out) or all of them (the account disabled). Each socket
+  compares it with the credential it authenticated with and closes if it is its own; the user's
+  other sockets stay open. After commit too, so a socket that checks its credential on hearing it
+  finds the revocation.
 """
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,18 +45,22 @@ def balance_payload(*, balance: int, held: int, reason: str) -> dict:
 
 
 def publish(user_id: int, payload: dict) -> None:
+    # "type" routes to the consumer's handler; the client-facing body rides in "event".
+    _send(user_id, {"type": "wallet.event", "event": payload})
+
+
+def _send(user_id: int, message: dict) -> None:
     pending = _collecting.get()
     if pending is not None:
-        pending.append((user_id, payload))
+        pending.append((user_id, message))
         return
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        # "type" routes to the consumer's handler; the client-facing body rides in "event".
-        async_to_sync(layer.group_send)(group_for_user(user_id), {"type": "wallet.event", "event": payload})
-    except Exception:  # a dead channel layer must never undo or fail a committed payment
-        log.exception("could not publish balance event for user %s", user_id)
+        async_to_sync(layer.group_send)(group_for_user(user_id), message)
+    except Exception:  # a dead channel layer must never undo or fail a committed change
+        log.exception("could not publish %s for user %s", message["type"], user_id)
 
 
 def publish_balance_on_commit(user_id: int, *, balance: int, held: int, reason: str) -> None:
@@ -58,6 +70,30 @@ def publish_balance_on_commit(user_id: int, *, balance: int, held: int, reason: 
 
 def publish_on_commit(wallet, reason: str) -> None:
     publish_balance_on_commit(wallet.user_id, balance=wallet.balance, held=wallet.held, reason=reason)
+
+
+# What a socket authenticated with, as (kind, id) — the form a revocation names it by. Session keys
+# are secrets, so a session travels (and is kept) only as its digest.
+Credential = tuple[str, str]
+
+
+def api_key_credential(key_id: int) -> Credential:
+    return ("api_key", str(key_id))
+
+
+def token_family_credential(family_id) -> Credential:
+    return ("token_family", str(family_id))
+
+
+def session_credential(session_key: str) -> Credential:
+    return ("session", hashlib.sha256(session_key.encode()).hexdigest())
+
+
+def publish_revocation_on_commit(user_id: int, credential: Credential | None) -> None:
+    """Once the revocation commits, close the user's sockets that authenticated with
+    ``credential`` (every one of their sockets when it is None: the account was disabled)."""
+    message = {"type": "credential.revoked", "credential": list(credential) if credential else None}
+    transaction.on_commit(lambda: _send(user_id, message))
 
 
 @contextmanager
@@ -81,13 +117,14 @@ async def send_collected(pending: list) -> None:
     layer = get_channel_layer() if pending else None
     if layer is None:
         return
-    for user_id, payload in pending:
+    for user_id, message in pending:
         try:
-            await layer.group_send(group_for_user(user_id), {"type": "wallet.event", "event": payload})
+            await layer.group_send(group_for_user(user_id), message)
         except Exception:  # a dead channel layer must never fail a committed charge
-            log.exception("could not publish balance event for user %s", user_id)
+            log.exception("could not publish %s for user %s", message["type"], user_id)
 
 
 async def apublish_balance(user_id: int, *, balance: int, held: int, reason: str) -> None:
     """From async code, once the change has committed."""
-    await send_collected([(user_id, balance_payload(balance=balance, held=held, reason=reason))])
+    payload = balance_payload(balance=balance, held=held, reason=reason)
+    await send_collected([(user_id, {"type": "wallet.event", "event": payload})])
