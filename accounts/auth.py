@@ -5,9 +5,11 @@ found by its prefix and compared by hash in constant time; anything else is read
 access token naming a token family, which must not be revoked. One query either way (the user and
 their wallet joined in), plus a throttled ``last_used_at`` write for keys.
 
-``aauthenticate_bearer`` is the same check for the proxy's event loop: on PostgreSQL it runs the
-same lookup as one statement on the hot path's async connections (``infra.adb``), elsewhere it
-is ``authenticate_bearer`` in a worker thread. The rules themselves are written once, below.
+One implementation per database: on PostgreSQL the lookup is one hand-written statement (the
+key or token family, its user and their wallet, with the rows' versions), run on the hot path's
+async connections from the event loop (``aauthenticate_bearer``) or on Django's connection from
+sync code (``authenticate_bearer``) — the same coroutine either way; on SQLite it is the ORM
+(in a worker thread from async code). The rules themselves are written once, below.
 
 On PostgreSQL the proxy may also take a principal from ``aauthenticate_bearer(token,
 cached=True)``: the rows of a recent lookup, kept in this process, so that a proxied request
@@ -29,6 +31,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core import signing
+from django.db import connection
 from django.utils import timezone
 
 from infra import adb
@@ -78,16 +81,15 @@ def bearer_from_header(value: str | bytes | None) -> str | None:
 
 
 def authenticate_bearer(token: str | None) -> Principal:
+    """The bearer check for sync callers (DRF, Ninja, the WebSocket): the same lookup as the event
+    loop's on PostgreSQL, run on Django's connection; the ORM on SQLite."""
+    if adb.native():
+        return adb.drive(_apg_principal(token, fetch=_fetch_here, on_loop=False))
     if not token:
         raise AuthFailed("missing bearer token")
     if token.startswith(API_KEY_PREFIX):
-        return _authenticate_key(token)
-    return _authenticate_access_token(token)
-
-
-def _one(queryset):
-    """The row a lookup by a unique key found, or None."""
-    return next(iter(queryset.order_by()[:1]), None)
+        return _orm_key_principal(token)
+    return _orm_family_principal(token)
 
 
 def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
@@ -104,7 +106,29 @@ def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
     return key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION
 
 
-def _authenticate_key(token: str) -> Principal:
+def _access_token_family(token: str) -> uuid.UUID:
+    """The token family id a valid access token names."""
+    try:
+        payload = signing.loads(token, salt=ACCESS_SALT, max_age=settings.ACCESS_TOKEN_TTL)
+    except signing.SignatureExpired:
+        raise AuthFailed("access token expired") from None
+    except signing.BadSignature:
+        raise AuthFailed("invalid access token") from None
+    try:
+        return uuid.UUID(str(payload.get("f")))
+    except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
+        raise AuthFailed("this session has been revoked") from None
+
+
+# --- SQLite: the ORM ----------------------------------------------------------------------------
+
+
+def _one(queryset):
+    """The row a lookup by a unique key found, or None."""
+    return next(iter(queryset.order_by()[:1]), None)
+
+
+def _orm_key_principal(token: str) -> Principal:
     # The prefix is unique: no ORDER BY (``first()`` would sort by the model's ordering).
     key = _one(ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]))
     now = timezone.now()
@@ -114,18 +138,7 @@ def _authenticate_key(token: str) -> Principal:
     return Principal(user=key.user, api_key=key)
 
 
-def _access_token_family(token: str):
-    """The token family id a valid access token names."""
-    try:
-        payload = signing.loads(token, salt=ACCESS_SALT, max_age=settings.ACCESS_TOKEN_TTL)
-    except signing.SignatureExpired:
-        raise AuthFailed("access token expired") from None
-    except signing.BadSignature:
-        raise AuthFailed("invalid access token") from None
-    return payload.get("f")
-
-
-def _authenticate_access_token(token: str) -> Principal:
+def _orm_family_principal(token: str) -> Principal:
     family = _one(
         TokenFamily.objects.select_related(*_WITH_USER).filter(
             pk=_access_token_family(token), revoked_at__isnull=True, user__is_active=True
@@ -136,10 +149,14 @@ def _authenticate_access_token(token: str) -> Principal:
     return Principal(user=family.user, token_family_id=family.pk)
 
 
-# --- the same on the event loop ----------------------------------------------------------------
+# --- PostgreSQL: one statement ------------------------------------------------------------------
+#
+# The lookup is written once, as a coroutine over a ``fetch(sql, params)``: on the event loop it
+# fetches on the hot path's async connections, and sync callers drive the very same coroutine
+# with a fetch on Django's connection that never suspends (``adb.drive``).
 
-# The ORM's select_related(*_WITH_USER) above, as one statement for the async connections, with
-# the versions of the rows the principal depends on last. (S608: the identifiers come from model
+# The ORM's select_related(*_WITH_USER) above, as one statement, with the versions of the rows
+# the principal depends on last. (S608: the identifiers come from model
 # metadata; every value is a bound parameter.)
 _KEY_SQL = (
     f"SELECT {adb.columns(ApiKey, 'k')}, {adb.columns(User, 'u')}, {adb.columns(Wallet, 'w')}, "  # noqa: S608
@@ -195,6 +212,10 @@ def _recalled(ident: str) -> tuple | None:
     return row
 
 
+def _forget(ident: str) -> None:
+    _recent.pop(ident, None)
+
+
 def _user_with_wallet(row: tuple, start: int) -> User:
     user, end = adb.load(User, row, start)
     wallet, _ = adb.load(Wallet, row, end)
@@ -207,43 +228,57 @@ def _unchanged(condition: str, ident, row_version: str, user_version: str) -> tu
     return condition, {"auth_id": ident, "auth_row": row_version, "auth_user_row": user_version}
 
 
+async def _fetch_on_loop(sql: str, params: list) -> tuple | None:
+    return await adb.fetchone(sql, params, retry=True)  # reads, and a write conditional on what it read
+
+
+async def _fetch_here(sql: str, params: list) -> tuple | None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
 async def aauthenticate_bearer(token: str | None, *, cached: bool = False) -> Principal:
     """``authenticate_bearer`` on the event loop. ``cached``: the proxy's path, which may answer
     from a recent lookup because it checks the principal's ``unchanged`` condition when it writes
     (see the module docstring); nobody else may pass it."""
     if not adb.native():
         return await adb.in_thread(authenticate_bearer)(token)
+    return await _apg_principal(token, fetch=_fetch_on_loop, on_loop=True, cached=cached)
+
+
+async def _apg_principal(token: str | None, *, fetch, on_loop: bool, cached: bool = False) -> Principal:
+    """The PostgreSQL lookup. ``on_loop``: running on the event loop, which alone keeps the
+    recent lookups (a plain dict, never touched from worker threads)."""
     if not token:
         raise AuthFailed("missing bearer token")
     if token.startswith(API_KEY_PREFIX):
-        return await _aauthenticate_key(token, cached)
+        return await _apg_key(token, fetch, on_loop, cached)
     family_id = _access_token_family(token)
-    try:
-        family_id = uuid.UUID(str(family_id))
-    except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
-        raise AuthFailed("this session has been revoked") from None
     ident = f"family:{family_id}"
     row = _recalled(ident) if cached else None
     if row is None:
-        row = await adb.fetchone(_FAMILY_SQL, [family_id], retry=True)
+        row = await fetch(_FAMILY_SQL, [family_id])
         if row is None:
-            _recent.pop(ident, None)
+            if on_loop:
+                _forget(ident)
             raise AuthFailed("this session has been revoked")
     _, end = adb.load(TokenFamily, row)
     user = _user_with_wallet(row, end)
-    _remember(ident, row, user)
+    if on_loop:
+        _remember(ident, row, user)
     return Principal(
         user=user, token_family_id=family_id, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:])
     )
 
 
-async def _aauthenticate_key(token: str, cached: bool) -> Principal:
+async def _apg_key(token: str, fetch, on_loop: bool, cached: bool) -> Principal:
     token_hash = sha256_hex(token)
     ident = f"key:{token_hash}"
     for _ in range(_ATTEMPTS):
         row = _recalled(ident) if cached else None
         if row is None:
-            row = await adb.fetchone(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]], retry=True)
+            row = await fetch(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]])
         key = None
         if row is not None:
             key, end = adb.load(ApiKey, row)
@@ -253,16 +288,18 @@ async def _aauthenticate_key(token: str, cached: bool) -> Principal:
         try:
             touch = _checked_key(key, token_hash, now)
         except AuthFailed:
-            _recent.pop(ident, None)
+            if on_loop:
+                _forget(ident)
             raise
         if touch:
-            _recent.pop(ident, None)  # its last_used_at is about to change: read it again next time
-            touched = await adb.fetchone(_TOUCH_SQL, [now, key.pk, key_version], retry=True)
+            if on_loop:
+                _forget(ident)  # its last_used_at is about to change: read it again next time
+            touched = await fetch(_TOUCH_SQL, [now, key.pk, key_version])
             if touched is None:  # the key changed since it was read: read it again
                 cached = False
                 continue
             key.last_used_at, key_version = now, touched[0]
-        else:
+        elif on_loop:
             _remember(ident, row, key.user)
         return Principal(
             user=key.user, api_key=key, unchanged=_unchanged(_KEY_UNCHANGED, key.pk, key_version, user_version)

@@ -60,6 +60,21 @@ def native() -> bool:
     return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
+def drive(coroutine):
+    """Run a coroutine that never suspends to its end, from sync code, and return its result.
+
+    For logic written once as a coroutine over an injected I/O function (``accounts.auth``'s
+    bearer lookup): the event loop passes an async fetch, sync callers a fetch that completes at
+    once. A coroutine that does suspend is a bug of the caller's, refused loudly.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("drive() was given a coroutine that suspends; await it on an event loop instead")
+
+
 def in_thread(fn):
     """``fn`` run in a worker thread with the ORM, honouring ``CONN_MAX_AGE`` around it.
 
