@@ -1,0 +1,1 @@
+"""The ground floor: pure rules and formats. Nothing here imports Django."""
