@@ -10,7 +10,6 @@ SDK's client and ``MessageStream`` accumulator, served from bytes by an httpx2 M
 from __future__ import annotations
 
 import json
-import typing
 from dataclasses import asdict
 from decimal import Decimal
 
@@ -34,6 +33,8 @@ from core.protocols.anthropic import (
 )
 from core.protocols.sse import encode_all
 from core.protocols.usage import TokenUsage, anthropic_usage, from_anthropic, from_chat, merge_anthropic_usage
+from tests import chat_stream
+from tests.chat_stream import chat_chunk, text_stream, tool_delta, types_in
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     ANTHROPIC_MODEL,
     Reply,
@@ -45,55 +46,18 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     messages_stream_of,
     messages_usage,
     tokens_count,
+    usage,
 )
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 MODEL = "anthropic/claude-sonnet-4.5"
 
 
-def chat_chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
-    choices = [] if delta is None and finish is None else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
-    return {"id": "gen-1", "object": "chat.completion.chunk", "model": MODEL, "choices": choices, **extra}
-
-
-def chat_usage(prompt=10, completion=5, *, cached=0, reasoning=0, cache_write=0) -> dict:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
-    }
-
-
-def text_stream(*words, finish="stop", usage=None, **choice) -> list[dict]:
-    last = chat_chunk({}, finish)
-    last["choices"][0].update(choice)
-    return [
-        chat_chunk({"role": "assistant", "content": ""}),
-        *[chat_chunk({"content": word}) for word in words],
-        last,
-        chat_chunk(None, usage=usage or chat_usage()),
-    ]
-
-
-def tool_delta(index, *, id=None, name=None, arguments=None) -> dict:
-    function = {key: value for key, value in (("name", name), ("arguments", arguments)) if value is not None}
-    call = {"index": index, "function": function, **({"id": id, "type": "function"} if id else {})}
-    return {"tool_calls": [call]}
-
-
 REQUEST = {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def translate(chunks: list[dict], request: dict | None = None, *, finish=True) -> list[dict]:
-    stream = MessageStream(request=request or REQUEST)
-    events = []
-    for chunk in chunks:
-        events += stream.feed(chunk)
-    if finish:
-        events += stream.finish()
-    return events
+    return chat_stream.translate(MessageStream(request=request or REQUEST), chunks, finish=finish)
 
 
 def assert_valid(events: list[dict]) -> None:
@@ -125,7 +89,7 @@ def serving(chunks: list[dict], *, finish=True, status=200, error: dict | None =
             "id": "gen-1",
             "model": MODEL,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Pong."}, "finish_reason": "stop"}],
-            "usage": chat_usage(),
+            "usage": usage(10, 5),
         }
         return httpx2.Response(200, json=message_from_chat(completion, request=body))
 
@@ -368,23 +332,11 @@ def test_malformed_requests_say_where(body, param):
     assert refused.value.param == param
 
 
-def _literals(annotation) -> list[str]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return list(typing.get_args(annotation))
-    return [value for arg in typing.get_args(annotation) for value in _literals(arg)]
-
-
-def _types_in(union) -> list[str]:
-    return [
-        t for cls in typing.get_args(union) for t in _literals(typing.get_type_hints(cls, include_extras=True)["type"])
-    ]
-
-
 TRANSLATED_USER = {"text", "image", "tool_result"}
 TRANSLATED_ASSISTANT = {"text", "tool_use", "thinking", "redacted_thinking"}
 
 
-@pytest.mark.parametrize("kind", sorted(set(_types_in(ContentBlockParam)) - TRANSLATED_USER))
+@pytest.mark.parametrize("kind", sorted(set(types_in(ContentBlockParam)) - TRANSLATED_USER))
 def test_every_other_content_block_the_sdk_knows_is_refused_in_a_user_turn(kind):
     with pytest.raises(Unsupported) as refused:
         request_to_chat(
@@ -394,14 +346,14 @@ def test_every_other_content_block_the_sdk_knows_is_refused_in_a_user_turn(kind)
     assert kind in refused.value.message
 
 
-@pytest.mark.parametrize("kind", sorted(set(_types_in(ContentBlockParam)) - TRANSLATED_ASSISTANT))
+@pytest.mark.parametrize("kind", sorted(set(types_in(ContentBlockParam)) - TRANSLATED_ASSISTANT))
 def test_every_other_content_block_the_sdk_knows_is_refused_in_an_assistant_turn(kind):
     with pytest.raises(Unsupported) as refused:
         request_to_chat({**REQUEST, "messages": [{"role": "assistant", "content": [{"type": kind}]}]})
     assert refused.value.param == "messages[0].content[0].type"
 
 
-@pytest.mark.parametrize("kind", sorted(set(_types_in(ToolUnionParam)) - {"custom"}))
+@pytest.mark.parametrize("kind", sorted(set(types_in(ToolUnionParam)) - {"custom"}))
 def test_every_server_tool_the_sdk_knows_is_refused_by_name(kind):
     with pytest.raises(Unsupported) as refused:
         request_to_chat({**REQUEST, "tools": [{"type": kind, "name": "x"}]})
@@ -454,13 +406,13 @@ def test_what_only_anthropic_servers_can_do_is_refused_by_name(change, param):
 # --- whole messages -----------------------------------------------------------------------------
 
 
-def completion(message: dict, finish="stop", usage=None, **choice) -> dict:
+def completion(message: dict, finish="stop", u=None, **choice) -> dict:
     return {
         "id": "gen-1",
         "object": "chat.completion",
         "model": "anthropic/claude-4.5-sonnet-20250929",
         "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish, **choice}],
-        "usage": usage if usage is not None else chat_usage(700, 20, cached=500, cache_write=100, reasoning=6),
+        "usage": u if u is not None else usage(700, 20, cached=500, cache_write=100, reasoning=6),
     }
 
 
@@ -557,7 +509,7 @@ def test_a_message_we_wrote_is_accepted_back_in_the_next_request():
 
 
 def test_a_text_stream_becomes_the_message_event_sequence():
-    events = translate(text_stream("Po", "ng.", usage=chat_usage(700, 3, cached=500, cache_write=100)))
+    events = translate(text_stream("Po", "ng.", u=usage(700, 3, cached=500, cache_write=100)))
     assert_valid(events)
     assert [e["type"] for e in events] == [
         "message_start",
@@ -587,7 +539,7 @@ def test_streamed_tool_calls_become_tool_use_blocks_with_json_deltas():
         chat_chunk(tool_delta(0, arguments='"Oslo"}')),
         chat_chunk(tool_delta(1, id="call_b", name="time", arguments="{}")),
         chat_chunk({}, "tool_calls"),
-        chat_chunk(None, usage=chat_usage()),
+        chat_chunk(None, usage=usage(10, 5)),
     ]
     events = translate(chunks)
     assert_valid(events)
@@ -650,7 +602,7 @@ def test_the_sdk_accumulator_reads_text_tool_use_and_the_usage_from_message_delt
         chat_chunk(tool_delta(0, id="call_a", name="weather", arguments='{"city"')),
         chat_chunk(tool_delta(0, arguments=':"Oslo"}')),
         chat_chunk({}, "tool_calls"),
-        chat_chunk(None, usage=chat_usage(700, 12, cached=500, cache_write=100)),
+        chat_chunk(None, usage=usage(700, 12, cached=500, cache_write=100)),
     ]
     seen: list = []
     client = anthropic_client(serving(chunks, seen=seen))
@@ -776,7 +728,7 @@ def test_an_anthropic_report_prices_exactly_like_the_same_tokens_reported_by_cha
     rates = Rates(prompt=Decimal("3"), completion=Decimal("15"), cache_read=Decimal("0.3"), cache_write=Decimal("3.75"))
     native = messages_usage(10, 20, cache_read=500, cache_creation=100)
     via_anthropic = Usage(**asdict(from_anthropic(native)))
-    via_chat = usage_from(chat_usage(610, 20, cached=500, cache_write=100))
+    via_chat = usage_from(usage(610, 20, cached=500, cache_write=100))
     assert cost_usd(rates, via_anthropic) == cost_usd(rates, via_chat) == Decimal("0.000855")
 
 
@@ -792,7 +744,7 @@ def test_anthropic_usage_round_trips_through_the_normal_form(fresh, read, writte
 
 @given(prompt=counts, cached=counts, written=counts, output=counts)
 def test_chat_usage_never_turns_into_negative_anthropic_input(prompt, cached, written, output):
-    raw = anthropic_usage(from_chat(chat_usage(prompt, output, cached=cached, cache_write=written)))
+    raw = anthropic_usage(from_chat(usage(prompt, output, cached=cached, cache_write=written)))
     assert raw["input_tokens"] >= 0
     assert raw["input_tokens"] + raw["cache_read_input_tokens"] + raw["cache_creation_input_tokens"] == prompt
 

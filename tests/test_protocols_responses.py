@@ -11,7 +11,6 @@ outside world here is "an OpenAI-compatible server"; the translator is the code 
 from __future__ import annotations
 
 import json
-import typing
 from dataclasses import asdict
 
 import httpx2
@@ -30,12 +29,15 @@ from core.protocols.usage import (
     responses_event_usage,
     responses_usage,
 )
+from tests import chat_stream
+from tests.chat_stream import chat_chunk, text_stream, tool_delta, types_in
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     Reply,
     StreamReply,
     fake_upstream_server,
     response_object,
     responses_stream_of,
+    usage,
 )
 from tests.fake_upstream import (
     responses_usage as fake_responses_usage,
@@ -45,51 +47,10 @@ EVENT = TypeAdapter(ResponseStreamEvent)
 MODEL = "openai/gpt-4o-mini"
 
 
-def chat_chunk(delta: dict | None = None, finish: str | None = None, **extra) -> dict:
-    choices = [] if delta is None and finish is None else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
-    return {"id": "gen-1", "object": "chat.completion.chunk", "model": MODEL, "choices": choices, **extra}
-
-
-def chat_usage(prompt=10, completion=5, *, cached=0, reasoning=0, cache_write=0) -> dict:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
-    }
-
-
-def text_stream(*words, finish="stop", usage=None) -> list[dict]:
-    return [
-        chat_chunk({"role": "assistant", "content": ""}),
-        *[chat_chunk({"content": word}) for word in words],
-        chat_chunk({}, finish),
-        chat_chunk(None, usage=usage or chat_usage()),
-    ]
-
-
-def tool_delta(index, *, id=None, name=None, arguments=None) -> dict:
-    call: dict = {"index": index}
-    if id:
-        call.update(id=id, type="function")
-    function = {}
-    if name is not None:
-        function["name"] = name
-    if arguments is not None:
-        function["arguments"] = arguments
-    call["function"] = function
-    return {"tool_calls": [call]}
-
-
 def translate(chunks: list[dict], request: dict | None = None, *, finish=True) -> list[dict]:
-    stream = ResponseStream(request=request or {"model": MODEL, "input": "hi", "stream": True})
-    events = []
-    for chunk in chunks:
-        events += stream.feed(chunk)
-    if finish:
-        events += stream.finish()
-    return events
+    return chat_stream.translate(
+        ResponseStream(request=request or {"model": MODEL, "input": "hi", "stream": True}), chunks, finish=finish
+    )
 
 
 def assert_valid(events: list[dict]) -> None:
@@ -114,7 +75,7 @@ def serving(chunks: list[dict], *, finish=True, seen: list | None = None):
             "object": "chat.completion",
             "model": MODEL,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Pong."}, "finish_reason": "stop"}],
-            "usage": chat_usage(),
+            "usage": usage(10, 5),
         }
         return httpx2.Response(200, json=response_from_chat(completion, request=body))
 
@@ -383,22 +344,10 @@ def test_stateless_defaults_are_accepted():
     assert request_to_chat({"model": MODEL, "input": "hi", "include": ["reasoning.encrypted_content"]})["messages"]
 
 
-def _literals(annotation) -> list[str]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return list(typing.get_args(annotation))
-    return [value for arg in typing.get_args(annotation) for value in _literals(arg)]
-
-
-def _types_in(union) -> list[str]:
-    return [
-        t for cls in typing.get_args(union) for t in _literals(typing.get_type_hints(cls, include_extras=True)["type"])
-    ]
-
-
 TRANSLATED_ITEMS = {"message", "function_call", "function_call_output", "reasoning", "item_reference"}
 
 
-@pytest.mark.parametrize("kind", sorted(set(_types_in(response_input_param.ResponseInputItemParam)) - TRANSLATED_ITEMS))
+@pytest.mark.parametrize("kind", sorted(set(types_in(response_input_param.ResponseInputItemParam)) - TRANSLATED_ITEMS))
 def test_every_other_input_item_type_the_sdk_knows_is_refused_never_dropped(kind):
     with pytest.raises(Unsupported) as refused:
         request_to_chat({"model": MODEL, "input": [{"role": "user", "content": "hi"}, {"type": kind, "id": "x_1"}]})
@@ -406,7 +355,7 @@ def test_every_other_input_item_type_the_sdk_knows_is_refused_never_dropped(kind
     assert kind in refused.value.message
 
 
-@pytest.mark.parametrize("kind", sorted(set(_types_in(tool_param.ToolParam)) - {"function"}))
+@pytest.mark.parametrize("kind", sorted(set(types_in(tool_param.ToolParam)) - {"function"}))
 def test_every_built_in_tool_the_sdk_knows_is_refused_by_name(kind):
     with pytest.raises(Unsupported) as refused:
         request_to_chat({"model": MODEL, "input": "hi", "tools": [{"type": kind}]})
@@ -479,14 +428,14 @@ def test_an_item_reference_is_resolved_when_the_caller_keeps_items_and_refused_o
 # --- whole responses ----------------------------------------------------------------------------
 
 
-def completion(message: dict, finish="stop", usage=None) -> dict:
+def completion(message: dict, finish="stop", u=None) -> dict:
     return {
         "id": "gen-1",
         "object": "chat.completion",
         "created": 1761300000,
         "model": "openai/gpt-4o-mini-2024-07-18",
         "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
-        "usage": usage if usage is not None else chat_usage(100, 20, cached=60, reasoning=8),
+        "usage": u if u is not None else usage(100, 20, cached=60, reasoning=8),
     }
 
 
@@ -549,7 +498,7 @@ def test_a_cut_off_completion_is_an_incomplete_response(finish, reason):
 
 
 def test_a_refusal_is_a_refusal_part_and_missing_usage_stays_missing():
-    raw = completion({"content": None, "refusal": "I can't help with that."}, usage=None)
+    raw = completion({"content": None, "refusal": "I can't help with that."}, u=None)
     del raw["usage"]
     response = Response.model_validate(response_from_chat(raw, request={"model": MODEL, "input": "x"}))
     assert response.output[0].content[0].type == "refusal"
@@ -635,7 +584,7 @@ def test_streamed_tool_calls_stream_their_arguments_one_call_after_another():
             }
         ),
         chat_chunk({}, "tool_calls"),
-        chat_chunk(None, usage=chat_usage()),
+        chat_chunk(None, usage=usage(10, 5)),
     ]
     events = translate(chunks)
     assert_valid(events)
@@ -680,13 +629,38 @@ def test_a_tool_call_whose_name_comes_late_is_announced_once_named():
     assert [e["delta"] for e in events if e["type"].endswith("arguments.delta")] == ['{"a":1}']
 
 
+def test_tool_call_fragments_without_an_index_belong_to_the_call_being_streamed():
+    chunks = [
+        chat_chunk({"tool_calls": [{"id": "call_z", "type": "function", "function": {"name": "f", "arguments": "{"}}]}),
+        chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}),
+        chat_chunk(tool_delta(1, arguments='{"b"')),  # the id and name come after the first fragment
+        chat_chunk(tool_delta(1, id="call_late", name="g", arguments=":2}")),
+        chat_chunk({}, "tool_calls"),
+    ]
+    final = Response.model_validate(translate(chunks)[-1]["response"])
+    assert [(o.call_id, o.name, o.arguments) for o in final.output] == [
+        ("call_z", "f", "{}"),
+        ("call_late", "g", '{"b":2}'),
+    ]
+
+
+def test_a_failure_while_an_unnamed_tool_call_is_open_shows_only_what_was_announced():
+    stream = ResponseStream(request={"model": MODEL, "input": "hi"})
+    events = stream.feed(chat_chunk({"content": "Hi"})) + stream.feed(chat_chunk(tool_delta(0, arguments="{")))
+    events += stream.fail("upstream timed out")
+    assert_valid(events)
+    failed = Response.model_validate(events[-1]["response"])
+    assert [o.type for o in failed.output] == ["message"]
+    assert failed.output[0].status == "completed"
+
+
 def test_reasoning_then_text_streams_a_reasoning_summary_item_first():
     chunks = [
         chat_chunk({"reasoning": "Think"}),
         chat_chunk({"reasoning_content": "ing."}),  # vLLM's field name
         chat_chunk({"content": "Answer"}),
         chat_chunk({}, "stop"),
-        chat_chunk(None, usage=chat_usage(reasoning=3)),
+        chat_chunk(None, usage=usage(10, 5, reasoning=3)),
     ]
     events = translate(chunks)
     assert_valid(events)
@@ -735,9 +709,10 @@ def test_a_stream_that_ends_without_a_finish_reason_fails_and_fail_can_be_called
     events = translate([chat_chunk({"content": "Hal"})])
     assert events[-1]["type"] == "response.failed"
     stream = ResponseStream(request={"model": MODEL, "input": "hi"})
-    events = stream.fail("client went away")
+    events = stream.fail("Slow down.", "rate_limit_exceeded")
     assert_valid(events)
     assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert events[-1]["response"]["error"] == {"code": "rate_limit_exceeded", "message": "Slow down."}
 
 
 def test_an_upstream_that_goes_back_to_a_finished_tool_call_fails_the_stream():
@@ -768,7 +743,7 @@ def test_the_sdk_stream_accumulator_reads_text_tool_calls_and_usage():
         chat_chunk(tool_delta(0, id="call_a", name="weather", arguments='{"city"')),
         chat_chunk(tool_delta(0, arguments=':"Oslo"}')),
         chat_chunk({}, "tool_calls"),
-        chat_chunk(None, usage=chat_usage(50, 12, cached=30, reasoning=4)),
+        chat_chunk(None, usage=usage(50, 12, cached=30, reasoning=4)),
     ]
     seen: list = []
     client = openai_client(serving(chunks, seen=seen))
@@ -828,7 +803,7 @@ def test_responses_usage_counts_cached_tokens_inside_input_tokens_like_chat_does
     assert from_responses(raw) == TokenUsage(
         prompt_tokens=1000, completion_tokens=200, reasoning_tokens=50, cached_tokens=600, cache_write_tokens=100
     )
-    chat = from_chat(chat_usage(1000, 200, cached=600, reasoning=50, cache_write=100))
+    chat = from_chat(usage(1000, 200, cached=600, reasoning=50, cache_write=100))
     assert from_responses(responses_usage(chat)) == chat
     assert from_responses(None) is None
     assert from_responses({"input_tokens": "9", "output_tokens": True}) == TokenUsage()
@@ -844,7 +819,7 @@ def test_a_responses_usage_report_prices_exactly_like_the_same_chat_report():
 
     rates = Rates(prompt=Decimal("3"), completion=Decimal("15"), cache_read=Decimal("0.3"), cache_write=Decimal("3.75"))
     via_responses = Usage(**asdict(from_responses(fake_responses_usage(1000, 200, cached=600, cache_write=100))))
-    via_chat = usage_from(chat_usage(1000, 200, cached=600, cache_write=100))
+    via_chat = usage_from(usage(1000, 200, cached=600, cache_write=100))
     assert cost_usd(rates, via_responses) == cost_usd(rates, via_chat) == Decimal("0.004455")
 
 

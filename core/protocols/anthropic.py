@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from . import ProtocolError, Unsupported
-from .chat import Piece, View, new_id, read_chunk, read_completion, text_of, tool_calls
+from .chat import Piece, StreamTranslator, View, new_id, read_completion, text_of, tool_calls
 from .usage import TokenUsage, anthropic_usage, from_chat
 
 # Fields this module maps, checks or deliberately ignores; any other field of the request is
@@ -360,41 +360,28 @@ def message_from_chat(completion: dict, *, request: dict, message_id: str | None
     }
 
 
-class MessageStream:
-    """Chat-completion chunks in, Anthropic stream events out.
+class MessageStream(StreamTranslator):
+    """Chat-completion chunks in, Anthropic stream events out (see ``StreamTranslator``).
 
-    ``feed(chunk)`` returns the events that chunk produces (the first call also returns
-    ``message_start``); ``finish()`` — at the end of the upstream stream, after the usage
-    chunk — closes the open block and returns ``message_delta`` (stop reason, usage) and
-    ``message_stop``; ``fail(message)`` ends the stream with an ``error`` event (an ``error`` on
-    a chunk does the same by itself). Blocks are streamed one after another, each stopped before
-    the next starts.
+    Opens with ``message_start``; ends with ``message_delta`` (stop reason, usage) and
+    ``message_stop``, or with an ``error`` event.
 
     The usage comes at the end of a chat stream, so ``message_start`` says 0 input tokens and
     ``message_delta`` carries the real ``input_tokens`` and cache counts beside
     ``output_tokens``; the anthropic SDK takes a ``message_delta``'s counts over the start's."""
 
     def __init__(self, *, request: dict, message_id: str | None = None) -> None:
+        super().__init__()
         self.request = request
         self.message_id = message_id or new_id("msg")
-        self.model = request.get("model") or ""
-        self.usage: dict | None = None  # the chat usage, once reported
-        self.done = False
-        self._started = False
-        self._view = View()
         self._blocks = 0
-        self._open: dict | None = None  # {"kind", "index", "key"}
-        self._closed_calls: set[object] = set()
 
-    def start(self) -> list[dict]:
-        if self._started:
-            return []
-        self._started = True
+    def _opening(self) -> list[dict]:
         message = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
-            "model": self.model,
+            "model": self.request.get("model") or "",
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
@@ -402,122 +389,64 @@ class MessageStream:
         }
         return [{"type": "message_start", "message": message}]
 
-    def feed(self, chunk: dict) -> list[dict]:
-        if self.done:
-            return []
-        events = self.start()
-        view = read_chunk(chunk)
-        if view.usage is not None:
-            self.usage = view.usage
-        try:
-            for piece in view.pieces:
-                events += self._piece(piece)
-        except ProtocolError as broken:
-            return events + self.fail(broken.message)
-        if view.finish_reason:
-            self._view.finish_reason = view.finish_reason
-            self._view.stop_sequence = view.stop_sequence
-        if view.error:
-            events += self.fail(view.error["message"])
-        return events
-
-    def finish(self) -> list[dict]:
-        if self.done:
-            return []
-        events = self.start()
-        if self._view.finish_reason in (None, "error"):
-            return events + self.fail("The upstream stream ended before the message was complete.")
-        events += self._close()
-        stop_reason, stop_sequence = _stop_reason(self._view, self.request)
-        self.done = True
+    def _closing(self) -> list[dict]:
+        events = self._close()
+        view = View(finish_reason=self.finish_reason, stop_sequence=self.stop_sequence)
+        stop_reason, stop_sequence = _stop_reason(view, self.request)
         delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
         return [*events, {**delta, "usage": _usage(self.usage)}, {"type": "message_stop"}]
 
-    def fail(self, message: str, error_type: str = "api_error") -> list[dict]:
-        if self.done:
-            return []
-        self.done = True
-        return [*self.start(), {"type": "error", "error": {"type": error_type, "message": message}}]
+    def _failing(self, message: str, kind: str | None) -> list[dict]:
+        return [{"type": "error", "error": {"type": kind or "api_error", "message": message}}]
 
-    def _piece(self, piece: Piece) -> list[dict]:
-        if piece.kind == "tool":
-            return self._tool(piece)
-        kind = "thinking" if piece.kind == "reasoning" else "text"  # a refusal is said as text
+    def _content(self, piece: Piece) -> list[dict]:
         events: list[dict] = []
-        if self._open is None or self._open["kind"] != kind:
+        if piece.kind == "reasoning":
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": piece.text}
+        else:  # text, or a refusal, which Anthropic says as text
+            block = {"type": "text", "text": ""}
+            delta = {"type": "text_delta", "text": piece.text}
+        if self._open is None or self._open["kind"] != block["type"]:
             events += self._close()
-            block = (
-                {"type": "thinking", "thinking": "", "signature": ""}
-                if kind == "thinking"
-                else {"type": "text", "text": ""}
-            )
-            events.append(self._start_block(kind, None, block))
-        delta = (
-            {"type": "thinking_delta", "thinking": piece.text}
-            if kind == "thinking"
-            else {"type": "text_delta", "text": piece.text}
-        )
+            events.append(self._start_block(block, {"kind": block["type"]}))
         return [*events, {"type": "content_block_delta", "index": self._open["index"], "delta": delta}]
 
-    def _tool(self, piece: Piece) -> list[dict]:
-        events: list[dict] = []
-        open_call = self._open if self._open is not None and self._open["kind"] == "tool_use" else None
-        key = piece.key if piece.key is not None else (open_call["key"] if open_call else None)
-        if open_call is None or key != open_call["key"]:
-            if key in self._closed_calls:
-                raise ProtocolError(None, "the upstream interleaved the arguments of several tool calls.")
-            events += self._close()
-            self._open = {
-                "kind": "tool_use",
-                "index": None,
-                "key": key,
-                "id": piece.call_id,
-                "name": piece.name,
-                "text": "",
-            }
-        call = self._open
-        call["name"] = call["name"] or piece.name
-        call["id"] = call["id"] or piece.call_id
-        call["text"] += piece.text
-        if call["index"] is None and call["name"]:
-            # Started once its name is known; arguments that came before go out as one delta.
-            block = {"type": "tool_use", "id": call["id"] or new_id("toolu"), "name": call["name"], "input": {}}
-            events.append(self._start_block("tool_use", key, block, keep=call))
-            if call["text"]:
-                events.append(self._json_delta(call["text"]))
-        elif call["index"] is not None and piece.text:
-            events.append(self._json_delta(piece.text))
-        return events
+    def _new_call(self) -> dict:
+        return {"index": None}  # a block index once the block starts
 
-    def _json_delta(self, fragment: str) -> dict:
+    def _call_fragment(self, call: dict, fragment: str) -> list[dict]:
+        if call["index"] is None:
+            return self._announce(call) if call["name"] else []
+        return [self._json_delta(call, fragment)] if fragment else []
+
+    def _announce(self, call: dict) -> list[dict]:
+        """Start a tool_use block: once its name is known (or at its end if it never came); the
+        arguments that arrived before go out as one delta."""
+        block = {"type": "tool_use", "id": call["call_id"] or new_id("toolu"), "name": call["name"] or "", "input": {}}
+        events = [self._start_block(block, call)]
+        return events + ([self._json_delta(call, call["text"])] if call["text"] else [])
+
+    def _json_delta(self, call: dict, fragment: str) -> dict:
         delta = {"type": "input_json_delta", "partial_json": fragment}
-        return {"type": "content_block_delta", "index": self._open["index"], "delta": delta}
+        return {"type": "content_block_delta", "index": call["index"], "delta": delta}
 
-    def _start_block(self, kind: str, key: object, block: dict, keep: dict | None = None) -> dict:
-        self._open = keep if keep is not None else {"kind": kind, "key": key}
-        self._open["index"] = self._blocks
+    def _start_block(self, block: dict, state: dict) -> dict:
+        state["index"] = self._blocks
         self._blocks += 1
-        return {"type": "content_block_start", "index": self._open["index"], "content_block": block}
+        self._open = state
+        return {"type": "content_block_start", "index": state["index"], "content_block": block}
 
     def _close(self) -> list[dict]:
-        current, self._open = self._open, None
+        current = self._open
         if current is None:
             return []
         events: list[dict] = []
-        if current["kind"] == "tool_use":
+        if current["kind"] == "call":
             self._closed_calls.add(current["key"])
-            if current["index"] is None:  # a call whose name never came: start it now
-                block = {"type": "tool_use", "id": current["id"] or new_id("toolu"), "name": "", "input": {}}
-                events.append(self._start_block("tool_use", current["key"], block, keep=current))
-                self._open = None
-                if current["text"]:
-                    events.append(
-                        {
-                            "type": "content_block_delta",
-                            "index": current["index"],
-                            "delta": {"type": "input_json_delta", "partial_json": current["text"]},
-                        }
-                    )
+            if current["index"] is None:
+                events += self._announce(current)
+        self._open = None
         return [*events, {"type": "content_block_stop", "index": current["index"]}]
 
 

@@ -16,7 +16,10 @@ Only choice 0 is read: the translated requests never ask for ``n`` > 1.
 from __future__ import annotations
 
 import secrets
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+from . import ProtocolError
 
 
 def new_id(prefix: str) -> str:
@@ -149,3 +152,122 @@ def tool_calls(pieces: list[Piece]) -> list[dict]:
 
 def text_of(pieces: list[Piece], kind: str) -> str:
     return "".join(piece.text for piece in pieces if piece.kind == kind)
+
+
+class StreamTranslator(ABC):
+    """What translating a chat stream into either protocol's events has in common.
+
+    ``feed(chunk)`` → the events the chunk produces (the protocol's opening events first, once);
+    ``finish()`` at the end of the upstream stream → the closing events, or a failure if the
+    upstream never said it had finished; ``fail(message)`` → the protocol's failure ending. After
+    the end every call returns nothing. An ``error`` on a chunk fails the stream by itself.
+
+    Output is streamed one item (block) at a time, each closed before the next opens. A tool
+    call's fragments are told apart by ``Piece.key``; a fragment with no key belongs to the call
+    being streamed; a fragment for a call already closed means the upstream interleaved calls,
+    which no protocol here can express, so the stream fails.
+
+    Subclasses write the protocol: ``_opening``, ``_content(piece)`` (text, refusal, reasoning),
+    ``_new_call(key)`` and ``_call_fragment(call, piece)``, ``_close()``, ``_closing()`` and
+    ``_failing(message)``."""
+
+    def __init__(self) -> None:
+        self.usage: dict | None = None  # the chat usage, once reported
+        self.upstream_model: str | None = None  # the model that answered, as the upstream names it
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.done = False
+        self._started = False
+        self._open: dict | None = None  # the item being streamed; tool calls have kind "call"
+        self._closed_calls: set[object] = set()
+
+    def start(self) -> list[dict]:
+        if self._started:
+            return []
+        self._started = True
+        return self._opening()
+
+    def feed(self, chunk: object) -> list[dict]:
+        if self.done:
+            return []
+        events = self.start()
+        view = read_chunk(chunk)
+        self.upstream_model = view.model or self.upstream_model
+        if view.usage is not None:
+            self.usage = view.usage
+        try:
+            for piece in view.pieces:
+                events += self._tool(piece) if piece.kind == "tool" else self._content(piece)
+        except ProtocolError as broken:
+            return events + self.fail(broken.message)
+        if view.finish_reason:
+            self.finish_reason, self.stop_sequence = view.finish_reason, view.stop_sequence
+        if view.error:
+            events += self.fail(view.error["message"])
+        return events
+
+    def finish(self) -> list[dict]:
+        if self.done:
+            return []
+        events = self.start()
+        if self.finish_reason in (None, "error"):
+            return events + self.fail("The upstream stream ended before the answer was complete.")
+        self.done = True
+        return events + self._closing()
+
+    def fail(self, message: str, kind: str | None = None) -> list[dict]:
+        """End the stream as failed. ``kind`` is the protocol's name for the failure (Anthropic's
+        ``error.type``, the Responses ``error.code``); None means its generic server error."""
+        if self.done:
+            return []
+        self.done = True
+        return self.start() + self._failing(message, kind)
+
+    def _tool(self, piece: Piece) -> list[dict]:
+        current = self._open if self._open is not None and self._open["kind"] == "call" else None
+        key = piece.key if piece.key is not None else (current["key"] if current else None)
+        events: list[dict] = []
+        if current is None or key != current["key"]:
+            if key in self._closed_calls:
+                raise ProtocolError(None, "The upstream interleaved the arguments of several tool calls.")
+            events = self._close()
+            current = self._open = {
+                "kind": "call",
+                "key": key,
+                "call_id": None,
+                "name": None,
+                "text": "",
+                **self._new_call(),
+            }
+        current["name"] = current["name"] or piece.name
+        current["call_id"] = current["call_id"] or piece.call_id
+        current["text"] += piece.text
+        return events + self._call_fragment(current, piece.text)
+
+    @abstractmethod
+    def _opening(self) -> list[dict]:
+        """The events that open the stream."""
+
+    @abstractmethod
+    def _content(self, piece: Piece) -> list[dict]:
+        """The events for a piece of text, refusal or reasoning."""
+
+    @abstractmethod
+    def _new_call(self) -> dict:
+        """Protocol state for a tool call that starts streaming (kept in the call's dict)."""
+
+    @abstractmethod
+    def _call_fragment(self, call: dict, fragment: str) -> list[dict]:
+        """The events for a fragment of a call's arguments (already added to ``call["text"]``)."""
+
+    @abstractmethod
+    def _close(self) -> list[dict]:
+        """Close the open item, if there is one: its closing events."""
+
+    @abstractmethod
+    def _closing(self) -> list[dict]:
+        """The events that end a finished stream, the open item included."""
+
+    @abstractmethod
+    def _failing(self, message: str, kind: str | None) -> list[dict]:
+        """The events that end a failed stream."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from . import ProtocolError, Unsupported
-from .chat import Piece, View, new_id, read_chunk, read_completion, text_of, tool_calls
+from .chat import Piece, StreamTranslator, new_id, read_completion, text_of, tool_calls
 from .usage import from_chat, responses_usage
 
 # Fields this module maps, checks or deliberately ignores; any other field of the request is
@@ -478,16 +478,17 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
     }
 
 
-def _finished(response: dict, view: View, usage: dict | None) -> dict:
+def _finished(response: dict, *, finish_reason: str | None, error: str | None, usage: dict | None) -> dict:
     """Set the terminal status, error and usage on a Response from the chat finish."""
-    reason = view.finish_reason
-    if view.error or reason == "error":
-        message = (view.error or {}).get("message") or "The upstream failed while generating the response."
+    if error is not None or finish_reason == "error":
         response["status"] = "failed"
-        response["error"] = {"code": "server_error", "message": message}
-    elif reason in _INCOMPLETE:
+        response["error"] = {
+            "code": "server_error",
+            "message": error or "The upstream failed while generating the response.",
+        }
+    elif finish_reason in _INCOMPLETE:
         response["status"] = "incomplete"
-        response["incomplete_details"] = {"reason": _INCOMPLETE[reason]}
+        response["incomplete_details"] = {"reason": _INCOMPLETE[finish_reason]}
     else:
         response["status"] = "completed"
         response["completed_at"] = int(time.time())
@@ -518,152 +519,106 @@ def response_from_chat(
         output.append(
             _call_item(new_id("fc"), call["call_id"] or new_id("call"), call["name"] or "", call["arguments"], status)
         )
-    return _finished(response, view, view.usage)
+    error = view.error["message"] if view.error else None
+    return _finished(response, finish_reason=view.finish_reason, error=error, usage=view.usage)
 
 
-class ResponseStream:
-    """Chat-completion chunks in, Responses stream events out.
+class ResponseStream(StreamTranslator):
+    """Chat-completion chunks in, Responses stream events out (see ``StreamTranslator``).
 
-    ``feed(chunk)`` returns the events that chunk produces (the first call also returns
-    ``response.created`` and ``response.in_progress``); ``finish()`` — at the end of the
-    upstream stream, after the usage chunk — closes the open item and returns the terminal event;
-    ``fail(message)`` ends the stream as ``response.failed`` (an upstream error mid-stream; an
-    ``error`` on a chunk does the same by itself). Output items are streamed one after another,
-    each closed (``.done`` events) before the next opens; an upstream that goes back to a tool
-    call it had left fails the stream. After the terminal event every call returns nothing."""
+    Opens with ``response.created`` and ``response.in_progress``; ends with
+    ``response.completed`` (or ``.incomplete`` when the upstream hit its length limit or a
+    content filter) carrying the whole Response and its usage, or ``response.failed``."""
 
     def __init__(self, *, request: dict, response_id: str | None = None, created_at: float | None = None) -> None:
+        super().__init__()
         self.request = request
         self.response = _skeleton(request, response_id or new_id("resp"), created_at or int(time.time()), None)
-        self.usage: dict | None = None  # the chat usage, once reported
-        self.done = False
         self._sequence = 0
-        self._started = False
-        self._view = View()  # finish reason and error seen so far
-        self._open: dict | None = None  # the item being streamed: {"kind", "index", "item", …}
-        self._closed_calls: set[object] = set()
 
-    # -- the public calls ---------------------------------------------------------------------
+    # -- the protocol's beginning and ends ----------------------------------------------------
 
-    def start(self) -> list[dict]:
-        if self._started:
-            return []
-        self._started = True
+    def _opening(self) -> list[dict]:
         snapshot = copy.deepcopy(self.response)
         return [
             self._event("response.created", response=snapshot),
-            self._event("response.in_progress", response=snapshot),
+            self._event("response.in_progress", response=copy.deepcopy(snapshot)),
         ]
 
-    def feed(self, chunk: dict) -> list[dict]:
-        if self.done:
-            return []
-        events = self.start()
-        view = read_chunk(chunk)
-        if view.model:
-            self.response["model"] = view.model
-        if view.usage is not None:
-            self.usage = view.usage
-        try:
-            for piece in view.pieces:
-                events += self._piece(piece)
-        except ProtocolError as broken:
-            return events + self.fail(broken.message)
-        if view.finish_reason:
-            self._view.finish_reason = view.finish_reason
-        if view.error:
-            events += self.fail(view.error["message"])
-        return events
-
-    def finish(self) -> list[dict]:
-        if self.done:
-            return []
-        events = self.start()
-        if self._view.finish_reason is None or self._view.finish_reason == "error":
-            return events + self.fail("The upstream stream ended before the response was complete.")
-        status = "incomplete" if self._view.finish_reason in _INCOMPLETE else "completed"
-        events += self._close(status)
-        _finished(self.response, self._view, self.usage)
-        self.done = True
+    def _closing(self) -> list[dict]:
+        events = self._close("incomplete" if self.finish_reason in _INCOMPLETE else "completed")
+        self.response["model"] = self.upstream_model or self.response["model"]
+        _finished(self.response, finish_reason=self.finish_reason, error=None, usage=self.usage)
         return [*events, self._event(f"response.{self.response['status']}", response=self.response)]
 
-    def fail(self, message: str) -> list[dict]:
-        if self.done:
-            return []
-        events = self.start()
-        if self._open is not None:  # what was streamed stays in the output, marked unfinished
-            self.response["output"][self._open["index"]] = self._item_now(self._open, "incomplete")
-            self._open = None
-        self._view.error = {"message": message, "code": None}
-        _finished(self.response, self._view, self.usage)
-        self.done = True
-        return [*events, self._event("response.failed", response=self.response)]
-
-    # -- items --------------------------------------------------------------------------------
+    def _failing(self, message: str, kind: str | None) -> list[dict]:
+        current, self._open = self._open, None
+        if current is not None and current["kind"] == "call" and not current["announced"]:
+            self.response["output"].pop()  # never shown to the client
+        elif current is not None:  # what was streamed stays in the output, marked unfinished
+            self.response["output"][current["index"]] = self._item_now(current, "incomplete")
+        self.response["model"] = self.upstream_model or self.response["model"]
+        _finished(self.response, finish_reason=self.finish_reason, error=message, usage=self.usage)
+        self.response["error"]["code"] = kind or "server_error"
+        return [self._event("response.failed", response=self.response)]
 
     def _event(self, kind: str, **fields: object) -> dict:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return event
 
-    def _piece(self, piece: Piece) -> list[dict]:
+    # -- items --------------------------------------------------------------------------------
+
+    def _content(self, piece: Piece) -> list[dict]:
         events: list[dict] = []
-        if piece.kind == "tool":
-            return self._tool(piece)
         if piece.kind == "reasoning":
             if self._open is None or self._open["kind"] != "reasoning":
-                events += self._close("completed")
-                events += self._open_reasoning()
+                events += self._close()
+                events += self._open_item("reasoning", text="")
             self._open["text"] += piece.text
             return [*events, self._reasoning_event("response.reasoning_summary_text.delta", delta=piece.text)]
         # text or refusal: a content part of the open message
         if self._open is None or self._open["kind"] != "message":
-            events += self._close("completed")
-            events += self._open_message()
+            events += self._close()
+            events += self._open_item("message", parts=[])
         events += self._part(piece.kind)
         self._open["parts"][-1]["text"] += piece.text
         kind = "response.output_text.delta" if piece.kind == "text" else "response.refusal.delta"
         extra = {"logprobs": []} if piece.kind == "text" else {}
         return [*events, self._content_event(kind, delta=piece.text, **extra)]
 
-    def _tool(self, piece: Piece) -> list[dict]:
-        events: list[dict] = []
-        open_call = self._open if self._open is not None and self._open["kind"] == "call" else None
-        key = piece.key if piece.key is not None else (open_call["key"] if open_call else None)
-        if open_call is None or key != open_call["key"]:
-            if key in self._closed_calls:
-                raise ProtocolError(None, "the upstream interleaved the arguments of several tool calls.")
-            events += self._close("completed")
-            self._open = {
-                "kind": "call",
-                "key": key,
-                "index": len(self.response["output"]),
-                "id": new_id("fc"),
-                "call_id": piece.call_id or new_id("call"),
-                "name": piece.name,
-                "text": "",
-                "announced": False,
-            }
-            self.response["output"].append(None)
-        call = self._open
-        call["name"] = call["name"] or piece.name
-        call["text"] += piece.text
-        if not call["announced"] and call["name"]:
-            # Announced once its name is known; arguments that came before go out as one delta.
-            call["announced"] = True
-            item = _call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
-            events.append(self._event("response.output_item.added", output_index=call["index"], item=item))
-            if call["text"]:
-                events.append(self._call_event("response.function_call_arguments.delta", delta=call["text"]))
-        elif call["announced"] and piece.text:
-            events.append(self._call_event("response.function_call_arguments.delta", delta=piece.text))
-        return events
-
-    def _open_message(self) -> list[dict]:
-        self._open = {"kind": "message", "index": len(self.response["output"]), "id": new_id("msg"), "parts": []}
+    def _open_item(self, kind: str, **state: object) -> list[dict]:
+        index = len(self.response["output"])
+        self._open = {"kind": kind, "index": index, "id": new_id("msg" if kind == "message" else "rs"), **state}
         self.response["output"].append(None)
-        item = _message_item(self._open["id"], [], "in_progress")
-        return [self._event("response.output_item.added", output_index=self._open["index"], item=item)]
+        if kind == "message":
+            item = _message_item(self._open["id"], [], "in_progress")
+            return [self._event("response.output_item.added", output_index=index, item=item)]
+        item = _reasoning_item(self._open["id"], None, "in_progress")
+        return [
+            self._event("response.output_item.added", output_index=index, item=item),
+            self._reasoning_event("response.reasoning_summary_part.added", part={"type": "summary_text", "text": ""}),
+        ]
+
+    def _new_call(self) -> dict:
+        self.response["output"].append(None)
+        return {"index": len(self.response["output"]) - 1, "id": new_id("fc"), "announced": False}
+
+    def _call_fragment(self, call: dict, fragment: str) -> list[dict]:
+        if not call["announced"]:
+            return self._announce(call) if call["name"] else []
+        return [self._call_event("response.function_call_arguments.delta", delta=fragment)] if fragment else []
+
+    def _announce(self, call: dict) -> list[dict]:
+        """Add a function_call item: once its name is known (or at its end if it never came);
+        the arguments that arrived before go out as one delta."""
+        call["announced"] = True
+        call["call_id"] = call["call_id"] or new_id("call")
+        item = _call_item(call["id"], call["call_id"], call["name"] or "", "", "in_progress")
+        events = [self._event("response.output_item.added", output_index=call["index"], item=item)]
+        if call["text"]:
+            events.append(self._call_event("response.function_call_arguments.delta", delta=call["text"]))
+        return events
 
     def _part(self, kind: str) -> list[dict]:
         parts = self._open["parts"]
@@ -673,16 +628,6 @@ class ResponseStream:
         parts.append({"kind": kind, "text": ""})
         part = _text_part("") if kind == "text" else _refusal_part("")
         return [*events, self._content_event("response.content_part.added", part=part)]
-
-    def _open_reasoning(self) -> list[dict]:
-        self._open = {"kind": "reasoning", "index": len(self.response["output"]), "id": new_id("rs"), "text": ""}
-        self.response["output"].append(None)
-        item = _reasoning_item(self._open["id"], None, "in_progress")
-        part = {"type": "summary_text", "text": ""}
-        return [
-            self._event("response.output_item.added", output_index=self._open["index"], item=item),
-            self._reasoning_event("response.reasoning_summary_part.added", part=part),
-        ]
 
     def _close_part(self) -> list[dict]:
         last = self._open["parts"][-1]
@@ -696,7 +641,7 @@ class ResponseStream:
             self._content_event("response.content_part.done", part=_refusal_part(last["text"])),
         ]
 
-    def _close(self, status: str) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         """Finish the open item: its ``.done`` events, then ``response.output_item.done``."""
         current = self._open
         if current is None:
@@ -711,13 +656,10 @@ class ResponseStream:
             events.append(self._reasoning_event("response.reasoning_summary_part.done", part=part))
         elif current["kind"] == "call":
             self._closed_calls.add(current["key"])
-            if not current["announced"]:  # a call whose name never came: announce it now
-                current["announced"] = True
-                item = _call_item(current["id"], current["call_id"], "", "", "in_progress")
-                events.append(self._event("response.output_item.added", output_index=current["index"], item=item))
-            name = current["name"] or ""
-            args = current["text"]
-            events.append(self._call_event("response.function_call_arguments.done", name=name, arguments=args))
+            if not current["announced"]:
+                events += self._announce(current)
+            name, arguments = current["name"] or "", current["text"]
+            events.append(self._call_event("response.function_call_arguments.done", name=name, arguments=arguments))
         item = self._item_now(current, status)
         self.response["output"][current["index"]] = item
         self._open = None
