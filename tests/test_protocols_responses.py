@@ -854,3 +854,16 @@ def test_the_fake_upstream_serves_native_responses_the_sdk_accepts(fake_upstream
     assert from_responses(responses_event_usage(raw[-1])) == TokenUsage(40, 3, 0, 10, 0)
     assert b'"cost": 0.000123' in response_object(u=usage)  # a JSON number, written as given
     assert [c.json["input"] for c in fake.calls("responses")] == ["Ping?", "Ping?"]
+
+
+def test_core_imports_no_django():
+    """core/ is the ground floor: a fresh interpreter loads every protocol module without Django."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, core.protocols.responses, core.protocols.anthropic, core.protocols.usage, core.protocols.sse;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'proxy', 'wallet')))"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "[]"
