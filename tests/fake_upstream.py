@@ -1,15 +1,17 @@
 """A fake OpenAI-compatible / OpenRouter upstream: a real HTTP server on 127.0.0.1, in a thread.
 
 Each test scripts the replies it needs, per route (``chat``, ``embeddings``, ``generation``,
-``models``), in order; every request the proxy makes is recorded (path, headers, JSON body) so
-tests can assert what reached the upstream — and what did not. Streamed replies are written
-chunk by chunk with real pauses, and a write failing because the proxy closed the connection is
-timed, which is how disconnect tests prove the upstream request was cancelled.
+``models``, and the native ``responses``, ``messages`` and ``count_tokens``), in order; every
+request the proxy makes is recorded (path, headers, JSON body) so tests can assert what reached
+the upstream — and what did not. Streamed replies are written chunk by chunk with real pauses,
+and a write failing because the proxy closed the connection is timed, which is how disconnect
+tests prove the upstream request was cancelled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import threading
 import time
@@ -120,7 +122,282 @@ def stream_of(*words, u=None, model="openai/gpt-4o-mini", id="gen-fake-1", comme
     return items
 
 
-ROUTES = {"/chat/completions": "chat", "/embeddings": "embeddings", "/generation": "generation", "/models": "models"}
+# --- native Responses API and Anthropic Messages replies -----------------------------------------
+# Written by hand from the SDKs' types (docs/protocols/), never by core.protocols: a fake that
+# used the translators under test could not catch their mistakes.
+
+ANTHROPIC_MODEL = "anthropic/claude-sonnet-4.5"
+_COST = re.compile(r'"__cost:([^"]*)__"')
+
+
+def _dumps(obj) -> str:
+    """JSON with every ``cost`` written verbatim (a JSON number, never a float)."""
+    return _COST.sub(r"\1", json.dumps(obj))
+
+
+def _cost(value) -> str:
+    return f"__cost:{value}__"
+
+
+def typed_sse(event: dict) -> bytes:
+    """One typed event as both protocols frame it: ``event: <type>`` then ``data: <json>``."""
+    return f"event: {event['type']}\ndata: {_dumps(event)}\n\n".encode()
+
+
+def responses_usage(input_tokens, output_tokens, *, cached=0, reasoning=0, cache_write=0, cost=None) -> dict:
+    """A Responses API ``usage``: ``input_tokens`` *include* the cached and cache-written ones."""
+    result = {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": input_tokens + output_tokens,
+    }
+    if cost is not None:  # OpenRouter adds its charge, as on chat completions
+        result["cost"] = _cost(cost)
+    return result
+
+
+def _response(id, model, status, output, usage) -> dict:
+    return {
+        "id": id,
+        "object": "response",
+        "created_at": 1761300000,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": None,
+        "metadata": {},
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "store": False,
+        "temperature": None,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": None,
+        "usage": usage,
+    }
+
+
+def _output_message(text, id="msg_fake_1", status="completed") -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"id": id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+
+
+def _function_call(call, position, status="completed") -> dict:
+    """``call``: (name, arguments JSON string[, call_id])."""
+    name, arguments, *rest = call
+    call_id = rest[0] if rest else f"call_fake_{position}"
+    return {
+        "id": f"fc_fake_{position}",
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def response_object(
+    text="Pong.", *, u=None, model="openai/gpt-4o-mini", id="resp_fake_1", status="completed", calls=()
+) -> bytes:
+    """A whole ``Response`` (POST /responses, not streamed): one message, then ``calls``."""
+    output = [_output_message(text)] if text else []
+    output += [_function_call(call, n) for n, call in enumerate(calls)]
+    return _dumps(_response(id, model, status, output, u or responses_usage(10, 2))).encode()
+
+
+def responses_stream_of(
+    *words, u=None, model="openai/gpt-4o-mini", id="resp_fake_1", status="completed", calls=()
+) -> list[bytes]:
+    """A native Responses stream: created, in_progress, one message streamed word by word, the
+    ``calls`` (name, arguments[, call_id]) with their arguments in one delta each, then
+    ``response.<status>`` carrying ``u``."""
+    seq = iter(range(10_000))
+    events = [
+        {
+            "type": "response.created",
+            "sequence_number": next(seq),
+            "response": _response(id, model, "in_progress", [], None),
+        },
+        {
+            "type": "response.in_progress",
+            "sequence_number": next(seq),
+            "response": _response(id, model, "in_progress", [], None),
+        },
+    ]
+    output = []
+    if words:
+        text = "".join(words)
+        item_id, where = "msg_fake_1", {"item_id": "msg_fake_1", "output_index": 0, "content_index": 0}
+        empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        events.append(
+            {
+                "type": "response.output_item.added",
+                "sequence_number": next(seq),
+                "output_index": 0,
+                "item": {**_output_message("", item_id, "in_progress"), "content": []},
+            }
+        )
+        events.append({"type": "response.content_part.added", "sequence_number": next(seq), **where, "part": empty})
+        for word in words:
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": next(seq),
+                    **where,
+                    "delta": word,
+                    "logprobs": [],
+                }
+            )
+        events.append(
+            {"type": "response.output_text.done", "sequence_number": next(seq), **where, "text": text, "logprobs": []}
+        )
+        done_part = {**empty, "text": text}
+        events.append({"type": "response.content_part.done", "sequence_number": next(seq), **where, "part": done_part})
+        output.append(_output_message(text, item_id))
+        events.append(
+            {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0, "item": output[-1]}
+        )
+    for n, call in enumerate(calls):
+        index, item = len(output), _function_call(call, n)
+        where = {"item_id": item["id"], "output_index": index}
+        added = {**item, "arguments": "", "status": "in_progress"}
+        events.append(
+            {"type": "response.output_item.added", "sequence_number": next(seq), "output_index": index, "item": added}
+        )
+        events.append(
+            {
+                "type": "response.function_call_arguments.delta",
+                "sequence_number": next(seq),
+                **where,
+                "delta": item["arguments"],
+            }
+        )
+        events.append(
+            {
+                "type": "response.function_call_arguments.done",
+                "sequence_number": next(seq),
+                **where,
+                "name": item["name"],
+                "arguments": item["arguments"],
+            }
+        )
+        output.append(item)
+        events.append(
+            {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": index, "item": item}
+        )
+    final = _response(id, model, status, output, u or responses_usage(10, len(words)))
+    events.append({"type": f"response.{status}", "sequence_number": next(seq), "response": final})
+    return [typed_sse(event) for event in events]
+
+
+def messages_usage(input_tokens, output_tokens, *, cache_read=0, cache_creation=0, cost=None) -> dict:
+    """An Anthropic ``usage``: ``input_tokens`` *exclude* the cache reads and writes."""
+    result = {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": cache_creation,
+        "cache_read_input_tokens": cache_read,
+        "output_tokens": output_tokens,
+    }
+    if cost is not None:  # OpenRouter's /messages adds its charge (documented on the whole Message)
+        result["cost"] = _cost(cost)
+    return result
+
+
+def _tool_use(call, position) -> dict:
+    """``call``: (name, input dict[, id])."""
+    name, arguments, *rest = call
+    return {"type": "tool_use", "id": rest[0] if rest else f"toolu_fake_{position}", "name": name, "input": arguments}
+
+
+def message_object(
+    text="Pong.", *, u=None, model=ANTHROPIC_MODEL, id="msg_fake_1", stop_reason="end_turn", tool_uses=()
+) -> bytes:
+    """A whole Anthropic ``Message`` (POST /messages, not streamed): a text block, then ``tool_uses``."""
+    content = [{"type": "text", "text": text}] if text else []
+    content += [_tool_use(call, n) for n, call in enumerate(tool_uses)]
+    message = {
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": "tool_use" if tool_uses and stop_reason == "end_turn" else stop_reason,
+        "stop_sequence": None,
+        "usage": u or messages_usage(10, 2),
+    }
+    return _dumps(message).encode()
+
+
+def messages_stream_of(
+    *words, u=None, model=ANTHROPIC_MODEL, id="msg_fake_1", stop_reason="end_turn", tool_uses=(), ping=True
+) -> list[bytes]:
+    """A native Anthropic stream: ``message_start`` with the input counts of ``u`` (and 1 output
+    token, as Anthropic starts), a ``ping``, a text block streamed word by word, ``tool_uses``
+    (name, input[, id]) with their JSON in two fragments each, ``message_delta`` with the stop
+    reason and the final ``output_tokens`` (and ``cost`` when ``u`` has one), ``message_stop``."""
+    u = dict(u or messages_usage(10, len(words)))
+    cost = u.pop("cost", None)
+    start_usage = {**u, "output_tokens": 1}
+    message = {"id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": start_usage}  # fmt: skip
+    events = [{"type": "message_start", "message": message}]
+    if ping:
+        events.append({"type": "ping"})
+    index = 0
+    if words:
+        events.append({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        for word in words:
+            events.append({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}})
+        events.append({"type": "content_block_stop", "index": 0})
+        index = 1
+    for n, call in enumerate(tool_uses):
+        block = _tool_use(call, n)
+        raw = json.dumps(block["input"])
+        events.append({"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
+        for fragment in (raw[: len(raw) // 2], raw[len(raw) // 2 :]):
+            delta = {"type": "input_json_delta", "partial_json": fragment}
+            events.append({"type": "content_block_delta", "index": index, "delta": delta})
+        events.append({"type": "content_block_stop", "index": index})
+        index += 1
+    final = "tool_use" if tool_uses and stop_reason == "end_turn" else stop_reason
+    delta_usage = {"output_tokens": u["output_tokens"]}
+    if cost is not None:
+        delta_usage["cost"] = cost  # where OpenRouter puts it in a stream is UNCONFIRMED
+    events.append(
+        {"type": "message_delta", "delta": {"stop_reason": final, "stop_sequence": None}, "usage": delta_usage}
+    )
+    events.append({"type": "message_stop"})
+    return [typed_sse(event) for event in events]
+
+
+def messages_error_event(error_type="overloaded_error", message="Overloaded") -> bytes:
+    """Anthropic's mid-stream failure: an ``error`` event after the 200."""
+    return typed_sse({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def anthropic_error(status=400, error_type="invalid_request_error", message="bad request") -> Reply:
+    """A native Anthropic error reply: ``{"type": "error", "error": {"type", "message"}}``."""
+    body = {"type": "error", "error": {"type": error_type, "message": message}, "request_id": "req_fake_1"}
+    return Reply(status, body)
+
+
+def tokens_count(input_tokens=10) -> dict:
+    """The body of POST /messages/count_tokens."""
+    return {"input_tokens": input_tokens}
+
+
+ROUTES = {
+    "/chat/completions": "chat",
+    "/embeddings": "embeddings",
+    "/generation": "generation",
+    "/models": "models",
+    "/responses": "responses",
+    "/messages": "messages",
+    "/messages/count_tokens": "count_tokens",
+}
 
 
 def serve_tls(server: ThreadingHTTPServer, tls: tuple[str, str] | None) -> str:
