@@ -23,13 +23,15 @@ class Usage:
     cost: Decimal | None = None  # USD, only when the upstream reports it (OpenRouter)
 
 
-def _count(value: object) -> int:
+def count(value: object) -> int:
+    """A token count from parsed JSON (int, or Decimal when parsed that way); junk is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
         return 0
     return max(int(value), 0)
 
 
-def _details(usage: dict, name: str) -> dict:
+def details(usage: dict, name: str) -> dict:
+    """A ``*_details`` object of a usage report, or an empty one."""
     value = usage.get(name)
     return value if isinstance(value, dict) else {}
 
@@ -53,22 +55,22 @@ def reported_cost(report: dict, cost_field: str) -> Decimal | None:
     cost = _amount(report.get(cost_field))
     if cost is None or report.get("is_byok") is not True:
         return cost
-    details = _details(report, "cost_details") if cost_field == "cost" else report
-    return cost + (_amount(details.get("upstream_inference_cost")) or 0)
+    breakdown = details(report, "cost_details") if cost_field == "cost" else report
+    return cost + (_amount(breakdown.get("upstream_inference_cost")) or 0)
 
 
 def usage_from(value: object) -> Usage | None:
     """A ``usage`` object → ``Usage``; anything that is not one → None."""
     if not isinstance(value, dict):
         return None
-    prompt_details = _details(value, "prompt_tokens_details")
-    completion_details = _details(value, "completion_tokens_details")
+    prompt_details = details(value, "prompt_tokens_details")
+    completion_details = details(value, "completion_tokens_details")
     return Usage(
-        prompt_tokens=_count(value.get("prompt_tokens")),
-        completion_tokens=_count(value.get("completion_tokens")),
-        reasoning_tokens=_count(completion_details.get("reasoning_tokens")),
-        cached_tokens=_count(prompt_details.get("cached_tokens")),
-        cache_write_tokens=_count(prompt_details.get("cache_write_tokens", value.get("cache_write_tokens"))),
+        prompt_tokens=count(value.get("prompt_tokens")),
+        completion_tokens=count(value.get("completion_tokens")),
+        reasoning_tokens=count(completion_details.get("reasoning_tokens")),
+        cached_tokens=count(prompt_details.get("cached_tokens")),
+        cache_write_tokens=count(prompt_details.get("cache_write_tokens", value.get("cache_write_tokens"))),
         cost=reported_cost(value, "cost"),
     )
 

@@ -722,8 +722,8 @@ def test_anthropic_usage_adds_cache_reads_and_writes_to_the_prompt():
 def test_an_anthropic_report_prices_exactly_like_the_same_tokens_reported_by_chat():
     """600 of the 610 prompt tokens are cache reads and writes: billed at their rates, not as fresh
     input and not as free. 10 fresh × $3 + 500 read × $0.30 + 100 written × $3.75 + 20 out × $15."""
-    from proxy.lib.pricing import Rates, cost_usd
-    from proxy.lib.usage import Usage, usage_from
+    from core.pricing import Rates, cost_usd
+    from core.usage import Usage, usage_from
 
     rates = Rates(prompt=Decimal("3"), completion=Decimal("15"), cache_read=Decimal("0.3"), cache_write=Decimal("3.75"))
     native = messages_usage(10, 20, cache_read=500, cache_creation=100)

@@ -810,12 +810,12 @@ def test_responses_usage_counts_cached_tokens_inside_input_tokens_like_chat_does
 
 
 def test_a_responses_usage_report_prices_exactly_like_the_same_chat_report():
-    """The wiring the proxy will use: TokenUsage → proxy.lib.usage.Usage → the price table.
+    """The wiring the proxy will use: TokenUsage → core.usage.Usage → the price table.
     300 fresh × $3 + 600 cached × $0.30 + 100 written × $3.75 + 200 out × $15, per million."""
     from decimal import Decimal
 
-    from proxy.lib.pricing import Rates, cost_usd
-    from proxy.lib.usage import Usage, usage_from
+    from core.pricing import Rates, cost_usd
+    from core.usage import Usage, usage_from
 
     rates = Rates(prompt=Decimal("3"), completion=Decimal("15"), cache_read=Decimal("0.3"), cache_write=Decimal("3.75"))
     via_responses = Usage(**asdict(from_responses(fake_responses_usage(1000, 200, cached=600, cache_write=100))))

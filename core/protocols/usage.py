@@ -1,6 +1,6 @@
 """Token usage in every protocol's words, normalised to one shape — and back.
 
-``TokenUsage`` has exactly the token fields of ``proxy.lib.usage.Usage`` with the same meaning,
+``TokenUsage`` has exactly the token fields of ``core.usage.Usage`` with the same meaning,
 so wiring is ``Usage(**dataclasses.asdict(t), cost=reported_cost(raw, "cost"))`` (OpenRouter
 adds ``cost``/``is_byok``/``cost_details`` to native ``/responses`` and ``/messages`` usage too).
 
@@ -21,7 +21,8 @@ Output always includes reasoning: ``completion_tokens`` / ``output_tokens``, wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+
+from core.usage import count, details
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,15 @@ class TokenUsage:
     cache_write_tokens: int = 0  # prompt tokens written to cache (a subset of prompt_tokens)
 
 
-def count(value: object) -> int:
-    """A token count from parsed JSON (int, or Decimal when parsed that way); junk is 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
-        return 0
-    return max(int(value), 0)
-
-
-def _details(usage: dict, name: str) -> dict:
-    value = usage.get(name)
-    return value if isinstance(value, dict) else {}
-
-
 def from_chat(usage: object) -> TokenUsage | None:
     """A chat-completions ``usage`` object; None when there is none."""
     if not isinstance(usage, dict):
         return None
-    prompt = _details(usage, "prompt_tokens_details")
+    prompt = details(usage, "prompt_tokens_details")
     return TokenUsage(
         prompt_tokens=count(usage.get("prompt_tokens")),
         completion_tokens=count(usage.get("completion_tokens")),
-        reasoning_tokens=count(_details(usage, "completion_tokens_details").get("reasoning_tokens")),
+        reasoning_tokens=count(details(usage, "completion_tokens_details").get("reasoning_tokens")),
         cached_tokens=count(prompt.get("cached_tokens")),
         cache_write_tokens=count(prompt.get("cache_write_tokens", usage.get("cache_write_tokens"))),
     )
@@ -63,13 +52,13 @@ def from_responses(usage: object) -> TokenUsage | None:
     """A Responses API ``usage`` object (``response.usage``); None when there is none."""
     if not isinstance(usage, dict):
         return None
-    details = _details(usage, "input_tokens_details")
+    input_details = details(usage, "input_tokens_details")
     return TokenUsage(
         prompt_tokens=count(usage.get("input_tokens")),
         completion_tokens=count(usage.get("output_tokens")),
-        reasoning_tokens=count(_details(usage, "output_tokens_details").get("reasoning_tokens")),
-        cached_tokens=count(details.get("cached_tokens")),
-        cache_write_tokens=count(details.get("cache_write_tokens")),
+        reasoning_tokens=count(details(usage, "output_tokens_details").get("reasoning_tokens")),
+        cached_tokens=count(input_details.get("cached_tokens")),
+        cache_write_tokens=count(input_details.get("cache_write_tokens")),
     )
 
 
@@ -85,7 +74,7 @@ def from_anthropic(usage: object) -> TokenUsage | None:
     return TokenUsage(
         prompt_tokens=fresh + read + written,
         completion_tokens=count(usage.get("output_tokens")),
-        reasoning_tokens=count(_details(usage, "output_tokens_details").get("thinking_tokens")),
+        reasoning_tokens=count(details(usage, "output_tokens_details").get("thinking_tokens")),
         cached_tokens=read,
         cache_write_tokens=written,
     )
