@@ -21,7 +21,7 @@ USD = 10**9
 @pytest.fixture
 def entry(db) -> Entry:
     wallet = wallet_get_or_create(user=User.objects.create_user(email="w@example.com"))
-    return wallet_credit(wallet=wallet, amount=10 * USD, kind=EntryKind.TOP_UP, idempotency_key="opening")
+    return wallet_credit(wallet=wallet, amount=10 * USD, kind=EntryKind.TOP_UP, idempotency_key="opening").entry
 
 
 def _refused(sql: str, params=(), error=DatabaseError) -> None:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.django_db
 def _credit(user, amount: str, key: str, kind=EntryKind.BONUS, description=""):
     return wallet_credit(
         wallet=user.wallet, amount=parse_usd(amount), kind=kind, idempotency_key=key, description=description
-    )
+    ).entry
 
 
 def _rows(response) -> list[dict]:

@@ -52,7 +52,7 @@ def access_token(user) -> str:
 def credit(user, amount: int, key: str | None = None):
     return wallet_credit(
         wallet=user.wallet, amount=amount, kind=EntryKind.BONUS, idempotency_key=key or uuid.uuid4().hex
-    )
+    ).entry
 
 
 @database_sync_to_async
