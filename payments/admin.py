@@ -3,6 +3,7 @@
 from django import forms
 from django.contrib import admin, messages
 from django.utils.html import format_html
+from django.utils.text import Truncator
 
 from wallet.money import MoneyError, format_cents, format_usd, parse_usd
 
@@ -131,12 +132,26 @@ class SubscriptionAdmin(admin.ModelAdmin):
 
 @admin.register(WebhookEvent)
 class WebhookEventAdmin(admin.ModelAdmin):
-    list_display = ["event_id", "provider", "event_type", "status", "attempts", "test_mode", "created_at"]
+    list_display = [
+        "event_id",
+        "provider",
+        "event_type",
+        "status",
+        "short_error",
+        "attempts",
+        "test_mode",
+        "created_at",
+    ]
     list_filter = ["status", "provider", "event_type", "test_mode"]
     search_fields = ["event_id", "waiting_for"]
     readonly_fields = [f.name for f in WebhookEvent._meta.fields if f.name != "body"] + ["raw_body"]
     exclude = ["body"]
     actions = ["replay"]
+
+    @admin.display(description="error / note")
+    def short_error(self, obj):
+        # Why a rejected body could not be read, why a failed one failed, or what processing noted.
+        return Truncator(obj.error).chars(120)
 
     @admin.display(description="raw body")
     def raw_body(self, obj):
