@@ -8,7 +8,7 @@ from django.utils.text import Truncator
 from wallet.money import MoneyError, format_cents, format_usd, parse_usd
 
 from .models import Checkout, CreditPack, EventStatus, Payment, StaffAlert, Subscription, WebhookEvent
-from .services import staff_alert_resolve, webhook_event_replay
+from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve, webhook_event_replay
 
 
 def _usd_column(field: str, label: str):
@@ -111,6 +111,20 @@ class PaymentAdmin(admin.ModelAdmin):
     list_filter = ["provider", "status", "test_mode"]
     search_fields = ["provider_payment_id", "payment_intent", "user__email"]
     readonly_fields = [f.name for f in Payment._meta.fields]
+    actions = ["credit_flagged"]
+
+    @admin.action(description="Credit the pack for selected flagged payments", permissions=["change"])
+    def credit_flagged(self, request, queryset):
+        credited = 0
+        for payment in queryset.order_by("id"):
+            try:
+                payment_flagged_credit(payment=payment, staff_user=request.user)
+            except PaymentsError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                credited += 1
+        if credited:
+            self.message_user(request, f"Credited {credited} flagged payment(s).", messages.SUCCESS)
 
     def has_add_permission(self, request):
         return False

@@ -896,6 +896,39 @@ STRIPE_HANDLERS = {
 # --- Staff ---------------------------------------------------------------------------------------
 
 
+def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
+    """Resolve a flagged payment by crediting its pack after all — staff checked the money and
+    decided it buys the pack (a coupon they issued, a price changed mid-checkout). Once, to the
+    payment's user, as a top-up; the payment then counts as revenue and its alerts are resolved.
+
+    A flagged payment without a known user and pack, or already partly refunded, cannot be
+    credited this way: refund it at the provider, or correct the wallet by hand.
+    """
+    if staff_user is None or not staff_user.is_staff:
+        raise PaymentsError("only staff can credit a flagged payment")
+    with transaction.atomic(durable=True):
+        locked = Payment.objects.select_for_update(of=("self",)).select_related("pack", "user").get(pk=payment.pk)
+        if locked.status != PaymentStatus.FLAGGED:
+            raise PaymentsError(f"{locked} is not flagged")
+        if locked.user is None or locked.pack is None:
+            raise PaymentsError(f"{locked} has no known user or pack: refund it, or correct a wallet by hand")
+        if locked.refunded_amount:
+            raise PaymentsError(f"{locked} was partly refunded: correct the wallet by hand")
+        wallet_credit(
+            wallet=wallet_get_or_create(user=locked.user),
+            amount=locked.pack.credit,
+            kind=EntryKind.TOP_UP,
+            idempotency_key=f"staff:payment:{locked.pk}",
+            reference=locked.provider_payment_id,
+            description=f"{locked.pack.name} credit pack (flagged payment credited by staff)",
+            metadata={"provider": locked.provider, "payment": locked.provider_payment_id, "staff": staff_user.email},
+        )
+        locked.status, locked.credit = PaymentStatus.PAID, locked.pack.credit
+        locked.save(update_fields=["status", "credit"])
+        StaffAlert.objects.filter(payment=locked, resolved=False).update(resolved=True, resolved_at=timezone.now())
+    return locked
+
+
 def staff_alert_resolve(*, alert: StaffAlert) -> StaffAlert:
     StaffAlert.objects.filter(pk=alert.pk, resolved=False).update(resolved=True, resolved_at=timezone.now())
     alert.refresh_from_db()
