@@ -166,8 +166,14 @@ def hold_summary(*, now: datetime | None = None) -> dict:
 
 
 def attention_counts() -> dict:
-    """Webhook events that failed processing, and staff alerts nobody resolved yet."""
+    """Webhook events that failed processing or were rejected as unreadable, and staff alerts
+    nobody resolved yet."""
+    webhooks = WebhookEvent.objects.filter(status__in=[EventStatus.FAILED, EventStatus.REJECTED]).aggregate(
+        failed=Count("id", filter=Q(status=EventStatus.FAILED)),
+        rejected=Count("id", filter=Q(status=EventStatus.REJECTED)),
+    )
     return {
-        "failed_webhooks": WebhookEvent.objects.filter(status=EventStatus.FAILED).count(),
+        "failed_webhooks": webhooks["failed"],
+        "rejected_webhooks": webhooks["rejected"],
         "open_alerts": StaffAlert.objects.filter(resolved=False).count(),
     }

@@ -79,6 +79,9 @@ def business(alice, bob):
     WebhookEvent.objects.create(
         provider="stripe", event_id="evt_1", event_type="x", body="{}", status=EventStatus.FAILED
     )
+    WebhookEvent.objects.create(
+        provider="stripe", event_id="evt_2", event_type="x", body="[]", status=EventStatus.REJECTED
+    )
     StaffAlert.objects.create(kind="amount_mismatch", message="paid 9.99 for a 10.00 pack")
     StaffAlert.objects.create(kind="old", message="done", resolved=True)
 
@@ -129,6 +132,7 @@ def test_negative_wallets_holds_failed_webhooks_and_open_alerts_are_shown(staff,
     assert figure(html, "failed_webhooks") == "1"
     assert figure(html, "open_alerts") == "1"
     assert "1 failed webhook event" in html and "1 open staff alert" in html
+    assert "1 rejected webhook event" in html and "?status__exact=rejected" in html
 
 
 def test_the_ledger_identity_is_shown_and_a_forged_balance_breaks_it(staff, business):
