@@ -43,6 +43,7 @@ from wallet.money import format_usd, loads_decimal
 
 from . import upstream
 from .demo import DemoResponse
+from .lib import upstream_errors
 from .lib.sse import Event, SSEParser
 from .lib.usage import StreamMeter
 from .models import UsageStatus
@@ -557,17 +558,29 @@ class ProxyConsumer(AsyncHttpConsumer):
         """An upstream error before any output: nothing is charged.
 
         The client's own mistakes (400/404/413/422: context too long, bad parameter) come back as
-        400 with the upstream's message so they can be fixed; an upstream rate limit stays 429 with
-        its Retry-After so SDKs back off; everything else (our upstream credentials or credit,
-        upstream outages) is the operator's problem and becomes a 502 that reveals no details.
+        400 with the upstream's message so they can be fixed — redacted, as it was written for the
+        operator and can name their key or account (``lib.upstream_errors``); an upstream rate
+        limit stays 429 with its Retry-After so SDKs back off; everything else (our upstream
+        credentials or credit, upstream outages) is the operator's problem and becomes a 502 that
+        reveals no details. Staff get the whole body in the log, credentials removed.
         """
-        detail = upstream.error_message(raw[:UPSTREAM_ERROR_BODY_LIMIT])
+        raw = raw[:UPSTREAM_ERROR_BODY_LIMIT]
+        secrets = (settings.UPSTREAM_API_KEY,)
+        log.warning(
+            "proxy request %s: upstream HTTP %s: %s",
+            self.request_id,
+            upstream_status,
+            upstream_errors.log_text(raw, secrets=secrets),
+        )
+        detail = upstream_errors.client_error(raw, secrets=secrets)
+        param = None
         if upstream_status in (400, 404, 413, 422):
             status, message, code = (
                 400,
-                detail or "The upstream model rejected the request.",
+                detail.message or "The upstream model rejected the request.",
                 "upstream_invalid_request",
             )
+            param = detail.param
         elif upstream_status == 429:
             status, message, code = 429, "The upstream model is rate limited; retry shortly.", "upstream_rate_limited"
         elif upstream_status in (408, 504, 524):
@@ -575,12 +588,12 @@ class ProxyConsumer(AsyncHttpConsumer):
         else:
             status, message, code = 502, f"The upstream model failed (HTTP {upstream_status}).", "upstream_error"
         outcome.status, outcome.http_status, outcome.reached_upstream = UsageStatus.UPSTREAM_ERROR, status, False
-        outcome.error = f"upstream HTTP {upstream_status}: {detail}"[:500]
+        outcome.error = f"upstream HTTP {upstream_status}: {detail.message}"[:500]
         retry_after = headers.get("retry-after") if status == 429 else None
         type_ = "invalid_request_error" if status == 400 else "upstream_error"
 
         async def finish(record, begun):
-            await self.send_error(status, message, type_, code, retry_after=retry_after)
+            await self.send_error(status, message, type_, code, param=param, retry_after=retry_after)
 
         return finish
 
