@@ -188,7 +188,9 @@ class WebhookEventAdmin(admin.ModelAdmin):
         if failed:
             self.message_user(request, f"{failed} event(s) failed again; see their error.", messages.ERROR)
         if skipped:
-            self.message_user(request, f"Skipped {skipped} event(s) already processed or ignored.", messages.WARNING)
+            self.message_user(
+                request, f"Skipped {skipped} event(s) already processed, ignored or rejected.", messages.WARNING
+            )
 
     def has_add_permission(self, request):
         return False

@@ -436,3 +436,29 @@ def test_a_subscription_invoice_with_a_zero_total_is_flagged(client, bob, packs)
 
     assert balance_of(bob) == 0
     assert "the total paid is $0.00" in Payment.objects.get().flag_reason
+
+
+def test_replaying_an_old_failed_event_with_an_unreadable_body_rejects_it(client, staff, packs):
+    # Stored 'failed' before bodies were checked on arrival: retried forever until staff replay it.
+    event = WebhookEvent.objects.create(
+        provider="lemonsqueezy",
+        event_id="order_created:1",
+        event_type="order_created",
+        body=json.dumps({"meta": {"event_name": "order_created"}, "data": {"id": "1", "attributes": None}}),
+        signature_valid=True,
+        status=EventStatus.FAILED,
+        attempts=3,
+    )
+    client.force_login(staff)
+
+    client.post("/admin/payments/webhookevent/", {"action": "replay", "_selected_action": [event.pk]}, follow=True)
+
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == (EventStatus.REJECTED, 4)
+    assert "data.attributes is missing" in event.error
+    # and the provider's next retry of it gets the 400 that stops it
+    body = event.body.encode()
+    retry = client.post(
+        "/webhooks/lemonsqueezy", data=body, content_type="application/json", HTTP_X_SIGNATURE=ls_signature(body)
+    )
+    assert retry.status_code == 400
