@@ -534,7 +534,7 @@ def _ls_order_created(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcom
     return Outcome(EventStatus.PROCESSED, unparks=(_payment_key(LS, order.id),))
 
 
-def _ls_refund(event: WebhookEvent, refunded: lemonsqueezy.Order | lemonsqueezy.Invoice, *, payment_id: str) -> Outcome:
+def _ls_refund(event: WebhookEvent, refunded: lemonsqueezy.Paid, *, payment_id: str) -> Outcome:
     payment = _locked_payment(LS, payment_id)
     if payment is None:
         key = _payment_key(LS, payment_id)

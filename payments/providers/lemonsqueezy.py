@@ -83,20 +83,35 @@ def signature_valid(raw_body: bytes, signature: str | None) -> bool:
 
 
 @dataclass(frozen=True)
-class Order:
-    """``data.type = "orders"`` (``order_created``, ``order_refunded``). Cents are USD where named
-    so; ``total`` and ``refunded_amount`` are in the order's own currency, as refunds are counted."""
+class Paid:
+    """What an order or a subscription invoice says was paid. Cents are USD where named so;
+    ``total`` and ``refunded_amount`` are in the object's own currency, as refunds are counted."""
 
-    id: str
-    number: str
-    status: str
     currency: str
     total_usd: int
     tax_usd: int
     tax_inclusive: bool
     total: int
     refunded_amount: int
+
+
+@dataclass(frozen=True)
+class Order(Paid):
+    """``data.type = "orders"`` (``order_created``, ``order_refunded``)."""
+
+    id: str
+    number: str
+    status: str
     variant_id: str
+
+
+@dataclass(frozen=True)
+class Invoice(Paid):
+    """``data.type = "subscription-invoices"`` (``subscription_payment_success``, ``…_refunded``)."""
+
+    id: str
+    status: str
+    subscription_id: str
 
 
 @dataclass(frozen=True)
@@ -105,21 +120,6 @@ class Subscription:
     status: str
     variant_id: str
     updated_at: datetime | None  # the provider's time of this state: deliveries are not ordered
-
-
-@dataclass(frozen=True)
-class Invoice:
-    """``data.type = "subscription-invoices"`` (``subscription_payment_success``, ``…_refunded``)."""
-
-    id: str
-    status: str
-    subscription_id: str
-    currency: str
-    total_usd: int
-    tax_usd: int
-    tax_inclusive: bool
-    total: int
-    refunded_amount: int
 
 
 @dataclass(frozen=True)
@@ -177,19 +177,25 @@ def parse_event(body: str) -> Event:
         raise MalformedEvent(str(exc), event_type=name) from None
 
 
+def _paid(attributes: Fields) -> dict:
+    return {
+        "currency": attributes.text("currency", required=True, max_length=3),
+        "total_usd": attributes.cents("total_usd"),
+        "tax_usd": attributes.cents("tax_usd", required=False) or 0,
+        "tax_inclusive": bool(attributes.flag("tax_inclusive")),
+        "total": attributes.cents("total"),
+        "refunded_amount": attributes.cents("refunded_amount", required=False) or 0,
+    }
+
+
 def _order(object_id: str, attributes: Fields) -> Order:
     item = attributes.optional_obj("first_order_item")
     return Order(
         id=object_id,
         number=str(attributes.integer("order_number") or object_id),
         status=attributes.text("status", required=True, max_length=40),
-        currency=attributes.text("currency", required=True, max_length=3),
-        total_usd=attributes.cents("total_usd"),
-        tax_usd=attributes.cents("tax_usd", required=False) or 0,
-        tax_inclusive=bool(attributes.flag("tax_inclusive")),
-        total=attributes.cents("total"),
-        refunded_amount=attributes.cents("refunded_amount", required=False) or 0,
         variant_id=item.ident("variant_id", required=False) if item else "",
+        **_paid(attributes),
     )
 
 
@@ -207,12 +213,7 @@ def _invoice(object_id: str, attributes: Fields) -> Invoice:
         id=object_id,
         status=attributes.text("status", required=True, max_length=40),
         subscription_id=attributes.ident("subscription_id"),
-        currency=attributes.text("currency", required=True, max_length=3),
-        total_usd=attributes.cents("total_usd"),
-        tax_usd=attributes.cents("tax_usd", required=False) or 0,
-        tax_inclusive=bool(attributes.flag("tax_inclusive")),
-        total=attributes.cents("total"),
-        refunded_amount=attributes.cents("refunded_amount", required=False) or 0,
+        **_paid(attributes),
     )
 
 
