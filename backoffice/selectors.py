@@ -4,9 +4,18 @@ upstream reports it) until the template renders it.
 
 Definitions used on the page:
 
-* revenue = Σ gross of real (non-test) payments; fees and net likewise; refunds = Σ refunded.
-* charged = Σ what usage records debited from wallets; upstream cost = Σ what the upstream billed.
-* margin = charged − upstream cost (what the markup earned on the period's traffic).
+* revenue = money received for credit given: Σ gross of real (non-test) payments that credited a
+  wallet; fees, net and refunds (Σ refunded) of those same payments.
+* flagged = real payments stored ``flagged`` (the amount did not buy a pack, or nobody to credit):
+  money received for which nothing was credited, listed apart — count and what is still held
+  (gross − refunded) — until staff resolve them: crediting the pack
+  (``payments.services.payment_flagged_credit``) makes one revenue, refunding it in full at the
+  provider leaves nothing held.
+* charged = every debit the business earns from, by kind: model usage (Σ what usage records
+  debited) plus tool charges (Σ ``charge`` entries, ``/v1/user/charge``). Refund clawbacks are
+  not earnings, they undo a top-up.
+* upstream cost = Σ what the upstream billed for the usage; tool charges have none we know of.
+* margin = charged − upstream cost (what the markup and the tools earned in the period).
 * net margin = net − refunds − upstream cost: cash kept after the processor and the upstream
   were paid. The two differ because credit is bought before it is spent.
 """
@@ -17,14 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from core.money import usd_to_nanos
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord
-from wallet.models import Hold, HoldStatus, Wallet
+from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
 PERIODS = (7, 30, 90)
 DEFAULT_PERIOD = 30
@@ -47,15 +56,22 @@ def period_start(days: int, *, now: datetime | None = None) -> datetime:
 
 @dataclass(frozen=True)
 class Money:
-    payments: int
-    flagged: int
+    payments: int  # that credited a wallet
     gross: int  # nanodollars
     fee: int
     net: int
     refunded: int
-    charged: int
+    flagged: int  # flagged payments with money still held
+    flagged_held: int  # nanodollars received for them and not refunded
+    charged_usage: int  # nanodollars debited for model usage
+    charged_tools: int  # nanodollars debited as tool charges
+    tool_charges: int
     upstream_cost_usd: Decimal
     requests: int
+
+    @property
+    def charged(self) -> int:
+        return self.charged_usage + self.charged_tools
 
     @property
     def upstream_cost(self) -> int:
@@ -72,26 +88,37 @@ class Money:
 
 
 def money_summary(*, since: datetime) -> Money:
-    """Two aggregates: payments in the period, usage in the period."""
+    """Three aggregates: payments, usage and tool charges in the period."""
+    credited = ~Q(status=PaymentStatus.FLAGGED)
+    held = Q(status=PaymentStatus.FLAGGED, gross__gt=F("refunded_amount"))
+    # Aliases differ from field names: an aggregate named "gross" would shadow F("gross").
     paid = Payment.objects.filter(created_at__gte=since, test_mode=False).aggregate(
-        payments=Count("id"),
-        flagged=Count("id", filter=Q(status=PaymentStatus.FLAGGED)),
-        gross=Sum("gross", default=0),
-        fee=Sum("fee", default=0),
-        net=Sum("net", default=0),
-        refunded=Sum("refunded_amount", default=0),
+        payments=Count("id", filter=credited),
+        total_gross=Sum("gross", filter=credited, default=0),
+        total_fee=Sum("fee", filter=credited, default=0),
+        total_net=Sum("net", filter=credited, default=0),
+        total_refunded=Sum("refunded_amount", filter=credited, default=0),
+        flagged=Count("id", filter=held),
+        flagged_held=Sum(F("gross") - F("refunded_amount"), filter=held, default=0),
     )
     used = UsageRecord.objects.filter(created_at__gte=since).aggregate(
         charged=Sum("charge", default=0), upstream_cost=Sum("upstream_cost", default=Decimal(0)), requests=Count("id")
     )
+    # Tool charges are ledger entries only (no usage record); debits are negative amounts.
+    tools = Entry.objects.filter(kind=EntryKind.CHARGE, created_at__gte=since).aggregate(
+        amount=Sum("amount", default=0), count=Count("id")
+    )
     return Money(
         payments=paid["payments"],
+        gross=int(paid["total_gross"]),
+        fee=int(paid["total_fee"]),
+        net=int(paid["total_net"]),
+        refunded=int(paid["total_refunded"]),
         flagged=paid["flagged"],
-        gross=int(paid["gross"]),
-        fee=int(paid["fee"]),
-        net=int(paid["net"]),
-        refunded=int(paid["refunded"]),
-        charged=int(used["charged"]),
+        flagged_held=int(paid["flagged_held"]),
+        charged_usage=int(used["charged"]),
+        charged_tools=-int(tools["amount"]),
+        tool_charges=tools["count"],
         upstream_cost_usd=Decimal(used["upstream_cost"]),
         requests=used["requests"],
     )
@@ -139,8 +166,14 @@ def hold_summary(*, now: datetime | None = None) -> dict:
 
 
 def attention_counts() -> dict:
-    """Webhook events that failed processing, and staff alerts nobody resolved yet."""
+    """Webhook events that failed processing or were rejected as unreadable, and staff alerts
+    nobody resolved yet."""
+    webhooks = WebhookEvent.objects.filter(status__in=[EventStatus.FAILED, EventStatus.REJECTED]).aggregate(
+        failed=Count("id", filter=Q(status=EventStatus.FAILED)),
+        rejected=Count("id", filter=Q(status=EventStatus.REJECTED)),
+    )
     return {
-        "failed_webhooks": WebhookEvent.objects.filter(status=EventStatus.FAILED).count(),
+        "failed_webhooks": webhooks["failed"],
+        "rejected_webhooks": webhooks["rejected"],
         "open_alerts": StaffAlert.objects.filter(resolved=False).count(),
     }

@@ -1,6 +1,7 @@
 """ASGI entry point: Channels routes the streaming proxy and the WebSocket, Django the rest."""
 
 import gc
+import logging
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -10,8 +11,10 @@ from django.core.asgi import get_asgi_application
 django_asgi_app = get_asgi_application()  # before importing the routes: it sets up Django
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from config.listen import app_url_mismatch  # noqa: E402
 from config.routing import http_routes, websocket_routes  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -20,6 +23,16 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter(websocket_routes),
     }
 )
+
+# Once per process (a worker imports this module once): topup_url, the top-up redirects and the
+# keys page are built from APP_URL, so one that names this machine but another port sends users
+# nowhere. Logging is configured by now (get_asgi_application ran django.setup()).
+if problem := app_url_mismatch(settings.APP_URL, settings.LISTEN_HOST, settings.LISTEN_PORT):
+    logging.getLogger(__name__).warning(
+        "%s; topup_url and the keys page are built from APP_URL: set it to where users reach this "
+        "server, or leave it unset to follow HOST/PORT.",
+        problem,
+    )
 
 # Everything loaded so far (settings, models, URLconfs, admin, endpoints) lives as long as the
 # process. Freezing it moves it out of the cyclic garbage collector's generations, so full

@@ -15,9 +15,15 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from config.listen import listen_url
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
+# Where the server listens: the process environment only, never .env — scripts/run hands HOST and
+# PORT to uvicorn from its own environment, so a PORT in .env would move APP_URL but not the server.
+# Read before .env is loaded (read_env writes into os.environ).
+_LISTEN_HOST, _LISTEN_PORT = os.environ.get("HOST", ""), os.environ.get("PORT", "")
 # A developer's .env is for the server they run (scripts/run writes one, with a trial credit that
 # changes every new balance). The test suite and the overhead benchmark run on the environment
 # they set up, so they never read it: pytest by being the process (it loads these settings before
@@ -213,7 +219,16 @@ SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 
 # --- Product ---------------------------------------------------------------------------------
-APP_URL = env.str("APP_URL", default="http://127.0.0.1:8000").rstrip("/")
+LISTEN_HOST = _LISTEN_HOST.strip() or "127.0.0.1"
+try:
+    LISTEN_PORT = int(_LISTEN_PORT.strip() or "8000")
+except ValueError:
+    raise ImproperlyConfigured(f"PORT={_LISTEN_PORT!r} is not a port number") from None
+if not 0 < LISTEN_PORT < 65536:
+    raise ImproperlyConfigured(f"PORT={_LISTEN_PORT!r} is not a port number (1-65535)")
+# Unset, APP_URL follows HOST/PORT, so `PORT=9000 scripts/run` links to port 9000; behind a proxy
+# set it to the public URL. config.asgi warns at start-up when it names this machine but another port.
+APP_URL = env.str("APP_URL", default=listen_url(LISTEN_HOST, LISTEN_PORT)).rstrip("/")
 APP_TITLE = env.str("APP_TITLE", default="Tokentill")
 MARKUP = env_decimal("MARKUP", "0.20")
 MIN_BALANCE = env_decimal("MIN_BALANCE", "0.05")

@@ -3,11 +3,12 @@
 from django import forms
 from django.contrib import admin, messages
 from django.utils.html import format_html
+from django.utils.text import Truncator
 
 from core.money import MoneyError, format_cents, format_usd, parse_usd
 
 from .models import Checkout, CreditPack, EventStatus, Payment, StaffAlert, Subscription, WebhookEvent
-from .services import staff_alert_resolve, webhook_event_replay
+from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve, webhook_event_replay
 
 
 def _usd_column(field: str, label: str):
@@ -110,6 +111,20 @@ class PaymentAdmin(admin.ModelAdmin):
     list_filter = ["provider", "status", "test_mode"]
     search_fields = ["provider_payment_id", "payment_intent", "user__email"]
     readonly_fields = [f.name for f in Payment._meta.fields]
+    actions = ["credit_flagged"]
+
+    @admin.action(description="Credit the pack for selected flagged payments", permissions=["change"])
+    def credit_flagged(self, request, queryset):
+        credited = 0
+        for payment in queryset.order_by("id"):
+            try:
+                payment_flagged_credit(payment=payment, staff_user=request.user)
+            except PaymentsError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                credited += 1
+        if credited:
+            self.message_user(request, f"Credited {credited} flagged payment(s).", messages.SUCCESS)
 
     def has_add_permission(self, request):
         return False
@@ -131,12 +146,26 @@ class SubscriptionAdmin(admin.ModelAdmin):
 
 @admin.register(WebhookEvent)
 class WebhookEventAdmin(admin.ModelAdmin):
-    list_display = ["event_id", "provider", "event_type", "status", "attempts", "test_mode", "created_at"]
+    list_display = [
+        "event_id",
+        "provider",
+        "event_type",
+        "status",
+        "short_error",
+        "attempts",
+        "test_mode",
+        "created_at",
+    ]
     list_filter = ["status", "provider", "event_type", "test_mode"]
     search_fields = ["event_id", "waiting_for"]
     readonly_fields = [f.name for f in WebhookEvent._meta.fields if f.name != "body"] + ["raw_body"]
     exclude = ["body"]
     actions = ["replay"]
+
+    @admin.display(description="error / note")
+    def short_error(self, obj):
+        # Why a rejected body could not be read, why a failed one failed, or what processing noted.
+        return Truncator(obj.error).chars(120)
 
     @admin.display(description="raw body")
     def raw_body(self, obj):
@@ -159,7 +188,9 @@ class WebhookEventAdmin(admin.ModelAdmin):
         if failed:
             self.message_user(request, f"{failed} event(s) failed again; see their error.", messages.ERROR)
         if skipped:
-            self.message_user(request, f"Skipped {skipped} event(s) already processed or ignored.", messages.WARNING)
+            self.message_user(
+                request, f"Skipped {skipped} event(s) already processed, ignored or rejected.", messages.WARNING
+            )
 
     def has_add_permission(self, request):
         return False

@@ -164,6 +164,8 @@ class EventStatus(models.TextChoices):
     PENDING = "pending", "Waiting for a related event"
     FAILED = "failed", "Failed"
     IGNORED = "ignored", "Ignored"
+    # Signed, but a body we can never process (not JSON, wrong shape or types): answered 400.
+    REJECTED = "rejected", "Rejected (unreadable body)"
 
 
 class WebhookEvent(models.Model):

@@ -2,20 +2,27 @@
 
 Webhook policy (read before changing anything here):
 
-* The view verifies the signature over the raw body, then ``webhook_receive`` stores the event in
-  its own short transaction. ``(provider, event_id)`` is UNIQUE: a duplicate delivery — also N
-  parallel ones — hits the constraint and finds the first row; there is no ``exists()`` check to
-  race past.
+* The view verifies the signature over the raw body, then ``webhook_receive`` reads it into the
+  provider's normalised event (``payments/providers/<name>.py``: every field typed, or a
+  ``MalformedEvent``) and stores it in its own short transaction. ``(provider, event_id)`` is
+  UNIQUE: a duplicate delivery — also N parallel ones — hits the constraint and finds the first
+  row; there is no ``exists()`` check to race past.
+* A signed body we can never process (not JSON, nested too deep, a field missing or of the wrong
+  type) is stored ``rejected`` with the reason and answered 400: retrying the same bytes cannot
+  succeed, and a 500 would have the provider retry it for days.
 * ``webhook_event_process`` then locks that row (``select_for_update``; SQLite's IMMEDIATE
   transactions serialise the same way) and handles it in ONE durable transaction together with
   the wallet change, so "processed" and "credited" commit or roll back together. A row that is
-  already processed/ignored/pending is answered as a duplicate.
-* A handler error rolls everything back, marks the row ``failed`` with the error and the view
-  answers 500 so the provider retries; a retry or a staff replay processes it again.
-* What is credited comes from what was paid: the pack is found from the paid variant / our own
-  checkout row, and the paid amount and currency must equal the pack's price. Anything else is
-  stored as a ``flagged`` payment with a staff alert and credits nothing (answered 200: a retry
-  cannot fix it).
+  already processed/ignored/rejected/pending is answered as a duplicate. A provider API read a
+  handler needs (a Stripe Payment Link's line items) happens before that transaction.
+* A transient error (database, provider API) rolls everything back, marks the row ``failed`` with
+  the error and the view answers 500 so the provider retries; a retry or a staff replay processes
+  it again.
+* What is credited comes from what was paid: the pack is found from the paid variant / Stripe
+  price / our own checkout row, and the paid amount and currency must equal the pack's price; a
+  total of zero or less, or a negative tax, never buys anything. Anything else is stored as a
+  ``flagged`` payment with a staff alert and credits nothing (answered 200: a retry cannot fix it)
+  until staff resolve it (``payment_flagged_credit``).
 * A refund (or subscription invoice) that arrives before the payment (subscription) it belongs to
   is parked as ``pending`` with ``waiting_for``. After any event commits, parked events waiting for
   what it created are processed; a freshly parked event re-checks once after its own commit, so
@@ -26,8 +33,9 @@ Webhook policy (read before changing anything here):
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -35,9 +43,8 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
-from core.money import NANOS_PER_USD, format_cents, loads_decimal, mul_round, usd_to_nanos
+from core.money import NANOS_PER_USD, format_cents, mul_round, usd_to_nanos
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
 
@@ -55,7 +62,7 @@ from .models import (
     WebhookEvent,
 )
 from .providers import lemonsqueezy, stripe_provider
-from .providers.errors import ProviderError
+from .providers.errors import MalformedEvent, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -147,26 +154,85 @@ class WebhookResult:
     ok: bool  # False → answer 500 so the provider retries
     duplicate: bool = False
 
+    @property
+    def rejected(self) -> bool:
+        """A body we can never process: answered 400, kept for staff, never retried into success."""
+        return self.event.status == EventStatus.REJECTED
 
-FINAL = {EventStatus.PROCESSED, EventStatus.IGNORED}
+
+FINAL = {EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.REJECTED}
+
+ProviderEvent = lemonsqueezy.Event | stripe_provider.Event
 
 
-def webhook_receive(*, provider: str, event_id: str, event_type: str, body: str, test_mode: bool) -> WebhookResult:
-    """Store a verified delivery once and process it. Duplicates find the first row."""
+def _parse(provider: str, body: str) -> ProviderEvent:
+    if provider == Provider.LEMONSQUEEZY:
+        return lemonsqueezy.parse_event(body)
+    return stripe_provider.parse_event(body)
+
+
+def webhook_receive(*, provider: str, body: bytes, event_type_hint: str = "") -> WebhookResult:
+    """Store a verified delivery once and process it. Duplicates find the first row.
+
+    A body that is not an event we can read (not UTF-8 or JSON, a field missing or of the wrong
+    type) is stored ``rejected`` with the reason instead; ``event_type_hint`` (Lemon Squeezy's
+    ``X-Event-Name``) labels it for staff when the body cannot.
+    """
+    try:
+        text = body.decode("utf-8")
+        parsed = _parse(provider, text)
+    except UnicodeDecodeError:
+        return _reject(provider=provider, body=body, reason="the body is not UTF-8", event_type=event_type_hint)
+    except MalformedEvent as exc:
+        return _reject(
+            provider=provider,
+            body=body,
+            reason=str(exc),
+            event_id=exc.event_id,
+            event_type=exc.event_type or event_type_hint,
+        )
+    try:
+        with transaction.atomic():
+            event = WebhookEvent.objects.create(
+                provider=provider,
+                event_id=parsed.event_id,
+                event_type=parsed.event_type,
+                body=text,
+                signature_valid=True,
+                test_mode=parsed.test_mode,
+            )
+    except IntegrityError:
+        # The constraint, not a prior exists() check, decides who was first. The first row's own
+        # body is what gets processed (Lemon Squeezy ids are derived, so bodies may differ).
+        event = WebhookEvent.objects.get(provider=provider, event_id=parsed.event_id)
+        return webhook_event_process(event=event)
+    return webhook_event_process(event=event, parsed=parsed)
+
+
+def _reject(*, provider: str, body: bytes, reason: str, event_id: str = "", event_type: str = "") -> WebhookResult:
+    """Store an unreadable signed body as ``rejected``, under the provider's event id when its
+    envelope could be read, else under the hash of its bytes: either way the provider's retries
+    find the first row."""
+    log.warning("rejected a signed %s webhook delivery: %s", provider, reason)
+    event_id = event_id or f"rejected:{hashlib.sha256(body).hexdigest()}"
     try:
         with transaction.atomic():
             event = WebhookEvent.objects.create(
                 provider=provider,
                 event_id=event_id,
-                event_type=event_type,
-                body=body,
+                event_type=event_type[:100] or "(unreadable)",
+                # As text for the admin; PostgreSQL cannot store NUL in text.
+                body=body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
                 signature_valid=True,
-                test_mode=test_mode,
+                status=EventStatus.REJECTED,
+                error=reason[:2000],
+                attempts=1,
+                processed_at=timezone.now(),
             )
     except IntegrityError:
-        # The constraint, not a prior exists() check, decides who was first.
-        event = WebhookEvent.objects.get(provider=provider, event_id=event_id)
-    return webhook_event_process(event=event)
+        first = WebhookEvent.objects.get(provider=provider, event_id=event_id)
+        return WebhookResult(event=first, ok=True, duplicate=True)
+    return WebhookResult(event=event, ok=True)
 
 
 def webhook_event_replay(*, event: WebhookEvent) -> WebhookResult:
@@ -174,30 +240,32 @@ def webhook_event_replay(*, event: WebhookEvent) -> WebhookResult:
     return webhook_event_process(event=event, force=True)
 
 
-def webhook_event_process(*, event: WebhookEvent, force: bool = False, recheck: bool = True) -> WebhookResult:
-    """Handle one stored event in one transaction. ``force`` also retries a parked event."""
+def webhook_event_process(
+    *, event: WebhookEvent, force: bool = False, recheck: bool = True, parsed: ProviderEvent | None = None
+) -> WebhookResult:
+    """Handle one stored event in one transaction. ``force`` also retries a parked event.
+
+    The body is read, and anything a handler needs from the provider's API is fetched, before the
+    transaction opens: no row lock (on SQLite, no database write lock) is held across the network.
+    """
+    try:
+        read = None if event.status in FINAL else _read(event, parsed)  # a final row never changes
+    except ProviderError as exc:  # the provider's API is down: transient, so 500 and a retry
+        return _failed(event, exc)
     try:
         with transaction.atomic(durable=True):
             locked = WebhookEvent.objects.select_for_update().get(pk=event.pk)
             if locked.status in FINAL or (locked.status == EventStatus.PENDING and not force):
                 return WebhookResult(event=locked, ok=True, duplicate=True)
             locked.attempts += 1
-            outcome = _dispatch(locked)
+            outcome = _dispatch(locked, read)
             locked.status = outcome.status
             locked.waiting_for = outcome.waiting_for
             locked.error = outcome.note
             locked.processed_at = timezone.now()
             locked.save(update_fields=["status", "waiting_for", "error", "processed_at", "attempts"])
     except Exception as exc:
-        log.exception("webhook event %s (%s %s) failed", event.pk, event.provider, event.event_type)
-        WebhookEvent.objects.filter(pk=event.pk).update(
-            status=EventStatus.FAILED,
-            error=f"{type(exc).__name__}: {exc}"[:2000],
-            attempts=F("attempts") + 1,
-            processed_at=timezone.now(),
-        )
-        event.refresh_from_db()
-        return WebhookResult(event=event, ok=False)
+        return _failed(event, exc)
 
     # Both after commit, so a parked event and the payment it waits for always meet (see module doc).
     for key in outcome.unparks:
@@ -208,27 +276,46 @@ def webhook_event_process(*, event: WebhookEvent, force: bool = False, recheck: 
     return WebhookResult(event=locked, ok=True)
 
 
-def _dispatch(event: WebhookEvent) -> Outcome:
-    payload = loads_decimal(event.body)
+def _failed(event: WebhookEvent, exc: Exception) -> WebhookResult:
+    """A transient failure (database, provider API): rolled back, stored ``failed``, answered 500."""
+    log.exception("webhook event %s (%s %s) failed", event.pk, event.provider, event.event_type)
+    WebhookEvent.objects.filter(pk=event.pk).update(
+        status=EventStatus.FAILED,
+        error=f"{type(exc).__name__}: {exc}"[:2000],
+        attempts=F("attempts") + 1,
+        processed_at=timezone.now(),
+    )
+    event.refresh_from_db()
+    return WebhookResult(event=event, ok=False)
+
+
+def _read(event: WebhookEvent, parsed: ProviderEvent | None) -> ProviderEvent | MalformedEvent:
+    """The stored body as a normalised event (or why it cannot be one), plus, for a Stripe Payment
+    Link session, its line items from Stripe's API. Raises ``ProviderError``."""
+    if parsed is None:
+        try:
+            parsed = _parse(event.provider, event.body)
+        except MalformedEvent as exc:  # stored before this check existed; a replay answers it
+            return exc
+    if isinstance(parsed, stripe_provider.Event) and _stripe_needs_line_items(event, parsed):
+        session = stripe_provider.session_with_line_items(parsed.subject)
+        parsed = replace(parsed, subject=session)
+    return parsed
+
+
+def _dispatch(event: WebhookEvent, parsed: ProviderEvent | MalformedEvent) -> Outcome:
+    if isinstance(parsed, MalformedEvent):
+        return Outcome(EventStatus.REJECTED, note=str(parsed))
     if event.test_mode and not settings.PAYMENTS_TEST_MODE:
         return Outcome(EventStatus.IGNORED, note="test-mode event ignored: PAYMENTS_TEST_MODE is off")
     handlers = LEMONSQUEEZY_HANDLERS if event.provider == Provider.LEMONSQUEEZY else STRIPE_HANDLERS
-    handler = handlers.get(event.event_type)
-    if handler is None:
+    handler = handlers.get(parsed.event_type)
+    if handler is None or parsed.subject is None:
         return Outcome(EventStatus.IGNORED, note="event type not handled")
-    return handler(event, payload)
+    return handler(event, parsed)
 
 
 # --- Shared helpers ------------------------------------------------------------------------------
-
-
-def _cents(value) -> int:
-    """A provider amount in cents: an integer, never a fraction or a float."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{value!r} is not an amount in cents")
-    if int(value) != value:
-        raise ValueError(f"{value!r} is not a whole number of cents")
-    return int(value)
 
 
 def _fee(provider: str, gross: int) -> int:
@@ -249,9 +336,22 @@ def _user(raw_id):
     return get_user_model().objects.filter(pk=int(text), is_active=True).first()
 
 
-def _price_problem(pack: CreditPack, *, paid_cents: int, currency: str) -> str | None:
+def _price_problem(
+    pack: CreditPack, *, total_cents: int, tax_cents: int, currency: str, tax_included: bool = False
+) -> str | None:
+    """Why this payment does not buy ``pack`` (None if it does). What was paid for the product is
+    the total, less tax when tax was added on top.
+
+    A total of zero or less is never a purchase, and a tax is never negative: without these two
+    checks a $0 order reporting −$10 tax "paid" $10 for the product.
+    """
+    if total_cents <= 0:
+        return f"the total paid is {format_cents(total_cents * NANOS_PER_CENT)}"
+    if tax_cents < 0:
+        return f"the tax is negative ({format_cents(tax_cents * NANOS_PER_CENT)})"
     if currency.upper() != pack.currency.upper():
         return f"paid in {currency.upper()}, but the {pack.name} pack is priced in {pack.currency}"
+    paid_cents = total_cents if tax_included else total_cents - tax_cents
     if paid_cents * NANOS_PER_CENT != pack.price:
         return (
             f"paid {format_cents(paid_cents * NANOS_PER_CENT)} for the {pack.name} pack, "
@@ -388,49 +488,42 @@ def _locked_subscription(provider: str, subscription_id: str) -> Subscription | 
 LS = Provider.LEMONSQUEEZY
 
 
-def _ls_paid_for_pack(attributes: dict) -> int:
-    """USD cents paid for the product: the total, less tax when tax was added on top."""
-    total = _cents(attributes["total_usd"])
-    if attributes.get("tax_inclusive"):
-        return total
-    return total - _cents(attributes.get("tax_usd") or 0)
-
-
-def _ls_order_created(event: WebhookEvent, payload: dict) -> Outcome:
-    data, meta = payload["data"], payload.get("meta") or {}
-    attributes = data["attributes"]
-    order_id = str(data["id"])
-    if attributes.get("status") != "paid":
-        return Outcome(EventStatus.IGNORED, note=f"order status is {attributes.get('status')!r}, not paid")
-    variant_id = str((attributes.get("first_order_item") or {}).get("variant_id", ""))
-    pack = CreditPack.objects.filter(lemonsqueezy_variant_id=variant_id).first() if variant_id else None
+def _ls_order_created(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
+    order: lemonsqueezy.Order = parsed.subject
+    if order.status != "paid":
+        return Outcome(EventStatus.IGNORED, note=f"order status is {order.status!r}, not paid")
+    pack = CreditPack.objects.filter(lemonsqueezy_variant_id=order.variant_id).first() if order.variant_id else None
     if pack is not None and pack.recurring:
         return Outcome(EventStatus.IGNORED, note="first order of a subscription: its invoice grants the credit")
-    custom = meta.get("custom_data") or {}
-    user = _user(custom.get("user_id"))
-    checkout = Checkout.objects.filter(public_id=str(custom.get("checkout_id", "")), user=user).first()
+    user = _user(parsed.custom.get("user_id"))
+    checkout = Checkout.objects.filter(public_id=parsed.custom.get("checkout_id", ""), user=user).first()
     common = {
         "provider": LS,
-        "provider_payment_id": order_id,
-        "currency": str(attributes.get("currency", "USD")).upper(),
+        "provider_payment_id": order.id,
+        "currency": order.currency.upper(),
         "test_mode": event.test_mode,
         "checkout": checkout,
-        **_amounts(LS, _cents(attributes["total_usd"])),
+        **_amounts(LS, order.total_usd),
     }
     if pack is None:
-        return _flag(event, reason=f"variant {variant_id or '(none)'} is not a credit pack", user=user, **common)
+        return _flag(event, reason=f"variant {order.variant_id or '(none)'} is not a credit pack", user=user, **common)
     if user is None:
-        return _flag(
-            event, reason=f"custom_data.user_id {custom.get('user_id')!r} is not a known user", pack=pack, **common
-        )
-    problem = _price_problem(pack, paid_cents=_ls_paid_for_pack(attributes), currency=str(attributes["currency"]))
+        reason = f"custom_data.user_id {parsed.custom.get('user_id')!r} is not a known user"
+        return _flag(event, reason=reason, pack=pack, **common)
+    problem = _price_problem(
+        pack,
+        total_cents=order.total_usd,
+        tax_cents=order.tax_usd,
+        tax_included=order.tax_inclusive,
+        currency=order.currency,
+    )
     if problem:
         return _flag(event, reason=problem, user=user, pack=pack, **common)
     _credit_payment(
         event,
         kind=EntryKind.TOP_UP,
-        idempotency_key=f"lemonsqueezy:order:{order_id}",
-        description=f"{pack.name} credit pack (Lemon Squeezy order {attributes.get('order_number', order_id)})",
+        idempotency_key=f"lemonsqueezy:order:{order.id}",
+        description=f"{pack.name} credit pack (Lemon Squeezy order {order.number})",
         pack=pack,
         credit=pack.credit,
         user=user,
@@ -438,69 +531,65 @@ def _ls_order_created(event: WebhookEvent, payload: dict) -> Outcome:
     )
     if checkout is not None:
         Checkout.objects.filter(pk=checkout.pk).update(status=CheckoutStatus.COMPLETED)
-    return Outcome(EventStatus.PROCESSED, unparks=(_payment_key(LS, order_id),))
+    return Outcome(EventStatus.PROCESSED, unparks=(_payment_key(LS, order.id),))
 
 
-def _ls_refund(event: WebhookEvent, payload: dict, *, payment_id: str) -> Outcome:
-    attributes = payload["data"]["attributes"]
+def _ls_refund(event: WebhookEvent, refunded: lemonsqueezy.Paid, *, payment_id: str) -> Outcome:
     payment = _locked_payment(LS, payment_id)
     if payment is None:
         key = _payment_key(LS, payment_id)
         return Outcome(EventStatus.PENDING, note="refund before its payment: parked", waiting_for=key)
-    refunded = _cents(attributes.get("refunded_amount") or 0)
     note = _apply_refund(
         payment,
-        refunded_cents=refunded,
-        total_cents=_cents(attributes["total"]),
-        idempotency_key=f"lemonsqueezy:refund:{payment_id}:{refunded}",
+        refunded_cents=refunded.refunded_amount,
+        total_cents=refunded.total,
+        idempotency_key=f"lemonsqueezy:refund:{payment_id}:{refunded.refunded_amount}",
         description=f"Refund of Lemon Squeezy {payment_id}",
     )
     return Outcome(EventStatus.PROCESSED, note=note)
 
 
-def _ls_order_refunded(event: WebhookEvent, payload: dict) -> Outcome:
-    return _ls_refund(event, payload, payment_id=str(payload["data"]["id"]))
+def _ls_order_refunded(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
+    return _ls_refund(event, parsed.subject, payment_id=parsed.subject.id)
 
 
-def _ls_invoice_refunded(event: WebhookEvent, payload: dict) -> Outcome:
-    return _ls_refund(event, payload, payment_id=f"invoice:{payload['data']['id']}")
+def _ls_invoice_refunded(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
+    return _ls_refund(event, parsed.subject, payment_id=f"invoice:{parsed.subject.id}")
 
 
 _LS_SUBSCRIPTION_STATUS = {"cancelled": SubscriptionStatus.CANCELLED, "expired": SubscriptionStatus.EXPIRED}
 
 
-def _ls_subscription_sync(event: WebhookEvent, payload: dict) -> Outcome:
+def _ls_subscription_sync(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
     """Any subscription state event: create the row on first sight, else move its status —
     unless this state is older than the one we hold (deliveries are not ordered)."""
-    data, meta = payload["data"], payload.get("meta") or {}
-    attributes = data["attributes"]
-    subscription_id = str(data["id"])
-    status = _LS_SUBSCRIPTION_STATUS.get(attributes.get("status"), SubscriptionStatus.ACTIVE)
+    found: lemonsqueezy.Subscription = parsed.subject
+    status = _LS_SUBSCRIPTION_STATUS.get(found.status, SubscriptionStatus.ACTIVE)
     if event.event_type == "subscription_cancelled":
         status = SubscriptionStatus.CANCELLED
     elif event.event_type == "subscription_expired":
         status = SubscriptionStatus.EXPIRED
-    state_at = parse_datetime(str(attributes.get("updated_at") or "")) or timezone.now()
-    unparks = (_subscription_key(LS, subscription_id),)
-    subscription = _locked_subscription(LS, subscription_id)
+    state_at = found.updated_at or timezone.now()
+    unparks = (_subscription_key(LS, found.id),)
+    subscription = _locked_subscription(LS, found.id)
     if subscription is not None:
         if subscription.state_at and state_at < subscription.state_at:
             return Outcome(EventStatus.IGNORED, note="older than the subscription state already recorded")
         subscription.status, subscription.state_at = status, state_at
         subscription.save(update_fields=["status", "state_at"])
         return Outcome(EventStatus.PROCESSED, unparks=unparks)
-    user = _user((meta.get("custom_data") or {}).get("user_id"))
-    pack = CreditPack.objects.filter(lemonsqueezy_variant_id=str(attributes.get("variant_id", ""))).first()
+    user = _user(parsed.custom.get("user_id"))
+    pack = CreditPack.objects.filter(lemonsqueezy_variant_id=found.variant_id).first() if found.variant_id else None
     if user is None or pack is None:
         _alert(
             kind="subscription_unmatched",
-            message=f"Lemon Squeezy subscription {subscription_id}: unknown user or variant; nothing will be granted.",
+            message=f"Lemon Squeezy subscription {found.id}: unknown user or variant; nothing will be granted.",
             event=event,
         )
         return Outcome(EventStatus.IGNORED, note="subscription without a known user or credit pack")
     Subscription.objects.create(
         provider=LS,
-        provider_subscription_id=subscription_id,
+        provider_subscription_id=found.id,
         user=user,
         pack=pack,
         credit=pack.credit,
@@ -517,8 +606,9 @@ def _grant_invoice(
     provider: str,
     payment_id: str,
     idempotency_key: str,
-    gross_cents: int,
-    paid_cents: int,
+    total_cents: int,
+    tax_cents: int,
+    tax_included: bool,
     currency: str,
     payment_intent: str = "",
 ) -> Outcome:
@@ -532,9 +622,11 @@ def _grant_invoice(
         "test_mode": event.test_mode,
         "subscription": subscription,
         "payment_intent": payment_intent,
-        **_amounts(provider, gross_cents),
+        **_amounts(provider, total_cents),
     }
-    problem = _price_problem(pack, paid_cents=paid_cents, currency=currency)
+    problem = _price_problem(
+        pack, total_cents=total_cents, tax_cents=tax_cents, tax_included=tax_included, currency=currency
+    )
     if problem:
         return _flag(event, reason=problem, user=subscription.user, pack=pack, **common)
     _credit_payment(
@@ -550,26 +642,24 @@ def _grant_invoice(
     return Outcome(EventStatus.PROCESSED, unparks=(_payment_key(provider, payment_id),))
 
 
-def _ls_subscription_payment_success(event: WebhookEvent, payload: dict) -> Outcome:
-    data = payload["data"]
-    attributes = data["attributes"]
-    invoice_id = str(data["id"])
-    if attributes.get("status") != "paid":
-        return Outcome(EventStatus.IGNORED, note=f"invoice status is {attributes.get('status')!r}, not paid")
-    subscription_id = str(attributes.get("subscription_id", ""))
-    subscription = _locked_subscription(LS, subscription_id)
+def _ls_subscription_payment_success(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
+    invoice: lemonsqueezy.Invoice = parsed.subject
+    if invoice.status != "paid":
+        return Outcome(EventStatus.IGNORED, note=f"invoice status is {invoice.status!r}, not paid")
+    subscription = _locked_subscription(LS, invoice.subscription_id)
     if subscription is None:
-        key = _subscription_key(LS, subscription_id)
+        key = _subscription_key(LS, invoice.subscription_id)
         return Outcome(EventStatus.PENDING, note="invoice before its subscription: parked", waiting_for=key)
     return _grant_invoice(
         event,
         subscription,
         provider=LS,
-        payment_id=f"invoice:{invoice_id}",
-        idempotency_key=f"lemonsqueezy:invoice:{invoice_id}",
-        gross_cents=_cents(attributes["total_usd"]),
-        paid_cents=_ls_paid_for_pack(attributes),
-        currency=str(attributes.get("currency", "")),
+        payment_id=f"invoice:{invoice.id}",
+        idempotency_key=f"lemonsqueezy:invoice:{invoice.id}",
+        total_cents=invoice.total_usd,
+        tax_cents=invoice.tax_usd,
+        tax_included=invoice.tax_inclusive,
+        currency=invoice.currency,
     )
 
 
@@ -589,58 +679,98 @@ LEMONSQUEEZY_HANDLERS = {
 # --- Stripe --------------------------------------------------------------------------------------
 
 ST = Provider.STRIPE
+STRIPE_PAID_EVENTS = {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
 
 
-def _stripe_checkout(session: dict) -> Checkout | None:
-    """Our checkout row: ``client_reference_id`` is set server-side when the session is created."""
-    public_id = session.get("client_reference_id") or (session.get("metadata") or {}).get("checkout_id")
-    if not public_id:
+def _stripe_checkout(session: stripe_provider.Session) -> Checkout | None:
+    """Our checkout row: its id rides in every session we create (metadata and client_reference_id)."""
+    if not session.checkout_reference:
         return None
-    return Checkout.objects.filter(public_id=str(public_id), provider=ST).select_related("pack", "user").first()
+    return (
+        Checkout.objects.filter(public_id=session.checkout_reference, provider=ST)
+        .select_related("pack", "user")
+        .first()
+    )
 
 
-def _stripe_session_paid(event: WebhookEvent, payload: dict) -> Outcome:
-    session = payload["data"]["object"]
-    session_id = str(session["id"])
-    if session.get("payment_status") != "paid":
-        note = f"payment_status is {session.get('payment_status')!r}: waiting for async_payment_succeeded"
+def _stripe_needs_line_items(event: WebhookEvent, parsed: stripe_provider.Event) -> bool:
+    """A paid one-off session that is not one of our checkouts but names a user (a Payment Link):
+    what was bought is only known from Stripe's API. Decided before the transaction (reads only)."""
+    session = parsed.subject
+    return (
+        parsed.event_type in STRIPE_PAID_EVENTS
+        and session.payment_status == "paid"
+        and session.mode == "payment"
+        and (settings.PAYMENTS_TEST_MODE or not event.test_mode)
+        and stripe_provider.is_configured()
+        and _stripe_checkout(session) is None
+        and _user(session.client_reference_id) is not None
+    )
+
+
+def _stripe_link_pack(session: stripe_provider.Session) -> tuple[CreditPack | None, str]:
+    """The pack a session without a checkout of ours bought: its one line item's price, once."""
+    if session.line_items is None:
+        return None, "not one of our checkouts, and its line items cannot be read (STRIPE_API_KEY is not set)"
+    if len(session.line_items) != 1 or session.line_items[0].quantity != 1:
+        return None, "a session without a checkout of ours must buy exactly one credit pack, once"
+    price_id = session.line_items[0].price_id
+    packs = CreditPack.objects.filter(stripe_price_id=price_id, active=True, recurring=False)
+    pack = packs.first() if price_id else None
+    if pack is None:
+        return None, f"price {price_id or '(none)'} is not an active credit pack"
+    return pack, ""
+
+
+def _stripe_session_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    session: stripe_provider.Session = parsed.subject
+    if session.payment_status != "paid":
+        note = f"payment_status is {session.payment_status!r}: waiting for async_payment_succeeded"
         return Outcome(EventStatus.IGNORED, note=note)
     checkout = _stripe_checkout(session)
-    if session.get("mode") == "subscription":
+    if session.mode == "subscription":
         return _stripe_subscription_started(event, session, checkout)
-    total = _cents(session.get("amount_total") or 0)
-    tax = _cents((session.get("total_details") or {}).get("amount_tax") or 0)
-    currency = str(session.get("currency") or "").upper()
     common = {
         "provider": ST,
-        "provider_payment_id": session_id,
-        "payment_intent": str(session.get("payment_intent") or ""),
-        "currency": currency,
+        "provider_payment_id": session.id,
+        "payment_intent": session.payment_intent,
+        "currency": session.currency.upper(),
         "test_mode": event.test_mode,
         "checkout": checkout,
-        **_amounts(ST, total),
+        **_amounts(ST, session.amount_total),
     }
-    if checkout is None:
-        reference = session.get("client_reference_id")
-        return _flag(event, reason=f"client_reference_id {reference!r} is not one of our checkouts", **common)
-    pack, user = checkout.pack, checkout.user
-    problem = _price_problem(pack, paid_cents=total - tax, currency=currency)
+    if checkout is not None:
+        pack, user = checkout.pack, checkout.user
+    else:
+        # Not a checkout we created: a Payment Link, whose client_reference_id is a user id. The
+        # line item's price decides the pack, and the amount paid must still match it.
+        user = _user(session.client_reference_id)
+        if user is None:
+            reason = f"client_reference_id {session.client_reference_id!r} is not one of our checkouts, nor a user"
+            return _flag(event, reason=reason, **common)
+        pack, problem = _stripe_link_pack(session)
+        if pack is None:
+            return _flag(event, reason=problem, user=user, **common)
+    problem = _price_problem(
+        pack, total_cents=session.amount_total, tax_cents=session.amount_tax, currency=session.currency
+    )
     if problem:
         return _flag(event, reason=problem, user=user, pack=pack, **common)
     _credit_payment(
         event,
         kind=EntryKind.TOP_UP,
-        idempotency_key=f"stripe:checkout:{session_id}",
+        idempotency_key=f"stripe:checkout:{session.id}",
         description=f"{pack.name} credit pack (Stripe)",
         pack=pack,
         credit=pack.credit,
         user=user,
         **common,
     )
-    Checkout.objects.filter(pk=checkout.pk).update(status=CheckoutStatus.COMPLETED)
-    unparks = [_payment_key(ST, session_id)]
-    if common["payment_intent"]:
-        unparks.append(f"stripe:payment_intent:{common['payment_intent']}")
+    if checkout is not None:
+        Checkout.objects.filter(pk=checkout.pk).update(status=CheckoutStatus.COMPLETED)
+    unparks = [_payment_key(ST, session.id)]
+    if session.payment_intent:
+        unparks.append(f"stripe:payment_intent:{session.payment_intent}")
     return Outcome(EventStatus.PROCESSED, unparks=tuple(unparks))
 
 
@@ -654,21 +784,22 @@ def _stripe_subscription_from_checkout(subscription_id: str, checkout: Checkout)
     return subscription
 
 
-def _stripe_subscription_started(event: WebhookEvent, session: dict, checkout: Checkout | None) -> Outcome:
-    subscription_id = str(session.get("subscription") or "")
-    if checkout is None or not subscription_id:
+def _stripe_subscription_started(
+    event: WebhookEvent, session: stripe_provider.Session, checkout: Checkout | None
+) -> Outcome:
+    if checkout is None or not session.subscription:
         _alert(
             kind="subscription_unmatched",
-            message=f"Stripe session {session.get('id')}: subscription without one of our checkouts.",
+            message=f"Stripe session {session.id}: subscription without one of our checkouts.",
             event=event,
         )
         return Outcome(EventStatus.IGNORED, note="subscription session without one of our checkouts")
-    _stripe_subscription_from_checkout(subscription_id, checkout)
-    return Outcome(EventStatus.PROCESSED, unparks=(_subscription_key(ST, subscription_id),))
+    _stripe_subscription_from_checkout(session.subscription, checkout)
+    return Outcome(EventStatus.PROCESSED, unparks=(_subscription_key(ST, session.subscription),))
 
 
-def _stripe_session_closed(event: WebhookEvent, payload: dict) -> Outcome:
-    checkout = _stripe_checkout(payload["data"]["object"])
+def _stripe_session_closed(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    checkout = _stripe_checkout(parsed.subject)
     if checkout is None:
         return Outcome(EventStatus.IGNORED, note="not one of our checkouts")
     status = CheckoutStatus.EXPIRED if event.event_type == "checkout.session.expired" else CheckoutStatus.FAILED
@@ -676,88 +807,72 @@ def _stripe_session_closed(event: WebhookEvent, payload: dict) -> Outcome:
     return Outcome(EventStatus.PROCESSED)
 
 
-def _stripe_charge_refunded(event: WebhookEvent, payload: dict) -> Outcome:
-    charge = payload["data"]["object"]
-    payment_intent = str(charge.get("payment_intent") or "")
-    if not payment_intent:
+def _stripe_charge_refunded(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    charge: stripe_provider.Charge = parsed.subject
+    if not charge.payment_intent:
         return Outcome(EventStatus.IGNORED, note="charge without a payment_intent")
     payment = (
         Payment.objects.select_for_update(of=("self",))
-        .filter(provider=ST, payment_intent=payment_intent)
+        .filter(provider=ST, payment_intent=charge.payment_intent)
         .select_related("user")
         .first()
     )
     if payment is None:
-        key = f"stripe:payment_intent:{payment_intent}"
+        key = f"stripe:payment_intent:{charge.payment_intent}"
         return Outcome(EventStatus.PENDING, note="refund before its payment: parked", waiting_for=key)
-    refunded = _cents(charge.get("amount_refunded") or 0)
     note = _apply_refund(
         payment,
-        refunded_cents=refunded,
-        total_cents=_cents(charge["amount"]),
-        idempotency_key=f"stripe:refund:{charge['id']}:{refunded}",
-        description=f"Refund of Stripe charge {charge['id']}",
+        refunded_cents=charge.amount_refunded,
+        total_cents=charge.amount,
+        idempotency_key=f"stripe:refund:{charge.id}:{charge.amount_refunded}",
+        description=f"Refund of Stripe charge {charge.id}",
     )
     return Outcome(EventStatus.PROCESSED, note=note)
 
 
-def _stripe_invoice_subscription(invoice: dict) -> tuple[str, dict]:
-    """(subscription id, subscription metadata): ``parent.subscription_details`` since API
-    2025-03-31.basil, top-level ``subscription`` / ``subscription_details`` before."""
-    details = ((invoice.get("parent") or {}).get("subscription_details")) or {}
-    legacy = invoice.get("subscription_details") or {}
-    subscription = details.get("subscription") or invoice.get("subscription") or ""
-    if isinstance(subscription, dict):  # expanded
-        subscription = subscription.get("id", "")
-    return str(subscription), (details.get("metadata") or legacy.get("metadata") or {})
-
-
-def _stripe_invoice_paid(event: WebhookEvent, payload: dict) -> Outcome:
-    invoice = payload["data"]["object"]
-    subscription_id, metadata = _stripe_invoice_subscription(invoice)
-    if not subscription_id:
+def _stripe_invoice_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    invoice: stripe_provider.Invoice = parsed.subject
+    if not invoice.subscription_id:
         return Outcome(EventStatus.IGNORED, note="invoice is not for a subscription")
-    subscription = _locked_subscription(ST, subscription_id)
+    subscription = _locked_subscription(ST, invoice.subscription_id)
     if subscription is None:
-        checkout = Checkout.objects.filter(public_id=str(metadata.get("checkout_id", "")), provider=ST).first()
+        checkout_id = invoice.subscription_metadata.get("checkout_id", "")
+        checkout = Checkout.objects.filter(public_id=checkout_id, provider=ST).first()
         if checkout is None:
-            key = _subscription_key(ST, subscription_id)
+            key = _subscription_key(ST, invoice.subscription_id)
             return Outcome(EventStatus.PENDING, note="invoice before its subscription: parked", waiting_for=key)
-        subscription = _stripe_subscription_from_checkout(subscription_id, checkout)
-    paid = _cents(invoice.get("amount_paid") or 0)
-    total, untaxed = invoice.get("total"), invoice.get("total_excluding_tax")
-    tax = _cents(total) - _cents(untaxed) if total is not None and untaxed is not None else 0
+        subscription = _stripe_subscription_from_checkout(invoice.subscription_id, checkout)
     return _grant_invoice(
         event,
         subscription,
         provider=ST,
-        payment_id=str(invoice["id"]),
-        idempotency_key=f"stripe:invoice:{invoice['id']}",
-        gross_cents=paid,
-        paid_cents=paid - tax,
-        currency=str(invoice.get("currency") or ""),
-        payment_intent=str(invoice.get("payment_intent") or ""),
+        payment_id=invoice.id,
+        idempotency_key=f"stripe:invoice:{invoice.id}",
+        total_cents=invoice.amount_paid,
+        tax_cents=invoice.tax,
+        tax_included=False,
+        currency=invoice.currency,
+        payment_intent=invoice.payment_intent,
     )
 
 
-def _stripe_invoice_failed(event: WebhookEvent, payload: dict) -> Outcome:
-    invoice = payload["data"]["object"]
-    subscription_id, _ = _stripe_invoice_subscription(invoice)
-    amount = format_cents(_cents(invoice.get("amount_due") or 0) * NANOS_PER_CENT)
-    next_try = "Stripe will retry." if invoice.get("next_payment_attempt") else "Stripe will not retry."
+def _stripe_invoice_failed(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    invoice: stripe_provider.Invoice = parsed.subject
+    amount = format_cents(invoice.amount_due * NANOS_PER_CENT)
+    next_try = "Stripe will retry." if invoice.retries else "Stripe will not retry."
     _alert(
         kind="invoice_payment_failed",
         message=(
-            f"Stripe invoice {invoice.get('id')} ({amount}, subscription {subscription_id or 'none'}, "
-            f"customer {invoice.get('customer')}) failed, attempt {invoice.get('attempt_count')}. {next_try}"
+            f"Stripe invoice {invoice.id} ({amount}, subscription {invoice.subscription_id or 'none'}, "
+            f"customer {invoice.customer or None}) failed, attempt {invoice.attempt_count}. {next_try}"
         ),
         event=event,
     )
     return Outcome(EventStatus.PROCESSED)
 
 
-def _stripe_subscription_deleted(event: WebhookEvent, payload: dict) -> Outcome:
-    subscription = _locked_subscription(ST, str(payload["data"]["object"]["id"]))
+def _stripe_subscription_deleted(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
+    subscription = _locked_subscription(ST, parsed.subject.id)
     if subscription is None:
         return Outcome(EventStatus.IGNORED, note="not one of our subscriptions")
     subscription.status = SubscriptionStatus.CANCELLED
@@ -779,6 +894,39 @@ STRIPE_HANDLERS = {
 
 
 # --- Staff ---------------------------------------------------------------------------------------
+
+
+def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
+    """Resolve a flagged payment by crediting its pack after all — staff checked the money and
+    decided it buys the pack (a coupon they issued, a price changed mid-checkout). Once, to the
+    payment's user, as a top-up; the payment then counts as revenue and its alerts are resolved.
+
+    A flagged payment without a known user and pack, or already partly refunded, cannot be
+    credited this way: refund it at the provider, or correct the wallet by hand.
+    """
+    if staff_user is None or not staff_user.is_staff:
+        raise PaymentsError("only staff can credit a flagged payment")
+    with transaction.atomic(durable=True):
+        locked = Payment.objects.select_for_update(of=("self",)).select_related("pack", "user").get(pk=payment.pk)
+        if locked.status != PaymentStatus.FLAGGED:
+            raise PaymentsError(f"{locked} is not flagged")
+        if locked.user is None or locked.pack is None:
+            raise PaymentsError(f"{locked} has no known user or pack: refund it, or correct a wallet by hand")
+        if locked.refunded_amount:
+            raise PaymentsError(f"{locked} was partly refunded: correct the wallet by hand")
+        wallet_credit(
+            wallet=wallet_get_or_create(user=locked.user),
+            amount=locked.pack.credit,
+            kind=EntryKind.TOP_UP,
+            idempotency_key=f"staff:payment:{locked.pk}",
+            reference=locked.provider_payment_id,
+            description=f"{locked.pack.name} credit pack (flagged payment credited by staff)",
+            metadata={"provider": locked.provider, "payment": locked.provider_payment_id, "staff": staff_user.email},
+        )
+        locked.status, locked.credit = PaymentStatus.PAID, locked.pack.credit
+        locked.save(update_fields=["status", "credit"])
+        StaffAlert.objects.filter(payment=locked, resolved=False).update(resolved=True, resolved_at=timezone.now())
+    return locked
 
 
 def staff_alert_resolve(*, alert: StaffAlert) -> StaffAlert:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import ssl
 import time
 import weakref
@@ -279,21 +278,6 @@ def embeddings_body(body: dict, *, user_id: int) -> dict:
     out = dict(body)
     out["user"] = pseudonym(user_id)
     return out
-
-
-def error_message(raw: bytes) -> str:
-    """The upstream's error text (OpenAI, OpenRouter and vLLM shapes), for the client and the record."""
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return raw[:200].decode("utf-8", errors="replace").strip()
-    if isinstance(parsed, dict):
-        error = parsed.get("error", parsed)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:500]
-        if isinstance(error, str):
-            return error[:500]
-    return ""
 
 
 def generation_lookup(generation_id: str, *, attempts: int = 4, backoff: float = 0.5) -> dict | None:

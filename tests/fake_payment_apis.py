@@ -32,6 +32,9 @@ class _FakeApi:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.do_POST()
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
@@ -89,9 +92,33 @@ class FakeLemonSqueezy(_FakeApi):
 
 
 class FakeStripe(_FakeApi):
+    """Creates Checkout Sessions, and lists the line items of the sessions in ``line_items``
+    (``GET /v1/checkout/sessions/{id}/line_items``; any other session is a 404, as at Stripe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.line_items: dict[str, list[dict]] = {}
+
     def respond(self, path, headers, body):
-        if path != "/v1/checkout/sessions" or headers.get("Authorization") != "Bearer sk_test_fake":
+        if headers.get("Authorization") != "Bearer sk_test_fake":
             return 401, {"error": {"type": "invalid_request_error", "message": "Invalid API Key provided"}}
+        route, _, query = path.partition("?")
+        if route.startswith("/v1/checkout/sessions/") and route.endswith("/line_items"):
+            session_id = route.split("/")[4]
+            if session_id not in self.line_items:
+                return 404, {
+                    "error": {"type": "invalid_request_error", "message": f"No such checkout.session: '{session_id}'"}
+                }
+            limit = int(parse_qs(query).get("limit", ["10"])[0])
+            items = self.line_items[session_id]
+            return 200, {
+                "object": "list",
+                "url": route,
+                "has_more": len(items) > limit,
+                "data": items[:limit],
+            }
+        if route != "/v1/checkout/sessions":
+            return 404, {"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}}
         form = {key: values[0] for key, values in parse_qs(body.decode()).items()}
         session_id = f"cs_test_{len(self.requests):06d}"
         return 200, {
@@ -330,6 +357,45 @@ def stripe_session(
         "subscription": subscription,
         "url": None,
     }
+
+
+def stripe_line_item(*, price_id: str, quantity: int = 1, unit_cents: int = 1000, currency: str = "usd") -> dict:
+    """One entry of ``GET /v1/checkout/sessions/{id}/line_items`` (the Price abridged)."""
+    return {
+        "id": f"li_{price_id}",
+        "object": "item",
+        "amount_discount": 0,
+        "amount_subtotal": unit_cents * quantity,
+        "amount_tax": 0,
+        "amount_total": unit_cents * quantity,
+        "currency": currency,
+        "description": "Tokentill credits",
+        "price": {
+            "id": price_id,
+            "object": "price",
+            "currency": currency,
+            "unit_amount": unit_cents,
+            "type": "one_time",
+        },
+        "quantity": quantity,
+    }
+
+
+def stripe_payment_link_session(
+    *, session_id: str = "cs_live_link0001", user_id, amount_cents: int = 1000, tax_cents: int = 0
+) -> dict:
+    """A session a Payment Link opened with ``?client_reference_id=<user id>``: no checkout of ours
+    in it, the Payment Link's own (here empty) metadata, and no line items — the event never has them."""
+    session = stripe_session(
+        session_id=session_id, checkout_id="", user_id=user_id, amount_cents=amount_cents, payment_intent="pi_link0001"
+    )
+    session.update(
+        client_reference_id=str(user_id),
+        metadata={},
+        payment_link="plink_1QxTokentill01",
+        total_details={"amount_discount": 0, "amount_shipping": 0, "amount_tax": tax_cents},
+    )
+    return session
 
 
 def stripe_charge(

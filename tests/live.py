@@ -74,9 +74,11 @@ def live_server(**env_overrides: str):
 @contextmanager
 def live_servers(count: int, **env_overrides: str):
     """``count`` server processes started side by side (start-up is the slow part); yields their
-    URLs. Each logs to ``var/server-<port>.log`` while it runs (the tail is in the error if it does
-    not start). Every process is terminated on the way out, whatever happened."""
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "REDIS_PREFIX", "WEB_CONCURRENCY"}}
+    URLs. Each has ``HOST``/``PORT`` in its environment naming where it listens, as ``scripts/run``
+    exports them, and logs to ``var/server-<port>.log`` while it runs (the tail is in the error if
+    it does not start). Every process is terminated on the way out, whatever happened."""
+    skip = {"REDIS_URL", "REDIS_PREFIX", "WEB_CONCURRENCY", "HOST", "PORT", "APP_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(env_overrides)
@@ -88,9 +90,11 @@ def live_servers(count: int, **env_overrides: str):
             port = free_port()
             log_path = BASE_DIR / "var" / f"server-{port}.log"
             command = [str(uvicorn), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+            # As scripts/run does: HOST and PORT in the environment too (an unset APP_URL follows them).
+            server_env = {"HOST": "127.0.0.1", "PORT": str(port), **env}
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    [*command, *UVICORN_FLAGS], cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
+                    [*command, *UVICORN_FLAGS], cwd=BASE_DIR, env=server_env, stdout=log, stderr=subprocess.STDOUT
                 )
             servers.append((proc, f"http://127.0.0.1:{port}", log_path))
         for proc, url, log_path in servers:

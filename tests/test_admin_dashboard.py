@@ -17,8 +17,8 @@ from backoffice.dashboard import dashboard_context
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord, UsageStatus
 from tests.conftest import make_user
-from wallet.models import Wallet
-from wallet.services import hold_create, hold_settle
+from wallet.models import Entry, Wallet
+from wallet.services import hold_create, hold_settle, wallet_charge
 
 NANOS = 10**9
 
@@ -29,7 +29,7 @@ def fast_password_hashing(settings):
 
 
 def figure(html: str, name: str) -> str:
-    match = re.search(rf'data-figure="{name}"[^>]*>(.*?)</(?:strong|td)>', html, flags=re.S)
+    match = re.search(rf'data-figure="{name}"[^>]*>(.*?)</(?:strong|td|span)>', html, flags=re.S)
     assert match, f"no figure {name}"
     return re.sub(r"<[^>]+>", "", match.group(1)).strip()
 
@@ -78,6 +78,9 @@ def business(alice, bob):
     hold_create(wallet=Wallet.objects.get(user=alice), amount=3 * 10**8, request_id="in-flight")
     WebhookEvent.objects.create(
         provider="stripe", event_id="evt_1", event_type="x", body="{}", status=EventStatus.FAILED
+    )
+    WebhookEvent.objects.create(
+        provider="stripe", event_id="evt_2", event_type="x", body="[]", status=EventStatus.REJECTED
     )
     StaffAlert.objects.create(kind="amount_mismatch", message="paid 9.99 for a 10.00 pack")
     StaffAlert.objects.create(kind="old", message="done", resolved=True)
@@ -129,6 +132,7 @@ def test_negative_wallets_holds_failed_webhooks_and_open_alerts_are_shown(staff,
     assert figure(html, "failed_webhooks") == "1"
     assert figure(html, "open_alerts") == "1"
     assert "1 failed webhook event" in html and "1 open staff alert" in html
+    assert "1 rejected webhook event" in html and "?status__exact=rejected" in html
 
 
 def test_the_ledger_identity_is_shown_and_a_forged_balance_breaks_it(staff, business):
@@ -143,9 +147,9 @@ def test_the_ledger_identity_is_shown_and_a_forged_balance_breaks_it(staff, busi
 def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_num_queries):
     request = RequestFactory().get("/admin/", {"period": "30"})
     request.user = staff
-    # payments 1, usage totals 1, by day 1, by model 1, negative wallets 1, holds 1, webhooks +
-    # alerts 2, ledger totals 3, ledger discrepancies 2 — however many rows there are.
-    with django_assert_num_queries(13):
+    # payments 1, usage totals 1, tool charges 1, by day 1, by model 1, negative wallets 1, holds 1,
+    # webhooks + alerts 2, ledger totals 3, ledger discrepancies 2 — however many rows there are.
+    with django_assert_num_queries(14):
         context = dashboard_context(request)
         list(context["negative_wallets"])
     assert context["money"].requests == 3
@@ -174,3 +178,95 @@ def test_staff_with_view_payment_permission_see_the_dashboard(db):
     client = Client()
     client.force_login(finance)
     assert figure(client.get("/admin/").content.decode(), "revenue") == "$0.00"
+
+
+# --- Tool charges are earnings too (issue 11, item 16) --------------------------------------------
+
+
+def test_tool_charges_count_in_charged_and_margin_labelled_by_kind(staff, business, alice):
+    wallet_charge(wallet=alice.wallet, amount=50 * 10**7, idempotency_key="charge:search-1", description="web search")
+    wallet_charge(wallet=alice.wallet, amount=25 * 10**7, idempotency_key="charge:search-2", description="web search")
+
+    html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
+
+    assert figure(html, "charged_usage") == "$4.20"
+    assert figure(html, "charged_tools") == "$0.75"
+    assert figure(html, "charged") == "$4.95"
+    assert figure(html, "upstream_cost") == "$3.50"
+    assert figure(html, "margin") == "$1.45"  # 4.95 − 3.50: a tool charge costs no upstream
+    assert "tool charges" in html and "(2)" in html
+
+
+# --- Flagged payments are not revenue (item 17) ---------------------------------------------------
+
+
+@pytest.fixture
+def flagged(business, alice):
+    from payments.models import CreditPack
+    from payments.seed import seed_packs
+
+    seed_packs(CreditPack)
+    found = payment(
+        9,
+        gross="20.00",
+        fee="1.50",
+        status=PaymentStatus.FLAGGED,
+        flag_reason="paid $20.00 for the Starter pack, which costs $10.00",
+        user=alice,
+        pack=CreditPack.objects.get(slug="starter"),
+    )
+    StaffAlert.objects.create(kind="payment_flagged", message="flagged", payment=found)
+    payment(10, gross="5.00", fee="0", refunded="5.00", status=PaymentStatus.FLAGGED)  # refunded: nothing held
+    return found
+
+
+def test_flagged_payments_are_listed_apart_and_not_counted_as_revenue(staff, flagged):
+    html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
+
+    assert figure(html, "revenue") == "$35.00"
+    assert figure(html, "fees") == "$2.75"
+    assert figure(html, "net") == "$32.25"
+    assert figure(html, "refunds") == "$25.00"
+    assert figure(html, "flagged") == "$20.00"
+    link = re.search(r'<a href="([^"]+)" data-figure-link="flagged">([^<]+)</a>', html)
+    assert link and link.group(1) == "/admin/payments/payment/?status__exact=flagged"
+    assert link.group(2) == "1 payment"
+    listed = staff_client(staff).get(link.group(1)).content.decode()
+    assert "order-9" in listed and "order-1<" not in listed
+
+
+def test_crediting_a_flagged_payment_in_the_admin_makes_it_revenue(staff, flagged, alice):
+    client = staff_client(staff)
+    before = Wallet.objects.get(user=alice).balance
+
+    response = client.post(
+        "/admin/payments/payment/", {"action": "credit_flagged", "_selected_action": [flagged.pk]}, follow=True
+    )
+
+    assert "Credited 1 flagged payment(s)." in response.content.decode()
+    flagged.refresh_from_db()
+    assert (flagged.status, flagged.credit) == (PaymentStatus.PAID, 10 * NANOS)
+    assert Wallet.objects.get(user=alice).balance == before + 10 * NANOS
+    assert Entry.objects.get(idempotency_key=f"staff:payment:{flagged.pk}").metadata["staff"] == staff.email
+    assert not StaffAlert.objects.filter(payment=flagged, resolved=False).exists()
+    html = client.get("/admin/", {"period": "30"}).content.decode()
+    assert figure(html, "revenue") == "$55.00"
+    assert figure(html, "flagged") == "$0.00"
+
+    again = client.post(
+        "/admin/payments/payment/", {"action": "credit_flagged", "_selected_action": [flagged.pk]}, follow=True
+    )
+    assert "is not flagged" in again.content.decode()
+    assert Wallet.objects.get(user=alice).balance == before + 10 * NANOS
+
+
+def test_a_flagged_payment_without_a_user_or_pack_cannot_be_credited(staff, flagged):
+    unknown = Payment.objects.get(provider_payment_id="order-10")
+
+    response = staff_client(staff).post(
+        "/admin/payments/payment/", {"action": "credit_flagged", "_selected_action": [unknown.pk]}, follow=True
+    )
+
+    assert "has no known user or pack" in response.content.decode()
+    unknown.refresh_from_db()
+    assert unknown.status == PaymentStatus.FLAGGED

@@ -1,5 +1,7 @@
 """POST /webhooks/lemonsqueezy: signed deliveries in, credit out — once, and only what was paid."""
 
+import json
+
 import pytest
 from django.db import connection
 
@@ -334,3 +336,129 @@ def test_a_subscription_invoice_with_the_wrong_amount_is_flagged(client, bob, pa
 
     assert balance_of(bob) == 0
     assert Payment.objects.get().status == PaymentStatus.FLAGGED
+
+
+# --- Signed but unreadable bodies (issue 11, item 12) --------------------------------------------
+
+
+def _post_signed(client, body: bytes, event_name: str = "order_created"):
+    return client.post(
+        "/webhooks/lemonsqueezy",
+        data=body,
+        content_type="application/json",
+        HTTP_X_SIGNATURE=ls_signature(body),
+        HTTP_X_EVENT_NAME=event_name,
+    )
+
+
+def _order_with(user_id, **attributes) -> bytes:
+    payload = ls_order(user_id=user_id)
+    payload["data"]["attributes"].update(attributes)
+    return json.dumps(payload).encode()
+
+
+def _order_without_attributes(user_id) -> bytes:
+    payload = ls_order(user_id=user_id)
+    payload["data"]["attributes"] = None
+    return json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (lambda user: b"[]", "body must be an object"),
+        (lambda user: b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        (lambda user: b"\xff\xfe not utf-8", "not UTF-8"),
+        (lambda user: _order_with(user, total_usd=1000.0), "total_usd must be an integer number of cents"),
+        (lambda user: _order_with(user, total_usd="1000"), "total_usd must be an integer number of cents"),
+        (lambda user: _order_with(user, tax_inclusive="no"), "tax_inclusive must be true or false"),
+        (lambda user: _order_with(user, first_order_item=[412233]), "first_order_item must be an object"),
+        (_order_without_attributes, "data.attributes is missing"),
+        (lambda user: json.dumps({"meta": {"event_name": "order_created"}}).encode(), "body.data is missing"),
+    ],
+    ids=["list", "deeply-nested", "not-utf8", "float", "string", "bool", "item", "attributes-null", "no-data"],
+)
+def test_a_signed_body_we_can_never_process_is_a_400_stored_as_rejected(client, alice, packs, body, reason):
+    raw = body(alice.pk)
+
+    first = _post_signed(client, raw)
+    again = _post_signed(client, raw)  # Lemon Squeezy's retry finds the same row
+
+    assert (first.status_code, again.status_code) == (400, 400)
+    assert reason in first.json()["detail"]
+    event = WebhookEvent.objects.get()
+    assert (event.status, event.event_type) == (EventStatus.REJECTED, "order_created")
+    assert reason in event.error
+    assert not Payment.objects.exists()
+    assert balance_of(alice) == ALICE_START
+
+
+def test_a_transient_failure_is_still_a_500_and_not_rejected(client, alice, packs):
+    _break_payment_inserts()
+    try:
+        response = post_ls(client, ls_order(user_id=alice.pk))
+    finally:
+        _repair_payment_inserts()
+
+    assert response.status_code == 500
+    assert WebhookEvent.objects.get().status == EventStatus.FAILED
+
+
+# --- Totals that are no purchase (item 15) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "tax", "reason"),
+    [(0, -1000, "the total paid is $0.00"), (-1000, 0, "the total paid is -$10.00"), (1500, -500, "tax is negative")],
+)
+def test_a_zero_or_negative_total_or_a_negative_tax_is_flagged_and_credits_nothing(
+    client, alice, packs, total, tax, reason
+):
+    payload = ls_order(user_id=alice.pk, variant_id=412233, total_cents=total)
+    payload["data"]["attributes"].update(tax_usd=tax, status="paid")
+
+    response = post_ls(client, payload)
+
+    assert response.status_code == 200
+    assert balance_of(alice) == ALICE_START
+    payment = Payment.objects.get()
+    assert (payment.status, payment.credit, payment.pack.slug) == (PaymentStatus.FLAGGED, 0, "starter")
+    assert reason in payment.flag_reason
+    assert StaffAlert.objects.filter(payment=payment, kind="payment_flagged").exists()
+
+
+def test_a_subscription_invoice_with_a_zero_total_is_flagged(client, bob, packs):
+    post_ls(client, ls_subscription(user_id=bob.pk))
+    invoice = ls_invoice(invoice_id=11, total_cents=0)
+    invoice["data"]["attributes"]["tax_usd"] = -2000
+
+    post_ls(client, invoice)
+
+    assert balance_of(bob) == 0
+    assert "the total paid is $0.00" in Payment.objects.get().flag_reason
+
+
+def test_replaying_an_old_failed_event_with_an_unreadable_body_rejects_it(client, staff, packs):
+    # Stored 'failed' before bodies were checked on arrival: retried forever until staff replay it.
+    event = WebhookEvent.objects.create(
+        provider="lemonsqueezy",
+        event_id="order_created:1",
+        event_type="order_created",
+        body=json.dumps({"meta": {"event_name": "order_created"}, "data": {"id": "1", "attributes": None}}),
+        signature_valid=True,
+        status=EventStatus.FAILED,
+        attempts=3,
+    )
+    client.force_login(staff)
+
+    client.post("/admin/payments/webhookevent/", {"action": "replay", "_selected_action": [event.pk]}, follow=True)
+
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == (EventStatus.REJECTED, 4)
+    assert "data.attributes is missing" in event.error
+    # and the provider's next retry of it gets the 400 that stops it
+    body = event.body.encode()
+    retry = client.post(
+        "/webhooks/lemonsqueezy", data=body, content_type="application/json", HTTP_X_SIGNATURE=ls_signature(body)
+    )
+    assert retry.status_code == 400

@@ -2,6 +2,7 @@
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -427,6 +428,90 @@ def test_an_upstream_error_before_output_is_mapped_and_costs_nothing(
     rec = record()
     assert (rec.status, rec.charge, rec.http_status) == (UsageStatus.UPSTREAM_ERROR, 0, status)
     assert balance(alice) == 10_000_000_000 and Hold.objects.get().status == HoldStatus.RELEASED
+
+
+SERVER_KEY = "sk-or-v1-server-secret"  # what the fake_upstream fixture configures
+
+
+@pytest.mark.parametrize(
+    ("reply", "useful", "param"),
+    [
+        (  # OpenRouter relaying OpenAI, which quotes the operator's key and organisation
+            Reply(
+                400,
+                {
+                    "error": {
+                        "message": "Provider returned error",
+                        "code": 400,
+                        "metadata": {
+                            "raw": json.dumps(
+                                {
+                                    "error": {
+                                        "message": f"max_tokens: must be ≤ 4096 (key {SERVER_KEY}, org-AbC123xYz)",
+                                        "param": "max_tokens",
+                                    }
+                                }
+                            ),
+                            "provider_name": "OpenAI",
+                        },
+                    }
+                },
+            ),
+            "max_tokens: must be ≤ 4096",
+            "max_tokens",
+        ),
+        (  # vLLM naming the account and the operator's e-mail
+            Reply(
+                400,
+                {
+                    "object": "error",
+                    "message": "This model's maximum context length is 8192 tokens; account 48213 "
+                    "(ops@operator.example) sent 9000.",
+                    "type": "BadRequestError",
+                    "code": 400,
+                },
+            ),
+            "This model's maximum context length is 8192 tokens",
+            None,
+        ),
+        (  # a proxy's HTML page in front of the upstream
+            Reply(
+                413,
+                b"<html><head><title>413 Request Entity Too Large</title></head><body>gw-7 "
+                b"https://gw.operator.example/?token=abcdef</body></html>",
+            ),
+            "413 Request Entity Too Large",
+            None,
+        ),
+    ],
+    ids=["openrouter", "vllm", "html"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_refusal_keeps_what_was_wrong_and_drops_the_operators_key_and_account(
+    fake_upstream, alice, key, caplog, reply, useful, param, stream
+):
+    fake_upstream.script("chat", reply)
+
+    with caplog.at_level("WARNING", logger="proxy.endpoints.refusals"):
+        response = call(CHAT, {**HELLO, "stream": stream}, token=key)
+
+    assert response.status == 400
+    error = response.error
+    assert (error["code"], error["type"], error["param"]) == (
+        "upstream_invalid_request",
+        "invalid_request_error",
+        param,
+    )
+    assert useful in error["message"]
+    text = response.body.decode()
+    for private in (SERVER_KEY, "sk-or", "AbC123xYz", "48213", "ops@operator.example", "token=abcdef", "gw-7"):
+        assert private not in text
+    rec = record()
+    assert useful in rec.error and SERVER_KEY not in rec.error and "48213" not in rec.error
+    # Staff read the whole body in the log (account, e-mail, URL) — the configured key removed even there.
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "proxy.endpoints.refusals")
+    assert f"upstream HTTP {reply.status}" in logged and SERVER_KEY not in logged
+    assert "48213" in logged or "48213" not in str(reply.body)
 
 
 def test_an_upstream_timeout_is_504_and_an_unreachable_upstream_502(fake_upstream, alice, key, settings):

@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from datetime import datetime
 
 import httpx
 from django.conf import settings
 
 from core.money import loads_decimal
 
-from .errors import ProviderError
+from .errors import MalformedEvent, ProviderError
+from .fields import MAX_ID_LENGTH, Fields, load_json
 
 TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 JSONAPI = "application/vnd.api+json"
@@ -77,23 +79,158 @@ def signature_valid(raw_body: bytes, signature: str | None) -> bool:
     return hmac.compare_digest(expected, signature.strip().lower())
 
 
-def event_id(payload: dict) -> str:
+# --- Webhook payloads (§3.4–3.5), read into the normalised events the services consume ----------
+
+
+@dataclass(frozen=True)
+class Paid:
+    """What an order or a subscription invoice says was paid. Cents are USD where named so;
+    ``total`` and ``refunded_amount`` are in the object's own currency, as refunds are counted."""
+
+    currency: str
+    total_usd: int
+    tax_usd: int
+    tax_inclusive: bool
+    total: int
+    refunded_amount: int
+
+
+@dataclass(frozen=True)
+class Order(Paid):
+    """``data.type = "orders"`` (``order_created``, ``order_refunded``)."""
+
+    id: str
+    number: str
+    status: str
+    variant_id: str
+
+
+@dataclass(frozen=True)
+class Invoice(Paid):
+    """``data.type = "subscription-invoices"`` (``subscription_payment_success``, ``…_refunded``)."""
+
+    id: str
+    status: str
+    subscription_id: str
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    status: str
+    variant_id: str
+    updated_at: datetime | None  # the provider's time of this state: deliveries are not ordered
+
+
+@dataclass(frozen=True)
+class Event:
+    event_type: str  # meta.event_name
+    event_id: str
+    test_mode: bool
+    custom: dict[str, str]  # meta.custom_data: our user_id / checkout_id, as strings
+    subject: Order | Subscription | Invoice | None  # None: an event type we do not handle
+
+
+ORDER_EVENTS = {"order_created", "order_refunded"}
+SUBSCRIPTION_EVENTS = {
+    "subscription_created",
+    "subscription_updated",
+    "subscription_cancelled",
+    "subscription_resumed",
+    "subscription_expired",
+}
+INVOICE_EVENTS = {"subscription_payment_success", "subscription_payment_refunded"}
+
+
+def parse_event(body: str) -> Event:
+    """The delivery as a normalised event, or ``MalformedEvent`` saying which field is wrong.
+
+    Every field a handler reads is checked here, type by type, so processing never meets a
+    ``KeyError`` or a float where cents belong; the money rules (what a total may be) stay in the
+    services.
+    """
+    root = Fields(load_json(body), "body")
+    meta = root.obj("meta")
+    name = meta.text("event_name", required=True, max_length=60)
+    try:
+        data = root.obj("data")
+        object_id = data.ident("id")
+        handled = name in ORDER_EVENTS | SUBSCRIPTION_EVENTS | INVOICE_EVENTS
+        attributes = data.obj("attributes") if handled else data.optional_obj("attributes")
+        subject: Order | Subscription | Invoice | None = None
+        if name in ORDER_EVENTS:
+            subject = _order(object_id, attributes)
+        elif name in SUBSCRIPTION_EVENTS:
+            subject = _subscription(object_id, attributes)
+        elif name in INVOICE_EVENTS:
+            subject = _invoice(object_id, attributes)
+        test_mode = bool(meta.flag("test_mode")) or bool(attributes and attributes.flag("test_mode"))
+        return Event(
+            event_type=name,
+            event_id=_event_id(name, object_id, attributes),
+            test_mode=test_mode,
+            custom=meta.string_map("custom_data"),
+            subject=subject,
+        )
+    except MalformedEvent as exc:
+        # The event id is derived from the object, so an unreadable object has none we could trust.
+        raise MalformedEvent(str(exc), event_type=name) from None
+
+
+def _paid(attributes: Fields) -> dict:
+    return {
+        "currency": attributes.text("currency", required=True, max_length=3),
+        "total_usd": attributes.cents("total_usd"),
+        "tax_usd": attributes.cents("tax_usd", required=False) or 0,
+        "tax_inclusive": bool(attributes.flag("tax_inclusive")),
+        "total": attributes.cents("total"),
+        "refunded_amount": attributes.cents("refunded_amount", required=False) or 0,
+    }
+
+
+def _order(object_id: str, attributes: Fields) -> Order:
+    item = attributes.optional_obj("first_order_item")
+    return Order(
+        id=object_id,
+        number=str(attributes.integer("order_number") or object_id),
+        status=attributes.text("status", required=True, max_length=40),
+        variant_id=item.ident("variant_id", required=False) if item else "",
+        **_paid(attributes),
+    )
+
+
+def _subscription(object_id: str, attributes: Fields) -> Subscription:
+    return Subscription(
+        id=object_id,
+        status=attributes.text("status", max_length=40),
+        variant_id=attributes.ident("variant_id", required=False),
+        updated_at=attributes.timestamp("updated_at"),
+    )
+
+
+def _invoice(object_id: str, attributes: Fields) -> Invoice:
+    return Invoice(
+        id=object_id,
+        status=attributes.text("status", required=True, max_length=40),
+        subscription_id=attributes.ident("subscription_id"),
+        **_paid(attributes),
+    )
+
+
+def _event_id(name: str, object_id: str, attributes: Fields | None) -> str:
     """A stable id per business fact (§3.6): Lemon Squeezy sends no reliable event id.
 
     A second partial refund is a new fact (new cumulative ``refunded_amount``); a subscription
     state change is identified by the object's ``updated_at``.
     """
-    name = payload["meta"]["event_name"]
-    data = payload["data"]
-    attributes = data.get("attributes") or {}
     if name in {"order_refunded", "subscription_payment_refunded"}:
-        return f"{name}:{data['id']}:{attributes.get('refunded_amount')}"
-    if name in {"order_created", "subscription_payment_success", "subscription_created"}:
-        return f"{name}:{data['id']}"
-    return f"{name}:{data['id']}:{attributes.get('updated_at', '')}"
-
-
-def is_test_mode(payload: dict) -> bool:
-    meta_flag = payload.get("meta", {}).get("test_mode")
-    object_flag = (payload.get("data", {}).get("attributes") or {}).get("test_mode")
-    return bool(meta_flag) or bool(object_flag)
+        refunded = attributes.cents("refunded_amount", required=False) if attributes else None
+        found = f"{name}:{object_id}:{refunded}"
+    elif name in {"order_created", "subscription_payment_success", "subscription_created"}:
+        found = f"{name}:{object_id}"
+    else:
+        updated_at = attributes.text("updated_at", max_length=40) if attributes else ""
+        found = f"{name}:{object_id}:{updated_at}"
+    if len(found) > MAX_ID_LENGTH:
+        raise MalformedEvent(f"data.id is too long to identify the event ({len(found)} characters)")
+    return found

@@ -5,15 +5,18 @@ refusal. No I/O: each function returns the error (or the body) for the lifecycle
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from django.conf import settings
 
+from core import upstream_errors
 from core.money import format_usd
 from core.openai_errors import OpenAIError
 
-from .. import upstream
 from ..services import Funds
+
+log = logging.getLogger(__name__)
 
 UPSTREAM_ERROR_BODY_LIMIT = 64 * 1024
 
@@ -78,27 +81,39 @@ def upstream_failed(status: int, message: str) -> OpenAIError:
     return OpenAIError(status, message, "upstream_error", "upstream_timeout" if status == 504 else "upstream_error")
 
 
-def upstream_rejected(upstream_status: int, raw: bytes, headers) -> tuple[OpenAIError, str]:
+def upstream_rejected(upstream_status: int, raw: bytes, headers, *, request_id: str) -> tuple[OpenAIError, str]:
     """An upstream error answer before any output, and the detail recorded for staff.
 
     The client's own mistakes (400/404/413/422: context too long, bad parameter) come back as 400
-    with the upstream's message so they can be fixed; an upstream rate limit stays 429 with its
-    Retry-After so SDKs back off; everything else (our upstream credentials or credit, upstream
-    outages) is the operator's problem and becomes a 502 that reveals no details.
+    with the upstream's message so they can be fixed — redacted, as it was written for the
+    operator and can name their key or account (``core.upstream_errors``); an upstream rate limit
+    stays 429 with its Retry-After so SDKs back off; everything else (our upstream credentials or
+    credit, upstream outages) is the operator's problem and becomes a 502 that reveals no details.
+    Staff get the whole body in the log, credentials removed.
     """
-    detail = upstream.error_message(raw[:UPSTREAM_ERROR_BODY_LIMIT])
+    raw = raw[:UPSTREAM_ERROR_BODY_LIMIT]
+    secrets = (settings.UPSTREAM_API_KEY,)
+    log.warning(
+        "proxy request %s: upstream HTTP %s: %s",
+        request_id,
+        upstream_status,
+        upstream_errors.log_text(raw, secrets=secrets),
+    )
+    detail = upstream_errors.client_error(raw, secrets=secrets)
     if upstream_status in (400, 404, 413, 422):
-        message = detail or "The upstream model rejected the request."
-        error = OpenAIError(400, message, "invalid_request_error", "upstream_invalid_request")
+        message = detail.message or "The upstream model rejected the request."
+        error = OpenAIError(400, message, "invalid_request_error", "upstream_invalid_request", param=detail.param)
     elif upstream_status == 429:
-        retry_after = headers.get("retry-after")
         error = OpenAIError(
-            429, "The upstream model is rate limited; retry shortly.", "upstream_error", "upstream_rate_limited"
+            429,
+            "The upstream model is rate limited; retry shortly.",
+            "upstream_error",
+            "upstream_rate_limited",
+            retry_after=headers.get("retry-after"),
         )
-        error.retry_after = retry_after
     elif upstream_status in (408, 504, 524):
         error = OpenAIError(504, "The upstream model timed out.", "upstream_error", "upstream_timeout")
     else:
         message = f"The upstream model failed (HTTP {upstream_status})."
         error = OpenAIError(502, message, "upstream_error", "upstream_error")
-    return error, f"upstream HTTP {upstream_status}: {detail}"[:500]
+    return error, f"upstream HTTP {upstream_status}: {detail.message}"[:500]

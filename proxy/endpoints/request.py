@@ -370,7 +370,7 @@ class ProxyRequest:
 
     def rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers) -> Finish:
         """An upstream error answer before any output: nothing is charged."""
-        error, detail = refusals.upstream_rejected(upstream_status, raw, headers)
+        error, detail = refusals.upstream_rejected(upstream_status, raw, headers, request_id=self.request_id)
         outcome.status, outcome.http_status, outcome.billable = UsageStatus.UPSTREAM_ERROR, error.status, False
         outcome.error = detail
 
