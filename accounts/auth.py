@@ -1,6 +1,6 @@
 """The one bearer check shared by DRF, Ninja, the proxy consumer and the WebSocket.
 
-``authenticate_bearer(token) -> Principal`` or ``AuthFailed(reason)``. An API key (``tt_…``) is
+``authenticate_bearer(token) -> Principal`` or ``AuthFailed(reason, kind)``. An API key (``tt_…``) is
 found by its prefix and compared by hash in constant time; anything else is read as a signed
 access token naming a token family, which must not be revoked. One query either way (the user and
 their wallet joined in), plus a throttled ``last_used_at`` write for keys.
@@ -46,10 +46,26 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write a row on every single
 _WITH_USER = ("user", "user__wallet")
 
 
+# Why a credential was refused (``AuthFailed.kind``). EXPIRED and REVOKED name a credential
+# that was good once: its owner only needs to sign in again, which a client may tell them in
+# words (the proxy's assistant-message mode). The others are a client's mistake or a stranger's.
+MISSING = "missing"  # no bearer token at all
+INVALID = "invalid"  # not one of ours: unknown key, bad signature, malformed
+EXPIRED = "expired"  # an access token or API key past its lifetime
+REVOKED = "revoked"  # a revoked API key, a signed-out (or reused-refresh) session
+DISABLED = "disabled"  # the account is disabled
+
+
 class AuthFailed(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = INVALID):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+
+    @property
+    def signed_out(self) -> bool:
+        """The credential expired or was revoked: signing in again would cure it."""
+        return self.kind in (EXPIRED, REVOKED)
 
 
 @dataclass
@@ -86,7 +102,7 @@ def authenticate_bearer(token: str | None) -> Principal:
     if adb.native():
         return adb.drive(_apg_principal(token, fetch=_fetch_here, on_loop=False))
     if not token:
-        raise AuthFailed("missing bearer token")
+        raise AuthFailed("missing bearer token", MISSING)
     if token.startswith(API_KEY_PREFIX):
         return _orm_key_principal(token)
     return _orm_family_principal(token)
@@ -98,11 +114,11 @@ def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
     if key is None or not hmac.compare_digest(key.key_hash, token_hash):
         raise AuthFailed("invalid API key")
     if key.revoked_at is not None:
-        raise AuthFailed("this API key has been revoked")
+        raise AuthFailed("this API key has been revoked", REVOKED)
     if key.expires_at is not None and key.expires_at <= now:
-        raise AuthFailed("this API key has expired")
+        raise AuthFailed("this API key has expired", EXPIRED)
     if not key.user.is_active:
-        raise AuthFailed("this account is disabled")
+        raise AuthFailed("this account is disabled", DISABLED)
     return key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION
 
 
@@ -111,13 +127,13 @@ def _access_token_family(token: str) -> uuid.UUID:
     try:
         payload = signing.loads(token, salt=ACCESS_SALT, max_age=settings.ACCESS_TOKEN_TTL)
     except signing.SignatureExpired:
-        raise AuthFailed("access token expired") from None
+        raise AuthFailed("access token expired", EXPIRED) from None
     except signing.BadSignature:
         raise AuthFailed("invalid access token") from None
     try:
         return uuid.UUID(str(payload.get("f")))
     except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
-        raise AuthFailed("this session has been revoked") from None
+        raise AuthFailed("invalid access token") from None
 
 
 # --- SQLite: the ORM ----------------------------------------------------------------------------
@@ -145,7 +161,7 @@ def _orm_family_principal(token: str) -> Principal:
         )
     )
     if family is None:
-        raise AuthFailed("this session has been revoked")
+        raise AuthFailed("this session has been revoked", REVOKED)
     return Principal(user=family.user, token_family_id=family.pk)
 
 
@@ -251,7 +267,7 @@ async def _apg_principal(token: str | None, *, fetch, on_loop: bool, cached: boo
     """The PostgreSQL lookup. ``on_loop``: running on the event loop, which alone keeps the
     recent lookups (a plain dict, never touched from worker threads)."""
     if not token:
-        raise AuthFailed("missing bearer token")
+        raise AuthFailed("missing bearer token", MISSING)
     if token.startswith(API_KEY_PREFIX):
         return await _apg_key(token, fetch, on_loop, cached)
     family_id = _access_token_family(token)
@@ -262,7 +278,7 @@ async def _apg_principal(token: str | None, *, fetch, on_loop: bool, cached: boo
         if row is None:
             if on_loop:
                 _forget(ident)
-            raise AuthFailed("this session has been revoked")
+            raise AuthFailed("this session has been revoked", REVOKED)
     _, end = adb.load(TokenFamily, row)
     user = _user_with_wallet(row, end)
     if on_loop:

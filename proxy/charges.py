@@ -4,7 +4,9 @@ caller's spend caps, posts it to the ledger and keeps the counters true.
 An API key's limits hold here as on the proxy (``proxy.limits``): a charge is counted against the
 key's daily and monthly spend caps with the proxy's atomic counters *before* it is posted, so
 concurrent charges cannot together pass a cap, and the reservation is kept only for money that
-was actually posted — not for a 402, a 409 or a replay.
+was actually posted — not for a 402, a 409 or a replay. A charge made with ``X-Tokentill-Run`` is
+part of that run of the charged user: it is reserved against the run's spend limit the same way,
+and its ledger entry is labelled with the run (``limits.CHARGE_RUN_FIELD``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def tool_charge(
     idempotency_key: str,
     description: str,
     metadata: dict,
+    run: limits.RunAsk | None = None,
 ) -> Posted:
     """Debit ``amount`` nanodollars from ``target``'s wallet now, if its available balance covers it.
 
@@ -36,7 +39,7 @@ def tool_charge(
     """
     wallet = wallet_get_or_create(user=target)
     namespaced = f"charge:{idempotency_key}"
-    reservation = _reserve(principal, wallet=wallet, idempotency_key=namespaced, amount=amount)
+    reservation = _reserve(principal, wallet=wallet, idempotency_key=namespaced, amount=amount, run=run)
     posted = None
     try:
         posted = wallet_charge(
@@ -54,13 +57,24 @@ def tool_charge(
     return posted
 
 
-def _reserve(principal: Principal, *, wallet, idempotency_key: str, amount: int) -> limits.Reservation:
-    """A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
+def _reserve(
+    principal: Principal, *, wallet, idempotency_key: str, amount: int, run: limits.RunAsk | None
+) -> limits.Reservation:
+    """Count the charge against the key's spend caps and its run's spend limit. The run is the
+    charged user's (``wallet``'s), as their model calls' are.
+
+    A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
     nothing and must still answer its first result. Whether the key was already posted on is read
     only when the cap refuses; an entry, once there, stays (the ledger is append-only)."""
+    run = run or limits.RunAsk()
     try:
         return limits.reserve_spend(
-            api_key=principal.api_key, run="", user_id=principal.user.pk, amount=amount, now=timezone.now()
+            api_key=principal.api_key,
+            run=run.run,
+            user_id=wallet.user_id,
+            amount=amount,
+            now=timezone.now(),
+            run_max_spend=run.max_spend,
         )
     except limits.LimitExceeded:
         if Entry.objects.filter(wallet=wallet, idempotency_key=idempotency_key).exists():

@@ -110,17 +110,28 @@ def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
     return value
 
 
-def _charge_metadata(principal: Principal, value: dict[str, Any] | None) -> dict[str, Any]:
-    """The caller's metadata plus the API key that made the charge: what the key's spend counters
-    are rebuilt from when the cache loses them. A caller cannot name a key itself (or someone
-    else's key could be made to look spent)."""
+def _charge_metadata(principal: Principal, value: dict[str, Any] | None, run: str) -> dict[str, Any]:
+    """The caller's metadata plus the API key that made the charge and the run it was made in:
+    what the key's and the run's spend counters are rebuilt from when the cache loses them. A
+    caller cannot set either itself (or someone else's key or run could be made to look spent)."""
     metadata = _metadata(value)
-    if limits.CHARGE_API_KEY_FIELD in metadata:
-        message = f"metadata.{limits.CHARGE_API_KEY_FIELD} is recorded by Tokentill, not set by the caller"
-        raise _refused(message, "invalid_request", "metadata")
-    if principal.api_key is None:
-        return metadata
-    return {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+    for name in (limits.CHARGE_API_KEY_FIELD, limits.CHARGE_RUN_FIELD):
+        if name in metadata:
+            raise _refused(
+                f"metadata.{name} is recorded by Tokentill, not set by the caller", "invalid_request", "metadata"
+            )
+    if principal.api_key is not None:
+        metadata = {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+    if run:
+        metadata = {**metadata, limits.CHARGE_RUN_FIELD: run}
+    return metadata
+
+
+def _run_ask(request) -> limits.RunAsk:
+    try:
+        return limits.run_ask_parse(request.headers)
+    except limits.InvalidRunHeader as exc:
+        raise _refused(exc.message, "invalid_request", exc.header) from None
 
 
 def _key(value: str | None) -> str:
@@ -280,7 +291,8 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     principal: Principal = request.auth
     key = _key(idempotency_key)
     amount = _amount(body.amount)
-    metadata = _charge_metadata(principal, body.metadata)
+    run = _run_ask(request)
+    metadata = _charge_metadata(principal, body.metadata, run.run)
     target = principal.user
     if body.user is not None:
         _require_billing(principal, "charging another user")
@@ -293,6 +305,7 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
             idempotency_key=key,
             description=body.description,
             metadata=metadata,
+            run=run,
         )
     except InsufficientFunds as short:
         return Status(

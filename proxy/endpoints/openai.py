@@ -8,6 +8,7 @@ import asyncio
 import httpx
 from django.conf import settings
 
+from accounts.auth import AuthFailed
 from core.money import format_usd, loads_decimal
 from core.usage import StreamMeter
 
@@ -176,7 +177,25 @@ class ChatCompletions(Endpoint):
         if settings.REFUSAL_MODE != "assistant_message":
             return await super().insufficient_funds(request, funds, parsed)
         text = refusals.assistant_message_text(funds)
-        blocked = [("x-tokentill-blocked", "insufficient_funds")]
+        tail = relay.trailer(request.request_id, 0, funds.balance)
+        await self.send_assistant_message(request, parsed, text, "insufficient_funds", tail)
+
+    async def unauthenticated(self, request: ProxyRequest, failure: AuthFailed, parsed: Parsed | None) -> None:
+        """A credential that expired or was revoked, in assistant-message mode: a reply the app can
+        show, asking the user to sign in again. Anything else (no credential, not one of ours, a
+        body we could not read) stays a 401: there is no one to answer in words."""
+        if settings.REFUSAL_MODE != "assistant_message" or not failure.signed_out or parsed is None:
+            return await super().unauthenticated(request, failure, parsed)
+        # No ": tokentill" line: nobody is signed in, so there is no balance to tell.
+        text = refusals.signed_out_text(failure)
+        await self.send_assistant_message(request, parsed, text, "unauthenticated", b"data: [DONE]\n\n")
+
+    async def send_assistant_message(
+        self, request: ProxyRequest, parsed: Parsed, text: str, blocked_reason: str, tail: bytes
+    ) -> None:
+        """A refusal as an ordinary completion (streamed if the request asked), marked by
+        ``X-Tokentill-Blocked``, for apps that render replies and nothing else. Nothing is charged."""
+        blocked = [("x-tokentill-blocked", blocked_reason)]
         exchange, model = request.exchange, parsed.model
         if not parsed.stream:
             completion = refusals.assistant_completion(request_id=request.request_id, model=model, text=text)
@@ -187,9 +206,8 @@ class ChatCompletions(Endpoint):
             text=text,
             with_usage=self.client_wants_usage(parsed.payload),
         )
-        body += relay.trailer(request.request_id, 0, funds.balance)
         await exchange.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *blocked])
-        await exchange.send_body(body)
+        await exchange.send_body(body + tail)
 
 
 class Embeddings(Endpoint):

@@ -34,7 +34,7 @@ def insufficient_funds(funds: Funds) -> OpenAIError:
     """The 402: what the balance is, what the request needed, and where to top up."""
     message = (
         f"Your balance ({usd(funds.balance)}, {usd(funds.available)} available) "
-        f"cannot cover this request. Top up at {topup_url()}"
+        f"cannot cover this request, which needs {usd(funds.needed)}. Top up at {topup_url()}"
     )
     extra = {"topup_url": topup_url(), "balance": format_usd(funds.balance), "needed": format_usd(funds.needed)}
     return OpenAIError(402, message, "insufficient_funds", "insufficient_funds", extra=extra)
@@ -42,8 +42,15 @@ def insufficient_funds(funds: Funds) -> OpenAIError:
 
 def assistant_message_text(funds: Funds) -> str:
     return (
-        f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request. "
-        f"Top up at {topup_url()} and try again."
+        f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request, which needs "
+        f"${format_usd(funds.needed)}. Top up at {topup_url()} and try again."
+    )
+
+
+def signed_out_text(failure) -> str:
+    return (
+        f"Your sign-in has expired or was ended ({failure.reason}). "
+        f"Please sign in again at {settings.APP_URL}/login and try again."
     )
 
 

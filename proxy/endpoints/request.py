@@ -38,7 +38,7 @@ from core.openai_errors import OpenAIError
 from core.usage import StreamMeter
 from infra import adb
 
-from .. import upstream
+from .. import limits, upstream
 from ..demo import DemoResponse
 from ..models import UsageStatus
 from ..services import (
@@ -94,6 +94,9 @@ class Endpoint:
     async def insufficient_funds(self, request: ProxyRequest, funds: Funds, parsed: Parsed) -> None:
         await self.send_error(request, refusals.insufficient_funds(funds))
 
+    async def unauthenticated(self, request: ProxyRequest, failure: AuthFailed, parsed: Parsed | None) -> None:
+        await self.send_error(request, Refusal(401, failure.reason, code="invalid_api_key"))
+
 
 def _error_headers(error: OpenAIError) -> list[tuple[str, str]]:
     return [("retry-after", str(error.retry_after))] if error.retry_after is not None else []
@@ -126,6 +129,7 @@ class ProxyRequest:
         self.progress: asyncio.Future | None = None
         self.settling = False
         self.settlement_unawaited = False
+        self.run_ask = limits.RunAsk()  # the request's own run limits, once its headers are read
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -179,9 +183,11 @@ class ProxyRequest:
             endpoint=self.endpoint.name,
             model=model,
             stream=stream,
-            run=headers.get("x-tokentill-run", "")[:200],
+            run=headers.get("x-tokentill-run", "")[: limits.MAX_RUN_ID],
             agent=headers.get("x-tokentill-agent", "")[:200],
             tool=headers.get("x-tokentill-tool", "")[:200],
+            run_max_steps=self.run_ask.max_steps,
+            run_max_spend=self.run_ask.max_spend,
             unchanged=principal.unchanged,
         )
 
@@ -205,16 +211,21 @@ class ProxyRequest:
             await self.endpoint.send_error(self, error)
 
     async def run(self, body: bytes) -> None:
+        parsed, invalid = None, None
         try:
-            parsed, invalid = self.endpoint.parse(body), None
+            parsed = self.endpoint.parse(body)
+            self.run_ask = limits.run_ask_parse(self.exchange.headers)
         except Invalid as refused:
             parsed, invalid = None, refused
+        except limits.InvalidRunHeader as exc:
+            refusal = Refusal(400, exc.message, code="invalid_request", param=exc.header)
+            parsed, invalid = None, Invalid(refusal, parsed.model)
         try:
             # Not cancellable: a half-taken hold is worse than a finished one, which abandon()
             # frees if the client has left meanwhile.
             begun = await self.admit(parsed, invalid)
         except AuthFailed as exc:
-            return await self.endpoint.send_error(self, Refusal(401, exc.reason, code="invalid_api_key"))
+            return await self.endpoint.unauthenticated(self, exc, parsed)
         except Funds as funds:
             return await self.endpoint.insufficient_funds(self, funds, parsed)
         except Refusal as refusal:
