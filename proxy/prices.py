@@ -25,7 +25,7 @@ from django.utils import timezone
 from core.money import MoneyError, usd_to_nanos
 
 from .models import PER_MILLION, ModelPrice
-from .selectors import price_cache_clear
+from .selectors import newer_in_force, price_cache_clear, prices_current
 
 # What a version *is*: every column a new version copies from its predecessor unless told
 # otherwise. ``enabled`` is carried too, so re-pricing never silently starts or stops a sale.
@@ -55,24 +55,6 @@ class PriceError(ValueError):
 # --- selectors ---------------------------------------------------------------------------------
 
 
-def _newer_in_force(now: datetime):
-    """A later version of the same model that is already in force at ``now``."""
-    return ModelPrice.objects.filter(
-        model=OuterRef("model"), effective_from__lte=now, effective_from__gt=OuterRef("effective_from")
-    )
-
-
-def prices_current(*, now: datetime | None = None) -> QuerySet[ModelPrice]:
-    """The version in force at ``now`` for every model, enabled or not, in one query.
-
-    ``(model, effective_from)`` is unique, so "no newer version in force" picks exactly one row
-    per model; a correlated NOT EXISTS is portable between SQLite and PostgreSQL, unlike
-    ``DISTINCT ON``.
-    """
-    now = now or timezone.now()
-    return ModelPrice.objects.filter(effective_from__lte=now).exclude(Exists(_newer_in_force(now)))
-
-
 def prices_current_enabled(*, now: datetime | None = None, include_demo: bool = True) -> QuerySet[ModelPrice]:
     """Models on sale at ``now``: the current version of each, if that version is enabled.
 
@@ -99,16 +81,11 @@ def prices_latest(*, models: list[str] | None = None) -> dict[str, ModelPrice]:
 def prices_with_state(queryset: QuerySet[ModelPrice], *, now: datetime | None = None) -> QuerySet[ModelPrice]:
     """Annotate ``superseded`` (a newer version is in force) for listing every version at once."""
     now = now or timezone.now()
-    return queryset.annotate(superseded=Exists(_newer_in_force(now)))
+    return queryset.annotate(superseded=Exists(newer_in_force(now)))
 
 
 def price_is_current(price: ModelPrice, *, now: datetime | None = None) -> bool:
-    now = now or timezone.now()
-    if price.effective_from > now:
-        return False
-    return not ModelPrice.objects.filter(
-        model=price.model, effective_from__lte=now, effective_from__gt=price.effective_from
-    ).exists()
+    return prices_current(now=now).filter(pk=price.pk).exists()
 
 
 def price_history(*, model: str) -> QuerySet[ModelPrice]:

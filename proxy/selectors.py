@@ -1,4 +1,5 @@
-"""Reads for the proxy: the current price of a model, the priced model list, usage for a hold.
+"""Reads for the proxy: which price is in force (``prices_current``, the one rule), and the current
+price of a model as the hot path reads it.
 
 ``price_current`` sits on the hot path of every proxied request, so it keeps what it found (and
 what it did not find) in a small per-process cache for ``PROXY_PRICE_CACHE_SECONDS``. The trade-off
@@ -10,24 +11,43 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 from django.conf import settings
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from core.pricing import Rates
 
 from .models import ModelPrice
 
+
+def newer_in_force(now: datetime):
+    """A later version of the same model that is already in force at ``now``."""
+    return ModelPrice.objects.filter(
+        model=OuterRef("model"), effective_from__lte=now, effective_from__gt=OuterRef("effective_from")
+    )
+
+
+def prices_current(*, now: datetime | None = None) -> QuerySet[ModelPrice]:
+    """The version in force at ``now`` for every model, enabled or not, in one query: THE rule of
+    which price is in force (the proxy's lookup, ``/v1/models``, the admin and ``sync_prices`` all
+    read it from here).
+
+    ``(model, effective_from)`` is unique, so "no newer version in force" picks exactly one row
+    per model; a correlated NOT EXISTS is portable between SQLite and PostgreSQL, unlike
+    ``DISTINCT ON``.
+    """
+    now = now or timezone.now()
+    return ModelPrice.objects.filter(effective_from__lte=now).exclude(Exists(newer_in_force(now)))
+
+
 _cache: dict[str, tuple[float, ModelPrice | None]] = {}
 _cache_lock = threading.Lock()
 
 
 def _price_from_db(model: str) -> ModelPrice | None:
-    price = (
-        ModelPrice.objects.filter(model=model, effective_from__lte=timezone.now())
-        .order_by("-effective_from", "-id")
-        .first()
-    )
+    price = prices_current().filter(model=model).first()
     # The newest version decides: disabling a model is done by adding a disabled version.
     return price if price is not None and price.enabled else None
 
@@ -72,16 +92,6 @@ def price_cache_clear() -> None:
 def model_servable(price: ModelPrice | None) -> bool:
     """The built-in demo model answers only while no upstream is configured."""
     return price is not None and not (price.is_demo and settings.UPSTREAM_API_KEY)
-
-
-def prices_enabled() -> list[ModelPrice]:
-    """The price in force for every servable model, ordered by model id (for ``/v1/models``)."""
-    current: dict[str, ModelPrice] = {}
-    for price in ModelPrice.objects.filter(effective_from__lte=timezone.now()).order_by(
-        "model", "-effective_from", "-id"
-    ):
-        current.setdefault(price.model, price)
-    return [price for price in current.values() if price.enabled and model_servable(price)]
 
 
 def rates_for(price: ModelPrice) -> Rates:

@@ -23,25 +23,21 @@ from decimal import Decimal
 from functools import partial
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import User
 from core.money import usd_to_nanos
 from core.openai_errors import OpenAIError
 from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
-from core.usage import Usage, estimate_tokens, reported_cost
+from core.usage import Usage, estimate_tokens
 from infra import adb
-from wallet.models import Hold, HoldStatus, Wallet
+from wallet.models import Hold, Wallet
 from wallet.services import (
     InsufficientFunds,
     ahold_create,
     ahold_extend,
     ahold_release,
     ahold_settle,
-    hold_release,
-    hold_settle,
-    usage_reconcile,
     wallet_get_or_create,
 )
 
@@ -531,115 +527,3 @@ def demo_price_ensure() -> tuple[ModelPrice, bool]:
         source="seed",
     )
     return price, True
-
-
-def _rates_from_snapshot(record: UsageRecord) -> Rates:
-    snap = record.prices or {}
-    if not snap and record.price is not None:
-        return rates_for(record.price)
-    return Rates(
-        prompt=Decimal(snap.get("prompt", "0")),
-        completion=Decimal(snap.get("completion", "0")),
-        reasoning=Decimal(snap.get("reasoning", "0")),
-        cache_read=Decimal(snap.get("cache_read", "0")),
-        cache_write=Decimal(snap.get("cache_write", "0")),
-        request_fee=int(snap.get("request_fee", 0)),
-        min_charge=int(snap.get("min_charge", 0)),
-        markup=Decimal(snap.get("markup", str(settings.MARKUP))),
-    )
-
-
-def _count(value) -> int:
-    return max(int(value), 0) if isinstance(value, (int, Decimal)) and not isinstance(value, bool) else 0
-
-
-def _apply_generation(record: UsageRecord, generation: dict | None) -> bool:
-    """Copy the upstream's own account of a generation onto the record; False if it has none."""
-    cost = reported_cost(generation, "total_cost") if isinstance(generation, dict) else None
-    if cost is None:
-        return False
-    record.prompt_tokens = _count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
-    record.completion_tokens = _count(generation.get("native_tokens_completion") or generation.get("tokens_completion"))
-    record.reasoning_tokens = _count(generation.get("native_tokens_reasoning"))
-    record.cached_tokens = _count(generation.get("native_tokens_cached"))
-    record.upstream_cost = cost
-    record.cost_source = CostSource.RECONCILED
-    record.estimated = False
-    record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK
-    record.finish_reason = str(generation.get("finish_reason") or "")[:40]
-    return True
-
-
-def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
-    """Close one expired hold; ``generation`` is the upstream's lookup (OpenRouter) or None.
-
-    Never silently dropped: with a lookup the record is charged the upstream's ``total_cost``;
-    without one it is charged the estimate of its prompt and the output relayed (marked
-    ``estimated``); a hold with no usage record at all is released.
-
-    The hold is locked and checked again first — still active, still expired — and the record read
-    under that lock: between the command picking the hold and getting here (a generation lookup
-    takes seconds) the request may have settled, or written its progress and so pushed the expiry
-    out. Then it is left alone, and the ledger and its record keep agreeing. (Hold before record,
-    the order the proxy's settlement takes them in.)
-    """
-    with transaction.atomic(savepoint=False):
-        still = Hold.objects.select_for_update().filter(
-            pk=hold.pk, status=HoldStatus.ACTIVE, expires_at__lte=timezone.now()
-        )
-        if not still.exists():
-            return f"{hold.request_id}: left alone (it settled, or its request is still running)"
-        record = UsageRecord.objects.filter(request_id=hold.request_id).first()
-        if record is None:
-            hold_release(hold=hold)
-            return f"{hold.request_id}: released (no usage record)"
-        rates = _rates_from_snapshot(record)
-        if _apply_generation(record, generation):
-            how = "settled from the upstream's generation lookup"
-        else:
-            # completion_tokens is the estimate of what was relayed, as of the request's last
-            # progress write (arequest_progress); zero if it never got that far.
-            usage = Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
-            record.upstream_cost = cost_usd(rates, usage)
-            record.cost_source = CostSource.ESTIMATE
-            record.estimated = True
-            record.status = UsageStatus.UPSTREAM_ERROR
-            record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
-            how = "settled at an estimate of its prompt and output relayed"
-        record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
-        record.settled_at = timezone.now()
-        hold_settle(hold=hold, amount=record.charge, description=f"{record.model} ({record.request_id}, reconciled)")
-        record.save()
-    return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"
-
-
-def estimates_to_reconcile(*, settled_before, limit: int):
-    """Settled requests charged an estimate that the upstream can still account for."""
-    return (
-        UsageRecord.objects.filter(cost_source=CostSource.ESTIMATE, estimated=True, settled_at__lte=settled_before)
-        .exclude(generation_id="")
-        .select_related("user__wallet")
-        .order_by("settled_at", "pk")[:limit]
-    )
-
-
-def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
-    """Replace a settled estimate with what the upstream says the generation cost.
-
-    The estimate was already debited (a disconnected client had output that is never free), so
-    only the difference moves, through ``wallet.services.usage_reconcile``, once per request.
-    """
-    estimated_charge = record.charge
-    if not _apply_generation(record, generation):
-        return f"{record.request_id}: generation {record.generation_id} not available upstream; estimate kept"
-    rates = _rates_from_snapshot(record)
-    record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
-    with transaction.atomic(savepoint=False):
-        record.save()
-        usage_reconcile(
-            wallet=record.user.wallet,
-            request_id=record.request_id,
-            delta=record.charge - estimated_charge,
-            description=f"{record.model} ({record.request_id}): estimate replaced by the upstream's cost",
-        )
-    return f"{record.request_id}: estimate {estimated_charge} replaced by {record.charge} nanodollars"

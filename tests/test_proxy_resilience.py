@@ -21,7 +21,8 @@ from backoffice.reports import usage_discrepancies
 from core.usage import Usage
 from infra import adb
 from proxy.models import ModelPrice, UsageRecord
-from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle, hold_reconcile
+from proxy.reconcile import hold_reconcile
+from proxy.services import Outcome, RequestMeta, arequest_begin, arequest_settle
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     DONE,
     MODEL,

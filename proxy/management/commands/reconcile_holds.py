@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from proxy import upstream
 from proxy.models import UsageRecord
-from proxy.services import estimate_reconcile, estimates_to_reconcile, hold_reconcile
+from proxy.reconcile import estimate_reconcile, estimates_to_reconcile, hold_reconcile
 from wallet.models import Hold, HoldStatus
 
 
