@@ -118,7 +118,12 @@ async def _async_step(op, wallet, holds: list) -> tuple:
 def _money_step(op, wallet) -> tuple:
     """Credits and charges: one implementation everywhere (the ORM, under the wallet's row lock)."""
     if op[0] == "credit":
-        return ("posted", _entry_shape(services.wallet_credit(wallet=wallet, amount=op[1], kind=EntryKind.BONUS, idempotency_key=None).entry))
+        return (
+            "posted",
+            _entry_shape(
+                services.wallet_credit(wallet=wallet, amount=op[1], kind=EntryKind.BONUS, idempotency_key=None).entry
+            ),
+        )
     try:
         return ("posted", _entry_shape(services.wallet_charge(wallet=wallet, amount=op[1], idempotency_key=None).entry))
     except InsufficientFunds as short:
