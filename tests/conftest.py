@@ -40,13 +40,26 @@ PgOps.execute_sql_flush = _pg_flush_bypassing_triggers
 SqliteOps.execute_sql_flush = _sqlite_flush_bypassing_triggers
 
 
+# What makes a test slow is starting things: uvicorn processes, a browser. A module that can
+# (it imported the means to) is marked ``live``, which ``scripts/test --fast`` leaves out.
+_STARTERS = ("live_server", "live_servers", "sync_playwright", "async_playwright")
+
+
+def _starts_processes(item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and any(name in vars(module) for name in _STARTERS)
+
+
 def pytest_collection_modifyitems(config, items):
     from django.conf import settings
 
     on_postgres = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: run through scripts/test (DATABASE_URL=postgres://…)")
     skip_redis = pytest.mark.skip(reason="needs Redis: TEST_REDIS_URL is set by scripts/test on the PostgreSQL run")
+    live = pytest.mark.live
     for item in items:
+        if _starts_processes(item):
+            item.add_marker(live)
         if "postgres" in item.keywords and not on_postgres:
             item.add_marker(skip_pg)
         if "redis" in item.keywords and not os.environ.get("TEST_REDIS_URL"):
