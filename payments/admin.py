@@ -5,7 +5,8 @@ from django.contrib import admin, messages
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from core.money import MoneyError, format_cents, format_usd, parse_usd
+from core.money import format_cents
+from infra.forms import MoneyField
 
 from .models import Checkout, CreditPack, EventStatus, Payment, StaffAlert, Subscription, WebhookEvent
 from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve, webhook_event_replay
@@ -21,8 +22,8 @@ def _usd_column(field: str, label: str):
 
 
 class CreditPackForm(forms.ModelForm):
-    price_usd = forms.CharField(label="Price (USD)", help_text="What the buyer pays, e.g. 10.00")
-    credit_usd = forms.CharField(label="Credit (USD)", help_text="What lands in the wallet, bonus included")
+    price_usd = MoneyField(label="Price (USD)", help_text="What the buyer pays, e.g. 10.00")
+    credit_usd = MoneyField(label="Credit (USD)", help_text="What lands in the wallet, bonus included")
 
     class Meta:
         model = CreditPack
@@ -40,23 +41,8 @@ class CreditPackForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.instance.pk:
-            self.fields["price_usd"].initial = format_usd(self.instance.price)
-            self.fields["credit_usd"].initial = format_usd(self.instance.credit)
-
-    def _amount(self, name):
-        try:
-            value = parse_usd(self.cleaned_data[name])
-        except MoneyError as exc:
-            raise forms.ValidationError(str(exc))
-        if value <= 0:
-            raise forms.ValidationError("must be more than zero")
-        return value
-
-    def clean_price_usd(self):
-        return self._amount("price_usd")
-
-    def clean_credit_usd(self):
-        return self._amount("credit_usd")
+            self.fields["price_usd"].initial = self.instance.price
+            self.fields["credit_usd"].initial = self.instance.credit
 
     def save(self, commit=True):
         self.instance.price = self.cleaned_data["price_usd"]

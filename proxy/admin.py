@@ -14,7 +14,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.money import MoneyError, format_usd, parse_usd
+from core.money import format_usd
+from infra.forms import MoneyField
 
 from .models import ModelPrice, UsageRecord
 from .prices import (
@@ -34,11 +35,17 @@ _PER_M = "USD per 1M tokens"
 class ModelPriceForm(forms.ModelForm):
     # Fees are money (integer nanodollars in the table) but staff type dollars: parsed strictly,
     # at most 9 decimal places, never through a float.
-    request_fee_usd = forms.CharField(
-        label="Request fee (USD)", initial="0", help_text="USD per request, before markup, e.g. 0.0005"
+    request_fee_usd = MoneyField(
+        sign="non_negative",
+        label="Request fee (USD)",
+        initial=0,
+        help_text="USD per request, before markup, e.g. 0.0005",
     )
-    min_charge_usd = forms.CharField(
-        label="Minimum charge (USD)", initial="0", help_text="the least a request is charged, e.g. 0.000010"
+    min_charge_usd = MoneyField(
+        sign="non_negative",
+        label="Minimum charge (USD)",
+        initial=0,
+        help_text="the least a request is charged, e.g. 0.000010",
     )
 
     class Meta:
@@ -69,23 +76,8 @@ class ModelPriceForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.instance.pk:
-            self.initial["request_fee_usd"] = format_usd(self.instance.request_fee)
-            self.initial["min_charge_usd"] = format_usd(self.instance.min_charge)
-
-    def _nanos(self, name: str) -> int:
-        try:
-            nanos = parse_usd(self.cleaned_data[name])
-        except MoneyError as exc:
-            raise forms.ValidationError(str(exc)) from None
-        if nanos < 0:
-            raise forms.ValidationError("must not be negative")
-        return nanos
-
-    def clean_request_fee_usd(self):
-        return self._nanos("request_fee_usd")
-
-    def clean_min_charge_usd(self):
-        return self._nanos("min_charge_usd")
+            self.initial["request_fee_usd"] = self.instance.request_fee
+            self.initial["min_charge_usd"] = self.instance.min_charge
 
     def clean(self):
         cleaned = super().clean()

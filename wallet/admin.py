@@ -19,7 +19,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from core.money import MoneyError, format_usd, parse_usd
+from core.money import format_usd
+from infra.forms import MoneyField
 
 from .models import Entry, Hold, HoldStatus, Wallet
 from .services import WalletError, wallet_correct
@@ -39,7 +40,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 class CorrectionForm(forms.Form):
-    amount = forms.CharField(
+    amount = MoneyField(
+        sign="non_zero",
+        sign_message="A correction cannot be zero.",
         label="Amount (USD)",
         help_text="Signed decimal: 2.50 adds money, -2.50 takes it away. Up to 9 decimal places.",
     )
@@ -48,15 +51,6 @@ class CorrectionForm(forms.Form):
     )
     # One token per rendered form: submitting the same form twice posts one correction.
     token = forms.UUIDField(widget=forms.HiddenInput)
-
-    def clean_amount(self):
-        try:
-            amount = parse_usd(self.cleaned_data["amount"])
-        except MoneyError as exc:
-            raise forms.ValidationError(str(exc))
-        if amount == 0:
-            raise forms.ValidationError("A correction cannot be zero.")
-        return amount
 
     def clean_reason(self):
         reason = self.cleaned_data["reason"].strip()
