@@ -31,9 +31,13 @@ class Reply:
     delay: float = 0.0  # seconds before the status line
 
 
+GATE_TIMEOUT = 10  # seconds a stream waits at a gate the test never opened (then it goes on)
+
+
 @dataclass
 class StreamReply:
-    """``items``: bytes are written as one chunk; a float pauses that many seconds."""
+    """``items``: bytes are written as one chunk; a float pauses that many seconds; a
+    ``threading.Event`` is a gate: the stream waits there until the test sets it."""
 
     items: Iterable[bytes | float]
     status: int = 200
@@ -416,6 +420,7 @@ class FakeUpstream:
         self.replies: dict[str, deque] = defaultdict(deque)
         self.requests: list[Recorded] = []
         self.stream_closed_at: float | None = None
+        self.stream_cut = False  # the last stream's client hung up before its end was written
         self.stream_finished = threading.Event()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -433,6 +438,7 @@ class FakeUpstream:
             self.replies.clear()
             self.requests.clear()
             self.stream_closed_at = None
+            self.stream_cut = False
             self.stream_finished.clear()
 
     def script(self, route: str, *replies) -> None:
@@ -495,12 +501,16 @@ def _handler_for(fake: FakeUpstream):
                     if isinstance(item, float):
                         time.sleep(item)
                         continue
+                    if isinstance(item, threading.Event):  # a gate the test opens
+                        item.wait(GATE_TIMEOUT)
+                        continue
                     self.wfile.write(f"{len(item):x}\r\n".encode() + item + b"\r\n")
                     self.wfile.flush()
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 fake.stream_closed_at = time.monotonic()
+                fake.stream_cut = True
                 self.close_connection = True
             finally:
                 fake.stream_finished.set()

@@ -7,6 +7,7 @@ concurrently on PostgreSQL."""
 import asyncio
 import os
 import socket
+import threading
 import time
 from decimal import Decimal
 
@@ -145,19 +146,24 @@ def wait_for(predicate, timeout: float = 5):
 
 
 def test_a_stream_reaches_the_client_chunk_by_chunk_as_the_upstream_sends_it(server, fake_upstream, sdk_key):
+    # The upstream sends its first word, then waits — until the client has that word. A proxy that
+    # held anything back would leave the client without it, and the gate shut.
+    first_word_arrived = threading.Event()
     items = stream_of("Po", "ng", u=usage(5, 2, cost="0.000001"))
-    items.insert(2, 1.0)  # the upstream thinks for a second after its first word
+    items.insert(2, first_word_arrived)
     fake_upstream.script("chat", StreamReply(items))
     body = {"model": MODEL, "messages": MESSAGES, "stream": True}
-    seen: dict[bytes, float] = {}
+    received = b""
     headers = {"Authorization": f"Bearer {sdk_key}"}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=10) as response:
         assert response.headers["content-type"] == "text/event-stream"
         for chunk in response.iter_raw():
-            for marker in (b'"Po"', b"[DONE]"):
-                if marker in chunk:
-                    seen.setdefault(marker, time.monotonic())
-    assert seen[b"[DONE]"] - seen[b'"Po"'] > 0.8, "the first word was held back until the stream ended"
+            received += chunk
+            if b'"Po"' in received and not first_word_arrived.is_set():
+                assert b'"ng"' not in received and b"[DONE]" not in received
+                first_word_arrived.set()
+    assert first_word_arrived.is_set(), "the first word was held back until the stream ended"
+    assert b'"ng"' in received and b"[DONE]" in received
 
 
 def test_a_client_that_hangs_up_mid_stream_cancels_the_upstream_and_pays_for_what_it_got(
@@ -172,9 +178,9 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_upstream_and_pays_for_wha
             received += chunk
             if received.count(b"word ") >= 3:
                 break
-    hung_up_at = time.monotonic()  # leaving the block closed the connection mid-body
-    assert fake_upstream.stream_finished.wait(3), "the upstream kept streaming after the client left"
-    assert fake_upstream.stream_closed_at - hung_up_at < 1.0
+    # Leaving the block closed the connection mid-body; the upstream's 10 s stream is cut off.
+    assert fake_upstream.stream_finished.wait(5), "the upstream kept streaming after the client left"
+    assert fake_upstream.stream_cut
     record = wait_for(lambda: UsageRecord.objects.exclude(status=UsageStatus.PENDING).first())
     assert record is not None and record.status == UsageStatus.CANCELLED and record.charge > 0
     assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - record.charge

@@ -143,14 +143,13 @@ def test_the_hot_path_serves_again_as_soon_as_the_database_is_back(fake_upstream
             while time.monotonic() - start < 3.5:  # an outage of 3.5 s: attempts at 0, 1, 3, then 7 s
                 await _request(HELLO, key)
             adb._pools[asyncio.get_running_loop()].kwargs["port"] = port  # the database is back
-            back = time.monotonic()
-            while (await _request(HELLO, key)).status != 200 and time.monotonic() - back < 15:
-                pass
-            return time.monotonic() - back
+            # No sitting out a reconnect backoff: one of the next few requests (each waits at most
+            # PROXY_DB_POOL_TIMEOUT for a connection) is served.
+            return [(await _request(HELLO, key)).status for _ in range(3)]
         finally:
             await close_loop_resources()
 
-    assert async_to_sync(scenario)() < 1.5
+    assert 200 in async_to_sync(scenario)()
 
 
 # --- reconcile_holds against a live settlement ---------------------------------------------------

@@ -134,14 +134,17 @@ async def test_failures_raise_the_httpx_exceptions_the_proxy_maps():
 async def test_a_body_left_unread_closes_its_connection_and_one_read_to_the_end_is_reused():
     """Closing a response early is how a client's departure cancels the upstream generation."""
     closed = asyncio.Event()
+    written = []  # chunks written to the current connection before it closed
 
     async def stream_slowly(reader, writer):
         try:
             while await reader.readuntil(b"\r\n\r\n"):
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                written.clear()
                 for _ in range(50):
                     writer.write(b"5\r\nhello\r\n")
                     await writer.drain()
+                    written.append(1)
                     await asyncio.sleep(0.02)
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
@@ -154,10 +157,9 @@ async def test_a_body_left_unread_closes_its_connection_and_one_read_to_the_end_
         async with httpx.AsyncClient(transport=transport) as client:
             async with client.stream("GET", server.url) as response:
                 first = await anext(response.aiter_raw())
-            left_at = asyncio.get_running_loop().time()
             assert first.startswith(b"hello")
             await asyncio.wait_for(closed.wait(), 5)
-            assert asyncio.get_running_loop().time() - left_at < 0.5  # the answer would have taken 1 s
+            assert len(written) < 50  # cut off by the client leaving, not ended by the answer
             assert (await asyncio.wait_for(client.get(server.url), 10)).text == "hello" * 50
             assert (await asyncio.wait_for(client.get(server.url), 10)).text == "hello" * 50
         assert server.connections == 2  # the cut one, then one kept alive for both whole answers
