@@ -36,6 +36,6 @@ if problem := app_url_mismatch(settings.APP_URL, settings.LISTEN_HOST, settings.
 
 # Everything loaded so far (settings, models, URLconfs, admin, endpoints) lives as long as the
 # process. Freezing it moves it out of the cyclic garbage collector's generations, so full
-# collections stop re-scanning it: measured under load, GC time per proxied request halved and
+# collections stop re-scanning it: under load, GC time per proxied request halved and
 # the occasional full collection no longer stalls every request in flight for tens of ms.
 gc.freeze()

@@ -18,8 +18,8 @@ false — goes through the ORM in a worker thread (``in_thread``).
   path is ONE statement — writes that must commit together are parts of one ``WITH`` (the
   ``insert_statement``/``update_statement`` builders make such parts from model instances).
 * Parameters are bound server-side and statements prepared on each connection's first use
-  (``PROXY_DB_PREPARE``): measured on the authentication lookup, about a third of the client
-  CPU and a tenth of the server CPU of an unprepared statement, whose planning dominated.
+  (``PROXY_DB_PREPARE``): for these short statements planning dominated both the client's and
+  the server's CPU (figures: the README's Benchmarks).
 * ``observe()`` lets a caller see every statement sent (the tests pin the hot path's count, as
   ``django_assert_num_queries`` does for ORM code).
 """
@@ -111,9 +111,8 @@ class _Connection(psycopg.AsyncConnection):
 
     psycopg builds a cursor's parameter adapters anew whenever the cursor runs another statement
     than its last (and a new cursor always does), so one cursor per statement lets each of the hot
-    path's few statements reuse its adapters. Measured on a slow hour of the development VM, a
-    statement with three to five parameters through ``fetchone``: 300 – 340 → 215 – 280 µs of
-    client CPU.
+    path's few statements reuse its adapters (about a quarter less client CPU per statement; the
+    README's Benchmarks keep the figures).
     """
 
     MAX_CURSORS = 64  # far more than the statements the hot path has; a bound all the same
