@@ -1,0 +1,105 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+"""Fixtures for the client package's tests: a live server (the shipped uvicorn command) with the
+fake upstream and the fake Lemon Squeezy behind it, an in-memory keyring, signed-in clients.
+
+The keyring: every test here runs with an in-memory backend set as keyring's default, so neither
+a test nor the code under test can ever reach the developer's real keyring.
+"""
+
+from __future__ import annotations
+
+import keyring
+import keyring.backend
+import keyring.errors
+import pytest
+from django.conf import settings as django_settings
+
+from tests.fake_payment_apis import LS_SECRET, FakeLemonSqueezy
+from tests.fake_upstream import fake_upstream, fake_upstream_server, price  # noqa: F401  (fixtures)
+from tests.live import free_port, live_server
+
+PASSWORD = "correct horse battery staple"
+
+
+class MemoryKeyring(keyring.backend.KeyringBackend):
+    """A keyring that lives in a dict: what the OS keyring would hold, visible to the test."""
+
+    priority = 1
+
+    def __init__(self):
+        super().__init__()
+        self.entries: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service, username):
+        return self.entries.get((service, username))
+
+    def set_password(self, service, username, password):
+        self.entries[(service, username)] = password
+
+    def delete_password(self, service, username):
+        if self.entries.pop((service, username), None) is None:
+            raise keyring.errors.PasswordDeleteError(f"no entry for {username} in {service}")
+
+
+@pytest.fixture(autouse=True)
+def memory_keyring():
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)
+
+
+def server_env(fake_upstream_server, port: int, **extra: str) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    return {
+        "SECRET_KEY": django_settings.SECRET_KEY,
+        "APP_URL": url,
+        "UPSTREAM_BASE_URL": fake_upstream_server.url,
+        "UPSTREAM_API_KEY": "sk-or-v1-server-secret",
+        "UPSTREAM_KIND": "openrouter",
+        "PROXY_PRICE_CACHE_SECONDS": "0",
+        "LEMONSQUEEZY_WEBHOOK_SECRET": LS_SECRET,
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="package")
+def fake_ls_server():
+    with FakeLemonSqueezy() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="package")
+def server(django_db_setup, django_db_blocker, fake_upstream_server, fake_ls_server):
+    """One server for the whole package, Lemon Squeezy checkout and webhooks configured."""
+    port = free_port()
+    env = server_env(
+        fake_upstream_server,
+        port,
+        LEMONSQUEEZY_API_URL=fake_ls_server.url,
+        LEMONSQUEEZY_API_KEY="ls_test_key",
+        LEMONSQUEEZY_STORE_ID="70011",
+    )
+    with live_server(port=port, **env) as url:
+        yield url
+
+
+@pytest.fixture
+def client_for(server, memory_keyring):
+    """``client_for(user)``: a Tokentill client signed in as ``user`` by password."""
+    from tokentill import Tokentill
+
+    made = []
+
+    def make(user=None, **options):
+        client = Tokentill(server, keyring_backend=options.pop("keyring_backend", memory_keyring), **options)
+        made.append(client)
+        if user is not None:
+            client.login_with_password(user.email, PASSWORD)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
