@@ -27,8 +27,9 @@ OK, FAILED, USAGE, NOT_SIGNED_IN, TIMED_OUT = 0, 1, 2, 3, 4
 
 
 @contextlib.contextmanager
-def spinner(message: str, stream: TextIO = sys.stderr) -> Iterator[None]:
+def spinner(message: str, stream: TextIO | None = None) -> Iterator[None]:
     """A spinner while we wait on the browser, on a terminal only (never in a log or a pipe)."""
+    stream = stream or sys.stderr
     if not stream.isatty():
         print(message, file=stream)
         yield
@@ -130,18 +131,18 @@ def parser() -> argparse.ArgumentParser:
     login.add_argument("--password", action="store_true", help="sign in with email and password instead")
     login.add_argument("--email", help="the email for --password (asked for when missing)")
     login.add_argument("--name", help="how this sign-in is listed in the portal's signed-in apps")
-    login.set_defaults(run=cmd_login)
-    commands.add_parser("logout", help="sign out here and on the server").set_defaults(run=cmd_logout)
-    commands.add_parser("whoami", help="the signed-in account").set_defaults(run=cmd_whoami)
-    commands.add_parser("balance", help="the wallet's balance").set_defaults(run=cmd_balance)
+    login.set_defaults(handler=cmd_login)
+    commands.add_parser("logout", help="sign out here and on the server").set_defaults(handler=cmd_logout)
+    commands.add_parser("whoami", help="the signed-in account").set_defaults(handler=cmd_whoami)
+    commands.add_parser("balance", help="the wallet's balance").set_defaults(handler=cmd_balance)
     topup = commands.add_parser("topup", help="buy credit in the browser and wait for it to arrive")
     topup.add_argument("pack", nargs="?", help="a pack's id (e.g. starter) to go straight to its checkout")
     topup.add_argument("--timeout", type=float, default=900, help="seconds to wait for the payment (default 900)")
-    topup.set_defaults(run=cmd_topup)
+    topup.set_defaults(handler=cmd_topup)
     usage = commands.add_parser("usage", help="the latest requests and what they cost")
     usage.add_argument("--run", help="only this run's requests, with its totals")
     usage.add_argument("--limit", type=int, default=20, help="how many records (default 20)")
-    usage.set_defaults(run=cmd_usage)
+    usage.set_defaults(handler=cmd_usage)
     return top
 
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None, **client_options: Any) -> int:
     args = parser().parse_args(argv)
     client = Tokentill(args.server, app_name="Tokentill CLI", **client_options)
     try:
-        return args.run(client, args)
+        return args.handler(client, args)
     except SignedOut as exc:
         print(f"Not signed in: {exc}. Run `tokentill login`.", file=sys.stderr)
         return NOT_SIGNED_IN
