@@ -9,36 +9,15 @@ a test nor the code under test can ever reach the developer's real keyring.
 from __future__ import annotations
 
 import keyring
-import keyring.backend
-import keyring.errors
 import pytest
 from django.conf import settings as django_settings
 
+from tests.client.memory_keyring import MemoryKeyring
 from tests.fake_payment_apis import LS_SECRET, FakeLemonSqueezy
 from tests.fake_upstream import fake_upstream, fake_upstream_server, price  # noqa: F401  (fixtures)
 from tests.live import free_port, live_server
 
 PASSWORD = "correct horse battery staple"
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    """A keyring that lives in a dict: what the OS keyring would hold, visible to the test."""
-
-    priority = 1
-
-    def __init__(self):
-        super().__init__()
-        self.entries: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service, username):
-        return self.entries.get((service, username))
-
-    def set_password(self, service, username, password):
-        self.entries[(service, username)] = password
-
-    def delete_password(self, service, username):
-        if self.entries.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError(f"no entry for {username} in {service}")
 
 
 @pytest.fixture(autouse=True)
