@@ -13,6 +13,7 @@ from tokentill import LoginFailed, SignedOut, Tokentill
 
 from accounts.models import RefreshToken, TokenFamily
 from accounts.services import token_family_revoke
+from tests.client.conftest import PASSWORD
 from tests.conftest import make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -153,3 +154,15 @@ def test_racing_threads_and_tasks_refresh_exactly_once(server, client_for, memor
     assert results == [3] * 16
     assert TokenFamily.objects.get().revoked_at is None
     assert RefreshToken.objects.count() == 2  # the first, used once, and its successor
+
+
+def test_without_an_os_keyring_the_error_says_what_to_do(server):
+    import keyring.backends.fail
+    from tokentill import KeyringUnavailable
+
+    make_user("alice@example.com")
+    client = Tokentill(server, keyring_backend=keyring.backends.fail.Keyring())
+    with pytest.raises(KeyringUnavailable, match="Secret Service"):
+        client.login_with_password("alice@example.com", PASSWORD)
+    client.close()
+    assert not TokenFamily.objects.exists()  # said before signing in: no login left behind

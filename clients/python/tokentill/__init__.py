@@ -17,6 +17,7 @@ from .client import Account, Balance, ChargeResult, DeviceCode, Tokentill
 from .errors import (
     ApiError,
     InsufficientFunds,
+    KeyringUnavailable,
     LoginFailed,
     RunLimitReached,
     SignedOut,
@@ -36,6 +37,7 @@ __all__ = [
     "ChargeResult",
     "DeviceCode",
     "InsufficientFunds",
+    "KeyringUnavailable",
     "LoginFailed",
     "Run",
     "RunLimitReached",

@@ -11,13 +11,33 @@ Layout, per server URL:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import keyring
 import keyring.errors
+
+from .errors import KeyringUnavailable
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _keyring_call(method: F) -> F:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except keyring.errors.NoKeyringError as missing:
+            raise KeyringUnavailable(
+                "no OS keyring is available to keep the sign-in (tokens are never written to a file): "
+                "on Linux run a Secret Service such as GNOME Keyring or KWallet, or pass keyring_backend="
+            ) from missing
+
+    return call  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -50,9 +70,11 @@ class TokenStore:
         self._service = f"{service_name} {base_url}"
         self._current = f"{service_name} {base_url} current"
 
+    @_keyring_call
     def current_email(self) -> str | None:
         return self._keyring.get_password(self._current, "account")
 
+    @_keyring_call
     def load(self) -> Tokens | None:
         email = self.current_email()
         if not email:
@@ -65,10 +87,12 @@ class TokenStore:
         except (ValueError, TypeError):
             return None  # an entry from an incompatible version: as good as signed out
 
+    @_keyring_call
     def save(self, tokens: Tokens) -> None:
         self._keyring.set_password(self._service, tokens.email, json.dumps(asdict(tokens)))
         self._keyring.set_password(self._current, "account", tokens.email)
 
+    @_keyring_call
     def clear(self, email: str | None = None) -> None:
         """Forget ``email``'s tokens (the current account's by default), and the pointer to it."""
         current = self.current_email()

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import httpx
 
 from .client import DeviceCode, Tokentill
-from .errors import ApiError, LoginFailed, SignedOut, TopupTimeout
+from .errors import ApiError, KeyringUnavailable, LoginFailed, SignedOut, TopupTimeout
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None, **client_options: Any) -> int:
     except TopupTimeout as exc:
         print(f"{exc}. If you paid, the balance will show it shortly: `tokentill balance`.", file=sys.stderr)
         return TIMED_OUT
+    except KeyringUnavailable as exc:
+        print(f"Cannot keep a sign-in here: {exc}", file=sys.stderr)
+        return FAILED
     except ApiError as exc:
         print(f"The server refused: {exc.detail} (HTTP {exc.status_code})", file=sys.stderr)
         return FAILED

@@ -134,6 +134,7 @@ class Tokentill:
         return Account(tokens.email, tokens.id) if tokens else None
 
     def login_with_password(self, email: str, password: str) -> Account:
+        self._session.tokens()  # no keyring to keep the sign-in in: say so before signing in
         response = self._public.post(
             "/api/auth/token", json={"email": email, "password": password, "client_name": self.app_name}
         )
@@ -157,6 +158,7 @@ class Tokentill:
         ``/device`` page with the code filled in, shows the code (``on_code``; stderr by
         default), then polls until the user approves or denies there, or the code expires.
         ``cancel``, when set from another thread, stops the wait (``LoginFailed("cancelled")``)."""
+        self._session.tokens()  # no keyring to keep the sign-in in: say so before signing in
         response = self._public.post("/api/auth/device", json={"client_name": client_name or self.app_name})
         if response.status_code != 200:
             raise ApiError(response.status_code, _detail(response))

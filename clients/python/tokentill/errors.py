@@ -22,6 +22,11 @@ class SignedOut(TokentillError):
     again with ``login_in_browser()`` or ``login_with_password()``."""
 
 
+class KeyringUnavailable(TokentillError):
+    """There is no OS keyring to keep the sign-in in (tokens are never written to a plain file).
+    On Linux, run a Secret Service (GNOME Keyring, KWallet); or pass ``keyring_backend=``."""
+
+
 class LoginFailed(TokentillError):
     """A sign-in that did not succeed. ``reason``: ``invalid_credentials``, ``throttled``,
     ``access_denied`` (the user pressed Deny), ``expired_token`` (the code was not approved in
