@@ -21,6 +21,32 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(request, settings):
+    """Personas are made in this process with a fast hasher, and signed in with tokens minted
+    here: most tests are not about passwords. A test that signs in by password asks for
+    ``real_passwords``, and its users get a hash the live server (with its own hashers) checks."""
+    if "real_passwords" not in request.fixturenames:
+        settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def real_passwords():
+    """See ``fast_password_hashing``."""
+
+
+def sign_in(server: str, user, backend) -> None:
+    """Put a fresh login for ``user`` in ``backend`` as the package stores it, so a client made
+    next finds it there like a restarted app (the password sign-in has tests of its own)."""
+    from tokentill._store import Tokens, TokenStore
+
+    from accounts.services import token_pair_issue
+
+    pair = token_pair_issue(user=user)
+    issued = {"access": pair.access, "refresh": pair.refresh, "expires_in": pair.expires_in}
+    TokenStore(server, service_name="tokentill", backend=backend).save(Tokens.issued(issued, email=user.email))
+
+
+@pytest.fixture(autouse=True)
 def memory_keyring():
     previous = keyring.get_keyring()
     backend = MemoryKeyring()
@@ -67,15 +93,20 @@ def server(django_db_setup, django_db_blocker, fake_upstream_server, fake_ls_ser
 
 @pytest.fixture
 def client_for(server, memory_keyring):
-    """``client_for(user)``: a Tokentill client signed in as ``user`` by password."""
+    """``client_for(user)``: a Tokentill client signed in as ``user`` (``password=True``: through
+    the password sign-in, which needs ``real_passwords``); ``client_for()`` starts from whatever
+    the keyring holds, as a restarted app would."""
     from tokentill import Tokentill
 
     made = []
 
-    def make(user=None, **options):
-        client = Tokentill(server, keyring_backend=options.pop("keyring_backend", memory_keyring), **options)
+    def make(user=None, *, password: bool = False, **options):
+        backend = options.pop("keyring_backend", memory_keyring)
+        if user is not None and not password:
+            sign_in(server, user, backend)
+        client = Tokentill(server, keyring_backend=backend, **options)
         made.append(client)
-        if user is not None:
+        if user is not None and password:
             client.login_with_password(user.email, PASSWORD)
         return client
 

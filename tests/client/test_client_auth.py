@@ -32,9 +32,11 @@ def tamper(backend, server, **changes) -> dict:
     return tokens
 
 
-def test_a_password_sign_in_lives_in_the_keyring_and_survives_a_restart(server, client_for, memory_keyring, tmp_path):
+def test_a_password_sign_in_lives_in_the_keyring_and_survives_a_restart(
+    server, client_for, memory_keyring, real_passwords
+):
     alice = make_user("alice@example.com", balance="10.00")
-    client = client_for(alice)
+    client = client_for(alice, password=True)
     assert client.account.email == "alice@example.com"
     assert set(memory_keyring.entries) == {
         (f"tokentill {server}", "alice@example.com"),
@@ -47,7 +49,7 @@ def test_a_password_sign_in_lives_in_the_keyring_and_survives_a_restart(server, 
     assert restarted.balance().balance == 10
 
 
-def test_a_wrong_password_is_a_clear_error_and_stores_nothing(server, client_for, memory_keyring):
+def test_a_wrong_password_is_a_clear_error_and_stores_nothing(server, client_for, memory_keyring, real_passwords):
     make_user("alice@example.com")
     client = client_for()
     with pytest.raises(LoginFailed) as failed:
@@ -156,7 +158,7 @@ def test_racing_threads_and_tasks_refresh_exactly_once(server, client_for, memor
     assert RefreshToken.objects.count() == 2  # the first, used once, and its successor
 
 
-def test_without_an_os_keyring_the_error_says_what_to_do(server):
+def test_without_an_os_keyring_the_error_says_what_to_do(server, real_passwords):
     import keyring.backends.fail
     from tokentill import KeyringUnavailable
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def tokentill(server, memory_keyring, capsys):
+def tokentill(server, memory_keyring, capsys, real_passwords):
     """Run ``tokentill --server <live server> ARGS…`` in-process: (exit code, stdout, stderr)."""
 
     def run(*args: str):
@@ -75,13 +75,24 @@ def test_the_console_script_is_installed():
 
 def test_on_a_terminal_the_spinner_spins_and_wipes_its_line():
     import os
+    import select
     import time
 
     leader, follower = os.openpty()
+    written = ""
+
+    def read_some():
+        nonlocal written
+        if select.select([leader], [], [], 1)[0]:
+            written += os.read(leader, 10_000).decode()
+
     with open(follower, "w", encoding="utf-8") as terminal:
         with cli.spinner("Waiting…", stream=terminal):
-            time.sleep(0.35)
-    written = os.read(leader, 10_000).decode()
+            deadline = time.monotonic() + 30
+            while written.count("Waiting…") < 2 and time.monotonic() < deadline:
+                read_some()  # until it has been redrawn with a second frame
+        read_some()
     os.close(leader)
-    assert written.count("Waiting…") >= 2  # redrawn with each frame
-    assert written.endswith("\r\x1b[K")  # and gone when the wait is over
+    frames = [part for part in written.split("\r") if "Waiting…" in part]
+    assert len(frames) >= 2 and frames[0] != frames[1]  # a new frame each time
+    assert written.endswith("\r\x1b[K")  # and the line is gone when the wait is over

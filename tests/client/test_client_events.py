@@ -11,7 +11,7 @@ from tokentill import SignedOut, Tokentill
 
 from accounts.models import TokenFamily
 from accounts.services import token_family_revoke
-from tests.client.conftest import PASSWORD, server_env
+from tests.client.conftest import server_env, sign_in
 from tests.conftest import make_user
 from tests.live import crash, free_port, live_server
 from wallet.models import EntryKind
@@ -106,8 +106,8 @@ def test_the_watch_survives_a_server_crash_and_resumes_with_a_snapshot(fake_upst
             await watcher.aclose()
 
     with live_server(port=port, **env) as url:
+        sign_in(url, alice, memory_keyring)
         client = Tokentill(url, keyring_backend=memory_keyring)
-        client.login_with_password("alice@example.com", PASSWORD)
         before, after = asyncio.run(watch(client, url))
         client.close()
     assert (before.reason, before.balance) == ("snapshot", Decimal("1"))

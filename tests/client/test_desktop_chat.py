@@ -58,7 +58,7 @@ def starter_pack(db):
 
 
 def test_chat_run_out_top_up_and_continue_in_a_real_window(
-    display, server, fake_upstream, price, starter_pack, tmp_path
+    display, server, fake_upstream, price, starter_pack, tmp_path, real_passwords
 ):
     alice = make_user("alice@example.com", balance="0.50")
     u = usage(20, 3, cost="0.000012")
