@@ -21,6 +21,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .auth import Principal
+from .models import DEFAULT_SESSION_NAME
 from .selectors import api_key_get, api_key_list
 from .serializers import (
     DUPLICATE_EMAIL,
@@ -92,7 +93,8 @@ class TokenView(_CredentialView):
     @extend_schema(
         operation_id="auth_token",
         description="Logs in with email and password. Failed attempts are throttled per client address and "
-        "per email (LOGIN_RATE); while throttled the password is not checked.",
+        "per email (LOGIN_RATE); while throttled the password is not checked. `client_name` names the "
+        'login in the user\'s signed-in apps (default "API sign-in").',
         request=CredentialsSerializer,
         responses={200: TokenPairOutSerializer, 401: _401, 429: _429},
         auth=[],
@@ -110,7 +112,8 @@ class TokenView(_CredentialView):
         if user is None:
             throttle.record_failure()
             raise exceptions.AuthenticationFailed("invalid email or password")
-        return Response(_pair(token_pair_issue(user=user)))
+        name = serializer.validated_data.get("client_name") or DEFAULT_SESSION_NAME
+        return Response(_pair(token_pair_issue(user=user, name=name)))
 
 
 class TokenRefreshView(_CredentialView):

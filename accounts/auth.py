@@ -1,6 +1,6 @@
 """The one bearer check shared by DRF, Ninja, the proxy consumer and the WebSocket.
 
-``authenticate_bearer(token) -> Principal`` or ``AuthFailed(reason)``. An API key (``tt_…``) is
+``authenticate_bearer(token) -> Principal`` or ``AuthFailed(reason, kind)``. An API key (``tt_…``) is
 found by its prefix and compared by hash in constant time; anything else is read as a signed
 access token naming a token family, which must not be revoked. One query either way (the user and
 their wallet joined in), plus a throttled ``last_used_at`` write for keys.
@@ -43,16 +43,33 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write a row on every single
 _WITH_USER = ("user", "user__wallet")
 
 
+# Why a credential was refused (``AuthFailed.kind``). EXPIRED and REVOKED name a credential
+# that was good once: its owner only needs to sign in again, which a client may tell them in
+# words (the proxy's assistant-message mode). The others are a client's mistake or a stranger's.
+MISSING = "missing"  # no bearer token at all
+INVALID = "invalid"  # not one of ours: unknown key, bad signature, malformed
+EXPIRED = "expired"  # an access token or API key past its lifetime
+REVOKED = "revoked"  # a revoked API key, a signed-out (or reused-refresh) session
+DISABLED = "disabled"  # the account is disabled
+
+
 class AuthFailed(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = INVALID):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+
+    @property
+    def signed_out(self) -> bool:
+        """The credential expired or was revoked: signing in again would cure it."""
+        return self.kind in (EXPIRED, REVOKED)
 
 
 @dataclass
 class Principal:
     user: User
     api_key: ApiKey | None = None
+    family_id: uuid.UUID | None = None  # the token family of an access token (None for keys)
     # On the event loop's path: a SQL condition (text, parameters), true while the rows this
     # principal was read from are unchanged — see the module docstring. None on the ORM path.
     unchanged: tuple[str, dict] | None = None
@@ -77,7 +94,7 @@ def bearer_from_header(value: str | bytes | None) -> str | None:
 
 def authenticate_bearer(token: str | None) -> Principal:
     if not token:
-        raise AuthFailed("missing bearer token")
+        raise AuthFailed("missing bearer token", MISSING)
     if token.startswith(API_KEY_PREFIX):
         return _authenticate_key(token)
     return _authenticate_access_token(token)
@@ -94,11 +111,11 @@ def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
     if key is None or not hmac.compare_digest(key.key_hash, token_hash):
         raise AuthFailed("invalid API key")
     if key.revoked_at is not None:
-        raise AuthFailed("this API key has been revoked")
+        raise AuthFailed("this API key has been revoked", REVOKED)
     if key.expires_at is not None and key.expires_at <= now:
-        raise AuthFailed("this API key has expired")
+        raise AuthFailed("this API key has expired", EXPIRED)
     if not key.user.is_active:
-        raise AuthFailed("this account is disabled")
+        raise AuthFailed("this account is disabled", DISABLED)
     return key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION
 
 
@@ -117,7 +134,7 @@ def _access_token_family(token: str):
     try:
         payload = signing.loads(token, salt=ACCESS_SALT, max_age=settings.ACCESS_TOKEN_TTL)
     except signing.SignatureExpired:
-        raise AuthFailed("access token expired") from None
+        raise AuthFailed("access token expired", EXPIRED) from None
     except signing.BadSignature:
         raise AuthFailed("invalid access token") from None
     return payload.get("f")
@@ -130,8 +147,8 @@ def _authenticate_access_token(token: str) -> Principal:
         )
     )
     if family is None:
-        raise AuthFailed("this session has been revoked")
-    return Principal(user=family.user)
+        raise AuthFailed("this session has been revoked", REVOKED)
+    return Principal(user=family.user, family_id=family.pk)
 
 
 # --- the same on the event loop ----------------------------------------------------------------
@@ -212,25 +229,25 @@ async def aauthenticate_bearer(token: str | None, *, cached: bool = False) -> Pr
     if not adb.native():
         return await adb.in_thread(authenticate_bearer)(token)
     if not token:
-        raise AuthFailed("missing bearer token")
+        raise AuthFailed("missing bearer token", MISSING)
     if token.startswith(API_KEY_PREFIX):
         return await _aauthenticate_key(token, cached)
     family_id = _access_token_family(token)
     try:
         family_id = uuid.UUID(str(family_id))
     except ValueError:  # a signed token naming no valid family id: cannot happen unless our key leaked
-        raise AuthFailed("this session has been revoked") from None
+        raise AuthFailed("invalid access token") from None
     ident = f"family:{family_id}"
     row = _recalled(ident) if cached else None
     if row is None:
         row = await adb.fetchone(_FAMILY_SQL, [family_id], retry=True)
         if row is None:
             _recent.pop(ident, None)
-            raise AuthFailed("this session has been revoked")
+            raise AuthFailed("this session has been revoked", REVOKED)
     _, end = adb.load(TokenFamily, row)
     user = _user_with_wallet(row, end)
     _remember(ident, row, user)
-    return Principal(user=user, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:]))
+    return Principal(user=user, family_id=family_id, unchanged=_unchanged(_FAMILY_UNCHANGED, family_id, *row[-2:]))
 
 
 async def _aauthenticate_key(token: str, cached: bool) -> Principal:

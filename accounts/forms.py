@@ -6,6 +6,7 @@ from django import forms
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
 
+from .device import user_code_normalise
 from .models import ApiKey, User
 
 
@@ -49,3 +50,21 @@ class SignupForm(forms.Form):
 
 class ApiKeyNameForm(forms.Form):
     name = forms.CharField(max_length=ApiKey._meta.get_field("name").max_length, strip=True)
+
+
+class DeviceCodeForm(forms.Form):
+    """The code an app shows, as the user types it: any case, with or without the dash."""
+
+    code = forms.CharField(
+        label="Code",
+        max_length=20,
+        widget=forms.TextInput(
+            attrs={"autofocus": True, "autocomplete": "off", "autocapitalize": "characters", "spellcheck": "false"}
+        ),
+    )
+
+    def clean_code(self) -> str:
+        code = user_code_normalise(self.cleaned_data["code"])
+        if code is None:
+            raise forms.ValidationError("A code is 8 letters, like BCDF-GHJK. Check the code your app shows.")
+        return code

@@ -4,6 +4,10 @@ Secrets are never stored: an API key is kept as a short lookup prefix plus the S
 whole key (the key is 256 random bits, so a fast hash is enough and keeps the proxy hot path
 cheap); a refresh token likewise. Access tokens are signed, short-lived and name their family,
 so revoking a family (logout, refresh-token reuse) also ends its access tokens.
+
+Browser sign-in for apps (RFC 8628's device flow) and one-time web links follow the same rule:
+a ``DeviceAuthorization`` keeps only the hashes of its device code and user code, a ``WebLink``
+only the hash of its token, and each is used at most once — decided by one conditional UPDATE.
 """
 
 import uuid
@@ -62,7 +66,14 @@ def default_scopes():
 
 
 def default_limits():
-    return {"rpm": None, "daily_spend": None, "monthly_spend": None, "allowed_models": None}
+    return {
+        "rpm": None,
+        "daily_spend": None,
+        "monthly_spend": None,
+        "allowed_models": None,
+        "run_max_steps": None,
+        "run_max_spend": None,
+    }
 
 
 class ApiKey(models.Model):
@@ -73,7 +84,8 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=PREFIX_LENGTH, unique=True)
     key_hash = models.CharField(max_length=64)
     scopes = models.JSONField(default=default_scopes)
-    # {"rpm": int|None, "daily_spend": "1.000000000"|None, "monthly_spend": ..., "allowed_models": [..]|None}
+    # {"rpm": int|None, "daily_spend": "1.000000000"|None, "monthly_spend": ..., "allowed_models": [..]|None,
+    #  "run_max_steps": int|None, "run_max_spend": "0.500000000"|None}
     limits = models.JSONField(default=default_limits)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -95,12 +107,20 @@ class ApiKey(models.Model):
         return scope in (self.scopes or [])
 
 
+DEFAULT_SESSION_NAME = "API sign-in"
+
+
 class TokenFamily(models.Model):
     """One login on one device: every refresh token rotated from it shares the family."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="token_families")
+    # What the user sees in "Signed-in apps": the device flow's client_name, or DEFAULT_SESSION_NAME.
+    name = models.CharField(max_length=100, default=DEFAULT_SESSION_NAME)
     created_at = models.DateTimeField(default=timezone.now)
+    # Written at sign-in and when a refresh token is used, not on every request: a write per
+    # request would also change the row version the proxy's remembered principals are checked by.
+    last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     revoked_reason = models.CharField(max_length=40, blank=True)
 
@@ -120,3 +140,61 @@ class RefreshToken(models.Model):
 
     def __str__(self):
         return f"refresh token {self.pk} (family {self.family_id})"
+
+
+class DeviceStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for the user"
+    APPROVED = "approved", "Approved, not yet collected"
+    DENIED = "denied", "Denied"
+    REDEEMED = "redeemed", "Tokens issued"
+
+
+class DeviceAuthorization(models.Model):
+    """One browser sign-in an app asked for (RFC 8628): the app holds the device code and polls,
+    the user types the user code on the portal's /device page and approves or denies.
+
+    Both codes are kept hashed. The user code is short (8 letters) by design, so it is keyed with
+    the server's secret (HMAC) rather than hashed plainly: a copy of the table alone does not give
+    the codes back. It is unique only among pending authorizations — an old code may come back.
+    """
+
+    device_code_hash = models.CharField(max_length=64, unique=True)
+    user_code_hash = models.CharField(max_length=64)
+    client_name = models.CharField(max_length=100)
+    status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.PENDING)
+    user = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.CASCADE, related_name="device_authorizations"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    interval = models.PositiveIntegerField(help_text="seconds the app must wait between polls")
+    last_polled_at = models.DateTimeField(null=True, blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    # The login the approval became, once the app collected its tokens.
+    family = models.ForeignKey(TokenFamily, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user_code_hash"],
+                condition=models.Q(status="pending"),
+                name="deviceauthorization_pending_user_code_unique",
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.client_name} ({self.status})"
+
+
+class WebLink(models.Model):
+    """A one-time link that signs a browser into the portal as ``user`` and lands on ``next``."""
+
+    token_hash = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="web_links")
+    next = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"web link for {self.user_id} to {self.next}"

@@ -15,32 +15,43 @@ from rest_framework import serializers
 from wallet.money import MoneyError, format_usd, parse_usd
 
 from .models import ApiKey, User
+from .weblinks import NEXT_PATHS, web_link_next_allowed
 
-LIMIT_KEYS = ("rpm", "daily_spend", "monthly_spend", "allowed_models")
+LIMIT_KEYS = ("rpm", "daily_spend", "monthly_spend", "allowed_models", "run_max_steps", "run_max_spend")
 DUPLICATE_EMAIL = "an account with this email address already exists"
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def limits_clean(value: object) -> dict:
-    """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models}``.
+    """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models, run_max_steps,
+    run_max_spend}``.
 
     Missing keys mean "no limit" (null). Spend caps are decimal strings, stored as 9-place
     strings; numbers are refused because a JSON number may already have been rounded by a float
-    on its way here. Raises Django's ``ValidationError`` (DRF and admin forms both understand it).
+    on its way here. ``run_max_steps``/``run_max_spend`` bound each ``X-Tokentill-Run`` made with
+    the key; unlike a daily cap, a run limit of zero would mean nothing, so they must be positive.
+    Raises Django's ``ValidationError`` (DRF and admin forms both understand it).
     """
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise DjangoValidationError("limits must be an object with rpm, daily_spend, monthly_spend, allowed_models")
+        raise DjangoValidationError(f"limits must be an object with {', '.join(LIMIT_KEYS)}")
     unknown = sorted(set(value) - set(LIMIT_KEYS))
     if unknown:
         raise DjangoValidationError(f"unknown limit(s): {', '.join(unknown)}; allowed: {', '.join(LIMIT_KEYS)}")
 
     rpm = value.get("rpm")
-    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm <= 0):
+    if rpm is not None and not _positive_int(rpm):
         raise DjangoValidationError("rpm must be a positive whole number of requests per minute, or null")
+    steps = value.get("run_max_steps")
+    if steps is not None and not _positive_int(steps):
+        raise DjangoValidationError("run_max_steps must be a positive whole number of model calls per run, or null")
 
-    cleaned: dict = {"rpm": rpm}
-    for name in ("daily_spend", "monthly_spend"):
+    cleaned: dict = {"rpm": rpm, "run_max_steps": steps}
+    for name in ("daily_spend", "monthly_spend", "run_max_spend"):
         raw = value.get(name)
         if raw is None:
             cleaned[name] = None
@@ -53,6 +64,8 @@ def limits_clean(value: object) -> dict:
             raise DjangoValidationError(f"{name}: {exc}") from None
         if nanos < 0:
             raise DjangoValidationError(f"{name} cannot be negative")
+        if nanos == 0 and name == "run_max_spend":
+            raise DjangoValidationError("run_max_spend must be more than zero, or null for no limit")
         cleaned[name] = format_usd(nanos)
 
     models = value.get("allowed_models")
@@ -64,7 +77,7 @@ def limits_clean(value: object) -> dict:
         # Order kept, duplicates dropped: the list is shown back to the user as they wrote it.
         models = list(dict.fromkeys(model.strip() for model in models))
     cleaned["allowed_models"] = models
-    return cleaned
+    return {name: cleaned[name] for name in LIMIT_KEYS}
 
 
 # --- auth -------------------------------------------------------------------------------------
@@ -89,9 +102,23 @@ class SignupSerializer(serializers.Serializer):
         return attrs
 
 
+class ClientNameField(serializers.CharField):
+    """An app's name as the user will see it in "Signed-in apps": 1–100 printable characters."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_length=100, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not value.isprintable():
+            raise serializers.ValidationError("must be printable text (no control characters or line breaks)")
+        return value
+
+
 class CredentialsSerializer(serializers.Serializer):
     email = serializers.CharField(max_length=254)
     password = serializers.CharField(write_only=True, trim_whitespace=False, max_length=4096)
+    client_name = ClientNameField(required=False, help_text='names this login in "Signed-in apps"')
 
 
 class RefreshSerializer(serializers.Serializer):
@@ -126,6 +153,8 @@ class LimitsOutSerializer(serializers.Serializer):
     daily_spend = serializers.CharField(allow_null=True, help_text='USD decimal string, e.g. "5.000000000"')
     monthly_spend = serializers.CharField(allow_null=True, help_text="USD decimal string")
     allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
+    run_max_steps = serializers.IntegerField(allow_null=True, min_value=1, help_text="model calls per X-Tokentill-Run")
+    run_max_spend = serializers.CharField(allow_null=True, help_text="USD decimal string, spend per X-Tokentill-Run")
 
 
 @extend_schema_field(LimitsOutSerializer)
@@ -181,3 +210,58 @@ class ApiKeyUpdateSerializer(serializers.Serializer):
     def validate_limits(self, value):
         # null clears every limit; stored as the full all-null object so readers see one shape.
         return limits_clean(value)
+
+
+# --- browser sign-in, sessions, web links -----------------------------------------------------
+
+
+class DeviceCodeRequestSerializer(serializers.Serializer):
+    client_name = ClientNameField(help_text="the app's name, shown to the user on the approval page")
+
+
+class DeviceCodeOutSerializer(serializers.Serializer):
+    device_code = serializers.CharField(help_text="the app's secret for polling; never show it")
+    user_code = serializers.CharField(help_text="XXXX-XXXX, for the user to type")
+    verification_uri = serializers.CharField()
+    verification_uri_complete = serializers.CharField(help_text="verification_uri with the code filled in")
+    expires_in = serializers.IntegerField(help_text="seconds")
+    interval = serializers.IntegerField(help_text="seconds to wait between polls")
+
+
+class DeviceTokenRequestSerializer(serializers.Serializer):
+    device_code = serializers.CharField(max_length=200)
+
+
+class DeviceTokenErrorSerializer(serializers.Serializer):
+    error = serializers.ChoiceField(
+        ["authorization_pending", "slow_down", "access_denied", "expired_token", "invalid_grant"]
+    )
+    detail = serializers.CharField()
+    interval = serializers.IntegerField(required=False, help_text="slow_down only: the new interval")
+
+
+class SessionSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    current = serializers.SerializerMethodField(help_text="the session this request's access token belongs to")
+
+    def get_current(self, family) -> bool:
+        return family.pk == self.context.get("current_family_id")
+
+
+class WebLinkRequestSerializer(serializers.Serializer):
+    next = serializers.CharField(max_length=200, trim_whitespace=False)
+
+    def validate_next(self, value):
+        if not web_link_next_allowed(value):
+            raise serializers.ValidationError(
+                f"must be one of {', '.join(NEXT_PATHS)} or /topup/<pack slug>: a web link only leads to this site"
+            )
+        return value
+
+
+class WebLinkOutSerializer(serializers.Serializer):
+    url = serializers.CharField()
+    expires_in = serializers.IntegerField(help_text="seconds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ from wallet.models import EntryKind
 from wallet.money import usd_to_nanos
 from wallet.services import wallet_credit, wallet_get_or_create
 
-from .models import ApiKey, RefreshToken, Scope, TokenFamily, User
+from .models import DEFAULT_SESSION_NAME, ApiKey, RefreshToken, Scope, TokenFamily, User
 
 ACCESS_SALT = "tokentill.access"
 API_KEY_PREFIX = "tt_"
@@ -39,6 +40,7 @@ class TokenPair:
     access: str
     refresh: str
     expires_in: int
+    family_id: uuid.UUID  # the login these tokens belong to
 
 
 def user_signup(*, email: str, password: str) -> User:
@@ -113,12 +115,13 @@ def _issue(family: TokenFamily) -> TokenPair:
         expires_at=timezone.now() + timedelta(seconds=settings.REFRESH_TOKEN_TTL),
     )
     access = signing.dumps({"f": str(family.pk)}, salt=ACCESS_SALT, compress=False)
-    return TokenPair(access=access, refresh=refresh, expires_in=settings.ACCESS_TOKEN_TTL)
+    return TokenPair(access=access, refresh=refresh, expires_in=settings.ACCESS_TOKEN_TTL, family_id=family.pk)
 
 
-def token_pair_issue(*, user: User) -> TokenPair:
+def token_pair_issue(*, user: User, name: str = DEFAULT_SESSION_NAME) -> TokenPair:
+    """A new login (token family) named ``name`` — what the user sees in "Signed-in apps"."""
     with transaction.atomic(savepoint=False):
-        return _issue(TokenFamily.objects.create(user=user))
+        return _issue(TokenFamily.objects.create(user=user, name=name, last_used_at=timezone.now()))
 
 
 def token_refresh(*, refresh: str) -> TokenPair:
@@ -154,6 +157,7 @@ def token_refresh(*, refresh: str) -> TokenPair:
         else:
             token.used_at = now
             token.save(update_fields=["used_at"])
+            TokenFamily.objects.filter(pk=token.family_id).update(last_used_at=now)
             pair = _issue(token.family)
     if failure is not None:
         raise InvalidRefreshToken(failure)

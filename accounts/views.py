@@ -9,6 +9,7 @@ from django.contrib.auth.decorators import login_required
 from django.db import IntegrityError
 from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
@@ -44,15 +45,27 @@ class LoginView(auth_views.LoginView):
 logout_view = auth_views.LogoutView.as_view()
 
 
+def _next_page(request) -> str:
+    """Where to go after signing up: the ``next`` the login redirect carried (e.g. the /device
+    page with an app's code), if it is a page of this site; else nothing."""
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    safe = url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return target if safe else ""
+
+
 @never_cache
 def signup(request):
+    next_page = _next_page(request)
     if request.user.is_authenticated:
-        return redirect("portal:home")
+        return redirect(next_page or "portal:home")
     form = SignupForm(request.POST or None)
+    context = {"form": form, "next": next_page}
     if request.method == "POST":
         if not SignupThrottle().allow_request(request, None):
             form.add_error(None, THROTTLED)
-            return render(request, "registration/signup.html", {"form": form}, status=429)
+            return render(request, "registration/signup.html", context, status=429)
         if form.is_valid():
             try:
                 user = user_signup(email=form.cleaned_data["email"], password=form.cleaned_data["password"])
@@ -60,8 +73,8 @@ def signup(request):
                 form.add_error("email", "An account with this email address already exists.")
             else:
                 login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-                return redirect("portal:home")
-    return render(request, "registration/signup.html", {"form": form})
+                return redirect(next_page or "portal:home")
+    return render(request, "registration/signup.html", context)
 
 
 @never_cache

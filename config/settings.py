@@ -222,6 +222,12 @@ SIGNUP_RATE = env_rate("SIGNUP_RATE", "20/h")
 LOGIN_RATE = env_rate("LOGIN_RATE", "10/min")
 ACCESS_TOKEN_TTL = env_int("ACCESS_TOKEN_TTL", 15 * 60, minimum=30)  # seconds
 REFRESH_TOKEN_TTL = env_int("REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60)  # seconds
+# Browser sign-in for apps (accounts/device.py) and one-time web links (accounts/weblinks.py).
+DEVICE_CODE_TTL = env_int("DEVICE_CODE_TTL", 600, minimum=60)  # seconds a device/user code pair lives
+WEB_LINK_TTL = env_int("WEB_LINK_TTL", 120, minimum=10)  # seconds a one-time web link lives
+DEVICE_CODE_RATE = env_rate("DEVICE_CODE_RATE", "30/h")  # new device codes per client address
+DEVICE_POLL_RATE = env_rate("DEVICE_POLL_RATE", "60/min")  # token polls per client address
+DEVICE_USER_CODE_RATE = env_rate("DEVICE_USER_CODE_RATE", "10/h")  # wrong user codes per user, per address
 
 UPSTREAM_BASE_URL = env.str("UPSTREAM_BASE_URL", default="https://openrouter.ai/api/v1").rstrip("/")
 UPSTREAM_API_KEY = env.str("UPSTREAM_API_KEY", default="")
@@ -287,7 +293,13 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_THROTTLE_RATES": {"signup": SIGNUP_RATE, "login": LOGIN_RATE},
+    "DEFAULT_THROTTLE_RATES": {
+        "signup": SIGNUP_RATE,
+        "login": LOGIN_RATE,
+        "device_code": DEVICE_CODE_RATE,
+        "device_poll": DEVICE_POLL_RATE,
+        "device_user_code": DEVICE_USER_CODE_RATE,
+    },
     # Throttles key on REMOTE_ADDR only. Left unset, DRF would key on the raw X-Forwarded-For,
     # which any client can forge to get a fresh allowance per request; the server (uvicorn)
     # already replaces the address with the forwarded one when the peer is a trusted proxy

@@ -3,6 +3,7 @@
 from django.urls import path
 
 from accounts import views as account_views
+from accounts import views_device as device_views
 from payments import views_portal as payment_views
 from proxy import views_portal as usage_views
 from wallet import views as wallet_views
@@ -17,9 +18,14 @@ urlpatterns = [
     path("keys", account_views.keys, name="keys"),
     path("keys/<int:key_id>/rename", account_views.key_rename, name="key_rename"),
     path("keys/<int:key_id>/revoke", account_views.key_revoke, name="key_revoke"),
+    path("device", device_views.device, name="device"),
+    path("apps", device_views.apps, name="apps"),
+    path("apps/<str:family_id>/sign-out", device_views.app_sign_out, name="app_sign_out"),
+    path("auth/link/<str:token>", device_views.web_link, name="web_link"),
     path("history", wallet_views.history, name="history"),
     path("history.csv", wallet_views.history_csv, name="history_csv"),
     path("usage", usage_views.usage, name="usage"),
     path("topup", payment_views.topup, name="topup"),
     path("topup/done", payment_views.topup_done, name="topup_done"),
+    path("topup/<slug:slug>", payment_views.topup_pack, name="topup_pack"),
 ]

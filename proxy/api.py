@@ -1,4 +1,5 @@
-"""``/api/usage``: a user's own usage records, one record, and totals per day or model.
+"""``/api/usage``: a user's own usage records, one record, and totals per day or model;
+``/api/runs/<run>``: what one of their agent runs did.
 
 Views parse the query string, call a selector in ``proxy.usage_selectors`` and render; bad input
 is a 400 with a human ``detail``; anyone else's record is a 404, never a 403 that confirms it exists.
@@ -15,13 +16,14 @@ from rest_framework.views import APIView
 from config.api_common import ResultsCursorPagination, parse_instant
 
 from .serializers import (
+    RunSerializer,
     UsageDaySerializer,
     UsageModelSerializer,
     UsageRecordSerializer,
     UsageSummarySerializer,
     UsageTotalsSerializer,
 )
-from .usage_selectors import GROUPINGS, usage_get, usage_list, usage_summary
+from .usage_selectors import GROUPINGS, run_summary, usage_get, usage_list, usage_summary
 
 MAX_ID = 2**63 - 1  # ids are bigints: a larger number names no key, and SQLite cannot even bind it
 
@@ -41,7 +43,11 @@ def _bound(params, name: str, *, end: bool) -> datetime | None:
 
 
 def _filters(params) -> dict:
-    filters = {"model": params.get("model") or None, "since": _bound(params, "since", end=False)}
+    filters = {
+        "model": params.get("model") or None,
+        "run": params.get("run") or None,
+        "since": _bound(params, "since", end=False),
+    }
     filters["until"] = _bound(params, "until", end=True)
     key = params.get("key")
     if key:
@@ -58,6 +64,7 @@ def _filters(params) -> dict:
 _FILTER_PARAMS = [
     OpenApiParameter("model", str, description="only this model id"),
     OpenApiParameter("key", int, description="only requests made with this API key (one of yours)"),
+    OpenApiParameter("run", str, description="only requests of this run (their X-Tokentill-Run)"),
     OpenApiParameter("since", OpenApiTypes.DATETIME, description="from this date or instant (inclusive)"),
     OpenApiParameter("until", OpenApiTypes.DATETIME, description="to this instant (exclusive) or date (inclusive)"),
 ]
@@ -109,3 +116,16 @@ class UsageSummaryApi(APIView):
                 "totals": UsageTotalsSerializer(summary["totals"]).data,
             }
         )
+
+
+class RunDetailApi(APIView):
+    @extend_schema(
+        responses=RunSerializer,
+        summary="One of your runs (X-Tokentill-Run): steps, spend, requests and tool charges",
+        description="The run id is the path's rest, URL-encoded. 404 when you have no such run.",
+    )
+    def get(self, request, run: str):
+        summary = run_summary(user=request.user, run=run)
+        if summary is None:
+            raise NotFound("no such run")
+        return Response(RunSerializer(summary).data)

@@ -41,7 +41,7 @@ from accounts.auth import AuthFailed, aauthenticate_bearer, bearer_from_header
 from config import adb
 from wallet.money import format_usd, loads_decimal
 
-from . import upstream
+from . import limits, upstream
 from .demo import DemoResponse
 from .lib.sse import Event, SSEParser
 from .lib.usage import StreamMeter
@@ -172,6 +172,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.cancellable = False  # may a disconnect cancel the work right now? (only while relaying)
         self.forwarded = False  # has the request been sent upstream?
         self.requested_model = ""  # the body's model id, once parsed
+        self.run_ask = limits.RunAsk()  # the request's own run limits, once parsed
         self.headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
         }
@@ -287,9 +288,11 @@ class ProxyConsumer(AsyncHttpConsumer):
             user=principal.user,
             api_key=principal.api_key,
             endpoint=self.endpoint,
-            run=self.headers.get("x-tokentill-run", "")[:200],
+            run=self.headers.get("x-tokentill-run", "")[: limits.MAX_RUN_ID],
             agent=self.headers.get("x-tokentill-agent", "")[:200],
             tool=self.headers.get("x-tokentill-tool", "")[:200],
+            run_max_steps=self.run_ask.max_steps,
+            run_max_spend=self.run_ask.max_spend,
             unchanged=principal.unchanged,
         )
 
@@ -339,7 +342,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             # finished one, which abandon() frees if the client has left meanwhile.
             begun = await self.admit(body, payload, invalid)
         except AuthFailed as exc:
-            return await self.send_error(401, exc.reason, "invalid_request_error", "invalid_api_key")
+            return await self.unauthenticated(exc, payload)
         except Refusal as refusal:
             return await self.send_refusal(refusal)
         except Funds as funds:
@@ -403,12 +406,16 @@ class ProxyConsumer(AsyncHttpConsumer):
             if payload.get(name) is not None and not (_positive_int(payload[name]) and payload[name] <= most):
                 message = f"`{name}` must be a positive integer no larger than {most}."
                 raise Refusal(400, message, code="invalid_request", param=name)
+        try:
+            self.run_ask = limits.run_ask_parse(self.headers)
+        except limits.InvalidRunHeader as exc:
+            raise Refusal(400, exc.message, code="invalid_request", param=exc.header) from None
         return payload
 
     async def insufficient_funds(self, funds: Funds, payload: dict) -> None:
         message = (
             f"Your balance ({_usd(funds.balance)}, {_usd(funds.available)} available) "
-            f"cannot cover this request. Top up at {settings.APP_URL}/topup"
+            f"cannot cover this request, which needs {_usd(funds.needed)}. Top up at {settings.APP_URL}/topup"
         )
         await self.send_error(
             402,
@@ -417,7 +424,11 @@ class ProxyConsumer(AsyncHttpConsumer):
             "insufficient_funds",
             topup_url=f"{settings.APP_URL}/topup",
             balance=format_usd(funds.balance),
+            needed=format_usd(funds.needed),
         )
+
+    async def unauthenticated(self, failure: AuthFailed, payload: dict | None) -> None:
+        await self.send_error(401, failure.reason, "invalid_request_error", "invalid_api_key")
 
     async def open_upstream(self, begun: Begun, body: dict, path: str):
         if begun.price.is_demo:
@@ -749,11 +760,29 @@ class ChatCompletionsConsumer(ProxyConsumer):
         if settings.REFUSAL_MODE != "assistant_message":
             return await super().insufficient_funds(funds, payload)
         text = (
-            f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request. "
-            f"Top up at {settings.APP_URL}/topup and try again."
+            f"Your Tokentill balance (${format_usd(funds.balance)}) is too low for this request, which needs "
+            f"${format_usd(funds.needed)}. Top up at {settings.APP_URL}/topup and try again."
         )
+        await self.send_assistant_message(payload, text, "insufficient_funds", self.trailer(0, funds.balance))
+
+    async def unauthenticated(self, failure: AuthFailed, payload: dict | None) -> None:
+        """A credential that expired or was revoked, in assistant-message mode: a reply the app can
+        show, asking the user to sign in again. Anything else (no credential, not one of ours, a
+        body we could not read) stays a 401: there is no one to answer in words."""
+        if settings.REFUSAL_MODE != "assistant_message" or not failure.signed_out or payload is None:
+            return await super().unauthenticated(failure, payload)
+        text = (
+            f"Your sign-in has expired or was ended ({failure.reason}). "
+            f"Please sign in again at {settings.APP_URL}/login and try again."
+        )
+        # No ": tokentill" line: nobody is signed in, so there is no balance to tell.
+        await self.send_assistant_message(payload, text, "unauthenticated", b"data: [DONE]\n\n")
+
+    async def send_assistant_message(self, payload: dict, text: str, blocked_reason: str, tail: bytes) -> None:
+        """A refusal as an ordinary completion (streamed if the request asked), marked by
+        ``X-Tokentill-Blocked``, for apps that render replies and nothing else. Nothing is charged."""
         ident, model, created = f"chatcmpl-{self.request_id}", payload["model"], int(time.time())
-        blocked = [("x-tokentill-blocked", "insufficient_funds")]
+        blocked = [("x-tokentill-blocked", blocked_reason)]
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         if payload.get("stream") is not True:
             completion = {
@@ -772,8 +801,7 @@ class ChatCompletionsConsumer(ProxyConsumer):
         ]
         if self.client_wants_usage(payload):
             chunks.append({**base, "choices": [], "usage": usage})
-        body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
-        body += self.trailer(0, funds.balance)
+        body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + tail
         await self.start(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *blocked])
         await self.send_body(body)
 

@@ -1,6 +1,14 @@
 """Guardrail counters in Django's cache: per-key requests per minute, per-key daily and monthly
 spend caps, and per-run step and spend limits.
 
+A run (``X-Tokentill-Run``, a user's own label) is limited by the tightest of three: the request's
+own ``X-Tokentill-Run-Max-Steps``/``-Max-Spend`` headers, the API key's ``run_max_steps``/
+``run_max_spend``, and the operator's ``RUN_MAX_STEPS``/``RUN_MAX_SPEND`` — so a request can only
+tighten what the key and the operator allow. Its counters are the user's, whoever's key is used:
+steps count model calls that were admitted (a refused one gives its step back), spend counts
+model charges and holds in flight plus tool charges made with the run's label (``CHARGE_RUN_FIELD``
+in the ledger entry's metadata), on whichever wallet the run's user owns.
+
 The cache is Redis when ``REDIS_URL`` is set, so every server process counts against the same
 numbers; without it the counters are per process (fine for the embedded single process).
 
@@ -10,14 +18,18 @@ counter by ``charge − hold``. Checking after the increment (and undoing it whe
 concurrent requests can never both squeeze under a cap — no read-then-write. A tool charge
 (``POST /v1/user/charge``) reserves its amount the same way before it is posted, and gives it
 back when nothing was posted (refused, or a replay). A counter missing from the cache (restart,
-eviction) is rebuilt once from the key's usage records and the tool charges it made.
+eviction) is rebuilt once from the usage records and tool charges it counts: a key's from those
+made with the key, a run's from those labelled with the run. A run's counters move only while
+some run limit applies to a request, so requests of one run should carry the same limits.
 """
 
 from __future__ import annotations
 
 import calendar
+import hashlib
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -27,7 +39,7 @@ from django.db.models import Q, Sum
 
 from config import adb
 from wallet.models import Entry, EntryKind
-from wallet.money import format_usd, parse_usd
+from wallet.money import MoneyError, format_usd, parse_usd
 
 from .models import UsageRecord, UsageStatus
 
@@ -37,6 +49,60 @@ log = logging.getLogger(__name__)
 # The ledger entry of a tool charge made with an API key names the key here, in its metadata
 # (set by wallet/v1.py, refused from callers): what a lost spend counter is rebuilt from.
 CHARGE_API_KEY_FIELD = "api_key_id"
+# Likewise the run a tool charge was made in (its X-Tokentill-Run): what a run's spend is made of.
+CHARGE_RUN_FIELD = "tokentill_run"
+
+RUN_HEADER = "X-Tokentill-Run"
+RUN_MAX_STEPS_HEADER = "X-Tokentill-Run-Max-Steps"
+RUN_MAX_SPEND_HEADER = "X-Tokentill-Run-Max-Spend"
+MAX_RUN_ID = 200  # characters of X-Tokentill-Run kept (the usage record's column)
+MAX_RUN_STEPS = 10**9
+RUN_TTL = 7 * DAY  # seconds a run's counters are kept; after that they are rebuilt from the records
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+class InvalidRunHeader(ValueError):
+    def __init__(self, header: str, message: str):
+        super().__init__(message)
+        self.header, self.message = header, message
+
+
+@dataclass(frozen=True)
+class RunAsk:
+    """A request's run: its id and the limits the request itself sets (0: none of its own)."""
+
+    run: str = ""
+    max_steps: int = 0
+    max_spend: int = 0  # nanodollars
+
+
+def run_ask_parse(headers: Mapping[str, str]) -> RunAsk:
+    """The run headers of a request (``headers`` looked up by lower-case name), strictly: steps a
+    positive ASCII integer, spend a positive decimal string of at most 9 places. A limit needs a
+    run to apply to. Raises ``InvalidRunHeader`` naming the header at fault."""
+    run = (headers.get(RUN_HEADER.lower()) or "")[:MAX_RUN_ID]
+    steps_raw = headers.get(RUN_MAX_STEPS_HEADER.lower())
+    spend_raw = headers.get(RUN_MAX_SPEND_HEADER.lower())
+    steps = spend = 0
+    if steps_raw is not None:
+        text = steps_raw.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 10 and 0 < int(text) <= MAX_RUN_STEPS):
+            message = f"{RUN_MAX_STEPS_HEADER} must be a whole number of model calls from 1 to {MAX_RUN_STEPS}."
+            raise InvalidRunHeader(RUN_MAX_STEPS_HEADER, message)
+        steps = int(text)
+    if spend_raw is not None:
+        text = spend_raw.strip()
+        try:
+            spend = parse_usd(text) if _DECIMAL.fullmatch(text) else 0
+        except MoneyError:
+            spend = 0
+        if spend <= 0:
+            message = f'{RUN_MAX_SPEND_HEADER} must be a positive USD amount such as "0.50" (at most 9 decimal places).'
+            raise InvalidRunHeader(RUN_MAX_SPEND_HEADER, message)
+    for header, given in ((RUN_MAX_STEPS_HEADER, steps_raw), (RUN_MAX_SPEND_HEADER, spend_raw)):
+        if given is not None and not run:
+            raise InvalidRunHeader(header, f"{header} limits a run: send {RUN_HEADER} with it.")
+    return RunAsk(run=run, max_steps=steps, max_spend=spend)
 
 
 @dataclass
@@ -52,6 +118,7 @@ class Reservation:
 
     keys: list[str] = field(default_factory=list)
     amount: int = 0  # nanodollars currently reserved on each key
+    step_key: str | None = None  # the run's step counter this request moved, given back on release
 
 
 def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None = None) -> int:
@@ -85,17 +152,38 @@ def _spend_caps(api_key) -> list[tuple[str, int]]:
     ]
 
 
-def _run_max_steps(run: str) -> int:
-    return settings.RUN_MAX_STEPS if run else 0
+def _tightest(*limits: int) -> int:
+    """The smallest of the limits that are set (positive); 0 when none is."""
+    return min((limit for limit in limits if limit > 0), default=0)
 
 
-def _run_max_spend(run: str) -> int:
-    return parse_usd(settings.RUN_MAX_SPEND) if run else 0
+def _run_max_steps(run: str, api_key=None, asked: int = 0) -> int:
+    if not run:
+        return 0
+    return _tightest(asked, _key_limits(api_key).get("run_max_steps") or 0, settings.RUN_MAX_STEPS)
 
 
-def uses_counters(*, api_key, run: str) -> bool:
+def _run_max_spend(run: str, api_key=None, asked: int = 0) -> int:
+    """Nanodollars; the request's own (``asked``), the key's and the operator's, tightest wins."""
+    if not run:
+        return 0
+    key_limit = _key_limits(api_key).get("run_max_spend")
+    return _tightest(asked, parse_usd(key_limit) if key_limit else 0, parse_usd(settings.RUN_MAX_SPEND))
+
+
+def _run_key(user_id: int, run: str, counter: str) -> str:
+    # The run id is any client string (spaces, 200 characters): hashed, it makes a valid cache key.
+    return f"tt:run:{user_id}:{hashlib.sha256(run.encode()).hexdigest()[:32]}:{counter}"
+
+
+def uses_counters(*, api_key, run: str, run_max_steps: int = 0, run_max_spend: int = 0) -> bool:
     """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
-    return bool(_rpm(api_key) or _spend_caps(api_key) or _run_max_steps(run) or _run_max_spend(run))
+    return bool(
+        _rpm(api_key)
+        or _spend_caps(api_key)
+        or _run_max_steps(run, api_key, run_max_steps)
+        or _run_max_spend(run, api_key, run_max_spend)
+    )
 
 
 def check_rpm(*, api_key, now: datetime) -> None:
@@ -123,21 +211,41 @@ def _seconds_to_reset(now: datetime, window: str) -> int:
     return max(int((end - now).total_seconds()), 1)
 
 
-def _spent_since(api_key_id: int, since: datetime) -> int:
-    """What the key spent since ``since``, in nanodollars: its requests' charges plus the holds of
-    those still in flight, and the tool charges it made (on any wallet: a billing key charges others)."""
-    row = UsageRecord.objects.filter(api_key_id=api_key_id, created_at__gte=since).aggregate(
+def _spent(records: Q, tool_charges: Q) -> int:
+    """Nanodollars spent by the matching requests — charges, plus the holds of those still in
+    flight — and the matching tool charges."""
+    row = UsageRecord.objects.filter(records).aggregate(
         charged=Sum("charge", filter=~Q(status=UsageStatus.PENDING)),
         held=Sum("hold_amount", filter=Q(status=UsageStatus.PENDING)),
     )
-    tools = Entry.objects.filter(
-        kind=EntryKind.CHARGE, created_at__gte=since, **{f"metadata__{CHARGE_API_KEY_FIELD}": api_key_id}
-    ).aggregate(debited=Sum("amount"))
-    return (row["charged"] or 0) + (row["held"] or 0) - (tools["debited"] or 0)  # debits are negative
+    tools = Entry.objects.filter(tool_charges, kind=EntryKind.CHARGE).aggregate(debited=Sum("amount"))
+    return int((row["charged"] or 0) + (row["held"] or 0) - (tools["debited"] or 0))  # debits are negative
 
 
-def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime) -> Reservation:
-    """Count ``amount`` (a hold) against the key's spend caps and the run's spend limit."""
+def _spent_since(api_key_id: int, since: datetime) -> int:
+    """What the key spent since ``since``: its requests and the tool charges it made (on any
+    wallet: a billing key charges others)."""
+    return _spent(
+        Q(api_key_id=api_key_id, created_at__gte=since),
+        Q(created_at__gte=since, **{f"metadata__{CHARGE_API_KEY_FIELD}": api_key_id}),
+    )
+
+
+def _run_spent(user_id: int, run: str) -> int:
+    """What the user's run spent: its requests and the tool charges labelled with it."""
+    return _spent(Q(user_id=user_id, run=run), Q(wallet__user_id=user_id, **{f"metadata__{CHARGE_RUN_FIELD}": run}))
+
+
+def _run_steps_taken(user_id: int, run: str) -> int:
+    """Model calls of the user's run that were admitted (a refused request is no step)."""
+    return UsageRecord.objects.filter(user_id=user_id, run=run).exclude(status=UsageStatus.REFUSED).count()
+
+
+def reserve_spend(
+    *, api_key, run: str, user_id: int, amount: int, now: datetime, run_max_spend: int = 0
+) -> Reservation:
+    """Count ``amount`` (a hold, or a tool charge) against the key's spend caps and the run's
+    spend limit (``run_max_spend``: the request's own, in nanodollars; 0 for none)."""
     reservation = Reservation(amount=amount)
     caps: list[tuple[str, int, int, Callable[[], int] | None, str, str, int]] = []
     for window, cap in _spend_caps(api_key):
@@ -155,14 +263,14 @@ def reserve_spend(*, api_key, run: str, user_id: int, amount: int, now: datetime
                 _seconds_to_reset(now, window),
             )
         )
-    run_cap = _run_max_spend(run)
+    run_cap = _run_max_spend(run, api_key, run_max_spend)
     if run_cap:
         caps.append(
             (
-                f"tt:run:{user_id}:{run}:spend",
+                _run_key(user_id, run, "spend"),
                 run_cap,
-                7 * DAY,
-                None,
+                RUN_TTL,
+                lambda: _run_spent(user_id, run),
                 f"This agent run reached its spend limit of ${format_usd(run_cap)}.",
                 "run_spend_limit",
                 3600,
@@ -190,7 +298,18 @@ def adjust(reservation: Reservation, new_amount: int) -> None:
 
 
 def release(reservation: Reservation) -> None:
+    """The request did not happen: its reservation, and its run step, are given back."""
     adjust(reservation, 0)
+    if reservation.step_key is not None:
+        _give_back_step(reservation.step_key)
+        reservation.step_key = None
+
+
+def _give_back_step(key: str) -> None:
+    try:
+        cache.decr(key)
+    except ValueError:  # expired meanwhile: nothing to give back to
+        pass
 
 
 async def aadjust(reservation: Reservation, new_amount: int) -> None:
@@ -209,13 +328,25 @@ async def aadjust(reservation: Reservation, new_amount: int) -> None:
 
 
 async def arelease(reservation: Reservation) -> None:
+    """``release`` for async callers, best effort likewise (see ``aadjust``)."""
     await aadjust(reservation, 0)
+    if reservation.step_key is not None:
+        try:
+            await adb.in_thread(_give_back_step)(reservation.step_key)
+        except Exception:
+            log.exception("run step counter %s could not be given back", reservation.step_key)
+        reservation.step_key = None
 
 
-def check_run_steps(*, run: str, user_id: int) -> None:
-    max_steps = _run_max_steps(run)
+def check_run_steps(*, run: str, user_id: int, api_key=None, run_max_steps: int = 0) -> str | None:
+    """Count this model call as a step of its run, or raise ``LimitExceeded`` (and count nothing).
+    Returns the counter moved, for the caller to give back if the request does not happen."""
+    max_steps = _run_max_steps(run, api_key, run_max_steps)
     if not max_steps:
-        return
-    steps = _incr(f"tt:run:{user_id}:{run}:steps", 1, 7 * DAY)
+        return None
+    key = _run_key(user_id, run, "steps")
+    steps = _incr(key, 1, RUN_TTL, lambda: _run_steps_taken(user_id, run))
     if steps > max_steps:
+        _give_back_step(key)  # a refused request is no step: a run whose limit is raised may go on
         raise LimitExceeded(f"This agent run reached its limit of {max_steps} steps.", "run_step_limit", 3600)
+    return key

@@ -79,3 +79,13 @@ class UsageSummarySerializer(serializers.Serializer):
     group_by = serializers.ChoiceField(choices=["day", "model"])
     results = _UsageGroupSerializer(many=True)
     totals = UsageTotalsSerializer()
+
+
+class RunSerializer(serializers.Serializer):
+    run = serializers.CharField(help_text="the X-Tokentill-Run id")
+    steps = serializers.IntegerField(help_text="model calls admitted (what a run step limit counts)")
+    spend = MoneyField(help_text="USD charged: settled model calls plus tool charges made in the run")
+    requests = serializers.IntegerField(help_text="model calls, refused ones included")
+    tool_charges = serializers.IntegerField()
+    first_at = serializers.DateTimeField()
+    last_at = serializers.DateTimeField()

@@ -86,6 +86,10 @@ class RequestMeta:
     run: str = ""
     agent: str = ""
     tool: str = ""
+    # The request's own run limits (X-Tokentill-Run-Max-Steps/-Spend; 0 = none): the key's and the
+    # operator's still apply, and the tightest wins (proxy.limits).
+    run_max_steps: int = 0
+    run_max_spend: int = 0  # nanodollars
     # The principal's ``unchanged`` condition (``accounts.auth``): the request's first write — its
     # hold, or its refusal's record — happens only while it is true, else ``adb.ConditionFailed``.
     unchanged: tuple[str, dict] | None = None
@@ -196,10 +200,10 @@ def request_plan(
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
-    The order is the cheap-to-expensive one: model and key rules (no writes), rate counters
-    (cache), spend caps (cache reservation). ``prices`` are those of ``meta.model`` and the
-    fallbacks when the caller already has them (see ``arequest_begin``), else they are looked up,
-    stopping at the first unknown one.
+    The order is the cheap-to-expensive one: model and key rules and the price (no writes), rate
+    and run-step counters (cache), spend caps (cache reservation). ``prices`` are those of
+    ``meta.model`` and the fallbacks when the caller already has them (see ``arequest_begin``),
+    else they are looked up, stopping at the first unknown one.
 
     The hold is the most the request can cost: the prompt estimate plus ``choices`` × the output
     cap (the client's ``max_tokens``, else the model's default — which is then sent upstream).
@@ -220,12 +224,6 @@ def request_plan(
                 raise Refusal(
                     403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
-    try:
-        limits.check_rpm(api_key=meta.api_key, now=now)
-        limits.check_run_steps(run=meta.run, user_id=meta.user.pk)
-    except limits.LimitExceeded as exc:
-        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
-
     prompt_tokens = estimate_tokens(prompt_chars)
 
     def hold_for(price: ModelPrice) -> int:
@@ -240,11 +238,25 @@ def request_plan(
     if amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
     try:
-        reservation = limits.reserve_spend(
-            api_key=meta.api_key, run=meta.run, user_id=meta.user.pk, amount=amount, now=now
+        limits.check_rpm(api_key=meta.api_key, now=now)
+        step = limits.check_run_steps(
+            run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
         )
     except limits.LimitExceeded as exc:
         raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
+    try:
+        reservation = limits.reserve_spend(
+            api_key=meta.api_key,
+            run=meta.run,
+            user_id=meta.user.pk,
+            amount=amount,
+            now=now,
+            run_max_spend=meta.run_max_spend,
+        )
+    except limits.LimitExceeded as exc:
+        limits.release(limits.Reservation(step_key=step))  # a request that does not happen is no step
+        raise Refusal(429, exc.message, "rate_limit_error", exc.code, retry_after=exc.retry_after)
+    reservation.step_key = step
     return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation)
 
 
@@ -257,7 +269,10 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
     for this key or run); otherwise in a worker thread, where the price table and the cache
     (Redis, when configured) may be reached."""
     prices = prices_cached(_requested_models(meta, kwargs.get("fallback_models")))
-    if prices is None or limits.uses_counters(api_key=meta.api_key, run=meta.run):
+    uses_counters = limits.uses_counters(
+        api_key=meta.api_key, run=meta.run, run_max_steps=meta.run_max_steps, run_max_spend=meta.run_max_spend
+    )
+    if prices is None or uses_counters:
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
     return request_plan(meta=meta, prices=prices, **kwargs)
 
@@ -356,7 +371,8 @@ async def arequest_begin(
         if hold is None:
             await limits.arelease(plan.reservation)
             await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"), meta.unchanged)
-            raise Funds(balance=short.balance, available=short.available, needed=short.needed)
+            # ``needed`` is the whole request's (``failed``), not a clamped retry's: what a top-up must cover.
+            raise Funds(balance=short.balance, available=short.available, needed=failed.needed)
     await limits.aadjust(plan.reservation, amount)
     return Begun(
         meta=meta,

@@ -10,10 +10,13 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from .models import UsageRecord
+from wallet.models import Entry, EntryKind
+
+from .limits import CHARGE_RUN_FIELD
+from .models import UsageRecord, UsageStatus
 
 GROUPINGS = ("day", "model")
 _TOTALS = {
@@ -33,6 +36,7 @@ def usage_list(
     user,
     model: str | None = None,
     api_key_id: int | None = None,
+    run: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> QuerySet[UsageRecord]:
@@ -40,6 +44,8 @@ def usage_list(
     queryset = UsageRecord.objects.filter(user=user)
     if model:
         queryset = queryset.filter(model=model)
+    if run:
+        queryset = queryset.filter(run=run)
     if api_key_id is not None:
         # Filtering through the user's own rows means another user's key id matches nothing.
         queryset = queryset.filter(api_key_id=api_key_id)
@@ -79,3 +85,40 @@ def _untotal(row: dict) -> dict:
     # PostgreSQL's SUM(bigint) is numeric, so counts and nanodollars come back as Decimal there:
     # normalise them to int so callers see the same types on both databases.
     return {name: row[f"total_{name}"] if name == "upstream_cost" else int(row[f"total_{name}"]) for name in _TOTALS}
+
+
+def run_summary(*, user, run: str) -> dict | None:
+    """What one of the user's runs (``X-Tokentill-Run``) did: its model calls and the tool charges
+    made with its label, or None when it has neither.
+
+    ``requests`` counts every model call, refused ones included; ``steps`` those admitted (what
+    the run's step limit counts); ``spend`` is nanodollars charged — settled model calls plus
+    tool charges (a request still in flight adds its charge when it settles).
+    """
+    records = UsageRecord.objects.filter(user=user, run=run).aggregate(
+        requests=Count("id"),
+        steps=Count("id", filter=~Q(status=UsageStatus.REFUSED)),
+        charged=Sum("charge", default=0),
+        first_at=Min("created_at"),
+        last_at=Max("created_at"),
+    )
+    tools = Entry.objects.filter(
+        wallet__user=user, kind=EntryKind.CHARGE, **{f"metadata__{CHARGE_RUN_FIELD}": run}
+    ).aggregate(
+        count=Count("id"),
+        debited=Sum("amount", default=0),
+        first_at=Min("created_at"),
+        last_at=Max("created_at"),
+    )
+    if not records["requests"] and not tools["count"]:
+        return None
+    times = [t for t in (records["first_at"], records["last_at"], tools["first_at"], tools["last_at"]) if t]
+    return {
+        "run": run,
+        "steps": records["steps"],
+        "spend": int(records["charged"]) - int(tools["debited"]),  # debits are negative; Decimal on PostgreSQL
+        "requests": records["requests"],
+        "tool_charges": tools["count"],
+        "first_at": min(times),
+        "last_at": max(times),
+    }

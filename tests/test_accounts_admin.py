@@ -159,7 +159,14 @@ def test_the_admin_normalises_limits_with_the_api_rules(admin_client, alice_key)
 
     assert response.status_code == 302
     key.refresh_from_db()
-    assert key.limits == {"rpm": None, "daily_spend": "2.500000000", "monthly_spend": None, "allowed_models": None}
+    assert key.limits == {
+        "rpm": None,
+        "daily_spend": "2.500000000",
+        "monthly_spend": None,
+        "allowed_models": None,
+        "run_max_steps": None,
+        "run_max_spend": None,
+    }
 
 
 def test_the_admin_refuses_invalid_limits(admin_client, alice_key):

@@ -11,7 +11,14 @@ from rest_framework.test import APIClient
 from accounts.models import ApiKey
 from accounts.services import api_key_create
 
-NO_LIMITS = {"rpm": None, "daily_spend": None, "monthly_spend": None, "allowed_models": None}
+NO_LIMITS = {
+    "rpm": None,
+    "daily_spend": None,
+    "monthly_spend": None,
+    "allowed_models": None,
+    "run_max_steps": None,
+    "run_max_spend": None,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +102,14 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
     response = create(
         alice_client,
         expires_at=expires.isoformat(),
-        limits={"rpm": 60, "daily_spend": "5", "monthly_spend": "100.5", "allowed_models": ["openai/gpt-4o-mini"]},
+        limits={
+            "rpm": 60,
+            "daily_spend": "5",
+            "monthly_spend": "100.5",
+            "allowed_models": ["openai/gpt-4o-mini"],
+            "run_max_steps": 25,
+            "run_max_spend": "0.5",
+        },
     )
 
     assert response.status_code == 201
@@ -105,6 +119,8 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
         "daily_spend": "5.000000000",
         "monthly_spend": "100.500000000",
         "allowed_models": ["openai/gpt-4o-mini"],
+        "run_max_steps": 25,
+        "run_max_spend": "0.500000000",
     }
     assert ApiKey.objects.get(pk=body["id"]).expires_at == expires
 
@@ -142,6 +158,14 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"allowed_models": "gpt-4o"}, "non-empty list"),
         ({"allowed_models": ["gpt-4o", " "]}, "non-empty strings"),
         ({"allowed_models": [7]}, "non-empty strings"),
+        ({"run_max_steps": 0}, "run_max_steps must be a positive"),
+        ({"run_max_steps": "10"}, "run_max_steps must be a positive"),
+        ({"run_max_steps": True}, "run_max_steps must be a positive"),
+        ({"run_max_steps": 1.5}, "run_max_steps must be a positive"),
+        ({"run_max_spend": 1}, "must be a decimal string"),
+        ({"run_max_spend": "0"}, "run_max_spend must be more than zero"),
+        ({"run_max_spend": "-0.5"}, "cannot be negative"),
+        ({"run_max_spend": "0.0000000001"}, "more than 9 decimal places"),
         (["rpm"], "must be an object"),
     ],
 )

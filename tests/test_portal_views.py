@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.auth import AuthFailed, authenticate_bearer
 from accounts.models import ApiKey, User
-from accounts.services import api_key_create
+from accounts.services import api_key_create, token_pair_issue
 from payments.models import Checkout, CreditPack
 from proxy.models import UsageRecord, UsageStatus
 from tests.fake_payment_apis import FakeLemonSqueezy
@@ -28,7 +28,7 @@ def fast_password_hashing(settings):
 
 
 PASSWORD = "correct horse battery staple"
-PAGES = ["home", "keys", "history", "history_csv", "usage", "topup", "topup_done"]
+PAGES = ["home", "keys", "history", "history_csv", "usage", "topup", "topup_done", "device", "apps"]
 
 
 def logged_in(user) -> Client:
@@ -156,7 +156,12 @@ def test_logging_out_takes_a_post_and_ends_the_session(alice):
 
 @pytest.mark.parametrize(
     ("name", "data"),
-    [("signup", {"email": "x@example.com", "password": PASSWORD}), ("keys", {"name": "k"}), ("logout", {})],
+    [
+        ("signup", {"email": "x@example.com", "password": PASSWORD}),
+        ("keys", {"name": "k"}),
+        ("logout", {}),
+        ("device", {"code": "BBBB-BBBB"}),
+    ],
 )
 def test_every_form_needs_its_csrf_token(alice, name, data):
     client = Client(enforce_csrf_checks=True)
@@ -166,8 +171,9 @@ def test_every_form_needs_its_csrf_token(alice, name, data):
 
 def test_every_form_on_the_pages_carries_a_csrf_token(alice):
     api_key_create(user=alice, name="laptop")
+    token_pair_issue(user=alice, name="Acme Desktop")
     client = logged_in(alice)
-    for name in ["keys", "topup", "home", "history"]:
+    for name in ["keys", "topup", "home", "history", "apps", "device"]:
         html = page_text(client.get(reverse(f"portal:{name}")))
         for form in re.findall(r"<form[^>]*method=\"post\".*?</form>", html, flags=re.S):
             assert "csrfmiddlewaretoken" in form

@@ -288,8 +288,27 @@ def test_an_empty_wallet_gets_402_with_a_topup_link_and_the_upstream_never_hears
     assert response.error["type"] == response.error["code"] == "insufficient_funds"
     assert response.error["topup_url"] == settings.APP_URL + "/topup"
     assert response.error["balance"] == "0.000000000"
+    # What the request needs available: its hold, or MIN_BALANCE when that is more (as here).
+    assert response.error["needed"] == "0.050000000"
+    assert "needs $0.050000000" in response.error["message"]
     assert not fake_upstream.requests
     assert record().status == UsageStatus.REFUSED and record().http_status == 402
+
+
+def test_the_402_says_what_the_whole_request_would_have_held(fake_upstream, bob, price):
+    import json
+
+    from proxy.lib.pricing import hold_nanos
+    from proxy.lib.usage import estimate_tokens
+    from proxy.selectors import rates_for
+    from wallet.money import format_usd
+
+    body = {**HELLO, "max_tokens": 200_000}
+    response = call(CHAT, body, token=api_key_create(user=bob, name="k")[1])
+    prompt = estimate_tokens(len(json.dumps(body).encode()))
+    hold = hold_nanos(rates_for(price), prompt_tokens=prompt, max_output=200_000)
+    assert hold > 50_000_000  # above MIN_BALANCE: the hold itself is what is needed
+    assert response.status == 402 and response.error["needed"] == format_usd(hold)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -303,6 +322,7 @@ def test_assistant_message_mode_refuses_with_a_readable_completion(fake_upstream
         assert "/topup" in response.data_events()[0]
     else:
         assert "/topup" in response.json()["choices"][0]["message"]["content"]
+        assert "needs $0.050000000" in response.json()["choices"][0]["message"]["content"]
     assert not fake_upstream.requests
 
 

@@ -55,21 +55,26 @@ class CountingCache(LocMemCache):
 
 
 @pytest.mark.parametrize(
-    "key_limits, run, run_steps, run_spend",
+    "key_limits, run, run_steps, run_spend, asked",
     [
-        ({}, "", 0, "0"),
-        ({}, "run-1", 0, "0"),  # a run label with no run limits configured
-        ({}, "", 50, "2.00"),  # run limits configured, but the request names no run
-        ({"rpm": 0, "daily_spend": None, "monthly_spend": ""}, "", 0, "0"),  # unset, spelled three ways
-        ({"rpm": 60}, "", 0, "0"),
-        ({"daily_spend": "1.00"}, "", 0, "0"),
-        ({"monthly_spend": "0"}, "", 0, "0"),  # a cap of zero is still a cap
-        ({}, "run-1", 50, "0"),
-        ({}, "run-1", 0, "2.00"),
+        ({}, "", 0, "0", (0, 0)),
+        ({}, "run-1", 0, "0", (0, 0)),  # a run label with no run limits configured
+        ({}, "", 50, "2.00", (0, 0)),  # run limits configured, but the request names no run
+        ({"rpm": 0, "daily_spend": None, "monthly_spend": ""}, "", 0, "0", (0, 0)),  # unset, spelled three ways
+        ({"rpm": 60}, "", 0, "0", (0, 0)),
+        ({"daily_spend": "1.00"}, "", 0, "0", (0, 0)),
+        ({"monthly_spend": "0"}, "", 0, "0", (0, 0)),  # a cap of zero is still a cap
+        ({}, "run-1", 50, "0", (0, 0)),
+        ({}, "run-1", 0, "2.00", (0, 0)),
+        ({"run_max_steps": 5}, "run-1", 0, "0", (0, 0)),  # the key's run limits
+        ({"run_max_spend": "0.50"}, "run-1", 0, "0", (0, 0)),
+        ({"run_max_steps": 5, "run_max_spend": "0.50"}, "", 0, "0", (0, 0)),  # ... with no run named
+        ({}, "run-1", 0, "0", (3, 0)),  # the request's own
+        ({}, "run-1", 0, "0", (0, 10**8)),
     ],
 )
 def test_uses_counters_is_true_exactly_when_the_checks_touch_the_cache(
-    alice, settings, key_limits, run, run_steps, run_spend
+    alice, settings, key_limits, run, run_steps, run_spend, asked
 ):
     """The async path skips the worker thread when ``uses_counters`` says no counter is involved;
     were it wrong, a limit would silently go unchecked."""
@@ -84,8 +89,9 @@ def test_uses_counters_is_true_exactly_when_the_checks_touch_the_cache(
     now = datetime(2026, 12, 1, 12, tzinfo=UTC)
     try:
         limits.check_rpm(api_key=api_key, now=now)
-        limits.check_run_steps(run=run, user_id=alice.pk)
-        limits.reserve_spend(api_key=api_key, run=run, user_id=alice.pk, amount=1, now=now)
+        limits.check_run_steps(run=run, user_id=alice.pk, api_key=api_key, run_max_steps=asked[0])
+        limits.reserve_spend(api_key=api_key, run=run, user_id=alice.pk, amount=1, now=now, run_max_spend=asked[1])
     except limits.LimitExceeded:  # the zero cap refuses; it was checked all the same
         pass
-    assert limits.uses_counters(api_key=api_key, run=run) == (CountingCache.writes > 0)
+    used = limits.uses_counters(api_key=api_key, run=run, run_max_steps=asked[0], run_max_spend=asked[1])
+    assert used == (CountingCache.writes > 0)

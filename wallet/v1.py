@@ -15,7 +15,9 @@ strings: a JSON number is refused rather than read through a float.
 
 An API key's limits hold here as on the proxy (``proxy.limits``): ``BearerAuth`` counts every
 request against its rpm, and a tool charge is reserved against its spend caps before it is
-posted and kept only if it was (not for a 402, a 409 or a replay).
+posted and kept only if it was (not for a 402, a 409 or a replay). A charge made with
+``X-Tokentill-Run`` is part of that run of the charged user: it is reserved against the run's
+spend limit the same way, and its ledger entry is labelled with the run (``CHARGE_RUN_FIELD``).
 """
 
 from __future__ import annotations
@@ -136,17 +138,27 @@ def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
     return value
 
 
-def _charge_metadata(principal: Principal, value: dict[str, Any] | None) -> dict[str, Any]:
-    """The caller's metadata plus the API key that made the charge: what the key's spend counters
-    are rebuilt from when the cache loses them. A caller cannot name a key itself (or someone
-    else's key could be made to look spent)."""
+def _charge_metadata(principal: Principal, value: dict[str, Any] | None, run: str) -> dict[str, Any]:
+    """The caller's metadata plus the API key that made the charge and the run it was made in:
+    what the key's and the run's spend counters are rebuilt from when the cache loses them. A
+    caller cannot set either itself (or someone else's key or run could be made to look spent)."""
     metadata = _metadata(value)
-    if limits.CHARGE_API_KEY_FIELD in metadata:
-        message = f"metadata.{limits.CHARGE_API_KEY_FIELD} is recorded by Tokentill, not set by the caller"
-        raise Refused(400, message, "invalid_request", "metadata")
-    if principal.api_key is None:
-        return metadata
-    return {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+    for name in (limits.CHARGE_API_KEY_FIELD, limits.CHARGE_RUN_FIELD):
+        if name in metadata:
+            message = f"metadata.{name} is recorded by Tokentill, not set by the caller"
+            raise Refused(400, message, "invalid_request", "metadata")
+    if principal.api_key is not None:
+        metadata = {**metadata, limits.CHARGE_API_KEY_FIELD: principal.api_key.pk}
+    if run:
+        metadata = {**metadata, limits.CHARGE_RUN_FIELD: run}
+    return metadata
+
+
+def _run_ask(request) -> limits.RunAsk:
+    try:
+        return limits.run_ask_parse(request.headers)
+    except limits.InvalidRunHeader as exc:
+        raise Refused(400, exc.message, "invalid_request", exc.header) from None
 
 
 def _key(value: str | None) -> str:
@@ -183,9 +195,12 @@ def _wallet_of(user: User):
     return wallet_get_or_create(user=user)
 
 
-def _reserve_spend(principal: Principal, *, wallet, idempotency_key: str, amount: int) -> limits.Reservation:
-    """Count a charge against its API key's daily and monthly spend caps *before* it is posted,
-    with the proxy's atomic counters, so concurrent charges cannot together pass a cap.
+def _reserve_spend(
+    principal: Principal, *, wallet, idempotency_key: str, amount: int, run: limits.RunAsk
+) -> limits.Reservation:
+    """Count a charge against its API key's daily and monthly spend caps, and its run's spend
+    limit, *before* it is posted, with the proxy's atomic counters, so concurrent charges cannot
+    together pass a cap. The run is the charged user's (``wallet``'s), as their model calls' are.
 
     A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
     nothing and must still answer its first result. Whether the key was already posted on is
@@ -193,7 +208,12 @@ def _reserve_spend(principal: Principal, *, wallet, idempotency_key: str, amount
     """
     try:
         return limits.reserve_spend(
-            api_key=principal.api_key, run="", user_id=principal.user.pk, amount=amount, now=timezone.now()
+            api_key=principal.api_key,
+            run=run.run,
+            user_id=wallet.user_id,
+            amount=amount,
+            now=timezone.now(),
+            run_max_spend=run.max_spend,
         )
     except limits.LimitExceeded:
         if Entry.objects.filter(wallet=wallet, idempotency_key=idempotency_key).exists():
@@ -279,13 +299,14 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     principal: Principal = request.auth
     key = _key(idempotency_key)
     amount = _amount(body.amount)
-    metadata = _charge_metadata(principal, body.metadata)
+    run = _run_ask(request)
+    metadata = _charge_metadata(principal, body.metadata, run.run)
     target = principal.user
     if body.user is not None:
         _require_billing(principal, "charging another user")
         target = _user(body.user)
     wallet = _wallet_of(target)
-    reservation = _reserve_spend(principal, wallet=wallet, idempotency_key=f"charge:{key}", amount=amount)
+    reservation = _reserve_spend(principal, wallet=wallet, idempotency_key=f"charge:{key}", amount=amount, run=run)
     posted = 0  # nanodollars this call debited: all that the spend counters keep
     try:
         entry = wallet_charge(
