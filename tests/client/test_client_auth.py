@@ -168,3 +168,30 @@ def test_without_an_os_keyring_the_error_says_what_to_do(server, real_passwords)
         client.login_with_password("alice@example.com", PASSWORD)
     client.close()
     assert not TokenFamily.objects.exists()  # said before signing in: no login left behind
+
+
+def test_in_assistant_message_mode_an_expired_token_is_refreshed_not_shown(
+    fake_upstream_server, fake_upstream, price, memory_keyring
+):
+    """With REFUSAL_MODE=assistant_message the server answers an expired access token with a
+    normal reply asking the user to sign in again (X-Tokentill-Blocked: unauthenticated). The
+    client can sign itself in again, so it refreshes and the user sees the real answer."""
+    from accounts.services import ACCESS_SALT
+    from tests.client.conftest import server_env, sign_in
+    from tests.fake_upstream import MODEL, Reply, completion, usage
+    from tests.live import free_port, live_server
+    from tests.test_proxy_signed_out import SignedAnHourAgo
+
+    alice = make_user("alice@example.com", balance="1.00")
+    port = free_port()
+    with live_server(port=port, **server_env(fake_upstream_server, port, REFUSAL_MODE="assistant_message")) as url:
+        sign_in(url, alice, memory_keyring)
+        family = {"f": str(TokenFamily.objects.get().pk)}
+        expired = SignedAnHourAgo(salt=ACCESS_SALT).sign_object(family, compress=False)
+        tamper(memory_keyring, url, access=expired)
+        fake_upstream.script("chat", Reply(body=completion("Pong.", u=usage(10, 2, cost="0.00001"))))
+        client = Tokentill(url, keyring_backend=memory_keyring)
+        reply = client.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ping"}])
+        client.close()
+    assert reply.choices[0].message.content == "Pong."
+    assert RefreshToken.objects.filter(used_at__isnull=False).count() == 1
