@@ -1,9 +1,5 @@
 """The ``tokentill`` command: each subcommand's output and exit code against a live server."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from tokentill import cli
 
@@ -59,40 +55,3 @@ def test_an_unreachable_server_is_a_clear_failure(memory_keyring, capsys):
     # Not signed in to that server at all: said before any connection is tried.
     assert code == cli.NOT_SIGNED_IN
     capsys.readouterr()
-
-
-def test_the_spinner_only_spins_on_a_terminal(capsys):
-    with cli.spinner("Waiting…"):
-        pass
-    assert capsys.readouterr().err == "Waiting…\n"  # a pipe or a log gets one plain line
-
-
-def test_the_console_script_is_installed():
-    script = Path(sys.executable).with_name("tokentill")
-    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "login" in done.stdout and "--server" in done.stdout
-
-
-def test_on_a_terminal_the_spinner_spins_and_wipes_its_line():
-    import os
-    import select
-    import time
-
-    leader, follower = os.openpty()
-    written = ""
-
-    def read_some():
-        nonlocal written
-        if select.select([leader], [], [], 1)[0]:
-            written += os.read(leader, 10_000).decode()
-
-    with open(follower, "w", encoding="utf-8") as terminal:
-        with cli.spinner("Waiting…", stream=terminal):
-            deadline = time.monotonic() + 30
-            while written.count("Waiting…") < 2 and time.monotonic() < deadline:
-                read_some()  # until it has been redrawn with a second frame
-        read_some()
-    os.close(leader)
-    frames = [part for part in written.split("\r") if "Waiting…" in part]
-    assert len(frames) >= 2 and frames[0] != frames[1]  # a new frame each time
-    assert written.endswith("\r\x1b[K")  # and the line is gone when the wait is over

@@ -8,7 +8,6 @@ from decimal import Decimal
 import openai
 import pytest
 from tokentill import Charge, InsufficientFunds
-from tokentill._http import _TailParser
 
 from proxy.models import UsageRecord
 from tests.conftest import make_user
@@ -144,30 +143,3 @@ def test_a_tool_charge_the_wallet_cannot_cover_is_insufficient_funds(client_for,
         client.charge("0.50", "web search")
     assert refused.value.needed == Decimal("0.50") and refused.value.topup_url.endswith("/topup")
     assert not Entry.objects.filter(kind="charge").exists()
-
-
-# --- the stream tail parser (no server) --------------------------------------------------------
-
-
-def tail_of(*chunks: bytes) -> list[dict]:
-    found: list[dict] = []
-    parser = _TailParser(found.append)
-    for chunk in chunks:
-        parser.feed(chunk)
-    return found
-
-
-def test_the_tail_is_found_whatever_the_chunk_boundaries():
-    body = b'data: {"x": 1}\n\n: tokentill {"request_id": "r1", "charge": "0.1", "balance": "2"}\n\ndata: [DONE]\n\n'
-    whole = tail_of(body)
-    assert whole == [{"request_id": "r1", "charge": "0.1", "balance": "2"}]
-    assert tail_of(*(body[i : i + 1] for i in range(len(body)))) == whole
-    assert tail_of(body.replace(b"\n", b"\r\n")) == whole
-
-
-def test_other_comments_and_long_data_lines_are_not_taken_for_the_tail():
-    long_line = b"data: " + b"x" * 100_000
-    assert tail_of(b": OPENROUTER PROCESSING\n\n", long_line, b"\n\n", b": tokentill not json\n\n") == []
-    parser = _TailParser(lambda info: None)
-    parser.feed(long_line)
-    assert parser._line == b""  # a line that cannot be the tail is skipped, not buffered
