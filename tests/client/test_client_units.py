@@ -68,3 +68,70 @@ def test_the_console_script_is_installed():
     script = Path(sys.executable).with_name("tokentill")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "login" in done.stdout and "--server" in done.stdout
+
+
+class FakeDeviceServer:
+    """Just the device endpoints of a Tokentill server, on loopback, answering what the test
+    scripts — for the RFC 8628 corners a real server only reaches by timing (slow_down)."""
+
+    def __init__(self, answers: list[tuple[int, dict]]):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers, self.polls = list(answers), []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body):
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path == "/api/auth/device":
+                    uri = f"{fake.url}/device"
+                    code = {"device_code": "dc", "user_code": "ABCD-EFGH", "verification_uri": uri}
+                    self.reply(
+                        200,
+                        {**code, "verification_uri_complete": uri + "?code=ABCD-EFGH", "expires_in": 60, "interval": 1},
+                    )
+                else:
+                    fake.polls.append(time.monotonic())
+                    self.reply(*fake.answers.pop(0))
+
+            def do_GET(self):  # /api/auth/me
+                self.reply(200, {"id": 7, "email": "desk@example.com"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_device_flow_waits_longer_after_slow_down(memory_keyring):
+    from tokentill import Tokentill
+
+    pending = (400, {"error": "authorization_pending", "detail": "waiting"})
+    slow_down = (400, {"error": "slow_down", "detail": "too fast", "interval": 3})
+    pair = (200, {"access": "a", "refresh": "ttr_r", "expires_in": 900})
+    fake = FakeDeviceServer([pending, slow_down, pair])
+    client = Tokentill(fake.url, keyring_backend=memory_keyring)
+    try:
+        account = client.login_in_browser(open_browser=lambda url: None, on_code=lambda code: None)
+    finally:
+        client.close()
+        fake.close()
+    assert account.email == "desk@example.com"
+    first, second, third = fake.polls
+    assert second - first >= 1 and third - second >= 3  # the interval, then the one slow_down named
