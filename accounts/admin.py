@@ -128,7 +128,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class TokenFamilyAdmin(admin.ModelAdmin):
     """One row per desktop login. Read-only; staff can end a login with the revoke action."""
 
-    list_display = ("id", "user", "created_at", "revoked_at", "revoked_reason")
+    list_display = ("id", "name", "user", "created_at", "last_used_at", "revoked_at", "revoked_reason")
     list_filter = ("revoked_reason",)
     list_select_related = ("user",)
     search_fields = ("user__email",)

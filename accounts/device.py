@@ -78,7 +78,8 @@ def _user_code_hash(code: str) -> str:
 def device_authorization_create(*, client_name: str) -> DeviceCodes:
     device_code = DEVICE_CODE_PREFIX + secrets.token_urlsafe(32)
     now = timezone.now()
-    for attempt in range(_CREATE_ATTEMPTS):
+    attempts_left = _CREATE_ATTEMPTS
+    while True:
         user_code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
         try:
             # A savepoint: the partial unique index on pending user codes refuses a collision,
@@ -93,11 +94,11 @@ def device_authorization_create(*, client_name: str) -> DeviceCodes:
                     interval=POLL_INTERVAL,
                 )
         except IntegrityError:
-            if attempt == _CREATE_ATTEMPTS - 1:
+            attempts_left -= 1
+            if not attempts_left:
                 raise
             continue
         return DeviceCodes(authorization, device_code, user_code_display(user_code))
-    raise AssertionError("unreachable")
 
 
 def device_authorization_pending(*, user_code: str, now: datetime | None = None) -> DeviceAuthorization:

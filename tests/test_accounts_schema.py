@@ -19,6 +19,12 @@ def test_the_schema_documents_the_accounts_endpoints_without_warnings(client, db
     assert set(paths["/api/auth/logout"]) == {"post"}
     assert set(paths["/api/keys"]) == {"get", "post"}
     assert set(paths["/api/keys/{id}"]) == {"get", "patch", "delete"}
+    assert set(paths["/api/auth/device"]) == set(paths["/api/auth/device/token"]) == {"post"}
+    assert set(paths["/api/auth/me"]) == {"get"}
+    assert set(paths["/api/auth/sessions"]) == {"get"}
+    assert set(paths["/api/auth/sessions/{id}"]) == {"delete"}
+    assert set(paths["/api/auth/web-link"]) == {"post"}
+    assert set(paths["/api/runs/{run}"]) == {"get"}
     assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert "key" in schema["components"]["schemas"]["ApiKeyCreated"]["properties"]
     assert "key" not in schema["components"]["schemas"]["ApiKey"]["properties"]
