@@ -65,14 +65,16 @@ def crash(url: str) -> None:
 
 
 @contextmanager
-def live_server(**env_overrides: str):
-    """Run ``config.asgi:application`` under uvicorn on a free loopback port; yields its base URL."""
-    with live_servers(1, **env_overrides) as (url,):
+def live_server(*, port: int | None = None, **env_overrides: str):
+    """Run ``config.asgi:application`` under uvicorn on a loopback port (``port``, else a free
+    one); yields its base URL. A test that restarts a server after ``crash()`` passes the same
+    ``port`` again, so its clients find the new process where the old one was."""
+    with live_servers(1, ports=[port] if port else None, **env_overrides) as (url,):
         yield url
 
 
 @contextmanager
-def live_servers(count: int, **env_overrides: str):
+def live_servers(count: int, *, ports: list[int] | None = None, **env_overrides: str):
     """``count`` server processes started side by side (start-up is the slow part); yields their
     URLs. Each has ``HOST``/``PORT`` in its environment naming where it listens, as ``scripts/run``
     exports them, and logs to ``var/server-<port>.log`` while it runs (the tail is in the error if
@@ -86,8 +88,8 @@ def live_servers(count: int, **env_overrides: str):
     (BASE_DIR / "var").mkdir(exist_ok=True)
     servers: list[tuple[subprocess.Popen, str, Path]] = []
     try:
-        for _ in range(count):
-            port = free_port()
+        for index in range(count):
+            port = ports[index] if ports else free_port()
             log_path = BASE_DIR / "var" / f"server-{port}.log"
             command = [str(uvicorn), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
             # As scripts/run does: HOST and PORT in the environment too (an unset APP_URL follows them).
