@@ -157,10 +157,14 @@ def test_the_pg_statement_and_the_orm_write_the_same_events(settings):
             hold, status="settled", amount=USD("1.18"), kind=EntryKind.USAGE, description="", metadata={}
         )
         results[name] = sorted(balance_events(wallet.user))  # one instant: no order between the two
-    assert results["pg"] == results["orm"] == [
-        ("balance.depleted", {"balance": "0.020000000", "min_balance": "0.050000000"}),
-        ("balance.low", {"balance": "0.020000000", "threshold": "1.100000000"}),
-    ]
+    assert (
+        results["pg"]
+        == results["orm"]
+        == [
+            ("balance.depleted", {"balance": "0.020000000", "min_balance": "0.050000000"}),
+            ("balance.low", {"balance": "0.020000000", "threshold": "1.100000000"}),
+        ]
+    )
     pg_event = Event.objects.get(user__email="pg@example.com", type="balance.low")
     assert pg_event.id.startswith("evt_") and len(pg_event.id) == 36 and pg_event.dispatched_at is None
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 from django.core import mail
@@ -167,7 +168,7 @@ def test_a_slow_receiver_within_the_timeout_is_delivered_beside_a_fast_one(hooks
 def test_the_retry_schedule_backs_off_exponentially_for_about_a_day():
     seconds = [delay.total_seconds() for delay in RETRY_DELAYS]
     assert seconds[:4] == [10, 30, 90, 270]
-    assert all(later >= earlier for earlier, later in zip(seconds, seconds[1:], strict=False))
+    assert all(later >= earlier for earlier, later in pairwise(seconds))
     assert 20 * 3600 <= sum(seconds) <= 30 * 3600
     for attempts in range(1, MAX_ATTEMPTS):
         base = RETRY_DELAYS[attempts - 1]
@@ -278,7 +279,7 @@ def test_an_event_written_in_a_rolled_back_transaction_never_exists(hooks, alice
 
 
 def test_an_unknown_event_type_is_refused_at_entry():
-    with pytest.raises(services.NotifyError, match="unknown event type 'balance.lowish'"):
+    with pytest.raises(services.NotifyError, match=r"unknown event type 'balance\.lowish'"):
         event_emit(type="balance.lowish", user_id=None, data={})
 
 
@@ -287,7 +288,9 @@ def test_an_unknown_event_type_is_refused_at_entry():
 
 def run_worker_process() -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL"}}
-    env.update(DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        DATABASE_URL=shared_database_url(), DJANGO_SETTINGS_MODULE="config.settings", PYTHONDONTWRITEBYTECODE="1"
+    )
     command = [sys.executable, "manage.py", "deliver_webhooks", "--once"]
     return subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
