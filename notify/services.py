@@ -28,6 +28,7 @@ import logging
 import random
 import secrets
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -101,7 +102,8 @@ def event_emit_once(*, type: str, user_id: int | None, data: dict, dedup_key: st
             event_emit(type=type, user_id=user_id, data=data, dedup_key=dedup_key)
     except Exception:
         log.exception("could not write the %s event %s", type, dedup_key)
-        cache.delete(remembered)  # the next repeat tries again
+        with suppress(Exception):  # the cache itself may be what failed
+            cache.delete(remembered)  # so that the next repeat tries again
 
 
 # --- dispatch ---------------------------------------------------------------------------------------
@@ -266,12 +268,17 @@ def _endpoint_health(endpoint: Endpoint, *, ok: bool, gone: bool, now: datetime)
 
 def _alert(*, kind: str, message: str, endpoint: Endpoint | None = None) -> Alert:
     alert = Alert.objects.create(kind=kind, message=message, endpoint=endpoint)
+    staff_email_on_commit(area="webhooks", kind=kind, message=message)
+    return alert
+
+
+def staff_email_on_commit(*, area: str, kind: str, message: str) -> None:
+    """Email ``STAFF_ALERT_EMAILS`` about an alert once its record commits (none: nobody to tell)."""
     recipients = list(settings.STAFF_ALERT_EMAILS)
     if recipients:
-        subject = f"[{settings.APP_TITLE}] webhooks: {kind.replace('_', ' ')}"
+        subject = f"[{settings.APP_TITLE}] {area}: {kind.replace('_', ' ')}"
         # robust: a mail outage must not undo the record of what happened.
         transaction.on_commit(lambda: send_mail(subject, message, settings.DEFAULT_FROM_EMAIL, recipients), robust=True)
-    return alert
 
 
 # --- staff --------------------------------------------------------------------------------------------

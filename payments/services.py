@@ -39,12 +39,12 @@ from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from core.money import NANOS_PER_USD, format_cents, mul_round, usd_to_nanos
+from notify.services import staff_email_on_commit
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
 
@@ -363,11 +363,8 @@ def _price_problem(
 
 def _alert(*, kind: str, message: str, event: WebhookEvent | None = None, payment: Payment | None = None):
     alert = StaffAlert.objects.create(kind=kind, message=message, event=event, payment=payment)
-    recipients = list(settings.STAFF_ALERT_EMAILS)
-    if recipients:
-        subject = f"[{settings.APP_TITLE}] payments: {kind.replace('_', ' ')}"
-        # robust: a mail server outage must not turn a committed webhook into a 500.
-        transaction.on_commit(lambda: send_mail(subject, message, settings.DEFAULT_FROM_EMAIL, recipients), robust=True)
+    # After commit, and robust: a mail server outage must not turn a committed webhook into a 500.
+    staff_email_on_commit(area="payments", kind=kind, message=message)
     return alert
 
 
