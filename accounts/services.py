@@ -14,6 +14,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.money import usd_to_nanos
+from notify.models import EventType
+from notify.services import event_emit
 from wallet import events
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create
@@ -80,8 +82,23 @@ def api_key_create(
     )
     if limits is not None:
         key.limits = limits
-    key.save()
+    with transaction.atomic(savepoint=False):
+        key.save()
+        event_emit(type=EventType.KEY_CREATED, user_id=user.pk, data={"api_key": _key_data(key)})
     return key, secret
+
+
+def _key_data(key: ApiKey) -> dict:
+    """An API key as the ``key.*`` events describe it (never its secret or hash)."""
+    return {
+        "id": key.pk,
+        "name": key.name,
+        "prefix": key.prefix,
+        "scopes": list(key.scopes or []),
+        "created_at": key.created_at.isoformat(),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
 
 
 def api_key_update(*, key: ApiKey, name: str | None = None, limits: dict | None = None) -> ApiKey:
@@ -100,10 +117,16 @@ def api_key_update(*, key: ApiKey, name: str | None = None, limits: dict | None 
 def api_key_revoke(*, key: ApiKey) -> ApiKey:
     """Revoked keys stay in the table for the audit trail (usage records point at them). Open
     ``/ws/events`` sockets authenticated with the key are closed once the revocation commits."""
-    if key.revoked_at is None:
-        key.revoked_at = timezone.now()
-        key.save(update_fields=["revoked_at"])
-        events.publish_revocation_on_commit(key.user_id, events.api_key_credential(key.pk))
+    if key.revoked_at is not None:
+        return key
+    now = timezone.now()
+    with transaction.atomic(savepoint=False):
+        # Conditional: of two revocations racing, one revokes (and announces it); the other finds it done.
+        revoked = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now)
+        key.refresh_from_db(fields=["revoked_at"])
+        if revoked:
+            event_emit(type=EventType.KEY_REVOKED, user_id=key.user_id, data={"api_key": _key_data(key)})
+            events.publish_revocation_on_commit(key.user_id, events.api_key_credential(key.pk))
     return key
 
 

@@ -45,6 +45,7 @@ def dashboard_context(request) -> dict:
         "negative_wallets": selectors.negative_wallets(),
         "holds": selectors.hold_summary(),
         "attention": selectors.attention_counts(),
+        "failing_endpoints": selectors.failing_endpoints(),
         "ledger": totals,
         "ledger_rows": sorted(totals.by_kind.items()),
         "discrepancies": discrepancies[:DISCREPANCIES_SHOWN],

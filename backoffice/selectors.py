@@ -31,6 +31,8 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from core.money import usd_to_nanos
+from notify.models import Alert as NotifyAlert
+from notify.models import Delivery, DeliveryStatus, Endpoint
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
@@ -176,4 +178,26 @@ def attention_counts() -> dict:
         "failed_webhooks": webhooks["failed"],
         "rejected_webhooks": webhooks["rejected"],
         "open_alerts": StaffAlert.objects.filter(resolved=False).count(),
+        **outbound_attention(),
     }
+
+
+def outbound_attention() -> dict:
+    """Outbound webhooks needing staff: endpoints failing right now (no success since
+    ``failing_since``), endpoints disabled for failing, deliveries given up on, open alerts."""
+    endpoints = Endpoint.objects.aggregate(
+        failing=Count("id", filter=Q(enabled=True, failing_since__isnull=False)),
+        disabled=Count("id", filter=Q(enabled=False) & ~Q(disabled_reason="")),
+    )
+    return {
+        "failing_endpoints": endpoints["failing"],
+        "disabled_endpoints": endpoints["disabled"],
+        "failed_deliveries": Delivery.objects.filter(status=DeliveryStatus.FAILED).count(),
+        "open_webhook_alerts": NotifyAlert.objects.filter(resolved=False).count(),
+    }
+
+
+def failing_endpoints(*, limit: int = 20) -> list[Endpoint]:
+    """Endpoints failing or disabled for failing, the longest-failing first."""
+    failing = Q(enabled=True, failing_since__isnull=False) | (Q(enabled=False) & ~Q(disabled_reason=""))
+    return list(Endpoint.objects.filter(failing).order_by("enabled", "failing_since")[:limit])

@@ -110,6 +110,7 @@ INSTALLED_APPS = [
     "channels",
     "accounts",
     "wallet",
+    "notify",
     "proxy",
     "payments",
     "backoffice",
@@ -301,7 +302,29 @@ LEMONSQUEEZY_FEE_FIXED = env_decimal("LEMONSQUEEZY_FEE_FIXED", "0.50")
 STRIPE_FEE_PERCENT = env_decimal("STRIPE_FEE_PERCENT", "2.9")
 STRIPE_FEE_FIXED = env_decimal("STRIPE_FEE_FIXED", "0.30")
 STAFF_ALERT_EMAILS = env.list("STAFF_ALERT_EMAILS", default=[])
-EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+
+# --- Email (users' notifications, staff alerts) ------------------------------------------------
+# Sent by the delivery worker (manage.py deliver_webhooks), never from a request: a mail outage
+# delays an email, it never fails a payment. With EMAIL_HOST set mail goes out over SMTP;
+# without it, to the console (the worker's output).
+EMAIL_HOST = env.str("EMAIL_HOST", default="").strip()
+EMAIL_PORT = env_int("EMAIL_PORT", 587, minimum=1)
+if EMAIL_PORT > 65535:
+    raise ImproperlyConfigured(f"EMAIL_PORT={EMAIL_PORT} is not a port number (1-65535)")
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)  # implicit TLS (port 465)
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", bool(EMAIL_HOST) and not EMAIL_USE_SSL)  # STARTTLS (587)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL are exclusive: STARTTLS (587) or implicit TLS (465)")
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 20, minimum=1)  # seconds, per SMTP operation
+EMAIL_BACKEND = env.str(
+    "EMAIL_BACKEND",
+    default="django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend",
+)
+EMAIL_HOST = EMAIL_HOST or "localhost"  # Django's own default, for an SMTP backend chosen by name
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="tokentill@localhost")
 
 # --- DRF / schema ----------------------------------------------------------------------------

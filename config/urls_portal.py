@@ -4,6 +4,7 @@ from django.urls import path
 
 from accounts import views as account_views
 from accounts import views_device as device_views
+from notify import views as notify_views
 from payments import views as payment_views
 from proxy import views as usage_views
 from wallet import views as wallet_views
@@ -25,6 +26,8 @@ urlpatterns = [
     path("history", wallet_views.history, name="history"),
     path("history.csv", wallet_views.history_csv, name="history_csv"),
     path("usage", usage_views.usage, name="usage"),
+    path("settings/notifications", wallet_views.notification_settings, name="notification_settings"),
+    path("unsubscribe/<str:token>", notify_views.unsubscribe, name="unsubscribe"),
     path("topup", payment_views.topup, name="topup"),
     path("topup/done", payment_views.topup_done, name="topup_done"),
     path("topup/<slug:slug>", payment_views.topup_pack, name="topup_pack"),

@@ -39,15 +39,16 @@ from dataclasses import dataclass, field, replace
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from core.money import NANOS_PER_USD, format_cents, mul_round, usd_to_nanos
+from notify.services import staff_email_on_commit
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
 
+from . import outbox
 from .models import (
     Checkout,
     CheckoutStatus,
@@ -362,11 +363,8 @@ def _price_problem(
 
 def _alert(*, kind: str, message: str, event: WebhookEvent | None = None, payment: Payment | None = None):
     alert = StaffAlert.objects.create(kind=kind, message=message, event=event, payment=payment)
-    recipients = list(settings.STAFF_ALERT_EMAILS)
-    if recipients:
-        subject = f"[{settings.APP_TITLE}] payments: {kind.replace('_', ' ')}"
-        # robust: a mail server outage must not turn a committed webhook into a 500.
-        transaction.on_commit(lambda: send_mail(subject, message, settings.DEFAULT_FROM_EMAIL, recipients), robust=True)
+    # After commit, and robust: a mail server outage must not turn a committed webhook into a 500.
+    staff_email_on_commit(area="payments", kind=kind, message=message)
     return alert
 
 
@@ -381,6 +379,7 @@ def _flag(event: WebhookEvent, *, reason: str, **payment_fields) -> Outcome:
         _alert(
             kind="payment_flagged", message=f"{payment}: {reason}. Nothing was credited.", event=event, payment=payment
         )
+        outbox.payment_flagged(payment, reason=reason)
     return Outcome(EventStatus.PROCESSED, note=f"flagged: {reason}")
 
 
@@ -410,6 +409,7 @@ def _credit_payment(
             description=description,
             metadata={"provider": payment.provider, "payment": payment.provider_payment_id, "event": event.event_id},
         )
+        outbox.payment_succeeded(payment)
     return payment
 
 
@@ -437,6 +437,7 @@ def _apply_refund(
     ``payment`` must be locked by the caller.
     """
     refunded_cents = min(refunded_cents, total_cents) if total_cents > 0 else refunded_cents
+    refunded_before = payment.refunded_amount
     target = min(payment.credit, _proportion(payment.credit, refunded_cents, total_cents))
     delta = target - payment.clawed_back
     if delta > 0:
@@ -454,6 +455,10 @@ def _apply_refund(
         fully = payment.refunded_amount >= payment.gross
         payment.status = PaymentStatus.REFUNDED if fully else PaymentStatus.PARTIALLY_REFUNDED
     payment.save(update_fields=["clawed_back", "refunded_amount", "status"])
+    if payment.refunded_amount > refunded_before:
+        outbox.payment_refunded(
+            payment, refunded_now=payment.refunded_amount - refunded_before, clawed_back_now=max(delta, 0)
+        )
     return f"clawed back {max(delta, 0)} nanodollars" if delta > 0 else "no further credit to claw back"
 
 
@@ -575,8 +580,11 @@ def _ls_subscription_sync(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Ou
     if subscription is not None:
         if subscription.state_at and state_at < subscription.state_at:
             return Outcome(EventStatus.IGNORED, note="older than the subscription state already recorded")
+        cancelled_now = status == SubscriptionStatus.CANCELLED != subscription.status
         subscription.status, subscription.state_at = status, state_at
         subscription.save(update_fields=["status", "state_at"])
+        if cancelled_now:
+            outbox.subscription_cancelled(subscription)
         return Outcome(EventStatus.PROCESSED, unparks=unparks)
     user = _user(parsed.custom.get("user_id"))
     pack = CreditPack.objects.filter(lemonsqueezy_variant_id=found.variant_id).first() if found.variant_id else None
@@ -803,7 +811,17 @@ def _stripe_session_closed(event: WebhookEvent, parsed: stripe_provider.Event) -
     if checkout is None:
         return Outcome(EventStatus.IGNORED, note="not one of our checkouts")
     status = CheckoutStatus.EXPIRED if event.event_type == "checkout.session.expired" else CheckoutStatus.FAILED
-    Checkout.objects.filter(pk=checkout.pk, status=CheckoutStatus.PENDING).update(status=status)
+    closed = Checkout.objects.filter(pk=checkout.pk, status=CheckoutStatus.PENDING).update(status=status)
+    if closed and status == CheckoutStatus.FAILED:
+        session: stripe_provider.Session = parsed.subject
+        outbox.payment_failed(
+            user_id=checkout.user_id,
+            provider=ST,
+            reference=session.id,
+            amount=session.amount_total * NANOS_PER_CENT,
+            currency=session.currency,
+            reason="the bank payment did not go through",
+        )
     return Outcome(EventStatus.PROCESSED)
 
 
@@ -868,6 +886,15 @@ def _stripe_invoice_failed(event: WebhookEvent, parsed: stripe_provider.Event) -
         ),
         event=event,
     )
+    subscription = Subscription.objects.filter(provider=ST, provider_subscription_id=invoice.subscription_id).first()
+    outbox.payment_failed(
+        user_id=subscription.user_id if subscription is not None else None,
+        provider=ST,
+        reference=invoice.id,
+        amount=invoice.amount_due * NANOS_PER_CENT,
+        currency=invoice.currency,
+        reason=f"the subscription payment was declined (attempt {invoice.attempt_count}); {next_try.lower()}",
+    )
     return Outcome(EventStatus.PROCESSED)
 
 
@@ -875,9 +902,12 @@ def _stripe_subscription_deleted(event: WebhookEvent, parsed: stripe_provider.Ev
     subscription = _locked_subscription(ST, parsed.subject.id)
     if subscription is None:
         return Outcome(EventStatus.IGNORED, note="not one of our subscriptions")
+    cancelled_now = subscription.status != SubscriptionStatus.CANCELLED
     subscription.status = SubscriptionStatus.CANCELLED
     subscription.state_at = timezone.now()
     subscription.save(update_fields=["status", "state_at"])
+    if cancelled_now:
+        outbox.subscription_cancelled(subscription)
     return Outcome(EventStatus.PROCESSED)
 
 
@@ -925,6 +955,7 @@ def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
         )
         locked.status, locked.credit = PaymentStatus.PAID, locked.pack.credit
         locked.save(update_fields=["status", "credit"])
+        outbox.payment_succeeded(locked)
         StaffAlert.objects.filter(payment=locked, resolved=False).update(resolved=True, resolved_at=timezone.now())
     return locked
 

@@ -42,6 +42,7 @@ from core.openai_errors import OpenAIError
 from infra import adb
 from wallet.models import Entry, EntryKind
 
+from . import notices
 from .models import UsageRecord, UsageStatus
 
 DAY = 24 * 3600
@@ -282,6 +283,16 @@ def reserve_spend(
         reservation.keys.append(key)
         if total > cap:
             release(reservation)
+            notices.cap_reached(
+                user_id=user_id,
+                api_key=api_key,
+                run=run,
+                counter=key,
+                limit=cap,
+                code=code,
+                message=message,
+                retry_after=retry_after,
+            )
             raise LimitExceeded(message, code, retry_after)
     return reservation
 

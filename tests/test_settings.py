@@ -60,6 +60,12 @@ def test_defaults_start_embedded():
         ("UPSTREAM_CA_BUNDLE", "/no/such/ca.pem"),
         ("PORT", "eighty"),
         ("PORT", "70000"),
+        ("EMAIL_PORT", "smtp"),
+        ("EMAIL_PORT", "70000"),
+        ("EMAIL_USE_TLS", "maybe"),
+        ("EMAIL_USE_SSL", "sometimes"),
+        ("EMAIL_TIMEOUT", "0"),
+        ("LOW_BALANCE_THRESHOLD", "low"),
     ],
 )
 def test_it_refuses_values_it_cannot_understand(name, value):
@@ -67,6 +73,24 @@ def test_it_refuses_values_it_cannot_understand(name, value):
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert name in result.stderr
+
+
+def test_email_goes_to_the_console_by_default_and_over_smtp_once_a_host_is_set():
+    assert load_settings("settings.EMAIL_BACKEND").stdout.strip() == "django.core.mail.backends.console.EmailBackend"
+    smtp = load_settings(
+        "settings.EMAIL_BACKEND, settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_USE_TLS",
+        EMAIL_HOST="smtp.example.com",
+    )
+    assert smtp.stdout.split() == ["django.core.mail.backends.smtp.EmailBackend", "smtp.example.com", "587", "True"]
+    ssl = load_settings(
+        "settings.EMAIL_USE_TLS, settings.EMAIL_USE_SSL", EMAIL_HOST="smtp.example.com", EMAIL_USE_SSL="true"
+    )
+    assert ssl.stdout.split() == ["False", "True"]
+
+
+def test_email_tls_and_ssl_together_are_refused():
+    result = load_settings(EMAIL_HOST="smtp.example.com", EMAIL_USE_TLS="true", EMAIL_USE_SSL="true")
+    assert result.returncode != 0 and "EMAIL_USE_TLS and EMAIL_USE_SSL are exclusive" in result.stderr
 
 
 def test_database_and_redis_urls_switch_backends():

@@ -11,6 +11,10 @@
 * Settling charges the *actual* cost even when it exceeds the hold; the balance may then dip
   below zero by that overage, which blocks the wallet until the next top-up.
 * ``(wallet, idempotency_key)`` is UNIQUE, so a replayed external event cannot post twice.
+* ``low_balance_threshold`` is the user's alert level: every balance change compares the balance
+  before and after it with that level (and with ``MIN_BALANCE``) and writes a ``balance.low`` /
+  ``balance.depleted`` event into ``notify``'s outbox in the same transaction when it crosses
+  (``wallet.alerts``).
 """
 
 from django.conf import settings
@@ -24,10 +28,20 @@ class Wallet(models.Model):
     balance = models.BigIntegerField(default=0)  # nanodollars
     held = models.BigIntegerField(default=0)  # nanodollars reserved by active holds
     currency = models.CharField(max_length=3, default="USD")
+    # Nanodollars; the balance falling below it is a ``balance.low`` event (and email). None: the
+    # operator's LOW_BALANCE_THRESHOLD; 0: no low-balance alert. Kept on the wallet row, not in
+    # notify's preferences, so the settlement statement reads it with the balance at no cost.
+    low_balance_threshold = models.BigIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        constraints = [models.CheckConstraint(condition=Q(held__gte=0), name="wallet_held_non_negative")]
+        constraints = [
+            models.CheckConstraint(condition=Q(held__gte=0), name="wallet_held_non_negative"),
+            models.CheckConstraint(
+                condition=Q(low_balance_threshold__isnull=True) | Q(low_balance_threshold__gte=0),
+                name="wallet_low_balance_threshold_non_negative",
+            ),
+        ]
 
     def __str__(self):
         return f"wallet of {self.user}"

@@ -11,6 +11,17 @@ taken under (the principal it was authenticated as is unchanged).
 it ran on Django's connection (``run``: sync callers) or on the hot path's async connections
 (``arun``). On SQLite the services do the same steps through the ORM (``services._Orm``); the
 contract tests run both implementations on PostgreSQL and compare them entry by entry.
+
+Balance alerts (``wallet.alerts``) ride in the closing statement as one more part, ``alerts``: an
+``INSERT … SELECT`` into notify's outbox whose WHERE compares the new balance (and the old one,
+new + amount) with the wallet's threshold and the depleted line. It writes a row only on the rare
+settlement that crosses a line, and costs the common one a filter over two constant rows — no
+extra statement, no extra round trip, no transaction around the statement. The alternative, a
+second statement only when Python sees a crossing, would have had to share a transaction with
+the settlement (``BEGIN``/``COMMIT`` around every settlement: two more round trips each time, and
+the wallet row locked across them) or run after its commit, where a crash between the two loses
+the event. The price of the choice is the payload written twice — here in SQL and in
+``wallet.alerts`` in Python — which the contract tests compare.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from django.db import connection
 from django.utils import timezone
 
 from infra import adb
+from notify.models import Event
 
+from . import alerts as balance_alerts
 from .models import Entry, Hold, HoldStatus, Wallet
 
 _CREATE = """
@@ -50,7 +63,7 @@ WITH h AS (
 ){also}, w AS (
     UPDATE {wallet} SET balance = balance - %(amount)s, held = held - h.amount, updated_at = %(now)s
     FROM h WHERE {wallet}.id = h.wallet_id
-    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id
+    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id, {wallet}.low_balance_threshold
 ), e AS (
     INSERT INTO {entry} (wallet_id, kind, amount, balance_after, idempotency_key, reference, description,
                          metadata, created_at)
@@ -58,6 +71,19 @@ WITH h AS (
            %(metadata)s::jsonb, %(now)s
     FROM w WHERE %(amount)s > 0
     RETURNING id
+), alerts AS (
+    INSERT INTO {event} ("id", "type", "user_id", "data", "dedup_key", "created_at", "body", "dispatched_at")
+    SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), line.type, w.user_id,
+           jsonb_build_object(
+               'balance', (w.balance::numeric / 1000000000)::numeric(32, 9)::text,
+               line.field, coalesce(line.shown, (line.level::numeric / 1000000000)::numeric(32, 9)::text)
+           ),
+           NULL, %(now)s, '', NULL
+    FROM w CROSS JOIN LATERAL (VALUES
+        ('balance.low', 'threshold', coalesce(w.low_balance_threshold, %(low_default)s), NULL::text),
+        ('balance.depleted', 'min_balance', %(depleted)s::bigint, %(min_balance)s::text)
+    ) AS line(type, field, level, shown)
+    WHERE line.level > 0 AND w.balance < line.level AND w.balance + %(amount)s >= line.level
 )
 SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
 """
@@ -71,7 +97,12 @@ SELECT id FROM h
 
 _STATE = "SELECT balance, held{only_if} FROM {wallet} WHERE id = %(wallet_id)s"
 
-_TABLES = {"wallet": Wallet._meta.db_table, "hold": Hold._meta.db_table, "entry": Entry._meta.db_table}
+_TABLES = {
+    "wallet": Wallet._meta.db_table,
+    "hold": Hold._meta.db_table,
+    "entry": Entry._meta.db_table,
+    "event": Event._meta.db_table,
+}
 _ENTRY_FIELDS = [field.attname for field in Entry._meta.concrete_fields]
 
 
@@ -185,6 +216,7 @@ def hold_close(
         "description": description,
         "metadata": _json(metadata),
     }
+    params["low_default"], params["depleted"], params["min_balance"] = balance_alerts.lines()
     sql = _composed(_CLOSE)
     if also_save is not None:
         sql, params = _with_save(_CLOSE, params, also_save)

@@ -13,12 +13,13 @@ from django.db.models import QuerySet
 
 from core.money import format_usd, usd_to_nanos
 
+from .alerts import threshold_in_force
 from .models import Entry, Wallet
 
 
 class WalletStatus:
-    OK = "ok"  # available at or above LOW_BALANCE_THRESHOLD
-    LOW = "low"  # still usable, but available is below LOW_BALANCE_THRESHOLD
+    OK = "ok"  # available at or above the wallet's low-balance threshold
+    LOW = "low"  # still usable, but available is below the wallet's low-balance threshold
     BLOCKED = "blocked"  # balance ≤ 0 or available below MIN_BALANCE: requests are refused
 
 
@@ -32,11 +33,12 @@ class WalletSummary:
     low_balance_threshold: int  # nanodollars
 
 
-def wallet_status(*, balance: int, held: int) -> str:
+def wallet_status(*, balance: int, held: int, low_balance_threshold: int | None = None) -> str:
+    """``low_balance_threshold`` is the wallet's own (None: the operator's LOW_BALANCE_THRESHOLD)."""
     available = balance - held
     if balance <= 0 or available < usd_to_nanos(settings.MIN_BALANCE):
         return WalletStatus.BLOCKED
-    if available < usd_to_nanos(settings.LOW_BALANCE_THRESHOLD):
+    if available < threshold_in_force(low_balance_threshold):
         return WalletStatus.LOW
     return WalletStatus.OK
 
@@ -50,8 +52,10 @@ def wallet_summary(*, user) -> WalletSummary:
         held=wallet.held,
         available=wallet.available,
         currency=wallet.currency,
-        status=wallet_status(balance=wallet.balance, held=wallet.held),
-        low_balance_threshold=usd_to_nanos(settings.LOW_BALANCE_THRESHOLD),
+        status=wallet_status(
+            balance=wallet.balance, held=wallet.held, low_balance_threshold=wallet.low_balance_threshold
+        ),
+        low_balance_threshold=threshold_in_force(wallet.low_balance_threshold),
     )
 
 

@@ -21,6 +21,9 @@ Concurrency policy (read this before changing anything here):
   the first entry and returns it unchanged; the constraint is the guarantee behind that check.
 * Balance events go out with ``transaction.on_commit``: a client is never told about money that
   was rolled back.
+* A change that takes the balance across the user's low-balance threshold or ``MIN_BALANCE`` writes
+  a ``balance.low``/``balance.depleted`` event into notify's outbox in its own transaction (in the
+  settlement statement itself on PostgreSQL): ``wallet.alerts``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from django.utils import timezone
 
 from infra import adb
 
-from . import events, pg
+from . import alerts, events, pg
 from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet
 
 
@@ -119,7 +122,10 @@ def _post(
     if amount == 0:
         raise WalletError("a ledger entry cannot be zero")
     Wallet.objects.filter(pk=wallet.pk).update(balance=F("balance") + amount, updated_at=timezone.now())
-    wallet.balance += amount
+    before, wallet.balance = wallet.balance, wallet.balance + amount
+    alerts.emit_crossings(
+        user_id=wallet.user_id, before=before, after=wallet.balance, wallet_threshold=wallet.low_balance_threshold
+    )
     entry = Entry.objects.create(
         wallet=wallet,
         kind=kind,
@@ -367,8 +373,14 @@ class _Orm:
             Wallet.objects.filter(pk=hold.wallet_id).update(
                 balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
             )
-            row = Wallet.objects.filter(pk=hold.wallet_id).values_list("balance", "held", "user_id").get()
-            state = pg.WalletState(*row)
+            row = Wallet.objects.filter(pk=hold.wallet_id).values_list(
+                "balance", "held", "user_id", "low_balance_threshold"
+            )
+            *values, threshold = row.get()
+            state = pg.WalletState(*values)
+            alerts.emit_crossings(
+                user_id=state.user_id, before=state.balance + amount, after=state.balance, wallet_threshold=threshold
+            )
             entry = None
             if amount:
                 entry = Entry.objects.create(

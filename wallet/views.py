@@ -1,4 +1,5 @@
-"""Portal pages for the wallet: the home page (balance, recent entries) and the ledger history."""
+"""Portal pages for the wallet: the home page (balance, recent entries), the ledger history, and the
+notification settings (the low-balance threshold lives on the wallet; the email choices in notify)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,22 @@ from datetime import date, datetime, time, timedelta
 from urllib.parse import urlencode
 
 from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpResponseBadRequest, StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
+from notify.services import preference_get
+
+from . import alerts
+from .alerts import alert_settings_save
+from .forms import NotificationSettingsForm
 from .models import EntryKind
 from .selectors import WalletStatus, entries_csv_lines, entry_list, wallet_summary
+from .services import wallet_get_or_create
 
 RECENT_ENTRIES = 10
 HISTORY_PAGE_SIZE = 50
@@ -77,3 +85,27 @@ def history_csv(request):
     response["Content-Disposition"] = 'attachment; filename="tokentill-history.csv"'
     response["Cache-Control"] = "no-store"
     return response
+
+
+@never_cache
+@login_required
+def notification_settings(request):
+    """``/settings/notifications``: the low-balance threshold and which emails the user gets."""
+    wallet = wallet_get_or_create(user=request.user)
+    preference = preference_get(user=request.user)
+    if request.method == "POST":
+        form = NotificationSettingsForm(request.POST)
+        if form.is_valid():
+            alert_settings_save(user=request.user, threshold=form.cleaned_data["threshold"], emails=form.emails())
+            messages.success(request, "Notification settings saved.")
+            return redirect("portal:notification_settings")
+    else:
+        form = NotificationSettingsForm(
+            initial=NotificationSettingsForm.initial_for(threshold=wallet.low_balance_threshold, preference=preference)
+        )
+    context = {
+        "form": form,
+        "default_threshold": alerts.lines()[0],
+        "threshold_in_force": alerts.threshold_in_force(wallet.low_balance_threshold),
+    }
+    return render(request, "portal/notification_settings.html", context, status=400 if form.errors else 200)

@@ -1,0 +1,85 @@
+"""What the proxy tells the operator's systems, through notify's outbox.
+
+* ``usage.cap_reached``: a spend cap (a key's daily or monthly cap, a run's spend limit) refused
+  a request. Once per cap and window: the cap's counter key is the event's dedup key, so an agent
+  retrying into a full cap every second announces it once.
+* ``usage.summary``: per user, per hour, what their requests did (registered with the delivery
+  worker in ``ProxyConfig.ready``; produced only while some endpoint subscribes to it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.db.models import Count, Q, Sum
+
+from core.money import format_usd
+from notify.models import EventType
+from notify.services import event_emit, event_emit_once
+
+from .models import UsageRecord, UsageStatus
+
+
+def cap_reached(
+    *, user_id: int, api_key, run: str, counter: str, limit: int, code: str, message: str, retry_after: int
+) -> None:
+    """Announce a full spend cap (``counter`` is its cache key: one event per cap and window)."""
+    event_emit_once(
+        type=EventType.USAGE_CAP_REACHED,
+        user_id=user_id,
+        data={
+            "code": code,
+            "message": message,
+            "limit": format_usd(limit),
+            "api_key": {"id": api_key.pk, "prefix": api_key.prefix} if api_key is not None else None,
+            "run": run or None,
+            "retry_after": retry_after,
+        },
+        dedup_key=f"usage.cap_reached:{counter}"[:200],
+        ttl=max(retry_after, 60),
+    )
+
+
+def usage_summaries(hour: datetime) -> None:
+    """One ``usage.summary`` per user with requests created in [hour, hour + 1 h)."""
+    end = hour + timedelta(hours=1)
+    admitted = ~Q(status=UsageStatus.REFUSED)
+    rows = (
+        UsageRecord.objects.filter(created_at__gte=hour, created_at__lt=end)
+        .values("user_id", "model")
+        .annotate(
+            requests=Count("id", filter=admitted),
+            refused=Count("id", filter=~admitted),
+            prompt_tokens=Sum("prompt_tokens", default=0),
+            completion_tokens=Sum("completion_tokens", default=0),
+            charge=Sum("charge", default=0),
+        )
+        .order_by("user_id", "model")
+    )
+    by_user: dict[int, list[dict]] = {}
+    for row in rows:
+        by_user.setdefault(row["user_id"], []).append(row)
+    for user_id, models in by_user.items():
+        event_emit(
+            type=EventType.USAGE_SUMMARY,
+            user_id=user_id,
+            data={
+                "period": {"start": hour.isoformat(), "end": end.isoformat()},
+                "requests": sum(row["requests"] for row in models),
+                "refused": sum(row["refused"] for row in models),
+                "prompt_tokens": sum(row["prompt_tokens"] for row in models),
+                "completion_tokens": sum(row["completion_tokens"] for row in models),
+                "charge": format_usd(sum(int(row["charge"]) for row in models)),
+                "models": [
+                    {
+                        "model": row["model"],
+                        "requests": row["requests"],
+                        "prompt_tokens": row["prompt_tokens"],
+                        "completion_tokens": row["completion_tokens"],
+                        "charge": format_usd(int(row["charge"])),
+                    }
+                    for row in models
+                ],
+            },
+            dedup_key=f"usage.summary:{user_id}:{hour:%Y%m%d%H}",
+        )
