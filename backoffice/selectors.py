@@ -23,7 +23,9 @@ from django.utils import timezone
 
 from core.money import usd_to_nanos
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
+from proxy import routing
 from proxy.models import UsageRecord
+from proxy.selectors import upstreams_configured
 from wallet.models import Hold, HoldStatus, Wallet
 
 PERIODS = (7, 30, 90)
@@ -144,3 +146,11 @@ def attention_counts() -> dict:
         "failed_webhooks": WebhookEvent.objects.filter(status=EventStatus.FAILED).count(),
         "open_alerts": StaffAlert.objects.filter(resolved=False).count(),
     }
+
+
+def upstream_states() -> list[dict]:
+    """Every enabled upstream with its circuit breaker and load *in the process serving the page*
+    (each process keeps its own, ``proxy.routing``). One query."""
+    configs = upstreams_configured()
+    states = routing.states(configs)
+    return [{"name": config.name, "base_url": config.base_url, **states[config.name]} for config in configs]

@@ -144,8 +144,8 @@ def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_
     request = RequestFactory().get("/admin/", {"period": "30"})
     request.user = staff
     # payments 1, usage totals 1, by day 1, by model 1, negative wallets 1, holds 1, webhooks +
-    # alerts 2, ledger totals 3, ledger discrepancies 2 — however many rows there are.
-    with django_assert_num_queries(13):
+    # alerts 2, ledger totals 3, ledger discrepancies 2, upstreams 1 — however many rows there are.
+    with django_assert_num_queries(14):
         context = dashboard_context(request)
         list(context["negative_wallets"])
     assert context["money"].requests == 3

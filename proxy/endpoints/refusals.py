@@ -78,6 +78,21 @@ def upstream_failed(status: int, message: str) -> OpenAIError:
     return OpenAIError(status, message, "upstream_error", "upstream_timeout" if status == 504 else "upstream_error")
 
 
+def upstream_busy() -> OpenAIError:
+    """Every candidate upstream already has its most requests in flight from this process."""
+    message = "The upstream model is at its concurrency limit; retry shortly. Nothing was charged."
+    return OpenAIError(503, message, "upstream_error", "upstream_busy", retry_after=1)
+
+
+def upstream_unavailable(retry_after: int) -> OpenAIError:
+    """Every candidate upstream's circuit breaker is open: answered at once, nothing forwarded."""
+    message = (
+        "The upstream model is unavailable: it failed repeatedly and is being given time to recover. "
+        f"Retry in {retry_after} s. Nothing was charged."
+    )
+    return OpenAIError(503, message, "upstream_error", "upstream_unavailable", retry_after=retry_after)
+
+
 def upstream_rejected(upstream_status: int, raw: bytes, headers) -> tuple[OpenAIError, str]:
     """An upstream error answer before any output, and the detail recorded for staff.
 
