@@ -54,6 +54,8 @@ def test_defaults_start_embedded():
         ("PROXY_MAX_BODY_BYTES", "big"),
         ("PAYMENTS_TEST_MODE", "perhaps"),
         ("UPSTREAM_CA_BUNDLE", "/no/such/ca.pem"),
+        ("UPSTREAM_BREAKER_FAILURES", "many"),
+        ("UPSTREAM_KEY_ENCRYPTION_KEY", "not-a-fernet-key"),
     ],
 )
 def test_it_refuses_values_it_cannot_understand(name, value):
@@ -61,6 +63,18 @@ def test_it_refuses_values_it_cannot_understand(name, value):
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert name in result.stderr
+
+
+def test_upstream_key_encryption_keys_are_a_list_and_a_bad_one_is_named_not_echoed():
+    from cryptography.fernet import Fernet
+
+    new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    result = load_settings("len(settings.UPSTREAM_KEY_ENCRYPTION_KEYS)", UPSTREAM_KEY_ENCRYPTION_KEY=f"{new}, {old}")
+    assert result.stdout.strip() == "2", result.stderr
+
+    result = load_settings(UPSTREAM_KEY_ENCRYPTION_KEY=f"{new},{old[:-4]}oops")
+    assert "key #2 is not a Fernet key" in result.stderr
+    assert old[:-4] not in result.stderr and new not in result.stderr
 
 
 def test_database_and_redis_urls_switch_backends():

@@ -27,6 +27,7 @@ from django.db import connection
 from accounts.services import api_key_create
 from core.pricing import charge_nanos, cost_usd, hold_nanos
 from core.usage import Usage, estimate_tokens
+from infra import adb
 from proxy import routing, upstream
 from proxy.models import CostSource, ModelPrice, Upstream, UsageRecord, UsageStatus
 from proxy.selectors import rates_for
@@ -557,3 +558,50 @@ def test_the_upstream_key_is_never_stored_shown_logged_or_returned_in_clear(pair
             assert secret not in text
     assert "set (ends in …WXYZ)" in pages[1]  # all staff ever see of it again
     assert ALPHA_KEY not in repr(upstream.config_of(pair.alpha))
+
+
+# --- each upstream its own client ------------------------------------------------------------------
+
+
+def test_an_upstream_behind_a_private_ca_is_trusted_through_its_own_ca_bundle_only(fakes, token, tmp_path):
+    from tests.fake_upstream import FakeUpstream, self_signed_certificate
+
+    cert, private_key = self_signed_certificate(str(tmp_path))
+    private = FakeUpstream(tls=(cert, private_key))
+    try:
+        untrusted = add_upstream("alpha", private.url, key=ALPHA_KEY)
+        trusted = add_upstream("beta", private.url, key=BETA_KEY, ca_bundle=open(cert).read())
+        serve("acme/a", untrusted, priority=0, prompt="1", completion="2")
+        serve("acme/b", trusted, priority=0, prompt="1", completion="2")
+        private.script("chat", Reply(body=completion(u=usage(100, 20))))
+
+        refused = call(CHAT, ask("acme/a"), token=token)
+        assert refused.status == 502 and not private.requests  # the handshake failed: nothing sent
+
+        assert call(CHAT, ask("acme/b"), token=token).status == 200
+        assert private.calls("chat")[0].headers["authorization"] == f"Bearer {BETA_KEY}"
+    finally:
+        private.close()
+
+
+def test_choosing_among_upstreams_and_failing_over_costs_no_statement_more(pair, token, settings):
+    from proxy.selectors import price_cache_clear, routes_current
+    from tests.test_proxy_stream import orm_queries_in_any_thread
+
+    settings.PROXY_PRICE_CACHE_SECONDS = 60
+    price_cache_clear()
+    routes_current(MODEL)  # the routing table, cached as the price table always was
+    move(pair.alpha, refused_url())
+    pair.second.script("chat", *[answer(False) for _ in range(3)])
+    for _ in range(2):  # the key's first use stamps last_used_at; then it is remembered
+        assert call(CHAT, ask(), token=token).status == 200
+    sent: list[str] = []
+    with orm_queries_in_any_thread() as orm, adb.observe(sent.append):
+        response = call(CHAT, ask(), token=token)
+    assert response.status == 200 and latest().upstream == "beta"
+    if adb.native():
+        assert orm == [] and len(sent) == 2  # the hold with its record; the settlement with its update
+    else:
+        writes = [sql for sql in orm if not sql.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
+        assert len(writes) == 1 + 2 + 1 + 6, "\n".join(sql[:90] for sql in orm)  # as tests/test_proxy_stream.py
+    price_cache_clear()

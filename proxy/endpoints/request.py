@@ -87,10 +87,10 @@ Finish = Callable[..., Awaitable[None]]
 
 @dataclasses.dataclass
 class Failure:
-    """An attempt that failed before any output, as the relay reported it."""
+    """An attempt that failed before any output, as the relay reported it: the next candidate
+    upstream may be tried."""
 
-    retryable: bool  # may the next candidate upstream be tried?
-    counts: bool = True  # does it count against the upstream's circuit breaker? (not when busy)
+    counts: bool = True  # against the upstream's circuit breaker? (Not when it was only busy.)
 
 
 class Endpoint:
@@ -145,7 +145,7 @@ class ProxyRequest:
         self.settling = False
         self.settlement_unawaited = False
         self.route: Route | None = None  # the candidate being tried
-        self.failure: Failure | None = None  # how the current attempt failed before any output
+        self.failure: Failure | None = None  # set when the current attempt failed before any output
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -356,9 +356,13 @@ class ProxyRequest:
                 routing.report(route, permit, failed=False)
             else:  # (busy says nothing about its health: no verdict)
                 routing.report(route, permit, failed=True if failure.counts else None)
-            if failure is None or not failure.retryable or self.exchange.response_started:
+            if failure is None or self.exchange.response_started:
                 break
-            earlier = f"{route.name}: {outcome.error or 'failed'}"
+            detail = outcome.error or "failed"
+            log.warning(
+                "proxy request %s: upstream %s failed before any output: %s", self.request_id, route.name, detail
+            )
+            earlier = f"{route.name}: {detail}"
         if finish is None:
             return self.unavailable(outcome, skipped)
         if failed_over:
@@ -450,21 +454,21 @@ class ProxyRequest:
     def failed(self, outcome: Outcome, status: int, message: str) -> Finish:
         """The upstream failed before any output: nothing is charged; answer 502/504 once settled
         — unless another candidate upstream serves it instead."""
-        self.failure = Failure(retryable=True)
+        self.failure = Failure()
         return self._fail(outcome, refusals.upstream_failed(status, message), message)
 
     def rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers) -> Finish:
         """An upstream error answer before any output: nothing is charged. A 5xx is the
         upstream's failure (the next candidate is tried); a 4xx is the client's answer."""
         if upstream_status >= 500:
-            self.failure = Failure(retryable=True)
+            self.failure = Failure()
         error, detail = refusals.upstream_rejected(upstream_status, raw, headers)
         return self._fail(outcome, error, detail)
 
     def timed_out_or_unreachable(self, outcome: Outcome, exc: httpx.HTTPError) -> Finish:
         if isinstance(exc, routing.UpstreamBusy):
             finish = self._fail(outcome, refusals.upstream_busy(), str(exc))
-            self.failure = Failure(retryable=True, counts=False)
+            self.failure = Failure(counts=False)
             return finish
         if isinstance(exc, httpx.TimeoutException):
             return self.failed(outcome, 504, "The upstream model timed out.")

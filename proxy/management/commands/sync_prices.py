@@ -169,7 +169,6 @@ class Command(BaseCommand):
                 headers=headers,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
                 verify=upstream.verify(target),
-                trust_env=False,
             )
         except httpx.HTTPError as exc:
             # The exception text names the URL and the failure, never the request headers (the key).
