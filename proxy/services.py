@@ -372,24 +372,27 @@ async def arequest_begin(
     )
 
 
-async def arequest_progress(*, begun: Begun, generation_id: str, output_chars: int, upstream: str = "") -> bool:
+async def arequest_progress(
+    *, begun: Begun, generation_id: str, output_chars: int, upstream: str = "", price: ModelPrice | None = None
+) -> bool:
     """Write down, while a request runs, what a crash of this process would otherwise lose.
 
     The generation id — and the upstream it came from — lets ``reconcile_holds`` ask OpenRouter
-    what the request really cost; the estimate of the output relayed so far is what it charges
-    when there is no such lookup (output that reached the client is never free); and the hold's
-    expiry moves ``HOLD_TTL`` ahead, so a stream that runs longer than that is not mistaken for
-    an abandoned one. One statement; False if the hold is no longer active.
+    what the request really cost; the estimate of the output relayed so far, at that upstream's
+    ``price``, is what it charges when there is no such lookup (output that reached the client is
+    never free); and the hold's expiry moves ``HOLD_TTL`` ahead, so a stream that runs longer than
+    that is not mistaken for an abandoned one. One statement; False if the hold is no longer active.
     """
     record = begun.record
     record.generation_id = generation_id[:200]
     record.completion_tokens = estimate_tokens(output_chars)
     record.upstream = upstream[:64]
-    return await ahold_extend(
-        hold=begun.hold,
-        seconds=settings.HOLD_TTL,
-        also_save=(record, ["generation_id", "completion_tokens", "upstream"]),
-    )
+    fields = ["generation_id", "completion_tokens", "upstream"]
+    if price is not None and price is not record.price:
+        rates = rates_for(price)
+        record.price, record.prices, record.markup = price, rates.snapshot(), rates.markup
+        fields += ["price", "prices", "markup"]
+    return await ahold_extend(hold=begun.hold, seconds=settings.HOLD_TTL, also_save=(record, fields))
 
 
 async def _abilling_price(begun: Begun, outcome: Outcome) -> ModelPrice:

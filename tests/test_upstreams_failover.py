@@ -605,3 +605,30 @@ def test_choosing_among_upstreams_and_failing_over_costs_no_statement_more(pair,
         writes = [sql for sql in orm if not sql.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
         assert len(writes) == 1 + 2 + 1 + 6, "\n".join(sql[:90] for sql in orm)  # as tests/test_proxy_stream.py
     price_cache_clear()
+
+
+def test_a_long_request_writes_down_which_upstream_serves_it_for_reconcile_holds(fakes, token):
+    """A crash mid-stream leaves the hold to reconcile_holds, which looks the generation up where
+    the progress write says it went, and prices an estimate at that upstream's rates (here the
+    cheaper one: the hold was taken at the dearer, which failed)."""
+    _, second = fakes
+    alpha = add_upstream("alpha", refused_url(), key=ALPHA_KEY)
+    beta = add_upstream("beta", second.url, key=BETA_KEY)
+    dear = serve(MODEL, alpha, priority=0, prompt="3.00", completion="6.00")
+    cheap = serve(MODEL, beta, priority=1, prompt="1.00", completion="2.00")
+    second.script("chat", StreamReply([*stream_of("slow")[:2], 2.0, *stream_of("ly", u=usage(100, 20))[1:]]))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(call(CHAT, ask(stream=True), token=token)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not UsageRecord.objects.filter(upstream="beta", status=UsageStatus.PENDING).exists():
+            assert time.monotonic() < deadline, "no progress write named the upstream"
+            time.sleep(0.05)
+        pending = UsageRecord.objects.get()
+        assert pending.hold_amount == held_at(dear, ask(stream=True))
+        assert (pending.price_id, pending.generation_id) == (cheap.pk, "gen-fake-1")
+        assert Decimal(pending.prices["prompt"]) == Decimal("1")
+    finally:
+        worker.join(20)
+    assert done[0].status == 200 and UsageRecord.objects.get().status == UsageStatus.OK

@@ -425,6 +425,7 @@ class ProxyRequest:
                 generation_id=outcome.generation_id or (meter.id if meter else ""),
                 output_chars=meter.output_chars if meter else 0,
                 upstream=outcome.upstream,
+                price=outcome.price,
             )
         except Exception:  # the request goes on; the next write tries again
             log.warning("proxy request %s: could not write its progress", self.request_id, exc_info=True)
