@@ -54,9 +54,13 @@ def upstream_validate(*, row: Upstream, api_key: str = "", remove_key: bool = Fa
         raise UpstreamError("api_key", "either type a new key or remove the stored one, not both")
     if row.name in RESERVED_UPSTREAM_NAMES:
         raise UpstreamError("name", f"{row.name!r} is reserved (the settings upstream and the demo model)")
-    scheme = urlsplit(row.base_url.strip()).scheme
-    if scheme not in ("http", "https"):
-        raise UpstreamError("base_url", f"the base URL must start with http:// or https://, not {scheme or 'nothing'}")
+    parts = urlsplit(row.base_url.strip())
+    if parts.scheme not in ("http", "https"):
+        shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise UpstreamError("base_url", f"the base URL must start with http:// or https:// (this one has {shown})")
+    if parts.username or parts.password:
+        # A URL is shown on the dashboard and in messages; a secret belongs in the key field.
+        raise UpstreamError("base_url", "the base URL must not carry credentials: put the key in the API key field")
     ca_bundle_check(row.ca_bundle)
     if api_key and not keyvault.configured():
         raise UpstreamError(

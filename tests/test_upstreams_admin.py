@@ -96,6 +96,7 @@ def test_saving_without_a_new_key_keeps_the_stored_one_and_a_new_key_replaces_it
     [
         ({"base_url": "ftp://files.example.com/v1"}, "base_url", "must start with http:// or https://"),
         ({"base_url": "openrouter.ai/api/v1"}, "base_url", "must start with http:// or https://"),
+        ({"base_url": "https://me:pw@openrouter.ai/api/v1"}, "base_url", "must not carry credentials"),
         ({"api_key": ""}, "api_key", "needs an API key"),
         ({"kind": "anthropic", "api_key": ""}, "api_key", "needs an API key"),
         ({"kind": "gemini"}, "kind", "Select a valid choice"),
