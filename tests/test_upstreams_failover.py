@@ -632,3 +632,15 @@ def test_a_long_request_writes_down_which_upstream_serves_it_for_reconcile_holds
     finally:
         worker.join(20)
     assert done[0].status == 200 and UsageRecord.objects.get().status == UsageStatus.OK
+
+
+def test_an_upstream_whose_key_cannot_be_decrypted_is_failed_over_without_being_called(pair, token, settings):
+    settings.UPSTREAM_KEY_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]  # not the key alpha's was sealed with
+    Upstream.objects.filter(pk=pair.beta.pk).update(api_key_encrypted="")  # beta needs no key (OpenAI-compatible)
+    pair.second.script("chat", answer(False))
+
+    response = call(CHAT, ask(), token=token)
+
+    assert response.status == 200 and not pair.first.requests
+    assert latest().error.startswith("failed over from alpha: The upstream model is unreachable (UpstreamUnusable)")
+    assert "authorization" not in pair.second.calls("chat")[0].headers
