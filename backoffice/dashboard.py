@@ -34,6 +34,7 @@ def dashboard_context(request) -> dict:
     since = selectors.period_start(days)
     totals = ledger_totals()
     discrepancies = ledger_discrepancies()
+    upstreams = selectors.upstream_states()
     return {
         "dashboard_allowed": True,
         "period": days,
@@ -50,4 +51,6 @@ def dashboard_context(request) -> dict:
         "ledger_rows": sorted(totals.by_kind.items()),
         "discrepancies": discrepancies[:DISCREPANCIES_SHOWN],
         "discrepancy_count": len(discrepancies),
+        "upstreams": upstreams,
+        "upstreams_down": [u["name"] for u in upstreams if u["breaker"] != "closed"],
     }

@@ -34,7 +34,9 @@ from core.money import usd_to_nanos
 from notify.models import Alert as NotifyAlert
 from notify.models import Delivery, DeliveryStatus, Endpoint
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
+from proxy import routing
 from proxy.models import UsageRecord
+from proxy.selectors import upstreams_configured
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
 PERIODS = (7, 30, 90)
@@ -201,3 +203,11 @@ def failing_endpoints(*, limit: int = 20) -> list[Endpoint]:
     """Endpoints failing or disabled for failing, the longest-failing first."""
     failing = Q(enabled=True, failing_since__isnull=False) | (Q(enabled=False) & ~Q(disabled_reason=""))
     return list(Endpoint.objects.filter(failing).order_by("enabled", "failing_since")[:limit])
+
+
+def upstream_states() -> list[dict]:
+    """Every enabled upstream with its circuit breaker and load *in the process serving the page*
+    (each process keeps its own, ``proxy.routing``). One query."""
+    configs = upstreams_configured()
+    states = routing.states(configs)
+    return [{"name": config.name, "base_url": config.base_url, **states[config.name]} for config in configs]

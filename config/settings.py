@@ -255,7 +255,7 @@ UPSTREAM_API_KEY = env.str("UPSTREAM_API_KEY", default="")
 UPSTREAM_KIND = env_choice(
     "UPSTREAM_KIND",
     "openrouter" if "openrouter.ai" in UPSTREAM_BASE_URL else "openai",
-    {"openrouter", "openai"},
+    {"openrouter", "openai", "anthropic"},
 )
 UPSTREAM_CONNECT_TIMEOUT = env_seconds("UPSTREAM_CONNECT_TIMEOUT", "10")
 UPSTREAM_READ_TIMEOUT = env_seconds("UPSTREAM_READ_TIMEOUT", "300")
@@ -265,6 +265,32 @@ UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
 UPSTREAM_CA_BUNDLE = env.str("UPSTREAM_CA_BUNDLE", default="")
 if UPSTREAM_CA_BUNDLE and not Path(UPSTREAM_CA_BUNDLE).is_file():
     raise ImproperlyConfigured(f"UPSTREAM_CA_BUNDLE={UPSTREAM_CA_BUNDLE!r} is not a file")
+
+
+def env_fernet_keys(name: str) -> list[str]:
+    """Comma-separated Fernet keys, newest first: the first encrypts, every one decrypts (so a
+    key can be rotated in without losing what the older one encrypted)."""
+    from cryptography.fernet import Fernet
+
+    keys = [part.strip() for part in env.str(name, default="").split(",") if part.strip()]
+    for index, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except ValueError:
+            # Never echo the value: it is a secret, even when malformed.
+            raise ImproperlyConfigured(
+                f"{name}: key #{index} is not a Fernet key (32 url-safe base64-encoded bytes; generate one with "
+                '`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`)'
+            ) from None
+    return keys
+
+
+# Upstreams staff add in the admin keep their API keys encrypted with these (proxy/keyvault.py).
+UPSTREAM_KEY_ENCRYPTION_KEYS = env_fernet_keys("UPSTREAM_KEY_ENCRYPTION_KEY")
+# Circuit breaker per upstream and process: this many consecutive failures before any output open
+# it for UPSTREAM_BREAKER_COOLDOWN seconds (0 = never open), then one probe request may close it.
+UPSTREAM_BREAKER_FAILURES = env_int("UPSTREAM_BREAKER_FAILURES", 5)
+UPSTREAM_BREAKER_COOLDOWN = env_seconds("UPSTREAM_BREAKER_COOLDOWN", "30")
 PROXY_MAX_BODY_BYTES = env_int("PROXY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 PROXY_MIN_OUTPUT_TOKENS = env_int("PROXY_MIN_OUTPUT_TOKENS", 256, minimum=1)
 PROXY_DEFAULT_MAX_OUTPUT = env_int("PROXY_DEFAULT_MAX_OUTPUT", 4096, minimum=1)

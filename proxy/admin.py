@@ -1,10 +1,17 @@
-"""Staff screens for the price table and the usage log.
+"""Staff screens for the upstreams, the price table and the usage log.
+
+Upstreams: the API key is a write-only field — typed once, stored encrypted, never shown again
+(the page says whether one is set); a "test connection" action asks each selected upstream for
+its model list. Never deleted (price rows and usage records name them): disabled instead.
 
 Prices: saving a changed price inserts a new version (``proxy.prices.price_version_save``); the
 row that was opened, and every usage record charged with it, stay as they were. Superseded
-versions are shown read-only with the model's whole history on each page. Nothing is deletable:
-a price row is part of how past charges are explained. Usage records are read-only evidence.
+versions are shown read-only with the series' whole history on each page, and every upstream
+serving the model in the order they are tried. Nothing is deletable: a price row is part of how
+past charges are explained. Usage records are read-only evidence.
 """
+
+from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin, messages
@@ -17,17 +24,21 @@ from django.utils.safestring import mark_safe
 from core.money import format_usd
 from infra.forms import MoneyField
 
-from .models import ModelPrice, UsageRecord
+from . import routing, upstream
+from .models import ModelPrice, Upstream, UsageRecord
 from .prices import (
     PriceError,
     price_differs,
     price_history,
     price_is_current,
+    price_routes,
     price_validate,
     price_version_save,
     prices_set_enabled,
     prices_with_state,
+    series_of,
 )
+from .upstreams import UpstreamError, key_status, upstream_save, upstream_test, upstream_validate
 
 _PER_M = "USD per 1M tokens"
 
@@ -47,11 +58,20 @@ class ModelPriceForm(forms.ModelForm):
         initial=0,
         help_text="the least a request is charged, e.g. 0.000010",
     )
+    priority = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=32767,
+        initial=0,
+        help_text="among the upstreams serving this model, lower is tried first (blank: unchanged, 0 when new)",
+    )
 
     class Meta:
         model = ModelPrice
         fields = [
             "model",
+            "upstream",
+            "priority",
             "name",
             "enabled",
             "prompt",
@@ -79,6 +99,10 @@ class ModelPriceForm(forms.ModelForm):
             self.initial["request_fee_usd"] = self.instance.request_fee
             self.initial["min_charge_usd"] = self.instance.min_charge
 
+    def clean_priority(self):
+        priority = self.cleaned_data.get("priority")
+        return self.instance.priority if priority is None else priority
+
     def clean(self):
         cleaned = super().clean()
         for name in ("prompt", "completion", "reasoning", "cache_read", "cache_write", "markup"):
@@ -89,8 +113,10 @@ class ModelPriceForm(forms.ModelForm):
         if "min_charge_usd" in cleaned:
             self.instance.min_charge = cleaned["min_charge_usd"]
         model = cleaned.get("model")
-        if not self.instance.pk and model and ModelPrice.objects.filter(model=model).exists():
-            self.add_error("model", "this model already has prices: open its current version to change them")
+        series = series_of(cleaned.get("upstream"))
+        if not self.instance.pk and model and ModelPrice.objects.filter(series, model=model).exists():
+            at = f"at {cleaned['upstream']}" if cleaned.get("upstream") else "at the default upstream"
+            self.add_error("model", f"this model already has prices {at}: open its current version to change them")
         return cleaned
 
     def _post_clean(self):
@@ -122,6 +148,8 @@ class ModelPriceAdmin(admin.ModelAdmin):
     form = ModelPriceForm
     list_display = [
         "model",
+        "upstream_shown",
+        "priority",
         "name",
         "enabled",
         "prompt",
@@ -132,13 +160,15 @@ class ModelPriceAdmin(admin.ModelAdmin):
         "state",
         "source",
     ]
-    list_filter = [VersionFilter, "enabled", "is_demo", "source"]
+    list_filter = [VersionFilter, "enabled", "upstream", "is_demo", "source"]
+    list_select_related = ["upstream"]
     search_fields = ["model", "name"]
     ordering = ["model", "-effective_from"]
     actions = ["enable_models", "disable_models"]
-    readonly_fields = ["effective_from", "source", "version_history"]
+    readonly_fields = ["effective_from", "source", "routes", "version_history"]
     fieldsets = [
         (None, {"fields": ["model", "name", "enabled", "is_demo"]}),
+        ("Served by", {"fields": ["upstream", "priority", "routes"]}),
         (
             f"Rates ({_PER_M}, before markup)",
             {"fields": ["prompt", "completion", "reasoning", "cache_read", "cache_write"]},
@@ -152,9 +182,10 @@ class ModelPriceAdmin(admin.ModelAdmin):
         return prices_with_state(super().get_queryset(request))
 
     def get_readonly_fields(self, request, obj=None):
-        # The model id names the series of versions; renaming one version would split history.
+        # The model id and upstream name the series of versions; changing them on one version
+        # would split history.
         if obj is not None:
-            return ["model", *self.readonly_fields]
+            return ["model", "upstream", *self.readonly_fields]
         return self.readonly_fields
 
     def has_change_permission(self, request, obj=None):
@@ -173,13 +204,47 @@ class ModelPriceAdmin(admin.ModelAdmin):
             if not price_differs(stored, obj):
                 # Only availability changed (or nothing): a switch, not a price — see prices_set_enabled.
                 if stored.enabled != obj.enabled:
-                    prices_set_enabled(models=[obj.model], enabled=obj.enabled)
+                    prices_set_enabled(models=[obj.model], enabled=obj.enabled, upstream=obj.upstream)
                 return
         price_version_save(price=obj, source="admin")
         if change:
             self.message_user(
                 request, f"Saved as a new version of {obj.model}; the previous version is kept.", messages.INFO
             )
+
+    @admin.display(description="upstream", ordering="upstream__name")
+    def upstream_shown(self, obj):
+        return obj.upstream_name
+
+    @admin.display(description="upstreams serving this model, in the order they are tried")
+    def routes(self, obj):
+        if obj is None or not obj.pk:
+            return "—"
+        rows = format_html_join(
+            "",
+            '<tr{}><td>{}</td><td>{}</td><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    mark_safe(' style="font-weight:bold"') if route.pk == obj.pk else "",
+                    route.priority,
+                    route.upstream_name,
+                    reverse("admin:proxy_modelprice_change", args=[route.pk]),
+                    f"{route.effective_from:%Y-%m-%d %H:%M:%S}",
+                    route.prompt,
+                    route.completion,
+                    "yes" if route.enabled and (route.upstream is None or route.upstream.enabled) else "no",
+                )
+                for route in price_routes(model=obj.model)
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>priority</th><th>upstream</th><th>version in force</th><th>prompt</th>"
+            "<th>completion</th><th>serving</th></tr></thead><tbody>{}</tbody></table>"
+            "<p>Add a price for another upstream with <em>Add model price</em> (same model id, another "
+            "upstream). A request goes to the first serving upstream whose circuit breaker is closed; "
+            "on a failure before any output it moves to the next.</p>",
+            rows,
+        )
 
     @admin.display(description="request fee (USD)")
     def request_fee_usd(self, obj):
@@ -199,7 +264,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
             return "superseded"
         return "in force" if obj.effective_from <= timezone.now() else "scheduled"
 
-    @admin.display(description="all versions of this model, newest first")
+    @admin.display(description="all versions of this model at this upstream, newest first")
     def version_history(self, obj):
         if obj is None or not obj.pk:
             return "—"
@@ -221,7 +286,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
                     "yes" if version.enabled else "no",
                     version.source or "—",
                 )
-                for version in price_history(model=obj.model)
+                for version in price_history(model=obj.model, upstream=obj.upstream_id)
             ),
         )
         return format_html(
@@ -246,10 +311,115 @@ class ModelPriceAdmin(admin.ModelAdmin):
         self.message_user(request, f"{len(models)} model(s) {verb}: {', '.join(models)}", messages.SUCCESS)
 
 
+class UpstreamForm(forms.ModelForm):
+    # Write-only: the stored key is never put back into the page (render_value=False), and a
+    # blank field on a change keeps it.
+    api_key = forms.CharField(
+        label="API key",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="stored encrypted and never shown again; leave blank to keep the stored key",
+    )
+    remove_api_key = forms.BooleanField(label="Remove the stored key", required=False)
+
+    class Meta:
+        model = Upstream
+        fields = [
+            "name",
+            "kind",
+            "base_url",
+            "enabled",
+            "ca_bundle",
+            "connect_timeout",
+            "read_timeout",
+            "max_connections",
+            "max_concurrency",
+        ]
+        widgets = {"ca_bundle": forms.Textarea(attrs={"rows": 4, "cols": 80})}
+
+    def clean_base_url(self):
+        # Before the model's URL validator, whose "Enter a valid URL." does not say what is wrong.
+        url = self.cleaned_data["base_url"].strip().rstrip("/")
+        scheme = urlsplit(url).scheme
+        if scheme not in ("http", "https"):
+            shown = f"{scheme}://" if scheme else "no scheme"
+            raise forms.ValidationError(f"The base URL must start with http:// or https:// (this one has {shown}).")
+        return url
+
+    def _post_clean(self):
+        super()._post_clean()  # builds the instance and runs the model's validators
+        if self.errors:
+            return
+        try:
+            upstream_validate(
+                row=self.instance,
+                api_key=self.cleaned_data.get("api_key") or "",
+                remove_key=self.cleaned_data.get("remove_api_key", False),
+            )
+        except UpstreamError as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, str(exc))
+
+
+@admin.register(Upstream)
+class UpstreamAdmin(admin.ModelAdmin):
+    form = UpstreamForm
+    list_display = ["name", "kind", "base_url", "enabled", "key", "max_concurrency", "breaker"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name", "base_url"]
+    actions = ["test_connection"]
+    readonly_fields = ["key", "breaker", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "kind", "base_url", "enabled"]}),
+        ("API key", {"fields": ["key", "api_key", "remove_api_key"]}),
+        (
+            "Connection",
+            {"fields": ["ca_bundle", "connect_timeout", "read_timeout", "max_connections", "max_concurrency"]},
+        ),
+        ("State", {"fields": ["breaker", "created_at", "updated_at"]}),
+    ]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Usage records name the upstream that served them: a rename would orphan them.
+        if obj is not None:
+            return ["name", *self.readonly_fields]
+        return self.readonly_fields
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        upstream_save(
+            row=obj,
+            api_key=form.cleaned_data.get("api_key") or "",
+            remove_key=form.cleaned_data.get("remove_api_key", False),
+        )
+
+    @admin.display(description="API key")
+    def key(self, obj):
+        return key_status(obj) if obj is not None and obj.pk else "not set"
+
+    @admin.display(description="circuit breaker (this process)")
+    def breaker(self, obj):
+        if obj is None or not obj.pk:
+            return "—"
+        state = routing.breaker(obj.name).snapshot()
+        if state.state == "open":
+            return f"open, probe in {state.retry_in:.0f} s ({state.failures} failures in a row)"
+        return state.state.replace("_", "-") + (f" ({state.failures} failures in a row)" if state.failures else "")
+
+    @admin.action(description="Test connection (GET /models with the stored key)")
+    def test_connection(self, request, queryset):
+        for row in queryset:
+            result = upstream_test(upstream.config_of(row))
+            level = messages.SUCCESS if result.ok else messages.ERROR
+            self.message_user(request, f"Test connection to {row.name}: {result.message}", level)
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "user", "model", "status", "tokens", "charge_usd", "estimated"]
-    list_filter = ["status", "model", "estimated", "stream"]
+    list_display = ["created_at", "user", "model", "upstream", "status", "tokens", "charge_usd", "estimated"]
+    list_filter = ["status", "model", "upstream", "estimated", "stream"]
     search_fields = ["request_id", "user__email", "generation_id"]
     list_select_related = ["user"]
     date_hierarchy = "created_at"

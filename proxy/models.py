@@ -1,17 +1,97 @@
-"""The price table and the record of every proxied request.
+"""The upstreams, the price table and the record of every proxied request.
 
 Prices are *rates*, kept as exact decimals in USD per one million tokens (how operators read
 them); fixed fees are money and kept as integer nanodollars like every other amount. A price
 change never edits a row: it adds a new version with a later ``effective_from``, and each usage
 record points at the version (and stores a snapshot of the numbers) it was charged with, so
 every charge can be re-derived.
+
+A model is served by one or more upstreams. Each (model, upstream) pair is a series of price
+versions of its own — the same model may cost differently at two upstreams — and the series in
+force that are enabled are the model's *candidates*, tried in ``priority`` order. A price row
+with no upstream is served by the *default upstream*, the one the ``UPSTREAM_*`` settings
+describe (it has no row of its own); ``Upstream`` rows are the others, added by staff.
 """
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
 from django.utils import timezone
 
 PER_MILLION = 1_000_000
+# Names an Upstream row cannot take: what usage records call the settings upstream and the demo.
+DEFAULT_UPSTREAM = "default"
+DEMO_UPSTREAM = "demo"
+RESERVED_UPSTREAM_NAMES = (DEFAULT_UPSTREAM, DEMO_UPSTREAM)
+
+
+class UpstreamKind(models.TextChoices):
+    OPENROUTER = "openrouter", "OpenRouter (reports usage.cost)"
+    OPENAI = "openai", "OpenAI-compatible (OpenAI, vLLM, Ollama, llama.cpp …)"
+    ANTHROPIC = "anthropic", "Anthropic"
+
+
+class Upstream(models.Model):
+    """A model provider staff configured besides the default upstream.
+
+    Its API key is stored encrypted (``proxy.keyvault``) and never rendered again: the admin
+    shows whether one is set. Rows are never deleted (price versions and usage records name
+    them): an upstream is retired by disabling it.
+    """
+
+    name = models.SlugField(max_length=64, unique=True, help_text="short id, e.g. openrouter-eu or vllm-a100")
+    kind = models.CharField(max_length=20, choices=UpstreamKind.choices)
+    base_url = models.CharField(
+        max_length=500,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="the OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1 or http://10.0.0.5:8000/v1",
+    )
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    ca_bundle = models.TextField(
+        blank=True,
+        help_text="certificates to trust besides the public CAs: PEM text, or the path of a PEM file on the server",
+    )
+    connect_timeout = models.FloatField(
+        default=10, validators=[MinValueValidator(0.1), MaxValueValidator(600)], help_text="seconds"
+    )
+    read_timeout = models.FloatField(
+        default=300,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="seconds without a byte from the upstream before it counts as timed out",
+    )
+    max_connections = models.PositiveIntegerField(
+        default=200,
+        validators=[MinValueValidator(1), MaxValueValidator(10_000)],
+        help_text="HTTP connections per server process",
+    )
+    max_concurrency = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(100_000)],
+        help_text="requests in flight per server process (0 = no limit); beyond it the next upstream is tried",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(kind__in=UpstreamKind.values), name="upstream_kind_known"),
+            models.CheckConstraint(
+                condition=models.Q(base_url__startswith="http://") | models.Q(base_url__startswith="https://"),
+                name="upstream_base_url_http",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(connect_timeout__gt=0, read_timeout__gt=0, max_connections__gte=1),
+                name="upstream_limits_positive",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(name__in=RESERVED_UPSTREAM_NAMES), name="upstream_name_not_reserved"
+            ),
+        ]
+
+    def __str__(self):
+        return self.name
 
 
 def _rate(help_text: str):
@@ -20,6 +100,18 @@ def _rate(help_text: str):
 
 class ModelPrice(models.Model):
     model = models.CharField(max_length=200, db_index=True, help_text="Model id clients send, e.g. openai/gpt-4o-mini")
+    # With the model, names the series this row is a version of; blank = the default upstream.
+    upstream = models.ForeignKey(
+        Upstream,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="prices",
+        help_text="who serves the model at these prices (blank: the default upstream, UPSTREAM_BASE_URL)",
+    )
+    priority = models.PositiveSmallIntegerField(
+        default=0, help_text="among the upstreams serving this model, lower is tried first"
+    )
     name = models.CharField(max_length=200, blank=True)
     prompt = _rate("USD per 1M prompt tokens")
     completion = _rate("USD per 1M completion tokens")
@@ -44,12 +136,33 @@ class ModelPrice(models.Model):
     class Meta:
         ordering = ["model", "-effective_from", "-id"]
         constraints = [
-            models.UniqueConstraint(fields=["model", "effective_from"], name="modelprice_one_version_per_instant"),
+            # One version per series and instant; the default upstream's series (no upstream) needs
+            # its own constraint, as NULLs never collide in a UNIQUE index.
+            models.UniqueConstraint(
+                fields=["model", "effective_from"],
+                condition=models.Q(upstream__isnull=True),
+                name="modelprice_one_version_per_instant",
+            ),
+            models.UniqueConstraint(
+                fields=["model", "upstream", "effective_from"],
+                condition=models.Q(upstream__isnull=False),
+                name="modelprice_one_upstream_version_per_instant",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(is_demo=True, upstream__isnull=False), name="modelprice_demo_has_no_upstream"
+            ),
             models.CheckConstraint(condition=models.Q(request_fee__gte=0, min_charge__gte=0), name="modelprice_fees"),
         ]
 
     def __str__(self):
-        return f"{self.model} from {self.effective_from:%Y-%m-%d %H:%M}"
+        at = f" at {self.upstream.name}" if self.upstream_id else ""
+        return f"{self.model}{at} from {self.effective_from:%Y-%m-%d %H:%M}"
+
+    @property
+    def upstream_name(self) -> str:
+        if self.is_demo:
+            return DEMO_UPSTREAM
+        return self.upstream.name if self.upstream_id else DEFAULT_UPSTREAM
 
     def effective_markup(self):
         return self.markup if self.markup is not None else settings.MARKUP
@@ -86,6 +199,10 @@ class UsageRecord(models.Model):
     endpoint = models.CharField(max_length=40, default="chat.completions")
     model = models.CharField(max_length=200, help_text="model the client asked for")
     upstream_model = models.CharField(max_length=200, blank=True, help_text="model that actually served it")
+    # A name, not a foreign key: evidence, like ``model`` (upstreams are never deleted or renamed).
+    upstream = models.CharField(
+        max_length=64, blank=True, help_text="upstream that served it: an Upstream's name, default or demo"
+    )
     generation_id = models.CharField(max_length=200, blank=True)
     stream = models.BooleanField(default=False)
     status = models.CharField(max_length=20, choices=UsageStatus.choices, default=UsageStatus.PENDING)

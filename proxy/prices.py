@@ -6,6 +6,10 @@ with the latest ``effective_from`` not after it. Usage records point at the row 
 with, so history stays re-derivable. The one column changed in place is ``enabled``: it says
 whether a model is sold *now*, not what it costs, and no charge is ever derived from it.
 
+Versions form a *series* per (model, upstream): the same model may be sold through several
+upstreams at different prices, each series with its own history. The default upstream's series
+is the one with no upstream (``upstream IS NULL``), which is why series are matched NULL-safely.
+
 Reads (``prices_*`` selectors) and writes (``price_version_*`` / ``prices_*`` services) live
 together here because they share the one rule above; the proxy's hot-path lookup is
 ``proxy.selectors.price_current``.
@@ -18,14 +22,15 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation, localcontext
 
 from django.conf import settings
+from django.db import models as db
 from django.db import transaction
-from django.db.models import Exists, OuterRef, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from core.money import MoneyError, usd_to_nanos
 
-from .models import PER_MILLION, ModelPrice
-from .selectors import newer_in_force, price_cache_clear, prices_current
+from .models import PER_MILLION, ModelPrice, Upstream
+from .selectors import newer_in_force, price_cache_clear, prices_current, same_series, series_of
 
 # What a version *is*: every column a new version copies from its predecessor unless told
 # otherwise. ``enabled`` is carried too, so re-pricing never silently starts or stops a sale.
@@ -42,6 +47,7 @@ VERSIONED_FIELDS = (
     "default_max_output",
     "context_length",
     "is_demo",
+    "priority",
 )
 RATE_FIELDS = ("prompt", "completion", "reasoning", "cache_read", "cache_write")
 _RATE_QUANTUM = Decimal(1).scaleb(-12)  # ModelPrice rates keep 12 decimal places …
@@ -52,27 +58,39 @@ class PriceError(ValueError):
     """A price that cannot be stored: negative, not a number, or finer than the table keeps."""
 
 
+# ``prices_set_enabled``'s default: every upstream's series of the models named.
+EVERY_UPSTREAM = "every"
+
 # --- selectors ---------------------------------------------------------------------------------
 
 
-def prices_current_enabled(*, now: datetime | None = None, include_demo: bool = True) -> QuerySet[ModelPrice]:
-    """Models on sale at ``now``: the current version of each, if that version is enabled.
+def prices_current_enabled(*, now: datetime | None = None, include_demo: bool = True) -> list[ModelPrice]:
+    """Models on sale at ``now``: for each, the current version of its first candidate (the
+    series tried first: lowest priority, the default upstream on a tie), if one is enabled and
+    served by an enabled upstream. One query.
 
-    A disabled current version hides the model even when an older version was enabled: the
-    latest decision wins. ``first_seen`` (the model's oldest version) is annotated in the same
-    query for the OpenAI ``created`` field.
+    A disabled current version hides its series even when an older version was enabled: the
+    latest decision wins. ``first_seen`` (the model's oldest version at any upstream) is
+    annotated for the OpenAI ``created`` field.
     """
     first_seen = ModelPrice.objects.filter(model=OuterRef("model")).order_by("effective_from").values("effective_from")
-    queryset = prices_current(now=now).filter(enabled=True)
+    queryset = prices_current(now=now).filter(Q(upstream__isnull=True) | Q(upstream__enabled=True), enabled=True)
     if not include_demo:
         queryset = queryset.filter(is_demo=False)
-    return queryset.annotate(first_seen=Subquery(first_seen[:1])).order_by("model")
+    queryset = queryset.annotate(first_seen=Subquery(first_seen[:1])).order_by(
+        "model", "priority", db.F("upstream__name").asc(nulls_first=True)
+    )
+    first: dict[str, ModelPrice] = {}
+    for price in queryset:
+        first.setdefault(price.model, price)
+    return list(first.values())
 
 
-def prices_latest(*, models: list[str] | None = None) -> dict[str, ModelPrice]:
-    """The most recent version of each model, scheduled ones included: what a new version copies."""
-    newer = ModelPrice.objects.filter(model=OuterRef("model"), effective_from__gt=OuterRef("effective_from"))
-    queryset = ModelPrice.objects.exclude(Exists(newer))
+def prices_latest(*, models: list[str] | None = None, upstream: Upstream | None = None) -> dict[str, ModelPrice]:
+    """The most recent version of each model's series at ``upstream`` (None: the default
+    upstream), scheduled ones included: what a new version copies."""
+    newer = same_series().filter(effective_from__gt=OuterRef("effective_from"))
+    queryset = ModelPrice.objects.filter(series_of(upstream)).exclude(Exists(newer))
     if models is not None:
         queryset = queryset.filter(model__in=models)
     return {price.model: price for price in queryset}
@@ -88,8 +106,16 @@ def price_is_current(price: ModelPrice, *, now: datetime | None = None) -> bool:
     return prices_current(now=now).filter(pk=price.pk).exists()
 
 
-def price_history(*, model: str) -> QuerySet[ModelPrice]:
-    return ModelPrice.objects.filter(model=model).order_by("-effective_from", "-id")
+def price_history(*, model: str, upstream: Upstream | int | None = None) -> QuerySet[ModelPrice]:
+    """Every version of one series, newest first."""
+    return ModelPrice.objects.filter(series_of(upstream), model=model).order_by("-effective_from", "-id")
+
+
+def price_routes(*, model: str, now: datetime | None = None) -> list[ModelPrice]:
+    """The current version of each of ``model``'s series, in the order the proxy tries them
+    (disabled ones included, for staff to see)."""
+    rows = prices_current(now=now).filter(model=model).select_related("upstream")
+    return sorted(rows, key=lambda price: (price.priority, price.upstream_id is not None, price.upstream_name))
 
 
 def _plain(value: Decimal) -> str:
@@ -136,6 +162,8 @@ def price_validate(price: ModelPrice) -> None:
             raise PriceError(f"{name} must be a non-negative number of nanodollars, not {value!r}")
     if price.markup is not None and (not Decimal(price.markup).is_finite() or price.markup < 0):
         raise PriceError(f"markup must be a non-negative fraction, not {price.markup!r}")
+    if price.is_demo and price.upstream_id is not None:
+        raise PriceError("the demo model is served in-process: it cannot name an upstream")
 
 
 @transaction.atomic
@@ -157,13 +185,21 @@ def price_version_save(*, price: ModelPrice, source: str, effective_from: dateti
     return price
 
 
-def price_version_create(*, model: str, source: str, effective_from: datetime | None = None, **values) -> ModelPrice:
-    """A new version of ``model``: the latest version's columns, overridden by ``values``."""
+def price_version_create(
+    *,
+    model: str,
+    source: str,
+    effective_from: datetime | None = None,
+    upstream: Upstream | None = None,
+    **values,
+) -> ModelPrice:
+    """A new version of ``model``'s series at ``upstream`` (None: the default upstream): the
+    latest version's columns, overridden by ``values``."""
     unknown = set(values) - set(VERSIONED_FIELDS) - {"enabled"}
     if unknown:
         raise PriceError(f"not a price column: {', '.join(sorted(unknown))}")
-    previous = prices_latest(models=[model]).get(model)
-    price = ModelPrice(model=model)
+    previous = prices_latest(models=[model], upstream=upstream).get(model)
+    price = ModelPrice(model=model, upstream=upstream)
     if previous is not None:
         for name in (*VERSIONED_FIELDS, "enabled"):
             setattr(price, name, getattr(previous, name))
@@ -177,20 +213,29 @@ def price_differs(old: ModelPrice, new: ModelPrice) -> list[str]:
     return [name for name in VERSIONED_FIELDS if getattr(old, name) != getattr(new, name)]
 
 
-def prices_set_enabled(*, models: list[str] | set[str], enabled: bool, now: datetime | None = None) -> int:
-    """Start or stop selling ``models``, in place, on the current and any scheduled versions.
+def prices_set_enabled(
+    *,
+    models: list[str] | set[str],
+    enabled: bool,
+    now: datetime | None = None,
+    upstream: Upstream | str | None = EVERY_UPSTREAM,
+) -> int:
+    """Start or stop selling ``models``, in place, on the current and any scheduled versions —
+    through every upstream (the default), or only through ``upstream`` (None: the default one).
 
     Editing ``enabled`` in place is the one exception to "never rewrite a version": it is an
     availability switch, not a price, and no charge is derived from it. Scheduled (future)
     versions are switched too, or a disabled model would come back on sale when one takes effect.
     """
     now = now or timezone.now()
-    current = prices_current(now=now).filter(model__in=list(models)).values_list("model", "effective_from")
+    current = prices_current(now=now).filter(model__in=list(models))
+    if upstream != EVERY_UPSTREAM:
+        current = current.filter(series_of(upstream))
     changed = 0
     with transaction.atomic():
-        for model, since in current:
+        for model, upstream_id, since in current.values_list("model", "upstream_id", "effective_from"):
             changed += (
-                ModelPrice.objects.filter(model=model, effective_from__gte=since)
+                ModelPrice.objects.filter(series_of(upstream_id), model=model, effective_from__gte=since)
                 .exclude(enabled=enabled)
                 .update(enabled=enabled)
             )
@@ -240,6 +285,53 @@ def _count(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
+
+
+def _positive_int(value: object, what: str) -> int | None:
+    """A token count from a price file: an integer, or a string of digits (CSV); blank is none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PriceError(f"{what}={value!r} is not a positive whole number")
+    return value
+
+
+def offer_from_price_file(item: object) -> PriceOffer:
+    """Parse one entry of a static price file (JSON or CSV; the README's "Static price files"),
+    or raise ``PriceError``. Rates are USD per 1M tokens, as the admin shows them; ``request`` is
+    USD per request. ``id``, ``prompt`` and ``completion`` are required."""
+    if not isinstance(item, dict):
+        raise PriceError("entry is not an object")
+    model = item.get("id")
+    if not isinstance(model, str) or not model.strip() or len(model.strip()) > 200:
+        raise PriceError(f"entry has no usable id ({model!r})")
+    model = model.strip()
+    rates = {}
+    for column in RATE_FIELDS:
+        raw = item.get(column)
+        if raw is None or raw == "":
+            if column in ("prompt", "completion"):
+                raise PriceError(f"{model}: no {column} rate")
+            raw = "0"
+        per_million = _decimal(raw, f"{model}: {column}")
+        if per_million >= _RATE_LIMIT or per_million.quantize(_RATE_QUANTUM) != per_million:
+            raise PriceError(f"{model}: {column}={raw} is finer than the price table keeps (12 decimal places)")
+        rates[column] = per_million
+    try:
+        request_fee = usd_to_nanos(_decimal(item.get("request") or "0", f"{model}: request"))
+    except MoneyError as exc:
+        raise PriceError(f"{model}: request: {exc}") from None
+    name = item.get("name") if isinstance(item.get("name"), str) else ""
+    return PriceOffer(
+        model=model,
+        name=name.strip()[:200],
+        rates=rates,
+        request_fee=request_fee,
+        context_length=_positive_int(item.get("context_length"), f"{model}: context_length"),
+        max_output=_positive_int(item.get("max_output"), f"{model}: max_output"),
+    )
 
 
 def offer_from_openrouter(item: object) -> PriceOffer:
@@ -314,19 +406,22 @@ def prices_sync(
     dry_run: bool = False,
     source: str = "sync_prices",
     now: datetime | None = None,
+    upstream: Upstream | None = None,
 ) -> SyncResult:
-    """Bring the price table in line with ``offers``: new versions only where something changed.
+    """Bring ``upstream``'s price series (None: the default upstream's) in line with ``offers``:
+    new versions only where something changed.
 
     Idempotent: a second run with the same offers writes nothing. New models start disabled
     unless ``enable_new`` — an operator decides what they sell. Models missing from the offers
-    are kept (usage records need them) and, with ``disable_missing``, taken off sale. A dry run
-    does all of it and rolls back, so its report is exactly what a real run would do.
+    are kept (usage records need them) and, with ``disable_missing``, taken off sale through this
+    upstream. A dry run does all of it and rolls back, so its report is exactly what a real run
+    would do. Other upstreams' series are never touched.
     """
     now = now or timezone.now()
     result = SyncResult()
-    latest = prices_latest()
+    latest = prices_latest(upstream=upstream)
     for offer in offers:
-        upstream = {
+        offered = {
             "name": offer.name,
             **offer.rates,
             "request_fee": offer.request_fee,
@@ -338,24 +433,26 @@ def prices_sync(
                 model=offer.model,
                 source=source,
                 effective_from=now,
+                upstream=upstream,
                 enabled=enable_new,
                 default_max_output=default_max_output_for(offer),
-                **upstream,
+                **offered,
             )
             result.new.append(offer.model)
             continue
-        differs = [name for name in _SYNCED_FIELDS if getattr(previous, name) != upstream[name]]
+        differs = [name for name in _SYNCED_FIELDS if getattr(previous, name) != offered[name]]
         if not differs:
             result.unchanged.append(offer.model)
             continue
-        price_version_create(model=offer.model, source=source, effective_from=now, **upstream)
+        price_version_create(model=offer.model, source=source, effective_from=now, upstream=upstream, **offered)
         result.changed.append((offer.model, differs))
     if disable_missing:
         # Compared in Python: an upstream list of hundreds of ids would not fit in one SQL IN.
-        offered = {offer.model for offer in offers}
-        on_sale = prices_current(now=now).filter(enabled=True, is_demo=False).values_list("model", flat=True)
-        result.disabled = sorted(set(on_sale) - offered)
-        prices_set_enabled(models=result.disabled, enabled=False, now=now)
+        listed = {offer.model for offer in offers}
+        selling = prices_current(now=now).filter(series_of(upstream), enabled=True, is_demo=False)
+        on_sale = selling.values_list("model", flat=True)
+        result.disabled = sorted(set(on_sale) - listed)
+        prices_set_enabled(models=result.disabled, enabled=False, now=now, upstream=upstream)
     if dry_run:
         transaction.set_rollback(True)
     return result

@@ -103,14 +103,15 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
     return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"
 
 
-def estimates_to_reconcile(*, settled_before, limit: int):
-    """Settled requests charged an estimate that the upstream can still account for."""
-    return (
-        UsageRecord.objects.filter(cost_source=CostSource.ESTIMATE, estimated=True, settled_at__lte=settled_before)
-        .exclude(generation_id="")
-        .select_related("user__wallet")
-        .order_by("settled_at", "pk")[:limit]
+def estimates_to_reconcile(*, settled_before, limit: int, upstreams: list[str] | None = None):
+    """Settled requests charged an estimate that the upstream can still account for — served by
+    one of ``upstreams`` (their names on the records), when given."""
+    records = UsageRecord.objects.filter(
+        cost_source=CostSource.ESTIMATE, estimated=True, settled_at__lte=settled_before
     )
+    if upstreams is not None:
+        records = records.filter(upstream__in=upstreams)
+    return records.exclude(generation_id="").select_related("user__wallet").order_by("settled_at", "pk")[:limit]
 
 
 def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:

@@ -1,77 +1,141 @@
-"""Reads for the proxy: which price is in force (``prices_current``, the one rule), and the current
-price of a model as the hot path reads it.
+"""Reads for the proxy: how a model is served (its routes and their prices), the priced model
+list, usage for a hold.
 
-``price_current`` sits on the hot path of every proxied request, so it keeps what it found (and
-what it did not find) in a small per-process cache for ``PROXY_PRICE_CACHE_SECONDS``. The trade-off
-is deliberate: a staff price edit reaches every process within that many seconds, and no request
-waits on a price query. Set it to 0 to read the table on every request.
+``routes_current`` sits on the hot path of every proxied request, so it keeps what it found (and
+what it did not find) in a small per-process cache for ``PROXY_PRICE_CACHE_SECONDS``: one query
+per model and period reads every upstream's price series for the model with the upstream's row
+joined in, so choosing an upstream costs a request no query. The trade-off is deliberate: a
+staff edit of a price or an upstream reaches every process within that many seconds, and no
+request waits on a query. Set it to 0 to read the table on every request.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db import models as db
+from django.db.models import Exists, OuterRef, Q, QuerySet, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from core.pricing import Rates
 
-from .models import ModelPrice
+from . import upstream
+from .models import DEMO_UPSTREAM, ModelPrice, Upstream
+
+_cache: dict[str, tuple[float, list[Route]]] = {}
+_cache_lock = threading.Lock()
 
 
-def newer_in_force(now: datetime):
-    """A later version of the same model that is already in force at ``now``."""
-    return ModelPrice.objects.filter(
-        model=OuterRef("model"), effective_from__lte=now, effective_from__gt=OuterRef("effective_from")
+@dataclass(frozen=True)
+class Route:
+    """One way to serve a model: an upstream, and the price version the model has there."""
+
+    price: ModelPrice
+    config: upstream.UpstreamConfig | None = None  # a staff-added upstream; None: the default or the demo
+
+    @property
+    def is_demo(self) -> bool:
+        return self.price.is_demo
+
+    @property
+    def upstream(self) -> upstream.UpstreamConfig:
+        """Whom to call (the default upstream read from the settings now, not when cached)."""
+        return self.config or upstream.default()
+
+    @property
+    def name(self) -> str:
+        return DEMO_UPSTREAM if self.is_demo else self.upstream.name
+
+
+def _routes_from_db(model: str) -> list[Route]:
+    """The model's candidates, in the order they are tried: for each upstream, the version in
+    force of its price series — if that version is enabled and the upstream is too."""
+    routes = []
+    for price in prices_current().filter(model=model).select_related("upstream"):
+        # The newest version decides: disabling a model is done by adding a disabled version.
+        if not price.enabled:
+            continue
+        if price.upstream_id is None:
+            routes.append(Route(price))
+        elif price.upstream.enabled:
+            routes.append(Route(price, upstream.config_of(price.upstream)))
+    # Priority first; on a tie the default upstream, then by name, so the order never depends on
+    # the database's.
+    routes.sort(key=lambda route: (route.price.priority, route.config is not None, route.name))
+    return routes
+
+
+def _series_id(ref):
+    # The default upstream's series has no upstream; 0 is no Upstream's id, so NULL-safe equality
+    # between an outer and an inner row's upstream is equality of these.
+    return Coalesce(ref, Value(0), output_field=db.BigIntegerField())
+
+
+def same_series():
+    """Rows of the outer row's series (same model and upstream), for correlated subqueries."""
+    return ModelPrice.objects.alias(series=_series_id("upstream")).filter(
+        model=OuterRef("model"), series=_series_id(OuterRef("upstream"))
     )
 
 
-def prices_current(*, now: datetime | None = None) -> QuerySet[ModelPrice]:
-    """The version in force at ``now`` for every model, enabled or not, in one query: THE rule of
-    which price is in force (the proxy's lookup, ``/v1/models``, the admin and ``sync_prices`` all
-    read it from here).
+def series_of(upstream: Upstream | int | None) -> Q:
+    """The rows of ``upstream``'s series (``None``: the default upstream's)."""
+    return Q(upstream__isnull=True) if upstream is None else Q(upstream=upstream)
 
-    ``(model, effective_from)`` is unique, so "no newer version in force" picks exactly one row
-    per model; a correlated NOT EXISTS is portable between SQLite and PostgreSQL, unlike
+
+def newer_in_force(now: datetime):
+    """A later version of the same series that is already in force at ``now``."""
+    return same_series().filter(effective_from__lte=now, effective_from__gt=OuterRef("effective_from"))
+
+
+def prices_current(*, now: datetime | None = None) -> QuerySet[ModelPrice]:
+    """The version in force at ``now`` of every series (model and upstream), enabled or not, in
+    one query: THE rule of which price is in force (the proxy's routes, ``/v1/models``, the admin
+    and ``sync_prices`` all read it from here).
+
+    A version's instant is unique within its series, so "no newer version in force" picks exactly
+    one row per series; a correlated NOT EXISTS is portable between SQLite and PostgreSQL, unlike
     ``DISTINCT ON``.
     """
     now = now or timezone.now()
     return ModelPrice.objects.filter(effective_from__lte=now).exclude(Exists(newer_in_force(now)))
 
 
-_cache: dict[str, tuple[float, ModelPrice | None]] = {}
-_cache_lock = threading.Lock()
-
-
-def _price_from_db(model: str) -> ModelPrice | None:
-    price = prices_current().filter(model=model).first()
-    # The newest version decides: disabling a model is done by adding a disabled version.
-    return price if price is not None and price.enabled else None
-
-
-def price_current(model: str) -> ModelPrice | None:
-    """The price version in force for ``model`` now, or None if it is unknown or disabled."""
+def _routes(model: str) -> list[Route]:
     ttl = settings.PROXY_PRICE_CACHE_SECONDS
     if ttl <= 0:
-        return _price_from_db(model)
+        return _routes_from_db(model)
     now = time.monotonic()
     cached = _cache.get(model)
     if cached is not None and cached[0] > now:
         return cached[1]
-    price = _price_from_db(model)
+    routes = _routes_from_db(model)
     with _cache_lock:
         if len(_cache) > 10_000:  # unknown model names are cached too; never let them pile up
             _cache.clear()
-        _cache[model] = (now + ttl, price)
-    return price
+        _cache[model] = (now + ttl, routes)
+    return routes
 
 
-def prices_cached(models: list[str]) -> list[ModelPrice | None] | None:
-    """The cached prices of ``models`` (None entries for unknown models) if every one is cached
-    and fresh, else None — so async callers know whether a lookup would need the database."""
+def routes_current(model: str) -> list[Route]:
+    """The routes ``model`` can be served by now, first choice first ([] if it is not sold)."""
+    return [route for route in _routes(model) if model_servable(route.price)]
+
+
+def price_current(model: str) -> ModelPrice | None:
+    """The price version of ``model``'s first route, or None if it is unknown or disabled."""
+    routes = _routes(model)
+    return routes[0].price if routes else None
+
+
+def routes_cached(models: list[str]) -> list[list[Route]] | None:
+    """The cached routes of ``models`` if every one is cached and fresh, else None — so async
+    callers know whether a lookup would need the database."""
     if settings.PROXY_PRICE_CACHE_SECONDS <= 0:
         return None
     now = time.monotonic()
@@ -80,13 +144,18 @@ def prices_cached(models: list[str]) -> list[ModelPrice | None] | None:
         cached = _cache.get(model)
         if cached is None or cached[0] <= now:
             return None
-        found.append(cached[1])
+        found.append([route for route in cached[1] if model_servable(route.price)])
     return found
 
 
 def price_cache_clear() -> None:
     with _cache_lock:
         _cache.clear()
+
+
+def upstreams_configured() -> list[upstream.UpstreamConfig]:
+    """The default upstream, then every enabled staff-added one (one query)."""
+    return [upstream.default(), *(upstream.config_of(row) for row in Upstream.objects.filter(enabled=True))]
 
 
 def model_servable(price: ModelPrice | None) -> bool:

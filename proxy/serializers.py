@@ -16,6 +16,9 @@ def usd_9(value: Decimal | None) -> str | None:
 
 
 class UsageRecordSerializer(serializers.ModelSerializer):
+    upstream = serializers.SerializerMethodField(
+        help_text='the upstream that served it ("default": the settings upstream; "demo"); null if none did'
+    )
     upstream_cost = serializers.SerializerMethodField(help_text="USD the upstream charged us; null if unknown")
     charge = MoneyField(help_text="USD debited from the wallet")
 
@@ -26,6 +29,7 @@ class UsageRecordSerializer(serializers.ModelSerializer):
             "request_id",
             "model",
             "upstream_model",
+            "upstream",
             "stream",
             "status",
             "prompt_tokens",
@@ -42,6 +46,9 @@ class UsageRecordSerializer(serializers.ModelSerializer):
             "tool",
         ]
         read_only_fields = fields
+
+    def get_upstream(self, record) -> str | None:
+        return record.upstream or None
 
     def get_upstream_cost(self, record) -> str | None:
         return usd_9(record.upstream_cost)

@@ -9,9 +9,14 @@ statements run right there on the hot path's async connections (``infra.adb``); 
 step is the ORM in a worker thread. Statement budget on PostgreSQL (pinned by tests): begin = ONE
 statement, the hold with its pending record (the wallet comes joined to the authenticated user,
 and the hold is taken only while the principal is unchanged: ``RequestMeta.unchanged``);
-settle = ONE statement, the record UPDATE with the hold's settlement. The price comes from the
-per-process cache in ``selectors``; the guardrail counters, when a key or run has any, from
-Django's cache in a worker thread.
+settle = ONE statement, the record UPDATE with the hold's settlement. The model's routes (which
+upstreams serve it, at what price) come from the per-process cache in ``selectors``; the
+guardrail counters, when a key or run has any, from Django's cache in a worker thread.
+
+A model served by several upstreams is held for its *dearest* candidate and settled at the price
+of the one that actually served it, so failing over from one to the next never settles above
+the hold (for the same usage) and never charges twice: one hold, one settlement, whatever the
+number of attempts (``proxy.endpoints.request``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from wallet.services import (
 
 from . import limits
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from .selectors import model_servable, price_current, prices_cached, rates_for
+from .selectors import Route, rates_for, routes_cached, routes_current
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,7 @@ class Begun:
     clamped_to: int | None  # set when the output cap was lowered to what the balance affords
     reservation: limits.Reservation
     models: list[str] = field(default_factory=list)  # the model asked for, then its fallbacks
+    routes: list[Route] = field(default_factory=list)  # the model's candidates, first choice first
 
 
 @dataclass
@@ -115,6 +121,8 @@ class Outcome:
     billable: bool = True
     latency_ms: int | None = None
     ttfb_ms: int | None = None
+    upstream: str = ""  # the name of the upstream that answered (the last one tried)
+    price: ModelPrice | None = None  # the model's price at that upstream (None: the held price)
 
 
 def _record_of(meta: RequestMeta, **fields) -> UsageRecord:
@@ -170,13 +178,14 @@ async def ausage_refused(*, meta: RequestMeta, http_status: int, error: str) -> 
 class Plan:
     """What a request will be held for, decided before any money moves."""
 
-    price: ModelPrice
+    price: ModelPrice  # the dearest candidate's: what the hold is priced at
     rates: Rates
     prompt_tokens: int  # estimate, from the request size
     max_output: int  # output tokens per choice: the cap sent upstream
     choices: int  # the request's ``n``
     amount: int  # nanodollars to hold
     reservation: limits.Reservation
+    routes: list[Route]  # the requested model's candidates, first choice first
 
 
 def request_plan(
@@ -187,27 +196,28 @@ def request_plan(
     requested_output: int | None,
     choices: int = 1,
     now: datetime,
-    prices: list[ModelPrice | None] | None = None,
+    routes: list[list[Route]] | None = None,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
     The order is the cheap-to-expensive one: model and key rules and the price (no writes), rate
-    and run-step counters (cache), spend caps (cache reservation). ``prices`` are those of
+    and run-step counters (cache), spend caps (cache reservation). ``routes`` are those of
     ``meta.model`` and the fallbacks when the caller already has them (see ``arequest_begin``),
     else they are looked up, stopping at the first unknown one.
 
     The hold is the most the request can cost: the prompt estimate plus ``choices`` × the output
-    cap (the client's ``max_tokens``, else the model's default — which is then sent upstream).
+    cap (the client's ``max_tokens``, else the model's default — which is then sent upstream),
+    at the dearest price any candidate upstream (or listed fallback model) could bill.
     """
     models = _requested_models(meta, fallback_models)
-    found = []
+    found: list[list[Route]] = []
     for index, model in enumerate(models):
-        price = prices[index] if prices is not None else price_current(model)
-        if not model_servable(price):
+        candidates = routes[index] if routes is not None else routes_current(model)
+        if not candidates:
             raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
-        if price.is_demo and meta.endpoint != "chat.completions":
+        if any(route.is_demo for route in candidates) and meta.endpoint != "chat.completions":
             raise Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
-        found.append(price)
+        found.append(candidates)
     allowed = (meta.api_key.limits or {}).get("allowed_models") if meta.api_key is not None else None
     if allowed is not None:
         for model in models:
@@ -221,8 +231,9 @@ def request_plan(
         output = (requested_output or price.default_max_output) * choices
         return hold_nanos(rates_for(price), prompt_tokens=prompt_tokens, max_output=output)
 
-    # With fallbacks any listed model may answer: reserve for the dearest.
-    price = max(found, key=hold_for)
+    # Any candidate upstream may end up serving it (failover), and with fallbacks any listed
+    # model may answer: reserve for the dearest. (On a tie, the first choice's price.)
+    price = max((route.price for candidates in found for route in candidates), key=hold_for)
     rates = rates_for(price)
     max_output = requested_output or price.default_max_output
     amount = hold_for(price)
@@ -245,7 +256,7 @@ def request_plan(
         limits.release(limits.Reservation(step_key=step))  # a request that does not happen is no step
         raise
     reservation.step_key = step
-    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation)
+    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0])
 
 
 def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
@@ -253,16 +264,16 @@ def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> l
 
 
 async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
-    """``request_plan`` on the event loop when it needs no I/O (prices cached, no cache counters
+    """``request_plan`` on the event loop when it needs no I/O (routes cached, no cache counters
     for this key or run); otherwise in a worker thread, where the price table and the cache
     (Redis, when configured) may be reached."""
-    prices = prices_cached(_requested_models(meta, kwargs.get("fallback_models")))
+    routes = routes_cached(_requested_models(meta, kwargs.get("fallback_models")))
     uses_counters = limits.uses_counters(
         api_key=meta.api_key, run=meta.run, run_max_steps=meta.run_max_steps, run_max_spend=meta.run_max_spend
     )
-    if prices is None or uses_counters:
+    if routes is None or uses_counters:
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
-    return request_plan(meta=meta, prices=prices, **kwargs)
+    return request_plan(meta=meta, routes=routes, **kwargs)
 
 
 async def _wallet_of(user) -> Wallet:
@@ -374,34 +385,45 @@ async def arequest_begin(
         clamped_to=clamped_to,
         reservation=plan.reservation,
         models=_requested_models(meta, fallback_models),
+        routes=plan.routes,
     )
 
 
-async def arequest_progress(*, begun: Begun, generation_id: str, output_chars: int) -> bool:
+async def arequest_progress(
+    *, begun: Begun, generation_id: str, output_chars: int, upstream: str = "", price: ModelPrice | None = None
+) -> bool:
     """Write down, while a request runs, what a crash of this process would otherwise lose.
 
-    The generation id lets ``reconcile_holds`` ask OpenRouter what the request really cost; the
-    estimate of the output relayed so far is what it charges when there is no such lookup (output
-    that reached the client is never free); and the hold's expiry moves ``HOLD_TTL`` ahead, so a
-    stream that runs longer than that is not mistaken for an abandoned one. One statement; False
-    if the hold is no longer active.
+    The generation id — and the upstream it came from — lets ``reconcile_holds`` ask OpenRouter
+    what the request really cost; the estimate of the output relayed so far, at that upstream's
+    ``price``, is what it charges when there is no such lookup (output that reached the client is
+    never free); and the hold's expiry moves ``HOLD_TTL`` ahead, so a stream that runs longer than
+    that is not mistaken for an abandoned one. One statement; False if the hold is no longer active.
     """
     record = begun.record
     record.generation_id = generation_id[:200]
     record.completion_tokens = estimate_tokens(output_chars)
-    return await ahold_extend(
-        hold=begun.hold, seconds=settings.HOLD_TTL, also_save=(record, ["generation_id", "completion_tokens"])
-    )
+    record.upstream = upstream[:64]
+    fields = ["generation_id", "completion_tokens", "upstream"]
+    if price is not None and price is not record.price:
+        rates = rates_for(price)
+        record.price, record.prices, record.markup = price, rates.snapshot(), rates.markup
+        fields += ["price", "prices", "markup"]
+    return await ahold_extend(hold=begun.hold, seconds=settings.HOLD_TTL, also_save=(record, fields))
 
 
-async def _abilling_price(begun: Begun, upstream_model: str) -> ModelPrice:
-    """A fallback that answered is billed at its own price when we have one — only a model the
-    request named: whatever else an upstream reports serving is billed as the request was held."""
-    if not upstream_model or upstream_model == begun.price.model or upstream_model not in begun.models:
-        return begun.price
-    cached = prices_cached([upstream_model])
-    other = cached[0] if cached is not None else await adb.in_thread(price_current)(upstream_model)
-    return other or begun.price
+async def _abilling_price(begun: Begun, outcome: Outcome) -> ModelPrice:
+    """The price of the upstream that served; a fallback model that answered is billed at its own
+    price there when it has one — only a model the request named: whatever else an upstream
+    reports serving is billed at the requested model's price."""
+    served = outcome.price or begun.price
+    upstream_model = outcome.upstream_model
+    if not upstream_model or upstream_model == served.model or upstream_model not in begun.models:
+        return served
+    cached = routes_cached([upstream_model])
+    routes = cached[0] if cached is not None else await adb.in_thread(routes_current)(upstream_model)
+    at = outcome.upstream or (begun.routes[0].name if begun.routes else "")
+    return next((route.price for route in routes if route.name == at), served)
 
 
 @dataclass
@@ -441,6 +463,7 @@ def settlement_compute(begun: Begun, outcome: Outcome, price: ModelPrice) -> Set
 _SETTLED_FIELDS = [
     "status",
     "upstream_model",
+    "upstream",
     "generation_id",
     "finish_reason",
     "error",
@@ -465,11 +488,12 @@ _SETTLED_FIELDS = [
 
 async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     """Charge the request and close its record in one transaction (release when nothing is due)."""
-    result = settlement_compute(begun, outcome, await _abilling_price(begun, outcome.upstream_model))
+    result = settlement_compute(begun, outcome, await _abilling_price(begun, outcome))
     usage, rates, charge = result.usage, result.rates, result.charge
     record = begun.record
     record.status = outcome.status
     record.upstream_model = outcome.upstream_model[:200]
+    record.upstream = outcome.upstream[:64]
     record.generation_id = outcome.generation_id[:200]
     record.finish_reason = outcome.finish_reason[:40]
     record.error = outcome.error[:500]

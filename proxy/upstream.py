@@ -1,10 +1,16 @@
-"""Talking to the upstream (OpenRouter or any OpenAI-compatible server).
+"""Talking to the upstreams (OpenRouter, any OpenAI-compatible server, Anthropic).
 
-One shared ``httpx.AsyncClient`` per event loop — in a server process that is one client for the
-whole process, so connections are pooled instead of a TLS handshake per request. (Tests run
-an event loop per test, and a pooled connection cannot outlive its loop, hence the per-loop map
-and ``close()``.) The server's upstream key goes only into the ``Authorization`` header of
-upstream requests; it is never logged, echoed or sent to a client.
+An upstream is described by an ``UpstreamConfig``: the *default upstream* is built from the
+``UPSTREAM_*`` settings (``default()``), the others from the ``Upstream`` rows staff add in the
+admin (``config_of``). Every function here takes the config to talk to; left out, it is the
+default upstream, as before there were several.
+
+One shared ``httpx.AsyncClient`` per event loop *and upstream* — in a server process that is one
+client per upstream for the whole process, so connections are pooled instead of a TLS handshake
+per request, each with that upstream's certificates and connection limit. (Tests run an event
+loop per test, and a pooled connection cannot outlive its loop, hence the per-loop map and
+``close()``.) An upstream's key goes only into the auth headers of requests to it; it is never
+logged, echoed or sent to a client (``UpstreamConfig``'s repr leaves it out).
 
 The client's transport is aiohttp's HTTP/1.1 client (``AiohttpTransport``): httpx's request and
 response objects, limits and timeouts, over aiohttp's C-accelerated parser and connection pool.
@@ -26,6 +32,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -36,17 +43,87 @@ from django.conf import settings
 
 from core.money import loads_decimal
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AiohttpTransport]] = (
-    weakref.WeakKeyDictionary()
-)
+from . import keyvault
+from .models import DEFAULT_UPSTREAM, Upstream
+
+ANTHROPIC_VERSION = "2023-06-01"  # the Messages API version sent to upstreams of the anthropic kind
 
 
-def timeout() -> httpx.Timeout:
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Everything needed to call one upstream. The key is kept out of ``repr`` (and so out of
+    logs and tracebacks that print the config)."""
+
+    name: str
+    kind: str  # openrouter | openai | anthropic
+    base_url: str  # no trailing slash
+    api_key: str = field(default="", repr=False)
+    ca_bundle: str = ""  # PEM text, or the path of a PEM file
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_connections: int = 200
+    max_concurrency: int = 0  # requests in flight per process; 0 = no limit
+    unusable: str = ""  # why it cannot be called (its stored key cannot be decrypted), or ""
+
+    @property
+    def is_openrouter(self) -> bool:
+        return self.kind == "openrouter"
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == DEFAULT_UPSTREAM
+
+
+def default() -> UpstreamConfig:
+    """The default upstream: the ``UPSTREAM_*`` settings, exactly as they were always read."""
+    return UpstreamConfig(
+        name=DEFAULT_UPSTREAM,
+        kind=settings.UPSTREAM_KIND,
+        base_url=settings.UPSTREAM_BASE_URL,
+        api_key=settings.UPSTREAM_API_KEY,
+        ca_bundle=settings.UPSTREAM_CA_BUNDLE,
+        connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+        read_timeout=settings.UPSTREAM_READ_TIMEOUT,
+        max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
+    )
+
+
+def config_of(row: Upstream) -> UpstreamConfig:
+    """An ``Upstream`` row as a config, its key decrypted (``unusable`` says why when it cannot be)."""
+    api_key, unusable = "", ""
+    if row.api_key_encrypted:
+        try:
+            api_key = _decrypted(row.api_key_encrypted, tuple(settings.UPSTREAM_KEY_ENCRYPTION_KEYS))
+        except keyvault.KeyVaultError as exc:
+            unusable = str(exc)
+    return UpstreamConfig(
+        name=row.name,
+        kind=row.kind,
+        base_url=row.base_url.rstrip("/"),
+        api_key=api_key,
+        ca_bundle=row.ca_bundle.strip(),
+        connect_timeout=row.connect_timeout,
+        read_timeout=row.read_timeout,
+        max_connections=row.max_connections,
+        max_concurrency=row.max_concurrency,
+        unusable=unusable,
+    )
+
+
+@lru_cache(maxsize=256)
+def _decrypted(token: str, keys: tuple[str, ...]) -> str:
+    # Memoised: the routing table is re-read every PROXY_PRICE_CACHE_SECONDS, the key rarely
+    # changes. (Keyed by the encryption keys too, so a rotation is seen at once.)
+    return keyvault.decrypt(token)
+
+
+def timeout(target: UpstreamConfig | None = None) -> httpx.Timeout:
+    target = target or default()
     return httpx.Timeout(
-        connect=settings.UPSTREAM_CONNECT_TIMEOUT,
-        read=settings.UPSTREAM_READ_TIMEOUT,
-        write=settings.UPSTREAM_CONNECT_TIMEOUT,
-        pool=settings.UPSTREAM_CONNECT_TIMEOUT,
+        connect=target.connect_timeout,
+        read=target.read_timeout,
+        write=target.connect_timeout,
+        pool=target.connect_timeout,
     )
 
 
@@ -153,41 +230,68 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = None
 
 
-def verify() -> ssl.SSLContext:
+def is_pem(ca_bundle: str) -> bool:
+    return ca_bundle.lstrip().startswith("-----BEGIN")
+
+
+def verify(target: UpstreamConfig | None = None) -> ssl.SSLContext:
     """What upstream certificates are trusted: the public CAs httpx trusts (certifi's bundle),
-    and ``UPSTREAM_CA_BUNDLE``'s certificates besides."""
+    and the upstream's CA bundle besides (``UPSTREAM_CA_BUNDLE`` for the default upstream; PEM
+    text or a file for the others). Raises ``ssl.SSLError``/``OSError`` for a bundle that cannot
+    be loaded."""
+    ca_bundle = (target or default()).ca_bundle
     context = ssl.create_default_context(cafile=certifi.where())
-    if settings.UPSTREAM_CA_BUNDLE:
-        context.load_verify_locations(cafile=settings.UPSTREAM_CA_BUNDLE)
+    if ca_bundle and is_pem(ca_bundle):
+        context.load_verify_locations(cadata=ca_bundle)
+    elif ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
     return context
 
 
-def _shared() -> tuple[httpx.AsyncClient, AiohttpTransport]:
+# Per event loop, per upstream: (client, transport). Keyed by what the transport is built from,
+# so a staff edit of an upstream's certificates or connection limit gets a fresh client; the one
+# it replaces is *retired* — kept, not closed, so requests still running on it finish (its idle
+# connections expire after their keep-alive) — and closed with the rest by ``close()``.
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple, tuple[httpx.AsyncClient, AiohttpTransport]]
+] = weakref.WeakKeyDictionary()
+_retired: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[httpx.AsyncClient]] = weakref.WeakKeyDictionary()
+
+
+def _shared(target: UpstreamConfig | None = None) -> tuple[httpx.AsyncClient, AiohttpTransport]:
+    target = target or default()
     loop = asyncio.get_running_loop()
-    shared = _clients.get(loop)
+    per_loop = _clients.get(loop)
+    if per_loop is None:
+        per_loop = _clients[loop] = {}
+    key = (target.name, target.ca_bundle, target.max_connections)
+    shared = per_loop.get(key)
     if shared is None or shared[0].is_closed:
+        for stale in [other for other in per_loop if other[0] == target.name]:
+            _retired.setdefault(loop, []).append(per_loop.pop(stale)[0])
         # (aiohttp keeps every idle connection up to the total; it has no separate keep-alive cap.)
-        limits = httpx.Limits(max_connections=settings.UPSTREAM_MAX_CONNECTIONS, keepalive_expiry=30)
-        transport = AiohttpTransport(limits, verify=verify())
+        limits = httpx.Limits(max_connections=target.max_connections, keepalive_expiry=30)
+        transport = AiohttpTransport(limits, verify=verify(target))
         client = httpx.AsyncClient(
-            timeout=timeout(),
+            timeout=timeout(target),
             transport=transport,
             # Never pick up proxies or credentials from the environment for upstream calls.
             trust_env=False,
         )
-        shared = _clients[loop] = (client, transport)
+        shared = per_loop[key] = (client, transport)
     return shared
 
 
-def client() -> httpx.AsyncClient:
-    return _shared()[0]
+def client(target: UpstreamConfig | None = None) -> httpx.AsyncClient:
+    return _shared(target)[0]
 
 
 async def close() -> None:
-    """Close this event loop's client and its connections (tests, whose loops are short-lived)."""
-    shared = _clients.pop(asyncio.get_running_loop(), None)
-    if shared is not None:
-        await shared[0].aclose()
+    """Close this event loop's clients and their connections (tests, whose loops are short-lived)."""
+    loop = asyncio.get_running_loop()
+    clients = [shared[0] for shared in _clients.pop(loop, {}).values()] + _retired.pop(loop, [])
+    for each in clients:
+        await each.aclose()
 
 
 @lru_cache(maxsize=32)
@@ -196,40 +300,48 @@ def _parsed(url: str) -> httpx.URL:
 
 
 @asynccontextmanager
-async def stream(path: str, content: bytes) -> AsyncIterator[httpx.Response]:
+async def stream(path: str, content: bytes, target: UpstreamConfig | None = None) -> AsyncIterator[httpx.Response]:
     """POST ``content`` (JSON) to the upstream's ``path``; the response, its body still unread.
 
     Leaving the block closes the response: after reading it to the end that returns the
     connection to the pool; earlier (a client that left) it closes the connection, which is how
     an upstream generation is cancelled.
     """
+    target = target or default()
     request = httpx.Request(
         "POST",
-        _parsed(url(path)),
-        headers=headers(),
+        _parsed(url(path, target)),
+        headers=headers(target),
         content=content,
-        extensions={"timeout": timeout().as_dict()},
+        extensions={"timeout": timeout(target).as_dict()},
     )
-    response = await _shared()[1].handle_async_request(request)
+    response = await _shared(target)[1].handle_async_request(request)
     try:
         yield response
     finally:
         await response.aclose()
 
 
-def url(path: str) -> str:
-    return f"{settings.UPSTREAM_BASE_URL}/{path.lstrip('/')}"
+def url(path: str, target: UpstreamConfig | None = None) -> str:
+    return f"{(target or default()).base_url}/{path.lstrip('/')}"
 
 
-def is_openrouter() -> bool:
-    return settings.UPSTREAM_KIND == "openrouter"
+def is_openrouter(target: UpstreamConfig | None = None) -> bool:
+    return (target or default()).is_openrouter
 
 
-def headers() -> dict[str, str]:
+def headers(target: UpstreamConfig | None = None) -> dict[str, str]:
+    target = target or default()
     result = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if settings.UPSTREAM_API_KEY:
-        result["Authorization"] = f"Bearer {settings.UPSTREAM_API_KEY}"
-    if is_openrouter():
+    if target.api_key:
+        result["Authorization"] = f"Bearer {target.api_key}"
+    if target.kind == "anthropic":
+        # Anthropic's own Messages API reads the key from x-api-key; its OpenAI-compatible
+        # chat completions from the bearer. Both go, with the API version it requires.
+        if target.api_key:
+            result["x-api-key"] = target.api_key
+        result["anthropic-version"] = ANTHROPIC_VERSION
+    if target.is_openrouter:
         # App attribution on openrouter.ai; the title only counts together with the referer.
         result["HTTP-Referer"] = settings.APP_URL
         result["X-Title"] = settings.APP_TITLE
@@ -242,28 +354,29 @@ def pseudonym(user_id: int) -> str:
     return hmac.new(settings.SECRET_KEY.encode(), str(user_id).encode(), hashlib.sha256).hexdigest()
 
 
-def _reads_max_tokens_only() -> bool:
+def _reads_max_tokens_only(target: UpstreamConfig) -> bool:
     # Ollama reads only max_tokens; OpenAI's own API refuses max_tokens for reasoning models.
-    return urlsplit(settings.UPSTREAM_BASE_URL).hostname != "api.openai.com"
+    return urlsplit(target.base_url).hostname != "api.openai.com"
 
 
-def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int) -> dict:
-    """The client's request as the upstream gets it: output cap, usage switch, pseudonymous user.
+def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int, target: UpstreamConfig | None = None) -> dict:
+    """The client's request as ``target`` gets it: output cap, usage switch, pseudonymous user.
 
     ``max_output`` — what the hold was taken for — is always sent, under the name the client used
     (``max_completion_tokens`` when it used neither): without it the upstream could generate
     more than the hold covers.
     """
+    target = target or default()
     out = dict(body)
     out["user"] = pseudonym(user_id)
     if "max_completion_tokens" in out or "max_tokens" not in out:
         out["max_completion_tokens"] = max_output
     if "max_tokens" in out:
         out["max_tokens"] = max_output
-    if is_openrouter():
+    if target.is_openrouter:
         out["usage"] = {"include": True}
     else:
-        if "max_completion_tokens" in out and "max_tokens" not in out and _reads_max_tokens_only():
+        if "max_completion_tokens" in out and "max_tokens" not in out and _reads_max_tokens_only(target):
             out["max_tokens"] = out["max_completion_tokens"]
         if stream:
             # Ask for the usage chunk even when the client did not; the relay strips it again.
@@ -280,16 +393,21 @@ def embeddings_body(body: dict, *, user_id: int) -> dict:
     return out
 
 
-def generation_lookup(generation_id: str, *, attempts: int = 4, backoff: float = 0.5) -> dict | None:
-    """OpenRouter's record of one generation (``GET /generation?id=``), or None.
+def generation_lookup(
+    generation_id: str, *, attempts: int = 4, backoff: float = 0.5, target: UpstreamConfig | None = None
+) -> dict | None:
+    """OpenRouter's record of one generation (``GET /generation?id=``) at ``target``, or None.
 
     The record often appears only a moment after the generation ends, so a 404 is read as "not
     yet" and retried with a doubling pause, a bounded number of times.
     """
-    with httpx.Client(timeout=timeout(), trust_env=False, verify=verify()) as sync_client:
+    target = target or default()
+    with httpx.Client(timeout=timeout(target), trust_env=False, verify=verify(target)) as sync_client:
         for attempt in range(attempts):
             try:
-                response = sync_client.get(url("generation"), params={"id": generation_id}, headers=headers())
+                response = sync_client.get(
+                    url("generation", target), params={"id": generation_id}, headers=headers(target)
+                )
             except httpx.HTTPError:
                 response = None
             if response is not None and response.status_code == 200:

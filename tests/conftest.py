@@ -76,6 +76,17 @@ def _empty_cache():
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _closed_breakers():
+    """Each test starts with every upstream's circuit breaker closed: they live as long as the
+    process, and one test's failing upstream would otherwise be skipped in the next."""
+    from proxy import routing
+
+    routing.reset()
+    yield
+    routing.reset()
+
+
 def make_user(email: str, *, balance: str = "0", password: str = "correct horse battery staple", **extra):
     from accounts.services import user_signup
     from core.money import parse_usd

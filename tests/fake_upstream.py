@@ -1,7 +1,9 @@
 """A fake OpenAI-compatible / OpenRouter upstream: a real HTTP server on 127.0.0.1, in a thread.
 
-Each test scripts the replies it needs, per route (``chat``, ``embeddings``, ``generation``,
-``models``, and the native ``responses``, ``messages`` and ``count_tokens``), in order; every
+Start as many as a test needs (``fake_upstream_server`` is the default upstream's,
+``second_upstream_server`` another). Each test scripts the replies it needs, per route (``chat``,
+``embeddings``, ``generation``, ``models``, and the native ``responses``, ``messages`` and
+``count_tokens``), in order; every
 request the proxy makes is recorded (path, headers, JSON body) so tests can assert what reached
 the upstream — and what did not. Streamed replies are written chunk by chunk with real pauses,
 and a write failing because the proxy closed the connection is timed, which is how disconnect
@@ -553,6 +555,14 @@ def fake_upstream(fake_upstream_server, settings):
     price_cache_clear()
     yield fake_upstream_server
     price_cache_clear()
+
+
+@pytest.fixture(scope="session")
+def second_upstream_server():
+    """Another fake upstream, for routing and failover between two (tests/test_upstreams_*.py)."""
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
 
 
 MODEL = "openai/gpt-4o-mini"

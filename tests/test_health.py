@@ -1,4 +1,5 @@
-"""/healthz (process up) and /readyz (database, channel layer, upstream configuration)."""
+"""/healthz (process up) and /readyz (database, channel layer, upstream configuration, and each
+upstream's circuit breaker — tests/test_upstreams_failover.py drives those)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import pytest
 from django.db import OperationalError, connection
 
 from tests.live import BASE_DIR, live_server
+
+# The settings upstream (OpenRouter by default) in a process that has sent it nothing yet.
+CLOSED = {"kind": "openrouter", "breaker": "closed", "failures": 0, "in_flight": 0}
 
 
 def test_healthz_answers_ok_without_touching_anything(client, db, django_assert_num_queries):
@@ -33,6 +37,7 @@ def test_readyz_reports_every_check_and_demo_mode_without_an_upstream_key(client
     assert response.json() == {
         "status": "ok",
         "checks": {"database": "ok", "channel_layer": "ok", "upstream": "demo"},
+        "upstreams": {"default": CLOSED},
     }
     assert response["X-Request-Id"]
 
@@ -73,6 +78,7 @@ def test_readyz_is_unavailable_when_the_database_cannot_be_queried(client, db, s
     assert response.json() == {
         "status": "unavailable",
         "checks": {"database": "error: OperationalError", "channel_layer": "ok", "upstream": "demo"},
+        "upstreams": {"default": CLOSED},  # the settings upstream is all it can know of without a database
     }
 
 

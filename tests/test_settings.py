@@ -66,6 +66,8 @@ def test_defaults_start_embedded():
         ("EMAIL_USE_SSL", "sometimes"),
         ("EMAIL_TIMEOUT", "0"),
         ("LOW_BALANCE_THRESHOLD", "low"),
+        ("UPSTREAM_BREAKER_FAILURES", "many"),
+        ("UPSTREAM_KEY_ENCRYPTION_KEY", "not-a-fernet-key"),
     ],
 )
 def test_it_refuses_values_it_cannot_understand(name, value):
@@ -91,6 +93,18 @@ def test_email_goes_to_the_console_by_default_and_over_smtp_once_a_host_is_set()
 def test_email_tls_and_ssl_together_are_refused():
     result = load_settings(EMAIL_HOST="smtp.example.com", EMAIL_USE_TLS="true", EMAIL_USE_SSL="true")
     assert result.returncode != 0 and "EMAIL_USE_TLS and EMAIL_USE_SSL are exclusive" in result.stderr
+
+
+def test_upstream_key_encryption_keys_are_a_list_and_a_bad_one_is_named_not_echoed():
+    from cryptography.fernet import Fernet
+
+    new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    result = load_settings("len(settings.UPSTREAM_KEY_ENCRYPTION_KEYS)", UPSTREAM_KEY_ENCRYPTION_KEY=f"{new}, {old}")
+    assert result.stdout.strip() == "2", result.stderr
+
+    result = load_settings(UPSTREAM_KEY_ENCRYPTION_KEY=f"{new},{old[:-4]}oops")
+    assert "key #2 is not a Fernet key" in result.stderr
+    assert old[:-4] not in result.stderr and new not in result.stderr
 
 
 def test_database_and_redis_urls_switch_backends():

@@ -43,6 +43,7 @@ def test_a_record_has_exactly_the_documented_fields_with_9_place_amounts(alice, 
     record = usage(
         alice,
         upstream_model="openai/gpt-4o-mini-2024-07-18",
+        upstream="openrouter-eu",
         stream=True,
         prompt_tokens=1200,
         completion_tokens=300,
@@ -65,6 +66,7 @@ def test_a_record_has_exactly_the_documented_fields_with_9_place_amounts(alice, 
         "request_id": record.request_id,
         "model": "openai/gpt-4o-mini",
         "upstream_model": "openai/gpt-4o-mini-2024-07-18",
+        "upstream": "openrouter-eu",
         "stream": True,
         "status": "ok",
         "prompt_tokens": 1200,
@@ -89,6 +91,7 @@ def test_an_unknown_upstream_cost_is_null(alice, alice_client):
 
     assert body["results"][0]["id"] == record.pk
     assert body["results"][0]["upstream_cost"] is None
+    assert body["results"][0]["upstream"] is None  # it never reached one
     assert body["results"][0]["charge"] == "0.000000000"
     assert body["next"] is None
 

@@ -94,7 +94,11 @@ class ChatCompletions(Endpoint):
     async def relay(self, request: ProxyRequest, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:
         payload = parsed.payload
         body = upstream.chat_body(
-            payload, user_id=begun.meta.user.pk, stream=parsed.stream, max_output=begun.max_output
+            payload,
+            user_id=begun.meta.user.pk,
+            stream=parsed.stream,
+            max_output=begun.max_output,
+            target=request.upstream,  # this attempt's upstream: its kind decides the usage switch
         )
         if not parsed.stream:
             return await relay_whole(request, begun, body, outcome, "chat/completions")

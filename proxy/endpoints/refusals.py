@@ -88,7 +88,24 @@ def upstream_failed(status: int, message: str) -> OpenAIError:
     return OpenAIError(status, message, "upstream_error", "upstream_timeout" if status == 504 else "upstream_error")
 
 
-def upstream_rejected(upstream_status: int, raw: bytes, headers, *, request_id: str) -> tuple[OpenAIError, str]:
+def upstream_busy() -> OpenAIError:
+    """Every candidate upstream already has its most requests in flight from this process."""
+    message = "The upstream model is at its concurrency limit; retry shortly. Nothing was charged."
+    return OpenAIError(503, message, "upstream_error", "upstream_busy", retry_after=1)
+
+
+def upstream_unavailable(retry_after: int) -> OpenAIError:
+    """Every candidate upstream's circuit breaker is open: answered at once, nothing forwarded."""
+    message = (
+        "The upstream model is unavailable: it failed repeatedly and is being given time to recover. "
+        f"Retry in {retry_after} s. Nothing was charged."
+    )
+    return OpenAIError(503, message, "upstream_error", "upstream_unavailable", retry_after=retry_after)
+
+
+def upstream_rejected(
+    upstream_status: int, raw: bytes, headers, *, request_id: str, secrets: tuple[str, ...]
+) -> tuple[OpenAIError, str]:
     """An upstream error answer before any output, and the detail recorded for staff.
 
     The client's own mistakes (400/404/413/422: context too long, bad parameter) come back as 400
@@ -96,10 +113,9 @@ def upstream_rejected(upstream_status: int, raw: bytes, headers, *, request_id: 
     operator and can name their key or account (``core.upstream_errors``); an upstream rate limit
     stays 429 with its Retry-After so SDKs back off; everything else (our upstream credentials or
     credit, upstream outages) is the operator's problem and becomes a 502 that reveals no details.
-    Staff get the whole body in the log, credentials removed.
+    Staff get the whole body in the log, credentials (``secrets``: the upstream keys) removed.
     """
     raw = raw[:UPSTREAM_ERROR_BODY_LIMIT]
-    secrets = (settings.UPSTREAM_API_KEY,)
     log.warning(
         "proxy request %s: upstream HTTP %s: %s",
         request_id,

@@ -13,6 +13,13 @@ hold), forward, settle, answer.
   the ``X-Tokentill-*`` headers always describe committed money.
 * No channel layer: these endpoints never join a group, and opening a layer channel per request
   would cost a Redis round trip on every call.
+* Failover: the request goes to the model's first candidate upstream whose circuit breaker lets
+  it (``proxy.routing``); when that attempt fails *before any output* — connection failure,
+  timeout, a 5xx answer, a stream that never sent a byte — the relay runs again with the next
+  candidate, under the same hold, and the one settlement prices the upstream that answered. The
+  relay reports such a failure through ``failed``/``rejected``/``timed_out_or_unreachable``,
+  which is how this module knows, without knowing the protocol, that nothing reached the client.
+  A 4xx answer is the client's to see, and once a byte has been relayed there is no going back.
 
 An ``Endpoint`` (``chat.py``, ``embeddings.py``) knows its protocol: how to validate a body, how
 to relay the upstream's answer, how to render a refusal. This module knows none of that.
@@ -21,8 +28,10 @@ to relay the upstream's answer, how to render a refusal. This module knows none 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,9 +47,10 @@ from core.openai_errors import OpenAIError
 from core.usage import StreamMeter
 from infra import adb
 
-from .. import limits, upstream
+from .. import limits, routing
 from ..demo import DemoResponse
 from ..models import UsageStatus
+from ..selectors import Route
 from ..services import (
     Begun,
     Funds,
@@ -73,6 +83,14 @@ ADMIT_ATTEMPTS = 3
 
 # What a relay returns: how to answer the client once the request is settled.
 Finish = Callable[..., Awaitable[None]]
+
+
+@dataclasses.dataclass
+class Failure:
+    """An attempt that failed before any output, as the relay reported it: the next candidate
+    upstream may be tried."""
+
+    counts: bool = True  # against the upstream's circuit breaker? (Not when it was only busy.)
 
 
 class Endpoint:
@@ -130,6 +148,8 @@ class ProxyRequest:
         self.settling = False
         self.settlement_unawaited = False
         self.run_ask = limits.RunAsk()  # the request's own run limits, once its headers are read
+        self.route: Route | None = None  # the candidate being tried
+        self.failure: Failure | None = None  # set when the current attempt failed before any output
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -280,21 +300,34 @@ class ProxyRequest:
 
     # --- forwarding and settlement ---------------------------------------------------------------
 
+    @property
+    def upstream(self):
+        """The ``UpstreamConfig`` of the candidate being tried (for relays whose request body or
+        protocol depends on the upstream's kind)."""
+        return self.route.upstream
+
+    def upstream_secrets(self) -> tuple[str, ...]:
+        """Keys an upstream's error text must never relay: the one it was called with, and the
+        default upstream's."""
+        called = self.route.upstream.api_key if self.route is not None else ""
+        return tuple(key for key in (called, settings.UPSTREAM_API_KEY) if key)
+
     async def open_upstream(self, begun: Begun, body: dict, path: str):
-        """The upstream's answer to ``body`` (an async context manager), or the demo model's."""
-        if begun.price.is_demo:
+        """The current candidate's answer to ``body`` (an async context manager), or the demo
+        model's."""
+        if self.route.is_demo:
             return DemoResponse(body, begun.rates, prompt_chars=len(json.dumps(body.get("messages", ""))))
-        return upstream.stream(path, json.dumps(body).encode())
+        return routing.opened(self.route.upstream, path, json.dumps(body).encode())
 
     async def forward(self, begun: Begun, parsed: Parsed) -> None:
-        outcome = Outcome(trust_upstream_cost=upstream.is_openrouter() and not begun.price.is_demo)
+        outcome = Outcome()
         self.begun = begun
         finish = None
         try:
             self.forwarded = True
             self.schedule_progress(begun, outcome, PROGRESS_AFTER)
             self.exchange.cancellable = True
-            finish = await self.endpoint.relay(self, begun, parsed, outcome)
+            finish = await self.relay_with_failover(begun, parsed, outcome)
         except asyncio.CancelledError:
             outcome.status = UsageStatus.CANCELLED
             outcome.error = "client disconnected"
@@ -315,6 +348,62 @@ class ProxyRequest:
                 self.settlement_unawaited = True
                 raise
         await finish(record, begun)
+
+    async def relay_with_failover(self, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:
+        """Relay through the first candidate whose breaker allows it; after a failure before any
+        output, through the next. The outcome is the last attempt's, its error prefixed with
+        what the earlier ones failed with ("failed over from …")."""
+        finish, skipped, failed_over = None, [], []
+        earlier = None  # the previous attempt's failure, noted once another attempt follows it
+        for route in begun.routes:
+            permit = routing.admit(route)
+            if permit is None:
+                skipped.append(route)  # its breaker is open: not even tried
+                continue
+            if earlier is not None:
+                failed_over.append(earlier)
+            self.start_attempt(route, outcome)
+            try:
+                finish = await self.endpoint.relay(self, begun, parsed, outcome)
+            except BaseException:  # cancelled (the client left), or a bug of ours
+                routing.report(route, permit, failed=None)
+                raise
+            failure = self.failure
+            if failure is None:
+                routing.report(route, permit, failed=False)
+            else:  # (busy says nothing about its health: no verdict)
+                routing.report(route, permit, failed=True if failure.counts else None)
+            if failure is None or self.exchange.response_started:
+                break
+            detail = outcome.error or "failed"
+            log.warning(
+                "proxy request %s: upstream %s failed before any output: %s", self.request_id, route.name, detail
+            )
+            earlier = f"{route.name}: {detail}"
+        if finish is None:
+            return self.unavailable(outcome, skipped)
+        if failed_over:
+            notes = "; ".join(failed_over)
+            outcome.error = f"failed over from {notes}" + (f"; then {outcome.error}" if outcome.error else "")
+        return finish
+
+    def start_attempt(self, route: Route, outcome: Outcome) -> None:
+        """A fresh outcome for the next candidate (the earlier attempt cost nothing)."""
+        self.route, self.failure, self.meter = route, None, None
+        fresh = Outcome(
+            trust_upstream_cost=route.upstream.is_openrouter and not route.is_demo,
+            upstream=route.name,
+            price=route.price,
+        )
+        for each in dataclasses.fields(Outcome):
+            setattr(outcome, each.name, getattr(fresh, each.name))
+
+    def unavailable(self, outcome: Outcome, skipped: list[Route]) -> Finish:
+        """Every candidate's breaker is open: fail fast, nothing charged, and say when to retry."""
+        names = ", ".join(route.name for route in skipped)
+        retry_after = max(1, math.ceil(routing.retry_in(skipped)))
+        error = refusals.upstream_unavailable(retry_after)
+        return self._fail(outcome, error, f"upstream unavailable: circuit open ({names})")
 
     def _settled(self, settling: asyncio.Future) -> None:
         # If whoever awaited the settlement was cancelled meanwhile, nobody else will hear of its
@@ -352,6 +441,8 @@ class ProxyRequest:
                 begun=begun,
                 generation_id=outcome.generation_id or (meter.id if meter else ""),
                 output_chars=meter.output_chars if meter else 0,
+                upstream=outcome.upstream,
+                price=outcome.price,
             )
         except Exception:  # the request goes on; the next write tries again
             log.warning("proxy request %s: could not write its progress", self.request_id, exc_info=True)
@@ -368,29 +459,37 @@ class ProxyRequest:
         if meter.error:
             outcome.error = meter.error
 
-    def failed(self, outcome: Outcome, status: int, message: str) -> Finish:
-        """The upstream failed before any output: nothing is charged; answer 502/504 once settled."""
-        outcome.status, outcome.error, outcome.http_status = UsageStatus.UPSTREAM_ERROR, message, status
+    def _fail(self, outcome: Outcome, error: OpenAIError, detail: str) -> Finish:
+        """Nothing is charged; answer ``error`` once settled."""
+        outcome.status, outcome.error, outcome.http_status = UsageStatus.UPSTREAM_ERROR, detail, error.status
         outcome.billable = False
-        error = refusals.upstream_failed(status, message)
 
         async def finish(record, begun):
             await self.endpoint.send_error(self, error)
 
         return finish
+
+    def failed(self, outcome: Outcome, status: int, message: str) -> Finish:
+        """The upstream failed before any output: nothing is charged; answer 502/504 once settled
+        — unless another candidate upstream serves it instead."""
+        self.failure = Failure()
+        return self._fail(outcome, refusals.upstream_failed(status, message), message)
 
     def rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers) -> Finish:
-        """An upstream error answer before any output: nothing is charged."""
-        error, detail = refusals.upstream_rejected(upstream_status, raw, headers, request_id=self.request_id)
-        outcome.status, outcome.http_status, outcome.billable = UsageStatus.UPSTREAM_ERROR, error.status, False
-        outcome.error = detail
-
-        async def finish(record, begun):
-            await self.endpoint.send_error(self, error)
-
-        return finish
+        """An upstream error answer before any output: nothing is charged. A 5xx is the
+        upstream's failure (the next candidate is tried); a 4xx is the client's answer."""
+        if upstream_status >= 500:
+            self.failure = Failure()
+        error, detail = refusals.upstream_rejected(
+            upstream_status, raw, headers, request_id=self.request_id, secrets=self.upstream_secrets()
+        )
+        return self._fail(outcome, error, detail)
 
     def timed_out_or_unreachable(self, outcome: Outcome, exc: httpx.HTTPError) -> Finish:
+        if isinstance(exc, routing.UpstreamBusy):
+            finish = self._fail(outcome, refusals.upstream_busy(), str(exc))
+            self.failure = Failure(counts=False)
+            return finish
         if isinstance(exc, httpx.TimeoutException):
             return self.failed(outcome, 504, "The upstream model timed out.")
         return self.failed(outcome, 502, f"The upstream model is unreachable ({type(exc).__name__}).")

@@ -1,18 +1,27 @@
-"""``manage.py sync_prices``: copy the upstream's price list (OpenRouter ``GET /models``) into the table.
+"""``manage.py sync_prices``: copy an upstream's price list into its price series.
 
-Only changed prices get a new version; nothing is edited or deleted. New models arrive disabled
-unless ``--enable-new``: the operator decides what they sell, then enables models in the admin.
+``--upstream NAME`` picks the upstream (default: the default upstream, ``UPSTREAM_BASE_URL``, as
+always). OpenRouter publishes its prices (``GET /models``); other upstreams' prices come from a
+static price file, ``--file prices.json`` or ``prices.csv`` (format in the README, "Static price
+files"), which may also stand in for any upstream's list.
+
+Only changed prices get a new version; nothing is edited or deleted; other upstreams' prices are
+never touched. New models arrive disabled unless ``--enable-new``: the operator decides what
+they sell, then enables models in the admin.
 """
 
+import csv
+import io
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from core.money import format_usd, loads_decimal
 from proxy import upstream
-from proxy.prices import PriceError, PriceOffer, offer_from_openrouter, prices_sync
+from proxy.models import DEFAULT_UPSTREAM, Upstream
+from proxy.prices import PriceError, PriceOffer, offer_from_openrouter, offer_from_price_file, prices_sync
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # OpenRouter's full list is a few MB; refuse anything absurd
 
@@ -21,7 +30,13 @@ class Command(BaseCommand):
     help = "Fetch the upstream's model price list and add a price version for each new or changed model."
 
     def add_arguments(self, parser):
-        parser.add_argument("--url", help="price list URL (default: UPSTREAM_BASE_URL + /models)")
+        parser.add_argument(
+            "--upstream", help="name of the upstream whose prices these are (default: the default upstream)"
+        )
+        parser.add_argument(
+            "--file", help="a static price file (.json or .csv, see the README) instead of the upstream's list"
+        )
+        parser.add_argument("--url", help="price list URL (default: the upstream's base URL + /models)")
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole fetch (default 30)")
         parser.add_argument(
             "--enable-new", action="store_true", help="put newly seen models on sale at once (default: disabled)"
@@ -33,22 +48,51 @@ class Command(BaseCommand):
         )
         parser.add_argument("--dry-run", action="store_true", help="report what would change and write nothing")
 
-    def handle(self, *args, url=None, timeout=30.0, enable_new=False, disable_missing=False, dry_run=False, **opts):
+    def handle(
+        self,
+        *args,
+        upstream=None,
+        file=None,
+        url=None,
+        timeout=30.0,
+        enable_new=False,
+        disable_missing=False,
+        dry_run=False,
+        **opts,
+    ):
         if timeout <= 0:
             raise CommandError("--timeout must be positive")
-        url = url or f"{settings.UPSTREAM_BASE_URL}/models"
+        row, target = self._upstream(upstream)
         verbosity = opts.get("verbosity", 1)
-        if verbosity >= 1:
-            self.stdout.write(f"fetching {url} …")
-        items = self._fetch(url, timeout)
-        offers = self._parse(items)
+        if file:
+            source = file
+            items, parse = self._read_file(file), offer_from_price_file
+        else:
+            if row is not None and not target.is_openrouter:
+                raise CommandError(
+                    f"upstream {target.name} ({target.kind}) publishes no price list: give its prices in a "
+                    'price file with --file (format: README, "Static price files")'
+                )
+            source = url or upstream_url(target)
+            if verbosity >= 1:
+                self.stdout.write(f"fetching {source} …")
+            items, parse = self._fetch(source, timeout, target), offer_from_openrouter
+        offers = self._parse(items, parse)
         if not offers:
-            raise CommandError(f"{url} listed {len(items)} models but none had usable prices; nothing changed")
+            raise CommandError(f"{source} listed {len(items)} models but none had usable prices; nothing changed")
         if verbosity >= 1:
             listed = f"{len(items)} models listed, {len(offers)} with usable prices"
-            self.stdout.write(f"{listed}; comparing with the table …")
+            table = "the table" if row is None else f"{row.name}'s prices"
+            self.stdout.write(f"{listed}; comparing with {table} …")
         try:
-            result = prices_sync(offers=offers, enable_new=enable_new, disable_missing=disable_missing, dry_run=dry_run)
+            result = prices_sync(
+                offers=offers,
+                enable_new=enable_new,
+                disable_missing=disable_missing,
+                dry_run=dry_run,
+                upstream=row,
+                source="sync_prices" if row is None else f"sync_prices:{row.name}",
+            )
         except PriceError as exc:
             raise CommandError(f"price table refused a price: {exc}") from None
 
@@ -76,16 +120,55 @@ class Command(BaseCommand):
             summary = f"dry run, nothing written: {summary}"
         self.stdout.write(self.style.SUCCESS(summary))
 
-    def _fetch(self, url: str, timeout: float) -> list:
-        headers = {"Accept": "application/json"}
-        if settings.UPSTREAM_API_KEY:
-            headers["Authorization"] = f"Bearer {settings.UPSTREAM_API_KEY}"
+    @staticmethod
+    def _upstream(name: str | None) -> tuple[Upstream | None, upstream.UpstreamConfig]:
+        """The upstream's row (None for the default upstream) and its config."""
+        if not name or name == DEFAULT_UPSTREAM:
+            return None, upstream.default()
+        row = Upstream.objects.filter(name=name).first()
+        if row is None:
+            known = ", ".join(Upstream.objects.values_list("name", flat=True)) or "none yet"
+            raise CommandError(f"no upstream named {name!r} (configured: {known}; or leave --upstream out)")
+        config = upstream.config_of(row)
+        if config.unusable:
+            raise CommandError(f"upstream {name}: {config.unusable}")
+        return row, config
+
+    def _read_file(self, path: str) -> list:
+        """The entries of a static price file: a JSON list (or ``{"models": [...]}``) of objects,
+        or a CSV with a header row. Numbers stay exact (Decimal, or the CSV's strings)."""
+        file = Path(path)
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if file.suffix.lower() == ".csv":
+            try:
+                rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise CommandError(f"{path} is not a UTF-8 CSV file: {exc}") from None
+            if not rows or "id" not in rows[0]:
+                raise CommandError(f"{path} needs a header row naming at least id, prompt and completion")
+            return rows
+        if file.suffix.lower() != ".json":
+            raise CommandError(f"{path}: a price file is .json or .csv")
+        try:
+            body = loads_decimal(raw)
+        except ValueError as exc:
+            raise CommandError(f"{path} is not JSON: {exc}") from None
+        items = body.get("models") if isinstance(body, dict) else body
+        if not isinstance(items, list):
+            raise CommandError(f'{path} needs a list of models, or an object with a "models" list')
+        return items
+
+    def _fetch(self, url: str, timeout: float, target: upstream.UpstreamConfig) -> list:
+        headers = {**upstream.headers(target), "Accept": "application/json"}
         try:
             response = httpx.get(
                 url,
                 headers=headers,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                verify=upstream.verify(),
+                verify=upstream.verify(target),
             )
         except httpx.HTTPError as exc:
             # The exception text names the URL and the failure, never the request headers (the key).
@@ -104,12 +187,12 @@ class Command(BaseCommand):
             raise CommandError(f'{url} sent JSON without a "data" list of models')
         return items
 
-    def _parse(self, items: list) -> list[PriceOffer]:
+    def _parse(self, items: list, parse) -> list[PriceOffer]:
         offers: list[PriceOffer] = []
         seen: set[str] = set()
         for index, item in enumerate(items):
             try:
-                offer = offer_from_openrouter(item)
+                offer = parse(item)
             except PriceError as exc:
                 self.stderr.write(self.style.WARNING(f"skipped model #{index}: {exc}"))
                 continue
@@ -125,3 +208,7 @@ class Command(BaseCommand):
         rates = ", ".join(f"{name} {value.normalize():f}" for name, value in offer.rates.items() if value != Decimal(0))
         fee = f", request {format_usd(offer.request_fee)}" if offer.request_fee else ""
         return f"USD/1M: {rates or 'free'}{fee}"
+
+
+def upstream_url(target: upstream.UpstreamConfig) -> str:
+    return upstream.url("models", target)
