@@ -226,6 +226,21 @@ def is_openrouter() -> bool:
     return settings.UPSTREAM_KIND == "openrouter"
 
 
+def speaks(protocol: str) -> bool:
+    """Does the upstream serve ``protocol`` ("responses", "messages") itself? Then a request in
+    it is forwarded as it is; otherwise it is translated to chat completions. The one place this
+    is decided."""
+    if protocol == "responses":
+        return settings.UPSTREAM_RESPONSES == "native"
+    if protocol == "messages":
+        # OpenRouter serves /messages; an Anthropic upstream serves nothing else.
+        return settings.UPSTREAM_KIND in ("openrouter", "anthropic")
+    if protocol == "count_tokens":
+        # Only Anthropic's own API documents /messages/count_tokens (docs/protocols).
+        return settings.UPSTREAM_KIND == "anthropic"
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
 def headers() -> dict[str, str]:
     result = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if settings.UPSTREAM_API_KEY:
@@ -272,6 +287,27 @@ def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int) -> dic
         else:
             # vLLM answers 400 to stream_options on a request that does not stream.
             out.pop("stream_options", None)
+    return out
+
+
+def responses_body(body: dict, *, user_id: int, max_output: int) -> dict:
+    """A Responses API request as the upstream gets it: the output cap the hold was taken for,
+    nothing stored upstream (the gateway keeps no state, and stored responses would outlive
+    the user's account), the pseudonymous user."""
+    out = dict(body)
+    out["max_output_tokens"] = max_output
+    out["store"] = False
+    out["user"] = pseudonym(user_id)
+    return out
+
+
+def messages_body(body: dict, *, user_id: int, max_output: int) -> dict:
+    """An Anthropic Messages request as the upstream gets it: the output cap the hold was taken
+    for, the pseudonymous user in ``metadata.user_id``."""
+    out = dict(body)
+    out["max_tokens"] = max_output
+    metadata = out.get("metadata") if isinstance(out.get("metadata"), dict) else {}
+    out["metadata"] = {**metadata, "user_id": pseudonym(user_id)}
     return out
 
 

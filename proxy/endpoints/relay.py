@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Protocol
@@ -29,8 +30,9 @@ from core.money import format_usd, loads_decimal
 from core.openai_errors import error_event
 from core.protocols.chat import StreamTranslator
 from core.protocols.sse import encode, encode_all
+from core.protocols.usage import TokenUsage
 from core.sse import Event, SSEParser
-from core.usage import StreamMeter
+from core.usage import StreamMeter, Usage, reported_cost
 
 from ..models import UsageStatus
 from ..services import Begun, Outcome
@@ -164,6 +166,14 @@ class ChatStreamRelay:
 
 
 # --- the typed-event protocols ----------------------------------------------------------------
+
+
+def usage_of(tokens: TokenUsage | None, raw: object) -> Usage | None:
+    """A protocol's usage read by ``core.protocols.usage`` as what billing reads, with the cost
+    OpenRouter states in every protocol's ``usage``."""
+    if tokens is None or not isinstance(raw, dict):
+        return None
+    return Usage(**dataclasses.asdict(tokens), cost=reported_cost(raw, "cost"))
 
 
 def ending(events: list[dict], comment: bytes) -> bytes:
