@@ -356,9 +356,12 @@ def test_a_long_native_stream_writes_down_its_response_id_and_output_while_it_ru
     monkeypatch.setattr(lifecycle, "PROGRESS_EVERY", 0.2)  # made a second: the least allowed
     seen = []
 
-    def progress_written() -> bool:
+    def progress_written() -> bool:  # asked from the fake upstream's thread, on a connection of its own
+        from django.db import connection
+
         written = UsageRecord.objects.filter(generation_id="resp_fake_1", completion_tokens__gt=0, status="pending")
         seen.extend(written.values_list("completion_tokens", flat=True))
+        connection.close()
         return bool(seen)
 
     items = responses_stream_of("Po", u=responses_usage(5, 40))

@@ -76,7 +76,9 @@ class MessagesMeter(StreamMeter):
             self._stop(obj.get("stop_reason"))
         elif kind == "message_start" and isinstance(obj.get("message"), dict):
             self._message(obj["message"])
-            self._usage(merge_anthropic_usage(self.raw_usage, obj))
+            # Its output count is only the first token: billed only once a message_delta gives
+            # the final one (a stream cut off before that is billed a marked estimate, as chat is).
+            self.raw_usage = merge_anthropic_usage(self.raw_usage, obj)
         elif kind == "message_delta":
             self._usage(merge_anthropic_usage(self.raw_usage, obj))
             delta = obj.get("delta")
