@@ -34,7 +34,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     tokens_count,
     usage,
 )
-from wallet.models import Hold, HoldStatus, Wallet
+from wallet.models import Hold, Wallet
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -120,7 +120,7 @@ def test_a_native_stream_restates_openrouters_cost_as_the_charge_before_message_
 
 
 def test_an_upstream_error_event_mid_stream_is_relayed_and_recorded(fake_upstream, alice, sk):
-    items = messages_stream_of("Po", "ng")[:4] + [messages_error_event()]
+    items = [*messages_stream_of("Po", "ng")[:4], messages_error_event()]
     fake_upstream.script("messages", StreamReply(items))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk)
     assert events(response)[-1] == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
