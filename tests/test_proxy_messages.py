@@ -34,7 +34,8 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     tokens_count,
     usage,
 )
-from wallet.models import Hold, Wallet
+from tests.test_proxy_chat import balance, record
+from wallet.models import Hold
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,18 +63,6 @@ def claude(db):
 def sk(alice, claude):
     """Alice's key, sent as the anthropic SDK's ``x-api-key`` header."""
     return {"x-api-key": api_key_create(user=alice, name="claude")[1], "anthropic-version": "2023-06-01"}
-
-
-def balance(user) -> int:
-    return Wallet.objects.get(user=user).balance
-
-
-def record() -> UsageRecord:
-    return UsageRecord.objects.get()
-
-
-def events(response) -> list[dict]:
-    return [json.loads(data) for data in response.data_events()]
 
 
 def charge_for(fresh, read, written, output) -> int:
@@ -110,10 +99,10 @@ def test_a_native_stream_restates_openrouters_cost_as_the_charge_before_message_
     u = messages_usage(12, 3, cache_read=100, cost="0.00002")
     fake_upstream.script("messages", StreamReply(messages_stream_of("Po", "ng", u=u)))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk)
-    kinds = [event["type"] for event in events(response)]
+    kinds = [event["type"] for event in response.events()]
     assert kinds[:2] == ["message_start", "ping"] and kinds[-2:] == ["message_delta", "message_stop"]
     assert response.body.decode().split("\n\n")[-3].startswith(": tokentill ")  # just before message_stop
-    assert events(response)[-2]["usage"] == {"output_tokens": 3, "cost": 0.000024}
+    assert response.events()[-2]["usage"] == {"output_tokens": 3, "cost": 0.000024}
     rec = record()
     assert (rec.charge, rec.prompt_tokens, rec.cached_tokens, rec.completion_tokens) == (24_000, 112, 100, 3)
     assert rec.generation_id == "msg_fake_1" and response.tokentill()["charge"] == "0.000024000"
@@ -123,7 +112,7 @@ def test_an_upstream_error_event_mid_stream_is_relayed_and_recorded(fake_upstrea
     items = [*messages_stream_of("Po", "ng")[:4], messages_error_event()]
     fake_upstream.script("messages", StreamReply(items))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk)
-    assert events(response)[-1] == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    assert response.events()[-1] == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     rec = record()
     assert (rec.status, rec.finish_reason, rec.error) == (UsageStatus.UPSTREAM_ERROR, "error", "Overloaded")
 
@@ -131,7 +120,7 @@ def test_an_upstream_error_event_mid_stream_is_relayed_and_recorded(fake_upstrea
 def test_a_native_stream_cut_off_ends_with_an_error_event(fake_upstream, alice, sk):
     fake_upstream.script("messages", StreamReply(messages_stream_of("Po", "ng")[:4]))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk)
-    last = events(response)[-1]
+    last = response.events()[-1]
     assert last["type"] == "error" and last["error"]["type"] == "api_error" and "cut off" in last["error"]["message"]
     assert record().status == UsageStatus.UPSTREAM_ERROR and record().charge > 0
 
@@ -194,9 +183,9 @@ def test_a_translated_stream_ends_with_the_usage_and_the_charge_before_message_s
 ):
     fake_upstream.script("chat", StreamReply(stream_of("Po", "ng", u=usage(20, 3), model=ANTHROPIC_MODEL)))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk)
-    kinds = [event["type"] for event in events(response)]
+    kinds = [event["type"] for event in response.events()]
     assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
-    assert events(response)[-2]["usage"]["input_tokens"] == 20
+    assert response.events()[-2]["usage"]["input_tokens"] == 20
     assert response.body.decode().split("\n\n")[-3].startswith(": tokentill ")
     assert fake_upstream.calls("chat")[0].json["stream_options"] == {"include_usage": True}
     assert record().charge == charge_for(20, 0, 0, 3)
@@ -261,8 +250,8 @@ def test_assistant_message_mode_answers_a_message_with_the_topup_link(fake_upstr
     response = call(MESSAGES, {**HELLO, "stream": stream}, token=None, headers=headers)
     assert response.status == 200 and response.headers["x-tokentill-blocked"] == "insufficient_funds"
     if stream:
-        text = "".join(e["delta"]["text"] for e in events(response) if e["type"] == "content_block_delta")
-        assert events(response)[-1]["type"] == "message_stop" and response.tokentill()["charge"] == "0.000000000"
+        text = "".join(e["delta"]["text"] for e in response.events() if e["type"] == "content_block_delta")
+        assert response.events()[-1]["type"] == "message_stop" and response.tokentill()["charge"] == "0.000000000"
     else:
         text = response.json()["content"][0]["text"]
     assert "/topup" in text and not fake_upstream.requests

@@ -4,7 +4,6 @@ completions (UPSTREAM_RESPONSES=translate, the default for an OpenAI-compatible 
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
-import json
 import os
 from decimal import Decimal
 
@@ -33,25 +32,14 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     typed_sse,
     usage,
 )
-from wallet.models import Entry, Hold, HoldStatus, Wallet
+from tests.test_proxy_chat import balance, record
+from wallet.models import Entry, Hold, HoldStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 RESPONSES = "/v1/responses"
 HELLO = {"model": MODEL, "input": "Say pong"}
 WEATHER = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
-
-
-def balance(user) -> int:
-    return Wallet.objects.get(user=user).balance
-
-
-def record() -> UsageRecord:
-    return UsageRecord.objects.get()
-
-
-def events(response) -> list[dict]:
-    return [json.loads(data) for data in response.data_events()]
 
 
 def ledger_is_clean() -> None:
@@ -126,7 +114,7 @@ def test_a_native_stream_is_relayed_as_it_came_with_the_charge_before_its_termin
     assert response.body.startswith(b": OPENROUTER PROCESSING\n\n" + relayed)  # byte for byte
     tail = response.body[len(relayed) + 25 :].split(b"\n\n")
     assert tail[0].startswith(b": tokentill ") and tail[1].startswith(b"event: response.completed\n")
-    completed = events(response)[-1]
+    completed = response.events()[-1]
     assert completed["response"]["usage"]["cost"] == 0.000012 and b"[DONE]" not in response.body
     assert response.tokentill()["charge"] == "0.000012000"
     rec = record()
@@ -137,7 +125,7 @@ def test_a_native_stream_cut_off_ends_with_an_error_event_and_is_billed_an_estim
     items = responses_stream_of("Po", "ng")[:5]  # …the deltas, then nothing
     fake_upstream.script("responses", StreamReply(items))
     response = call(RESPONSES, {**HELLO, "stream": True}, token=key)
-    last = events(response)[-1]
+    last = response.events()[-1]
     assert last["type"] == "error" and last["sequence_number"] == 5 and "cut off" in last["message"]
     assert response.comments()[-1].startswith(": tokentill ")
     rec = record()
@@ -148,7 +136,7 @@ def test_a_native_stream_cut_off_ends_with_an_error_event_and_is_billed_an_estim
 def test_a_failed_native_response_is_relayed_and_recorded_as_an_upstream_error(fake_upstream, alice, key):
     fake_upstream.script("responses", StreamReply(responses_stream_of("Po", status="failed", u=responses_usage(9, 1))))
     response = call(RESPONSES, {**HELLO, "stream": True}, token=key)
-    assert events(response)[-1]["type"] == "response.failed"
+    assert response.events()[-1]["type"] == "response.failed"
     rec = record()
     assert (rec.status, rec.finish_reason, rec.prompt_tokens) == (UsageStatus.UPSTREAM_ERROR, "error", 9)
 
@@ -201,11 +189,11 @@ def test_a_translated_stream_asks_for_usage_and_ends_with_the_charge_then_comple
     response = call(RESPONSES, {**HELLO, "stream": True}, token=key)
     (sent,) = fake_upstream.calls("chat")
     assert sent.json["stream"] is True and sent.json["stream_options"] == {"include_usage": True}
-    kinds = [event["type"] for event in events(response)]
+    kinds = [event["type"] for event in response.events()]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
-    assert "".join(e["delta"] for e in events(response) if e["type"] == "response.output_text.delta") == "Pong"
+    assert "".join(e["delta"] for e in response.events() if e["type"] == "response.output_text.delta") == "Pong"
     assert response.body.decode().split("\n\n")[-3].startswith(": tokentill ")  # just before response.completed
-    assert events(response)[-1]["response"]["usage"]["output_tokens"] == 3
+    assert response.events()[-1]["response"]["usage"]["output_tokens"] == 3
     assert record().charge == 5_760 and response.tokentill()["charge"] == "0.000005760"  # (20×0.15+3×0.60)/1M×1.2
 
 
@@ -224,7 +212,7 @@ def test_function_tools_round_trip_through_the_translation(fake_upstream, alice,
         Reply(body=completion("Sunny.", u=usage(40, 2))),
     )
     first = call(RESPONSES, {**HELLO, "stream": True, "tools": [WEATHER]}, token=key)
-    (item,) = events(first)[-1]["response"]["output"]
+    (item,) = first.events()[-1]["response"]["output"]
     assert (item["type"], item["name"], item["call_id"]) == ("function_call", "weather", "call_1")
     follow_up = [
         {"role": "user", "content": "Weather?"},
@@ -293,7 +281,7 @@ def test_assistant_message_mode_answers_a_response_with_the_topup_link(fake_upst
     settings.REFUSAL_MODE = "assistant_message"
     response = call(RESPONSES, {**HELLO, "stream": stream}, token=api_key_create(user=bob, name="k")[1])
     assert response.status == 200 and response.headers["x-tokentill-blocked"] == "insufficient_funds"
-    answer = events(response)[-1]["response"] if stream else response.json()
+    answer = response.events()[-1]["response"] if stream else response.json()
     assert answer["status"] == "completed" and "/topup" in answer["output"][0]["content"][0]["text"]
     if stream:
         assert response.tokentill()["charge"] == "0.000000000"
@@ -313,7 +301,7 @@ def test_the_demo_model_answers_the_responses_api_offline(fake_upstream, setting
         {"model": "tokentill/demo", "input": "hello", "stream": True},
         token=api_key_create(user=carol, name="k")[1],
     )
-    assert events(response)[-1]["type"] == "response.completed" and "demo model" in response.body.decode()
+    assert response.events()[-1]["type"] == "response.completed" and "demo model" in response.body.decode()
     assert record().charge > 0 and not fake_upstream.requests
 
 
@@ -367,6 +355,6 @@ def test_a_long_native_stream_writes_down_its_response_id_and_output_while_it_ru
     items = responses_stream_of("Po", u=responses_usage(5, 40))
     fake_upstream.script("responses", StreamReply(slow_native_stream(items[:4], items[4:], until=progress_written)))
     response = call(RESPONSES, {**HELLO, "stream": True}, token=key)
-    assert events(response)[-1]["type"] == "response.completed"
+    assert response.events()[-1]["type"] == "response.completed"
     assert seen and seen[0] > 0, "no progress was written while the stream ran"
     assert record().completion_tokens == 40 and record().status == UsageStatus.OK

@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import Callable
-from typing import Protocol
 
 import httpx
 
@@ -96,33 +95,48 @@ def trailer(request_id: str, charge: int, balance: int) -> bytes:
     return tokentill_comment(request_id, charge, balance) + b"data: [DONE]\n\n"
 
 
-class ChatStreamRelay:
-    """Turns a chat-completions SSE byte stream into what the client gets, metering it on the way.
+class SSERelay:
+    """What every stream relay shares: ``feed(chunk)`` returns the bytes to send now, event by
+    event (``_event``); ``done`` turns true at the stream's end — ``data: [DONE]``, which is never
+    relayed (the tail ends the stream once the request is settled), or an end event the subclass
+    recognises; ``flush()`` is what is left in the parser when the upstream closed early."""
 
-    ``feed(chunk)`` returns the bytes to send now; ``done`` turns true at ``data: [DONE]`` (which
-    is never relayed: the tail ends the stream once the request is settled).
-    """
-
-    def __init__(self, *, client_usage: bool):
-        self.client_usage = client_usage  # did the client ask for the usage chunk?
-        self.meter = StreamMeter()
+    def __init__(self, meter: StreamMeter):
+        self.meter = meter
         self.parser = SSEParser()
         self.done = False
-        self.data_relayed = False  # any data event (not just keep-alive comments) sent on?
-        self.priced_usage: dict | None = None  # the usage chunk held back to restate its cost
+        self.data_relayed = False  # any data event (not just keep-alive comments) received?
 
     def feed(self, chunk: bytes) -> bytes:
         out = []
         for event in self.parser.feed(chunk):
             if event.is_done:
                 self.done = True
+            else:
+                out.append(self._event(event))
+            if self.done:
                 break
-            out.append(self._event(event))
         return b"".join(out)
 
     def flush(self) -> bytes:
-        """What is left in the parser when the upstream closed without ``[DONE]``."""
         return b"".join(self._event(event) for event in self.parser.flush())
+
+    def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
+        """The end of the stream once settled: with the charge, and ``failure`` (a stream cut
+        off) said in the protocol's words."""
+        raise NotImplementedError
+
+    def _event(self, event: Event) -> bytes:
+        raise NotImplementedError
+
+
+class ChatStreamRelay(SSERelay):
+    """Turns a chat-completions SSE byte stream into what the client gets, metering it on the way."""
+
+    def __init__(self, *, client_usage: bool):
+        super().__init__(StreamMeter())
+        self.client_usage = client_usage  # did the client ask for the usage chunk?
+        self.priced_usage: dict | None = None  # the usage chunk held back to restate its cost
 
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         """The end of the stream once settled: the restated usage chunk, an error event the client
@@ -184,7 +198,7 @@ def ending(events: list[dict], comment: bytes) -> bytes:
     return encode_all(events[:-1]) + comment + encode(events[-1])
 
 
-class TranslatedStreamRelay:
+class TranslatedStreamRelay(SSERelay):
     """A chat-completions stream relayed as another protocol's events, through one of
     ``core.protocols``' translators, and metered as the chat stream it is.
 
@@ -193,23 +207,8 @@ class TranslatedStreamRelay:
     cannot be translated and is skipped."""
 
     def __init__(self, translator: StreamTranslator):
+        super().__init__(StreamMeter())
         self.translator = translator
-        self.meter = StreamMeter()
-        self.parser = SSEParser()
-        self.done = False
-        self.data_relayed = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        out = []
-        for event in self.parser.feed(chunk):
-            if event.is_done:
-                self.done = True
-                break
-            out.append(self._event(event))
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        return b"".join(self._event(event) for event in self.parser.flush())
 
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         events = self.translator.fail(failure) if failure is not None else self.translator.finish()
@@ -227,7 +226,7 @@ class TranslatedStreamRelay:
         return encode_all(self.translator.feed(chunk))
 
 
-class NativeStreamRelay:
+class NativeStreamRelay(SSERelay):
     """A typed-event stream (Responses API, Anthropic Messages) relayed event for event,
     byte-for-byte, metered by ``meter`` (a ``StreamMeter`` that reads the protocol's events).
 
@@ -237,10 +236,7 @@ class NativeStreamRelay:
     price, not the client's to see."""
 
     def __init__(self, meter: StreamMeter):
-        self.meter = meter
-        self.parser = SSEParser()
-        self.done = False
-        self.data_relayed = False
+        super().__init__(meter)
         self.held: list[Event] = []
 
     # -- the protocol -----------------------------------------------------------------------------
@@ -260,17 +256,6 @@ class NativeStreamRelay:
 
     # -- relaying ---------------------------------------------------------------------------------
 
-    def feed(self, chunk: bytes) -> bytes:
-        out = []
-        for event in self.parser.feed(chunk):
-            out.append(self._event(event))
-            if self.done:
-                break
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        return b"".join(self._event(event) for event in self.parser.flush())
-
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         parts = [self._restated(event, charge) for event in self.held]
         if failure is not None:
@@ -281,9 +266,6 @@ class NativeStreamRelay:
     def _event(self, event: Event) -> bytes:
         if event.is_comment:
             return event.encode()
-        if event.is_done:  # OpenRouter's sentinel: the protocol's own end event is what clients read
-            self.done = True
-            return b""
         self.data_relayed = True
         try:
             parsed = loads_decimal(event.data)
@@ -317,20 +299,6 @@ def _framed(event: dict, data: bytes) -> bytes:
 
 
 # --- forwarding -------------------------------------------------------------------------------
-
-
-class StreamRelay(Protocol):
-    """What ``relay_stream`` needs of a stream relay (``ChatStreamRelay`` and the two above)."""
-
-    meter: StreamMeter
-    done: bool  # the upstream's stream has ended (the rest of its body is only drained)
-    data_relayed: bool  # any data event (not just keep-alive comments) received?
-
-    def feed(self, chunk: bytes) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-    def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes: ...
 
 
 # What a whole answer becomes for the client: (status, body) from the upstream's raw body, its
@@ -411,7 +379,7 @@ async def relay_whole(
 
 
 async def relay_stream(
-    request: ProxyRequest, begun: Begun, body: dict, outcome: Outcome, stream: StreamRelay, path: str
+    request: ProxyRequest, begun: Begun, body: dict, outcome: Outcome, stream: SSERelay, path: str
 ) -> Finish:
     """Forward a streamed request, relaying the upstream's events through ``stream`` as they
     arrive; return what to send (the tail) once it is settled."""
