@@ -358,3 +358,30 @@ def test_a_long_native_stream_writes_down_its_response_id_and_output_while_it_ru
     assert response.events()[-1]["type"] == "response.completed"
     assert seen and seen[0] > 0, "no progress was written while the stream ran"
     assert record().completion_tokens == 40 and record().status == UsageStatus.OK
+
+
+def test_translated_for_openrouter_the_usage_and_its_cost_are_asked_for(fake_upstream, alice, key, settings):
+    settings.UPSTREAM_RESPONSES = "translate"
+    fake_upstream.script("chat", StreamReply(stream_of("Pong", u=usage(20, 3, cost="0.00001"))))
+    response = call(RESPONSES, {**HELLO, "stream": True}, token=key)
+    (sent,) = fake_upstream.calls("chat")
+    assert sent.json["usage"] == {"include": True} and sent.json["stream_options"] == {"include_usage": True}
+    assert response.events()[-1]["type"] == "response.completed"
+    assert record().charge == 12_000 and record().cost_source == CostSource.UPSTREAM  # OpenRouter's cost × 1.2
+
+
+def test_the_demo_model_refuses_what_it_cannot_translate_and_releases_the_hold(fake_upstream, settings):
+    """Behind an upstream that speaks the Responses API the body is checked only for the native
+    path; the demo model speaks chat, so the translation's refusal comes after the hold."""
+    from tests.conftest import make_user
+
+    settings.UPSTREAM_API_KEY = ""
+    call_command("seed", stdout=open(os.devnull, "w"))
+    carol = make_user("carol@example.com", balance="1.00")
+    body = {"model": "tokentill/demo", "input": "hello", "tools": [{"type": "web_search"}]}
+    response = call(RESPONSES, body, token=api_key_create(user=carol, name="k")[1])
+    assert response.status == 400 and response.error["param"] == "tools[0].type"
+    rec = record()
+    assert (rec.status, rec.http_status, rec.charge) == (UsageStatus.REFUSED, 400, 0)
+    assert Hold.objects.get().status == HoldStatus.RELEASED and balance(carol) == 1_000_000_000
+    assert not fake_upstream.requests

@@ -123,8 +123,9 @@ class MessagesRelay(relay.NativeStreamRelay):
         return event.get("type") in ("message_delta", "message_stop")
 
     def usage_in(self, event: dict) -> dict | None:
-        message = event.get("message")
-        usage = event.get("usage") if "usage" in event else message.get("usage") if isinstance(message, dict) else None
+        """``message_delta.usage``, or ``message_start.message.usage``."""
+        holder = event.get("message") if event.get("type") == "message_start" else event
+        usage = holder.get("usage") if isinstance(holder, dict) else None
         return usage if isinstance(usage, dict) else None
 
     def failure_event(self, message: str) -> dict:
