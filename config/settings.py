@@ -257,6 +257,12 @@ UPSTREAM_KIND = env_choice(
     "openrouter" if "openrouter.ai" in UPSTREAM_BASE_URL else "openai",
     {"openrouter", "openai", "anthropic"},
 )
+# How /v1/responses reaches the upstream: "native" forwards it to the upstream's own /responses
+# (OpenRouter's, or an OpenAI-compatible server that has one), "translate" turns it into a chat
+# completion, which every OpenAI-compatible server speaks (docs/api.md).
+UPSTREAM_RESPONSES = env_choice(
+    "UPSTREAM_RESPONSES", "native" if UPSTREAM_KIND == "openrouter" else "translate", {"native", "translate"}
+)
 UPSTREAM_CONNECT_TIMEOUT = env_seconds("UPSTREAM_CONNECT_TIMEOUT", "10")
 UPSTREAM_READ_TIMEOUT = env_seconds("UPSTREAM_READ_TIMEOUT", "300")
 UPSTREAM_MAX_CONNECTIONS = env_int("UPSTREAM_MAX_CONNECTIONS", 200, minimum=1)
@@ -304,6 +310,8 @@ PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async conne
 PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
 # Prepared statements on those connections; turn off behind PgBouncer in transaction mode < 1.21.
 PROXY_DB_PREPARE = env_bool("PROXY_DB_PREPARE", True)
+# Token counts (POST /v1/messages/count_tokens) one user may ask for per minute: they are free.
+COUNT_TOKENS_RPM = env_int("COUNT_TOKENS_RPM", 60, minimum=1)
 REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})
 HOLD_TTL = env_int("HOLD_TTL", 15 * 60, minimum=30)  # seconds before reconcile_holds may act
 RUN_MAX_STEPS = env_int("RUN_MAX_STEPS", 0)  # 0 = unlimited steps per X-Tokentill-Run

@@ -199,6 +199,19 @@ def check_rpm(*, api_key, now: datetime) -> None:
         )
 
 
+def check_count_tokens(*, api_key, user_id: int, now: datetime) -> None:
+    """A token count is free, so it is limited apart from metered requests: ``COUNT_TOKENS_RPM``
+    per user, and it counts against the key's own rpm limit like any request."""
+    check_rpm(api_key=api_key, now=now)
+    most = settings.COUNT_TOKENS_RPM
+    if _incr(f"tt:count:{user_id}:{now:%Y%m%d%H%M}", 1, 120) > most:
+        raise LimitExceeded(
+            f"Rate limit reached for token counting: {most} requests per minute.",
+            "rate_limit_exceeded",
+            60 - now.second,
+        )
+
+
 def _window_start(now: datetime, window: str) -> datetime:
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return day if window == "daily" else day.replace(day=1)

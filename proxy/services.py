@@ -48,10 +48,13 @@ from wallet.services import (
 
 from . import limits
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from .selectors import Route, rates_for, routes_cached, routes_current
+from .selectors import Route, model_servable, price_current, rates_for, routes_cached, routes_current
 
 log = logging.getLogger(__name__)
 
+# The endpoints the built-in demo model answers: it speaks chat completions, which the Responses
+# and Messages endpoints translate to.
+DEMO_ENDPOINTS = ("chat.completions", "responses", "messages")
 MAX_HOLD = 2**62  # nanodollars (~4.6 billion USD): well inside the 64-bit columns holds are kept in
 
 
@@ -74,7 +77,7 @@ class RequestMeta:
     request_id: str
     user: object
     api_key: object | None
-    endpoint: str  # "chat.completions" | "embeddings"
+    endpoint: str  # "chat.completions" | "embeddings" | "responses" | "messages"
     model: str = ""
     stream: bool = False
     run: str = ""
@@ -174,6 +177,16 @@ async def ausage_refused(*, meta: RequestMeta, http_status: int, error: str) -> 
     return await _arecord(_refused_record(meta, http_status=http_status, error=error), meta.unchanged)
 
 
+def tokens_count_admit(*, principal, model: str, now: datetime | None = None) -> None:
+    """May this principal have ``model``'s input counted (``POST /v1/messages/count_tokens``)?
+    Raises ``Refusal``. Counting is free — no hold, no usage record — and so rate-limited."""
+    if not principal.has_scope("proxy"):
+        raise Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+    if not model_servable(price_current(model)):
+        raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
+    limits.check_count_tokens(api_key=principal.api_key, user_id=principal.user.pk, now=now or timezone.now())
+
+
 @dataclass
 class Plan:
     """What a request will be held for, decided before any money moves."""
@@ -215,7 +228,7 @@ def request_plan(
         candidates = routes[index] if routes is not None else routes_current(model)
         if not candidates:
             raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
-        if any(route.is_demo for route in candidates) and meta.endpoint != "chat.completions":
+        if any(route.is_demo for route in candidates) and meta.endpoint not in DEMO_ENDPOINTS:
             raise Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
         found.append(candidates)
     allowed = (meta.api_key.limits or {}).get("allowed_models") if meta.api_key is not None else None

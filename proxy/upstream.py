@@ -330,6 +330,23 @@ def is_openrouter(target: UpstreamConfig | None = None) -> bool:
     return (target or default()).is_openrouter
 
 
+def speaks(protocol: str, target: UpstreamConfig | None = None) -> bool:
+    """Does ``target`` (the default upstream when None) serve ``protocol`` ("responses",
+    "messages", "count_tokens") itself? Then a request in it is forwarded as it is; otherwise it
+    is translated to chat completions. The one place this is decided."""
+    target = target or default()
+    if protocol == "responses":
+        # The default upstream follows UPSTREAM_RESPONSES; OpenRouter serves /responses.
+        return settings.UPSTREAM_RESPONSES == "native" if target.is_default else target.kind == "openrouter"
+    if protocol == "messages":
+        # OpenRouter serves /messages; an Anthropic upstream serves nothing else.
+        return target.kind in ("openrouter", "anthropic")
+    if protocol == "count_tokens":
+        # Only Anthropic's own API documents /messages/count_tokens (docs/protocols).
+        return target.kind == "anthropic"
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
 def headers(target: UpstreamConfig | None = None) -> dict[str, str]:
     target = target or default()
     result = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -384,6 +401,27 @@ def chat_body(body: dict, *, user_id: int, stream: bool, max_output: int, target
         else:
             # vLLM answers 400 to stream_options on a request that does not stream.
             out.pop("stream_options", None)
+    return out
+
+
+def responses_body(body: dict, *, user_id: int, max_output: int) -> dict:
+    """A Responses API request as the upstream gets it: the output cap the hold was taken for,
+    nothing stored upstream (the gateway keeps no state, and stored responses would outlive
+    the user's account), the pseudonymous user."""
+    out = dict(body)
+    out["max_output_tokens"] = max_output
+    out["store"] = False
+    out["user"] = pseudonym(user_id)
+    return out
+
+
+def messages_body(body: dict, *, user_id: int, max_output: int) -> dict:
+    """An Anthropic Messages request as the upstream gets it: the output cap the hold was taken
+    for, the pseudonymous user in ``metadata.user_id``."""
+    out = dict(body)
+    out["max_tokens"] = max_output
+    metadata = out.get("metadata") if isinstance(out.get("metadata"), dict) else {}
+    out["metadata"] = {**metadata, "user_id": pseudonym(user_id)}
     return out
 
 

@@ -643,6 +643,10 @@ class ProxyResponse:
     def data_events(self) -> list[str]:
         return [line[6:] for line in self.body.decode().split("\n") if line.startswith("data: ")]
 
+    def events(self) -> list[dict]:
+        """The data events of a typed-event stream (Responses API, Anthropic Messages), parsed."""
+        return [json.loads(data) for data in self.data_events()]
+
     def comments(self) -> list[str]:
         return [line for line in self.body.decode().split("\n") if line.startswith(":")]
 

@@ -53,11 +53,11 @@ def test_a_path_outside_v1_keeps_djangos_own_404(db):
 
 @pytest.mark.django_db(transaction=True)
 def test_through_the_asgi_app_unknown_paths_are_json_and_the_consumers_still_answer():
-    unknown = call("/v1/responses", {"model": "x"}, token=None)
+    unknown = call("/v1/assistants", {"model": "x"}, token=None)
     assert unknown.status == 404
     assert unknown.error["code"] == "not_found"
     # The streaming endpoints are the Channels consumers, not the catch-all: they ask for a key.
-    for path in ("/v1/chat/completions", "/v1/embeddings"):
+    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/responses"):
         response = call(path, {"model": "x"}, token=None)
         assert response.status == 401, path
         assert response.error["code"] == "invalid_api_key"

@@ -143,16 +143,26 @@ def request_to_chat(body: object, *, resolve_item: Callable[[str], dict | None] 
     return chat
 
 
-def _refuse_stateful(body: dict) -> None:
+# The stored state no upstream is ever asked for (the gateway forwards ``store: false``), so
+# these are refused on the native path too.
+STORED_STATE = ("previous_response_id", "conversation", "background")
+
+
+def refuse_stored_state(body: dict, names: tuple[str, ...] = STORED_STATE) -> None:
+    """``Unsupported`` for ``store: true`` or any of ``names`` set: state the gateway does not keep."""
     if body.get("store") is True:
         raise Unsupported(
             "store",
             "store: true is not supported: this gateway does not keep responses. "
             "Send store: false (or leave it out) and the whole conversation in input.",
         )
-    for name, message in _STATEFUL.items():
+    for name in names:
         if body.get(name) not in (None, False):
-            raise Unsupported(name, message)
+            raise Unsupported(name, _STATEFUL[name])
+
+
+def _refuse_stateful(body: dict) -> None:
+    refuse_stored_state(body, tuple(_STATEFUL))
     include = body.get("include")
     if include is not None:
         if not isinstance(include, list):

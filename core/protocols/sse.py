@@ -19,10 +19,14 @@ def _plain(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def dumps(obj: object) -> str:
+    """Compact JSON of a translated object (``Decimal`` numbers as JSON numbers)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_plain)
+
+
 def encode(event: dict) -> bytes:
     """``event: <type>\\ndata: <json>\\n\\n`` — one event, compact JSON on one line."""
-    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=_plain)
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+    return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
 
 
 def encode_all(events: list[dict]) -> bytes:

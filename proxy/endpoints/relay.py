@@ -7,26 +7,47 @@
   paid, so the usage that carries it is restated as the request's charge — which is known only
   after settlement, so in a stream the usage chunk waits for the tail, and a whole answer is sent
   once settled.
-* The stream's tail is the settled charge as an SSE comment (clients skip it), then ``[DONE]``.
+* The stream's tail is the settled charge as an SSE comment (clients skip it), then the
+  protocol's end: ``[DONE]`` for chat completions; for the typed-event protocols (Responses API,
+  Anthropic Messages) the comment goes just before their final event.
+* ``relay_whole`` and ``relay_stream`` do the forwarding for every protocol; what a stream's bytes
+  become is a *stream relay*: ``ChatStreamRelay`` (chat as chat), ``TranslatedStreamRelay``
+  (chat translated into another protocol's events) or a ``NativeStreamRelay`` (a protocol's own
+  events, relayed as they come).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+from collections.abc import Callable
+
+import httpx
 
 from core.money import format_usd, loads_decimal
 from core.openai_errors import error_event
+from core.protocols.chat import StreamTranslator
+from core.protocols.sse import encode, encode_all
+from core.protocols.usage import TokenUsage
 from core.sse import Event, SSEParser
-from core.usage import StreamMeter
+from core.usage import StreamMeter, Usage, reported_cost
+
+from ..models import UsageStatus
+from ..services import Begun, Outcome
+from .request import Finish, ProxyRequest, ms_since
 
 _COST_MARK = "__tokentill_charge__"
 _DECODER = json.JSONDecoder()
+LARGE_BODY = 256 * 1024  # bytes: a whole answer this large is parsed in a worker thread
+DRAIN_SECONDS = 0.1  # how long the rest of a finished stream's body may take to arrive
 
 
-def dumps_charged(plain: dict, charge: int) -> bytes:
-    """``plain`` (a chunk or completion whose ``usage`` OpenRouter priced) as JSON, its
-    ``usage.cost`` now what the caller was charged (``cost_details`` broke down our cost: dropped)."""
-    usage = plain["usage"]
+def dumps_charged(plain: dict, charge: int, usage: dict | None = None) -> bytes:
+    """``plain`` (a chunk, completion or event whose ``usage`` OpenRouter priced) as JSON, its
+    ``usage.cost`` now what the caller was charged (``cost_details`` broke down our cost: dropped).
+    ``usage``: that object inside ``plain`` when it is not ``plain["usage"]``."""
+    usage = plain["usage"] if usage is None else usage
     usage["cost"] = _COST_MARK
     usage.pop("cost_details", None)
     return json.dumps(plain, separators=(",", ":")).replace(f'"{_COST_MARK}"', format_usd(charge)).encode()
@@ -63,39 +84,59 @@ def _splice_usage(raw: bytes, usage: dict, charge: int) -> bytes | None:
     return raw[: colon + 1] + dumps_charged({"usage": value}, charge)[len(b'{"usage":') : -1] + tail[end:].encode()
 
 
-def trailer(request_id: str, charge: int, balance: int) -> bytes:
-    """The settled charge as an SSE comment (clients ignore it), then the end of the stream."""
+def tokentill_comment(request_id: str, charge: int, balance: int) -> bytes:
+    """The settled charge as an SSE comment: every SDK skips comment lines."""
     info = {"request_id": request_id, "charge": format_usd(charge), "balance": format_usd(balance)}
-    return b": tokentill " + json.dumps(info).encode() + b"\n\ndata: [DONE]\n\n"
+    return b": tokentill " + json.dumps(info).encode() + b"\n\n"
 
 
-class ChatStreamRelay:
-    """Turns a chat-completions SSE byte stream into what the client gets, metering it on the way.
+def trailer(request_id: str, charge: int, balance: int) -> bytes:
+    """The end of a chat stream: the charge, then ``[DONE]``."""
+    return tokentill_comment(request_id, charge, balance) + b"data: [DONE]\n\n"
 
-    ``feed(chunk)`` returns the bytes to send now; ``done`` turns true at ``data: [DONE]`` (which
-    is never relayed: the tail ends the stream once the request is settled).
-    """
 
-    def __init__(self, *, client_usage: bool):
-        self.client_usage = client_usage  # did the client ask for the usage chunk?
-        self.meter = StreamMeter()
+class SSERelay:
+    """What every stream relay shares: ``feed(chunk)`` returns the bytes to send now, event by
+    event (``_event``); ``done`` turns true at the stream's end — ``data: [DONE]``, which is never
+    relayed (the tail ends the stream once the request is settled), or an end event the subclass
+    recognises; ``flush()`` is what is left in the parser when the upstream closed early."""
+
+    def __init__(self, meter: StreamMeter):
+        self.meter = meter
         self.parser = SSEParser()
         self.done = False
-        self.data_relayed = False  # any data event (not just keep-alive comments) sent on?
-        self.priced_usage: dict | None = None  # the usage chunk held back to restate its cost
+        self.data_relayed = False  # any data event (not just keep-alive comments) received?
 
     def feed(self, chunk: bytes) -> bytes:
         out = []
         for event in self.parser.feed(chunk):
             if event.is_done:
                 self.done = True
+            else:
+                out.append(self._event(event))
+            if self.done:
                 break
-            out.append(self._event(event))
         return b"".join(out)
 
     def flush(self) -> bytes:
-        """What is left in the parser when the upstream closed without ``[DONE]``."""
         return b"".join(self._event(event) for event in self.parser.flush())
+
+    def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
+        """The end of the stream once settled: with the charge, and ``failure`` (a stream cut
+        off) said in the protocol's words."""
+        raise NotImplementedError
+
+    def _event(self, event: Event) -> bytes:
+        raise NotImplementedError
+
+
+class ChatStreamRelay(SSERelay):
+    """Turns a chat-completions SSE byte stream into what the client gets, metering it on the way."""
+
+    def __init__(self, *, client_usage: bool):
+        super().__init__(StreamMeter())
+        self.client_usage = client_usage  # did the client ask for the usage chunk?
+        self.priced_usage: dict | None = None  # the usage chunk held back to restate its cost
 
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         """The end of the stream once settled: the restated usage chunk, an error event the client
@@ -136,3 +177,277 @@ class ChatStreamRelay:
             plain = json.loads(event.data)
             plain.pop("usage", None)
         return b"data: " + json.dumps(plain, separators=(",", ":")).encode() + b"\n\n"
+
+
+# --- the typed-event protocols ----------------------------------------------------------------
+
+
+def usage_of(tokens: TokenUsage | None, raw: object) -> Usage | None:
+    """A protocol's usage read by ``core.protocols.usage`` as what billing reads, with the cost
+    OpenRouter states in every protocol's ``usage``."""
+    if tokens is None or not isinstance(raw, dict):
+        return None
+    return Usage(**dataclasses.asdict(tokens), cost=reported_cost(raw, "cost"))
+
+
+def ending(events: list[dict], comment: bytes) -> bytes:
+    """A typed-event stream's last events with the charge comment before the final one (a
+    client that stops reading at the protocol's end event has read the comment by then)."""
+    if not events:
+        return comment
+    return encode_all(events[:-1]) + comment + encode(events[-1])
+
+
+class TranslatedStreamRelay(SSERelay):
+    """A chat-completions stream relayed as another protocol's events, through one of
+    ``core.protocols``' translators, and metered as the chat stream it is.
+
+    The translator's closing events come in the tail: they carry the usage, which a chat stream
+    sends last, and the charge comment goes before the final one. A data line that is not JSON
+    cannot be translated and is skipped."""
+
+    def __init__(self, translator: StreamTranslator):
+        super().__init__(StreamMeter())
+        self.translator = translator
+
+    def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
+        events = self.translator.fail(failure) if failure is not None else self.translator.finish()
+        return ending(events, tokentill_comment(request_id, charge, balance))
+
+    def _event(self, event: Event) -> bytes:
+        if event.is_comment:  # keep-alive: comments are comments in every protocol
+            return event.encode()
+        self.data_relayed = True
+        try:
+            chunk = loads_decimal(event.data)
+        except ValueError:
+            return b""
+        self.meter.observe(chunk)
+        return encode_all(self.translator.feed(chunk))
+
+
+class NativeStreamRelay(SSERelay):
+    """A typed-event stream (Responses API, Anthropic Messages) relayed event for event,
+    byte-for-byte, metered by ``meter`` (a ``StreamMeter`` that reads the protocol's events).
+
+    Subclasses say which event ends the stream, which events wait for the tail (those whose
+    usage may state OpenRouter's cost, restated there as the charge) and where an event keeps its
+    usage. A priced usage on an event that cannot wait has the cost taken out: it is our cost
+    price, not the client's to see."""
+
+    def __init__(self, meter: StreamMeter):
+        super().__init__(meter)
+        self.held: list[Event] = []
+
+    # -- the protocol -----------------------------------------------------------------------------
+
+    def ends(self, event: dict) -> bool:
+        raise NotImplementedError
+
+    def holds(self, event: dict) -> bool:
+        raise NotImplementedError
+
+    def usage_in(self, event: dict) -> dict | None:
+        raise NotImplementedError
+
+    def failure_event(self, message: str) -> dict:
+        """The event that tells the client the stream was cut off."""
+        raise NotImplementedError
+
+    # -- relaying ---------------------------------------------------------------------------------
+
+    def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
+        parts = [self._restated(event, charge) for event in self.held]
+        if failure is not None:
+            parts.append(encode(self.failure_event(failure)))
+        comment = tokentill_comment(request_id, charge, balance)
+        return b"".join(parts[:-1]) + comment + parts[-1] if parts else comment
+
+    def _event(self, event: Event) -> bytes:
+        if event.is_comment:
+            return event.encode()
+        self.data_relayed = True
+        try:
+            parsed = loads_decimal(event.data)
+        except ValueError:
+            return event.encode()
+        if not isinstance(parsed, dict):
+            return event.encode()
+        self.meter.observe(parsed)
+        self.done = self.ends(parsed)
+        if self.held or self.holds(parsed):
+            self.held.append(event)
+            return b""
+        if not priced({"usage": self.usage_in(parsed)}):
+            return event.encode()
+        plain = json.loads(event.data)
+        usage = self.usage_in(plain)
+        usage.pop("cost", None)
+        usage.pop("cost_details", None)
+        return _framed(plain, json.dumps(plain, separators=(",", ":")).encode())
+
+    def _restated(self, event: Event, charge: int) -> bytes:
+        plain = json.loads(event.data)
+        usage = self.usage_in(plain) if isinstance(plain, dict) else None
+        if not priced({"usage": usage}):
+            return event.encode()
+        return _framed(plain, dumps_charged(plain, charge, usage))
+
+
+def _framed(event: dict, data: bytes) -> bytes:
+    return f"event: {event.get('type')}\n".encode() + b"data: " + data + b"\n\n"
+
+
+# --- forwarding -------------------------------------------------------------------------------
+
+
+# What a whole answer becomes for the client: (status, body) from the upstream's raw body, its
+# parsed JSON and the settled charge.
+Answer = Callable[[bytes, object, int], tuple[int, bytes]]
+
+
+def passthrough(raw: bytes, parsed: object, charge: int) -> tuple[int, bytes]:
+    return 200, charge_as_cost(raw, parsed, charge)
+
+
+def clamp_headers(begun: Begun | None) -> list[tuple[str, str]]:
+    """Tell a client whose output cap was lowered to what its balance affords."""
+    clamped = begun.clamped_to if begun is not None else None
+    return [("x-tokentill-max-tokens", str(clamped))] if clamped is not None else []
+
+
+async def drain(chunks) -> None:
+    """Read what follows the end of a stream (normally just the end of the body) so the upstream
+    connection goes back to the pool; leaving the body unread makes httpx close it, and the
+    next request pays a new connection (a TLS handshake, against a real upstream). Bounded: an
+    upstream that keeps the stream open after its end just loses its connection, as before.
+    """
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+    except (TimeoutError, httpx.HTTPError):  # the answer is complete: only the connection is lost
+        pass
+
+
+async def relay_whole(
+    request: ProxyRequest,
+    begun: Begun,
+    body: dict,
+    outcome: Outcome,
+    path: str,
+    *,
+    meter: StreamMeter | None = None,
+    answer: Answer = passthrough,
+) -> Finish:
+    """Forward a non-streamed request; return what to send once it is settled. ``meter`` reads
+    the answer (a chat completion by default), ``answer`` renders it for the client."""
+    try:
+        async with await request.open_upstream(begun, body, path) as response:
+            # Known before the body: a client that leaves while it is generated still leaves the
+            # id for reconcile_holds to ask OpenRouter what it cost.
+            outcome.generation_id = response.headers.get("x-generation-id", "")
+            raw = await response.aread()
+            outcome.ttfb_ms = ms_since(request.started)
+    except httpx.HTTPError as exc:
+        return request.timed_out_or_unreachable(outcome, exc)
+    if response.status_code >= 400:
+        return request.rejected(outcome, response.status_code, raw, response.headers)
+    try:
+        # A large body (embeddings of many inputs) is parsed off the event loop.
+        parsed = await asyncio.to_thread(loads_decimal, raw) if len(raw) > LARGE_BODY else loads_decimal(raw)
+    except ValueError:
+        return request.failed(outcome, 502, "The upstream model sent a malformed response.")
+    meter = meter or StreamMeter()
+    meter.observe(parsed)
+    request.copy_meter(meter, outcome)
+    outcome.http_status = 200
+    if meter.error:
+        outcome.status = UsageStatus.UPSTREAM_ERROR
+
+    async def finish(record, begun):
+        status, content = answer(raw, parsed, record.charge)
+        headers = [
+            ("content-type", "application/json"),
+            ("x-tokentill-charge", format_usd(record.charge)),
+            ("x-tokentill-balance", format_usd(begun.wallet.balance)),
+            *clamp_headers(begun),
+        ]
+        await request.exchange.send_whole(status, content, headers)
+
+    return finish
+
+
+async def relay_stream(
+    request: ProxyRequest, begun: Begun, body: dict, outcome: Outcome, stream: SSERelay, path: str
+) -> Finish:
+    """Forward a streamed request, relaying the upstream's events through ``stream`` as they
+    arrive; return what to send (the tail) once it is settled."""
+    exchange = request.exchange
+    request.meter = meter = stream.meter
+
+    async def send(data: bytes) -> None:
+        if data:
+            if not exchange.response_started:
+                await exchange.start_stream(clamp_headers(begun))
+            await exchange.send_body(data, more=True)
+
+    try:
+        async with await request.open_upstream(begun, body, path) as response:
+            if response.status_code >= 400:
+                raw = await response.aread()
+                return request.rejected(outcome, response.status_code, raw, response.headers)
+            outcome.generation_id = response.headers.get("x-generation-id", "")
+            chunks = response.aiter_raw()
+            async for chunk in chunks:
+                if outcome.ttfb_ms is None:
+                    outcome.ttfb_ms = ms_since(request.started)
+                await send(stream.feed(chunk))
+                if stream.done:
+                    break
+            if stream.done:
+                exchange.cancellable = False  # the answer is complete: a client leaving now changes nothing
+                await drain(chunks)
+            else:
+                await send(stream.flush())
+    except httpx.HTTPError as exc:
+        if not exchange.response_started:
+            request.copy_meter(meter, outcome)
+            return request.timed_out_or_unreachable(outcome, exc)
+        outcome.status = UsageStatus.UPSTREAM_ERROR
+        outcome.error = (
+            "upstream timed out mid-stream"
+            if isinstance(exc, httpx.TimeoutException)
+            else f"upstream stream broke ({type(exc).__name__})"
+        )
+    finally:
+        # Runs on cancellation too, so a disconnect is billed for what was already relayed.
+        error = outcome.error
+        request.copy_meter(meter, outcome)
+        outcome.error = outcome.error or error
+    failure = None  # an error event the client must see before the stream ends
+    if not stream.done and not stream.data_relayed:
+        # Nothing but keep-alive comments: a failure before any output, which costs nothing.
+        no_output = "The upstream model closed the stream without any output."
+        if not exchange.response_started:
+            return request.failed(outcome, 502, no_output)
+        outcome.billable = False
+        outcome.status, outcome.error, failure = UsageStatus.UPSTREAM_ERROR, outcome.error or no_output, no_output
+    elif not stream.done and not meter.finish_reason and not meter.error:
+        # Cut off mid-answer (a stream always ends with its end event, or at least a finish reason).
+        outcome.status = UsageStatus.UPSTREAM_ERROR
+        outcome.error = outcome.error or "the upstream ended the stream before it was complete"
+        failure = "The upstream model's stream was cut off; the answer is incomplete."
+    outcome.http_status = 200
+    if meter.error:
+        outcome.status = UsageStatus.UPSTREAM_ERROR
+    if not exchange.response_started:
+        await exchange.start_stream(clamp_headers(begun))
+
+    async def finish(record, begun):
+        tail = stream.tail(
+            request_id=request.request_id, charge=record.charge, balance=begun.wallet.balance, failure=failure
+        )
+        await exchange.send_body(tail)
+
+    return finish

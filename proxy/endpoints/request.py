@@ -21,8 +21,9 @@ hold), forward, settle, answer.
   which is how this module knows, without knowing the protocol, that nothing reached the client.
   A 4xx answer is the client's to see, and once a byte has been relayed there is no going back.
 
-An ``Endpoint`` (``chat.py``, ``embeddings.py``) knows its protocol: how to validate a body, how
-to relay the upstream's answer, how to render a refusal. This module knows none of that.
+An ``Endpoint`` (``openai.py``, ``responses.py``, ``anthropic.py``) knows its protocol: how to
+validate a body, where the credential is, how to relay the upstream's answer, how to render a
+refusal. This module knows none of that.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Endpoint:
 
     def parse(self, body: bytes) -> Parsed:
         raise NotImplementedError
+
+    def credential(self, headers: dict[str, str]) -> str | None:
+        """The API key or access token the client sent (``Authorization: Bearer``)."""
+        return bearer_from_header(headers.get("authorization"))
 
     async def relay(self, request: ProxyRequest, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:
         """Forward the request and relay the answer; return what to send once it is settled."""
@@ -187,7 +192,7 @@ class ProxyRequest:
         await self.endpoint.send_error(self, Refusal(status, message, code="request_too_large"))
 
     async def authenticate(self):
-        token = bearer_from_header(self.exchange.headers.get("authorization"))
+        token = self.endpoint.credential(self.exchange.headers)
         try:
             return await aauthenticate_bearer(token)
         except AuthFailed as exc:
@@ -264,7 +269,7 @@ class ProxyRequest:
         key's rpm counter can count such a request twice). Raises ``AuthFailed`` (no record: there
         is no user), ``Refusal`` or ``Funds``.
         """
-        token = bearer_from_header(self.exchange.headers.get("authorization"))
+        token = self.endpoint.credential(self.exchange.headers)
         for attempt in range(ADMIT_ATTEMPTS):
             principal = await aauthenticate_bearer(token, cached=attempt == 0)
             try:
@@ -474,6 +479,17 @@ class ProxyRequest:
         — unless another candidate upstream serves it instead."""
         self.failure = Failure()
         return self._fail(outcome, refusals.upstream_failed(status, message), message)
+
+    def refused(self, outcome: Outcome, error: OpenAIError) -> Finish:
+        """Refused after admission, before anything was forwarded (a body only the upstream chosen
+        for it cannot take): nothing is charged; answer ``error`` once the hold is released."""
+        outcome.status, outcome.error, outcome.http_status = UsageStatus.REFUSED, error.message[:500], error.status
+        outcome.billable = False
+
+        async def finish(record, begun):
+            await self.endpoint.send_error(self, error)
+
+        return finish
 
     def rejected(self, outcome: Outcome, upstream_status: int, raw: bytes, headers) -> Finish:
         """An upstream error answer before any output: nothing is charged. A 5xx is the
