@@ -14,8 +14,9 @@ logged, echoed or sent to a client (``UpstreamConfig``'s repr leaves it out).
 
 The client's transport is aiohttp's HTTP/1.1 client (``AiohttpTransport``): httpx's request and
 response objects, limits and timeouts, over aiohttp's C-accelerated parser and connection pool.
-Measured with ``bench/upstream_client.py``, one proxied call cost about 690 µs of the event
-loop's CPU through httpx's own transport (httpcore, h11) and about 245 µs through this one.
+``bench/upstream_client.py`` measures the event loop's CPU per proxied call through either
+transport (httpx's own, httpcore and h11, costs several times more); the figures are in the
+README's Benchmarks.
 Proxied requests (``stream()``) go straight to the transport — without the client's cookie jar,
 auth flow and redirect loop, which a proxy must not use anyway: an upstream's cookies
 (Cloudflare sets them on OpenRouter's responses) would be kept and replayed on every user's
