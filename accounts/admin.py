@@ -8,6 +8,8 @@ usage records point at them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
@@ -27,7 +29,14 @@ from .services import api_key_revoke, token_family_revoke
 admin.site.login_form = StaffLoginForm
 
 
-class _EmailCleaning:
+# The mixin's method runs on the user form it is mixed into; at run time it adds no base.
+if TYPE_CHECKING:
+    _UserFormBase = forms.ModelForm
+else:
+    _UserFormBase = object
+
+
+class _EmailCleaning(_UserFormBase):
     def clean_email(self):
         email = User.objects.normalize_email(self.cleaned_data["email"]).lower()
         others = User.objects.filter(email__iexact=email).exclude(pk=self.instance.pk)

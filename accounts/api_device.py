@@ -74,7 +74,7 @@ class DeviceTokenView(_CredentialView):
         try:
             pair = device_token_redeem(device_code=serializer.validated_data["device_code"])
         except DeviceFlowError as exc:
-            body = {"error": exc.error, "detail": exc.message}
+            body: dict[str, object] = {"error": exc.error, "detail": exc.message}
             if exc.interval is not None:
                 body["interval"] = exc.interval
             return Response(body, status=400)

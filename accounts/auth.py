@@ -27,7 +27,7 @@ import hmac
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core import signing
@@ -108,9 +108,9 @@ def authenticate_bearer(token: str | None) -> Principal:
     return _orm_family_principal(token)
 
 
-def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
-    """Refuse a key that does not match, is revoked or expired, or whose user is disabled;
-    True when its ``last_used_at`` is stale enough to be written."""
+def _checked_key(key: ApiKey | None, token_hash: str, now: datetime) -> ApiKey:
+    """The key, unless it is missing, does not match, is revoked or expired, or its user is
+    disabled: then AuthFailed."""
     if key is None or not hmac.compare_digest(key.key_hash, token_hash):
         raise AuthFailed("invalid API key")
     if key.revoked_at is not None:
@@ -119,6 +119,11 @@ def _checked_key(key: ApiKey | None, token_hash: str, now) -> bool:
         raise AuthFailed("this API key has expired", EXPIRED)
     if not key.user.is_active:
         raise AuthFailed("this account is disabled", DISABLED)
+    return key
+
+
+def _touch_due(key: ApiKey, now: datetime) -> bool:
+    """Is the key's ``last_used_at`` stale enough to be written?"""
     return key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION
 
 
@@ -146,9 +151,10 @@ def _one(queryset):
 
 def _orm_key_principal(token: str) -> Principal:
     # The prefix is unique: no ORDER BY (``first()`` would sort by the model's ordering).
-    key = _one(ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]))
+    found = _one(ApiKey.objects.select_related(*_WITH_USER).filter(prefix=token[: ApiKey.PREFIX_LENGTH]))
     now = timezone.now()
-    if _checked_key(key, sha256_hex(token), now):
+    key = _checked_key(found, sha256_hex(token), now)
+    if _touch_due(key, now):
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
         key.last_used_at = now
     return Principal(user=key.user, api_key=key)
@@ -295,19 +301,19 @@ async def _apg_key(token: str, fetch, on_loop: bool, cached: bool) -> Principal:
         row = _recalled(ident) if cached else None
         if row is None:
             row = await fetch(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]])
-        key = None
+        found: ApiKey | None = None
         if row is not None:
-            key, end = adb.load(ApiKey, row)
-            key.user = _user_with_wallet(row, end)
+            found, end = adb.load(ApiKey, row)
+            found.user = _user_with_wallet(row, end)
         key_version, user_version = row[-2:] if row is not None else (None, None)
         now = timezone.now()
         try:
-            touch = _checked_key(key, token_hash, now)
+            key = _checked_key(found, token_hash, now)
         except AuthFailed:
             if on_loop:
                 _forget(ident)
             raise
-        if touch:
+        if _touch_due(key, now):
             if on_loop:
                 _forget(ident)  # its last_used_at is about to change: read it again next time
             touched = await fetch(_TOUCH_SQL, [now, key.pk, key_version])

@@ -201,6 +201,8 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
             await self._refuse("this credential has been revoked")
 
     async def _credential_alive(self) -> bool:
+        if self.user is None:  # only an authenticated socket joins the groups whose messages ask this
+            raise RuntimeError("the credential of a socket not yet authenticated was checked")
         if self.token is not None:
             principal, _ = await _principal(self.token)
             user = principal.user if principal is not None else None

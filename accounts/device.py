@@ -162,6 +162,8 @@ def device_token_redeem(*, device_code: str) -> TokenPair:
             )
             if not redeemed:
                 failure = DeviceFlowError("invalid_grant", "This device code is unknown or was already used.")
+            elif found.user is None:  # _decide sets the user with the approval
+                raise RuntimeError(f"device authorization {found.pk} was approved without a user")
             else:
                 pair = token_pair_issue(user=found.user, name=found.client_name)
                 DeviceAuthorization.objects.filter(pk=found.pk).update(family_id=pair.family_id)

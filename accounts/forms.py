@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django import forms
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import password_validation
@@ -13,8 +15,14 @@ from .throttles import LoginFailureThrottle
 
 THROTTLED = "Too many attempts. Please wait a few minutes and try again."
 
+# The mixin's methods run on the login form it is mixed into; at run time it adds no base.
+if TYPE_CHECKING:
+    _LoginFormBase = AuthenticationForm
+else:
+    _LoginFormBase = object
 
-class ThrottledLoginMixin:
+
+class ThrottledLoginMixin(_LoginFormBase):
     """Puts Django's login forms (the portal's, the admin's) behind the failed-login throttle that
     ``/api/auth/token`` uses, with the same buckets.
 
@@ -68,7 +76,8 @@ class SignupForm(forms.Form):
         return self.cleaned_data["email"].strip().lower()
 
     def clean(self):
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data  # what Form.clean returns
         email, password = cleaned.get("email"), cleaned.get("password")
         if email and password:
             # As the API does (SignupSerializer.validate): the password first, so that a weak one

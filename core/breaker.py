@@ -90,11 +90,9 @@ class CircuitBreaker:
         with self._lock:
             now = self._clock()
             state = self._state(now)
-            if state == HALF_OPEN and not self._probing:
-                # Nobody has asked since the cool-down ended: the next request will be the probe.
-                retry_in = 0.0
-            elif state == OPEN:
+            # Only an open breaker has a wait left: closed lets requests pass, and half-open with
+            # nobody asking since the cool-down ended lets the next request through as the probe.
+            retry_in = 0.0
+            if state == OPEN and self._opened_at is not None:  # open implies _opened_at is set
                 retry_in = self.cooldown - (now - self._opened_at)
-            else:
-                retry_in = 0.0
             return BreakerState(state, self._failures, max(retry_in, 0.0))

@@ -152,7 +152,8 @@ def _from_json(parsed: object, depth: int = 0) -> UpstreamError | None:
 def _from_validation(item: object) -> str:
     if not isinstance(item, dict) or not isinstance(item.get("msg"), str):
         return ""
-    location = item.get("loc") if isinstance(item.get("loc"), list) else []
+    loc = item.get("loc")
+    location = loc if isinstance(loc, list) else []
     path = ".".join(str(part) for part in location[1:] if isinstance(part, (str, int)))  # [0] is "body"
     return f"{path}: {item['msg']}" if path else item["msg"]
 

@@ -41,7 +41,9 @@ from django.db import close_old_connections, connections, models
 from psycopg.types.numeric import Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool] = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[_Connection]] = (
+    weakref.WeakKeyDictionary()
+)
 _observers: list[Callable[[str], None]] = []
 
 
@@ -158,7 +160,7 @@ async def _check(conn: psycopg.AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)  # raises when dead: the pool takes another
 
 
-async def _pool() -> AsyncConnectionPool:
+async def _pool() -> AsyncConnectionPool[_Connection]:
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:
@@ -185,7 +187,7 @@ async def _pool() -> AsyncConnectionPool:
 
 
 @asynccontextmanager
-async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
+async def connection() -> AsyncIterator[_Connection]:
     pool = await _pool()
     conn = await pool.getconn()
     try:
@@ -367,7 +369,7 @@ def _update_sql(model, names: tuple[str, ...], prefix: str, condition: str | Non
     return f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
 
 
-def insert_statement(instance, *, prefix: str = "v", source: str | None = None) -> tuple[str, dict]:
+def insert_statement(instance: models.Model, *, prefix: str = "v", source: str | None = None) -> tuple[str, dict]:
     """``INSERT … RETURNING pk`` for an unsaved instance, every column prepared as the ORM would.
 
     With ``source`` (a CTE name) the row is inserted once per row of ``source`` — used inside a
@@ -380,7 +382,7 @@ def insert_statement(instance, *, prefix: str = "v", source: str | None = None) 
 
 
 def update_statement(
-    instance, field_names: list[str], *, prefix: str = "v", condition: str | None = None
+    instance: models.Model, field_names: list[str], *, prefix: str = "v", condition: str | None = None
 ) -> tuple[str, dict]:
     """``UPDATE … SET <fields> WHERE pk [AND condition] RETURNING pk`` for a saved instance,
     values prepared as the ORM would; parameters named as for ``insert_statement``."""

@@ -71,6 +71,6 @@ def readyz(request):
     checks = {"database": _check_database(), "channel_layer": _check_channel_layer()}
     checks.update({name: str(_safely(check)) for name, check in _checks.items()})
     ready = all(not value.startswith("error") for value in checks.values())
-    body = {"status": "ok" if ready else "unavailable", "checks": checks}
+    body: dict[str, object] = {"status": "ok" if ready else "unavailable", "checks": checks}
     body.update({name: _safely(report) for name, report in _reports.items()})
     return JsonResponse(body, status=200 if ready else 503)

@@ -140,8 +140,7 @@ class EndpointAdmin(admin.ModelAdmin):
 
 class AttemptInline(admin.TabularInline):
     model = Attempt
-    fields = ["started_at", "ok", "status_code", "latency_ms", "error"]
-    readonly_fields = fields
+    fields = readonly_fields = ("started_at", "ok", "status_code", "latency_ms", "error")
     extra = 0
     can_delete = False
 

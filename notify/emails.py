@@ -9,6 +9,7 @@ token naming the user and that kind of email; no sign-in) in its body and in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -21,6 +22,11 @@ from core.money import MoneyError, format_cents, parse_usd
 
 from .models import Event, EventType
 
+if TYPE_CHECKING:
+    # django-stubs' name for the AUTH_USER_MODEL, whichever app defines it (its mypy plugin
+    # resolves it); it exists only in the stubs, and notify imports no app above it.
+    from django.contrib.auth.models import _User
+
 UNSUBSCRIBE_SALT = "tokentill.notify.unsubscribe"
 
 
@@ -30,7 +36,7 @@ class Kind:
     preference: str  # the ``Preference`` field that turns it off
 
 
-EMAILS = {
+EMAILS: dict[str, Kind] = {  # by EventType
     EventType.BALANCE_LOW: Kind("balance_low", "email_low_balance"),
     EventType.BALANCE_DEPLETED: Kind("balance_depleted", "email_depleted"),
     EventType.PAYMENT_SUCCEEDED: Kind("payment_succeeded", "email_payments"),
@@ -57,7 +63,7 @@ def unsubscribe_token(user_id: int, preference: str) -> str:
     return signing.dumps({"u": user_id, "p": preference}, salt=UNSUBSCRIBE_SALT, compress=False)
 
 
-def unsubscribe_token_read(token: str) -> tuple[object, str] | None:
+def unsubscribe_token_read(token: str) -> tuple[_User, str] | None:
     """(user, preference field) from a token we signed, else None."""
     try:
         found = signing.loads(token, salt=UNSUBSCRIBE_SALT)
@@ -75,7 +81,7 @@ def unsubscribe_url(user_id: int, preference: str) -> str:
 
 def _shown(data: dict) -> dict:
     """The payload's amounts for people: "$12.35", half-up to the cent."""
-    shown = {}
+    shown: dict[str, str] = {}
     for source in (data, data.get("payment") or {}):
         for name in _AMOUNTS:
             value = source.get(name)
@@ -98,6 +104,8 @@ def message(event: Event) -> EmailMultiAlternatives:
     """The rendered email for ``event`` (to its user)."""
     kind = EMAILS[event.type]
     user = event.user
+    if user is None:  # has_email() keeps such events from ever having an email delivery
+        raise ValueError(f"event {event.id} has no user to email")
     unsubscribe = unsubscribe_url(user.pk, kind.preference)
     context = {
         "event": event,

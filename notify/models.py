@@ -163,7 +163,7 @@ class Delivery(models.Model):
         ]
 
     def __str__(self):
-        target = self.endpoint.url if self.endpoint_id else "email"
+        target = self.endpoint.url if self.endpoint is not None else "email"
         return f"{self.event_id} → {target}"
 
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.cache import cache
@@ -57,6 +58,9 @@ from .models import (
     new_secret,
     webhook_url_validator,
 )
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import _User  # the AUTH_USER_MODEL, as emails explains
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +146,7 @@ def events_dispatch(*, limit: int = 200, now: datetime | None = None) -> int:
         if not batch:
             return 0
         endpoints = list(Endpoint.objects.filter(enabled=True))
-        deliveries = []
+        deliveries: list[Delivery] = []
         for event in batch:
             event.body, event.dispatched_at = event_body(event), now
             deliveries.extend(
@@ -233,7 +237,7 @@ def delivery_record(*, delivery: Delivery, token: str, result: Result, now: date
             error=result.error[:500],
         )
         mine = Delivery.objects.filter(pk=delivery.pk, lease_token=token).update(**fields)
-        if mine and delivery.endpoint_id is not None and not result.skipped:
+        if mine and not result.skipped and delivery.endpoint is not None:
             _endpoint_health(delivery.endpoint, ok=result.ok, gone=result.status_code == 410, now=now)
     if mine:
         for name, value in fields.items():
@@ -370,7 +374,7 @@ def preference_update(*, user, **choices: bool) -> Preference:
     return preference
 
 
-def unsubscribe(*, token: str) -> tuple[object, str] | None:
+def unsubscribe(*, token: str) -> tuple[_User, str] | None:
     """One click from an email: turn that kind of email off for the token's user. Idempotent.
     Returns (user, the preference field turned off), or None for a token that is not ours."""
     found = emails.unsubscribe_token_read(token)

@@ -8,6 +8,7 @@ GET never unsubscribes: mail scanners fetch links to check them.
 
 from __future__ import annotations
 
+from django.db import models
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
@@ -18,7 +19,10 @@ from .models import Preference
 
 
 def _label(field: str) -> str:
-    return str(Preference._meta.get_field(field).verbose_name)
+    found = Preference._meta.get_field(field)
+    if not isinstance(found, models.Field):  # the preferences are Preference's own booleans
+        raise LookupError(f"{field!r} is not a field of Preference")
+    return str(found.verbose_name)
 
 
 @csrf_exempt  # the signed token authorises the one thing this does; mail clients POST without a CSRF token

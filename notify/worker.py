@@ -119,13 +119,15 @@ class Worker:
             mail = emails.message(event)
             return lambda: sender.send_email(mail)
         endpoint = delivery.endpoint
+        if endpoint is None:  # the channel_matches_endpoint constraint rules it out
+            raise ValueError(f"webhook delivery {delivery.pk} has no endpoint")
         return lambda: sender.post(
             self._http, url=endpoint.url, secret=endpoint.secret, event_id=event.id, body=event.body
         )
 
 
 def _log(delivery: Delivery, result: services.Result) -> None:
-    target = delivery.endpoint.url if delivery.endpoint_id else "email"
+    target = delivery.endpoint.url if delivery.endpoint is not None else "email"
     if result.ok:
         log.info("delivered %s %s to %s", delivery.event.type, delivery.event_id, target)
     elif not result.skipped:

@@ -13,11 +13,10 @@ from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve
 
 
 def _usd_column(field: str, label: str):
+    @admin.display(description=label, ordering=field)
     def column(obj):
         return format_cents(getattr(obj, field))
 
-    column.short_description = label
-    column.admin_order_field = field
     return column
 
 

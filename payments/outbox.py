@@ -21,8 +21,8 @@ def _payment(payment: Payment) -> dict:
         "amount": format_usd(payment.gross),
         "currency": payment.currency,
         "credit": format_usd(payment.credit),
-        "pack": payment.pack.slug if payment.pack_id else None,
-        "subscription": payment.subscription.provider_subscription_id if payment.subscription_id else None,
+        "pack": payment.pack.slug if payment.pack is not None else None,
+        "subscription": payment.subscription.provider_subscription_id if payment.subscription is not None else None,
         "status": payment.status,
         "test_mode": payment.test_mode,
     }
@@ -41,7 +41,7 @@ def _subscription(subscription: Subscription) -> dict:
 def payment_succeeded(payment: Payment) -> None:
     """A payment credited its wallet; a subscription invoice is also a ``subscription.renewed``."""
     event_emit(type=EventType.PAYMENT_SUCCEEDED, user_id=payment.user_id, data={"payment": _payment(payment)})
-    if payment.subscription_id:
+    if payment.subscription is not None:
         event_emit(
             type=EventType.SUBSCRIPTION_RENEWED,
             user_id=payment.user_id,

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -110,6 +112,7 @@ def checkout_create(*, user, pack_slug: str, provider: str | None = None) -> Che
         raise ProviderNotConfigured(f"Payments through {label} are not configured for the {pack.name} pack.")
 
     checkout = Checkout.objects.create(user=user, pack=pack, provider=provider)
+    created: lemonsqueezy.CreatedCheckout | stripe_provider.CreatedSession
     done_url = f"{settings.APP_URL}/topup/done?checkout={checkout.public_id}"
     try:
         if provider == Provider.LEMONSQUEEZY:
@@ -164,6 +167,8 @@ class WebhookResult:
 FINAL = {EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.REJECTED}
 
 ProviderEvent = lemonsqueezy.Event | stripe_provider.Event
+E = TypeVar("E", lemonsqueezy.Event, stripe_provider.Event)  # one provider's event, and its handlers
+S = TypeVar("S")  # the class of an event's object (an Order, a Session, …)
 
 
 def _parse(provider: str, body: str) -> ProviderEvent:
@@ -256,7 +261,8 @@ def webhook_event_process(
     try:
         with transaction.atomic(durable=True):
             locked = WebhookEvent.objects.select_for_update().get(pk=event.pk)
-            if locked.status in FINAL or (locked.status == EventStatus.PENDING and not force):
+            # (``read`` is None only for a row that was final when read, and a final row never changes.)
+            if locked.status in FINAL or read is None or (locked.status == EventStatus.PENDING and not force):
                 return WebhookResult(event=locked, ok=True, duplicate=True)
             locked.attempts += 1
             outcome = _dispatch(locked, read)
@@ -299,7 +305,7 @@ def _read(event: WebhookEvent, parsed: ProviderEvent | None) -> ProviderEvent | 
         except MalformedEvent as exc:  # stored before this check existed; a replay answers it
             return exc
     if isinstance(parsed, stripe_provider.Event) and _stripe_needs_line_items(event, parsed):
-        session = stripe_provider.session_with_line_items(parsed.subject)
+        session = stripe_provider.session_with_line_items(_subject(parsed, stripe_provider.Session))
         parsed = replace(parsed, subject=session)
     return parsed
 
@@ -309,11 +315,26 @@ def _dispatch(event: WebhookEvent, parsed: ProviderEvent | MalformedEvent) -> Ou
         return Outcome(EventStatus.REJECTED, note=str(parsed))
     if event.test_mode and not settings.PAYMENTS_TEST_MODE:
         return Outcome(EventStatus.IGNORED, note="test-mode event ignored: PAYMENTS_TEST_MODE is off")
-    handlers = LEMONSQUEEZY_HANDLERS if event.provider == Provider.LEMONSQUEEZY else STRIPE_HANDLERS
+    # The body was parsed by its row's provider, so the event's class says which handlers apply.
+    if isinstance(parsed, lemonsqueezy.Event):
+        return _handle(LEMONSQUEEZY_HANDLERS, event, parsed)
+    return _handle(STRIPE_HANDLERS, event, parsed)
+
+
+def _handle(handlers: dict[str, Callable[[WebhookEvent, E], Outcome]], event: WebhookEvent, parsed: E) -> Outcome:
     handler = handlers.get(parsed.event_type)
     if handler is None or parsed.subject is None:
         return Outcome(EventStatus.IGNORED, note="event type not handled")
     return handler(event, parsed)
+
+
+def _subject(parsed: ProviderEvent, kind: type[S]) -> S:
+    """The event's object, as the class its event type always carries: ``parse_event`` picks the
+    class by event type, and each handler is registered for event types of one class."""
+    subject = parsed.subject
+    if not isinstance(subject, kind):
+        raise TypeError(f"a {parsed.event_type} event carries {type(subject).__name__}, not {kind.__name__}")
+    return subject
 
 
 # --- Shared helpers ------------------------------------------------------------------------------
@@ -494,7 +515,7 @@ LS = Provider.LEMONSQUEEZY
 
 
 def _ls_order_created(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
-    order: lemonsqueezy.Order = parsed.subject
+    order = _subject(parsed, lemonsqueezy.Order)
     if order.status != "paid":
         return Outcome(EventStatus.IGNORED, note=f"order status is {order.status!r}, not paid")
     pack = CreditPack.objects.filter(lemonsqueezy_variant_id=order.variant_id).first() if order.variant_id else None
@@ -555,11 +576,13 @@ def _ls_refund(event: WebhookEvent, refunded: lemonsqueezy.Paid, *, payment_id: 
 
 
 def _ls_order_refunded(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
-    return _ls_refund(event, parsed.subject, payment_id=parsed.subject.id)
+    order = _subject(parsed, lemonsqueezy.Order)
+    return _ls_refund(event, order, payment_id=order.id)
 
 
 def _ls_invoice_refunded(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
-    return _ls_refund(event, parsed.subject, payment_id=f"invoice:{parsed.subject.id}")
+    invoice = _subject(parsed, lemonsqueezy.Invoice)
+    return _ls_refund(event, invoice, payment_id=f"invoice:{invoice.id}")
 
 
 _LS_SUBSCRIPTION_STATUS = {"cancelled": SubscriptionStatus.CANCELLED, "expired": SubscriptionStatus.EXPIRED}
@@ -568,7 +591,7 @@ _LS_SUBSCRIPTION_STATUS = {"cancelled": SubscriptionStatus.CANCELLED, "expired":
 def _ls_subscription_sync(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
     """Any subscription state event: create the row on first sight, else move its status —
     unless this state is older than the one we hold (deliveries are not ordered)."""
-    found: lemonsqueezy.Subscription = parsed.subject
+    found = _subject(parsed, lemonsqueezy.Subscription)
     status = _LS_SUBSCRIPTION_STATUS.get(found.status, SubscriptionStatus.ACTIVE)
     if event.event_type == "subscription_cancelled":
         status = SubscriptionStatus.CANCELLED
@@ -651,7 +674,7 @@ def _grant_invoice(
 
 
 def _ls_subscription_payment_success(event: WebhookEvent, parsed: lemonsqueezy.Event) -> Outcome:
-    invoice: lemonsqueezy.Invoice = parsed.subject
+    invoice = _subject(parsed, lemonsqueezy.Invoice)
     if invoice.status != "paid":
         return Outcome(EventStatus.IGNORED, note=f"invoice status is {invoice.status!r}, not paid")
     subscription = _locked_subscription(LS, invoice.subscription_id)
@@ -671,7 +694,7 @@ def _ls_subscription_payment_success(event: WebhookEvent, parsed: lemonsqueezy.E
     )
 
 
-LEMONSQUEEZY_HANDLERS = {
+LEMONSQUEEZY_HANDLERS: dict[str, Callable[[WebhookEvent, lemonsqueezy.Event], Outcome]] = {
     "order_created": _ls_order_created,
     "order_refunded": _ls_order_refunded,
     "subscription_created": _ls_subscription_sync,
@@ -707,6 +730,7 @@ def _stripe_needs_line_items(event: WebhookEvent, parsed: stripe_provider.Event)
     session = parsed.subject
     return (
         parsed.event_type in STRIPE_PAID_EVENTS
+        and isinstance(session, stripe_provider.Session)
         and session.payment_status == "paid"
         and session.mode == "payment"
         and (settings.PAYMENTS_TEST_MODE or not event.test_mode)
@@ -731,7 +755,7 @@ def _stripe_link_pack(session: stripe_provider.Session) -> tuple[CreditPack | No
 
 
 def _stripe_session_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    session: stripe_provider.Session = parsed.subject
+    session = _subject(parsed, stripe_provider.Session)
     if session.payment_status != "paid":
         note = f"payment_status is {session.payment_status!r}: waiting for async_payment_succeeded"
         return Outcome(EventStatus.IGNORED, note=note)
@@ -747,6 +771,7 @@ def _stripe_session_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> 
         "checkout": checkout,
         **_amounts(ST, session.amount_total),
     }
+    pack: CreditPack | None
     if checkout is not None:
         pack, user = checkout.pack, checkout.user
     else:
@@ -756,9 +781,9 @@ def _stripe_session_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> 
         if user is None:
             reason = f"client_reference_id {session.client_reference_id!r} is not one of our checkouts, nor a user"
             return _flag(event, reason=reason, **common)
-        pack, problem = _stripe_link_pack(session)
+        pack, unbought = _stripe_link_pack(session)
         if pack is None:
-            return _flag(event, reason=problem, user=user, **common)
+            return _flag(event, reason=unbought, user=user, **common)
     problem = _price_problem(
         pack, total_cents=session.amount_total, tax_cents=session.amount_tax, currency=session.currency
     )
@@ -807,13 +832,13 @@ def _stripe_subscription_started(
 
 
 def _stripe_session_closed(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    checkout = _stripe_checkout(parsed.subject)
+    session = _subject(parsed, stripe_provider.Session)
+    checkout = _stripe_checkout(session)
     if checkout is None:
         return Outcome(EventStatus.IGNORED, note="not one of our checkouts")
     status = CheckoutStatus.EXPIRED if event.event_type == "checkout.session.expired" else CheckoutStatus.FAILED
     closed = Checkout.objects.filter(pk=checkout.pk, status=CheckoutStatus.PENDING).update(status=status)
     if closed and status == CheckoutStatus.FAILED:
-        session: stripe_provider.Session = parsed.subject
         outbox.payment_failed(
             user_id=checkout.user_id,
             provider=ST,
@@ -826,7 +851,7 @@ def _stripe_session_closed(event: WebhookEvent, parsed: stripe_provider.Event) -
 
 
 def _stripe_charge_refunded(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    charge: stripe_provider.Charge = parsed.subject
+    charge = _subject(parsed, stripe_provider.Charge)
     if not charge.payment_intent:
         return Outcome(EventStatus.IGNORED, note="charge without a payment_intent")
     payment = (
@@ -849,7 +874,7 @@ def _stripe_charge_refunded(event: WebhookEvent, parsed: stripe_provider.Event) 
 
 
 def _stripe_invoice_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    invoice: stripe_provider.Invoice = parsed.subject
+    invoice = _subject(parsed, stripe_provider.Invoice)
     if not invoice.subscription_id:
         return Outcome(EventStatus.IGNORED, note="invoice is not for a subscription")
     subscription = _locked_subscription(ST, invoice.subscription_id)
@@ -875,7 +900,7 @@ def _stripe_invoice_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> 
 
 
 def _stripe_invoice_failed(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    invoice: stripe_provider.Invoice = parsed.subject
+    invoice = _subject(parsed, stripe_provider.Invoice)
     amount = format_cents(invoice.amount_due * NANOS_PER_CENT)
     next_try = "Stripe will retry." if invoice.retries else "Stripe will not retry."
     _alert(
@@ -899,7 +924,7 @@ def _stripe_invoice_failed(event: WebhookEvent, parsed: stripe_provider.Event) -
 
 
 def _stripe_subscription_deleted(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
-    subscription = _locked_subscription(ST, parsed.subject.id)
+    subscription = _locked_subscription(ST, _subject(parsed, stripe_provider.Subscription).id)
     if subscription is None:
         return Outcome(EventStatus.IGNORED, note="not one of our subscriptions")
     cancelled_now = subscription.status != SubscriptionStatus.CANCELLED
@@ -911,7 +936,7 @@ def _stripe_subscription_deleted(event: WebhookEvent, parsed: stripe_provider.Ev
     return Outcome(EventStatus.PROCESSED)
 
 
-STRIPE_HANDLERS = {
+STRIPE_HANDLERS: dict[str, Callable[[WebhookEvent, stripe_provider.Event], Outcome]] = {
     "checkout.session.completed": _stripe_session_paid,
     "checkout.session.async_payment_succeeded": _stripe_session_paid,
     "checkout.session.async_payment_failed": _stripe_session_closed,

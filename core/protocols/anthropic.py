@@ -189,7 +189,9 @@ def _text_part(block: dict, where: str) -> dict:
 
 def _image_part(block: dict, where: str) -> dict:
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict):
+        raise ProtocolError(f"{where}.source", "an image needs a base64 or url source.")
+    kind = source.get("type")
     if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
         url = f"data:{source['media_type']};base64,{source['data']}"
     elif kind == "url" and isinstance(source.get("url"), str):
@@ -263,7 +265,9 @@ def _tools(tools: object) -> list[dict]:
 
 
 def _tool_choice(choice: object, chat: dict) -> None:
-    kind = choice.get("type") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict):
+        raise ProtocolError("tool_choice", "tool_choice type must be auto, any, tool or none.")
+    kind = choice.get("type")
     if kind == "auto":
         chat["tool_choice"] = "auto"
     elif kind == "any":
@@ -289,12 +293,13 @@ def _reasoning(body: dict, chat: dict) -> None:
             raise ProtocolError("output_config.format", "output_config.format must be a json_schema format.")
         chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     thinking = body.get("thinking")
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    thinking_fields = thinking if isinstance(thinking, dict) else {}
+    kind = thinking_fields.get("type")
     if thinking is not None and kind not in ("enabled", "disabled", "adaptive"):
         raise ProtocolError("thinking.type", "thinking type must be enabled, disabled or adaptive.")
     effort = output_config.get("effort")
     if effort is None and kind == "enabled":
-        budget = thinking.get("budget_tokens")
+        budget = thinking_fields.get("budget_tokens")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ProtocolError("thinking.budget_tokens", "thinking needs a positive budget_tokens.")
         effort = next((name for limit, name in _EFFORT_BY_BUDGET if budget < limit), "high")
@@ -377,7 +382,7 @@ class MessageStream(StreamTranslator):
         self._blocks = 0
 
     def _opening(self) -> list[dict]:
-        message = {
+        message: dict[str, object] = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
@@ -410,7 +415,7 @@ class MessageStream(StreamTranslator):
         if self._open is None or self._open["kind"] != block["type"]:
             events += self._close()
             events.append(self._start_block(block, {"kind": block["type"]}))
-        return [*events, {"type": "content_block_delta", "index": self._open["index"], "delta": delta}]
+        return [*events, {"type": "content_block_delta", "index": self._current["index"], "delta": delta}]
 
     def _new_call(self) -> dict:
         return {"index": None}  # a block index once the block starts
@@ -423,7 +428,12 @@ class MessageStream(StreamTranslator):
     def _announce(self, call: dict) -> list[dict]:
         """Start a tool_use block: once its name is known (or at its end if it never came); the
         arguments that arrived before go out as one delta."""
-        block = {"type": "tool_use", "id": call["call_id"] or new_id("toolu"), "name": call["name"] or "", "input": {}}
+        block: dict[str, object] = {
+            "type": "tool_use",
+            "id": call["call_id"] or new_id("toolu"),
+            "name": call["name"] or "",
+            "input": {},
+        }
         events = [self._start_block(block, call)]
         return events + ([self._json_delta(call, call["text"])] if call["text"] else [])
 

@@ -88,7 +88,9 @@ def _pieces(part: dict) -> list[Piece]:
     for call in calls if isinstance(calls, list) else []:
         if not isinstance(call, dict):
             continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
         call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else None
         index = call.get("index")
         key = index if isinstance(index, int) and not isinstance(index, bool) else call_id
@@ -180,6 +182,13 @@ class StreamTranslator(ABC):
         self._started = False
         self._open: dict | None = None  # the item being streamed; tool calls have kind "call"
         self._closed_calls: set[object] = set()
+
+    @property
+    def _current(self) -> dict:
+        """The item being streamed, for the steps that run only while one is open."""
+        if self._open is None:
+            raise RuntimeError("no output item is open")
+        return self._open
 
     def start(self) -> list[dict]:
         if self._started:

@@ -585,16 +585,16 @@ class ResponseStream(StreamTranslator):
             if self._open is None or self._open["kind"] != "reasoning":
                 events += self._close()
                 events += self._open_item("reasoning", text="")
-            self._open["text"] += piece.text
+            self._current["text"] += piece.text
             return [*events, self._reasoning_event("response.reasoning_summary_text.delta", delta=piece.text)]
         # text or refusal: a content part of the open message
         if self._open is None or self._open["kind"] != "message":
             events += self._close()
             events += self._open_item("message", parts=[])
         events += self._part(piece.kind)
-        self._open["parts"][-1]["text"] += piece.text
+        self._current["parts"][-1]["text"] += piece.text
         kind = "response.output_text.delta" if piece.kind == "text" else "response.refusal.delta"
-        extra = {"logprobs": []} if piece.kind == "text" else {}
+        extra: dict[str, object] = {"logprobs": []} if piece.kind == "text" else {}
         return [*events, self._content_event(kind, delta=piece.text, **extra)]
 
     def _open_item(self, kind: str, **state: object) -> list[dict]:
@@ -631,7 +631,7 @@ class ResponseStream(StreamTranslator):
         return events
 
     def _part(self, kind: str) -> list[dict]:
-        parts = self._open["parts"]
+        parts = self._current["parts"]
         if parts and parts[-1]["kind"] == kind:
             return []
         events = self._close_part() if parts else []
@@ -640,7 +640,7 @@ class ResponseStream(StreamTranslator):
         return [*events, self._content_event("response.content_part.added", part=part)]
 
     def _close_part(self) -> list[dict]:
-        last = self._open["parts"][-1]
+        last = self._current["parts"][-1]
         if last["kind"] == "text":
             return [
                 self._content_event("response.output_text.done", text=last["text"], logprobs=[]),
@@ -686,7 +686,7 @@ class ResponseStream(StreamTranslator):
         return _call_item(current["id"], current["call_id"], current["name"] or "", current["text"], status)
 
     def _content_event(self, kind: str, **fields: object) -> dict:
-        current = self._open
+        current = self._current
         return self._event(
             kind,
             item_id=current["id"],
@@ -696,9 +696,9 @@ class ResponseStream(StreamTranslator):
         )
 
     def _reasoning_event(self, kind: str, **fields: object) -> dict:
-        current = self._open
+        current = self._current
         return self._event(kind, item_id=current["id"], output_index=current["index"], summary_index=0, **fields)
 
     def _call_event(self, kind: str, **fields: object) -> dict:
-        current = self._open
+        current = self._current
         return self._event(kind, item_id=current["id"], output_index=current["index"], **fields)

@@ -8,7 +8,7 @@ and a ``10.5`` or ``"1000"`` is refused instead of being rounded or coerced.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, overload
 
 from core.money import loads_decimal
 
@@ -94,6 +94,11 @@ class Fields:
         if isinstance(value, dict):
             return Fields(value, f"{self.path}.{key}").ident("id")
         return self.ident(key, required=False)
+
+    @overload
+    def cents(self, key: str, *, required: Literal[True] = True) -> int: ...
+    @overload
+    def cents(self, key: str, *, required: bool) -> int | None: ...
 
     def cents(self, key: str, *, required: bool = True) -> int | None:
         """A whole number of cents. Its sign is the services' business (a negative total is flagged)."""

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import httpx
 from django.conf import settings
@@ -64,7 +65,9 @@ def checkout_create(*, variant_id: str, checkout_id: str, user_id: int, redirect
     if not response.is_success:
         raise ProviderError(f"Lemon Squeezy refused the checkout (HTTP {response.status_code})")
     try:
-        data = loads_decimal(response.content)["data"]
+        # Read without checks: a document of another shape raises one of the errors caught below.
+        document: Any = loads_decimal(response.content)
+        data = document["data"]
         return CreatedCheckout(provider_checkout_id=str(data["id"]), url=str(data["attributes"]["url"]))
     except (ValueError, KeyError, TypeError):
         raise ProviderError("Lemon Squeezy answered with an unexpected checkout document") from None
@@ -155,15 +158,8 @@ def parse_event(body: str) -> Event:
     try:
         data = root.obj("data")
         object_id = data.ident("id")
-        handled = name in ORDER_EVENTS | SUBSCRIPTION_EVENTS | INVOICE_EVENTS
-        attributes = data.obj("attributes") if handled else data.optional_obj("attributes")
-        subject: Order | Subscription | Invoice | None = None
-        if name in ORDER_EVENTS:
-            subject = _order(object_id, attributes)
-        elif name in SUBSCRIPTION_EVENTS:
-            subject = _subscription(object_id, attributes)
-        elif name in INVOICE_EVENTS:
-            subject = _invoice(object_id, attributes)
+        attributes = data.optional_obj("attributes")
+        subject = _subject(name, object_id, data)
         test_mode = bool(meta.flag("test_mode")) or bool(attributes and attributes.flag("test_mode"))
         return Event(
             event_type=name,
@@ -175,6 +171,17 @@ def parse_event(body: str) -> Event:
     except MalformedEvent as exc:
         # The event id is derived from the object, so an unreadable object has none we could trust.
         raise MalformedEvent(str(exc), event_type=name) from None
+
+
+def _subject(name: str, object_id: str, data: Fields) -> Order | Subscription | Invoice | None:
+    """The object of an event we handle (its ``attributes`` required); None for any other."""
+    if name in ORDER_EVENTS:
+        return _order(object_id, data.obj("attributes"))
+    if name in SUBSCRIPTION_EVENTS:
+        return _subscription(object_id, data.obj("attributes"))
+    if name in INVOICE_EVENTS:
+        return _invoice(object_id, data.obj("attributes"))
+    return None
 
 
 def _paid(attributes: Fields) -> dict:

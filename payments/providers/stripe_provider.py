@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import stripe
 from django.conf import settings
 
 from .errors import MalformedEvent, ProviderError
 from .fields import Fields, load_json
+
+if TYPE_CHECKING:
+    from stripe.params.checkout import SessionCreateParams
 
 # The library refuses signatures older than its tolerance but accepts any timestamp in the future,
 # so a captured delivery signed "10 minutes from now" would stay replayable for 15 minutes. Allow
@@ -25,9 +29,13 @@ def is_configured() -> bool:
 
 
 def _client() -> stripe.StripeClient:
-    base = {"api": settings.STRIPE_API_BASE.rstrip("/")} if settings.STRIPE_API_BASE else None
+    api_base = settings.STRIPE_API_BASE
     # One retry on network trouble; the idempotency key makes the retry safe.
-    return stripe.StripeClient(settings.STRIPE_API_KEY, base_addresses=base, max_network_retries=1)
+    return stripe.StripeClient(
+        settings.STRIPE_API_KEY,
+        base_addresses={"api": api_base.rstrip("/")} if api_base else None,
+        max_network_retries=1,
+    )
 
 
 @dataclass
@@ -49,7 +57,7 @@ def checkout_create(
     """A hosted Checkout Session for one pack. ``client_reference_id`` is our checkout id, and
     the deterministic idempotency key means a double click cannot open two sessions."""
     metadata = {"user_id": str(user_id), "checkout_id": checkout_id, "pack": pack_slug}
-    params: dict = {
+    params: SessionCreateParams = {
         "mode": "subscription" if recurring else "payment",
         "line_items": [{"price": price_id, "quantity": 1}],
         "client_reference_id": checkout_id,
