@@ -177,6 +177,7 @@ _ERRORS = {
     403: OpenApiResponse(description="operator_key_required, not_staff, or (for changes) staff_account"),
     404: OpenApiResponse(description="no such user, key or login"),
 }
+ERRORS = _ERRORS
 
 
 class UserPagination(ResultsCursorPagination):

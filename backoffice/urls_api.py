@@ -3,7 +3,7 @@
 
 from django.urls import path
 
-from . import api
+from . import api, api_reports
 
 urlpatterns = [
     path("users", api.UserListView.as_view(), name="api-admin-users"),
@@ -26,4 +26,8 @@ urlpatterns = [
     path("users/<int:user_id>/corrections", api.UserCorrectionView.as_view(), name="api-admin-user-corrections"),
     path("users/<int:user_id>/entries", api.UserEntriesView.as_view(), name="api-admin-user-entries"),
     path("users/<int:user_id>/usage", api.UserUsageView.as_view(), name="api-admin-user-usage"),
+    path("reports/money", api_reports.MoneyReportView.as_view(), name="api-admin-reports-money"),
+    path("reports/usage", api_reports.UsageReportView.as_view(), name="api-admin-reports-usage"),
+    path("reports/top-spenders", api_reports.TopSpendersView.as_view(), name="api-admin-reports-top-spenders"),
+    path("reports/liabilities", api_reports.LiabilitiesView.as_view(), name="api-admin-reports-liabilities"),
 ]

@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 from django.db import connection
 from django.db.utils import DatabaseError
 from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import ApiKey, Scope, TokenFamily
@@ -17,6 +18,7 @@ from accounts.services import api_key_create, api_key_revoke, operator_key_creat
 from backoffice.models import AppendOnlyError, AuditEntry
 from core.money import parse_usd
 from tests.conftest import make_user
+from tests.test_admin_dashboard import payment, usage
 from tests.test_ws_events import CLOSE_WAIT, access_token, bearer, expect_refusal, listening, still_listening
 from wallet.models import Entry
 
@@ -87,6 +89,10 @@ def endpoints(alice, alice_key, alice_login):
         ("post", f"{user}/corrections", {"amount": "-0.50", "reason": "fix"}, {"HTTP_IDEMPOTENCY_KEY": "c-1"}, 201),
         ("post", f"{user}/disable", None, {}, 200),
         ("post", f"{user}/enable", None, {}, 200),
+        ("get", "/api/admin/reports/money?group_by=week", None, {}, 200),
+        ("get", "/api/admin/reports/usage?group_by=user", None, {}, 200),
+        ("get", "/api/admin/reports/top-spenders", None, {}, 200),
+        ("get", "/api/admin/reports/liabilities", None, {}, 200),
     ]
 
 
@@ -156,7 +162,7 @@ def test_an_operator_key_opens_every_endpoint_and_every_call_is_audited(operator
         (m, p.split("?")[0], s) for m, p, _, _, s in endpoints(alice, alice_key, alice_login)
     ]
     assert {a.actor_id for a in audit} == {ops.pk} and {a.outcome for a in audit} == {"ok"}
-    assert all(a.key_prefix.startswith("tt_") and a.operation.startswith("admin_users_") for a in audit)
+    assert all(a.key_prefix.startswith("tt_") and a.operation.startswith("admin_") for a in audit)
 
 
 def test_an_operator_key_works_nowhere_else(operator_secret):
@@ -356,6 +362,48 @@ def test_entries_and_usage_lists_page_by_cursor(operator, alice):
     assert operator.get(f"/api/admin/users/{alice.pk}/usage").json() == {"results": [], "next": None}
 
 
+# --- reports ----------------------------------------------------------------------------------
+
+
+def test_reports_add_up_money_usage_top_spenders_and_liabilities(operator, alice, bob):
+    payment(1, gross="10.00", fee="1.00", user=alice)
+    payment(2, gross="99.00", fee="0", test_mode=True)  # test-mode money is not revenue
+    usage(alice, "r1", cost="0.000100000", charge="0.000139", model="=cmd|' /C calc'!A0")
+    usage(bob, "r2", cost="1.000000000", charge="1.20", model="openai/gpt-4o-mini", days_ago=40)
+    grant(operator, bob, {"amount": "1", "reason": "r"})
+
+    money = operator.get("/api/admin/reports/money?group_by=month").json()
+    assert money["totals"]["revenue"] == "10.000000000" and money["totals"]["fees"] == "1.000000000"
+    assert money["totals"]["charged"] == "1.200139000" and money["totals"]["upstream_cost"] == "1.000100000"
+    assert money["totals"]["margin"] == "0.200039000" and money["totals"]["requests"] == 2
+    assert [row["period"] for row in money["results"]] == sorted(row["period"] for row in money["results"])
+    recent = operator.get("/api/admin/reports/money?group_by=day&since=" + (timezone.now().date().isoformat())).json()
+    assert recent["totals"]["charged"] == "0.000139000"
+    assert operator.get("/api/admin/reports/money?group_by=year").status_code == 400
+
+    by_user = operator.get("/api/admin/reports/usage?group_by=user").json()["results"]
+    assert [(row["key"], row["charged"], row["margin"]) for row in by_user] == [
+        ("bob@example.com", "1.200000000", "0.200000000"),
+        ("alice@example.com", "0.000139000", "0.000039000"),
+    ]
+    csv_text = operator.get("/api/admin/reports/usage?group_by=model&format=csv").content.decode()
+    assert csv_text.splitlines()[0] == "key,requests,prompt_tokens,completion_tokens,charged,upstream_cost,margin"
+    assert "'=cmd" in csv_text  # a formula-looking model id is quoted for spreadsheets
+
+    top = operator.get("/api/admin/reports/top-spenders?limit=1").json()["results"]
+    assert top == [
+        {
+            "user": bob.pk,
+            "email": "bob@example.com",
+            "usage": "1.200000000",
+            "tools": "0.000000000",
+            "spent": "1.200000000",
+        }
+    ]
+    owed = operator.get("/api/admin/reports/liabilities").json()
+    assert owed["owed_to_users"] == "11.000000000" and owed["wallets_in_credit"] == 2  # alice 10 + bob's grant
+
+
 # --- the audit log ----------------------------------------------------------------------------
 
 
@@ -443,7 +491,7 @@ def test_the_admin_scope_cannot_be_ticked_onto_an_existing_key(root, alice_key):
 def test_the_schema_lists_the_operator_api(client):
     paths = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     ours = {path for path in paths if path.startswith("/api/admin/")}
-    assert len(ours) == 12
+    assert len(ours) == 16
     assert paths["/api/admin/users/{user_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
 
 
