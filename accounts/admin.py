@@ -14,6 +14,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
+from django.core.exceptions import PermissionDenied
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 
 from core.money import format_usd
 from wallet import events
@@ -22,7 +25,7 @@ from wallet.services import wallet_get_or_create
 from .forms import StaffLoginForm
 from .models import ApiKey, Scope, TokenFamily, User
 from .serializers import limits_clean
-from .services import api_key_revoke, token_family_revoke
+from .services import OperatorKeyRefused, api_key_revoke, operator_key_create, token_family_revoke
 
 # Staff sign-in counts failures in the same buckets as /login and /api/auth/token, and is refused
 # alike while throttled (the admin's own page and look; see accounts.views.staff_login).
@@ -94,8 +97,10 @@ class UserAdmin(DjangoUserAdmin):
 
 
 class ApiKeyForm(forms.ModelForm):
+    # The ``admin`` scope is not offered: an operator key is minted whole by a superuser ("Mint
+    # an operator key"), never made by ticking a box on some existing key.
     scopes = forms.MultipleChoiceField(
-        choices=Scope.choices,
+        choices=[choice for choice in Scope.choices if choice[0] != Scope.ADMIN],
         widget=forms.CheckboxSelectMultiple,
         required=False,
         help_text="proxy: call /v1 as the key's owner. billing: charge or credit *other* users — grant it "
@@ -106,8 +111,23 @@ class ApiKeyForm(forms.ModelForm):
         model = ApiKey
         fields = ("name", "scopes", "limits", "expires_at")
 
+    def clean_scopes(self):
+        scopes = list(self.cleaned_data.get("scopes") or [])
+        if self.instance.pk is not None and self.instance.has_scope(Scope.ADMIN):
+            return [Scope.ADMIN]  # an operator key stays one, with nothing added
+        return scopes
+
     def clean_limits(self):
         return limits_clean(self.cleaned_data.get("limits"))
+
+
+class OperatorKeyForm(forms.Form):
+    user = forms.ModelChoiceField(
+        queryset=User.objects.filter(is_staff=True, is_active=True).order_by("email"),
+        help_text="the staff member who will use it; every call is audited under their name",
+    )
+    name = forms.CharField(max_length=100, help_text='what it is for, e.g. "billing back office"')
+    expires_at = forms.DateTimeField(required=False, help_text="optional; YYYY-MM-DD HH:MM:SS (UTC)")
 
 
 @admin.register(ApiKey)
@@ -120,6 +140,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     readonly_fields = ("user", "prefix", "created_at", "last_used_at", "revoked_at")
     fields = ("user", "name", "prefix", "scopes", "limits", "expires_at", "created_at", "last_used_at", "revoked_at")
     actions = ["revoke"]
+    change_list_template = "admin/accounts/apikey/change_list.html"
 
     @admin.display(description="scopes")
     def scope_list(self, key):
@@ -141,6 +162,38 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "can_mint_operator_key": request.user.is_superuser}
+        return super().changelist_view(request, extra_context)
+
+    def get_urls(self):
+        mint = self.admin_site.admin_view(self.mint_operator_key_view)
+        return [path("mint-operator-key/", mint, name="accounts_apikey_mint_operator"), *super().get_urls()]
+
+    def mint_operator_key_view(self, request):
+        """A superuser mints an operator key for a staff user; its secret is shown once, here."""
+        if not request.user.is_superuser:
+            raise PermissionDenied
+        form = OperatorKeyForm(request.POST or None)
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Mint an operator key"}
+        if request.method == "POST" and form.is_valid():
+            try:
+                key, secret = operator_key_create(
+                    user=form.cleaned_data["user"],
+                    name=form.cleaned_data["name"],
+                    expires_at=form.cleaned_data["expires_at"],
+                    minted_by=request.user,
+                )
+            except OperatorKeyRefused as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.log_addition(request, key, f"Minted operator key {key.prefix}… for {key.user}")
+                change_url = reverse("admin:accounts_apikey_changelist")
+                context.update({"key": key, "secret": secret, "change_url": change_url})
+                return TemplateResponse(request, "admin/accounts/apikey/operator_key_minted.html", context)
+        context["form"] = form
+        return TemplateResponse(request, "admin/accounts/apikey/mint_operator_key.html", context)
 
 
 @admin.register(TokenFamily)

@@ -78,6 +78,11 @@ class Principal:
     # principal was read from are unchanged — see the module docstring. None on the ORM path.
     unchanged: tuple[str, dict] | None = None
 
+    @property
+    def is_operator_key(self) -> bool:
+        """An operator API key (``admin`` scope): valid on ``/api/admin/`` only."""
+        return self.api_key is not None and self.api_key.has_scope(Scope.ADMIN)
+
     def has_scope(self, scope: str) -> bool:
         # Desktop tokens act as the user themselves: proxy use only, never billing others.
         if self.api_key is None:

@@ -3,11 +3,17 @@
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from .auth import AuthFailed, authenticate_bearer, bearer_from_header
+from .auth import AuthFailed, Principal, authenticate_bearer, bearer_from_header
+
+OPERATOR_KEY_ELSEWHERE = "an operator key works only on the operator API (/api/admin/)"
 
 
 class BearerAuthentication(authentication.BaseAuthentication):
+    """The account API's bearer check. An operator key (``admin`` scope) is refused here: it is
+    a staff credential for ``/api/admin/``, not a way to act as its owner's own account."""
+
     keyword = "Bearer"
+    operator_keys = False  # the operator API's subclass takes them (and only them)
 
     def authenticate(self, request):
         token = bearer_from_header(request.headers.get("Authorization"))
@@ -17,7 +23,12 @@ class BearerAuthentication(authentication.BaseAuthentication):
             principal = authenticate_bearer(token)
         except AuthFailed as exc:
             raise exceptions.AuthenticationFailed(exc.reason) from None
+        self.check_kind(principal)
         return principal.user, principal
+
+    def check_kind(self, principal: Principal) -> None:
+        if principal.is_operator_key and not self.operator_keys:
+            raise exceptions.AuthenticationFailed(OPERATOR_KEY_ELSEWHERE)
 
     def authenticate_header(self, request):
         return self.keyword

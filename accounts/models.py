@@ -60,6 +60,9 @@ class User(AbstractBaseUser, PermissionsMixin):
 class Scope(models.TextChoices):
     PROXY = "proxy", "Proxy (call /v1 as this user)"
     BILLING = "billing", "Billing (charge or credit other users)"
+    # The operator API (/api/admin/…). Minted only by a superuser, for a staff user, in the admin
+    # (``accounts.services.operator_key_create``); a key with it works nowhere else.
+    ADMIN = "admin", "Operator API (staff only)"
 
 
 def default_scopes():

@@ -88,6 +88,24 @@ def api_key_create(
     return key, secret
 
 
+class OperatorKeyRefused(AccountError):
+    """Who may mint an operator key, and for whom, is narrower than any other key."""
+
+
+def operator_key_create(*, user: User, name: str, minted_by: User, expires_at=None) -> tuple[ApiKey, str]:
+    """An API key with only the ``admin`` scope: the operator API's credential (``/api/admin/``).
+
+    Only a superuser mints one, and only for an active staff user: it acts with staff powers
+    over every customer account, so it must not be within reach of staff who could then grant
+    it to themselves. It has no ``proxy`` scope, and the rest of the API refuses it.
+    """
+    if not (minted_by.is_active and minted_by.is_superuser):
+        raise OperatorKeyRefused("only a superuser can mint an operator key")
+    if not (user.is_active and user.is_staff):
+        raise OperatorKeyRefused("an operator key can only belong to an active staff user")
+    return api_key_create(user=user, name=name, expires_at=expires_at, scopes=[Scope.ADMIN])
+
+
 def _key_data(key: ApiKey) -> dict:
     """An API key as the ``key.*`` events describe it (never its secret or hash)."""
     return {
@@ -128,6 +146,30 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
             event_emit(type=EventType.KEY_REVOKED, user_id=key.user_id, data={"api_key": _key_data(key)})
             events.publish_revocation_on_commit(key.user_id, events.api_key_credential(key.pk))
     return key
+
+
+# --- The account as a whole -------------------------------------------------------------------
+
+
+def user_set_active(*, user: User, active: bool) -> bool:
+    """Disable or enable an account; True when this call changed it. A disabled account's
+    credentials all stop working at once (``accounts.auth`` checks ``is_active`` on every
+    lookup), and its open ``/ws/events`` sockets close once this commits."""
+    with transaction.atomic(savepoint=False):
+        changed = User.objects.filter(pk=user.pk).exclude(is_active=active).update(is_active=active)
+        if changed and not active:
+            events.publish_revocation_on_commit(user.pk, None)
+    user.is_active = active
+    return bool(changed)
+
+
+def token_families_revoke_all(*, user: User, reason: str) -> int:
+    """Sign the user out of every app (every active login); how many were ended."""
+    with transaction.atomic(savepoint=False):
+        families = list(TokenFamily.objects.filter(user=user, revoked_at__isnull=True))
+        for family in families:
+            _family_revoke(family, reason=reason)
+    return len(families)
 
 
 # --- Desktop tokens ---------------------------------------------------------------------------

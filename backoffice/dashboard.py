@@ -8,9 +8,15 @@ staff get the plain index.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.utils import timezone
+
 from backoffice.reports import ledger_discrepancies, ledger_totals
 
-from . import selectors
+from . import business, charts, selectors
+
+TOP_SHOWN = 10
 
 DISCREPANCIES_SHOWN = 20
 
@@ -53,4 +59,39 @@ def dashboard_context(request) -> dict:
         "discrepancy_count": len(discrepancies),
         "upstreams": upstreams,
         "upstreams_down": [u["name"] for u in upstreams if u["breaker"] != "closed"],
+        "charts": dashboard_charts(since=since),
     }
+
+
+def dashboard_charts(*, since) -> dict:
+    """The three charts staff look at rather than read: money over time, spend by model, top
+    users (server-rendered SVG, ``backoffice.charts``)."""
+    found = {row["period"]: row for row in business.money_by_period(period="day", since=since)}
+    # Every day of the period on the x axis, those without a figure at zero: a gap must look like one.
+    first, last = since.date(), timezone.now().date()
+    empty = dict.fromkeys(business.MONEY_FIELDS, 0)
+    days = [found.get(first + timedelta(n), empty) for n in range((last - first).days + 1)] if found else []
+    labels = [(first + timedelta(n)).isoformat() for n in range(len(days))]
+    money = charts.line_chart(
+        title="Revenue, upstream cost and margin per day (UTC)",
+        labels=labels,
+        series=[(name, [row[field] for row in days]) for name, field in _MONEY_SERIES],
+    )
+    models = business.usage_by(group="model", since=since, limit=TOP_SHOWN)
+    by_model = charts.bar_chart(
+        title="Charged by model",
+        rows=[(row["key"], row["charged"], f"{row['requests']} requests") for row in models],
+    )
+    spenders = business.top_spenders(since=since, limit=TOP_SHOWN)
+    top = charts.bar_chart(title="Top spenders", rows=[(row["email"], row["spent"], "") for row in spenders])
+    return {
+        "money": money,
+        "has_money": bool(days),
+        "by_model": by_model,
+        "has_models": bool(models),
+        "top_spenders": top,
+        "has_spenders": bool(spenders),
+    }
+
+
+_MONEY_SERIES = (("revenue", "revenue"), ("upstream cost", "upstream_cost"), ("margin", "margin"))

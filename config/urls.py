@@ -17,6 +17,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/admin/", include("backoffice.urls_api")),
     path("api/", include("accounts.urls_api")),
     path("api/", include("wallet.urls_api")),
     path("api/", include("proxy.urls_api")),

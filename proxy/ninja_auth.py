@@ -9,6 +9,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer
 
 from accounts.auth import AuthFailed, authenticate_bearer
+from accounts.authentication import OPERATOR_KEY_ELSEWHERE
 
 from . import limits
 
@@ -19,6 +20,9 @@ class BearerAuth(HttpBearer):
             principal = authenticate_bearer(token)
         except AuthFailed as exc:
             request.auth_failure = exc.reason
+            return None
+        if principal.is_operator_key:
+            request.auth_failure = OPERATOR_KEY_ELSEWHERE
             return None
         request.user = principal.user
         limits.check_rpm(api_key=principal.api_key, now=timezone.now())

@@ -15,6 +15,7 @@ from django.db.backends.postgresql.base import DatabaseOperations as PgOps
 from django.db.backends.sqlite3.base import DatabaseOperations as SqliteOps
 
 _triggers = importlib.import_module("wallet.migrations.0002_append_only_triggers")
+_audit_triggers = importlib.import_module("backoffice.migrations.0002_audit_log_append_only")
 
 # The live servers and fresh interpreters the tests start must not read a developer's .env either
 # (config/settings.py: this process already does not).
@@ -23,7 +24,7 @@ os.environ["TOKENTILL_DOTENV"] = "off"
 
 # The ledger refuses DELETE and TRUNCATE by trigger. Between transactional tests Django empties
 # every table with a flush; the test database's teardown is the one party allowed to erase the
-# ledger, so the flush (and only the flush) steps around the triggers.
+# ledger (and the operator audit log), so the flush (and only the flush) steps around the triggers.
 _pg_flush = PgOps.execute_sql_flush
 _sqlite_flush = SqliteOps.execute_sql_flush
 
@@ -33,7 +34,8 @@ def _pg_flush_bypassing_triggers(self, sql_list):
 
 
 def _sqlite_flush_bypassing_triggers(self, sql_list):
-    _sqlite_flush(self, [*_triggers.SQLITE_REVERSE, *sql_list, *_triggers.SQLITE_FORWARD])
+    reverse = [*_triggers.SQLITE_REVERSE, *_audit_triggers.SQLITE_REVERSE]
+    _sqlite_flush(self, [*reverse, *sql_list, *_triggers.SQLITE_FORWARD, *_audit_triggers.SQLITE_FORWARD])
 
 
 PgOps.execute_sql_flush = _pg_flush_bypassing_triggers

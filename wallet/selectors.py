@@ -82,7 +82,7 @@ CSV_COLUMNS = ["id", "created_at", "kind", "amount", "balance_after", "descripti
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _csv_text(value: str) -> str:
+def csv_safe_text(value: str) -> str:
     # Descriptions and metadata can come from API clients (/v1/user/charge); a cell starting with
     # "=" would run as a formula when the user opens the export in a spreadsheet.
     return "'" + value if value.startswith(_FORMULA_PREFIXES) else value
@@ -113,8 +113,8 @@ def entries_csv_lines(entries: QuerySet[Entry], *, chunk_size: int = 2000) -> It
                 kind,
                 format_usd(amount),
                 format_usd(balance_after),
-                _csv_text(description),
-                _csv_text(reference),
-                _csv_text(json.dumps(metadata, sort_keys=True, default=str)) if metadata else "",
+                csv_safe_text(description),
+                csv_safe_text(reference),
+                csv_safe_text(json.dumps(metadata, sort_keys=True, default=str)) if metadata else "",
             ]
         )

@@ -186,14 +186,16 @@ def wallet_credit(
     reference: str = "",
     description: str = "",
     metadata: dict | None = None,
+    created_by=None,
 ) -> Posted:
-    """Add money: a paid top-up, a trial, a bonus or a subscription grant."""
+    """Add money: a paid top-up, a trial, a bonus or a subscription grant. ``created_by``: the
+    staff member who granted it, when one did (the operator API)."""
     _check_amount(amount)
     if kind not in CREDIT_KINDS:
         raise WalletError(f"{kind!r} is not a credit kind")
     if amount <= 0:
         raise WalletError("a credit must be positive")
-    fields = {"reference": reference, "description": description, "metadata": metadata}
+    fields = {"reference": reference, "description": description, "metadata": metadata, "created_by": created_by}
     try:
         return _post_once(wallet, kind=kind, amount=amount, idempotency_key=idempotency_key, **fields)
     except IntegrityError:

@@ -1,0 +1,196 @@
+"""The business reports behind the operator API's ``/api/admin/reports/…`` and the dashboard's
+charts: money by period, usage by model / user / agent label, top spenders, liabilities.
+
+The definitions are the dashboard's (``backoffice.selectors``): revenue is what real payments
+that credited a wallet brought in (gross), with their processor fees, net and refunds; charged is
+model usage plus tool charges; margin = charged − upstream cost. A payment's figures count in the
+period it was made (a later refund too — refunds are not dated separately). Money is integer
+nanodollars; the upstream's Decimal USD cost is converted per group, half-up, like the dashboard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import TruncDay, TruncMonth, TruncWeek
+
+from core.money import usd_to_nanos
+from payments.models import Payment, PaymentStatus
+from proxy.models import UsageRecord
+from wallet.models import Entry, EntryKind, Wallet
+
+PERIODS = {"day": TruncDay, "week": TruncWeek, "month": TruncMonth}
+USAGE_GROUPS = {"model": "model", "user": "user__email", "agent": "agent"}
+MONEY_FIELDS = (
+    "revenue",
+    "fees",
+    "net",
+    "refunds",
+    "charged_usage",
+    "charged_tools",
+    "charged",
+    "upstream_cost",
+    "margin",
+)
+
+
+def _between(queryset, since: datetime | None, until: datetime | None):
+    if since is not None:
+        queryset = queryset.filter(created_at__gte=since)
+    if until is not None:
+        queryset = queryset.filter(created_at__lt=until)
+    return queryset
+
+
+def _day(value) -> date:
+    return value.date() if isinstance(value, datetime) else value
+
+
+def money_by_period(*, period: str, since: datetime | None = None, until: datetime | None = None) -> list[dict]:
+    """One row per day, ISO week (from Monday) or calendar month (UTC) that has any figure,
+    oldest first: ``period`` (its first day) and the nanodollar figures of ``MONEY_FIELDS``,
+    plus ``payments`` and ``requests``. Three GROUP BY queries."""
+    trunc = PERIODS[period]
+    rows: dict[date, dict] = {}
+
+    def row(day) -> dict:
+        return rows.setdefault(_day(day), {"payments": 0, "requests": 0, **dict.fromkeys(MONEY_FIELDS, 0)})
+
+    credited = Payment.objects.filter(test_mode=False).exclude(status=PaymentStatus.FLAGGED)
+    paid = (
+        _between(credited, since, until)
+        .annotate(bucket=trunc("created_at"))
+        .values("bucket")
+        .annotate(
+            n=Count("id"), gross_sum=Sum("gross"), fee_sum=Sum("fee"), net_sum=Sum("net"), ref=Sum("refunded_amount")
+        )
+    )
+    for found in paid:
+        target = row(found["bucket"])
+        target.update(
+            payments=found["n"],
+            revenue=int(found["gross_sum"] or 0),
+            fees=int(found["fee_sum"] or 0),
+            net=int(found["net_sum"] or 0),
+            refunds=int(found["ref"] or 0),
+        )
+    used = (
+        _between(UsageRecord.objects.all(), since, until)
+        .annotate(bucket=trunc("created_at"))
+        .values("bucket")
+        .annotate(n=Count("id"), charge_sum=Sum("charge"), cost=Sum("upstream_cost"))
+    )
+    for found in used:
+        target = row(found["bucket"])
+        target.update(
+            requests=found["n"],
+            charged_usage=int(found["charge_sum"] or 0),
+            upstream_cost=usd_to_nanos(Decimal(found["cost"] or 0)),
+        )
+    tools = (
+        _between(Entry.objects.filter(kind=EntryKind.CHARGE), since, until)
+        .annotate(bucket=trunc("created_at"))
+        .values("bucket")
+        .annotate(amount=Sum("amount"))
+    )
+    for found in tools:
+        row(found["bucket"])["charged_tools"] = -int(found["amount"] or 0)
+    for figures in rows.values():
+        figures["charged"] = figures["charged_usage"] + figures["charged_tools"]
+        figures["margin"] = figures["charged"] - figures["upstream_cost"]
+    return [{"period": day, **rows[day]} for day in sorted(rows)]
+
+
+def totals_of(rows: list[dict]) -> dict:
+    keys = ("payments", "requests", *MONEY_FIELDS)
+    return {key: sum(row[key] for row in rows) for key in keys}
+
+
+def usage_by(
+    *, group: str, since: datetime | None = None, until: datetime | None = None, limit: int | None = None
+) -> list[dict]:
+    """Model usage per model, user (email) or agent label (``X-Tokentill-Agent``; "" for none),
+    the biggest earner first: ``key``, ``requests``, tokens, and ``charged``, ``upstream_cost``,
+    ``margin`` in nanodollars. Tool charges are not usage and are not in it."""
+    field = USAGE_GROUPS[group]
+    rows = (
+        _between(UsageRecord.objects.all(), since, until)
+        .values(key=F(field))
+        .annotate(
+            requests=Count("id"),
+            prompt_tokens=Sum("prompt_tokens", default=0),
+            completion_tokens=Sum("completion_tokens", default=0),
+            charged=Sum("charge", default=0),
+            cost=Sum("upstream_cost", default=Decimal(0)),
+        )
+        .order_by("-charged", "key")
+    )
+    if limit is not None:
+        rows = rows[:limit]
+    result = []
+    for found in rows:
+        cost = usd_to_nanos(Decimal(found.pop("cost")))
+        charged = int(found["charged"])
+        result.append(
+            {**found, "key": found["key"] or "", "charged": charged, "upstream_cost": cost, "margin": charged - cost}
+        )
+    return result
+
+
+def top_spenders(*, since: datetime | None = None, until: datetime | None = None, limit: int = 10) -> list[dict]:
+    """The users who spent the most — model usage plus tool charges, both debits of their
+    wallet — most first: ``user`` (id), ``email``, ``usage``, ``tools``, ``spent`` (nanodollars)."""
+    spent: dict[int, dict] = {}
+    usage = (
+        _between(UsageRecord.objects.all(), since, until).values("user_id", "user__email").annotate(total=Sum("charge"))
+    )
+    for found in usage:
+        spent[found["user_id"]] = {
+            "user": found["user_id"],
+            "email": found["user__email"],
+            "usage": int(found["total"] or 0),
+            "tools": 0,
+        }
+    tools = (
+        _between(Entry.objects.filter(kind=EntryKind.CHARGE), since, until)
+        .values("wallet__user_id", "wallet__user__email")
+        .annotate(total=Sum("amount"))
+    )
+    for found in tools:
+        target = spent.setdefault(
+            found["wallet__user_id"],
+            {"user": found["wallet__user_id"], "email": found["wallet__user__email"], "usage": 0, "tools": 0},
+        )
+        target["tools"] = -int(found["total"] or 0)
+    rows = [{**row, "spent": row["usage"] + row["tools"]} for row in spent.values()]
+    rows.sort(key=lambda row: (-row["spent"], row["user"]))
+    return [row for row in rows if row["spent"] > 0][:limit]
+
+
+@dataclass(frozen=True)
+class Liabilities:
+    owed_to_users: int  # Σ positive balances: credit sold and not yet spent
+    wallets_in_credit: int
+    owed_to_us: int  # Σ |negative balances|: overage wallets must make good before spending again
+    wallets_below_zero: int
+    held: int  # Σ held: reserved by requests in flight (part of the balances above)
+
+
+def liabilities() -> Liabilities:
+    found = Wallet.objects.aggregate(
+        positive=Sum("balance", filter=Q(balance__gt=0), default=0),
+        in_credit=Count("id", filter=Q(balance__gt=0)),
+        negative=Sum("balance", filter=Q(balance__lt=0), default=0),
+        below=Count("id", filter=Q(balance__lt=0)),
+        held=Sum("held", default=0),
+    )
+    return Liabilities(
+        owed_to_users=int(found["positive"]),
+        wallets_in_credit=found["in_credit"],
+        owed_to_us=-int(found["negative"]),
+        wallets_below_zero=found["below"],
+        held=int(found["held"]),
+    )

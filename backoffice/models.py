@@ -1,0 +1,60 @@
+"""The operator audit log: one row per call to the operator API (``/api/admin/``).
+
+Who (the staff member and the operator key), what (method, path, the operation, its target, the
+request's query and body as storable text), when, and the outcome (status code, and what was
+refused or done). It is append-only: the model refuses changes and deletes, and database
+triggers (migration 0002, per vendor) refuse UPDATE and DELETE outright, so the log cannot be
+rewritten by anyone it records. Secrets never reach it: the operator API takes none, the
+credential itself is not stored (only its prefix), and request fields named like a secret are
+masked before writing (``backoffice.audit``).
+"""
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class AppendOnlyError(Exception):
+    pass
+
+
+class Outcome(models.TextChoices):
+    OK = "ok", "Done (2xx)"
+    REFUSED = "refused", "Refused (4xx)"
+    FAILED = "failed", "Failed (5xx)"
+
+
+class AuditEntry(models.Model):
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    actor_email = models.CharField(max_length=254)  # as it was at the time of the call
+    # The operator key used; None for a refused call made with another kind of credential (an
+    # access token), which is recorded all the same.
+    api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    key_prefix = models.CharField(max_length=12, blank=True)
+    method = models.CharField(max_length=10)
+    path = models.CharField(max_length=500)
+    operation = models.CharField(max_length=64, blank=True)  # the OpenAPI operation id, e.g. users_grant
+    target = models.CharField(max_length=100, blank=True)  # e.g. "user:42", "key:7"
+    request_data = models.JSONField(default=dict, blank=True)  # {"query": {...}, "body": ...}, sanitised
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    status_code = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=10, choices=Outcome.choices)
+    detail = models.CharField(max_length=1000, blank=True)  # what was done, or why it was refused
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "operator audit entry"
+        verbose_name_plural = "operator audit log"
+        indexes = [models.Index(fields=["target", "id"])]
+
+    def __str__(self):
+        return f"{self.method} {self.path} by {self.actor_email} → {self.status_code}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise AppendOnlyError("the operator audit log is append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("the operator audit log is append-only")

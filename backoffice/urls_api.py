@@ -1,0 +1,33 @@
+"""``/api/admin/…``: the operator API (``backoffice.api``). Resources are named by what they are
+(``users`` now; ``orgs`` will sit beside it), never by who may see them."""
+
+from django.urls import path
+
+from . import api, api_reports
+
+urlpatterns = [
+    path("users", api.UserListView.as_view(), name="api-admin-users"),
+    path("users/<int:user_id>", api.UserDetailView.as_view(), name="api-admin-user"),
+    path("users/<int:user_id>/disable", api.UserDisableView.as_view(), name="api-admin-user-disable"),
+    path("users/<int:user_id>/enable", api.UserEnableView.as_view(), name="api-admin-user-enable"),
+    path("users/<int:user_id>/sign-out", api.UserSignOutView.as_view(), name="api-admin-user-sign-out"),
+    path("users/<int:user_id>/keys/<int:key_id>", api.UserKeyView.as_view(), name="api-admin-user-key"),
+    path(
+        "users/<int:user_id>/keys/<int:key_id>/revoke",
+        api.UserKeyRevokeView.as_view(),
+        name="api-admin-user-key-revoke",
+    ),
+    path(
+        "users/<int:user_id>/sessions/<str:session_id>/revoke",
+        api.UserSessionRevokeView.as_view(),
+        name="api-admin-user-session-revoke",
+    ),
+    path("users/<int:user_id>/grants", api.UserGrantView.as_view(), name="api-admin-user-grants"),
+    path("users/<int:user_id>/corrections", api.UserCorrectionView.as_view(), name="api-admin-user-corrections"),
+    path("users/<int:user_id>/entries", api.UserEntriesView.as_view(), name="api-admin-user-entries"),
+    path("users/<int:user_id>/usage", api.UserUsageView.as_view(), name="api-admin-user-usage"),
+    path("reports/money", api_reports.MoneyReportView.as_view(), name="api-admin-reports-money"),
+    path("reports/usage", api_reports.UsageReportView.as_view(), name="api-admin-reports-usage"),
+    path("reports/top-spenders", api_reports.TopSpendersView.as_view(), name="api-admin-reports-top-spenders"),
+    path("reports/liabilities", api_reports.LiabilitiesView.as_view(), name="api-admin-reports-liabilities"),
+]

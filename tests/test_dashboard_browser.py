@@ -1,0 +1,75 @@
+"""The staff dashboard's charts in a real browser (Debian's chromium through Playwright) against a
+real server: server-rendered SVG, drawn under a strict Content-Security-Policy with no violation,
+exact figures on hover. Saves a screenshot to ``var/admin-dashboard.png``."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_user
+from tests.live import BASE_DIR, live_server
+from tests.test_admin_dashboard import payment, usage
+from tests.test_portal_browser import PASSWORD, TIMEOUT_MS, chromium  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+# No 'unsafe-inline' anywhere: an inline style attribute or script would be a violation.
+STRICT_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'"
+RECORD_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__cspViolations.push(e.violatedDirective + ' ' + (e.blockedURI || 'inline') + ' ' + (e.sample || ''));
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker):
+    with live_server() as url:
+        yield url
+
+
+@pytest.fixture
+def page(chromium, server):  # noqa: F811
+    context = chromium.new_context(base_url=server, viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    context.add_init_script(RECORD_VIOLATIONS)
+
+    def strict(route):
+        response = route.fetch()
+        route.fulfill(response=response, headers={**response.headers, "content-security-policy": STRICT_CSP})
+
+    context.route("**/admin/**", strict)
+    page = context.new_page()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def test_the_dashboard_draws_its_charts_under_a_strict_csp(page):
+    make_user("root@example.com", is_staff=True, is_superuser=True, password=PASSWORD)
+    alice = make_user("alice@example.com", balance="10.00")
+    bob = make_user("bob@example.com")
+    payment(1, gross="10.00", fee="1.00", user=alice, days_ago=3)
+    usage(alice, "r1", cost="0.000100000", charge="0.000139", model="openai/gpt-4o-mini")
+    usage(bob, "r2", cost="1.000000000", charge="1.20", model="anthropic/claude-sonnet-4", days_ago=1)
+
+    page.goto("/admin/login/?next=/admin/")
+    page.get_by_label("Email").fill("root@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/admin/")
+
+    money = page.locator('[data-chart="money"] svg')
+    assert money.is_visible() and money.bounding_box()["height"] > 100
+    assert money.locator("polyline").count() == 3  # revenue, upstream cost, margin
+    by_model = page.locator('[data-chart="by-model"] svg')
+    assert by_model.locator("rect").count() == 2
+    # The bar shows cents; its hover title keeps the exact figure.
+    titles = by_model.locator("rect title").all_text_contents()
+    assert "openai/gpt-4o-mini: 0.000139000 USD — 1 requests" in titles
+    spenders = page.locator('[data-chart="top-spenders"] svg text').all_text_contents()
+    assert spenders[:2] == ["bob@example.com", "$1.20"]
+    assert page.evaluate("window.__cspViolations") == []
+    page.screenshot(path=str(BASE_DIR / "var" / "admin-dashboard.png"), full_page=True)
