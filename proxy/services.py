@@ -272,9 +272,14 @@ def request_plan(
     if amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
     limits.check_rpm(api_key=meta.api_key, now=now)
-    step = limits.check_run_steps(
-        run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
-    )
+    parallel = limits.acquire_parallel(api_key=meta.api_key)
+    try:
+        step = limits.check_run_steps(
+            run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
+        )
+    except limits.LimitExceeded:
+        limits.release(limits.Reservation(parallel_key=parallel))
+        raise
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key,
@@ -285,9 +290,10 @@ def request_plan(
             run_max_spend=meta.run_max_spend,
         )
     except limits.LimitExceeded:
-        limits.release(limits.Reservation(step_key=step))  # a request that does not happen is no step
+        # A request that does not happen is no step, and holds no slot.
+        limits.release(limits.Reservation(step_key=step, parallel_key=parallel))
         raise
-    reservation.step_key = step
+    reservation.step_key, reservation.parallel_key = step, parallel
     return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0], overrun_cap_for(price))
 
 
@@ -572,6 +578,7 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
         await adb.in_thread(record.refresh_from_db)()
         charge = record.charge
     await limits.aadjust(begun.reservation, charge)
+    await limits.arelease_parallel(begun.reservation)
     return record
 
 
