@@ -17,7 +17,15 @@ from core.money import MoneyError, format_usd, parse_usd
 from .models import ApiKey, User
 from .weblinks import NEXT_PATHS, web_link_next_allowed
 
-LIMIT_KEYS = ("rpm", "daily_spend", "monthly_spend", "allowed_models", "run_max_steps", "run_max_spend")
+LIMIT_KEYS = (
+    "rpm",
+    "daily_spend",
+    "monthly_spend",
+    "allowed_models",
+    "run_max_steps",
+    "run_max_spend",
+    "max_parallel",
+)
 DUPLICATE_EMAIL = "an account with this email address already exists"
 
 
@@ -27,7 +35,7 @@ def _positive_int(value: object) -> bool:
 
 def limits_clean(value: object) -> dict:
     """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models, run_max_steps,
-    run_max_spend}``.
+    run_max_spend, max_parallel}``.
 
     Missing keys mean "no limit" (null). Spend caps are decimal strings, stored as 9-place
     strings; numbers are refused because a JSON number may already have been rounded by a float
@@ -50,7 +58,11 @@ def limits_clean(value: object) -> dict:
     if steps is not None and not _positive_int(steps):
         raise DjangoValidationError("run_max_steps must be a positive whole number of model calls per run, or null")
 
-    cleaned: dict = {"rpm": rpm, "run_max_steps": steps}
+    parallel = value.get("max_parallel")
+    if parallel is not None and not _positive_int(parallel):
+        raise DjangoValidationError("max_parallel must be a positive whole number of requests in flight, or null")
+
+    cleaned: dict = {"rpm": rpm, "run_max_steps": steps, "max_parallel": parallel}
     for name in ("daily_spend", "monthly_spend", "run_max_spend"):
         raw = value.get(name)
         if raw is None:
@@ -157,6 +169,7 @@ class LimitsOutSerializer(serializers.Serializer):
     allowed_models = serializers.ListField(child=serializers.CharField(), allow_null=True)
     run_max_steps = serializers.IntegerField(allow_null=True, min_value=1, help_text="model calls per X-Tokentill-Run")
     run_max_spend = serializers.CharField(allow_null=True, help_text="USD decimal string, spend per X-Tokentill-Run")
+    max_parallel = serializers.IntegerField(allow_null=True, min_value=1, help_text="requests in flight at once")
 
 
 @extend_schema_field(LimitsOutSerializer)

@@ -16,6 +16,9 @@ Definitions used on the page:
   not earnings, they undo a top-up.
 * upstream cost = Σ what the upstream billed for the usage; tool charges have none we know of.
 * margin = charged − upstream cost (what the markup and the tools earned in the period).
+* operator loss = Σ what requests cost beyond what their hold's overrun cap let the wallet pay
+  (``UsageRecord.operator_loss``): upstream cost no user was charged for. It is already inside
+  the margin (the upstream cost counts it, the charge does not); shown apart so it is seen.
 * net margin = net − refunds − upstream cost: cash kept after the processor and the upstream
   were paid. The two differ because credit is bought before it is spent.
 """
@@ -51,6 +54,7 @@ _USAGE_TOTALS = {
     "cached_tokens": Sum("cached_tokens", default=0),
     "upstream_cost": Sum("upstream_cost", default=Decimal(0)),  # USD
     "charge": Sum("charge", default=0),  # nanodollars
+    "operator_loss": Sum("operator_loss", default=0),  # nanodollars
 }
 
 
@@ -72,6 +76,8 @@ class Money:
     tool_charges: int
     upstream_cost_usd: Decimal
     requests: int
+    operator_loss: int = 0  # nanodollars the overrun cap kept off users' wallets
+    loss_requests: int = 0
 
     @property
     def charged(self) -> int:
@@ -106,7 +112,11 @@ def money_summary(*, since: datetime) -> Money:
         flagged_held=Sum(F("gross") - F("refunded_amount"), filter=held, default=0),
     )
     used = UsageRecord.objects.filter(created_at__gte=since).aggregate(
-        charged=Sum("charge", default=0), upstream_cost=Sum("upstream_cost", default=Decimal(0)), requests=Count("id")
+        charged=Sum("charge", default=0),
+        upstream_cost=Sum("upstream_cost", default=Decimal(0)),
+        requests=Count("id"),
+        lost=Sum("operator_loss", default=0),
+        loss_requests=Count("id", filter=Q(operator_loss__gt=0)),
     )
     # Tool charges are ledger entries only (no usage record); debits are negative amounts.
     tools = Entry.objects.filter(kind=EntryKind.CHARGE, created_at__gte=since).aggregate(
@@ -125,6 +135,8 @@ def money_summary(*, since: datetime) -> Money:
         tool_charges=tools["count"],
         upstream_cost_usd=Decimal(used["upstream_cost"]),
         requests=used["requests"],
+        operator_loss=int(used["lost"]),
+        loss_requests=used["loss_requests"],
     )
 
 

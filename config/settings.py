@@ -316,6 +316,14 @@ REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"
 HOLD_TTL = env_int("HOLD_TTL", 15 * 60, minimum=30)  # seconds before reconcile_holds may act
 RUN_MAX_STEPS = env_int("RUN_MAX_STEPS", 0)  # 0 = unlimited steps per X-Tokentill-Run
 RUN_MAX_SPEND = env_decimal("RUN_MAX_SPEND", "0")  # 0 = unlimited spend per run
+# Honest holds (a price row's own fields override each): prompt tokens the hold assumes per
+# non-text part — an image by its declared detail, an audio part, a file or document part — and
+# USD a request may settle above its hold before the rest is the operator's loss.
+HOLD_IMAGE_TOKENS = env_int("HOLD_IMAGE_TOKENS", 2000)
+HOLD_IMAGE_LOW_TOKENS = env_int("HOLD_IMAGE_LOW_TOKENS", 200)
+HOLD_AUDIO_TOKENS = env_int("HOLD_AUDIO_TOKENS", 4000)
+HOLD_FILE_TOKENS = env_int("HOLD_FILE_TOKENS", 20000)
+HOLD_OVERRUN_CAP = env_decimal("HOLD_OVERRUN_CAP", "0.05")
 
 LEMONSQUEEZY_API_KEY = env.str("LEMONSQUEEZY_API_KEY", default="")
 LEMONSQUEEZY_STORE_ID = env.str("LEMONSQUEEZY_STORE_ID", default="")

@@ -360,11 +360,15 @@ def _insert_sql(model, prefix: str, source: str | None) -> str:
 
 
 @lru_cache(maxsize=64)
-def _update_sql(model, names: tuple[str, ...], prefix: str, condition: str | None) -> str:
+def _update_sql(
+    model, names: tuple[str, ...], prefix: str, condition: str | None, expressions: tuple[tuple[str, str], ...] = ()
+) -> str:
     meta = model._meta
     fields, _ = _plan(model, names)
     marks = _marks(fields, prefix)
-    assignments = ", ".join(f'"{field.column}" = {mark}' for field, mark in zip(fields, marks, strict=True))
+    pairs = [(field.column, mark) for field, mark in zip(fields, marks, strict=True)]
+    pairs += [(meta.get_field(name).column, sql) for name, sql in expressions]
+    assignments = ", ".join(f'"{column}" = {value}' for column, value in pairs)
     where = f'"{meta.pk.column}" = %({prefix}pk)s' + (f" AND {condition}" if condition else "")
     return f'UPDATE "{meta.db_table}" SET {assignments} WHERE {where} RETURNING "{meta.pk.column}"'  # noqa: S608
 
@@ -382,14 +386,21 @@ def insert_statement(instance: models.Model, *, prefix: str = "v", source: str |
 
 
 def update_statement(
-    instance: models.Model, field_names: list[str], *, prefix: str = "v", condition: str | None = None
+    instance: models.Model,
+    field_names: list[str],
+    *,
+    prefix: str = "v",
+    condition: str | None = None,
+    expressions: tuple[tuple[str, str], ...] = (),
 ) -> tuple[str, dict]:
     """``UPDATE … SET <fields> WHERE pk [AND condition] RETURNING pk`` for a saved instance,
-    values prepared as the ORM would; parameters named as for ``insert_statement``."""
+    values prepared as the ORM would; parameters named as for ``insert_statement``.
+    ``expressions`` — ``(field name, SQL)`` pairs — set more fields to values the surrounding
+    statement computes."""
     model, names = type(instance), tuple(field_names)
     fields, slow = _plan(model, names)
     params = {**_params(instance, fields, slow, prefix, add=False), f"{prefix}pk": instance.pk}
-    return _update_sql(model, names, prefix, condition), params
+    return _update_sql(model, names, prefix, condition, expressions), params
 
 
 def saved(instance, pk) -> None:

@@ -58,6 +58,13 @@ class ModelPriceForm(forms.ModelForm):
         initial=0,
         help_text="the least a request is charged, e.g. 0.000010",
     )
+    overrun_cap_usd = MoneyField(
+        sign="non_negative",
+        required=False,
+        label="Overrun cap (USD)",
+        help_text="the most a request may settle above its hold; the rest is operator loss "
+        "(blank: the HOLD_OVERRUN_CAP setting)",
+    )
     priority = forms.IntegerField(
         required=False,
         min_value=0,
@@ -82,6 +89,10 @@ class ModelPriceForm(forms.ModelForm):
             "markup",
             "default_max_output",
             "context_length",
+            "image_tokens",
+            "image_low_tokens",
+            "audio_tokens",
+            "file_tokens",
             "is_demo",
         ]
         labels = {
@@ -98,6 +109,7 @@ class ModelPriceForm(forms.ModelForm):
         if self.instance.pk:
             self.initial["request_fee_usd"] = self.instance.request_fee
             self.initial["min_charge_usd"] = self.instance.min_charge
+            self.initial["overrun_cap_usd"] = self.instance.overrun_cap
 
     def clean_priority(self):
         priority = self.cleaned_data.get("priority")
@@ -112,6 +124,8 @@ class ModelPriceForm(forms.ModelForm):
             self.instance.request_fee = cleaned["request_fee_usd"]
         if "min_charge_usd" in cleaned:
             self.instance.min_charge = cleaned["min_charge_usd"]
+        if "overrun_cap_usd" in cleaned:
+            self.instance.overrun_cap = cleaned["overrun_cap_usd"]
         model = cleaned.get("model")
         series = series_of(cleaned.get("upstream"))
         if not self.instance.pk and model and ModelPrice.objects.filter(series, model=model).exists():
@@ -175,6 +189,14 @@ class ModelPriceAdmin(admin.ModelAdmin):
         ),
         ("Fees and markup", {"fields": ["request_fee_usd", "min_charge_usd", "markup"]}),
         ("Limits", {"fields": ["default_max_output", "context_length"]}),
+        (
+            "Honest holds",
+            {
+                "fields": ["image_tokens", "image_low_tokens", "audio_tokens", "file_tokens", "overrun_cap_usd"],
+                "description": "What a hold assumes each non-text part of a prompt costs (blank: the HOLD_*_TOKENS "
+                "settings), and how far a request may settle above its hold.",
+            },
+        ),
         ("Version", {"fields": ["effective_from", "source", "version_history"]}),
     ]
 
@@ -418,7 +440,17 @@ class UpstreamAdmin(admin.ModelAdmin):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "user", "model", "upstream", "status", "tokens", "charge_usd", "estimated"]
+    list_display = [
+        "created_at",
+        "user",
+        "model",
+        "upstream",
+        "status",
+        "tokens",
+        "charge_usd",
+        "operator_loss_usd",
+        "estimated",
+    ]
     list_filter = ["status", "model", "upstream", "estimated", "stream"]
     search_fields = ["request_id", "user__email", "generation_id"]
     list_select_related = ["user"]
@@ -441,3 +473,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     @admin.display(description="charge (USD)", ordering="charge")
     def charge_usd(self, obj):
         return format_usd(obj.charge)
+
+    @admin.display(description="operator loss (USD)", ordering="operator_loss")
+    def operator_loss_usd(self, obj):
+        return format_usd(obj.operator_loss) if obj.operator_loss else "—"

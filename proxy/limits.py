@@ -1,5 +1,5 @@
-"""Guardrail counters in Django's cache: per-key requests per minute, per-key daily and monthly
-spend caps, and per-run step and spend limits.
+"""Guardrail counters in Django's cache: per-key requests per minute, requests in flight
+(``max_parallel``), daily and monthly spend caps, and per-run step and spend limits.
 
 A run (``X-Tokentill-Run``, a user's own label) is limited by the tightest of three: the request's
 own ``X-Tokentill-Run-Max-Steps``/``-Max-Spend`` headers, the API key's ``run_max_steps``/
@@ -21,6 +21,11 @@ back when nothing was posted (refused, or a replay). A counter missing from the 
 eviction) is rebuilt once from the usage records and tool charges it counts: a key's from those
 made with the key, a run's from those labelled with the run. A run's counters move only while
 some run limit applies to a request, so requests of one run should carry the same limits.
+
+A key's requests in flight (``max_parallel``) are a counter moved +1 at admission and −1 when the
+request settles (or is refused after admission). It lives ``HOLD_TTL`` from its creation and is
+then rebuilt from the key's pending usage records — the requests really in flight — so a process
+that crashed with requests counted holds their slots until then, no longer.
 """
 
 from __future__ import annotations
@@ -121,6 +126,7 @@ class Reservation:
     keys: list[str] = field(default_factory=list)
     amount: int = 0  # nanodollars currently reserved on each key
     step_key: str | None = None  # the run's step counter this request moved, given back on release
+    parallel_key: str | None = None  # the key's in-flight counter, given back when the request ends
 
 
 def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None = None) -> int:
@@ -154,6 +160,10 @@ def _spend_caps(api_key) -> list[tuple[str, int]]:
     ]
 
 
+def _max_parallel(api_key):
+    return _key_limits(api_key).get("max_parallel") or None
+
+
 def _tightest(*limits: int) -> int:
     """The smallest of the limits that are set (positive); 0 when none is."""
     return min((limit for limit in limits if limit > 0), default=0)
@@ -182,6 +192,7 @@ def uses_counters(*, api_key, run: str, run_max_steps: int = 0, run_max_spend: i
     """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
     return bool(
         _rpm(api_key)
+        or _max_parallel(api_key)
         or _spend_caps(api_key)
         or _run_max_steps(run, api_key, run_max_steps)
         or _run_max_spend(run, api_key, run_max_spend)
@@ -197,6 +208,28 @@ def check_rpm(*, api_key, now: datetime) -> None:
         raise LimitExceeded(
             f"Rate limit reached for this API key: {rpm} requests per minute.", "rate_limit_exceeded", 60 - now.second
         )
+
+
+def acquire_parallel(*, api_key) -> str | None:
+    """Count one more request in flight for the key, or raise ``LimitExceeded`` at once (and
+    count nothing). Returns the counter moved, given back by ``release``."""
+    most = _max_parallel(api_key)
+    if not most:
+        return None
+    key = f"tt:parallel:{api_key.pk}"
+    key_id = api_key.pk
+
+    def in_flight() -> int:
+        return UsageRecord.objects.filter(api_key_id=key_id, status=UsageStatus.PENDING).count()
+
+    if _incr(key, 1, settings.HOLD_TTL, in_flight) > int(most):
+        _give_back_step(key)
+        raise LimitExceeded(
+            f"This API key already has {most} request{'s' if int(most) != 1 else ''} in flight (max_parallel).",
+            "max_parallel_reached",
+            1,
+        )
+    return key
 
 
 def check_count_tokens(*, api_key, user_id: int, now: datetime) -> None:
@@ -323,11 +356,19 @@ def adjust(reservation: Reservation, new_amount: int) -> None:
 
 
 def release(reservation: Reservation) -> None:
-    """The request did not happen: its reservation, and its run step, are given back."""
+    """The request did not happen: its reservation, its run step and its slot are given back."""
     adjust(reservation, 0)
     if reservation.step_key is not None:
         _give_back_step(reservation.step_key)
         reservation.step_key = None
+    release_parallel(reservation)
+
+
+def release_parallel(reservation: Reservation) -> None:
+    """The request is over: its in-flight slot is given back."""
+    if reservation.parallel_key is not None:
+        _give_back_step(reservation.parallel_key)
+        reservation.parallel_key = None
 
 
 def _give_back_step(key: str) -> None:
@@ -361,6 +402,18 @@ async def arelease(reservation: Reservation) -> None:
         except Exception:
             log.exception("run step counter %s could not be given back", reservation.step_key)
         reservation.step_key = None
+    await arelease_parallel(reservation)
+
+
+async def arelease_parallel(reservation: Reservation) -> None:
+    """``release_parallel`` for async callers, best effort (see ``aadjust``); no cache trip for a
+    request that took no slot."""
+    if reservation.parallel_key is not None:
+        try:
+            await adb.in_thread(_give_back_step)(reservation.parallel_key)
+        except Exception:
+            log.exception("in-flight counter %s could not be given back", reservation.parallel_key)
+        reservation.parallel_key = None
 
 
 def check_run_steps(*, run: str, user_id: int, api_key=None, run_max_steps: int = 0) -> str | None:

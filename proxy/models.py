@@ -129,6 +129,25 @@ class ModelPrice(models.Model):
         default=4096, help_text="output tokens assumed for the hold when the request sets no max_tokens"
     )
     context_length = models.PositiveIntegerField(null=True, blank=True)
+    # What the hold assumes a non-text part of the prompt costs, in prompt tokens (blank: the
+    # HOLD_*_TOKENS setting). The body's size says nothing of what an image is billed as.
+    image_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="prompt tokens held per image (detail high, auto or unset); blank: setting"
+    )
+    image_low_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="prompt tokens held per image sent with detail low; blank: setting"
+    )
+    audio_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="prompt tokens held per audio part; blank: setting"
+    )
+    file_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="prompt tokens held per file or document part; blank: setting"
+    )
+    overrun_cap = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="nanodollars a request may settle above its hold; the rest is operator loss (blank: setting)",
+    )
     effective_from = models.DateTimeField(default=timezone.now, db_index=True)
     source = models.CharField(max_length=40, blank=True, help_text="admin, sync_prices, seed …")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -152,6 +171,10 @@ class ModelPrice(models.Model):
                 condition=~models.Q(is_demo=True, upstream__isnull=False), name="modelprice_demo_has_no_upstream"
             ),
             models.CheckConstraint(condition=models.Q(request_fee__gte=0, min_charge__gte=0), name="modelprice_fees"),
+            models.CheckConstraint(
+                condition=models.Q(overrun_cap__isnull=True) | models.Q(overrun_cap__gte=0),
+                name="modelprice_overrun_cap_non_negative",
+            ),
         ]
 
     def __str__(self):
@@ -221,6 +244,9 @@ class UsageRecord(models.Model):
     )
     cost_source = models.CharField(max_length=20, choices=CostSource.choices, default=CostSource.NONE)
     charge = models.BigIntegerField(default=0, help_text="nanodollars debited from the wallet")
+    operator_loss = models.BigIntegerField(
+        default=0, help_text="nanodollars the request cost beyond what its hold's overrun cap let the wallet pay"
+    )
     hold_amount = models.BigIntegerField(default=0, help_text="nanodollars reserved before forwarding")
     markup = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
     # Unindexed: price versions are never deleted (nothing may, the admin included), which is all

@@ -48,6 +48,11 @@ VERSIONED_FIELDS = (
     "context_length",
     "is_demo",
     "priority",
+    "image_tokens",
+    "image_low_tokens",
+    "audio_tokens",
+    "file_tokens",
+    "overrun_cap",
 )
 RATE_FIELDS = ("prompt", "completion", "reasoning", "cache_read", "cache_write")
 _RATE_QUANTUM = Decimal(1).scaleb(-12)  # ModelPrice rates keep 12 decimal places …
@@ -164,6 +169,10 @@ def price_validate(price: ModelPrice) -> None:
         raise PriceError(f"markup must be a non-negative fraction, not {price.markup!r}")
     if price.is_demo and price.upstream_id is not None:
         raise PriceError("the demo model is served in-process: it cannot name an upstream")
+    if price.overrun_cap is not None and (
+        not isinstance(price.overrun_cap, int) or isinstance(price.overrun_cap, bool) or price.overrun_cap < 0
+    ):
+        raise PriceError(f"overrun_cap must be a non-negative number of nanodollars, not {price.overrun_cap!r}")
 
 
 @transaction.atomic

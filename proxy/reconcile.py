@@ -96,9 +96,12 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
             record.status = UsageStatus.UPSTREAM_ERROR
             record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
             how = "settled at an estimate of its prompt and output relayed"
-        record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+        cost = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
         record.settled_at = timezone.now()
-        hold_settle(hold=hold, amount=record.charge, description=f"{record.model} ({record.request_id}, reconciled)")
+        hold.refresh_from_db(fields=["overrun_cap"])
+        closed = hold_settle(hold=hold, amount=cost, description=f"{record.model} ({record.request_id}, reconciled)")
+        # The hold's overrun cap applies here as at the proxy: the rest is the operator's loss.
+        record.charge, record.operator_loss = closed.charged, closed.loss
         record.save()
     return f"{hold.request_id}: {how}, charged {record.charge} nanodollars"
 
@@ -124,13 +127,21 @@ def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
     if not _apply_generation(record, generation):
         return f"{record.request_id}: generation {record.generation_id} not available upstream; estimate kept"
     rates = _rates_from_snapshot(record)
-    record.charge = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+    cost = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+    hold = Hold.objects.filter(request_id=record.request_id).only("amount", "overrun_cap").first()
     with transaction.atomic(savepoint=False):
-        record.save()
-        usage_reconcile(
+        posted = usage_reconcile(
             wallet=record.user.wallet,
             request_id=record.request_id,
-            delta=record.charge - estimated_charge,
+            delta=cost - estimated_charge,
             description=f"{record.model} ({record.request_id}): estimate replaced by the upstream's cost",
+            hold_amount=hold.amount if hold is not None else 0,
+            overrun_cap=hold.overrun_cap if hold is not None else None,
+            charged=estimated_charge,
         )
+        # What moved (the hold's overrun cap may have kept some of it off the wallet).
+        moved = -posted.entry.amount if posted is not None else 0
+        record.charge = estimated_charge + moved
+        record.operator_loss = max(cost - record.charge, 0)
+        record.save()
     return f"{record.request_id}: estimate {estimated_charge} replaced by {record.charge} nanodollars"

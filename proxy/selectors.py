@@ -22,6 +22,8 @@ from django.db.models import Exists, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from core.media import Allowance
+from core.money import usd_to_nanos
 from core.pricing import Rates
 
 from . import upstream
@@ -174,3 +176,24 @@ def rates_for(price: ModelPrice) -> Rates:
         min_charge=price.min_charge,
         markup=price.effective_markup(),
     )
+
+
+def allowance_for(price: ModelPrice) -> Allowance:
+    """Prompt tokens a hold at ``price`` assumes per non-text part: the price row's own, else the
+    operator's ``HOLD_*_TOKENS``."""
+
+    def either(own: int | None, default: int) -> int:
+        return own if own is not None else default
+
+    return Allowance(
+        image=either(price.image_tokens, settings.HOLD_IMAGE_TOKENS),
+        image_low=either(price.image_low_tokens, settings.HOLD_IMAGE_LOW_TOKENS),
+        audio=either(price.audio_tokens, settings.HOLD_AUDIO_TOKENS),
+        file=either(price.file_tokens, settings.HOLD_FILE_TOKENS),
+    )
+
+
+def overrun_cap_for(price: ModelPrice) -> int:
+    """Nanodollars a request held at ``price`` may settle above its hold: the row's, else
+    ``HOLD_OVERRUN_CAP``."""
+    return price.overrun_cap if price.overrun_cap is not None else usd_to_nanos(settings.HOLD_OVERRUN_CAP)

@@ -31,6 +31,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import User
+from core.media import Media, prompt_tokens_held
 from core.money import usd_to_nanos
 from core.openai_errors import OpenAIError
 from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
@@ -48,7 +49,16 @@ from wallet.services import (
 
 from . import limits
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
-from .selectors import Route, model_servable, price_current, rates_for, routes_cached, routes_current
+from .selectors import (
+    Route,
+    allowance_for,
+    model_servable,
+    overrun_cap_for,
+    price_current,
+    rates_for,
+    routes_cached,
+    routes_current,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +203,13 @@ class Plan:
 
     price: ModelPrice  # the dearest candidate's: what the hold is priced at
     rates: Rates
-    prompt_tokens: int  # estimate, from the request size
+    prompt_tokens: int  # estimate, from the request size and its non-text parts at that price
     max_output: int  # output tokens per choice: the cap sent upstream
     choices: int  # the request's ``n``
     amount: int  # nanodollars to hold
     reservation: limits.Reservation
     routes: list[Route]  # the requested model's candidates, first choice first
+    overrun_cap: int = 0  # nanodollars the settlement may take above the hold (that price's)
 
 
 def request_plan(
@@ -210,6 +221,7 @@ def request_plan(
     choices: int = 1,
     now: datetime,
     routes: list[list[Route]] | None = None,
+    media: Media | None = None,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
@@ -220,7 +232,10 @@ def request_plan(
 
     The hold is the most the request can cost: the prompt estimate plus ``choices`` × the output
     cap (the client's ``max_tokens``, else the model's default — which is then sent upstream),
-    at the dearest price any candidate upstream (or listed fallback model) could bill.
+    at the dearest price any candidate upstream (or listed fallback model) could bill. The
+    prompt estimate counts the body's non-text parts (``media``) at that price's allowances
+    (``core.media``); what the upstream bills beyond the hold is still charged up to the price's
+    overrun cap (``wallet.models.settlement_charge``).
     """
     models = _requested_models(meta, fallback_models)
     found: list[list[Route]] = []
@@ -238,24 +253,33 @@ def request_plan(
                 raise Refusal(
                     403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
-    prompt_tokens = estimate_tokens(prompt_chars)
+    media = media or Media()
+
+    def prompt_for(price: ModelPrice) -> int:
+        return prompt_tokens_held(prompt_chars, media, allowance_for(price))
 
     def hold_for(price: ModelPrice) -> int:
         output = (requested_output or price.default_max_output) * choices
-        return hold_nanos(rates_for(price), prompt_tokens=prompt_tokens, max_output=output)
+        return hold_nanos(rates_for(price), prompt_tokens=prompt_for(price), max_output=output)
 
     # Any candidate upstream may end up serving it (failover), and with fallbacks any listed
     # model may answer: reserve for the dearest. (On a tie, the first choice's price.)
     price = max((route.price for candidates in found for route in candidates), key=hold_for)
     rates = rates_for(price)
+    prompt_tokens = prompt_for(price)
     max_output = requested_output or price.default_max_output
     amount = hold_for(price)
     if amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
     limits.check_rpm(api_key=meta.api_key, now=now)
-    step = limits.check_run_steps(
-        run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
-    )
+    parallel = limits.acquire_parallel(api_key=meta.api_key)
+    try:
+        step = limits.check_run_steps(
+            run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
+        )
+    except limits.LimitExceeded:
+        limits.release(limits.Reservation(parallel_key=parallel))
+        raise
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key,
@@ -266,10 +290,11 @@ def request_plan(
             run_max_spend=meta.run_max_spend,
         )
     except limits.LimitExceeded:
-        limits.release(limits.Reservation(step_key=step))  # a request that does not happen is no step
+        # A request that does not happen is no step, and holds no slot.
+        limits.release(limits.Reservation(step_key=step, parallel_key=parallel))
         raise
-    reservation.step_key = step
-    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0])
+    reservation.step_key, reservation.parallel_key = step, parallel
+    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0], overrun_cap_for(price))
 
 
 def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
@@ -307,6 +332,7 @@ async def arequest_begin(
     requested_output: int | None,
     choices: int = 1,
     now: datetime | None = None,
+    media: Media | None = None,
 ) -> Begun:
     """Check guardrails, price the request and reserve its cost, or raise ``Refusal``/``Funds``.
 
@@ -326,6 +352,7 @@ async def arequest_begin(
             requested_output=requested_output,
             choices=choices,
             now=now,
+            media=media,
         )
     except Refusal as refusal:
         await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
@@ -355,6 +382,7 @@ async def arequest_begin(
         min_available=floor,
         also_insert=record,
         only_if=meta.unchanged,
+        overrun_cap=plan.overrun_cap,
     )
     try:
         hold = await take(amount=amount)
@@ -447,7 +475,7 @@ class Settlement:
     estimated: bool
     price: ModelPrice
     rates: Rates
-    usage: Usage
+    usage: Usage  # (the charge is before the hold's overrun cap: see arequest_settle)
 
 
 def settlement_compute(begun: Begun, outcome: Outcome, price: ModelPrice) -> Settlement:
@@ -497,6 +525,7 @@ _SETTLED_FIELDS = [
     "ttfb_ms",
     "settled_at",
 ]
+_SETTLED_BY_CHARGE = [name for name in _SETTLED_FIELDS if name != "charge"]
 
 
 async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
@@ -518,7 +547,8 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.cache_write_tokens = usage.cache_write_tokens
     record.upstream_cost = result.cost
     record.cost_source = result.source
-    record.charge = charge
+    record.charge = charge  # until the settlement says what its overrun cap let it take
+    record.operator_loss = 0
     record.markup = rates.markup
     record.price = result.price
     record.prices = rates.snapshot()
@@ -526,12 +556,20 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.latency_ms = outcome.latency_ms
     record.ttfb_ms = outcome.ttfb_ms
     record.settled_at = timezone.now()
-    also_save = (record, _SETTLED_FIELDS)
     if outcome.billable:
         description = f"{record.model} ({record.request_id})"
-        closed = await ahold_settle(hold=begun.hold, amount=charge, description=description, also_save=also_save)
+        # The charge actually debited, and the loss beyond the overrun cap, are decided by the
+        # settlement under the wallet's lock and saved with the record by the same statement.
+        closed = await ahold_settle(
+            hold=begun.hold,
+            amount=charge,
+            description=description,
+            also_save=(record, _SETTLED_BY_CHARGE),
+            charged_into=("charge", "operator_loss"),
+        )
+        charge = closed.charged
     else:
-        closed = await ahold_release(hold=begun.hold, also_save=also_save)
+        closed = await ahold_release(hold=begun.hold, also_save=(record, _SETTLED_FIELDS))
     if not closed.closed_here:
         # Someone closed the hold first (reconcile_holds, after progress writes could not reach
         # the database for HOLD_TTL): their charge stands, and so does the record explaining it
@@ -540,6 +578,7 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
         await adb.in_thread(record.refresh_from_db)()
         charge = record.charge
     await limits.aadjust(begun.reservation, charge)
+    await limits.arelease_parallel(begun.reservation)
     return record
 
 

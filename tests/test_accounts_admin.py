@@ -166,6 +166,7 @@ def test_the_admin_normalises_limits_with_the_api_rules(admin_client, alice_key)
         "allowed_models": None,
         "run_max_steps": None,
         "run_max_spend": None,
+        "max_parallel": None,
     }
 
 
@@ -180,6 +181,17 @@ def test_the_admin_refuses_invalid_limits(admin_client, alice_key):
     assert "must be a decimal string" in str(response.context["adminform"].form.errors["limits"])
     key.refresh_from_db()
     assert key.limits["daily_spend"] is None
+
+
+def test_the_admin_refuses_a_max_parallel_that_is_not_a_number(admin_client, alice_key):
+    key, _ = alice_key
+
+    response = admin_client.post(
+        f"/admin/accounts/apikey/{key.pk}/change/", key_form(key, limits=json.dumps({"max_parallel": "four"}))
+    )
+
+    assert response.status_code == 200
+    assert "max_parallel must be a positive" in str(response.context["adminform"].form.errors["limits"])
 
 
 def test_staff_revoke_keys_with_the_action_and_the_key_stops_working(admin_client, alice, alice_key):

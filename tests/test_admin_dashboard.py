@@ -124,6 +124,19 @@ def test_usage_is_broken_down_by_day_and_by_model(staff, business):
     assert by_model.index("openai/gpt-4o-mini") < by_model.index("anthropic/claude-sonnet-4")
 
 
+def test_operator_loss_beyond_overrun_caps_is_shown_for_the_period_and_by_model(staff, business, bob):
+    # Billed $2.40 where the hold was 10 ¢ and the cap 50 ¢: 60 ¢ charged, $1.80 the operator's.
+    record = usage(bob, "r4", cost="2.000000000", charge="0.60", model="vision/model", days_ago=60)
+    UsageRecord.objects.filter(pk=record.pk).update(operator_loss=int(Decimal("1.80") * NANOS))
+    client = staff_client(staff)
+    assert figure(client.get("/admin/", {"period": "30"}).content.decode(), "operator_loss") == "$0.00"
+    quarter = client.get("/admin/", {"period": "90"}).content.decode()
+    assert figure(quarter, "operator_loss") == "$1.80"
+    assert "1 request billed above hold + cap" in quarter
+    by_model = quarter.split("Usage by model")[1]
+    assert re.search(r"<td>vision/model</td>.*?\$1\.80</td></tr>", by_model, re.S)
+
+
 def test_negative_wallets_holds_failed_webhooks_and_open_alerts_are_shown(staff, business):
     html = staff_client(staff).get("/admin/").content.decode()
     below_zero = html.split("Wallets below zero")[1].split("</table>")[0]

@@ -18,6 +18,7 @@ NO_LIMITS = {
     "allowed_models": None,
     "run_max_steps": None,
     "run_max_spend": None,
+    "max_parallel": None,
 }
 
 
@@ -109,6 +110,7 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
             "allowed_models": ["openai/gpt-4o-mini"],
             "run_max_steps": 25,
             "run_max_spend": "0.5",
+            "max_parallel": 4,
         },
     )
 
@@ -121,6 +123,7 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
         "allowed_models": ["openai/gpt-4o-mini"],
         "run_max_steps": 25,
         "run_max_spend": "0.500000000",
+        "max_parallel": 4,
     }
     assert ApiKey.objects.get(pk=body["id"]).expires_at == expires
 
@@ -166,6 +169,9 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"run_max_spend": "0"}, "run_max_spend must be more than zero"),
         ({"run_max_spend": "-0.5"}, "cannot be negative"),
         ({"run_max_spend": "0.0000000001"}, "more than 9 decimal places"),
+        ({"max_parallel": 0}, "max_parallel must be a positive"),
+        ({"max_parallel": "2"}, "max_parallel must be a positive"),
+        ({"max_parallel": 1.5}, "max_parallel must be a positive"),
         (["rpm"], "must be an object"),
     ],
 )

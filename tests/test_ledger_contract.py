@@ -38,7 +38,8 @@ amounts = st.integers(min_value=1, max_value=3 * 10**9)
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("credit"), amounts),
-        st.tuples(st.just("hold"), amounts, st.sampled_from([0, 10**8, 5 * 10**9])),  # amount, min_available
+        # amount, min_available, overrun cap (None: the whole cost is charged)
+        st.tuples(st.just("hold"), amounts, st.sampled_from([0, 10**8, 5 * 10**9]), st.sampled_from([None, 0, 10**8])),
         st.tuples(st.just("settle"), st.integers(0, 5), st.integers(0, 4 * 10**9)),
         st.tuples(st.just("release"), st.integers(0, 5)),
         st.tuples(st.just("extend"), st.integers(0, 5)),
@@ -73,7 +74,11 @@ def _sync_step(op, wallet, holds: list) -> tuple:
     if name == "hold":
         try:
             hold = services.hold_create(
-                wallet=wallet, amount=op[1], request_id=f"r{len(holds)}-{wallet.pk}", min_available=op[2]
+                wallet=wallet,
+                amount=op[1],
+                request_id=f"r{len(holds)}-{wallet.pk}",
+                min_available=op[2],
+                overrun_cap=op[3],
             )
         except InsufficientFunds as short:
             return ("refused", short.needed, short.available, short.balance)
@@ -86,7 +91,7 @@ def _sync_step(op, wallet, holds: list) -> tuple:
         if name == "extend":
             return ("extended", services.hold_extend(hold=hold, seconds=600))
         closed = services.hold_settle(hold=hold, amount=op[2]) if name == "settle" else services.hold_release(hold=hold)
-        return ("closed", closed.closed_here, _entry_shape(closed.entry))
+        return ("closed", closed.closed_here, _entry_shape(closed.entry), closed.charged, closed.loss)
     return _money_step(op, wallet)
 
 
@@ -95,7 +100,11 @@ async def _async_step(op, wallet, holds: list) -> tuple:
     if name == "hold":
         try:
             hold = await services.ahold_create(
-                wallet=wallet, amount=op[1], request_id=f"r{len(holds)}-{wallet.pk}", min_available=op[2]
+                wallet=wallet,
+                amount=op[1],
+                request_id=f"r{len(holds)}-{wallet.pk}",
+                min_available=op[2],
+                overrun_cap=op[3],
             )
         except InsufficientFunds as short:
             return ("refused", short.needed, short.available, short.balance)
@@ -111,7 +120,7 @@ async def _async_step(op, wallet, holds: list) -> tuple:
             closed = await services.ahold_settle(hold=hold, amount=op[2])
         else:
             closed = await services.ahold_release(hold=hold)
-        return ("closed", closed.closed_here, _entry_shape(closed.entry))
+        return ("closed", closed.closed_here, _entry_shape(closed.entry), closed.charged, closed.loss)
     return await adb.in_thread(_money_step)(op, wallet)
 
 
@@ -144,7 +153,7 @@ def _ledger(wallet) -> tuple:
         (e.kind, e.amount, e.balance_after, (e.idempotency_key or "").rsplit("-", 1)[0], e.reference.rsplit("-", 1)[0])
         for e in Entry.objects.filter(wallet=wallet).order_by("id")
     ]
-    holds = [(h.amount, h.status) for h in Hold.objects.filter(wallet=wallet).order_by("id")]
+    holds = [(h.amount, h.status, h.overrun_cap) for h in Hold.objects.filter(wallet=wallet).order_by("id")]
     return (wallet.balance, wallet.held, entries, holds)
 
 
@@ -198,4 +207,34 @@ def test_every_implementation_of_the_hold_rules_writes_the_same_ledger(ops):
     (first_name, first), *others = results.items()
     for name, result in others:
         assert result == first, f"{name} differs from {first_name}"
+    assert ledger_discrepancies() == []
+    for answer in first[0]:
+        if answer[0] == "closed" and answer[1]:
+            _, _, entry, charged, loss = answer
+            assert charged == (-entry[1] if entry else 0) and loss >= 0
+
+
+@pytest.mark.parametrize("implementation", ["orm", "pg"])
+def test_an_overrun_cap_bounds_one_settlement_and_the_wallet_floor(implementation):
+    if implementation == "pg" and not adb.native():
+        pytest.skip("the statements run on PostgreSQL")
+    with _implementation(implementation):
+        wallet = _fresh_wallet()
+        services.wallet_credit(wallet=wallet, amount=1_000, kind=EntryKind.BONUS, idempotency_key=None)
+        first = services.hold_create(wallet=wallet, amount=400, request_id=f"a-{wallet.pk}", overrun_cap=100)
+        second = services.hold_create(wallet=wallet, amount=600, request_id=f"b-{wallet.pk}", overrun_cap=100)
+        # hold + cap: 500 taken of 10,000; the rest is the operator's loss.
+        assert (lambda c: (c.charged, c.loss))(services.hold_settle(hold=first, amount=10_000)) == (500, 9_500)
+        # The balance is 500: this one may take it down to −100 only, though hold + cap is 700.
+        assert (lambda c: (c.charged, c.loss))(services.hold_settle(hold=second, amount=10_000)) == (600, 9_400)
+        wallet.refresh_from_db()
+        assert (wallet.balance, wallet.held) == (-100, 0)
+        services.wallet_credit(wallet=wallet, amount=200, kind=EntryKind.BONUS, idempotency_key=None)
+        third = services.hold_create(wallet=wallet, amount=1, request_id=f"c-{wallet.pk}", overrun_cap=100)
+        # Below −cap already (a clawback meanwhile): nothing more is taken, all of it is loss.
+        services.wallet_refund(wallet=wallet, amount=250, idempotency_key=f"r-{wallet.pk}")
+        closed = services.hold_settle(hold=third, amount=1)
+        assert (closed.charged, closed.loss, closed.entry) == (0, 1, None)
+        wallet.refresh_from_db()
+        assert (wallet.balance, wallet.held) == (-150, 0)
     assert ledger_discrepancies() == []

@@ -114,6 +114,10 @@ def test_switching_only_availability_edits_the_current_version_in_place(staff_cl
         ("min_charge_usd", "-0.01"),
         ("prompt", "-1"),
         ("markup", "-0.1"),
+        ("overrun_cap_usd", "-0.05"),
+        ("overrun_cap_usd", "lots"),
+        ("image_tokens", "many"),
+        ("file_tokens", "-5"),
     ],
 )
 def test_a_bad_price_is_a_form_error_and_saves_nothing(staff_client, gpt, field, value):
@@ -122,6 +126,17 @@ def test_a_bad_price_is_a_form_error_and_saves_nothing(staff_client, gpt, field,
     assert response.status_code == 200
     assert response.context["adminform"].form.errors
     assert ModelPrice.objects.filter(model=gpt.model).count() == 1
+
+
+def test_staff_set_a_models_part_allowances_and_overrun_cap_as_a_new_version(staff_client, gpt):
+    response = change(staff_client, gpt, image_tokens="30000", image_low_tokens="3000", overrun_cap_usd="0.02")
+    assert response.status_code == 302
+    current = ModelPrice.objects.filter(model=gpt.model).order_by("-effective_from").first()
+    assert current.pk != gpt.pk
+    assert (current.image_tokens, current.image_low_tokens, current.audio_tokens) == (30_000, 3_000, None)
+    assert current.overrun_cap == 20_000_000
+    page = staff_client.get(f"{CHANGELIST}{current.pk}/change/").content.decode()
+    assert "Honest holds" in page and 'value="0.020000000"' in page
 
 
 def test_the_change_page_shows_every_version_and_labels_rates_per_million(staff_client, gpt):

@@ -2,6 +2,7 @@
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
+import json
 import os
 
 import pytest
@@ -95,3 +96,38 @@ def test_uses_counters_is_true_exactly_when_the_checks_touch_the_cache(
         pass
     used = limits.uses_counters(api_key=api_key, run=run, run_max_steps=asked[0], run_max_spend=asked[1])
     assert used == (CountingCache.writes > 0)
+
+
+def test_a_request_over_the_keys_max_parallel_is_refused_at_once_and_the_slot_comes_back(fake_upstream, alice, price):
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+
+    from config.asgi import application
+    from tests.fake_upstream import _proxy_call, close_loop_resources
+
+    def proxy_call(path, body, *, token):  # on one loop, whose resources are closed once, at the end
+        raw = json.dumps(body).encode()
+        return _proxy_call(application, path, raw, [raw], token, None, None, 10, "POST")
+
+    token = api_key_create(user=alice, name="k", limits={"max_parallel": 1})[1]
+    reply = completion(u=usage(1, 1, cost="0.000001"))
+    fake_upstream.script("chat", Reply(body=reply, delay=1.0), Reply(body=reply))
+
+    async def scenario():
+        try:
+            first = asyncio.ensure_future(proxy_call(CHAT, HELLO, token=token))
+            while not fake_upstream.calls("chat"):  # the first is in flight at the upstream
+                await asyncio.sleep(0.01)
+            second = await proxy_call(CHAT, HELLO, token=token)
+            done = await first
+            third = await proxy_call(CHAT, HELLO, token=token)  # the first's slot came back
+            return second, done, third
+        finally:
+            await close_loop_resources()
+
+    second, first, third = async_to_sync(scenario)()
+    assert second.status == 429 and second.error["code"] == "max_parallel_reached"
+    assert second.headers["retry-after"] == "1"
+    assert first.status == 200 and third.status == 200
+    assert len(fake_upstream.calls("chat")) == 2

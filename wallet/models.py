@@ -9,7 +9,9 @@
   one conditional UPDATE (``held += x WHERE balance - held - floor >= x``) so concurrent requests
   can never together reserve more than is available.
 * Settling charges the *actual* cost even when it exceeds the hold; the balance may then dip
-  below zero by that overage, which blocks the wallet until the next top-up.
+  below zero by that overage, which blocks the wallet until the next top-up. A hold may carry an
+  ``overrun_cap``: then its settlement takes at most hold + cap, and never takes the balance
+  below −cap; what the request cost beyond that is the operator's loss (``settlement_charge``).
 * ``(wallet, idempotency_key)`` is UNIQUE, so a replayed external event cannot post twice.
 * ``low_balance_threshold`` is the user's alert level: every balance change compares the balance
   before and after it with that level (and with ``MIN_BALANCE``) and writes a ``balance.low`` /
@@ -134,10 +136,32 @@ class Hold(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
+    # Nanodollars the settlement may take beyond ``amount`` (None: no cap, the whole cost is
+    # charged). Kept on the row so every settler — the proxy, reconcile_holds — applies it.
+    overrun_cap = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive")]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="hold_amount_positive"),
+            models.CheckConstraint(
+                condition=Q(overrun_cap__isnull=True) | Q(overrun_cap__gte=0), name="hold_overrun_cap_non_negative"
+            ),
+        ]
         indexes = [models.Index(fields=["status", "expires_at"])]
 
     def __str__(self):
         return f"hold {self.request_id} ({self.status})"
+
+
+def settlement_charge(*, amount: int, hold_amount: int, overrun_cap: int | None, balance: int) -> int:
+    """What settling a hold takes from the wallet when the request cost ``amount`` and the
+    wallet's balance (under its row lock) is ``balance`` — all nanodollars.
+
+    Without a cap, the whole cost. With one, at most the hold plus the cap, and never so much
+    that the balance ends below −cap: a burst of requests that each overran cannot together
+    drive the wallet further down than one could. The rest is the operator's loss.
+    ``wallet.pg``'s settlement statement computes the same in SQL (the contract tests compare).
+    """
+    if overrun_cap is None:
+        return amount
+    return max(0, min(amount, hold_amount + overrun_cap, balance + overrun_cap))

@@ -32,7 +32,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection
+from django.db import connection, models
 from django.utils import timezone
 
 from infra import adb
@@ -47,8 +47,10 @@ WITH w AS (
     WHERE id = %(wallet_id)s AND balance >= held + %(need)s{only_if}
     RETURNING id
 ), h AS (
-    INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at)
-    SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s
+    INSERT INTO {hold} (wallet_id, amount, request_id, status, description, metadata, created_at, expires_at,
+                        overrun_cap)
+    SELECT w.id, %(amount)s, %(request_id)s, %(status)s, %(description)s, %(metadata)s::jsonb, %(now)s, %(expires_at)s,
+           %(overrun_cap)s::bigint
     FROM w
     RETURNING id
 ){also}
@@ -59,17 +61,24 @@ _CLOSE = """
 WITH h AS (
     UPDATE {hold} SET status = %(status)s, closed_at = %(now)s
     WHERE id = %(hold_id)s AND status = %(active)s
-    RETURNING amount, wallet_id
+    RETURNING amount, wallet_id, overrun_cap
+), c AS (
+    SELECT {wallet}.id,
+           CASE WHEN h.overrun_cap IS NULL THEN %(amount)s::bigint
+                ELSE GREATEST(0, LEAST(%(amount)s::bigint, h.amount + h.overrun_cap, {wallet}.balance + h.overrun_cap))
+           END AS charged
+    FROM {wallet} JOIN h ON {wallet}.id = h.wallet_id
+    FOR UPDATE OF {wallet}
 ){also}, w AS (
-    UPDATE {wallet} SET balance = balance - %(amount)s, held = held - h.amount, updated_at = %(now)s
-    FROM h WHERE {wallet}.id = h.wallet_id
-    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id, {wallet}.low_balance_threshold
+    UPDATE {wallet} SET balance = balance - c.charged, held = held - h.amount, updated_at = %(now)s
+    FROM h, c WHERE {wallet}.id = c.id
+    RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id, {wallet}.low_balance_threshold, c.charged
 ), e AS (
     INSERT INTO {entry} (wallet_id, kind, amount, balance_after, idempotency_key, reference, description,
                          metadata, created_at)
-    SELECT %(wallet_id)s, %(kind)s, -%(amount)s, w.balance, %(key)s, %(reference)s, %(description)s,
+    SELECT %(wallet_id)s, %(kind)s, -w.charged, w.balance, %(key)s, %(reference)s, %(description)s,
            %(metadata)s::jsonb, %(now)s
-    FROM w WHERE %(amount)s > 0
+    FROM w WHERE w.charged > 0
     RETURNING id
 ), alerts AS (
     INSERT INTO {event} ("id", "type", "user_id", "data", "dedup_key", "created_at", "body", "dispatched_at")
@@ -83,9 +92,9 @@ WITH h AS (
         ('balance.low', 'threshold', coalesce(w.low_balance_threshold, %(low_default)s), NULL::text),
         ('balance.depleted', 'min_balance', %(depleted)s::bigint, %(min_balance)s::text)
     ) AS line(type, field, level, shown)
-    WHERE line.level > 0 AND w.balance < line.level AND w.balance + %(amount)s >= line.level
+    WHERE line.level > 0 AND w.balance < line.level AND w.balance + w.charged >= line.level
 )
-SELECT (SELECT id FROM e), w.balance, w.held, w.user_id FROM w
+SELECT (SELECT id FROM e), w.balance, w.held, w.user_id, w.charged FROM w
 """
 
 _EXTEND = """
@@ -127,6 +136,7 @@ class WalletState:
     balance: int  # nanodollars
     held: int  # nanodollars
     user_id: int
+    charged: int = 0  # nanodollars the settlement debited (under the hold's overrun cap)
 
 
 def run(statement: Statement) -> tuple | None:
@@ -165,6 +175,7 @@ def hold_create(hold: Hold, need: int, *, also_insert=None, only_if: tuple[str, 
         "description": hold.description,
         "metadata": _json(hold.metadata),
         "expires_at": hold.expires_at,
+        "overrun_cap": hold.overrun_cap,
     }
     also = also_id = condition = ""
     if also_insert is not None:
@@ -195,10 +206,14 @@ def hold_close(
     kind: str,
     description: str,
     metadata: dict,
-    also_save: tuple[object, list[str]] | None = None,
+    also_save: tuple[models.Model, list[str]] | None = None,
+    charged_into: tuple[str, str] | None = None,
 ) -> Statement:
-    """Close ``hold`` if it is still active, debit ``amount`` (writing its entry when positive)
-    and free the hold; ``also_save`` — ``(instance, field names)`` — is saved only if it closed.
+    """Close ``hold`` if it is still active, debit what ``amount`` comes to under the hold's
+    overrun cap (``models.settlement_charge``; its entry written when positive) and free the
+    hold; ``also_save`` — ``(instance, field names)`` — is saved only if it closed, with
+    ``charged_into``'s two fields (of the same instance) set to what was debited and to the rest
+    of ``amount`` (the operator's loss) — values only this statement knows.
 
     Safe to re-run on a dead connection: the close (and the save with it) is conditional on the
     hold still being active, so a second run after a first that committed changes nothing.
@@ -219,7 +234,7 @@ def hold_close(
     params["low_default"], params["depleted"], params["min_balance"] = balance_alerts.lines()
     sql = _composed(_CLOSE)
     if also_save is not None:
-        sql, params = _with_save(_CLOSE, params, also_save)
+        sql, params = _with_save(_CLOSE, params, also_save, charged_into)
     return Statement(sql, params, retry=True)
 
 
@@ -230,7 +245,7 @@ def hold_closed(
     was not active. (``metadata`` is the dict the statement was built with.)"""
     if row is None:
         return None
-    entry_id, balance, held, user_id = row
+    entry_id, balance, held, user_id, charged = row
     entry = None
     if entry_id is not None:
         params = statement.params
@@ -239,7 +254,7 @@ def hold_closed(
             "id": entry_id,
             "wallet_id": hold.wallet_id,
             "kind": params["kind"],
-            "amount": -params["amount"],
+            "amount": -charged,
             "balance_after": balance,
             "idempotency_key": params["key"],
             "reference": hold.request_id,
@@ -249,13 +264,13 @@ def hold_closed(
             "created_at": params["now"],
         }
         entry = Entry.from_db(connection.alias, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
-    return entry, WalletState(balance, held, user_id)
+    return entry, WalletState(balance, held, user_id, charged)
 
 
 # --- keeping one alive --------------------------------------------------------------------------------
 
 
-def hold_extend(hold: Hold, until: datetime, *, also_save: tuple[object, list[str]] | None = None) -> Statement:
+def hold_extend(hold: Hold, until: datetime, *, also_save: tuple[models.Model, list[str]] | None = None) -> Statement:
     """Push an active hold's expiry to ``until``; its row is the hold's id, none if not active."""
     params = {"until": until, "hold_id": hold.pk, "active": HoldStatus.ACTIVE}
     if also_save is None:
@@ -264,8 +279,20 @@ def hold_extend(hold: Hold, until: datetime, *, also_save: tuple[object, list[st
     return Statement(sql, params, retry=True)
 
 
-def _with_save(template: str, params: dict, also_save: tuple[object, list[str]]) -> tuple[str, dict]:
+def _with_save(
+    template: str, params: dict, also_save: tuple[models.Model, list[str]], charged_into: tuple[str, str] | None = None
+) -> tuple[str, dict]:
     """``template`` with the caller's UPDATE as one more part of its WITH, run only if the
-    statement's ``h`` (the hold it acts on) found the hold active."""
-    update, extra = adb.update_statement(*also_save, prefix="also_", condition="EXISTS (SELECT 1 FROM h)")
+    statement's ``h`` (the hold it acts on) found the hold active; ``charged_into`` (the close
+    only) sets two more fields from its ``c`` part: what was charged, and the rest (the loss)."""
+    expressions: tuple[tuple[str, str], ...] = ()
+    if charged_into is not None:
+        charged, loss = charged_into
+        expressions = (
+            (charged, "(SELECT charged FROM c)"),
+            (loss, "%(amount)s::bigint - (SELECT charged FROM c)"),
+        )
+    update, extra = adb.update_statement(
+        *also_save, prefix="also_", condition="EXISTS (SELECT 1 FROM h)", expressions=expressions
+    )
     return _composed(template, f", also AS ({update})"), {**params, **extra}

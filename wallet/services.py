@@ -40,7 +40,7 @@ from django.utils import timezone
 from infra import adb
 
 from . import alerts, events, pg
-from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet
+from .models import CREDIT_KINDS, Entry, EntryKind, Hold, HoldStatus, Wallet, settlement_charge
 
 
 class WalletError(Exception):
@@ -239,26 +239,39 @@ def usage_reconcile(
     delta: int,
     description: str = "",
     metadata: dict | None = None,
+    hold_amount: int = 0,
+    overrun_cap: int | None = None,
+    charged: int = 0,
 ) -> Posted | None:
     """Correct a settled *estimate* once the upstream has said what the request really cost.
 
     ``delta`` is actual charge − estimated charge. More → a further ``usage`` debit (the output
     was already delivered, so like any overage it may take the balance below zero); less → a
     ``correction`` credit written by the system (no staff user) that gives the difference back.
-    Keyed ``reconcile:<request_id>``: a request is reconciled at most once.
+    Keyed ``reconcile:<request_id>``: a request is reconciled at most once. With the request's
+    ``hold_amount`` and ``overrun_cap`` (and ``charged``, what it was debited so far) a further
+    debit is bounded as the settlement was (``settlement_charge``): the caller records the rest as
+    the operator's loss.
     """
     _check_amount(delta)
-    if delta == 0:
-        return None
-    return _post_once(
-        wallet,
-        kind=EntryKind.USAGE if delta > 0 else EntryKind.CORRECTION,
-        amount=-delta,
-        idempotency_key=f"reconcile:{request_id}",
-        reference=request_id,
-        description=description or f"reconciled from the upstream's report ({request_id})",
-        metadata={"source": "reconcile_holds", **(metadata or {})},
-    )
+    with _atomic():
+        if delta > 0 and overrun_cap is not None:
+            # The request's hold had an overrun cap: all its debits together stay within hold +
+            # cap, and never take the balance below −cap (read under the row lock).
+            _check_amount(charged)
+            balance = _lock(wallet.pk).balance
+            delta = max(0, min(delta, hold_amount + overrun_cap - charged, balance + overrun_cap))
+        if delta == 0:
+            return None
+        return _post_once(
+            wallet,
+            kind=EntryKind.USAGE if delta > 0 else EntryKind.CORRECTION,
+            amount=-delta,
+            idempotency_key=f"reconcile:{request_id}",
+            reference=request_id,
+            description=description or f"reconciled from the upstream's report ({request_id})",
+            metadata={"source": "reconcile_holds", **(metadata or {})},
+        )
 
 
 def wallet_refund(
@@ -328,14 +341,25 @@ class Closed:
     # then the first result stands and ``entry`` is the first settlement's entry, if it had one.
     closed_here: bool
     entry: Entry | None  # the debit, or None (released, or settled at zero)
+    # Nanodollars: what the settlement debited, and what the request cost beyond that which the
+    # hold's overrun cap kept off the wallet (the operator's loss). For a hold closed elsewhere
+    # first, what that settlement debited and 0.
+    charged: int = 0
+    loss: int = 0
 
 
-def _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata) -> tuple[Hold, int]:
+def _hold_new(
+    wallet, amount, request_id, min_available, ttl_seconds, description, metadata, overrun_cap=None
+) -> tuple[Hold, int]:
     """The unsaved hold, and what the available balance must reach for it to be taken."""
     _check_amount(amount)
     _check_amount(min_available)
     if amount <= 0:
         raise WalletError("a hold must be positive")
+    if overrun_cap is not None:
+        _check_amount(overrun_cap)
+        if overrun_cap < 0:
+            raise WalletError("an overrun cap cannot be negative")
     now = timezone.now()
     hold = Hold(
         wallet=wallet,
@@ -345,6 +369,7 @@ def _hold_new(wallet, amount, request_id, min_available, ttl_seconds, descriptio
         metadata=metadata or {},
         created_at=now,
         expires_at=now + timedelta(seconds=ttl_seconds if ttl_seconds is not None else settings.HOLD_TTL),
+        overrun_cap=overrun_cap,
     )
     return hold, max(amount, min_available)
 
@@ -372,6 +397,12 @@ class _Orm:
             closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
             if not closed:
                 return None
+            if hold.overrun_cap is not None:
+                # What the cap lets it take depends on the balance: read it under the row lock.
+                balance = Wallet.objects.select_for_update().values_list("balance", flat=True).get(pk=hold.wallet_id)
+                amount = settlement_charge(
+                    amount=amount, hold_amount=hold.amount, overrun_cap=hold.overrun_cap, balance=balance
+                )
             Wallet.objects.filter(pk=hold.wallet_id).update(
                 balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
             )
@@ -379,7 +410,7 @@ class _Orm:
                 "balance", "held", "user_id", "low_balance_threshold"
             )
             *values, threshold = row.get()
-            state = pg.WalletState(*values)
+            state = pg.WalletState(*values, charged=amount)
             alerts.emit_crossings(
                 user_id=state.user_id, before=state.balance + amount, after=state.balance, wallet_threshold=threshold
             )
@@ -446,13 +477,15 @@ def hold_create(
     ttl_seconds: int | None = None,
     description: str = "",
     metadata: dict | None = None,
+    overrun_cap: int | None = None,
 ) -> Hold:
     """Reserve ``amount`` for a request in flight, or raise ``InsufficientFunds``.
 
     ``min_available`` is a floor the available balance must reach before anything is reserved
     (``MIN_BALANCE``): the request needs ``available ≥ max(amount, min_available)``.
+    ``overrun_cap`` bounds what its settlement may take beyond ``amount`` (``settlement_charge``).
     """
-    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
+    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata, overrun_cap)
     implementation = _implementation()
     if not implementation.create(hold, need):
         balance, held = implementation.state(wallet.pk)
@@ -483,7 +516,7 @@ def _close(
     # After commit (immediately when no caller transaction is open): the client never hears of
     # money that was rolled back.
     events.publish_balance_on_commit(state.user_id, **_closed(hold, status, entry, state))
-    return Closed(True, entry)
+    return Closed(True, entry, state.charged, amount - state.charged)
 
 
 def _check_settlement(amount: object) -> None:
@@ -502,8 +535,9 @@ def hold_settle(
 ) -> Closed:
     """Charge the actual cost of a held request and free the hold.
 
-    The actual amount is charged even when it is more than the hold (the estimate was low): the
-    balance may then go slightly negative, which blocks the wallet until it is topped up. An
+    The actual amount is charged even when it is more than the hold (the estimate was low) — up
+    to the hold's overrun cap, when it has one (``settlement_charge``; ``Closed.loss`` is the
+    rest): the balance may then go negative, which blocks the wallet until it is topped up. An
     amount of zero frees the hold and writes no entry. Settling a hold already closed changes
     nothing and answers with the first result (``closed_here`` False).
     """
@@ -517,7 +551,8 @@ def hold_settle(
 def _first_result(hold: Hold) -> Closed:
     """A hold someone else closed first: its state now, and the entry its settlement wrote."""
     hold.refresh_from_db(fields=["status", "closed_at"])
-    return Closed(False, _first_settlement_entry(hold))
+    entry = _first_settlement_entry(hold)
+    return Closed(False, entry, -entry.amount if entry is not None else 0)
 
 
 def _first_settlement_entry(hold: Hold) -> Entry | None:
@@ -558,6 +593,7 @@ async def ahold_create(
     metadata: dict | None = None,
     also_insert=None,
     only_if: tuple[str, dict] | None = None,
+    overrun_cap: int | None = None,
 ) -> Hold:
     """``hold_create`` for async callers. ``also_insert`` — an unsaved model instance — is
     inserted in the same transaction if and only if the hold is taken (the proxy's usage record:
@@ -579,9 +615,10 @@ async def ahold_create(
             ttl_seconds=ttl_seconds,
             description=description,
             metadata=metadata,
+            overrun_cap=overrun_cap,
         )
         return await _in_thread_with(create, hold=None, insert=also_insert)
-    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata)
+    hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata, overrun_cap)
     row = await pg.arun(pg.hold_create(hold, need, also_insert=also_insert, only_if=only_if))
     if row is None:
         state = await pg.arun(pg.wallet_state(wallet.pk, only_if))
@@ -603,17 +640,26 @@ async def ahold_settle(
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
     also_save: tuple[object, list[str]] | None = None,
+    charged_into: tuple[str, str] | None = None,
 ) -> Closed:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
     in the same transaction if this call closes the hold (the proxy's usage record: a charge never
     commits without the record that explains it, and a hold someone else closed first — say
-    ``reconcile_holds`` — keeps the record that explains *that* charge)."""
+    ``reconcile_holds`` — keeps the record that explains *that* charge). ``charged_into`` names
+    two more fields of that instance, saved with it: what was debited, and the loss."""
     _check_settlement(amount)
     if not adb.native():
         settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
-        return await _in_thread_with(settle, hold=hold, save=also_save)
+        return await _in_thread_with(settle, hold=hold, save=also_save, charged_into=charged_into)
     return await _aclose(
-        hold, also_save, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
+        hold,
+        also_save,
+        status=HoldStatus.SETTLED,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata,
+        charged_into=charged_into,
     )
 
 
@@ -636,30 +682,49 @@ async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, lis
 
 
 async def _aclose(
-    hold: Hold, also_save, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+    hold: Hold,
+    also_save,
+    *,
+    status: str,
+    amount: int = 0,
+    kind: str = EntryKind.USAGE,
+    description="",
+    metadata=None,
+    charged_into: tuple[str, str] | None = None,
 ) -> Closed:
     metadata = metadata or {}
     description = (description or hold.description)[:500]
     statement = pg.hold_close(
-        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata, also_save=also_save
+        hold,
+        status=status,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata,
+        also_save=also_save,
+        charged_into=charged_into,
     )
     result = pg.hold_closed(hold, statement, await pg.arun(statement), metadata=metadata)
     if result is None:
         return await adb.in_thread(_first_result)(hold)
     entry, state = result
     await events.apublish_balance(state.user_id, **_closed(hold, status, entry, state))  # committed by now
-    return Closed(True, entry)
+    if charged_into is not None:  # the statement saved them; keep the caller's instance truthful
+        setattr(also_save[0], charged_into[0], state.charged)
+        setattr(also_save[0], charged_into[1], amount - state.charged)
+    return Closed(True, entry, state.charged, amount - state.charged)
 
 
 def _locked_active(hold: Hold) -> bool:
     return Hold.objects.select_for_update().filter(pk=hold.pk, status=HoldStatus.ACTIVE).exists()
 
 
-async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None):
+async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None, charged_into=None):
     """``service()`` with the companion write in one transaction, in a worker thread (the ORM
     path): ``insert`` only if the service did not refuse, ``save`` only if the hold was active
-    (locked first: a hold row before its wallet row, as everywhere). The balance event it
-    committed is sent from the event loop, not bounced back from the thread."""
+    (locked first: a hold row before its wallet row, as everywhere), with ``charged_into``'s
+    fields set from the settlement. The balance event it committed is sent from the event loop,
+    not bounced back from the thread."""
 
     def run():
         with events.collected() as committed, _atomic():
@@ -667,6 +732,10 @@ async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None)
             result = service()
             if save is not None and active:
                 instance, fields = save
+                if charged_into is not None:
+                    setattr(instance, charged_into[0], result.charged)
+                    setattr(instance, charged_into[1], result.loss)
+                    fields = [*fields, *charged_into]
                 instance.save(update_fields=fields)
             if insert is not None:
                 insert.save(force_insert=True)

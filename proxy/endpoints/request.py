@@ -296,6 +296,7 @@ class ProxyRequest:
             prompt_chars=parsed.prompt_chars,
             requested_output=parsed.requested_output,
             choices=parsed.choices,
+            media=parsed.media,
         )
 
     async def abandon(self, begun: Begun) -> None:

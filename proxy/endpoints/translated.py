@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from core.media import media_parts
 from core.openai_errors import OpenAIError
 from core.protocols import ProtocolError, Unsupported
 from core.protocols.chat import StreamTranslator
@@ -96,6 +97,7 @@ class TranslatableEndpoint(Endpoint):
             stream=payload.get("stream") is True,
             requested_output=cap,
             prompt_chars=len(body),
+            media=media_parts(payload),
         )
 
     async def relay(self, request: ProxyRequest, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:

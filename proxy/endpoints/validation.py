@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from core.media import Media, media_parts
+
 from ..services import Refusal
 
 MAX_FALLBACK_MODELS = 10  # OpenRouter's ``models``: each is priced before the request is held
@@ -30,6 +32,7 @@ class Parsed:
     requested_output: int | None = None  # output tokens per choice the client capped, if it did
     choices: int = 1
     prompt_chars: int = 0  # the size the prompt's hold is estimated from (the body's length)
+    media: Media = field(default_factory=Media)  # its non-text parts, held at their allowances
 
 
 class Invalid(Exception):
@@ -107,6 +110,7 @@ def chat_completions(body: bytes) -> Parsed:
         requested_output=payload.get("max_completion_tokens") or payload.get("max_tokens"),
         choices=payload.get("n") or 1,
         prompt_chars=len(body),
+        media=media_parts(messages),
     )
 
 
