@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.conf import settings
 from django.core.cache import cache
@@ -305,7 +306,7 @@ def reserve_spend(
                 key,
                 cap,
                 _seconds_to_reset(now, window) + DAY,
-                lambda key_id=key_id, start=start: _spent_since(key_id, start),
+                partial(_spent_since, key_id, start),
                 f"This API key reached its {window} spend cap of ${format_usd(cap)}.",
                 "spend_cap_reached",
                 _seconds_to_reset(now, window),

@@ -178,14 +178,14 @@ class ModelPrice(models.Model):
         ]
 
     def __str__(self):
-        at = f" at {self.upstream.name}" if self.upstream_id else ""
+        at = f" at {self.upstream.name}" if self.upstream is not None else ""
         return f"{self.model}{at} from {self.effective_from:%Y-%m-%d %H:%M}"
 
     @property
     def upstream_name(self) -> str:
         if self.is_demo:
             return DEMO_UPSTREAM
-        return self.upstream.name if self.upstream_id else DEFAULT_UPSTREAM
+        return self.upstream.name if self.upstream is not None else DEFAULT_UPSTREAM
 
     def effective_markup(self):
         return self.markup if self.markup is not None else settings.MARKUP

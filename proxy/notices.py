@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db.models import Count, Q, Sum
 
@@ -56,7 +58,7 @@ def usage_summaries(hour: datetime) -> None:
         )
         .order_by("user_id", "model")
     )
-    by_user: dict[int, list[dict]] = {}
+    by_user: dict[int, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_user.setdefault(row["user_id"], []).append(row)
     for user_id, models in by_user.items():

@@ -43,11 +43,14 @@ def _rates_from_snapshot(record: UsageRecord) -> Rates:
     )
 
 
-def _apply_generation(record: UsageRecord, generation: dict | None) -> bool:
-    """Copy the upstream's own account of a generation onto the record; False if it has none."""
-    cost = reported_cost(generation, "total_cost") if isinstance(generation, dict) else None
+def _apply_generation(record: UsageRecord, generation: dict | None) -> Decimal | None:
+    """Copy the upstream's own account of a generation onto the record; its cost, or None if it
+    has none."""
+    if not isinstance(generation, dict):
+        return None
+    cost = reported_cost(generation, "total_cost")
     if cost is None:
-        return False
+        return None
     record.prompt_tokens = count(generation.get("native_tokens_prompt") or generation.get("tokens_prompt"))
     record.completion_tokens = count(generation.get("native_tokens_completion") or generation.get("tokens_completion"))
     record.reasoning_tokens = count(generation.get("native_tokens_reasoning"))
@@ -57,7 +60,7 @@ def _apply_generation(record: UsageRecord, generation: dict | None) -> bool:
     record.estimated = False
     record.status = UsageStatus.CANCELLED if generation.get("cancelled") else UsageStatus.OK
     record.finish_reason = str(generation.get("finish_reason") or "")[:40]
-    return True
+    return cost
 
 
 def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
@@ -84,19 +87,20 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
             hold_release(hold=hold)
             return f"{hold.request_id}: released (no usage record)"
         rates = _rates_from_snapshot(record)
-        if _apply_generation(record, generation):
+        upstream_cost = _apply_generation(record, generation)
+        if upstream_cost is not None:
             how = "settled from the upstream's generation lookup"
         else:
             # completion_tokens is the estimate of what was relayed, as of the request's last
             # progress write (arequest_progress); zero if it never got that far.
             usage = Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
-            record.upstream_cost = cost_usd(rates, usage)
+            record.upstream_cost = upstream_cost = cost_usd(rates, usage)
             record.cost_source = CostSource.ESTIMATE
             record.estimated = True
             record.status = UsageStatus.UPSTREAM_ERROR
             record.error = "never settled by its server process; charged an estimate of its prompt and output relayed"
             how = "settled at an estimate of its prompt and output relayed"
-        cost = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+        cost = charge_nanos(upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
         record.settled_at = timezone.now()
         hold.refresh_from_db(fields=["overrun_cap"])
         closed = hold_settle(hold=hold, amount=cost, description=f"{record.model} ({record.request_id}, reconciled)")
@@ -124,10 +128,11 @@ def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
     only the difference moves, through ``wallet.services.usage_reconcile``, once per request.
     """
     estimated_charge = record.charge
-    if not _apply_generation(record, generation):
+    upstream_cost = _apply_generation(record, generation)
+    if upstream_cost is None:
         return f"{record.request_id}: generation {record.generation_id} not available upstream; estimate kept"
     rates = _rates_from_snapshot(record)
-    cost = charge_nanos(record.upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
+    cost = charge_nanos(upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
     hold = Hold.objects.filter(request_id=record.request_id).only("amount", "overrun_cap").first()
     with transaction.atomic(savepoint=False):
         posted = usage_reconcile(

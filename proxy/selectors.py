@@ -62,7 +62,7 @@ def _routes_from_db(model: str) -> list[Route]:
         # The newest version decides: disabling a model is done by adding a disabled version.
         if not price.enabled:
             continue
-        if price.upstream_id is None:
+        if price.upstream is None:
             routes.append(Route(price))
         elif price.upstream.enabled:
             routes.append(Route(price, upstream.config_of(price.upstream)))

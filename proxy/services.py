@@ -30,7 +30,7 @@ from functools import partial
 from django.conf import settings
 from django.utils import timezone
 
-from accounts.models import User
+from accounts.models import ApiKey, User
 from core.media import Media, prompt_tokens_held
 from core.money import usd_to_nanos
 from core.openai_errors import OpenAIError
@@ -85,8 +85,8 @@ class Funds(Exception):
 @dataclass
 class RequestMeta:
     request_id: str
-    user: object
-    api_key: object | None
+    user: User
+    api_key: ApiKey | None
     endpoint: str  # "chat.completions" | "embeddings" | "responses" | "messages"
     model: str = ""
     stream: bool = False
@@ -176,8 +176,8 @@ async def _arecord(record: UsageRecord, only_if: tuple[str, dict] | None = None)
     else:
         insert, params = adb.insert_statement(record, source="ok")
         row = await adb.fetchone(f"WITH ok AS (SELECT 1 WHERE {only_if[0]}) {insert}", {**params, **only_if[1]})
-        if row is None:
-            raise adb.ConditionFailed("the record's condition was false")
+    if row is None:  # only with a condition: a plain insert answers its row
+        raise adb.ConditionFailed("the record's condition was false")
     adb.saved(record, row[0])
     return record
 

@@ -421,8 +421,8 @@ def messages_body(body: dict, *, user_id: int, max_output: int) -> dict:
     for, the pseudonymous user in ``metadata.user_id``."""
     out = dict(body)
     out["max_tokens"] = max_output
-    metadata = out.get("metadata") if isinstance(out.get("metadata"), dict) else {}
-    out["metadata"] = {**metadata, "user_id": pseudonym(user_id)}
+    metadata = out.get("metadata")
+    out["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "user_id": pseudonym(user_id)}
     return out
 
 

@@ -151,6 +151,22 @@ async def arun(statement: Statement) -> tuple | None:
     return await adb.fetchone(statement.sql, statement.params, retry=statement.retry)
 
 
+def row(statement: Statement) -> tuple:
+    """``run`` for a statement that always answers a row (it reads a row that exists)."""
+    return _found(run(statement), statement)
+
+
+async def arow(statement: Statement) -> tuple:
+    """``arun`` for a statement that always answers a row."""
+    return _found(await arun(statement), statement)
+
+
+def _found(row: tuple | None, statement: Statement) -> tuple:
+    if row is None:
+        raise LookupError(f"no row where one must be: {statement.sql[:60]}")
+    return row
+
+
 def _json(value: dict) -> str:
     return json.dumps(value, cls=DjangoJSONEncoder)
 

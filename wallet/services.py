@@ -34,7 +34,7 @@ from functools import partial
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Model
 from django.utils import timezone
 
 from infra import adb
@@ -86,7 +86,7 @@ def _prior(wallet_id: int, idempotency_key: str | None) -> Entry | None:
     return Entry.objects.filter(wallet_id=wallet_id, idempotency_key=idempotency_key).first()
 
 
-def _as_replay(prior: Entry, idempotency_key: str, *, kind: str, amount: int | None) -> Posted:
+def _as_replay(prior: Entry, idempotency_key: str | None, *, kind: str, amount: int | None) -> Posted:
     """Answer a replay with the first entry, or refuse a key reused for a different change.
 
     Called *after* the service's atomic block has closed. An exception leaving an
@@ -163,16 +163,22 @@ def _post_once(
     with _atomic():
         locked = _lock(wallet.pk)
         prior = _prior(locked.pk, idempotency_key)
-        short = prior is None and needs_available is not None and locked.available < needs_available
+        # What a refusal for want of funds would name as needed; None when the wallet covers it.
+        short = (
+            needs_available
+            if prior is None and needs_available is not None and locked.available < needs_available
+            else None
+        )
         entry = (
             None
-            if prior is not None or short
+            if prior is not None or short is not None
             else _post(locked, kind=kind, amount=amount, idempotency_key=idempotency_key, **fields)
         )
     if prior is not None:
         return _as_replay(prior, idempotency_key, kind=kind, amount=amount)
-    if short:
-        raise InsufficientFunds(needed=needs_available, available=locked.available, balance=locked.balance)
+    if short is not None:
+        raise InsufficientFunds(needed=short, available=locked.available, balance=locked.balance)
+    assert entry is not None  # neither replayed nor refused: posted above
     wallet.balance, wallet.held = locked.balance, locked.held
     return Posted(entry)
 
@@ -409,8 +415,8 @@ class _Orm:
             row = Wallet.objects.filter(pk=hold.wallet_id).values_list(
                 "balance", "held", "user_id", "low_balance_threshold"
             )
-            *values, threshold = row.get()
-            state = pg.WalletState(*values, charged=amount)
+            balance, held, user_id, threshold = row.get()
+            state = pg.WalletState(balance, held, user_id, charged=amount)
             alerts.emit_crossings(
                 user_id=state.user_id, before=state.balance + amount, after=state.balance, wallet_threshold=threshold
             )
@@ -461,7 +467,7 @@ class _Pg:
 
     @staticmethod
     def state(wallet_id: int) -> tuple[int, int]:
-        return pg.run(pg.wallet_state(wallet_id))
+        return pg.row(pg.wallet_state(wallet_id))
 
 
 def _implementation() -> type[_Orm] | type[_Pg]:
@@ -519,7 +525,7 @@ def _close(
     return Closed(True, entry, state.charged, amount - state.charged)
 
 
-def _check_settlement(amount: object) -> None:
+def _check_settlement(amount: int) -> None:
     _check_amount(amount)
     if amount < 0:
         raise WalletError("a settlement cannot be negative")
@@ -621,7 +627,7 @@ async def ahold_create(
     hold, need = _hold_new(wallet, amount, request_id, min_available, ttl_seconds, description, metadata, overrun_cap)
     row = await pg.arun(pg.hold_create(hold, need, also_insert=also_insert, only_if=only_if))
     if row is None:
-        state = await pg.arun(pg.wallet_state(wallet.pk, only_if))
+        state = await pg.arow(pg.wallet_state(wallet.pk, only_if))
         if only_if is not None and not state[2]:
             raise adb.ConditionFailed("the hold's condition was false")
         balance, held = state[:2]
@@ -639,7 +645,7 @@ async def ahold_settle(
     description: str = "",
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
-    also_save: tuple[object, list[str]] | None = None,
+    also_save: tuple[Model, list[str]] | None = None,
     charged_into: tuple[str, str] | None = None,
 ) -> Closed:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
@@ -663,14 +669,14 @@ async def ahold_settle(
     )
 
 
-async def ahold_release(*, hold: Hold, also_save: tuple[object, list[str]] | None = None) -> Closed:
+async def ahold_release(*, hold: Hold, also_save: tuple[Model, list[str]] | None = None) -> Closed:
     """``hold_release`` for async callers; ``also_save`` as for ``ahold_settle``."""
     if not adb.native():
         return await _in_thread_with(partial(hold_release, hold=hold), hold=hold, save=also_save)
     return await _aclose(hold, also_save, status=HoldStatus.RELEASED)
 
 
-async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[object, list[str]] | None = None) -> bool:
+async def ahold_extend(*, hold: Hold, seconds: int, also_save: tuple[Model, list[str]] | None = None) -> bool:
     """``hold_extend`` for async callers; ``also_save`` is saved with it if the hold is active."""
     if not adb.native():
         return await _in_thread_with(partial(hold_extend, hold=hold, seconds=seconds), hold=hold, save=also_save)
@@ -728,7 +734,7 @@ async def _in_thread_with(service, *, hold: Hold | None, insert=None, save=None,
 
     def run():
         with events.collected() as committed, _atomic():
-            active = save is None or _locked_active(hold)
+            active = save is None or (hold is not None and _locked_active(hold))
             result = service()
             if save is not None and active:
                 instance, fields = save
