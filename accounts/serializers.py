@@ -13,6 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from core.money import MoneyError, format_usd, parse_usd
+from core.numbers import MAX_INT
 
 from .models import ApiKey, User
 from .weblinks import NEXT_PATHS, web_link_next_allowed
@@ -29,8 +30,10 @@ LIMIT_KEYS = (
 DUPLICATE_EMAIL = "an account with this email address already exists"
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _positive_int(value: object, maximum: int) -> bool:
+    # A JSON number only (1e30 arrives as a float, 2.0 too), and one that fits: the limits are
+    # compared with counters and shown back, so 10**30 is not "no limit", it is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum
 
 
 def limits_clean(value: object) -> dict:
@@ -52,11 +55,14 @@ def limits_clean(value: object) -> dict:
         raise DjangoValidationError(f"unknown limit(s): {', '.join(unknown)}; allowed: {', '.join(LIMIT_KEYS)}")
 
     rpm = value.get("rpm")
-    if rpm is not None and not _positive_int(rpm):
-        raise DjangoValidationError("rpm must be a positive whole number of requests per minute, or null")
+    if rpm is not None and not _positive_int(rpm, MAX_INT):
+        message = f"rpm must be a positive whole number of requests per minute (at most {MAX_INT}), or null"
+        raise DjangoValidationError(message)
     steps = value.get("run_max_steps")
-    if steps is not None and not _positive_int(steps):
-        raise DjangoValidationError("run_max_steps must be a positive whole number of model calls per run, or null")
+    if steps is not None and not _positive_int(steps, MAX_INT):
+        raise DjangoValidationError(
+            f"run_max_steps must be a positive whole number of model calls per run (at most {MAX_INT}), or null"
+        )
 
     parallel = value.get("max_parallel")
     if parallel is not None and not _positive_int(parallel):

@@ -93,7 +93,9 @@ class LoginFailureThrottle:
     def __init__(self, request, email: str):
         # DRF's get_ident honours NUM_PROXIES (0: REMOTE_ADDR, which uvicorn sets) — reuse it
         # rather than read the address again.
-        ident = BaseThrottle().get_ident(request)
+        # No address at all (an ASGI server on a Unix socket sets no client) is one bucket, "None",
+        # as in DRF's own throttles.
+        ident = str(BaseThrottle().get_ident(request))
         account = email.strip().lower()
         self.address = _FailureBucket(f"throttle_login_fail_addr_{ident}")
         self.account = _FailureBucket(f"throttle_login_fail_email_{_digest(account)}")

@@ -107,6 +107,9 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files for /api/docs/, served as our static files
+    "ninja",  # so /v1/docs renders Ninja's bundled Swagger UI (its static files) instead of a CDN's
+    "csp",
     "channels",
     "accounts",
     "wallet",
@@ -127,6 +130,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -144,6 +148,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "infra.context_processors.site",
+                "csp.context_processors.nonce",
             ],
         },
     },
@@ -231,6 +236,42 @@ if not 0 < LISTEN_PORT < 65536:
 # set it to the public URL. config.asgi warns at start-up when it names this machine but another port.
 APP_URL = env.str("APP_URL", default=listen_url(LISTEN_HOST, LISTEN_PORT)).rstrip("/")
 APP_TITLE = env.str("APP_TITLE", default="Tokentill")
+
+# --- HTTPS and browser security (README, Security) -------------------------------------------
+# Served over HTTPS (APP_URL says so), browsers are told to keep to it (HSTS, a year) and to send
+# the session and CSRF cookies over HTTPS only. Each is overridable. Django's SecurityMiddleware
+# sends HSTS only on requests that arrived over HTTPS: behind a proxy that terminates TLS, uvicorn
+# learns that from X-Forwarded-Proto (FORWARDED_ALLOW_IPS, README Operations).
+_HTTPS = APP_URL.startswith("https://")
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if _HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", _HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", _HTTPS)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+# The Content-Security-Policy: every page's scripts, styles, images and fonts come from this
+# origin (the portal, admin and both API docs ship theirs as static files), nothing may frame a
+# page, and no plugin runs. It is sent over HTTP too — it needs no TLS, and the browser tests
+# check the pages under it — unless CSP=off; CSP=report-only sends it as
+# Content-Security-Policy-Report-Only (violations reported, nothing blocked).
+CSP_MODE = env_choice("CSP", "on", {"on", "off", "report-only"})
+_CSP_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],  # Swagger UI draws its icons as data: SVGs
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],  # fetch() and /ws/events on this origin ('self' covers ws: and wss:)
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        # No form-action: the top-up form's answer redirects to the payment provider's checkout,
+        # and browsers apply form-action to that redirect.
+    }
+}
+CONTENT_SECURITY_POLICY = _CSP_POLICY if CSP_MODE == "on" else None
+CONTENT_SECURITY_POLICY_REPORT_ONLY = _CSP_POLICY if CSP_MODE == "report-only" else None
 MARKUP = env_decimal("MARKUP", "0.20")
 MIN_BALANCE = env_decimal("MIN_BALANCE", "0.05")
 LOW_BALANCE_THRESHOLD = env_decimal("LOW_BALANCE_THRESHOLD", "1.00")
@@ -398,6 +439,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Accounts, keys, wallet, usage and top-ups. The OpenAI-compatible API is at /v1.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # /api/docs/ loads Swagger UI from drf-spectacular-sidecar's files (pinned in requirements),
+    # never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

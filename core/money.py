@@ -8,11 +8,17 @@ its author meant (0.1 is not one tenth).
 from __future__ import annotations
 
 import json
+import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 10**9
 MAX_DIGITS_USD = 13  # amounts from 10¹³ USD up are refused: nanodollars live in a 64-bit integer
 _NANO = Decimal(1).scaleb(-9)
+# What an amount from outside may look like: ASCII digits with at most one dot, and a leading minus
+# for the callers that accept one (a staff correction). Python's Decimal() is far laxer — it reads
+# "١٠" and "０.０１" (any Unicode digit), "1_0", "+0.01", "1e3", and strips surrounding whitespace
+# (a non-breaking space, a newline) — so the form is checked before Decimal() sees the text.
+_AMOUNT_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 
 
 class MoneyError(ValueError):
@@ -48,7 +54,12 @@ def usd_to_nanos(value: Decimal | str | int) -> int:
 
 
 def parse_usd(value: object, *, max_places: int = 9) -> int:
-    """Parse a client-supplied amount strictly: no floats, at most ``max_places`` decimals."""
+    """Parse an amount from outside strictly: a decimal string of ASCII digits with at most one dot
+    (``"12.5"``, ``"-3"``, ``".5"``) and at most ``max_places`` decimals, or an ``int``/``Decimal``
+    from our own code. No floats, no exponent, no ``+``, no whitespace, no other script's digits:
+    whoever takes text from a person strips it first (Django's form fields do)."""
+    if isinstance(value, str) and not _AMOUNT_TEXT.fullmatch(value):
+        raise MoneyError(f'{value!r} is not a decimal amount: write ASCII digits with at most one dot, like "0.01"')
     amount = _as_decimal(value)
     exponent = amount.as_tuple().exponent
     if isinstance(exponent, int) and exponent < -max_places:

@@ -55,13 +55,29 @@ class ResultsCursorPagination(CursorPagination):
         }
 
 
+# The instants a filter may name. Python's datetime reaches year 9999, but the day after
+# 9999-12-31 does not exist and an offset such as +23:00 (which PostgreSQL refuses beyond ±15:59)
+# can push year 1 below datetime.min; inside these bounds every instant converts to UTC, moves a
+# day forward and is stored by both databases.
+EARLIEST_INSTANT = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_INSTANT = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def parse_instant(raw: str, *, end_of_day: bool = False) -> datetime:
-    """A ``since``/``until`` value: a date (a whole UTC day) or an ISO 8601 date-time (UTC if naive).
+    """A ``since``/``until`` value: a date (a whole UTC day) or an ISO 8601 date-time (UTC if naive),
+    returned in UTC, from ``EARLIEST_INSTANT`` to ``LATEST_INSTANT``.
 
     ``end_of_day=True`` turns a bare date into the start of the *next* day, so an exclusive
     ``until=2026-01-31`` still includes everything on the 31st. Raises ``ValueError``.
     """
-    text = str(raw).strip()
+    moment = _instant(str(raw).strip(), end_of_day=end_of_day)
+    if not EARLIEST_INSTANT <= moment <= LATEST_INSTANT:
+        raise ValueError(f"{str(raw).strip()!r} is out of range: dates run from 0001-01-02 to 9998-12-31")
+    return moment
+
+
+def _instant(text: str, *, end_of_day: bool) -> datetime:
+    out_of_range = ValueError(f"{text!r} is out of range: dates run from 0001-01-02 to 9998-12-31")
     try:
         # Date first: Python 3.11's fromisoformat would read "2026-01-31" as a midnight datetime.
         day = parse_date(text)
@@ -69,7 +85,10 @@ def parse_instant(raw: str, *, end_of_day: bool = False) -> datetime:
         day = None
     if day is not None:
         start = datetime.combine(day, time.min, tzinfo=UTC)
-        return start + timedelta(days=1) if end_of_day else start
+        try:
+            return start + timedelta(days=1) if end_of_day else start
+        except OverflowError:
+            raise out_of_range from None
     # An unencoded "+01:00" in a query string arrives as " 01:00"; read it as the sender meant.
     for candidate in (text, text.replace(" ", "+")):
         try:
@@ -77,5 +96,17 @@ def parse_instant(raw: str, *, end_of_day: bool = False) -> datetime:
         except ValueError:
             moment = None
         if moment is not None:
-            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+            try:
+                return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+            except OverflowError:
+                raise out_of_range from None
     raise ValueError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO 8601 date-time (YYYY-MM-DDTHH:MM:SSZ)")
+
+
+def query_text(params, name: str) -> str | None:
+    """A free-text query parameter (a model id, a run), blank meaning "no filter". NUL is refused:
+    PostgreSQL's text cannot hold it, and no stored value contains one."""
+    value = params.get(name) or None
+    if value is not None and "\x00" in value:
+        raise ParseError(f"{name} must not contain NUL (U+0000) characters")
+    return value

@@ -46,6 +46,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from core.money import NANOS_PER_USD, format_cents, mul_round, usd_to_nanos
+from core.numbers import parse_id
 from notify.services import staff_email_on_commit
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
@@ -352,10 +353,13 @@ def _fee(provider: str, gross: int) -> int:
 
 
 def _user(raw_id):
-    text = str(raw_id or "").strip()
-    if not text.isdigit():
+    """The user a provider's ``client_reference_id``/``user_id`` names: ASCII digits or an integer
+    only ("2.0", "٢" and 2**64 name nobody)."""
+    try:
+        user_id = parse_id(raw_id.strip() if isinstance(raw_id, str) else raw_id)
+    except ValueError:
         return None
-    return get_user_model().objects.filter(pk=int(text), is_active=True).first()
+    return get_user_model().objects.filter(pk=user_id, is_active=True).first()
 
 
 def _price_problem(

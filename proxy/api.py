@@ -13,7 +13,8 @@ from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from infra.drf import ResultsCursorPagination, parse_instant
+from core.numbers import parse_id
+from infra.drf import ResultsCursorPagination, parse_instant, query_text
 
 from .serializers import (
     RunSerializer,
@@ -24,8 +25,6 @@ from .serializers import (
     UsageTotalsSerializer,
 )
 from .usage_selectors import GROUPINGS, run_summary, usage_get, usage_list, usage_summary
-
-MAX_ID = 2**63 - 1  # ids are bigints: a larger number names no key, and SQLite cannot even bind it
 
 
 class UsagePagination(ResultsCursorPagination):
@@ -44,18 +43,17 @@ def _bound(params, name: str, *, end: bool) -> datetime | None:
 
 def _filters(params) -> dict:
     filters = {
-        "model": params.get("model") or None,
-        "run": params.get("run") or None,
+        "model": query_text(params, "model"),
+        "run": query_text(params, "run"),
         "since": _bound(params, "since", end=False),
     }
     filters["until"] = _bound(params, "until", end=True)
     key = params.get("key")
     if key:
-        # isdigit() alone lets "²" through to int(); the length check comes before int(), which
-        # refuses (ValueError) strings of thousands of digits.
-        if not (key.isascii() and key.isdigit()) or len(key) > len(str(MAX_ID)) or int(key) > MAX_ID:
-            raise ParseError(f"key={key!r} is not an API key id")
-        filters["api_key_id"] = int(key)
+        try:
+            filters["api_key_id"] = parse_id(key)
+        except ValueError:
+            raise ParseError(f"key={key!r} is not an API key id") from None
     if filters["since"] and filters["until"] and filters["since"] >= filters["until"]:
         raise ParseError("since must be before until")
     return filters

@@ -28,6 +28,7 @@ from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from core.money import MoneyError, usd_to_nanos
+from core.numbers import MAX_INT, parse_whole
 
 from .models import PER_MILLION, ModelPrice, Upstream
 from .selectors import newer_in_force, price_cache_clear, prices_current, same_series, series_of
@@ -300,11 +301,10 @@ def _positive_int(value: object, what: str) -> int | None:
     """A token count from a price file: an integer, or a string of digits (CSV); blank is none."""
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise PriceError(f"{what}={value!r} is not a positive whole number")
-    return value
+    try:
+        return parse_whole(value.strip() if isinstance(value, str) else value, minimum=1, maximum=MAX_INT)
+    except ValueError:
+        raise PriceError(f"{what}={value!r} is not a positive whole number") from None
 
 
 def offer_from_price_file(item: object) -> PriceOffer:

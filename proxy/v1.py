@@ -27,11 +27,12 @@ from typing import Any, Literal
 
 from django.conf import settings
 from ninja import Header, Router, Schema, Status
-from pydantic import Field
+from pydantic import Field, StrictInt, StrictStr
 
 from accounts.auth import Principal
 from accounts.models import Scope, User
 from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
+from core.numbers import parse_id
 from core.openai_errors import OpenAIError
 from wallet.models import EntryKind
 from wallet.selectors import wallet_summary
@@ -50,7 +51,6 @@ MAX_IDEMPOTENCY_KEY = 128  # stored as "charge:<key>" in a 200-character column
 # balance built from a few thousand of them, can overflow a column.
 MAX_AMOUNT_USD = Decimal(1_000_000)
 MAX_METADATA_BYTES = 4096  # the metadata object as compact UTF-8 JSON; it is copied into the ledger
-MAX_USER_ID = 2**63 - 1
 
 
 def _refused(message: str, code: str, param: str | None = None, status: int = 400) -> OpenAIError:
@@ -99,6 +99,10 @@ def _metadata(value: dict[str, Any] | None) -> dict[str, Any]:
     if any(isinstance(item, dict | list) for item in value.values()):
         message = "metadata must be a flat object of strings, numbers, booleans or null"
         raise _refused(message, "invalid_request", "metadata")
+    for name, item in value.items():
+        _no_nul(name, "metadata")
+        if isinstance(item, str):
+            _no_nul(item, "metadata")
     try:
         # allow_nan=False: Python's JSON reader accepts NaN, which neither database's JSON does.
         size = len(json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
@@ -150,18 +154,30 @@ def _require_billing(principal: Principal, what: str) -> None:
 
 
 def _user(ref: str | int) -> User:
-    """A user by email address (case-insensitive) or by numeric id."""
-    text = str(ref).strip()
-    # isascii(): "²" is a digit to isdigit() but not to int(); the length bound keeps int() from
-    # refusing thousands of digits (and the id within a bigint).
-    if text.isascii() and text.isdigit():
-        in_range = len(text) <= len(str(MAX_USER_ID)) and int(text) <= MAX_USER_ID
-        found = User.objects.filter(pk=int(text)).first() if in_range else None
+    """A user by email address (case-insensitive) or by id: a JSON integer or ASCII digits.
+
+    "2.0", "٢" and "+2" are none of these, so they name no user (the schema already refuses a JSON
+    2.0 rather than let pydantic read it as 2)."""
+    text = ref if isinstance(ref, str) else str(ref)
+    _no_nul(text, "user")
+    if isinstance(ref, int) or text.isdigit():
+        try:
+            user_id = parse_id(ref)
+        except ValueError:
+            user_id = None
+        found = User.objects.filter(pk=user_id).first() if user_id is not None else None
     else:
-        found = User.objects.filter(email__iexact=text).first()
+        found = User.objects.filter(email__iexact=text.strip()).first()
     if found is None:
         raise _refused(f"no such user: {text}", "user_not_found", "user", status=404)
     return found
+
+
+def _no_nul(text: str, param: str) -> None:
+    # Neither PostgreSQL's text nor its jsonb can hold U+0000: refused here, with the field's name,
+    # rather than as a database error.
+    if "\x00" in text:
+        raise _refused(f"{param} must not contain NUL (U+0000) characters", "invalid_request", param)
 
 
 # --- Schemas ------------------------------------------------------------------------------------
@@ -183,7 +199,7 @@ class ChargeIn(Schema):
     amount: str | int | float = Field(description=AMOUNT_HELP)
     description: str = Field(max_length=500)
     metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
-    user: str | int | None = Field(default=None, description=USER_HELP + "; needs the billing scope")
+    user: StrictStr | StrictInt | None = Field(default=None, description=USER_HELP + "; needs the billing scope")
 
 
 class ChargeOut(Schema):
@@ -200,7 +216,7 @@ class ChargeRefusedOut(Schema):
 
 
 class DepositIn(Schema):
-    user: str | int = Field(description=USER_HELP)
+    user: StrictStr | StrictInt = Field(description=USER_HELP)
     amount: str | int | float = Field(description=AMOUNT_HELP)
     kind: Literal["trial", "bonus", "grant"]
     metadata: dict[str, Any] | None = Field(default=None, description=METADATA_HELP)
@@ -292,6 +308,7 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     key = _key(idempotency_key)
     amount = _amount(body.amount)
     run = _run_ask(request)
+    _no_nul(body.description, "description")
     metadata = _charge_metadata(principal, body.metadata, run.run)
     target = principal.user
     if body.user is not None:

@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.http import HttpResponseBadRequest
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -21,6 +22,9 @@ SUMMARY_DAYS = 30
 @login_required
 def usage(request):
     model = request.GET.get("model", "").strip()[:200] or None
+    if model and "\x00" in model:  # no model id has one, and PostgreSQL's text cannot hold it
+        message = "Invalid filter: a model id has no NUL (U+0000) characters."
+        return HttpResponseBadRequest(message, content_type="text/plain")
     since = timezone.now() - timedelta(days=SUMMARY_DAYS)
     page = Paginator(usage_list(user=request.user, model=model), PAGE_SIZE).get_page(request.GET.get("page"))
     summary = usage_summary(user=request.user, group_by="day", model=model, since=since)

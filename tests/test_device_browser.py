@@ -19,7 +19,7 @@ from accounts.models import DeviceAuthorization, TokenFamily
 from accounts.services import token_pair_issue
 from tests.conftest import make_user
 from tests.live import BASE_DIR, live_server
-from tests.test_portal_browser import PASSWORD, TIMEOUT_MS, chromium  # noqa: F401  (fixture)
+from tests.test_portal_browser import PASSWORD, TIMEOUT_MS, chromium, watch_csp  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -39,11 +39,13 @@ def page(chromium, server):  # noqa: F811
         base_url=server, extra_http_headers={"X-Forwarded-For": f"10.9.0.{next(_addresses)}"}
     )
     context.set_default_timeout(TIMEOUT_MS)
+    violations = watch_csp(context)
     page = context.new_page()
     try:
         yield page
     finally:
         context.close()
+    assert violations == [], "the Content-Security-Policy blocked something"
 
 
 def local(url: str) -> str:

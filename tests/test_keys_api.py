@@ -156,7 +156,7 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"daily_spend": "lots"}, "is not a decimal amount"),
         ({"monthly_spend": "-1"}, "cannot be negative"),
         ({"monthly_spend": "0.0000000001"}, "more than 9 decimal places"),
-        ({"daily_spend": "NaN"}, "not a finite amount"),
+        ({"daily_spend": "NaN"}, "is not a decimal amount"),
         ({"allowed_models": []}, "non-empty list"),
         ({"allowed_models": "gpt-4o"}, "non-empty list"),
         ({"allowed_models": ["gpt-4o", " "]}, "non-empty strings"),

@@ -10,7 +10,7 @@ import pytest
 from accounts.models import User
 from notify.emails import unsubscribe_token
 from notify.models import Preference
-from tests.test_portal_browser import TIMEOUT_MS, chromium, page, server, sign_up  # noqa: F401
+from tests.test_portal_browser import TIMEOUT_MS, chromium, page, server, sign_up, watch_csp  # noqa: F401
 from wallet.models import Wallet
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -43,6 +43,7 @@ def test_an_emails_unsubscribe_link_works_signed_out_with_one_click(chromium, se
     user = User.objects.create_user(email="reader@example.com", password="x")
     context = chromium.new_context(base_url=server)  # no session: signed out
     context.set_default_timeout(TIMEOUT_MS)
+    violations = watch_csp(context)
     try:
         browser_page = context.new_page()
         browser_page.goto(f"/unsubscribe/{unsubscribe_token(user.pk, 'email_low_balance')}")
@@ -52,4 +53,5 @@ def test_an_emails_unsubscribe_link_works_signed_out_with_one_click(chromium, se
         assert "no longer get" in browser_page.get_by_role("status").inner_text()
     finally:
         context.close()
+    assert violations == []
     assert Preference.objects.get(user=user).email_low_balance is False

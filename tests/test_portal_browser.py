@@ -61,6 +61,31 @@ def chromium():
             os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
+# Each page reports a Content-Security-Policy violation as a console error of its own; the event
+# listener adds what it says about the violation (which directive, which resource).
+_CSP_LISTENER = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  console.error("CSP violation: " + event.violatedDirective + " blocked " + (event.blockedURI || "inline") +
+                " at " + event.sourceFile + ":" + event.lineNumber);
+});
+"""
+
+
+def watch_csp(context) -> list[str]:
+    """Every Content-Security-Policy violation that any page of ``context`` reports, as it is
+    reported. The browser tests' ``page`` fixtures assert it stays empty: the portal, the admin
+    and the API docs must work under the policy, not merely load."""
+    violations: list[str] = []
+    context.add_init_script(_CSP_LISTENER)
+
+    def on_console(message) -> None:
+        if "Content Security Policy" in message.text or message.text.startswith("CSP violation"):
+            violations.append(message.text)
+
+    context.on("console", on_console)
+    return violations
+
+
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker):
     with live_server(SIGNUP_TRIAL_CREDIT="0.50") as url:
@@ -71,11 +96,13 @@ def server(django_db_setup, django_db_blocker):
 def page(chromium, server):
     context = chromium.new_context(base_url=server)
     context.set_default_timeout(TIMEOUT_MS)
+    violations = watch_csp(context)
     page = context.new_page()
     try:
         yield page
     finally:
         context.close()
+    assert violations == [], "the Content-Security-Policy blocked something"
 
 
 def sign_up(page, email: str) -> None:

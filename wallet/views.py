@@ -25,6 +25,7 @@ from .selectors import WalletStatus, entries_csv_lines, entry_list, wallet_summa
 from .services import wallet_get_or_create
 
 RECENT_ENTRIES = 10
+LAST_DAY = date(9999, 1, 1)
 HISTORY_PAGE_SIZE = 50
 
 
@@ -36,6 +37,14 @@ class HistoryFilter(forms.Form):
     kind = forms.ChoiceField(choices=[("", "All kinds"), *EntryKind.choices], required=False)
     since = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
+
+    def clean_until(self):
+        # "To" is a whole day, so the filter ends at the next midnight: the last day Python has
+        # (9999-12-31) has none. The API's bounds (infra.drf.parse_instant) apply here too.
+        until = self.cleaned_data.get("until")
+        if until is not None and until >= LAST_DAY:
+            raise forms.ValidationError(f"Choose a date before {LAST_DAY:%Y-%m-%d}.", code="out_of_range")
+        return until
 
     def selector_filters(self) -> dict:
         """The filters for ``entry_list``; ``until`` is a whole day, so it ends at the next midnight."""
@@ -79,7 +88,8 @@ def history(request):
 def history_csv(request):
     filters = HistoryFilter(request.GET or None)
     if filters.errors:  # an export must never silently widen to the whole history
-        return HttpResponseBadRequest("Invalid filter: " + "; ".join(filters.errors), content_type="text/plain")
+        reasons = "; ".join(f"{name}: {' '.join(errors)}" for name, errors in filters.errors.items())
+        return HttpResponseBadRequest(f"Invalid filter: {reasons}", content_type="text/plain")
     entries = entry_list(user=request.user, **filters.selector_filters())
     response = StreamingHttpResponse(entries_csv_lines(entries), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="tokentill-history.csv"'
