@@ -65,8 +65,10 @@ def limits_clean(value: object) -> dict:
         )
 
     parallel = value.get("max_parallel")
-    if parallel is not None and not _positive_int(parallel):
-        raise DjangoValidationError("max_parallel must be a positive whole number of requests in flight, or null")
+    if parallel is not None and not _positive_int(parallel, MAX_INT):
+        raise DjangoValidationError(
+            f"max_parallel must be a positive whole number of requests in flight (at most {MAX_INT}), or null"
+        )
 
     cleaned: dict = {"rpm": rpm, "run_max_steps": steps, "max_parallel": parallel}
     for name in ("daily_spend", "monthly_spend", "run_max_spend"):

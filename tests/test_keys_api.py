@@ -172,6 +172,7 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"max_parallel": 0}, "max_parallel must be a positive"),
         ({"max_parallel": "2"}, "max_parallel must be a positive"),
         ({"max_parallel": 1.5}, "max_parallel must be a positive"),
+        ({"max_parallel": 10**30}, "max_parallel must be a positive"),
         (["rpm"], "must be an object"),
     ],
 )
