@@ -12,7 +12,7 @@ from __future__ import annotations
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from core.money import format_cents, format_usd
+from core.money import format_money, format_usd
 
 WIDTH, HEIGHT = 720, 240
 LEFT, RIGHT, TOP, BOTTOM = 70, 12, 12, 28
@@ -66,9 +66,9 @@ def line_chart(*, title: str, labels: list[str], series: list[tuple[str, list[in
         WIDTH - RIGHT,
         y(0),
         TOP + 10,
-        format_cents(high),
+        format_money(high),
         TOP + inner_h,
-        format_cents(low),
+        format_money(low),
         LEFT,
         HEIGHT - BOTTOM + 12,
         labels[0] if labels else "",
@@ -103,7 +103,7 @@ def bar_chart(*, title: str, rows: list[tuple[str, int, str]]) -> SafeString:
                 f" — {note}" if note else "",
                 bar_left + max(_scale(max(value, 0), 0, high, inner_w), 1) + 6,
                 TOP + 22 * i + 11,
-                format_cents(value),
+                format_money(value),
             )
             for i, (label, value, note) in enumerate(rows)
         ),
