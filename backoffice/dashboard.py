@@ -8,7 +8,7 @@ staff get the plain index.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 
 from django.utils import timezone
 
@@ -67,11 +67,10 @@ def dashboard_charts(*, since) -> dict:
     """The three charts staff look at rather than read: money over time, spend by model, top
     users (server-rendered SVG, ``backoffice.charts``)."""
     found = {row["period"]: row for row in business.money_by_period(period="day", since=since)}
-    # Every day of the period on the x axis, those without a figure at zero: a gap must look like one.
-    first, last = since.date(), timezone.now().date()
     empty = dict.fromkeys(business.MONEY_FIELDS, 0)
-    days = [found.get(first + timedelta(n), empty) for n in range((last - first).days + 1)] if found else []
-    labels = [(first + timedelta(n)).isoformat() for n in range(len(days))]
+    dates = every_day(since=since) if found else []
+    days = [found.get(day, empty) for day in dates]
+    labels = [day.isoformat() for day in dates]
     money = charts.line_chart(
         title="Revenue, upstream cost and margin per day (UTC)",
         labels=labels,
@@ -92,6 +91,13 @@ def dashboard_charts(*, since) -> dict:
         "top_spenders": top,
         "has_spenders": bool(spenders),
     }
+
+
+def every_day(*, since) -> list[date]:
+    """Every day (UTC) from ``since`` to today, for a chart's x axis: days without a figure are
+    drawn at zero, because a gap must look like one."""
+    first, last = since.date(), timezone.now().date()
+    return [first + timedelta(n) for n in range((last - first).days + 1)]
 
 
 _MONEY_SERIES = (("revenue", "revenue"), ("upstream cost", "upstream_cost"), ("margin", "margin"))
