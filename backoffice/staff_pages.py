@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 
 from core.money import MoneyError, format_money, parse_usd
 
-from . import charts, dashboard, selectors, user_selectors
+from . import charts, dashboard, user_selectors
 
 PAGE_SIZE = 25
 PERMISSIONS = ("accounts.view_user", "wallet.view_entry", "proxy.view_usagerecord")
@@ -34,8 +34,8 @@ def user_page(request, user_id: int):
     if not allowed(request.user):
         raise PermissionDenied
     account = user_selectors.user_get(user_id=user_id)
-    days = dashboard.parse_period(request.GET.get("period"))
-    since = selectors.period_start(days)
+    period = dashboard.parse_period(request.GET.get("period"))
+    since = dashboard.period_since(period)
     cursors = {name: request.GET.get(name) or None for name in ("requests_after", "entries_after")}
     try:
         records, next_records = user_selectors.user_usage_page(
@@ -50,7 +50,7 @@ def user_page(request, user_id: int):
     wallet = getattr(account, "wallet", None)
 
     def link(**changes) -> str:
-        query = {"period": days, **{k: v for k, v in cursors.items() if v}, **changes}
+        query = {"period": period, **{k: v for k, v in cursors.items() if v}, **changes}
         return "?" + urlencode({k: v for k, v in query.items() if v})
 
     context = {
@@ -60,8 +60,12 @@ def user_page(request, user_id: int):
         "wallet": wallet,
         "activity": user_selectors.user_activity(user=account),
         "keys": [_with_limits_shown(key) for key in user_selectors.user_keys(user=account)],
-        "period": days,
-        "periods": [(d, link(period=d, requests_after="", entries_after="")) for d in selectors.PERIODS],
+        "period": period,
+        "period_label": dashboard.period_label(period),
+        "periods": [
+            (value, label, link(period=value, requests_after="", entries_after=""))
+            for value, label in dashboard.period_choices()
+        ],
         "spend_chart": spend_chart(spend, since=since),
         "spend_total": sum(row["usage"] + row["tools"] for row in spend),
         "spend_requests": sum(row["requests"] for row in spend),

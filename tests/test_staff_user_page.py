@@ -58,7 +58,7 @@ def test_staff_see_balance_spend_keys_limits_requests_and_entries_at_sub_cent_pr
 
     assert "alice@example.com" in html
     # The wallet paid 0.05 in tool charges only: usage records here were written without a debit.
-    assert '<span class="money" title="9.950000000">$9.95</span>' in html
+    assert 'data-figure="balance" title="9.950000000">$9.95<' in html
     # Last 30 days: 0.000139 + 1.20 of usage and 0.05 of tools; the 45-day-old request is outside.
     spent = html.split('data-figure="spent"')[1].split("</div>")[0]
     assert 'title="1.250139000">$1.250139<' in spent and "2 requests" in spent
