@@ -84,7 +84,7 @@ def format_money(nanos: int) -> str:
     shown = exact.quantize(_SHOWN, rounding=ROUND_HALF_UP)
     if not shown and nanos:
         shown = exact
-    places = max(2, -shown.normalize().as_tuple().exponent) if shown else 2
+    places = max(2, len(f"{shown:f}".partition(".")[2].rstrip("0")))
     sign = "-" if shown < 0 else ""
     return f"{sign}${abs(shown):,.{places}f}"
 
