@@ -18,7 +18,7 @@ from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
-from core.money import format_usd
+from infra.money_html import money_html
 from wallet import events
 from wallet.services import wallet_get_or_create
 
@@ -83,7 +83,7 @@ class UserAdmin(DjangoUserAdmin):
     @admin.display(description="balance (USD)", ordering="wallet__balance")
     def balance(self, user):
         wallet = getattr(user, "wallet", None)
-        return format_usd(wallet.balance) if wallet is not None else "—"
+        return money_html(wallet.balance) if wallet is not None else "—"
 
     def save_model(self, request, obj, form, change):
         # Every user has a wallet: sign-up creates it in user_signup, and a user added here gets

@@ -13,7 +13,9 @@ its holder, and desktop clients send no Origin at all. A cookie from a foreign o
 not fatal — the connection may still authenticate with a token.
 
 Failures are reported as an ``{"type": "error", …}`` message followed by a close with code 4401
-(the reason string is dropped by some servers, the message is not).
+(the reason string is dropped by some servers, the message is not). An operator key (``admin``
+scope) is refused the same way, in the header or the first message: it works on ``/api/admin/``
+only, as ``/api`` and ``/v1`` answer it 401.
 
 Revocation: a socket remembers which credential it authenticated with — an API key, a login's
 token family, or a portal session — and closes with 4401 as soon as a ``credential.revoked``
@@ -42,6 +44,7 @@ from wallet import events
 from wallet.services import wallet_get_or_create
 
 from .auth import AuthFailed, Principal, authenticate_bearer, bearer_from_header
+from .authentication import OPERATOR_KEY_ELSEWHERE
 
 AUTH_TIMEOUT_SECONDS = 5.0
 # An open socket re-checks its credential (expired, or revoked where the announcement was lost)
@@ -135,6 +138,11 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
         principal, reason = await _principal(token)
         if principal is None:
             await self._refuse(reason)
+            return
+        if principal.is_operator_key:
+            # Like /api and /v1: an operator key acts on others' accounts, never as its owner's
+            # client, so it hears no balance events — refused exactly like a revoked key.
+            await self._refuse(OPERATOR_KEY_ELSEWHERE)
             return
         self.token = token
         await self._start(principal.user, _credential(principal))

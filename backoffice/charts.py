@@ -12,7 +12,7 @@ from __future__ import annotations
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from core.money import format_cents, format_usd
+from core.money import format_money, format_usd
 
 WIDTH, HEIGHT = 720, 240
 LEFT, RIGHT, TOP, BOTTOM = 70, 12, 12, 28
@@ -66,9 +66,9 @@ def line_chart(*, title: str, labels: list[str], series: list[tuple[str, list[in
         WIDTH - RIGHT,
         y(0),
         TOP + 10,
-        format_cents(high),
+        format_money(high),
         TOP + inner_h,
-        format_cents(low),
+        format_money(low),
         LEFT,
         HEIGHT - BOTTOM + 12,
         labels[0] if labels else "",
@@ -79,36 +79,46 @@ def line_chart(*, title: str, labels: list[str], series: list[tuple[str, list[in
     return _svg(title, axis + SafeString("".join(lines)) + SafeString("".join(dots)) + legend)
 
 
-def bar_chart(*, title: str, rows: list[tuple[str, int, str]]) -> SafeString:
-    """Horizontal bars: ``(label, nanodollars, note)`` each, the longest for the largest value."""
+def bar_chart(*, title: str, rows: list[tuple[str, int, str]], links: list[str] | None = None) -> SafeString:
+    """Horizontal bars: ``(label, nanodollars, note)`` each, the longest for the largest value.
+    The amount follows its bar and the note (a request count, say) is printed at the right edge;
+    with ``links``, each label links to its page (one URL per row)."""
     height = TOP + 22 * len(rows) + 8
     high = max([value for _, value, _ in rows] or [0]) or 1
-    bar_left, inner_w = 230, WIDTH - 230 - 110
-    bars = format_html_join(
-        "",
-        '<text x="{}" y="{}" font-size="12" fill="#333" text-anchor="end">{}</text>'
-        '<rect x="{}" y="{}" width="{}" height="14" fill="{}"><title>{}: {} USD{}</title></rect>'
-        '<text x="{}" y="{}" font-size="12" fill="#333">{}</text>',
-        (
-            (
-                bar_left - 6,
-                TOP + 22 * i + 11,
-                label[:34],
+    bar_left, inner_w = 200, WIDTH - 200 - 200
+    parts = []
+    for i, (label, value, note) in enumerate(rows):
+        y, width = TOP + 22 * i, max(_scale(max(value, 0), 0, high, inner_w), 1)
+        name = format_html(
+            '<text x="{}" y="{}" font-size="12" fill="#333" text-anchor="end">{}</text>',
+            bar_left - 6,
+            y + 11,
+            label[:30],
+        )
+        if links:
+            name = format_html('<a href="{}">{}</a>', links[i], name)
+        parts.append(name)
+        parts.append(
+            format_html(
+                '<rect x="{}" y="{}" width="{}" height="14" fill="{}"><title>{}: {} USD{}</title></rect>'
+                '<text x="{}" y="{}" font-size="12" fill="#333">{}</text>'
+                '<text x="{}" y="{}" font-size="12" fill="#555" text-anchor="end">{}</text>',
                 bar_left,
-                TOP + 22 * i,
-                max(_scale(max(value, 0), 0, high, inner_w), 1),
+                y,
+                width,
                 PALETTE[0],
                 label,
                 format_usd(value),
                 f" — {note}" if note else "",
-                bar_left + max(_scale(max(value, 0), 0, high, inner_w), 1) + 6,
-                TOP + 22 * i + 11,
-                format_cents(value),
+                bar_left + width + 6,
+                y + 11,
+                format_money(value),
+                WIDTH - RIGHT,
+                y + 11,
+                note,
             )
-            for i, (label, value, note) in enumerate(rows)
-        ),
-    )
-    return _svg(title, bars, height=height)
+        )
+    return _svg(title, SafeString("".join(parts)), height=height)
 
 
 def _svg(title: str, body: SafeString, *, height: int = HEIGHT) -> SafeString:

@@ -8,8 +8,9 @@ staff get the plain index.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 
+from django.urls import reverse
 from django.utils import timezone
 
 from backoffice.reports import ledger_discrepancies, ledger_totals
@@ -25,7 +26,13 @@ def allowed(user) -> bool:
     return bool(user.is_active and user.is_staff and user.has_perm("payments.view_payment"))
 
 
-def parse_period(raw: str | None) -> int:
+MONTH = "month"  # the calendar month so far (UTC): "how much did we make this month?"
+
+
+def parse_period(raw: str | None) -> int | str:
+    """``?period=``: a number of days in ``selectors.PERIODS`` or ``month``; anything else is the default."""
+    if raw == MONTH:
+        return MONTH
     try:
         days = int(raw or "")
     except ValueError:
@@ -33,18 +40,33 @@ def parse_period(raw: str | None) -> int:
     return days if days in selectors.PERIODS else selectors.DEFAULT_PERIOD
 
 
+def period_choices() -> list[tuple[int | str, str]]:
+    return [*((days, f"{days} days") for days in selectors.PERIODS), (MONTH, "This month")]
+
+
+def period_since(period: int | str) -> datetime:
+    if period == MONTH:
+        return timezone.now().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return selectors.period_start(int(period))
+
+
+def period_label(period: int | str) -> str:
+    return "this month" if period == MONTH else f"last {period} days"
+
+
 def dashboard_context(request) -> dict:
     if not allowed(request.user):
         return {"dashboard_allowed": False}
-    days = parse_period(request.GET.get("period"))
-    since = selectors.period_start(days)
+    period = parse_period(request.GET.get("period"))
+    since = period_since(period)
     totals = ledger_totals()
     discrepancies = ledger_discrepancies()
     upstreams = selectors.upstream_states()
     return {
         "dashboard_allowed": True,
-        "period": days,
-        "periods": selectors.PERIODS,
+        "period": period,
+        "period_label": period_label(period),
+        "periods": period_choices(),
         "since": since,
         "money": selectors.money_summary(since=since),
         "by_day": selectors.usage_by_day(since=since),
@@ -67,11 +89,10 @@ def dashboard_charts(*, since) -> dict:
     """The three charts staff look at rather than read: money over time, spend by model, top
     users (server-rendered SVG, ``backoffice.charts``)."""
     found = {row["period"]: row for row in business.money_by_period(period="day", since=since)}
-    # Every day of the period on the x axis, those without a figure at zero: a gap must look like one.
-    first, last = since.date(), timezone.now().date()
     empty = dict.fromkeys(business.MONEY_FIELDS, 0)
-    days = [found.get(first + timedelta(n), empty) for n in range((last - first).days + 1)] if found else []
-    labels = [(first + timedelta(n)).isoformat() for n in range(len(days))]
+    dates = every_day(since=since) if found else []
+    days = [found.get(day, empty) for day in dates]
+    labels = [day.isoformat() for day in dates]
     money = charts.line_chart(
         title="Revenue, upstream cost and margin per day (UTC)",
         labels=labels,
@@ -79,11 +100,16 @@ def dashboard_charts(*, since) -> dict:
     )
     models = business.usage_by(group="model", since=since, limit=TOP_SHOWN)
     by_model = charts.bar_chart(
-        title="Charged by model",
-        rows=[(row["key"], row["charged"], f"{row['requests']} requests") for row in models],
+        title="Requests and spend by model",
+        rows=[(row["key"], row["charged"], _requests(row["requests"])) for row in models],
     )
     spenders = business.top_spenders(since=since, limit=TOP_SHOWN)
-    top = charts.bar_chart(title="Top spenders", rows=[(row["email"], row["spent"], "") for row in spenders])
+    top = charts.bar_chart(
+        title="Top spenders",
+        rows=[(row["email"], row["spent"], "") for row in spenders],
+        # "From whom": each name opens that account's staff page.
+        links=[reverse("staff_user", args=[row["user"]]) for row in spenders],
+    )
     return {
         "money": money,
         "has_money": bool(days),
@@ -92,6 +118,17 @@ def dashboard_charts(*, since) -> dict:
         "top_spenders": top,
         "has_spenders": bool(spenders),
     }
+
+
+def every_day(*, since) -> list[date]:
+    """Every day (UTC) from ``since`` to today, for a chart's x axis: days without a figure are
+    drawn at zero, because a gap must look like one."""
+    first, last = since.date(), timezone.now().date()
+    return [first + timedelta(n) for n in range((last - first).days + 1)]
+
+
+def _requests(count: int) -> str:
+    return f"{count:,} request{'' if count == 1 else 's'}"
 
 
 _MONEY_SERIES = (("revenue", "revenue"), ("upstream cost", "upstream_cost"), ("margin", "margin"))

@@ -1,17 +1,18 @@
-"""Reads behind the operator API's ``users`` resource (and the admin's per-user page): any
+"""Reads behind the operator API's ``users`` resource and the admin's per-user staff page: any
 account, by staff. Organizations, when they come, get a resource of their own beside this one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from django.db.models import Max, Q, QuerySet
+from django.db.models import Count, Max, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
 from django.http import Http404
 
 from accounts.models import ApiKey, TokenFamily, User
 from proxy.models import UsageRecord
-from wallet.models import Entry
+from wallet.models import Entry, EntryKind
 
 MAX_ID = 2**63 - 1  # a larger id in a URL matches nothing (and SQLite could not even compare it)
 
@@ -103,3 +104,81 @@ def user_entries(*, user: User) -> QuerySet[Entry]:
 
 def user_usage(*, user: User) -> QuerySet[UsageRecord]:
     return UsageRecord.objects.filter(user=user).order_by("-created_at", "-id")
+
+
+# --- the admin's per-user staff page ----------------------------------------------------------
+
+
+def user_spend_by_day(*, user: User, since: datetime) -> list[dict]:
+    """What the account spent per day (UTC) since ``since``, oldest first, days without spending
+    left out: ``day``, ``requests``, ``usage`` (model usage debited) and ``tools`` (tool charges),
+    in nanodollars. Two grouped reads on the ``(user, created_at)`` indexes."""
+    days: dict = {}
+    usage = (
+        UsageRecord.objects.filter(user=user, created_at__gte=since)
+        .annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(requests=Count("id"), charged=Sum("charge", default=0))
+        .order_by()
+    )
+    for found in usage:
+        days[found["day"]] = {"requests": found["requests"], "usage": int(found["charged"]), "tools": 0}
+    tools = (
+        Entry.objects.filter(wallet__user=user, kind=EntryKind.CHARGE, created_at__gte=since)
+        .annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(total=Sum("amount", default=0))
+        .order_by()
+    )
+    for found in tools:
+        days.setdefault(found["day"], {"requests": 0, "usage": 0, "tools": 0})["tools"] = -int(found["total"])
+    return [{"day": day, **days[day]} for day in sorted(days)]
+
+
+class BadCursor(ValueError):
+    """A page cursor that this page never wrote."""
+
+
+def usage_cursor(record: UsageRecord) -> str:
+    """Where the next page of requests starts: the last row's ``created_at`` (epoch microseconds)
+    and id — the list's own order, so a page is one indexed range read however deep it is."""
+    moment = record.created_at
+    micros = (moment - _EPOCH) // _MICROSECOND
+    return f"{micros}.{record.pk}"
+
+
+def user_usage_page(*, user: User, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
+    """A page of the account's requests, newest first, starting after the ``after`` cursor
+    (keyset pagination: stable while new requests arrive, unlike page numbers); and the next
+    page's cursor, or None on the last page."""
+    records = user_usage(user=user).select_related("api_key")
+    if after:
+        moment, record_id = _parse_usage_cursor(after)
+        records = records.filter(Q(created_at__lt=moment) | Q(created_at=moment, pk__lt=record_id))
+    found = list(records[: size + 1])
+    more = len(found) > size
+    return found[:size], usage_cursor(found[size - 1]) if more else None
+
+
+def user_entries_page(*, user: User, after: str | None, size: int) -> tuple[list[Entry], str | None]:
+    """A page of the account's ledger entries, newest first (by id: the ledger's append order),
+    starting below the entry id ``after``; and the next page's cursor, or None."""
+    entries = user_entries(user=user)
+    if after:
+        if not after.isdigit() or len(after) > 18:
+            raise BadCursor(after)
+        entries = entries.filter(pk__lt=int(after))
+    found = list(entries[: size + 1])
+    more = len(found) > size
+    return found[:size], str(found[size - 1].pk) if more else None
+
+
+_MICROSECOND = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _parse_usage_cursor(raw: str) -> tuple[datetime, int]:
+    micros, _, record_id = raw.partition(".")
+    if not (micros.isdigit() and record_id.isdigit()) or len(micros) > 18 or len(record_id) > 18:
+        raise BadCursor(raw)
+    return _EPOCH + int(micros) * _MICROSECOND, int(record_id)

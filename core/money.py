@@ -78,11 +78,26 @@ def format_usd(nanos: int) -> str:
     return f"{nanos_to_decimal(nanos):.9f}"
 
 
-def format_cents(nanos: int) -> str:
-    """For display only: "$12.35" (half-up to the cent)."""
-    cents = nanos_to_decimal(nanos).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-    sign = "-" if cents < 0 else ""
-    return f"{sign}${abs(cents):,.2f}"
+SHOWN_PLACES = 6  # what people read; the exact 9 places go in a title or an export
+_SHOWN = Decimal(1).scaleb(-SHOWN_PLACES)
+
+
+def format_money(nanos: int) -> str:
+    """The one display rule for an amount, on every page: dollars half-up to at most
+    ``SHOWN_PLACES`` decimals, trailing zeros trimmed down to cents, thousands separated.
+
+    12_345_678_901 → "$12.345679", 12_340_000_000 → "$12.34", 139_000 → "$0.000139",
+    -5_000_000 → "-$0.005". Rounding to cents would show a $0.000139 request as "$0.00"; a
+    non-zero amount too small even for six places (under half a micro-dollar) is shown whole, to
+    the nanodollar ("$0.000000139"), so nothing that is not zero ever reads as zero.
+    """
+    exact = nanos_to_decimal(nanos)
+    shown = exact.quantize(_SHOWN, rounding=ROUND_HALF_UP)
+    if not shown and nanos:
+        shown = exact
+    places = max(2, len(f"{shown:f}".partition(".")[2].rstrip("0")))
+    sign = "-" if shown < 0 else ""
+    return f"{sign}${abs(shown):,.{places}f}"
 
 
 def mul_round(nanos_or_decimal: Decimal | int, factor: Decimal | int) -> int:

@@ -18,7 +18,7 @@ from django.core.mail import EmailMultiAlternatives
 from django.template.loader import render_to_string
 from django.urls import reverse
 
-from core.money import MoneyError, format_cents, parse_usd
+from core.money import MoneyError, format_money, parse_usd
 
 from .models import Event, EventType
 
@@ -87,7 +87,7 @@ def _shown(data: dict) -> dict:
             value = source.get(name)
             if isinstance(value, str):
                 try:
-                    shown.setdefault(name, format_cents(parse_usd(value)))
+                    shown.setdefault(name, format_money(parse_usd(value)))
                 except MoneyError:
                     pass
     return shown

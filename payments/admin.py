@@ -5,8 +5,8 @@ from django.contrib import admin, messages
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from core.money import format_cents
 from infra.forms import MoneyField
+from infra.money_html import money_html
 
 from .models import Checkout, CreditPack, EventStatus, Payment, StaffAlert, Subscription, WebhookEvent
 from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve, webhook_event_replay
@@ -15,7 +15,7 @@ from .services import PaymentsError, payment_flagged_credit, staff_alert_resolve
 def _usd_column(field: str, label: str):
     @admin.display(description=label, ordering=field)
     def column(obj):
-        return format_cents(getattr(obj, field))
+        return money_html(getattr(obj, field))
 
     return column
 

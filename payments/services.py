@@ -45,7 +45,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core.money import NANOS_PER_USD, format_cents, mul_round, usd_to_nanos
+from core.money import NANOS_PER_USD, format_money, mul_round, usd_to_nanos
 from core.numbers import parse_id
 from notify.services import staff_email_on_commit
 from wallet.models import EntryKind
@@ -372,16 +372,16 @@ def _price_problem(
     checks a $0 order reporting −$10 tax "paid" $10 for the product.
     """
     if total_cents <= 0:
-        return f"the total paid is {format_cents(total_cents * NANOS_PER_CENT)}"
+        return f"the total paid is {format_money(total_cents * NANOS_PER_CENT)}"
     if tax_cents < 0:
-        return f"the tax is negative ({format_cents(tax_cents * NANOS_PER_CENT)})"
+        return f"the tax is negative ({format_money(tax_cents * NANOS_PER_CENT)})"
     if currency.upper() != pack.currency.upper():
         return f"paid in {currency.upper()}, but the {pack.name} pack is priced in {pack.currency}"
     paid_cents = total_cents if tax_included else total_cents - tax_cents
     if paid_cents * NANOS_PER_CENT != pack.price:
         return (
-            f"paid {format_cents(paid_cents * NANOS_PER_CENT)} for the {pack.name} pack, "
-            f"which costs {format_cents(pack.price)}"
+            f"paid {format_money(paid_cents * NANOS_PER_CENT)} for the {pack.name} pack, "
+            f"which costs {format_money(pack.price)}"
         )
     return None
 
@@ -905,7 +905,7 @@ def _stripe_invoice_paid(event: WebhookEvent, parsed: stripe_provider.Event) -> 
 
 def _stripe_invoice_failed(event: WebhookEvent, parsed: stripe_provider.Event) -> Outcome:
     invoice = _subject(parsed, stripe_provider.Invoice)
-    amount = format_cents(invoice.amount_due * NANOS_PER_CENT)
+    amount = format_money(invoice.amount_due * NANOS_PER_CENT)
     next_try = "Stripe will retry." if invoice.retries else "Stripe will not retry."
     _alert(
         kind="invoice_payment_failed",

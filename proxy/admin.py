@@ -21,8 +21,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.money import format_usd
 from infra.forms import MoneyField
+from infra.money_html import money_html
 
 from . import routing, upstream
 from .models import ModelPrice, Upstream, UsageRecord
@@ -270,11 +270,11 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
     @admin.display(description="request fee (USD)")
     def request_fee_usd(self, obj):
-        return format_usd(obj.request_fee)
+        return money_html(obj.request_fee)
 
     @admin.display(description="minimum charge (USD)")
     def min_charge_usd(self, obj):
-        return format_usd(obj.min_charge)
+        return money_html(obj.min_charge)
 
     @admin.display(description="markup")
     def markup_shown(self, obj):
@@ -303,7 +303,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
                     version.completion,
                     version.reasoning,
                     version.cache_read,
-                    format_usd(version.request_fee),
+                    money_html(version.request_fee),
                     version.markup if version.markup is not None else "default",
                     "yes" if version.enabled else "no",
                     version.source or "—",
@@ -472,8 +472,8 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     @admin.display(description="charge (USD)", ordering="charge")
     def charge_usd(self, obj):
-        return format_usd(obj.charge)
+        return money_html(obj.charge)
 
     @admin.display(description="operator loss (USD)", ordering="operator_loss")
     def operator_loss_usd(self, obj):
-        return format_usd(obj.operator_loss) if obj.operator_loss else "—"
+        return money_html(obj.operator_loss) if obj.operator_loss else "—"

@@ -1,10 +1,8 @@
 // Tokentill portal: live balance over /ws/events (session cookie auth) and the copy button.
-// Amounts arrive as 9-place decimal strings and are rounded to cents with BigInt, never floats.
+// Amounts arrive as 9-place decimal strings and are formatted with BigInt, never floats.
 "use strict";
 
 (function () {
-  const NANOS_PER_CENT = 10000000n;
-
   function toNanos(decimal) {
     const negative = decimal.startsWith("-");
     const [whole, fraction = ""] = decimal.replace("-", "").split(".");
@@ -12,21 +10,25 @@
     return negative ? -nanos : nanos;
   }
 
-  function formatCents(decimal) {
+  // core.money.format_money, the one display rule: half-up to at most six decimals, trailing
+  // zeros trimmed down to cents; an amount too small for six decimals is shown to the nanodollar.
+  function formatMoney(decimal) {
     const nanos = toNanos(decimal);
     const negative = nanos < 0n;
     const abs = negative ? -nanos : nanos;
-    const cents = (abs + NANOS_PER_CENT / 2n) / NANOS_PER_CENT; // half-up, like format_cents
-    const dollars = (cents / 100n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
-    const rest = (cents % 100n).toString().padStart(2, "0");
-    return (negative && cents > 0n ? "-" : "") + "$" + dollars + "." + rest;
+    let shown = ((abs + 500n) / 1000n) * 1000n; // half-up to the micro-dollar, in nanodollars
+    if (shown === 0n) shown = abs;
+    const dollars = (shown / 1000000000n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+    let fraction = (shown % 1000000000n).toString().padStart(9, "0").replace(/0+$/, "");
+    fraction = fraction.padEnd(2, "0");
+    return (negative && shown > 0n ? "-" : "") + "$" + dollars + "." + fraction;
   }
 
   function applyBalance(event) {
     for (const field of ["balance", "held", "available"]) {
       if (typeof event[field] !== "string") continue;
       for (const node of document.querySelectorAll('[data-field="' + field + '"]')) {
-        node.textContent = formatCents(event[field]);
+        node.textContent = formatMoney(event[field]);
         node.title = event[field];
       }
     }

@@ -115,6 +115,27 @@ def test_the_period_narrows_and_widens_every_money_and_usage_figure(staff, busin
     assert "last 30 days" in nonsense
 
 
+def test_this_month_counts_from_the_first_of_the_calendar_month(staff, alice):
+    now = timezone.now()
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    usage(alice, "this_month", cost="0.000100000", charge="0.000139", model="m")
+    before = usage(alice, "last_month", cost="1.000000000", charge="1.20", model="m")
+    UsageRecord.objects.filter(pk=before.pk).update(created_at=start - timedelta(seconds=1))
+    html = staff_client(staff).get("/admin/", {"period": "month"}).content.decode()
+    assert "Business, this month" in html and 'aria-current="true" class="current">This month' in html
+    assert figure(html, "charged") == "$0.000139"  # not "$0.00", and last month's $1.20 is out
+
+
+def test_the_model_chart_shows_requests_beside_spend_and_spenders_link_to_their_staff_page(staff, business, alice):
+    html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
+    by_model = html.split('data-chart="by-model"')[1].split("</figure>")[0]
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", by_model)
+    assert texts[:4] == ["openai/gpt-4o-mini", "$3.60", "2 requests", "anthropic/claude-sonnet-4"]
+    assert texts[4:6] == ["$0.60", "1 request"]
+    spenders = html.split('data-chart="top-spenders"')[1].split("</figure>")[0]
+    assert f'<a href="/admin/tokentill/users/{alice.pk}/"><text' in spenders
+
+
 def test_usage_is_broken_down_by_day_and_by_model(staff, business):
     html = staff_client(staff).get("/admin/", {"period": "30"}).content.decode()
     today = timezone.now().date().isoformat()

@@ -66,10 +66,43 @@ def test_the_dashboard_draws_its_charts_under_a_strict_csp(page):
     assert money.locator("polyline").count() == 3  # revenue, upstream cost, margin
     by_model = page.locator('[data-chart="by-model"] svg')
     assert by_model.locator("rect").count() == 2
-    # The bar shows cents; its hover title keeps the exact figure.
+    # The bar shows the amount to six places and the request count; its hover title keeps the exact figure.
     titles = by_model.locator("rect title").all_text_contents()
-    assert "openai/gpt-4o-mini: 0.000139000 USD — 1 requests" in titles
+    assert "openai/gpt-4o-mini: 0.000139000 USD — 1 request" in titles
     spenders = page.locator('[data-chart="top-spenders"] svg text').all_text_contents()
     assert spenders[:2] == ["bob@example.com", "$1.20"]
     assert page.evaluate("window.__cspViolations") == []
     page.screenshot(path=str(BASE_DIR / "var" / "admin-dashboard.png"), full_page=True)
+    assert by_model.locator("text", has_text="$0.000139").count() == 1  # not "$0.00"
+    assert by_model.locator("text", has_text="1 request").count() == 2
+
+
+def test_a_users_staff_page_draws_spend_and_pages_requests_under_a_strict_csp(page):
+    from backoffice.staff_pages import PAGE_SIZE
+
+    make_user("root@example.com", is_staff=True, is_superuser=True, password=PASSWORD)
+    alice = make_user("alice@example.com", balance="10.00")
+    for n in range(PAGE_SIZE + 2):
+        usage(alice, f"req_{n:02d}", cost="0.000100000", charge="0.000139", model="openai/gpt-4o-mini", days_ago=n % 5)
+
+    page.goto("/admin/login/?next=/admin/accounts/user/")
+    page.get_by_label("Email").fill("root@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("link", name="alice@example.com").click()
+    page.get_by_role("link", name="Spend, keys and requests").click()
+    page.wait_for_url(f"**/admin/tokentill/users/{alice.pk}/")
+
+    chart = page.locator('[data-chart="spend"] svg')
+    assert chart.is_visible() and chart.bounding_box()["height"] > 100
+    assert chart.locator("polyline").count() == 2  # model usage, tool charges
+    spent = page.locator('[data-figure="spent"]')
+    assert spent.inner_text() == "$0.003753"  # 27 requests × $0.000139: no rounding to "$0.00"
+    assert spent.get_attribute("title") == "0.003753000"
+    requests = page.locator('[data-table="requests"] tbody tr')
+    assert requests.count() == PAGE_SIZE
+    page.get_by_role("link", name="Older requests").click()
+    assert requests.count() == 2
+    assert requests.first.locator("td").last.inner_text() == "$0.000139"
+    assert page.evaluate("window.__cspViolations") == []
+    page.screenshot(path=str(BASE_DIR / "var" / "admin-user.png"), full_page=True)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from core.money import (
     MoneyError,
-    format_cents,
+    format_money,
     format_usd,
     loads_decimal,
     mul_round,
@@ -56,8 +56,43 @@ def test_formatting_keeps_nine_places_and_the_sign():
     assert format_usd(0) == "0.000000000"
     assert format_usd(1) == "0.000000001"
     assert format_usd(-3_600_000) == "-0.003600000"
-    assert format_cents(12_345_000_000) == "$12.35"
-    assert format_cents(-5_000_000) == "-$0.01"
+
+
+@pytest.mark.parametrize(
+    ("nanos", "shown"),
+    [
+        (0, "$0.00"),
+        (139_000, "$0.000139"),  # a cheap request is not "$0.00"
+        (12_345_000_000, "$12.345"),
+        (12_345_678_901, "$12.345679"),  # half-up to six places; the title carries all nine
+        (12_340_000_000, "$12.34"),  # trailing zeros trimmed, never below cents
+        (10_000_000_000, "$10.00"),
+        (-5_000_000, "-$0.005"),
+        (1_234_567_000_000_000, "$1,234,567.00"),
+        (500, "$0.000001"),  # half a micro-dollar rounds up
+        (499, "$0.000000499"),  # too small for six places: shown whole, never as zero
+        (-1, "-$0.000000001"),
+    ],
+)
+def test_the_display_rule_shows_sub_cent_amounts_and_trims_to_cents(nanos, shown):
+    assert format_money(nanos) == shown
+
+
+@given(st.integers(min_value=-(10**18), max_value=10**18))
+def test_the_display_rule_never_shows_a_non_zero_amount_as_zero(nanos):
+    shown = format_money(nanos)
+    assert (shown == "$0.00") == (nanos == 0)
+    assert shown.startswith("-") == (nanos < 0)
+    # Within half a micro-dollar of the amount (exact below that): what is read is what was spent.
+    figure = Decimal(shown.replace("$", "").replace(",", ""))
+    assert abs(figure * 10**9 - nanos) <= 500
+
+
+def test_money_html_puts_the_exact_amount_in_the_title():
+    from infra.money_html import money_html
+
+    assert money_html(139_000) == '<span class="money" title="0.000139000">$0.000139</span>'
+    assert money_html(None) == '<span class="money" title="0.000000000">$0.00</span>'
 
 
 def test_format_refuses_non_integers():

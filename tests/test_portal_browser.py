@@ -181,14 +181,15 @@ def test_a_credit_appears_on_the_open_home_page_without_a_reload(page, server):
 
     response = httpx.post(
         f"{server}/v1/user/balance/deposit",
-        json={"user": "watcher@example.com", "amount": "2.345", "kind": "bonus"},
+        json={"user": "watcher@example.com", "amount": "2.3450005", "kind": "bonus"},
         headers={"Authorization": f"Bearer {billing_key}", "Idempotency-Key": uuid.uuid4().hex},
         timeout=5,
     )
     assert response.status_code == 201
     live = page.locator('[data-live-balance] [data-field="balance"]')
-    live.filter(has_text="$12.35").wait_for(timeout=2_000)  # 12.345 rounds half-up for display
-    assert live.get_attribute("title") == "12.345000000"
+    # The script applies the server's display rule: half-up to six places, not to cents.
+    live.filter(has_text="$12.345001").wait_for(timeout=2_000)
+    assert live.get_attribute("title") == "12.345000500"
     page.screenshot(path=str(BASE_DIR / "var" / "portal-home.png"), full_page=True)
 
 

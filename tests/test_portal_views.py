@@ -193,12 +193,12 @@ def test_every_form_on_the_pages_carries_a_csrf_token(alice):
 # --- home ----------------------------------------------------------------------------------------
 
 
-def test_home_shows_balance_held_available_and_recent_activity_in_cents(alice):
+def test_home_shows_balance_held_available_and_recent_activity_to_six_places(alice):
     wallet_credit(
         wallet=alice.wallet, amount=1_234_567_891, kind=EntryKind.BONUS, idempotency_key="b", description="Welcome"
     )
     html = page_text(logged_in(alice).get(reverse("portal:home")))
-    assert "$11.23" in html  # 11.234567891 rounded half-up for display
+    assert "$11.234568" in html  # 11.234567891 rounded half-up to six places for display
     assert 'title="11.234567891"' in html  # the exact amount is one hover away
     assert "Welcome" in html and "opening balance" in html
     assert "data-low-notice" in html and re.search(r"data-low-notice[^>]*hidden", html)
@@ -298,7 +298,7 @@ def test_usage_lists_the_users_requests_and_a_per_day_summary(alice, mallory):
     html = page_text(client.get(reverse("portal:usage")))
     assert "req_alice_1" in html and "req_alice_2" in html and "req_mallory_1" not in html
     assert timezone.now().date().isoformat() in html
-    assert "$3.23" in html  # today's total: 1.234 + 2.000, rounded for display
+    assert "$3.234" in html  # today's total: 1.234 + 2.000, not rounded to cents
     assert "$5.55" not in html
     filtered = page_text(client.get(reverse("portal:usage"), {"model": "anthropic/claude-sonnet-4"}))
     assert "req_alice_2" in filtered and "req_alice_1" not in filtered

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 
 from accounts import consumers
 from accounts.models import ApiKey, RefreshToken
-from accounts.services import api_key_create, api_key_revoke, sha256_hex, token_pair_issue
+from accounts.services import api_key_create, api_key_revoke, operator_key_create, sha256_hex, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
 from tests.live import MiniWebSocket, WebSocketClosed, live_server, live_servers
@@ -155,6 +155,21 @@ async def test_a_revoked_api_key_is_refused_in_the_first_message_too():
     assert (await ws.connect())[0]
     await ws.send_json_to({"type": "auth", "token": secret})
     assert (await expect_refusal(ws))["message"] == "this API key has been revoked"
+
+
+@pytest.mark.parametrize("where", ["header", "first message"])
+async def test_an_operator_key_is_refused_like_a_revoked_key_as_on_api_and_v1(where):
+    root = await database_sync_to_async(make_user)("root@example.com", is_staff=True, is_superuser=True)
+    ops = await database_sync_to_async(make_user)("ops@example.com", balance="5.00", is_staff=True)
+    _, secret = await database_sync_to_async(operator_key_create)(user=ops, name="back office", minted_by=root)
+    if where == "header":
+        ws = await connected_with_header(secret)
+    else:
+        ws = communicator()
+        assert (await ws.connect())[0]
+        await ws.send_json_to({"type": "auth", "token": secret})
+    error = await expect_refusal(ws)  # no balance snapshot first: the refusal is the first word
+    assert error["message"] == "an operator key works only on the operator API (/api/admin/)"
 
 
 async def test_a_committed_credit_reaches_the_socket_within_a_second():

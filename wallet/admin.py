@@ -21,6 +21,7 @@ from django.utils.html import format_html, format_html_join
 
 from core.money import format_usd
 from infra.forms import MoneyField
+from infra.money_html import money_html
 
 from .models import Entry, Hold, HoldStatus, Wallet
 from .services import WalletError, wallet_correct
@@ -80,15 +81,15 @@ class WalletAdmin(ReadOnlyAdmin):
 
     @admin.display(description="balance (USD)", ordering="balance")
     def balance_usd(self, wallet):
-        return format_usd(wallet.balance)
+        return money_html(wallet.balance)
 
     @admin.display(description="held (USD)", ordering="held")
     def held_usd(self, wallet):
-        return format_usd(wallet.held)
+        return money_html(wallet.held)
 
     @admin.display(description="available (USD)")
     def available_usd(self, wallet):
-        return format_usd(wallet.available)
+        return money_html(wallet.available)
 
     @admin.display(description="recent entries")
     def recent_entries(self, wallet):
@@ -100,8 +101,8 @@ class WalletAdmin(ReadOnlyAdmin):
                 (
                     e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                     e.get_kind_display(),
-                    format_usd(e.amount),
-                    format_usd(e.balance_after),
+                    money_html(e.amount),
+                    money_html(e.balance_after),
                     e.description,
                 )
                 for e in entries
@@ -120,7 +121,7 @@ class WalletAdmin(ReadOnlyAdmin):
         holds = wallet.holds.filter(status=HoldStatus.ACTIVE).order_by("expires_at")
         link = reverse("admin:wallet_hold_changelist") + f"?wallet__id__exact={wallet.pk}"
         items = format_html_join(
-            "", "<li>{} — {} until {}</li>", ((h.request_id, format_usd(h.amount), h.expires_at) for h in holds)
+            "", "<li>{} — {} until {}</li>", ((h.request_id, money_html(h.amount), h.expires_at) for h in holds)
         )
         return format_html('<ul>{}</ul><p><a href="{}">All holds of this wallet</a></p>', items or "none", link)
 
@@ -201,11 +202,11 @@ class EntryAdmin(ReadOnlyAdmin):
 
     @admin.display(description="amount (USD)", ordering="amount")
     def amount_usd(self, entry):
-        return format_usd(entry.amount)
+        return money_html(entry.amount)
 
     @admin.display(description="balance after (USD)")
     def balance_after_usd(self, entry):
-        return format_usd(entry.balance_after)
+        return money_html(entry.balance_after)
 
     @admin.display(description="user", ordering="wallet__user__email")
     def user(self, entry):
@@ -233,7 +234,7 @@ class HoldAdmin(ReadOnlyAdmin):
 
     @admin.display(description="amount (USD)", ordering="amount")
     def amount_usd(self, hold):
-        return format_usd(hold.amount)
+        return money_html(hold.amount)
 
     @admin.display(description="user", ordering="wallet__user__email")
     def user(self, hold):
