@@ -223,7 +223,11 @@ class ModelAlias(FallbackRule):
         ordering = ["name"]
         verbose_name_plural = "model aliases"
         constraints = [
-            models.CheckConstraint(condition=~models.Q(name=models.F("model")), name="modelalias_not_itself"),
+            models.CheckConstraint(
+                condition=~models.Q(name=models.F("model")),
+                name="modelalias_not_itself",
+                violation_error_message="an alias cannot stand for itself",
+            ),
             models.CheckConstraint(
                 condition=models.Q(fallback_below__isnull=True) | models.Q(fallback_below__gte=0),
                 name="modelalias_fallback_below_non_negative",
@@ -243,7 +247,11 @@ class ModelFallback(FallbackRule):
         ordering = ["model"]
         constraints = [
             models.CheckConstraint(condition=~models.Q(fallback=""), name="modelfallback_names_one"),
-            models.CheckConstraint(condition=~models.Q(fallback=models.F("model")), name="modelfallback_not_itself"),
+            models.CheckConstraint(
+                condition=~models.Q(fallback=models.F("model")),
+                name="modelfallback_not_itself",
+                violation_error_message="a fallback cannot be the model (or alias) itself",
+            ),
             models.CheckConstraint(
                 condition=models.Q(fallback_below__isnull=True) | models.Q(fallback_below__gte=0),
                 name="modelfallback_fallback_below_non_negative",
