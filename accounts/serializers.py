@@ -26,6 +26,7 @@ LIMIT_KEYS = (
     "run_max_steps",
     "run_max_spend",
     "max_parallel",
+    "allow_fallback",
 )
 DUPLICATE_EMAIL = "an account with this email address already exists"
 
@@ -38,7 +39,7 @@ def _positive_int(value: object, maximum: int) -> bool:
 
 def limits_clean(value: object) -> dict:
     """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models, run_max_steps,
-    run_max_spend, max_parallel}``.
+    run_max_spend, max_parallel, allow_fallback}``.
 
     Missing keys mean "no limit" (null). Spend caps are decimal strings, stored as 9-place
     strings; numbers are refused because a JSON number may already have been rounded by a float
@@ -70,7 +71,11 @@ def limits_clean(value: object) -> dict:
             f"max_parallel must be a positive whole number of requests in flight (at most {MAX_INT}), or null"
         )
 
-    cleaned: dict = {"rpm": rpm, "run_max_steps": steps, "max_parallel": parallel}
+    fallback = value.get("allow_fallback")
+    if fallback is not None and not isinstance(fallback, bool):
+        raise DjangoValidationError("allow_fallback must be true or false (or null: false)")
+
+    cleaned: dict = {"rpm": rpm, "run_max_steps": steps, "max_parallel": parallel, "allow_fallback": fallback}
     for name in ("daily_spend", "monthly_spend", "run_max_spend"):
         raw = value.get(name)
         if raw is None:
@@ -178,6 +183,9 @@ class LimitsOutSerializer(serializers.Serializer):
     run_max_steps = serializers.IntegerField(allow_null=True, min_value=1, help_text="model calls per X-Tokentill-Run")
     run_max_spend = serializers.CharField(allow_null=True, help_text="USD decimal string, spend per X-Tokentill-Run")
     max_parallel = serializers.IntegerField(allow_null=True, min_value=1, help_text="requests in flight at once")
+    allow_fallback = serializers.BooleanField(
+        allow_null=True, help_text="a wallet running low is served by the model's cheaper fallback (null: false)"
+    )
 
 
 @extend_schema_field(LimitsOutSerializer)

@@ -25,7 +25,7 @@ from infra.forms import MoneyField
 from infra.money_html import money_html
 
 from . import routing, upstream
-from .models import ModelPrice, Upstream, UsageRecord
+from .models import AgentRoute, ModelAlias, ModelFallback, ModelPrice, Upstream, UsageRecord
 from .prices import (
     PriceError,
     price_differs,
@@ -37,6 +37,16 @@ from .prices import (
     prices_set_enabled,
     prices_with_state,
     series_of,
+)
+from .tiers import (
+    TierError,
+    agent_route_save,
+    agent_route_validate,
+    alias_save,
+    alias_validate,
+    fallback_save,
+    fallback_validate,
+    tier_delete,
 )
 from .upstreams import UpstreamError, key_status, upstream_save, upstream_test, upstream_validate
 
@@ -444,6 +454,8 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "created_at",
         "user",
         "model",
+        "served_model",
+        "fallback",
         "upstream",
         "status",
         "tokens",
@@ -451,7 +463,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "operator_loss_usd",
         "estimated",
     ]
-    list_filter = ["status", "model", "upstream", "estimated", "stream"]
+    list_filter = ["status", "model", "served_model", "fallback", "upstream", "estimated", "stream"]
     search_fields = ["request_id", "user__email", "generation_id"]
     list_select_related = ["user"]
     date_hierarchy = "created_at"
@@ -477,3 +489,101 @@ class UsageRecordAdmin(admin.ModelAdmin):
     @admin.display(description="operator loss (USD)", ordering="operator_loss")
     def operator_loss_usd(self, obj):
         return money_html(obj.operator_loss) if obj.operator_loss else "—"
+
+
+# --- model aliases, fallbacks and agent routes (proxy.tiers) -----------------------------------
+
+
+class TierForm(forms.ModelForm):
+    """Runs ``validate`` (``proxy.tiers``) on the built instance and shows its error on the field."""
+
+    validate = None
+
+    def _post_clean(self):
+        super()._post_clean()
+        if self.errors:
+            return
+        try:
+            type(self).validate(self.instance)
+        except TierError as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, str(exc))
+
+
+_BELOW_HELP = (
+    "USD: with fallback allowed, a wallet whose available balance is under this is served by the "
+    "fallback even when it could afford the model (blank: only when it cannot)"
+)
+
+
+class ModelAliasForm(TierForm):
+    validate = alias_validate
+    fallback_below = MoneyField(
+        sign="non_negative", required=False, label="Fall back below (USD)", help_text=_BELOW_HELP
+    )
+
+    class Meta:
+        model = ModelAlias
+        fields = ["name", "model", "description", "fallback", "fallback_below"]
+
+
+class ModelFallbackForm(TierForm):
+    validate = fallback_validate
+    fallback_below = MoneyField(
+        sign="non_negative", required=False, label="Fall back below (USD)", help_text=_BELOW_HELP
+    )
+
+    class Meta:
+        model = ModelFallback
+        fields = ["model", "fallback", "fallback_below"]
+
+
+class AgentRouteForm(TierForm):
+    validate = agent_route_validate
+
+    class Meta:
+        model = AgentRoute
+        fields = ["agent", "alias"]
+
+
+class TierAdmin(admin.ModelAdmin):
+    """Saved and deleted through ``proxy.tiers``, which drops the proxy's cache on commit."""
+
+    save = None
+
+    def save_model(self, request, obj, form, change):
+        type(self).save(row=obj)
+
+    def delete_model(self, request, obj):
+        tier_delete(row=obj)
+
+    def delete_queryset(self, request, queryset):
+        for row in queryset:
+            tier_delete(row=row)
+
+    @admin.display(description="fall back below")
+    def fallback_below_usd(self, obj):
+        return money_html(obj.fallback_below) if obj.fallback_below is not None else "—"
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(TierAdmin):
+    form = ModelAliasForm
+    save = alias_save
+    list_display = ["name", "model", "fallback", "fallback_below_usd", "description", "updated_at"]
+    search_fields = ["name", "model"]
+
+
+@admin.register(ModelFallback)
+class ModelFallbackAdmin(TierAdmin):
+    form = ModelFallbackForm
+    save = fallback_save
+    list_display = ["model", "fallback", "fallback_below_usd"]
+    search_fields = ["model", "fallback"]
+
+
+@admin.register(AgentRoute)
+class AgentRouteAdmin(TierAdmin):
+    form = AgentRouteForm
+    save = agent_route_save
+    list_display = ["agent", "alias", "updated_at"]
+    search_fields = ["agent", "alias__name"]

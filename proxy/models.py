@@ -191,6 +191,92 @@ class ModelPrice(models.Model):
         return self.markup if self.markup is not None else settings.MARKUP
 
 
+class FallbackRule(models.Model):
+    """What a model or an alias falls back to when the wallet runs low (``proxy.tiers``)."""
+
+    fallback = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="a cheaper model or alias that serves the request instead when the wallet cannot afford this one",
+    )
+    fallback_below = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="nanodollars: an available balance under this is served by the fallback even when the hold fits",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class ModelAlias(FallbackRule):
+    """A name staff sell (``tier/fast``) for a model in the price table: apps ask for the alias,
+    and staff switch the model behind it without a new app. Usage records keep both names as
+    they were at the time, so a switch never rewrites history."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="what apps send as `model`, e.g. tier/fast")
+    model = models.CharField(max_length=200, help_text="the model in the price table that serves it")
+    description = models.CharField(max_length=200, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "model aliases"
+        constraints = [
+            models.CheckConstraint(
+                condition=~models.Q(name=models.F("model")),
+                name="modelalias_not_itself",
+                violation_error_message="an alias cannot stand for itself",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(fallback_below__isnull=True) | models.Q(fallback_below__gte=0),
+                name="modelalias_fallback_below_non_negative",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.name} → {self.model}"
+
+
+class ModelFallback(FallbackRule):
+    """A model's own fallback (an alias's is on the alias, and wins over its model's)."""
+
+    model = models.CharField(max_length=200, unique=True, help_text="a model in the price table")
+
+    class Meta:
+        ordering = ["model"]
+        constraints = [
+            models.CheckConstraint(condition=~models.Q(fallback=""), name="modelfallback_names_one"),
+            models.CheckConstraint(
+                condition=~models.Q(fallback=models.F("model")),
+                name="modelfallback_not_itself",
+                violation_error_message="a fallback cannot be the model (or alias) itself",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(fallback_below__isnull=True) | models.Q(fallback_below__gte=0),
+                name="modelfallback_fallback_below_non_negative",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.model} ⇢ {self.fallback}"
+
+
+class AgentRoute(models.Model):
+    """Requests labelled ``X-Tokentill-Agent: <agent>`` are served by ``alias``, whatever model
+    they ask for: the central "which agent uses which model" mapping."""
+
+    agent = models.CharField(max_length=200, unique=True, help_text="the X-Tokentill-Agent label, exactly")
+    alias = models.ForeignKey(ModelAlias, on_delete=models.PROTECT, related_name="agents")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["agent"]
+
+    def __str__(self):
+        return f"{self.agent} → {self.alias.name}"
+
+
 class UsageStatus(models.TextChoices):
     OK = "ok", "Completed"
     CANCELLED = "cancelled", "Client disconnected"
@@ -221,7 +307,15 @@ class UsageRecord(models.Model):
     )
     endpoint = models.CharField(max_length=40, default="chat.completions")
     model = models.CharField(max_length=200, help_text="model the client asked for")
-    upstream_model = models.CharField(max_length=200, blank=True, help_text="model that actually served it")
+    # What the request was routed and priced as, kept as it was at the time (an alias's target
+    # may change later): the alias it asked for or its agent was mapped to, the price-table model
+    # that served it, and whether that model was the fallback.
+    alias = models.CharField(max_length=200, blank=True, help_text="alias the request was resolved through")
+    served_model = models.CharField(
+        max_length=200, blank=True, help_text="price-table model it was served and priced as"
+    )
+    fallback = models.BooleanField(default=False, help_text="served by the fallback: the wallet ran low")
+    upstream_model = models.CharField(max_length=200, blank=True, help_text="model the upstream reported serving")
     # A name, not a foreign key: evidence, like ``model`` (upstreams are never deleted or renamed).
     upstream = models.CharField(
         max_length=64, blank=True, help_text="upstream that served it: an Upstream's name, default or demo"

@@ -27,10 +27,11 @@ from core.money import usd_to_nanos
 from core.pricing import Rates
 
 from . import upstream
-from .models import DEMO_UPSTREAM, ModelPrice, Upstream
+from .models import DEMO_UPSTREAM, AgentRoute, ModelAlias, ModelFallback, ModelPrice, Upstream
 
 _cache: dict[str, tuple[float, list[Route]]] = {}
 _cache_lock = threading.Lock()
+_tiers: tuple[float, Tiers] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,12 @@ def routes_current(model: str) -> list[Route]:
     return [route for route in _routes(model) if model_servable(route.price)]
 
 
+def routes_uncached(model: str) -> list[Route]:
+    """``routes_current`` read from the table now, for staff screens that must not see a stale
+    cache."""
+    return [route for route in _routes_from_db(model) if model_servable(route.price)]
+
+
 def price_current(model: str) -> ModelPrice | None:
     """The price version of ``model``'s first route, or None if it is unknown or disabled."""
     routes = _routes(model)
@@ -151,8 +158,96 @@ def routes_cached(models: list[str]) -> list[list[Route]] | None:
 
 
 def price_cache_clear() -> None:
+    global _tiers
     with _cache_lock:
         _cache.clear()
+        _tiers = None
+
+
+# --- aliases, fallbacks and agent routes ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An alias's or a model's fallback, as the proxy reads it."""
+
+    fallback: str  # a model or an alias ("" for none)
+    fallback_below: int | None  # nanodollars
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """Every alias, model fallback and agent route: small tables, read whole."""
+
+    aliases: dict[str, tuple[str, Rule]]  # alias name -> (its model, its fallback rule)
+    fallbacks: dict[str, Rule]  # model -> its fallback rule
+    agents: dict[str, str]  # X-Tokentill-Agent label -> alias name
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a request is served: the model, and the fallback it may drop to."""
+
+    asked: str  # the name it is routed by: its agent's alias when mapped, else the model it sent
+    alias: str  # the alias that name is ("" when it is a model)
+    model: str  # the price-table model that serves it
+    fallback: str  # the price-table model that serves it when the wallet runs low ("" for none)
+    fallback_below: int | None  # nanodollars: an available balance under this falls back too
+
+
+def _tiers_from_db() -> Tiers:
+    aliases = {row.name: (row.model, Rule(row.fallback, row.fallback_below)) for row in ModelAlias.objects.all()}
+    fallbacks = {row.model: Rule(row.fallback, row.fallback_below) for row in ModelFallback.objects.all()}
+    agents = dict(AgentRoute.objects.values_list("agent", "alias__name"))
+    return Tiers(aliases, fallbacks, agents)
+
+
+def tiers_current() -> Tiers:
+    """The aliases, fallbacks and agent routes, cached per process like the routes (three
+    queries once per ``PROXY_PRICE_CACHE_SECONDS``; none in between)."""
+    global _tiers
+    ttl = settings.PROXY_PRICE_CACHE_SECONDS
+    if ttl <= 0:
+        return _tiers_from_db()
+    cached = _tiers
+    now = time.monotonic()
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    tiers = _tiers_from_db()
+    with _cache_lock:
+        _tiers = (now + ttl, tiers)
+    return tiers
+
+
+def tiers_cached() -> Tiers | None:
+    """The cached tiers if fresh, else None (an async caller then reads them in a thread)."""
+    cached = _tiers
+    if settings.PROXY_PRICE_CACHE_SECONDS <= 0 or cached is None or cached[0] <= time.monotonic():
+        return None
+    return cached[1]
+
+
+def choice_of(tiers: Tiers, *, model: str, agent: str = "") -> Choice:
+    """Resolve what a request asked for. An agent mapped by staff overrides the model; an alias
+    names its model; the fallback is the alias's own, else its model's, and an alias given as a
+    fallback is read as its model — one hop, never further (validation keeps aliases from
+    naming aliases, so this never loops)."""
+    asked = tiers.agents.get(agent, model) if agent else model
+    alias = tiers.aliases.get(asked)
+    if alias is not None:
+        served, rule = alias[0], alias[1]
+        if not rule.fallback:
+            rule = tiers.fallbacks.get(served, rule)
+    else:
+        served, rule = asked, tiers.fallbacks.get(asked, Rule("", None))
+    fallback = rule.fallback
+    if fallback in tiers.aliases:
+        fallback = tiers.aliases[fallback][0]
+    if fallback == served:
+        fallback = ""
+    return Choice(
+        asked, asked if alias is not None else "", served, fallback, rule.fallback_below if fallback else None
+    )
 
 
 def upstreams_configured() -> list[upstream.UpstreamConfig]:

@@ -25,7 +25,6 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from functools import partial
 
 from django.conf import settings
 from django.utils import timezone
@@ -50,14 +49,19 @@ from wallet.services import (
 from . import limits
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import (
+    Choice,
     Route,
+    Tiers,
     allowance_for,
+    choice_of,
     model_servable,
     overrun_cap_for,
     price_current,
     rates_for,
     routes_cached,
     routes_current,
+    tiers_cached,
+    tiers_current,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,9 @@ class RequestMeta:
     # operator's still apply, and the tightest wins (proxy.limits).
     run_max_steps: int = 0
     run_max_spend: int = 0  # nanodollars
+    # May a wallet that cannot afford the model (or is under its threshold) be served by the
+    # model's fallback? (The key's ``allow_fallback``, or ``X-Tokentill-Fallback``.)
+    fallback_allowed: bool = False
     # The principal's ``unchanged`` condition (``accounts.auth``): the request's first write — its
     # hold, or its refusal's record — happens only while it is true, else ``adb.ConditionFailed``.
     unchanged: tuple[str, dict] | None = None
@@ -114,8 +121,10 @@ class Begun:
     max_output: int  # output tokens per choice, the cap sent upstream
     clamped_to: int | None  # set when the output cap was lowered to what the balance affords
     reservation: limits.Reservation
-    models: list[str] = field(default_factory=list)  # the model asked for, then its fallbacks
+    models: list[str] = field(default_factory=list)  # the model served, then the client's ``models``
     routes: list[Route] = field(default_factory=list)  # the model's candidates, first choice first
+    served_model: str = ""  # the price-table model sent upstream (after alias, agent and fallback)
+    fell_back: bool = False  # served by the fallback because the wallet ran low
 
 
 @dataclass
@@ -138,8 +147,11 @@ class Outcome:
     price: ModelPrice | None = None  # the model's price at that upstream (None: the held price)
 
 
-def _record_of(meta: RequestMeta, **fields) -> UsageRecord:
+def _record_of(meta: RequestMeta, choice: Choice | None = None, **fields) -> UsageRecord:
     """The (unsaved) usage record of this request: who, what, and the client's labels."""
+    if choice is not None:
+        fields.setdefault("alias", choice.alias[:200])
+        fields.setdefault("served_model", choice.model[:200])
     return UsageRecord(
         request_id=meta.request_id,
         user=meta.user,
@@ -154,9 +166,10 @@ def _record_of(meta: RequestMeta, **fields) -> UsageRecord:
     )
 
 
-def _refused_record(meta: RequestMeta, *, http_status: int, error: str) -> UsageRecord:
+def _refused_record(meta: RequestMeta, *, http_status: int, error: str, choice: Choice | None = None) -> UsageRecord:
     return _record_of(
         meta,
+        choice,
         status=UsageStatus.REFUSED,
         http_status=http_status,
         error=error[:500],
@@ -182,9 +195,12 @@ async def _arecord(record: UsageRecord, only_if: tuple[str, dict] | None = None)
     return record
 
 
-async def ausage_refused(*, meta: RequestMeta, http_status: int, error: str) -> UsageRecord:
+async def ausage_refused(
+    *, meta: RequestMeta, http_status: int, error: str, choice: Choice | None = None
+) -> UsageRecord:
     """Record a request refused before it reached the upstream (nothing charged)."""
-    return await _arecord(_refused_record(meta, http_status=http_status, error=error), meta.unchanged)
+    record = _refused_record(meta, http_status=http_status, error=error, choice=choice)
+    return await _arecord(record, meta.unchanged)
 
 
 def tokens_count_admit(*, principal, model: str, now: datetime | None = None) -> None:
@@ -192,24 +208,40 @@ def tokens_count_admit(*, principal, model: str, now: datetime | None = None) ->
     Raises ``Refusal``. Counting is free — no hold, no usage record — and so rate-limited."""
     if not principal.has_scope("proxy"):
         raise Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
-    if not model_servable(price_current(model)):
+    if not model_servable(price_current(model_resolve(model))):
         raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
     limits.check_count_tokens(api_key=principal.api_key, user_id=principal.user.pk, now=now or timezone.now())
+
+
+def model_resolve(model: str) -> str:
+    """The price-table model an alias names (a model names itself). A cached lookup."""
+    return choice_of(tiers_current(), model=model).model
+
+
+@dataclass
+class Priced:
+    """What serving the request by one model will be held for."""
+
+    model: str  # the price-table model sent upstream
+    price: ModelPrice  # the dearest candidate's: what the hold is priced at
+    rates: Rates
+    prompt_tokens: int  # estimate, from the request size and its non-text parts at that price
+    max_output: int  # output tokens per choice: the cap sent upstream
+    amount: int  # nanodollars to hold
+    routes: list[Route]  # the model's candidates, first choice first
+    overrun_cap: int  # nanodollars the settlement may take above the hold (that price's)
+    models: list[str]  # the model, then the client's ``models`` list (billing may name any)
 
 
 @dataclass
 class Plan:
     """What a request will be held for, decided before any money moves."""
 
-    price: ModelPrice  # the dearest candidate's: what the hold is priced at
-    rates: Rates
-    prompt_tokens: int  # estimate, from the request size and its non-text parts at that price
-    max_output: int  # output tokens per choice: the cap sent upstream
+    choice: Choice
+    served: Priced
+    fallback: Priced | None  # when the request may fall back and the model has a fallback on sale
     choices: int  # the request's ``n``
-    amount: int  # nanodollars to hold
     reservation: limits.Reservation
-    routes: list[Route]  # the requested model's candidates, first choice first
-    overrun_cap: int = 0  # nanodollars the settlement may take above the hold (that price's)
 
 
 def request_plan(
@@ -222,54 +254,56 @@ def request_plan(
     now: datetime,
     routes: list[list[Route]] | None = None,
     media: Media | None = None,
+    tiers: Tiers | None = None,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
     The order is the cheap-to-expensive one: model and key rules and the price (no writes), rate
-    and run-step counters (cache), spend caps (cache reservation). ``routes`` are those of
-    ``meta.model`` and the fallbacks when the caller already has them (see ``arequest_begin``),
-    else they are looked up, stopping at the first unknown one.
+    and run-step counters (cache), spend caps (cache reservation). What the request asked for is
+    resolved first (``selectors.choice_of``: agent route, alias, fallback). ``routes`` are those
+    of ``_models_of(choice, …)`` when the caller already has them (see ``arequest_begin``), else
+    they are looked up, stopping at the first unknown one.
 
     The hold is the most the request can cost: the prompt estimate plus ``choices`` × the output
     cap (the client's ``max_tokens``, else the model's default — which is then sent upstream),
     at the dearest price any candidate upstream (or listed fallback model) could bill. The
     prompt estimate counts the body's non-text parts (``media``) at that price's allowances
     (``core.media``); what the upstream bills beyond the hold is still charged up to the price's
-    overrun cap (``wallet.models.settlement_charge``).
+    overrun cap (``wallet.models.settlement_charge``). The fallback, when the request may take
+    it, is priced the same way on its own routes (one hop: the client's ``models`` are not
+    offered with it); the spend caps reserve the model's amount.
     """
-    models = _requested_models(meta, fallback_models)
+    choice = choice_of(tiers or tiers_current(), model=meta.model, agent=meta.agent)
+    models = _models_of(choice, meta, fallback_models)
     found: list[list[Route]] = []
     for index, model in enumerate(models):
         candidates = routes[index] if routes is not None else routes_current(model)
+        named = choice.asked if index == 0 else model
         if not candidates:
+            if named != model:  # an alias (or an agent's) whose model is no longer sold
+                raise Refusal(
+                    400, f"The model `{named}` (served by `{model}`) is not available.", code="model_not_found"
+                )
             raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
         if any(route.is_demo for route in candidates) and meta.endpoint not in DEMO_ENDPOINTS:
-            raise Refusal(400, f"The demo model `{model}` only answers chat completions.", code="model_not_found")
+            raise Refusal(400, f"The demo model `{named}` only answers chat completions.", code="model_not_found")
         found.append(candidates)
     allowed = (meta.api_key.limits or {}).get("allowed_models") if meta.api_key is not None else None
     if allowed is not None:
-        for model in models:
+        # The name the request is routed by (an alias, not the model behind it, so staff may
+        # switch that model), and the client's own fallbacks.
+        for model in [choice.asked, *models[1 : fallback_count(choice, meta, models)]]:
             if model not in allowed:
                 raise Refusal(
                     403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
     media = media or Media()
-
-    def prompt_for(price: ModelPrice) -> int:
-        return prompt_tokens_held(prompt_chars, media, allowance_for(price))
-
-    def hold_for(price: ModelPrice) -> int:
-        output = (requested_output or price.default_max_output) * choices
-        return hold_nanos(rates_for(price), prompt_tokens=prompt_for(price), max_output=output)
-
-    # Any candidate upstream may end up serving it (failover), and with fallbacks any listed
-    # model may answer: reserve for the dearest. (On a tie, the first choice's price.)
-    price = max((route.price for candidates in found for route in candidates), key=hold_for)
-    rates = rates_for(price)
-    prompt_tokens = prompt_for(price)
-    max_output = requested_output or price.default_max_output
-    amount = hold_for(price)
-    if amount > MAX_HOLD:
+    primary_models = models[: fallback_count(choice, meta, models)]
+    served = _priced(primary_models, found[: len(primary_models)], prompt_chars, requested_output, choices, media)
+    fallback = None
+    if len(primary_models) < len(models):
+        fallback = _priced(models[-1:], found[-1:], prompt_chars, requested_output, choices, media)
+    if served.amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
     limits.check_rpm(api_key=meta.api_key, now=now)
     parallel = limits.acquire_parallel(api_key=meta.api_key)
@@ -285,7 +319,7 @@ def request_plan(
             api_key=meta.api_key,
             run=meta.run,
             user_id=meta.user.pk,
-            amount=amount,
+            amount=served.amount,
             now=now,
             run_max_spend=meta.run_max_spend,
         )
@@ -294,24 +328,69 @@ def request_plan(
         limits.release(limits.Reservation(step_key=step, parallel_key=parallel))
         raise
     reservation.step_key, reservation.parallel_key = step, parallel
-    return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0], overrun_cap_for(price))
+    return Plan(choice, served, fallback, choices, reservation)
 
 
-def _requested_models(meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
-    return [meta.model, *(m for m in fallback_models or [] if m != meta.model)]
+def _priced(
+    models: list[str],
+    found: list[list[Route]],
+    prompt_chars: int,
+    requested_output: int | None,
+    choices: int,
+    media: Media,
+) -> Priced:
+    def prompt_for(price: ModelPrice) -> int:
+        return prompt_tokens_held(prompt_chars, media, allowance_for(price))
+
+    def hold_for(price: ModelPrice) -> int:
+        output = (requested_output or price.default_max_output) * choices
+        return hold_nanos(rates_for(price), prompt_tokens=prompt_for(price), max_output=output)
+
+    # Any candidate upstream may end up serving it (failover), and with fallbacks any listed
+    # model may answer: reserve for the dearest. (On a tie, the first choice's price.)
+    price = max((route.price for candidates in found for route in candidates), key=hold_for)
+    return Priced(
+        model=models[0],
+        price=price,
+        rates=rates_for(price),
+        prompt_tokens=prompt_for(price),
+        max_output=requested_output or price.default_max_output,
+        amount=hold_for(price),
+        routes=found[0],
+        overrun_cap=overrun_cap_for(price),
+        models=models,
+    )
+
+
+def _models_of(choice: Choice, meta: RequestMeta, fallback_models: list[str] | None) -> list[str]:
+    """The models whose routes the request needs: the one that serves it, the client's own
+    ``models`` list, then — when the request may take it — the fallback."""
+    models = [choice.model, *(m for m in fallback_models or [] if m != choice.model)]
+    if meta.fallback_allowed and choice.fallback:
+        models.append(choice.fallback)
+    return models
+
+
+def fallback_count(choice: Choice, meta: RequestMeta, models: list[str]) -> int:
+    """How many of ``models`` are the request's own (the rest is the fallback)."""
+    return len(models) - 1 if meta.fallback_allowed and choice.fallback else len(models)
 
 
 async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
-    """``request_plan`` on the event loop when it needs no I/O (routes cached, no cache counters
-    for this key or run); otherwise in a worker thread, where the price table and the cache
-    (Redis, when configured) may be reached."""
-    routes = routes_cached(_requested_models(meta, kwargs.get("fallback_models")))
+    """``request_plan`` on the event loop when it needs no I/O (tiers and routes cached, no
+    cache counters for this key or run); otherwise in a worker thread, where the price table
+    and the cache (Redis, when configured) may be reached."""
+    tiers = tiers_cached()
+    routes = None
+    if tiers is not None:
+        choice = choice_of(tiers, model=meta.model, agent=meta.agent)
+        routes = routes_cached(_models_of(choice, meta, kwargs.get("fallback_models")))
     uses_counters = limits.uses_counters(
         api_key=meta.api_key, run=meta.run, run_max_steps=meta.run_max_steps, run_max_spend=meta.run_max_spend
     )
     if routes is None or uses_counters:
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
-    return request_plan(meta=meta, routes=routes, **kwargs)
+    return request_plan(meta=meta, routes=routes, tiers=tiers, **kwargs)
 
 
 async def _wallet_of(user) -> Wallet:
@@ -357,35 +436,64 @@ async def arequest_begin(
     except Refusal as refusal:
         await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
         raise
-    rates, prompt_tokens, max_output, amount = plan.rates, plan.prompt_tokens, plan.max_output, plan.amount
+    choice, served, fallback = plan.choice, plan.served, plan.fallback
     wallet = await _wallet_of(meta.user)
     floor = usd_to_nanos(settings.MIN_BALANCE)
     record = _record_of(
         meta,
+        choice,
         status=UsageStatus.PENDING,
         # The prompt estimate, until settlement writes the upstream's count: what an expired
         # hold is charged if the request never finishes (see hold_reconcile).
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=served.prompt_tokens,
         estimated=True,
-        hold_amount=amount,
-        markup=rates.markup,
-        price=plan.price,
-        prices=rates.snapshot(),
+        hold_amount=served.amount,
+        markup=served.rates.markup,
+        price=served.price,
+        prices=served.rates.snapshot(),
         created_at=now,
     )
+
+    async def take(priced: Priced, amount: int, min_available: int = floor) -> Hold:
+        # The record rides on the hold's own statement: it must describe what is held.
+        record.hold_amount, record.price, record.markup = amount, priced.price, priced.rates.markup
+        record.prices, record.prompt_tokens = priced.rates.snapshot(), priced.prompt_tokens
+        record.served_model, record.fallback = priced.model[:200], priced is fallback
+        return await ahold_create(
+            wallet=wallet,
+            request_id=meta.request_id,
+            min_available=min_available,
+            also_insert=record,
+            only_if=meta.unchanged,
+            overrun_cap=priced.overrun_cap,
+            amount=amount,
+        )
+
     clamped_to = None
     hold = None
-    take = partial(
-        ahold_create,
-        wallet=wallet,
-        request_id=meta.request_id,
-        min_available=floor,
-        also_insert=record,
-        only_if=meta.unchanged,
-        overrun_cap=plan.overrun_cap,
-    )
+    chosen, max_output, amount = served, served.max_output, served.amount
+    # With a fallback at hand, the model's hold is taken only while the available balance stays
+    # at the staff threshold (one conditional statement, as ever); below it, or when the hold
+    # does not fit at all, the fallback's is taken instead.
+    threshold = choice.fallback_below if fallback is not None else None
     try:
-        hold = await take(amount=amount)
+        try:
+            hold = await take(served, amount, max(floor, threshold or 0))
+        except InsufficientFunds as short:
+            if fallback is None:
+                raise
+            try:
+                hold = await take(fallback, fallback.amount)
+                chosen, max_output, amount = fallback, fallback.max_output, fallback.amount
+            except InsufficientFunds:
+                if short.available < max(floor, served.amount):
+                    # What a top-up must cover is the model's hold, not the threshold.
+                    raise InsufficientFunds(
+                        needed=max(floor, served.amount), available=short.available, balance=short.balance
+                    ) from None
+                # Only the threshold stood in the way and the fallback does not fit either
+                # (a fallback with a larger output default): the model's hold after all.
+                hold = await take(served, amount)
     except Exception as failed:
         if not isinstance(failed, InsufficientFunds):
             # The hold could not be taken at all (the database is away): give the spend caps
@@ -393,15 +501,15 @@ async def arequest_begin(
             await limits.arelease(plan.reservation)
             raise
         short = failed
+        rates, prompt_tokens = served.rates, served.prompt_tokens
         # Cannot cover the full output cap: a shorter answer is still worth giving when the
         # balance affords a useful number of tokens (and stays above the floor).
         # (Per choice: ``n`` choices share what is affordable.)
         affordable = affordable_output(rates, prompt_tokens=prompt_tokens, available=short.available) // choices
         if short.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
             clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable * choices)
-            record.hold_amount = clamped
             try:
-                hold = await take(amount=clamped)
+                hold = await take(served, clamped)
                 clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
                 short = again
@@ -410,23 +518,26 @@ async def arequest_begin(
                 raise
         if hold is None:
             await limits.arelease(plan.reservation)
-            await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"), meta.unchanged)
+            refused = _refused_record(meta, http_status=402, error="insufficient funds", choice=choice)
+            await _arecord(refused, meta.unchanged)
             # ``needed`` is the whole request's (``failed``), not a clamped retry's: what a top-up must cover.
-            raise Funds(balance=short.balance, available=short.available, needed=failed.needed)
+            raise Funds(balance=short.balance, available=short.available, needed=failed.needed) from None
     await limits.aadjust(plan.reservation, amount)
     return Begun(
         meta=meta,
         wallet=wallet,
         hold=hold,
         record=record,
-        price=plan.price,
-        rates=rates,
-        prompt_tokens=prompt_tokens,
+        price=chosen.price,
+        rates=chosen.rates,
+        prompt_tokens=chosen.prompt_tokens,
         max_output=max_output,
         clamped_to=clamped_to,
         reservation=plan.reservation,
-        models=_requested_models(meta, fallback_models),
-        routes=plan.routes,
+        models=chosen.models,
+        routes=chosen.routes,
+        served_model=chosen.model,
+        fell_back=chosen is fallback,
     )
 
 

@@ -42,6 +42,7 @@ from . import limits
 from .charges import tool_charge
 from .ninja_auth import BearerAuth
 from .prices import price_public_rates, prices_current_enabled
+from .selectors import choice_of, tiers_current
 
 router = Router(auth=BearerAuth())
 
@@ -249,6 +250,8 @@ class ModelOut(Schema):
     created: int
     owned_by: str
     pricing: ModelPricing
+    alias_of: str | None = None  # an alias's model, whose price it is sold at
+    fallback: str | None = None  # the model a wallet running low may be served by instead
 
 
 class ModelList(Schema):
@@ -267,23 +270,30 @@ def _owner(price) -> str:
 def list_models(request):
     # The demo model stands in for an upstream; once a real upstream key is set it is not sold.
     prices = prices_current_enabled(include_demo=not settings.UPSTREAM_API_KEY)
+    tiers = tiers_current()
+    by_model = {price.model: price for price in prices}
+
+    def entry(name: str, price, alias_of: str | None) -> dict:
+        fallback = choice_of(tiers, model=name).fallback
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(price.first_seen.timestamp()),
+            "owned_by": "tokentill" if alias_of else _owner(price),
+            "pricing": price_public_rates(price),
+            "alias_of": alias_of,
+            "fallback": fallback if fallback in by_model else None,
+        }
+
+    listed = [entry(price.model, price, None) for price in prices]
+    # An alias is sold at the price of the model behind it now, and listed while that one is.
+    listed += [entry(name, by_model[model], model) for name, (model, _) in tiers.aliases.items() if model in by_model]
+    listed.sort(key=lambda item: item["id"])
     key = request.auth.api_key
     allowed = (key.limits or {}).get("allowed_models") if key is not None else None
     if allowed is not None:  # a restricted key sees only what it may call (the proxy's 403 rule)
-        prices = [price for price in prices if price.model in allowed]
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": price.model,
-                "object": "model",
-                "created": int(price.first_seen.timestamp()),
-                "owned_by": _owner(price),
-                "pricing": price_public_rates(price),
-            }
-            for price in prices
-        ],
-    }
+        listed = [item for item in listed if item["id"] in allowed]
+    return {"object": "list", "data": listed}
 
 
 @router.get("/user/balance", response=BalanceOut, tags=["wallet"], summary="The caller's wallet")

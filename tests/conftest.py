@@ -75,7 +75,10 @@ def _empty_cache():
     checkouts or failed logins would otherwise count against the next one's personas."""
     from django.core.cache import cache
 
+    from proxy.selectors import price_cache_clear
+
     cache.clear()
+    price_cache_clear()  # the routes and aliases a previous test's requests cached in this process
 
 
 @pytest.fixture(autouse=True)

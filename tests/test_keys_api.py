@@ -19,6 +19,7 @@ NO_LIMITS = {
     "run_max_steps": None,
     "run_max_spend": None,
     "max_parallel": None,
+    "allow_fallback": None,
 }
 
 
@@ -111,6 +112,7 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
             "run_max_steps": 25,
             "run_max_spend": "0.5",
             "max_parallel": 4,
+            "allow_fallback": True,
         },
     )
 
@@ -124,6 +126,7 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
         "run_max_steps": 25,
         "run_max_spend": "0.500000000",
         "max_parallel": 4,
+        "allow_fallback": True,
     }
     assert ApiKey.objects.get(pk=body["id"]).expires_at == expires
 
@@ -173,6 +176,7 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"max_parallel": "2"}, "max_parallel must be a positive"),
         ({"max_parallel": 1.5}, "max_parallel must be a positive"),
         ({"max_parallel": 10**30}, "max_parallel must be a positive"),
+        ({"allow_fallback": "yes"}, "allow_fallback must be true or false"),
         (["rpm"], "must be an object"),
     ],
 )

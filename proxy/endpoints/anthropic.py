@@ -30,7 +30,7 @@ from infra import adb
 
 from .. import upstream
 from ..selectors import routes_current
-from ..services import Refusal, tokens_count_admit
+from ..services import Refusal, model_resolve, tokens_count_admit
 from . import refusals, relay, validation
 from .asgi import BodyTooLarge, ClientGone, Exchange
 from .request import DATABASE_UNAVAILABLE, ProxyRequest
@@ -205,6 +205,8 @@ class CountTokensApplication:
         if not validation.model_id(payload.get("model")):
             raise Refusal(400, "`model` must be a model id.", param="model")
         await adb.in_thread(tokens_count_admit)(principal=principal, model=payload["model"])
+        # An alias is counted by the model behind it.
+        payload["model"] = await adb.in_thread(model_resolve)(payload["model"])
         # The first of the model's upstreams that counts (an Anthropic one), in the routing order.
         routes = await adb.in_thread(routes_current)(payload["model"])
         counting = [r.upstream for r in routes if not r.is_demo and upstream.speaks("count_tokens", r.upstream)]

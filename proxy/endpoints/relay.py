@@ -84,15 +84,21 @@ def _splice_usage(raw: bytes, usage: dict, charge: int) -> bytes | None:
     return raw[: colon + 1] + dumps_charged({"usage": value}, charge)[len(b'{"usage":') : -1] + tail[end:].encode()
 
 
-def tokentill_comment(request_id: str, charge: int, balance: int) -> bytes:
-    """The settled charge as an SSE comment: every SDK skips comment lines."""
-    info = {"request_id": request_id, "charge": format_usd(charge), "balance": format_usd(balance)}
+def tokentill_comment(request_id: str, charge: int, balance: int, served: dict | None = None) -> bytes:
+    """The settled charge as an SSE comment: every SDK skips comment lines. ``served``: the model
+    that served it, and whether that was the fallback (``served_info``)."""
+    info = {"request_id": request_id, "charge": format_usd(charge), "balance": format_usd(balance), **(served or {})}
     return b": tokentill " + json.dumps(info).encode() + b"\n\n"
 
 
-def trailer(request_id: str, charge: int, balance: int) -> bytes:
+def trailer(request_id: str, charge: int, balance: int, served: dict | None = None) -> bytes:
     """The end of a chat stream: the charge, then ``[DONE]``."""
-    return tokentill_comment(request_id, charge, balance) + b"data: [DONE]\n\n"
+    return tokentill_comment(request_id, charge, balance, served) + b"data: [DONE]\n\n"
+
+
+def served_info(begun: Begun) -> dict:
+    """What the ``: tokentill`` line says of the model that served the request."""
+    return {"model_served": begun.served_model, "fallback": begun.fell_back}
 
 
 class SSERelay:
@@ -106,6 +112,7 @@ class SSERelay:
         self.parser = SSEParser()
         self.done = False
         self.data_relayed = False  # any data event (not just keep-alive comments) received?
+        self.served: dict | None = None  # for the tail's ``: tokentill`` line (``served_info``)
 
     def feed(self, chunk: bytes) -> bytes:
         out = []
@@ -146,7 +153,7 @@ class ChatStreamRelay(SSERelay):
             parts.append(b"data: " + dumps_charged(self.priced_usage, charge) + b"\n\n")
         if failure is not None:
             parts.append(error_event(failure, "upstream_error", "upstream_error"))
-        return b"".join(parts) + trailer(request_id, charge, balance)
+        return b"".join(parts) + trailer(request_id, charge, balance, self.served)
 
     def _event(self, event: Event) -> bytes:
         if event.is_comment:
@@ -212,7 +219,7 @@ class TranslatedStreamRelay(SSERelay):
 
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         events = self.translator.fail(failure) if failure is not None else self.translator.finish()
-        return ending(events, tokentill_comment(request_id, charge, balance))
+        return ending(events, tokentill_comment(request_id, charge, balance, self.served))
 
     def _event(self, event: Event) -> bytes:
         if event.is_comment:  # keep-alive: comments are comments in every protocol
@@ -260,7 +267,7 @@ class NativeStreamRelay(SSERelay):
         parts = [self._restated(event, charge) for event in self.held]
         if failure is not None:
             parts.append(encode(self.failure_event(failure)))
-        comment = tokentill_comment(request_id, charge, balance)
+        comment = tokentill_comment(request_id, charge, balance, self.served)
         return b"".join(parts[:-1]) + comment + parts[-1] if parts else comment
 
     def _event(self, event: Event) -> bytes:
@@ -310,10 +317,15 @@ def passthrough(raw: bytes, parsed: object, charge: int) -> tuple[int, bytes]:
     return 200, charge_as_cost(raw, parsed, charge)
 
 
-def clamp_headers(begun: Begun | None) -> list[tuple[str, str]]:
-    """Tell a client whose output cap was lowered to what its balance affords."""
-    clamped = begun.clamped_to if begun is not None else None
-    return [("x-tokentill-max-tokens", str(clamped))] if clamped is not None else []
+def begun_headers(begun: Begun) -> list[tuple[str, str]]:
+    """What the client is told as the answer starts: the model that serves it (and whether that
+    is the fallback), and an output cap lowered to what its balance affords."""
+    headers = [("x-tokentill-model-served", begun.served_model)]
+    if begun.fell_back:
+        headers.append(("x-tokentill-fallback", "used"))
+    if begun.clamped_to is not None:
+        headers.append(("x-tokentill-max-tokens", str(begun.clamped_to)))
+    return headers
 
 
 async def drain(chunks) -> None:
@@ -371,7 +383,7 @@ async def relay_whole(
             ("content-type", "application/json"),
             ("x-tokentill-charge", format_usd(record.charge)),
             ("x-tokentill-balance", format_usd(begun.wallet.balance)),
-            *clamp_headers(begun),
+            *begun_headers(begun),
         ]
         await request.exchange.send_whole(status, content, headers)
 
@@ -389,7 +401,7 @@ async def relay_stream(
     async def send(data: bytes) -> None:
         if data:
             if not exchange.response_started:
-                await exchange.start_stream(clamp_headers(begun))
+                await exchange.start_stream(begun_headers(begun))
             await exchange.send_body(data, more=True)
 
     try:
@@ -442,9 +454,10 @@ async def relay_stream(
     if meter.error:
         outcome.status = UsageStatus.UPSTREAM_ERROR
     if not exchange.response_started:
-        await exchange.start_stream(clamp_headers(begun))
+        await exchange.start_stream(begun_headers(begun))
 
     async def finish(record, begun):
+        stream.served = served_info(begun)
         tail = stream.tail(
             request_id=request.request_id, charge=record.charge, balance=begun.wallet.balance, failure=failure
         )

@@ -125,6 +125,31 @@ def _error_headers(error: OpenAIError) -> list[tuple[str, str]]:
     return [("retry-after", str(error.retry_after))] if error.retry_after is not None else []
 
 
+FALLBACK_HEADER = "X-Tokentill-Fallback"
+
+
+class InvalidFallbackHeader(ValueError):
+    pass
+
+
+def fallback_ask_parse(headers: dict[str, str]) -> bool | None:
+    """``X-Tokentill-Fallback``: ``allow`` (True), ``deny`` (False), absent (None)."""
+    value = headers.get(FALLBACK_HEADER.lower())
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if value not in ("allow", "deny"):
+        raise InvalidFallbackHeader(f"{FALLBACK_HEADER} must be `allow` or `deny`.")
+    return value == "allow"
+
+
+def fallback_allowed(asked: bool | None, api_key) -> bool:
+    """The request's own word, else its key's ``allow_fallback`` limit (off by default)."""
+    if asked is not None:
+        return asked
+    return bool(api_key is not None and (api_key.limits or {}).get("allow_fallback"))
+
+
 class MeteredApplication:
     """The ASGI application serving one ``Endpoint`` (routed in ``config/routing.py``)."""
 
@@ -153,6 +178,7 @@ class ProxyRequest:
         self.settling = False
         self.settlement_unawaited = False
         self.run_ask = limits.RunAsk()  # the request's own run limits, once its headers are read
+        self.fallback_ask: bool | None = None  # X-Tokentill-Fallback: allow (True), deny (False)
         self.route: Route | None = None  # the candidate being tried
         self.failure: Failure | None = None  # set when the current attempt failed before any output
 
@@ -213,6 +239,7 @@ class ProxyRequest:
             tool=headers.get("x-tokentill-tool", "")[:200],
             run_max_steps=self.run_ask.max_steps,
             run_max_spend=self.run_ask.max_spend,
+            fallback_allowed=fallback_allowed(self.fallback_ask, principal.api_key),
             unchanged=principal.unchanged,
         )
 
@@ -240,10 +267,14 @@ class ProxyRequest:
         try:
             parsed = self.endpoint.parse(body)
             self.run_ask = limits.run_ask_parse(self.exchange.headers)
+            self.fallback_ask = fallback_ask_parse(self.exchange.headers)
         except Invalid as refused:
             parsed, invalid = None, refused
         except limits.InvalidRunHeader as exc:
             refusal = Refusal(400, exc.message, code="invalid_request", param=exc.header)
+            parsed, invalid = None, Invalid(refusal, parsed.model)
+        except InvalidFallbackHeader as exc:
+            refusal = Refusal(400, str(exc), code="invalid_request", param=FALLBACK_HEADER)
             parsed, invalid = None, Invalid(refusal, parsed.model)
         try:
             # Not cancellable: a half-taken hold is worse than a finished one, which abandon()
@@ -321,6 +352,12 @@ class ProxyRequest:
     async def open_upstream(self, begun: Begun, body: dict, path: str):
         """The current candidate's answer to ``body`` (an async context manager), or the demo
         model's."""
+        if body.get("model") != begun.served_model:
+            # The model staff routed it to (alias, agent route, fallback). Served by the fallback,
+            # the client's own ``models`` list goes too: one hop, and never a dearer model.
+            body = {**body, "model": begun.served_model}
+            if begun.fell_back:
+                body.pop("models", None)
         if self.route.is_demo:
             return DemoResponse(body, begun.rates, prompt_chars=len(json.dumps(body.get("messages", ""))))
         return routing.opened(self.route.upstream, path, json.dumps(body).encode())
