@@ -194,7 +194,7 @@ def tokens_count_admit(*, principal, model: str, now: datetime | None = None) ->
         raise Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
     if not model_servable(price_current(model)):
         raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
-    limits.check_count_tokens(api_key=principal.api_key, user_id=principal.user.pk, now=now or timezone.now())
+    limits.check_count_tokens(api_key=principal.api_key, user=principal.user, now=now or timezone.now())
 
 
 @dataclass
@@ -269,31 +269,42 @@ def request_plan(
     prompt_tokens = prompt_for(price)
     max_output = requested_output or price.default_max_output
     amount = hold_for(price)
+
+    def held_tokens() -> int:  # what the hold assumes: counted against token limits meanwhile
+        return prompt_tokens + max_output * choices
+
     if amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
-    limits.check_rpm(api_key=meta.api_key, now=now)
-    parallel = limits.acquire_parallel(api_key=meta.api_key)
+    user = meta.user
+    limits.check_rpm(api_key=meta.api_key, now=now, user=user)
+    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user)
     try:
         step = limits.check_run_steps(
-            run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
+            run=meta.run, user_id=user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
         )
     except limits.LimitExceeded:
-        limits.release(limits.Reservation(parallel_key=parallel))
+        limits.release(limits.Reservation(parallel_keys=parallel))
         raise
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key,
             run=meta.run,
-            user_id=meta.user.pk,
+            user_id=user.pk,
             amount=amount,
             now=now,
             run_max_spend=meta.run_max_spend,
+            user=user,
         )
     except limits.LimitExceeded:
         # A request that does not happen is no step, and holds no slot.
-        limits.release(limits.Reservation(step_key=step, parallel_key=parallel))
+        limits.release(limits.Reservation(step_key=step, parallel_keys=parallel))
         raise
-    reservation.step_key, reservation.parallel_key = step, parallel
+    reservation.step_key, reservation.parallel_keys = step, parallel
+    try:
+        limits.reserve_tokens(reservation, api_key=meta.api_key, user=user, tokens=held_tokens(), now=now)
+    except limits.LimitExceeded:
+        limits.release(reservation)
+        raise
     return Plan(price, rates, prompt_tokens, max_output, choices, amount, reservation, found[0], overrun_cap_for(price))
 
 
@@ -307,7 +318,11 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
     (Redis, when configured) may be reached."""
     routes = routes_cached(_requested_models(meta, kwargs.get("fallback_models")))
     uses_counters = limits.uses_counters(
-        api_key=meta.api_key, run=meta.run, run_max_steps=meta.run_max_steps, run_max_spend=meta.run_max_spend
+        api_key=meta.api_key,
+        run=meta.run,
+        run_max_steps=meta.run_max_steps,
+        run_max_spend=meta.run_max_spend,
+        user=meta.user,
     )
     if routes is None or uses_counters:
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
@@ -368,6 +383,7 @@ async def arequest_begin(
         prompt_tokens=prompt_tokens,
         estimated=True,
         hold_amount=amount,
+        held_tokens=prompt_tokens + max_output * choices,
         markup=rates.markup,
         price=plan.price,
         prices=rates.snapshot(),
@@ -400,6 +416,7 @@ async def arequest_begin(
         if short.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
             clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable * choices)
             record.hold_amount = clamped
+            record.held_tokens = prompt_tokens + affordable * choices
             try:
                 hold = await take(amount=clamped)
                 clamped_to, max_output, amount = affordable, affordable, clamped
@@ -413,7 +430,7 @@ async def arequest_begin(
             await _arecord(_refused_record(meta, http_status=402, error="insufficient funds"), meta.unchanged)
             # ``needed`` is the whole request's (``failed``), not a clamped retry's: what a top-up must cover.
             raise Funds(balance=short.balance, available=short.available, needed=failed.needed)
-    await limits.aadjust(plan.reservation, amount)
+    await limits.aadjust(plan.reservation, amount, tokens=record.held_tokens)
     return Begun(
         meta=meta,
         wallet=wallet,
@@ -577,7 +594,9 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
         log.warning("request %s settled after its hold was closed; its first charge stands", record.request_id)
         await adb.in_thread(record.refresh_from_db)()
         charge = record.charge
-    await limits.aadjust(begun.reservation, charge)
+    # The counters move to what the request really cost and used (a request that failed before
+    # any output: nothing, as its settled record says).
+    await limits.aadjust(begun.reservation, charge, tokens=record.prompt_tokens + record.completion_tokens)
     await limits.arelease_parallel(begun.reservation)
     return record
 
