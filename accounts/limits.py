@@ -142,7 +142,7 @@ def user_limits_clean(value: object, *, by_field: bool = False) -> dict:
     return cleaned
 
 
-def _magnitude(name: str, value) -> int | None:
+def limit_magnitude(name: str, value) -> int | None:
     """A stored limit as a comparable integer (spend in nanodollars); None when unset."""
     if value in (None, ""):
         return None
@@ -154,7 +154,7 @@ def own_limits_check(*, staff: dict | None, own: dict) -> None:
     tighten. Every offending limit is named, with the most it may be."""
     problems = {}
     for name in USER_LIMIT_KEYS:
-        most, wanted = _magnitude(name, (staff or {}).get(name)), _magnitude(name, own.get(name))
+        most, wanted = limit_magnitude(name, (staff or {}).get(name)), limit_magnitude(name, own.get(name))
         if most is not None and wanted is not None and wanted > most:
             shown = f"${format_usd(most)}" if name.endswith("_spend") else str(most)
             problems[name] = (
@@ -173,7 +173,7 @@ def user_limits_effective(user) -> dict[str, int]:
         values = [
             magnitude
             for source in (getattr(user, "limits", None), getattr(user, "own_limits", None))
-            if (magnitude := _magnitude(name, (source or {}).get(name))) is not None
+            if (magnitude := limit_magnitude(name, (source or {}).get(name))) is not None
         ]
         if values:
             effective[name] = min(values)
