@@ -23,8 +23,8 @@ from wallet import events
 from wallet.services import wallet_get_or_create
 
 from .forms import StaffLoginForm
+from .limits import limits_clean, user_limits_clean
 from .models import ApiKey, Scope, TokenFamily, User
-from .serializers import limits_clean
 from .services import OperatorKeyRefused, api_key_revoke, operator_key_create, token_family_revoke
 
 # Staff sign-in counts failures in the same buckets as /login and /api/auth/token, and is refused
@@ -60,6 +60,14 @@ class UserEditForm(_EmailCleaning, UserChangeForm):
         model = User
         fields = "__all__"
         field_classes: dict = {}
+        help_texts = {
+            "limits": 'JSON: {"daily_spend": "5.00", "monthly_spend": "50.00", "rpm": 60, "max_parallel": 4, '
+            '"tpm": 100000, "tpd": 2000000}; leave a limit out (or null) for none. Counts across all the '
+            "user's keys and sign-ins; the user's own budget can only be tighter.",
+        }
+
+    def clean_limits(self):
+        return user_limits_clean(self.cleaned_data.get("limits"))
 
 
 @admin.register(User)
@@ -71,10 +79,11 @@ class UserAdmin(DjangoUserAdmin):
     list_select_related = ("wallet",)
     search_fields = ("email",)
     ordering = ("email",)
-    readonly_fields = ("balance", "last_login", "date_joined")
+    readonly_fields = ("balance", "last_login", "date_joined", "own_limits")
     fieldsets = (
         (None, {"fields": ("email", "password")}),
         ("Wallet", {"fields": ("balance",)}),
+        ("Limits", {"fields": ("limits", "own_limits")}),
         ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")}),
         ("Dates", {"fields": ("last_login", "date_joined")}),
     )

@@ -5,6 +5,8 @@ Who may do what:
 * ``/api/auth/*`` needs no credential: the password or the refresh token in the body *is* the
   credential. These views ignore the ``Authorization`` header, so a desktop client that sends its
   expired access token along with a refresh still gets a new pair.
+* ``/api/account/limits`` likewise: any credential reads the user's limits, only the user
+  themself (access token or session) changes their own budget.
 * ``/api/keys`` accepts any credential (access token, API key or portal session) for reading,
   but creating, renaming and revoking keys needs the user themself — an access token or a
   session. An API key can only list keys: a leaked key must not be able to mint fresh keys
@@ -14,6 +16,7 @@ Who may do what:
 from __future__ import annotations
 
 from django.contrib.auth import authenticate
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, permissions, status
@@ -25,6 +28,7 @@ from .models import DEFAULT_SESSION_NAME
 from .selectors import api_key_get, api_key_list
 from .serializers import (
     DUPLICATE_EMAIL,
+    AccountLimitsSerializer,
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
@@ -34,6 +38,8 @@ from .serializers import (
     SignupOutSerializer,
     SignupSerializer,
     TokenPairOutSerializer,
+    UserLimitsSerializer,
+    account_limits_data,
 )
 from .services import (
     InvalidRefreshToken,
@@ -43,6 +49,7 @@ from .services import (
     token_logout,
     token_pair_issue,
     token_refresh,
+    user_own_limits_set,
     user_signup,
 )
 from .throttles import LoginFailureThrottle, SignupThrottle
@@ -210,3 +217,41 @@ class KeyDetailView(APIView):
     def delete(self, request, id: int):
         api_key_revoke(key=api_key_get(user=request.user, key_id=id))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ChangesLimitsUnlessApiKey(ManagesKeysUnlessApiKey):
+    # A leaked key must not be able to lift the budget its owner set.
+    message = "API keys can read limits but not change them; use the portal or a desktop login"
+
+
+class AccountLimitsView(APIView):
+    """``/api/account/limits``: the user's limits — staff's, their own, and the stricter in force."""
+
+    permission_classes = [permissions.IsAuthenticated, ChangesLimitsUnlessApiKey]
+
+    @extend_schema(operation_id="account_limits_retrieve", responses={200: AccountLimitsSerializer, 401: _401})
+    def get(self, request):
+        return Response(account_limits_data(request.user))
+
+    @extend_schema(
+        operation_id="account_limits_update",
+        request=UserLimitsSerializer(partial=True),
+        responses={
+            200: AccountLimitsSerializer,
+            400: OpenApiResponse(description="not a limit, or looser than staff's; errors by limit name"),
+            401: _401,
+            403: OpenApiResponse(description="an API key cannot change limits"),
+        },
+        description="Sets your own limits: the limits given are replaced (null clears one), the others "
+        "are kept. Each may only be tighter than the limit staff set.",
+    )
+    def patch(self, request):
+        if not isinstance(request.data, dict):
+            raise exceptions.ValidationError({"non_field_errors": ["send a JSON object of limits"]})
+        wanted = {**(request.user.own_limits or {}), **request.data}
+        try:
+            user = user_own_limits_set(user=request.user, limits=wanted)
+        except DjangoValidationError as exc:
+            detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+            raise exceptions.ValidationError(detail) from None
+        return Response(account_limits_data(user))

@@ -113,3 +113,36 @@ class DeviceCodeForm(forms.Form):
         if code is None:
             raise forms.ValidationError("A code is 8 letters, like BCDF-GHJK. Check the code your app shows.")
         return code
+
+
+class OwnLimitsForm(forms.Form):
+    """The user's own budget (``/settings/limits``): text in, limits out. Empty means none of
+    their own; each limit is checked by ``accounts.limits`` when saved (``user_own_limits_set``),
+    which also refuses one looser than what staff set."""
+
+    daily_spend = forms.CharField(label="Daily spend limit (USD)", required=False, max_length=40)
+    monthly_spend = forms.CharField(label="Monthly spend limit (USD)", required=False, max_length=40)
+    rpm = forms.CharField(label="Requests per minute", required=False, max_length=40)
+    max_parallel = forms.CharField(label="Requests in flight at once", required=False, max_length=40)
+    tpm = forms.CharField(label="Tokens per minute", required=False, max_length=40)
+    tpd = forms.CharField(label="Tokens per day", required=False, max_length=40)
+
+    COUNTS = ("rpm", "max_parallel", "tpm", "tpd")
+
+    @classmethod
+    def initial_for(cls, own: dict | None) -> dict:
+        return {name: ("" if value is None else value) for name, value in (own or {}).items()}
+
+    def limits(self) -> dict:
+        """The limits as ``accounts.limits`` reads them: spend as strings, counts as whole numbers
+        where the text is one (anything else goes through as text, to be refused with the reason)."""
+        limits: dict = {}
+        for name, text in self.cleaned_data.items():
+            text = text.strip()
+            if not text:
+                limits[name] = None
+            elif name in self.COUNTS and text.isascii() and text.isdigit() and len(text) <= 15:
+                limits[name] = int(text)
+            else:
+                limits[name] = text
+        return limits

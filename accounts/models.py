@@ -46,6 +46,12 @@ class User(AbstractBaseUser, PermissionsMixin):
     is_active = models.BooleanField(default=True)
     is_staff = models.BooleanField(default=False)
     date_joined = models.DateTimeField(default=timezone.now)
+    # Limits on everything the user does, whichever key or sign-in they use (accounts.limits):
+    # ``limits`` set by staff in the admin, ``own_limits`` the user's own budget (portal, API),
+    # which can only tighten. Both {"daily_spend": "5.000000000"|None, "monthly_spend": …,
+    # "rpm": int|None, "max_parallel": int|None, "tpm": int|None, "tpd": int|None}; {} for none.
+    limits = models.JSONField(default=dict, blank=True, help_text="set by staff")
+    own_limits = models.JSONField(default=dict, blank=True, help_text="the user's own budget; only tightens")
 
     objects = UserManager()
 
@@ -77,6 +83,9 @@ def default_limits():
         "allowed_models": None,
         "run_max_steps": None,
         "run_max_spend": None,
+        "max_parallel": None,
+        "tpm": None,
+        "tpd": None,
     }
 
 
@@ -89,7 +98,8 @@ class ApiKey(models.Model):
     key_hash = models.CharField(max_length=64)
     scopes = models.JSONField(default=default_scopes)
     # {"rpm": int|None, "daily_spend": "1.000000000"|None, "monthly_spend": ..., "allowed_models": [..]|None,
-    #  "run_max_steps": int|None, "run_max_spend": "0.500000000"|None}
+    #  "run_max_steps": int|None, "run_max_spend": "0.500000000"|None, "max_parallel": int|None,
+    #  "tpm": int|None, "tpd": int|None} — validated by accounts.limits
     limits = models.JSONField(default=default_limits)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)

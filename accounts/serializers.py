@@ -1,7 +1,7 @@
-"""Input and output shapes for /api/auth and /api/keys.
+"""Input and output shapes for /api/auth, /api/keys and /api/account/limits.
 
-``limits_clean`` is the one validator for an API key's ``limits``; the REST API and the admin
-both use it, so a limit a user cannot set through one cannot be set through the other either.
+The limits themselves are validated by ``accounts.limits`` (the REST API, the portal and the
+admin all use it, so a limit refused through one is refused through the others too).
 """
 
 from __future__ import annotations
@@ -12,97 +12,13 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from core.money import MoneyError, format_usd, parse_usd
-from core.numbers import MAX_INT
+from core.money import format_usd
 
+from .limits import LIMIT_KEYS, USER_LIMIT_KEYS, limits_clean, user_limits_effective
 from .models import ApiKey, User
 from .weblinks import NEXT_PATHS, web_link_next_allowed
 
-LIMIT_KEYS = (
-    "rpm",
-    "daily_spend",
-    "monthly_spend",
-    "allowed_models",
-    "run_max_steps",
-    "run_max_spend",
-    "max_parallel",
-    "allow_fallback",
-)
 DUPLICATE_EMAIL = "an account with this email address already exists"
-
-
-def _positive_int(value: object, maximum: int) -> bool:
-    # A JSON number only (1e30 arrives as a float, 2.0 too), and one that fits: the limits are
-    # compared with counters and shown back, so 10**30 is not "no limit", it is a mistake.
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum
-
-
-def limits_clean(value: object) -> dict:
-    """Validate and normalise ``{rpm, daily_spend, monthly_spend, allowed_models, run_max_steps,
-    run_max_spend, max_parallel, allow_fallback}``.
-
-    Missing keys mean "no limit" (null). Spend caps are decimal strings, stored as 9-place
-    strings; numbers are refused because a JSON number may already have been rounded by a float
-    on its way here. ``run_max_steps``/``run_max_spend`` bound each ``X-Tokentill-Run`` made with
-    the key; unlike a daily cap, a run limit of zero would mean nothing, so they must be positive.
-    Raises Django's ``ValidationError`` (DRF and admin forms both understand it).
-    """
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise DjangoValidationError(f"limits must be an object with {', '.join(LIMIT_KEYS)}")
-    unknown = sorted(set(value) - set(LIMIT_KEYS))
-    if unknown:
-        raise DjangoValidationError(f"unknown limit(s): {', '.join(unknown)}; allowed: {', '.join(LIMIT_KEYS)}")
-
-    rpm = value.get("rpm")
-    if rpm is not None and not _positive_int(rpm, MAX_INT):
-        message = f"rpm must be a positive whole number of requests per minute (at most {MAX_INT}), or null"
-        raise DjangoValidationError(message)
-    steps = value.get("run_max_steps")
-    if steps is not None and not _positive_int(steps, MAX_INT):
-        raise DjangoValidationError(
-            f"run_max_steps must be a positive whole number of model calls per run (at most {MAX_INT}), or null"
-        )
-
-    parallel = value.get("max_parallel")
-    if parallel is not None and not _positive_int(parallel, MAX_INT):
-        raise DjangoValidationError(
-            f"max_parallel must be a positive whole number of requests in flight (at most {MAX_INT}), or null"
-        )
-
-    fallback = value.get("allow_fallback")
-    if fallback is not None and not isinstance(fallback, bool):
-        raise DjangoValidationError("allow_fallback must be true or false (or null: false)")
-
-    cleaned: dict = {"rpm": rpm, "run_max_steps": steps, "max_parallel": parallel, "allow_fallback": fallback}
-    for name in ("daily_spend", "monthly_spend", "run_max_spend"):
-        raw = value.get(name)
-        if raw is None:
-            cleaned[name] = None
-            continue
-        if not isinstance(raw, str):
-            raise DjangoValidationError(f'{name} must be a decimal string such as "5.00" (not a number), or null')
-        try:
-            nanos = parse_usd(raw)
-        except MoneyError as exc:
-            raise DjangoValidationError(f"{name}: {exc}") from None
-        if nanos < 0:
-            raise DjangoValidationError(f"{name} cannot be negative")
-        if nanos == 0 and name == "run_max_spend":
-            raise DjangoValidationError("run_max_spend must be more than zero, or null for no limit")
-        cleaned[name] = format_usd(nanos)
-
-    models = value.get("allowed_models")
-    if models is not None:
-        if not isinstance(models, list) or not models:
-            raise DjangoValidationError("allowed_models must be a non-empty list of model ids, or null for every model")
-        if not all(isinstance(model, str) and model.strip() for model in models):
-            raise DjangoValidationError("allowed_models entries must be non-empty strings")
-        # Order kept, duplicates dropped: the list is shown back to the user as they wrote it.
-        models = list(dict.fromkeys(model.strip() for model in models))
-    cleaned["allowed_models"] = models
-    return {name: cleaned[name] for name in LIMIT_KEYS}
 
 
 # --- auth -------------------------------------------------------------------------------------
@@ -186,6 +102,8 @@ class LimitsOutSerializer(serializers.Serializer):
     allow_fallback = serializers.BooleanField(
         allow_null=True, help_text="a wallet running low is served by the model's cheaper fallback (null: false)"
     )
+    tpm = serializers.IntegerField(allow_null=True, min_value=1, help_text="tokens per minute (prompt + completion)")
+    tpd = serializers.IntegerField(allow_null=True, min_value=1, help_text="tokens per day (UTC)")
 
 
 @extend_schema_field(LimitsOutSerializer)
@@ -241,6 +159,42 @@ class ApiKeyUpdateSerializer(serializers.Serializer):
     def validate_limits(self, value):
         # null clears every limit; stored as the full all-null object so readers see one shape.
         return limits_clean(value)
+
+
+# --- a user's limits (/api/account/limits) ---------------------------------------------------
+
+
+class UserLimitsSerializer(serializers.Serializer):
+    """One set of a user's limits (null: no limit)."""
+
+    daily_spend = serializers.CharField(allow_null=True, help_text='USD decimal string, e.g. "5.000000000"')
+    monthly_spend = serializers.CharField(allow_null=True, help_text="USD decimal string")
+    rpm = serializers.IntegerField(allow_null=True, min_value=1, help_text="requests per minute")
+    max_parallel = serializers.IntegerField(allow_null=True, min_value=1, help_text="requests in flight at once")
+    tpm = serializers.IntegerField(allow_null=True, min_value=1, help_text="tokens per minute")
+    tpd = serializers.IntegerField(allow_null=True, min_value=1, help_text="tokens per day (UTC)")
+
+
+class AccountLimitsSerializer(serializers.Serializer):
+    staff = UserLimitsSerializer(help_text="set by the operator's staff")
+    own = UserLimitsSerializer(help_text="your own budget: can only be tighter than staff's")
+    effective = UserLimitsSerializer(help_text="in force: the stricter of the two, limit by limit")
+
+
+def account_limits_data(user: User) -> dict:
+    """``AccountLimitsSerializer``'s data for ``user``."""
+    effective = user_limits_effective(user)
+
+    def shown(name: str, value):
+        if value is None:
+            return None
+        return format_usd(value) if name.endswith("_spend") else value
+
+    return {
+        "staff": {name: (user.limits or {}).get(name) for name in USER_LIMIT_KEYS},
+        "own": {name: (user.own_limits or {}).get(name) for name in USER_LIMIT_KEYS},
+        "effective": {name: shown(name, effective.get(name)) for name in USER_LIMIT_KEYS},
+    }
 
 
 # --- browser sign-in, sessions, web links -----------------------------------------------------

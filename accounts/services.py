@@ -20,6 +20,7 @@ from wallet import events
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create
 
+from .limits import own_limits_check, user_limits_clean
 from .models import DEFAULT_SESSION_NAME, ApiKey, RefreshToken, Scope, TokenFamily, User
 
 ACCESS_SALT = "tokentill.access"
@@ -61,6 +62,23 @@ def user_signup(*, email: str, password: str) -> User:
                 idempotency_key=f"trial:signup:{user.pk}",
                 description="Sign-up trial credit",
             )
+    return user
+
+
+# --- a user's own limits ---------------------------------------------------------------------
+
+
+def user_own_limits_set(*, user: User, limits: dict) -> User:
+    """Replace the user's own budget (``User.own_limits``; a missing or null limit: none of their
+    own). Raises Django's ``ValidationError``, by limit name, for a limit that is not one, or that
+    is looser than what staff set (a user may only tighten; ``accounts.limits``). The staff's
+    limits are read under the row's lock, so a staff change cannot slip between check and save."""
+    own = user_limits_clean(limits, by_field=True)
+    with transaction.atomic():
+        staff = User.objects.select_for_update().values_list("limits", flat=True).get(pk=user.pk)
+        own_limits_check(staff=staff, own=own)
+        User.objects.filter(pk=user.pk).update(own_limits=own)
+    user.own_limits = own
     return user
 
 

@@ -13,6 +13,7 @@ urlpatterns = [
     path("auth/sessions", api_sessions.SessionListView.as_view(), name="api-auth-sessions"),
     path("auth/sessions/<str:id>", api_sessions.SessionDetailView.as_view(), name="api-auth-session-detail"),
     path("auth/web-link", api_sessions.WebLinkView.as_view(), name="api-auth-web-link"),
+    path("account/limits", api.AccountLimitsView.as_view(), name="api-account-limits"),
     path("keys", api.KeyListView.as_view(), name="api-keys"),
     path("keys/<int:id>", api.KeyDetailView.as_view(), name="api-key-detail"),
 ]

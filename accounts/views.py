@@ -1,4 +1,4 @@
-"""Portal pages for the account: log in, sign up, log out, API keys (session auth)."""
+"""Portal pages for the account: log in, sign up, log out, API keys, limits (session auth)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -13,9 +14,10 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from .forms import THROTTLED, ApiKeyNameForm, LoginForm, SignupForm
+from .forms import THROTTLED, ApiKeyNameForm, LoginForm, OwnLimitsForm, SignupForm
+from .limits import limit_magnitude, user_limits_effective
 from .selectors import api_key_get, api_key_list
-from .services import api_key_create, api_key_revoke, api_key_update, user_signup
+from .services import api_key_create, api_key_revoke, api_key_update, user_own_limits_set, user_signup
 from .throttles import SignupThrottle
 
 
@@ -122,3 +124,29 @@ def key_revoke(request, key_id: int):
     api_key_revoke(key=key)
     messages.success(request, f"Key {key.prefix}… revoked. Requests using it are refused from now on.")
     return redirect("portal:keys")
+
+
+@login_required
+def limits_settings(request):
+    """``/settings/limits``: the user's own budget beside the operator's limits; only tightens."""
+    user = request.user
+    if request.method == "POST":
+        form = OwnLimitsForm(request.POST)
+        if form.is_valid():
+            try:
+                user_own_limits_set(user=user, limits=form.limits())
+            except ValidationError as exc:
+                for name, errors in exc.message_dict.items():
+                    form.add_error(name if name in form.fields else None, errors)
+            else:
+                messages.success(request, "Limits saved.")
+                return redirect("portal:limits_settings")
+    else:
+        form = OwnLimitsForm(initial=OwnLimitsForm.initial_for(user.own_limits))
+    effective = user_limits_effective(user)
+    rows = [
+        (form[name], limit_magnitude(name, (user.limits or {}).get(name)), effective.get(name), name.endswith("_spend"))
+        for name in form.fields
+    ]
+    context = {"form": form, "rows": rows}
+    return render(request, "portal/limits_settings.html", context, status=400 if form.errors else 200)

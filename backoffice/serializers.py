@@ -8,7 +8,8 @@ from decimal import Decimal, InvalidOperation
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from accounts.serializers import ApiKeySerializer, LimitsField, limits_clean
+from accounts.limits import limits_clean
+from accounts.serializers import ApiKeySerializer, LimitsField
 from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from wallet.models import EntryKind
 from wallet.serializers import EntrySerializer, MoneyField, WalletSerializer

@@ -1,12 +1,13 @@
 """Tool charges (``POST /v1/user/charge``): one service that reserves the charge against the
 caller's spend caps, posts it to the ledger and keeps the counters true.
 
-An API key's limits hold here as on the proxy (``proxy.limits``): a charge is counted against the
-key's daily and monthly spend caps with the proxy's atomic counters *before* it is posted, so
-concurrent charges cannot together pass a cap, and the reservation is kept only for money that
-was actually posted — not for a 402, a 409 or a replay. A charge made with ``X-Tokentill-Run`` is
-part of that run of the charged user: it is reserved against the run's spend limit the same way,
-and its ledger entry is labelled with the run (``limits.CHARGE_RUN_FIELD``).
+An API key's limits hold here as on the proxy (``proxy.limits``), and so do the charged user's:
+a charge is counted against the key's and the user's daily and monthly spend caps with the
+proxy's atomic counters *before* it is posted, so concurrent charges cannot together pass a cap,
+and the reservation is kept only for money that was actually posted — not for a 402, a 409 or a
+replay. A charge made with ``X-Tokentill-Run`` is part of that run of the charged user: it is
+reserved against the run's spend limit the same way, and its ledger entry is labelled with the
+run (``limits.CHARGE_RUN_FIELD``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def tool_charge(
     """
     wallet = wallet_get_or_create(user=target)
     namespaced = f"charge:{idempotency_key}"
-    reservation = _reserve(principal, wallet=wallet, idempotency_key=namespaced, amount=amount, run=run)
+    reservation = _reserve(principal, wallet=wallet, user=target, idempotency_key=namespaced, amount=amount, run=run)
     posted = None
     try:
         posted = wallet_charge(
@@ -58,10 +59,10 @@ def tool_charge(
 
 
 def _reserve(
-    principal: Principal, *, wallet, idempotency_key: str, amount: int, run: limits.RunAsk | None
+    principal: Principal, *, wallet, user, idempotency_key: str, amount: int, run: limits.RunAsk | None
 ) -> limits.Reservation:
-    """Count the charge against the key's spend caps and its run's spend limit. The run is the
-    charged user's (``wallet``'s), as their model calls' are.
+    """Count the charge against the key's spend caps, the charged user's (``wallet``'s) and its
+    run's spend limit. The run is the charged user's, as their model calls' are.
 
     A full cap refuses a new charge (``LimitExceeded``, the 429), but not a replay: it posts
     nothing and must still answer its first result. Whether the key was already posted on is read
@@ -75,6 +76,7 @@ def _reserve(
             amount=amount,
             now=timezone.now(),
             run_max_spend=run.max_spend,
+            user=user,
         )
     except limits.LimitExceeded:
         if Entry.objects.filter(wallet=wallet, idempotency_key=idempotency_key).exists():

@@ -1,5 +1,8 @@
-"""Guardrail counters in Django's cache: per-key requests per minute, requests in flight
-(``max_parallel``), daily and monthly spend caps, and per-run step and spend limits.
+"""Guardrail counters in Django's cache: requests per minute, requests in flight
+(``max_parallel``), daily and monthly spend caps and tokens per minute and per day — each for the
+API key a request is made with *and* for its user (``accounts.limits``: the stricter of the
+staff's limits and the user's own, counted across all the user's keys and sign-ins) — and
+per-run step and spend limits.
 
 A run (``X-Tokentill-Run``, a user's own label) is limited by the tightest of three: the request's
 own ``X-Tokentill-Run-Max-Steps``/``-Max-Spend`` headers, the API key's ``run_max_steps``/
@@ -22,10 +25,18 @@ eviction) is rebuilt once from the usage records and tool charges it counts: a k
 made with the key, a run's from those labelled with the run. A run's counters move only while
 some run limit applies to a request, so requests of one run should carry the same limits.
 
-A key's requests in flight (``max_parallel``) are a counter moved +1 at admission and −1 when the
-request settles (or is refused after admission). It lives ``HOLD_TTL`` from its creation and is
-then rebuilt from the key's pending usage records — the requests really in flight — so a process
-that crashed with requests counted holds their slots until then, no longer.
+Token counters work like spend counters: a request reserves the tokens its hold assumes (the
+prompt estimate plus the output cap × choices, ``UsageRecord.held_tokens``) before it reaches
+the upstream, and settlement moves the counter to the tokens the upstream reported (prompt +
+completion; none for a request that failed before any output). A lost token counter is rebuilt
+from the usage records of its window: settled ones' tokens plus pending ones' held tokens.
+
+A key's or user's requests in flight (``max_parallel``) are a counter moved +1 at admission and
+−1 when the request settles (or is refused after admission). It lives ``HOLD_TTL`` from its
+creation and is then rebuilt from the pending usage records — the requests really in flight — so
+a process that crashed with requests counted holds their slots until then, no longer.
+
+Requests per minute are counted only in the cache: a lost counter starts again from zero.
 """
 
 from __future__ import annotations
@@ -41,8 +52,9 @@ from functools import partial
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Q, Sum
+from django.db.models import F, Q, Sum
 
+from accounts.limits import user_limits_effective
 from core.money import MoneyError, format_usd, parse_usd
 from core.openai_errors import OpenAIError
 from infra import adb
@@ -124,10 +136,12 @@ class LimitExceeded(OpenAIError):
 class Reservation:
     """Counter keys a request moved, so settlement (or a refusal) can move them back."""
 
-    keys: list[str] = field(default_factory=list)
-    amount: int = 0  # nanodollars currently reserved on each key
+    keys: list[str] = field(default_factory=list)  # spend counters
+    amount: int = 0  # nanodollars currently reserved on each spend counter
     step_key: str | None = None  # the run's step counter this request moved, given back on release
-    parallel_key: str | None = None  # the key's in-flight counter, given back when the request ends
+    parallel_keys: list[str] = field(default_factory=list)  # in-flight counters, given back when it ends
+    token_keys: list[str] = field(default_factory=list)  # token counters (per minute, per day)
+    tokens: int = 0  # tokens currently reserved on each token counter
 
 
 def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None = None) -> int:
@@ -140,29 +154,69 @@ def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None 
         return cache.incr(key, delta)
 
 
-# Which counters a request moves — one answer for the checks below and for ``uses_counters``.
+# Whose limits a request counts against: the API key it was made with, and its user (whichever
+# key or sign-in they use). One answer for the checks below and for ``uses_counters``.
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """An API key or a user, with its limits in force: counts as ints, spend caps in nanodollars."""
+
+    kind: str  # "key" | "user"
+    ident: int
+    limits: dict
+
+    @property
+    def whose(self) -> str:
+        return "This API key" if self.kind == "key" else "Your account"
+
+    @property
+    def of(self) -> str:
+        return "this API key" if self.kind == "key" else "your account"
+
+    def counter(self, name: str) -> str:
+        # A key's counters keep the names they always had (``tt:rpm:<key id>:…``).
+        return f"tt:{name}:{self.ident}" if self.kind == "key" else f"tt:user:{name}:{self.ident}"
+
+    def code(self, code: str) -> str:
+        return code if self.kind == "key" else f"user_{code}"
+
+    def records(self) -> Q:
+        return Q(api_key_id=self.ident) if self.kind == "key" else Q(user_id=self.ident)
+
+    def tool_charges(self) -> Q:
+        """The tool charges it made (a key: on any wallet — a billing key charges others) or that
+        were made on its wallet (a user)."""
+        if self.kind == "key":
+            return Q(**{f"metadata__{CHARGE_API_KEY_FIELD}": self.ident})
+        return Q(wallet__user_id=self.ident)
 
 
 def _key_limits(api_key) -> dict:
     return (api_key.limits or {}) if api_key is not None else {}
 
 
-def _rpm(api_key):
-    return _key_limits(api_key).get("rpm") or None
+def _key_subject(api_key) -> _Subject | None:
+    if api_key is None:
+        return None
+    raw = _key_limits(api_key)
+    # Unset is spelled null, "" or (for counts) 0; a spend cap of "0" is a cap: nothing may be spent.
+    limits = {name: int(raw[name]) for name in ("rpm", "max_parallel", "tpm", "tpd") if raw.get(name)}
+    for window in ("daily", "monthly"):
+        if raw.get(f"{window}_spend") not in (None, ""):
+            limits[f"{window}_spend"] = parse_usd(raw[f"{window}_spend"])
+    return _Subject("key", api_key.pk, limits)
 
 
-def _spend_caps(api_key) -> list[tuple[str, int]]:
-    """(window, cap in nanodollars) for each spend cap the key sets."""
-    limits = _key_limits(api_key)
-    return [
-        (window, parse_usd(limits[f"{window}_spend"]))
-        for window in ("daily", "monthly")
-        if limits.get(f"{window}_spend") not in (None, "")
-    ]
+def _user_subject(user) -> _Subject | None:
+    if user is None:
+        return None
+    limits = user_limits_effective(user)
+    return _Subject("user", user.pk, limits) if limits else None
 
 
-def _max_parallel(api_key):
-    return _key_limits(api_key).get("max_parallel") or None
+def _subjects(api_key, user) -> list[_Subject]:
+    return [subject for subject in (_key_subject(api_key), _user_subject(user)) if subject is not None]
 
 
 def _tightest(*limits: int) -> int:
@@ -189,56 +243,60 @@ def _run_key(user_id: int, run: str, counter: str) -> str:
     return f"tt:run:{user_id}:{hashlib.sha256(run.encode()).hexdigest()[:32]}:{counter}"
 
 
-def uses_counters(*, api_key, run: str, run_max_steps: int = 0, run_max_spend: int = 0) -> bool:
+def uses_counters(*, api_key, run: str, run_max_steps: int = 0, run_max_spend: int = 0, user=None) -> bool:
     """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
     return bool(
-        _rpm(api_key)
-        or _max_parallel(api_key)
-        or _spend_caps(api_key)
+        any(subject.limits for subject in _subjects(api_key, user))
         or _run_max_steps(run, api_key, run_max_steps)
         or _run_max_spend(run, api_key, run_max_spend)
     )
 
 
-def check_rpm(*, api_key, now: datetime) -> None:
-    rpm = _rpm(api_key)
-    if not rpm:
-        return
-    key = f"tt:rpm:{api_key.pk}:{now:%Y%m%d%H%M}"
-    if _incr(key, 1, 120) > int(rpm):
-        raise LimitExceeded(
-            f"Rate limit reached for this API key: {rpm} requests per minute.", "rate_limit_exceeded", 60 - now.second
-        )
+def check_rpm(*, api_key, now: datetime, user=None) -> None:
+    """Count one request against the key's and the user's requests per minute (a refused request
+    counts too: retrying at once does not help)."""
+    for subject in _subjects(api_key, user):
+        rpm = subject.limits.get("rpm")
+        if rpm and _incr(f"{subject.counter('rpm')}:{now:%Y%m%d%H%M}", 1, 120) > rpm:
+            raise LimitExceeded(
+                f"Rate limit reached for {subject.of}: {rpm} requests per minute.",
+                subject.code("rate_limit_exceeded"),
+                60 - now.second,
+            )
 
 
-def acquire_parallel(*, api_key) -> str | None:
-    """Count one more request in flight for the key, or raise ``LimitExceeded`` at once (and
-    count nothing). Returns the counter moved, given back by ``release``."""
-    most = _max_parallel(api_key)
-    if not most:
-        return None
-    key = f"tt:parallel:{api_key.pk}"
-    key_id = api_key.pk
+def acquire_parallel(*, api_key, user=None) -> list[str]:
+    """Count one more request in flight for the key and for the user, or raise ``LimitExceeded``
+    at once (and count nothing). Returns the counters moved, given back by ``release``."""
+    moved: list[str] = []
+    for subject in _subjects(api_key, user):
+        most = subject.limits.get("max_parallel")
+        if not most:
+            continue
+        key = subject.counter("parallel")
+        records = subject.records()
 
-    def in_flight() -> int:
-        return UsageRecord.objects.filter(api_key_id=key_id, status=UsageStatus.PENDING).count()
+        def in_flight(records=records) -> int:
+            return UsageRecord.objects.filter(records, status=UsageStatus.PENDING).count()
 
-    if _incr(key, 1, settings.HOLD_TTL, in_flight) > int(most):
-        _give_back_step(key)
-        raise LimitExceeded(
-            f"This API key already has {most} request{'s' if int(most) != 1 else ''} in flight (max_parallel).",
-            "max_parallel_reached",
-            1,
-        )
-    return key
+        moved.append(key)
+        if _incr(key, 1, settings.HOLD_TTL, in_flight) > most:
+            for each in moved:
+                _give_back_step(each)
+            raise LimitExceeded(
+                f"{subject.whose} already has {most} request{'s' if most != 1 else ''} in flight (max_parallel).",
+                subject.code("max_parallel_reached"),
+                1,
+            )
+    return moved
 
 
-def check_count_tokens(*, api_key, user_id: int, now: datetime) -> None:
+def check_count_tokens(*, api_key, user, now: datetime) -> None:
     """A token count is free, so it is limited apart from metered requests: ``COUNT_TOKENS_RPM``
-    per user, and it counts against the key's own rpm limit like any request."""
-    check_rpm(api_key=api_key, now=now)
+    per user, and it counts against the key's and the user's own rpm limits like any request."""
+    check_rpm(api_key=api_key, now=now, user=user)
     most = settings.COUNT_TOKENS_RPM
-    if _incr(f"tt:count:{user_id}:{now:%Y%m%d%H%M}", 1, 120) > most:
+    if _incr(f"tt:count:{user.pk}:{now:%Y%m%d%H%M}", 1, 120) > most:
         raise LimitExceeded(
             f"Rate limit reached for token counting: {most} requests per minute.",
             "rate_limit_exceeded",
@@ -247,13 +305,17 @@ def check_count_tokens(*, api_key, user_id: int, now: datetime) -> None:
 
 
 def _window_start(now: datetime, window: str) -> datetime:
+    if window == "minute":
+        return now.replace(second=0, microsecond=0)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return day if window == "daily" else day.replace(day=1)
 
 
 def _seconds_to_reset(now: datetime, window: str) -> int:
     start = _window_start(now, window)
-    if window == "daily":
+    if window == "minute":
+        end = start + timedelta(minutes=1)
+    elif window == "daily":
         end = start + timedelta(days=1)
     else:
         end = start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
@@ -271,13 +333,13 @@ def _spent(records: Q, tool_charges: Q) -> int:
     return int((row["charged"] or 0) + (row["held"] or 0) - (tools["debited"] or 0))  # debits are negative
 
 
-def _spent_since(api_key_id: int, since: datetime) -> int:
-    """What the key spent since ``since``: its requests and the tool charges it made (on any
-    wallet: a billing key charges others)."""
-    return _spent(
-        Q(api_key_id=api_key_id, created_at__gte=since),
-        Q(created_at__gte=since, **{f"metadata__{CHARGE_API_KEY_FIELD}": api_key_id}),
+def _tokens_used(records: Q) -> int:
+    """Tokens of the matching requests: what settled ones used, what pending ones' holds assume."""
+    row = UsageRecord.objects.filter(records).aggregate(
+        used=Sum(F("prompt_tokens") + F("completion_tokens"), filter=~Q(status=UsageStatus.PENDING)),
+        held=Sum("held_tokens", filter=Q(status=UsageStatus.PENDING)),
     )
+    return int((row["used"] or 0) + (row["held"] or 0))
 
 
 def _run_spent(user_id: int, run: str) -> int:
@@ -290,75 +352,164 @@ def _run_steps_taken(user_id: int, run: str) -> int:
     return UsageRecord.objects.filter(user_id=user_id, run=run).exclude(status=UsageStatus.REFUSED).count()
 
 
-def reserve_spend(
-    *, api_key, run: str, user_id: int, amount: int, now: datetime, run_max_spend: int = 0
-) -> Reservation:
-    """Count ``amount`` (a hold, or a tool charge) against the key's spend caps and the run's
-    spend limit (``run_max_spend``: the request's own, in nanodollars; 0 for none)."""
-    reservation = Reservation(amount=amount)
-    caps: list[tuple[str, int, int, Callable[[], int] | None, str, str, int]] = []
-    for window, cap in _spend_caps(api_key):
-        start = _window_start(now, window)
-        key = f"tt:spend:{api_key.pk}:{window}:{start:%Y%m%d}"
-        key_id = api_key.pk
-        caps.append(
-            (
-                key,
-                cap,
-                _seconds_to_reset(now, window) + DAY,
-                partial(_spent_since, key_id, start),
-                f"This API key reached its {window} spend cap of ${format_usd(cap)}.",
-                "spend_cap_reached",
-                _seconds_to_reset(now, window),
-            )
-        )
-    run_cap = _run_max_spend(run, api_key, run_max_spend)
-    if run_cap:
-        caps.append(
-            (
-                _run_key(user_id, run, "spend"),
-                run_cap,
-                RUN_TTL,
-                lambda: _run_spent(user_id, run),
-                f"This agent run reached its spend limit of ${format_usd(run_cap)}.",
-                "run_spend_limit",
-                3600,
-            )
-        )
-    for key, cap, timeout, initial, message, code, retry_after in caps:
-        total = _incr(key, amount, timeout, initial)
-        reservation.keys.append(key)
-        if total > cap:
-            release(reservation)
+@dataclass(frozen=True)
+class _Cap:
+    """One counter with a ceiling: a spend cap or a token limit of a key, a user or a run."""
+
+    key: str
+    limit: int
+    timeout: int  # seconds the counter is kept
+    initial: Callable[[], int]  # what a lost counter is rebuilt from
+    message: str
+    code: str
+    retry_after: int
+    scope: str  # "api_key" | "user" | "run"
+    unit: str  # "usd" | "tokens"
+
+
+def _reserve(caps: list[_Cap], amount: int, keys: list[str], *, user_id: int, api_key, run: str) -> None:
+    """Add ``amount`` to each cap's counter, recording each key moved in ``keys``; at the first
+    one over its limit, raise ``LimitExceeded`` (the caller gives back what ``keys`` holds).
+    Checking after the increment means concurrent requests can never both squeeze under a cap."""
+    for cap in caps:
+        total = _incr(cap.key, amount, cap.timeout, cap.initial)
+        keys.append(cap.key)
+        if total > cap.limit:
             notices.cap_reached(
                 user_id=user_id,
                 api_key=api_key,
                 run=run,
-                counter=key,
-                limit=cap,
-                code=code,
-                message=message,
-                retry_after=retry_after,
+                counter=cap.key,
+                limit=cap.limit,
+                code=cap.code,
+                message=cap.message,
+                retry_after=cap.retry_after,
+                scope=cap.scope,
+                unit=cap.unit,
             )
-            raise LimitExceeded(message, code, retry_after)
+            raise LimitExceeded(cap.message, cap.code, cap.retry_after)
+
+
+_SCOPES = {"key": "api_key", "user": "user"}
+
+
+def _spend_caps(subject: _Subject, now: datetime) -> list[_Cap]:
+    caps = []
+    for window in ("daily", "monthly"):
+        cap = subject.limits.get(f"{window}_spend")
+        if cap is None:
+            continue
+        start = _window_start(now, window)
+        records, tools = subject.records(), subject.tool_charges()
+        caps.append(
+            _Cap(
+                key=f"{subject.counter('spend')}:{window}:{start:%Y%m%d}",
+                limit=cap,
+                timeout=_seconds_to_reset(now, window) + DAY,
+                initial=partial(_spent, records & Q(created_at__gte=start), tools & Q(created_at__gte=start)),
+                message=f"{subject.whose} reached its {window} spend cap of ${format_usd(cap)}.",
+                code=subject.code("spend_cap_reached"),
+                retry_after=_seconds_to_reset(now, window),
+                scope=_SCOPES[subject.kind],
+                unit="usd",
+            )
+        )
+    return caps
+
+
+def _token_caps(subject: _Subject, now: datetime) -> list[_Cap]:
+    caps = []
+    for name, window, stamp, per in (("tpm", "minute", "%Y%m%d%H%M", "minute"), ("tpd", "daily", "%Y%m%d", "day")):
+        most = subject.limits.get(name)
+        if not most:
+            continue
+        start = _window_start(now, window)
+        records = subject.records()
+        caps.append(
+            _Cap(
+                key=f"{subject.counter('tokens')}:{name}:{start:{stamp}}",
+                limit=most,
+                timeout=_seconds_to_reset(now, window) + 60,
+                initial=partial(_tokens_used, records & Q(created_at__gte=start)),
+                message=(
+                    f"{subject.whose} reached its limit of {most} tokens per {per} "
+                    "(requests in flight count the tokens their holds assume)."
+                ),
+                code=subject.code("token_limit_reached"),
+                retry_after=_seconds_to_reset(now, window),
+                scope=_SCOPES[subject.kind],
+                unit="tokens",
+            )
+        )
+    return caps
+
+
+def reserve_spend(
+    *, api_key, run: str, user_id: int, amount: int, now: datetime, run_max_spend: int = 0, user=None
+) -> Reservation:
+    """Count ``amount`` (a hold, or a tool charge) against the key's and the user's spend caps
+    and the run's spend limit (``run_max_spend``: the request's own, in nanodollars; 0 for none)."""
+    reservation = Reservation(amount=amount)
+    caps = [cap for subject in _subjects(api_key, user) for cap in _spend_caps(subject, now)]
+    run_cap = _run_max_spend(run, api_key, run_max_spend)
+    if run_cap:
+        caps.append(
+            _Cap(
+                key=_run_key(user_id, run, "spend"),
+                limit=run_cap,
+                timeout=RUN_TTL,
+                initial=lambda: _run_spent(user_id, run),
+                message=f"This agent run reached its spend limit of ${format_usd(run_cap)}.",
+                code="run_spend_limit",
+                retry_after=3600,
+                scope="run",
+                unit="usd",
+            )
+        )
+    try:
+        _reserve(caps, amount, reservation.keys, user_id=user_id, api_key=api_key, run=run)
+    except LimitExceeded:
+        release(reservation)
+        raise
     return reservation
 
 
-def adjust(reservation: Reservation, new_amount: int) -> None:
-    """Move every reserved counter to ``new_amount`` (a clamped hold, or the final charge)."""
-    delta = new_amount - reservation.amount
+def reserve_tokens(reservation: Reservation, *, api_key, user, tokens: int, now: datetime) -> None:
+    """Count ``tokens`` (what a request's hold assumes) against the key's and the user's tokens
+    per minute and per day, onto ``reservation``; over one, raise ``LimitExceeded`` having given
+    back these tokens (the caller releases the rest of the reservation)."""
+    caps = [cap for subject in _subjects(api_key, user) for cap in _token_caps(subject, now)]
+    reservation.tokens = tokens
+    try:
+        _reserve(caps, tokens, reservation.token_keys, user_id=user.pk, api_key=api_key, run="")
+    except LimitExceeded:
+        _move(reservation.token_keys, -tokens)
+        reservation.token_keys, reservation.tokens = [], 0
+        raise
+
+
+def _move(keys: list[str], delta: int) -> None:
     if delta:
-        for key in reservation.keys:
+        for key in keys:
             try:
                 cache.incr(key, delta)
             except ValueError:  # the window's counter expired meanwhile; nothing to correct
                 pass
+
+
+def adjust(reservation: Reservation, new_amount: int, tokens: int | None = None) -> None:
+    """Move every reserved spend counter to ``new_amount`` (a clamped hold, or the final charge),
+    and the token counters to ``tokens`` when given (the clamped hold's, or the tokens used)."""
+    _move(reservation.keys, new_amount - reservation.amount)
     reservation.amount = new_amount
+    if tokens is not None:
+        _move(reservation.token_keys, tokens - reservation.tokens)
+        reservation.tokens = tokens
 
 
 def release(reservation: Reservation) -> None:
-    """The request did not happen: its reservation, its run step and its slot are given back."""
-    adjust(reservation, 0)
+    """The request did not happen: its reservations, its run step and its slots are given back."""
+    adjust(reservation, 0, 0)
     if reservation.step_key is not None:
         _give_back_step(reservation.step_key)
         reservation.step_key = None
@@ -366,10 +517,10 @@ def release(reservation: Reservation) -> None:
 
 
 def release_parallel(reservation: Reservation) -> None:
-    """The request is over: its in-flight slot is given back."""
-    if reservation.parallel_key is not None:
-        _give_back_step(reservation.parallel_key)
-        reservation.parallel_key = None
+    """The request is over: its in-flight slots are given back."""
+    for key in reservation.parallel_keys:
+        _give_back_step(key)
+    reservation.parallel_keys = []
 
 
 def _give_back_step(key: str) -> None:
@@ -379,24 +530,33 @@ def _give_back_step(key: str) -> None:
         pass
 
 
-async def aadjust(reservation: Reservation, new_amount: int) -> None:
+async def aadjust(reservation: Reservation, new_amount: int, tokens: int | None = None) -> None:
     """``adjust`` for async callers: a reservation that moved no counter needs no cache trip.
 
     Best effort: it runs beside money that has already moved (a hold taken, a charge committed),
     and a cache (Redis) that fails then must not fail the request — the client would retry and
     pay twice. The counter is left where it was, which the next window starts afresh from.
     """
-    if reservation.keys and new_amount != reservation.amount:
+    spend_moves = reservation.keys and new_amount != reservation.amount
+    token_moves = tokens is not None and reservation.token_keys and tokens != reservation.tokens
+    if spend_moves or token_moves:
         try:
-            await adb.in_thread(adjust)(reservation, new_amount)
+            await adb.in_thread(adjust)(reservation, new_amount, tokens)
         except Exception:
-            log.exception("spend counters %s could not be moved to %s", reservation.keys, new_amount)
+            log.exception(
+                "counters %s could not be moved to %s (tokens %s)",
+                reservation.keys + reservation.token_keys,
+                new_amount,
+                tokens,
+            )
     reservation.amount = new_amount
+    if tokens is not None:
+        reservation.tokens = tokens
 
 
 async def arelease(reservation: Reservation) -> None:
     """``release`` for async callers, best effort likewise (see ``aadjust``)."""
-    await aadjust(reservation, 0)
+    await aadjust(reservation, 0, 0)
     if reservation.step_key is not None:
         try:
             await adb.in_thread(_give_back_step)(reservation.step_key)
@@ -409,12 +569,12 @@ async def arelease(reservation: Reservation) -> None:
 async def arelease_parallel(reservation: Reservation) -> None:
     """``release_parallel`` for async callers, best effort (see ``aadjust``); no cache trip for a
     request that took no slot."""
-    if reservation.parallel_key is not None:
+    if reservation.parallel_keys:
         try:
-            await adb.in_thread(_give_back_step)(reservation.parallel_key)
+            await adb.in_thread(release_parallel)(reservation)
         except Exception:
-            log.exception("in-flight counter %s could not be given back", reservation.parallel_key)
-        reservation.parallel_key = None
+            log.exception("in-flight counters %s could not be given back", reservation.parallel_keys)
+        reservation.parallel_keys = []
 
 
 def check_run_steps(*, run: str, user_id: int, api_key=None, run_max_steps: int = 0) -> str | None:

@@ -342,6 +342,9 @@ class UsageRecord(models.Model):
         default=0, help_text="nanodollars the request cost beyond what its hold's overrun cap let the wallet pay"
     )
     hold_amount = models.BigIntegerField(default=0, help_text="nanodollars reserved before forwarding")
+    # Tokens the hold assumed (prompt estimate + output cap × choices): what a pending request
+    # counts against token limits, and what a lost token counter is rebuilt from (proxy.limits).
+    held_tokens = models.PositiveBigIntegerField(default=0)
     markup = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
     # Unindexed: price versions are never deleted (nothing may, the admin included), which is all
     # an index here would serve.

@@ -1,7 +1,7 @@
 """Ninja glue for the shared bearer check: ``request.auth`` is a ``Principal``.
 
-An API key's ``rpm`` counts every ``/v1`` request it makes, on the same counter as the proxy's
-(``proxy.limits``). It is checked here, once the key is known, so that no ``/v1`` endpoint can
+An API key's ``rpm``, and its user's, count every ``/v1`` request made with it, on the same
+counters as the proxy's (``proxy.limits``). It is checked here, once the key is known, so that no ``/v1`` endpoint can
 forget it; ``LimitExceeded`` propagates to ``infra.ninja``, which answers the 429.
 """
 
@@ -25,5 +25,5 @@ class BearerAuth(HttpBearer):
             request.auth_failure = OPERATOR_KEY_ELSEWHERE
             return None
         request.user = principal.user
-        limits.check_rpm(api_key=principal.api_key, now=timezone.now())
+        limits.check_rpm(api_key=principal.api_key, now=timezone.now(), user=principal.user)
         return principal

@@ -1,8 +1,9 @@
 """What the proxy tells the operator's systems, through notify's outbox.
 
-* ``usage.cap_reached``: a spend cap (a key's daily or monthly cap, a run's spend limit) refused
-  a request. Once per cap and window: the cap's counter key is the event's dedup key, so an agent
-  retrying into a full cap every second announces it once.
+* ``usage.cap_reached``: a spend cap or token limit refused a request (a key's or a user's daily
+  or monthly spend cap or tokens per minute or day, a run's spend limit). Once per cap and window:
+  the cap's counter key is the event's dedup key, so an agent retrying into a full cap every
+  second announces it once.
 * ``usage.summary``: per user, per hour, what their requests did (registered with the delivery
   worker in ``ProxyConfig.ready``; produced only while some endpoint subscribes to it).
 """
@@ -23,16 +24,30 @@ from .models import UsageRecord, UsageStatus
 
 
 def cap_reached(
-    *, user_id: int, api_key, run: str, counter: str, limit: int, code: str, message: str, retry_after: int
+    *,
+    user_id: int,
+    api_key,
+    run: str,
+    counter: str,
+    limit: int,
+    code: str,
+    message: str,
+    retry_after: int,
+    scope: str,
+    unit: str = "usd",
 ) -> None:
-    """Announce a full spend cap (``counter`` is its cache key: one event per cap and window)."""
+    """Announce a full cap (``counter`` is its cache key: one event per cap and window).
+    ``scope``: whose cap ("api_key", "user", "run"); ``unit``: "usd" (``limit`` in nanodollars)
+    or "tokens"."""
     event_emit_once(
         type=EventType.USAGE_CAP_REACHED,
         user_id=user_id,
         data={
             "code": code,
             "message": message,
-            "limit": format_usd(limit),
+            "scope": scope,
+            "unit": unit,
+            "limit": format_usd(limit) if unit == "usd" else str(limit),
             "api_key": {"id": api_key.pk, "prefix": api_key.prefix} if api_key is not None else None,
             "run": run or None,
             "retry_after": retry_after,

@@ -210,7 +210,7 @@ def tokens_count_admit(*, principal, model: str, now: datetime | None = None) ->
         raise Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
     if not model_servable(price_current(model_resolve(model))):
         raise Refusal(400, f"The model `{model}` does not exist.", code="model_not_found")
-    limits.check_count_tokens(api_key=principal.api_key, user_id=principal.user.pk, now=now or timezone.now())
+    limits.check_count_tokens(api_key=principal.api_key, user=principal.user, now=now or timezone.now())
 
 
 def model_resolve(model: str) -> str:
@@ -231,6 +231,10 @@ class Priced:
     routes: list[Route]  # the model's candidates, first choice first
     overrun_cap: int  # nanodollars the settlement may take above the hold (that price's)
     models: list[str]  # the model, then the client's ``models`` list (billing may name any)
+
+    def tokens_held(self, choices: int) -> int:
+        """The tokens the hold assumes: counted against token limits while it is in flight."""
+        return self.prompt_tokens + self.max_output * choices
 
 
 @dataclass
@@ -303,31 +307,39 @@ def request_plan(
     fallback = None
     if len(primary_models) < len(models):
         fallback = _priced(models[-1:], found[-1:], prompt_chars, requested_output, choices, media)
+
     if served.amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
-    limits.check_rpm(api_key=meta.api_key, now=now)
-    parallel = limits.acquire_parallel(api_key=meta.api_key)
+    user = meta.user
+    limits.check_rpm(api_key=meta.api_key, now=now, user=user)
+    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user)
     try:
         step = limits.check_run_steps(
-            run=meta.run, user_id=meta.user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
+            run=meta.run, user_id=user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
         )
     except limits.LimitExceeded:
-        limits.release(limits.Reservation(parallel_key=parallel))
+        limits.release(limits.Reservation(parallel_keys=parallel))
         raise
     try:
         reservation = limits.reserve_spend(
             api_key=meta.api_key,
             run=meta.run,
-            user_id=meta.user.pk,
+            user_id=user.pk,
             amount=served.amount,
             now=now,
             run_max_spend=meta.run_max_spend,
+            user=user,
         )
     except limits.LimitExceeded:
         # A request that does not happen is no step, and holds no slot.
-        limits.release(limits.Reservation(step_key=step, parallel_key=parallel))
+        limits.release(limits.Reservation(step_key=step, parallel_keys=parallel))
         raise
-    reservation.step_key, reservation.parallel_key = step, parallel
+    reservation.step_key, reservation.parallel_keys = step, parallel
+    try:
+        limits.reserve_tokens(reservation, api_key=meta.api_key, user=user, tokens=served.tokens_held(choices), now=now)
+    except limits.LimitExceeded:
+        limits.release(reservation)
+        raise
     return Plan(choice, served, fallback, choices, reservation)
 
 
@@ -386,7 +398,11 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
         choice = choice_of(tiers, model=meta.model, agent=meta.agent)
         routes = routes_cached(_models_of(choice, meta, kwargs.get("fallback_models")))
     uses_counters = limits.uses_counters(
-        api_key=meta.api_key, run=meta.run, run_max_steps=meta.run_max_steps, run_max_spend=meta.run_max_spend
+        api_key=meta.api_key,
+        run=meta.run,
+        run_max_steps=meta.run_max_steps,
+        run_max_spend=meta.run_max_spend,
+        user=meta.user,
     )
     if routes is None or uses_counters:
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
@@ -448,15 +464,17 @@ async def arequest_begin(
         prompt_tokens=served.prompt_tokens,
         estimated=True,
         hold_amount=served.amount,
+        held_tokens=served.tokens_held(choices),
         markup=served.rates.markup,
         price=served.price,
         prices=served.rates.snapshot(),
         created_at=now,
     )
 
-    async def take(priced: Priced, amount: int, min_available: int = floor) -> Hold:
+    async def take(priced: Priced, amount: int, min_available: int = floor, tokens: int | None = None) -> Hold:
         # The record rides on the hold's own statement: it must describe what is held.
         record.hold_amount, record.price, record.markup = amount, priced.price, priced.rates.markup
+        record.held_tokens = priced.tokens_held(choices) if tokens is None else tokens
         record.prices, record.prompt_tokens = priced.rates.snapshot(), priced.prompt_tokens
         record.served_model, record.fallback = priced.model[:200], priced is fallback
         return await ahold_create(
@@ -479,17 +497,17 @@ async def arequest_begin(
     try:
         try:
             hold = await take(served, amount, max(floor, threshold or 0))
-        except InsufficientFunds as short:
+        except InsufficientFunds as thin:
             if fallback is None:
                 raise
             try:
                 hold = await take(fallback, fallback.amount)
                 chosen, max_output, amount = fallback, fallback.max_output, fallback.amount
             except InsufficientFunds:
-                if short.available < max(floor, served.amount):
+                if thin.available < max(floor, served.amount):
                     # What a top-up must cover is the model's hold, not the threshold.
                     raise InsufficientFunds(
-                        needed=max(floor, served.amount), available=short.available, balance=short.balance
+                        needed=max(floor, served.amount), available=thin.available, balance=thin.balance
                     ) from None
                 # Only the threshold stood in the way and the fallback does not fit either
                 # (a fallback with a larger output default): the model's hold after all.
@@ -509,7 +527,7 @@ async def arequest_begin(
         if short.available >= floor and settings.PROXY_MIN_OUTPUT_TOKENS <= affordable < max_output:
             clamped = hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=affordable * choices)
             try:
-                hold = await take(served, clamped)
+                hold = await take(served, clamped, tokens=prompt_tokens + affordable * choices)
                 clamped_to, max_output, amount = affordable, affordable, clamped
             except InsufficientFunds as again:  # a concurrent request took the money first
                 short = again
@@ -522,7 +540,7 @@ async def arequest_begin(
             await _arecord(refused, meta.unchanged)
             # ``needed`` is the whole request's (``failed``), not a clamped retry's: what a top-up must cover.
             raise Funds(balance=short.balance, available=short.available, needed=failed.needed) from None
-    await limits.aadjust(plan.reservation, amount)
+    await limits.aadjust(plan.reservation, amount, tokens=record.held_tokens)
     return Begun(
         meta=meta,
         wallet=wallet,
@@ -688,7 +706,9 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
         log.warning("request %s settled after its hold was closed; its first charge stands", record.request_id)
         await adb.in_thread(record.refresh_from_db)()
         charge = record.charge
-    await limits.aadjust(begun.reservation, charge)
+    # The counters move to what the request really cost and used (a request that failed before
+    # any output: nothing, as its settled record says).
+    await limits.aadjust(begun.reservation, charge, tokens=record.prompt_tokens + record.completion_tokens)
     await limits.arelease_parallel(begun.reservation)
     return record
 

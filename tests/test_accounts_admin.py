@@ -168,6 +168,8 @@ def test_the_admin_normalises_limits_with_the_api_rules(admin_client, alice_key)
         "run_max_spend": None,
         "max_parallel": None,
         "allow_fallback": None,
+        "tpm": None,
+        "tpd": None,
     }
 
 

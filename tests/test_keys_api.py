@@ -20,6 +20,8 @@ NO_LIMITS = {
     "run_max_spend": None,
     "max_parallel": None,
     "allow_fallback": None,
+    "tpm": None,
+    "tpd": None,
 }
 
 
@@ -113,6 +115,8 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
             "run_max_spend": "0.5",
             "max_parallel": 4,
             "allow_fallback": True,
+            "tpm": 20000,
+            "tpd": 1000000,
         },
     )
 
@@ -127,6 +131,8 @@ def test_a_key_can_be_created_with_limits_and_an_expiry(alice_client):
         "run_max_spend": "0.500000000",
         "max_parallel": 4,
         "allow_fallback": True,
+        "tpm": 20000,
+        "tpd": 1000000,
     }
     assert ApiKey.objects.get(pk=body["id"]).expires_at == expires
 
@@ -177,6 +183,11 @@ def test_scopes_cannot_be_set_through_the_api(alice_client):
         ({"max_parallel": 1.5}, "max_parallel must be a positive"),
         ({"max_parallel": 10**30}, "max_parallel must be a positive"),
         ({"allow_fallback": "yes"}, "allow_fallback must be true or false"),
+        ({"rpm": 10**9 + 1}, "at most 1000000000"),  # absurd: a typo, not a limit
+        ({"tpm": "many"}, "tpm must be a positive whole number of tokens per minute"),
+        ({"tpd": -5}, "tpd must be a positive"),
+        ({"tpd": 10**12 + 1}, "at most 1000000000000"),
+        ({"daily_spend": "1000000.000000001"}, "at most 1000000.000000000 USD"),
         (["rpm"], "must be an object"),
     ],
 )
