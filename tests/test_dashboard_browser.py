@@ -102,6 +102,7 @@ def test_a_users_staff_page_draws_spend_and_pages_requests_under_a_strict_csp(pa
     requests = page.locator('[data-table="requests"] tbody tr')
     assert requests.count() == PAGE_SIZE
     page.get_by_role("link", name="Older requests").click()
+    page.wait_for_url("**requests_after=*")  # count the next page's rows, not the old page's
     assert requests.count() == 2
     assert requests.first.locator("td").last.inner_text() == "$0.000139"
     assert page.evaluate("window.__cspViolations") == []
