@@ -403,20 +403,20 @@ class _Orm:
             closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
             if not closed:
                 return None
+            # Read under the row lock: what the overrun cap lets the settlement take depends on it.
+            balance, held, user_id, threshold = (
+                Wallet.objects.select_for_update()
+                .values_list("balance", "held", "user_id", "low_balance_threshold")
+                .get(pk=hold.wallet_id)
+            )
             if hold.overrun_cap is not None:
-                # What the cap lets it take depends on the balance: read it under the row lock.
-                balance = Wallet.objects.select_for_update().values_list("balance", flat=True).get(pk=hold.wallet_id)
                 amount = settlement_charge(
                     amount=amount, hold_amount=hold.amount, overrun_cap=hold.overrun_cap, balance=balance
                 )
             Wallet.objects.filter(pk=hold.wallet_id).update(
                 balance=F("balance") - amount, held=F("held") - hold.amount, updated_at=now
             )
-            row = Wallet.objects.filter(pk=hold.wallet_id).values_list(
-                "balance", "held", "user_id", "low_balance_threshold"
-            )
-            balance, held, user_id, threshold = row.get()
-            state = pg.WalletState(balance, held, user_id, charged=amount)
+            state = pg.WalletState(balance - amount, held - hold.amount, user_id, charged=amount)
             alerts.emit_crossings(
                 user_id=state.user_id, before=state.balance + amount, after=state.balance, wallet_threshold=threshold
             )
