@@ -34,8 +34,8 @@ from accounts.models import Scope, User
 from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from core.numbers import parse_id
 from core.openai_errors import OpenAIError
-from wallet.models import EntryKind
-from wallet.selectors import wallet_summary
+from wallet.models import EntryKind, Wallet
+from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.services import IdempotencyConflict, InsufficientFunds, WalletError, wallet_credit, wallet_get_or_create
 
 from . import limits
@@ -288,7 +288,11 @@ def list_models(request):
 
 @router.get("/user/balance", response=BalanceOut, tags=["wallet"], summary="The caller's wallet")
 def user_balance(request):
-    summary = wallet_summary(user=request.auth.user)
+    key = request.auth.api_key
+    if key is not None and key.organization_id is not None:  # an organization's key: its wallet
+        summary = wallet_summary_of(Wallet.objects.get(organization_id=key.organization_id))
+    else:
+        summary = wallet_summary(user=request.auth.user)
     return {
         "balance": format_usd(summary.balance),
         "held": format_usd(summary.held),
@@ -305,6 +309,9 @@ def user_balance(request):
 )
 def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
     principal: Principal = request.auth
+    if principal.api_key is not None and principal.api_key.organization_id is not None:
+        message = "An organization's API key cannot make tool charges; use a member's own credential."
+        raise _refused(message, "organization_key_not_allowed", status=403)
     key = _key(idempotency_key)
     amount = _amount(body.amount)
     run = _run_ask(request)

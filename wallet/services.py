@@ -397,7 +397,7 @@ class _Orm:
         return bool(reserved)
 
     @staticmethod
-    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict, member_id=None):
         now = timezone.now()
         with _atomic():
             closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
@@ -431,6 +431,7 @@ class _Orm:
                     reference=hold.request_id,
                     description=description,
                     metadata=metadata,
+                    member_id=member_id,
                     created_at=now,
                 )
         return entry, state
@@ -455,9 +456,15 @@ class _Pg:
         return row is not None
 
     @staticmethod
-    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict, member_id=None):
         statement = pg.hold_close(
-            hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
+            hold,
+            status=status,
+            amount=amount,
+            kind=kind,
+            description=description,
+            metadata=metadata,
+            member_id=member_id,
         )
         return pg.hold_closed(hold, statement, pg.run(statement), metadata=metadata)
 
@@ -509,12 +516,25 @@ def _closed(hold: Hold, status: str, entry: Entry | None, state: pg.WalletState)
 
 
 def _close(
-    hold: Hold, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+    hold: Hold,
+    *,
+    status: str,
+    amount: int = 0,
+    kind: str = EntryKind.USAGE,
+    description="",
+    metadata=None,
+    member_id: int | None = None,
 ) -> Closed | None:
     """Close the hold if it is still active (None if it was not)."""
     description = (description or hold.description)[:500]
     result = _implementation().close(
-        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {}
+        hold,
+        status=status,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata or {},
+        member_id=member_id,
     )
     if result is None:
         return None
@@ -538,8 +558,10 @@ def hold_settle(
     description: str = "",
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
+    member_id: int | None = None,
 ) -> Closed:
-    """Charge the actual cost of a held request and free the hold.
+    """Charge the actual cost of a held request and free the hold. ``member_id``: on an
+    organization's wallet, the member whose request it was (kept on the entry).
 
     The actual amount is charged even when it is more than the hold (the estimate was low) — up
     to the hold's overrun cap, when it has one (``settlement_charge``; ``Closed.loss`` is the
@@ -549,7 +571,13 @@ def hold_settle(
     """
     _check_settlement(amount)
     closed = _close(
-        hold, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
+        hold,
+        status=HoldStatus.SETTLED,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata,
+        member_id=member_id,
     )
     return closed if closed is not None else _first_result(hold)
 
@@ -647,6 +675,7 @@ async def ahold_settle(
     kind: str = EntryKind.USAGE,
     also_save: tuple[Model, list[str]] | None = None,
     charged_into: tuple[str, str] | None = None,
+    member_id: int | None = None,
 ) -> Closed:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
     in the same transaction if this call closes the hold (the proxy's usage record: a charge never
@@ -655,7 +684,15 @@ async def ahold_settle(
     two more fields of that instance, saved with it: what was debited, and the loss."""
     _check_settlement(amount)
     if not adb.native():
-        settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
+        settle = partial(
+            hold_settle,
+            hold=hold,
+            amount=amount,
+            description=description,
+            metadata=metadata,
+            kind=kind,
+            member_id=member_id,
+        )
         return await _in_thread_with(settle, hold=hold, save=also_save, charged_into=charged_into)
     return await _aclose(
         hold,
@@ -666,6 +703,7 @@ async def ahold_settle(
         description=description,
         metadata=metadata,
         charged_into=charged_into,
+        member_id=member_id,
     )
 
 
@@ -697,6 +735,7 @@ async def _aclose(
     description="",
     metadata=None,
     charged_into: tuple[str, str] | None = None,
+    member_id: int | None = None,
 ) -> Closed:
     metadata = metadata or {}
     description = (description or hold.description)[:500]
@@ -709,6 +748,7 @@ async def _aclose(
         metadata=metadata,
         also_save=also_save,
         charged_into=charged_into,
+        member_id=member_id,
     )
     result = pg.hold_closed(hold, statement, await pg.arun(statement), metadata=metadata)
     if result is None:
