@@ -1,0 +1,243 @@
+"""Which wallet pays on /v1, through the live ASGI app against the fake upstream: an
+organization's key bills the organization; a member's own credential bills them unless the
+request names the organization (``X-Tokentill-Org``); the usage record and the ledger entry keep
+both; a member's limits apply; removing a member refuses their very next request; and, on
+PostgreSQL, a crowd of members' requests never overspends the shared wallet."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
+
+from __future__ import annotations
+
+import asyncio
+import os
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.conf import settings as django_settings
+from django.core.management import call_command
+
+from accounts.services import api_key_create, token_pair_issue
+from orgs.models import Membership, Role
+from orgs.services import membership_remove, org_key_create, organization_create
+from proxy.models import ModelPrice, UsageRecord, UsageStatus
+from tests.conftest import make_user
+from tests.fake_upstream import (  # noqa: F401  (fixtures)
+    MODEL,
+    Reply,
+    call,
+    completion,
+    fake_upstream,
+    fake_upstream_server,
+    price,
+    usage,
+)
+from tests.live import live_server
+from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
+from wallet.services import wallet_credit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}]}
+CHARGE = 71_640  # 0.0000597 × 1.2, nanodollars
+
+
+def _reply():
+    return Reply(body=completion(u=usage(412, 37, cost="0.0000597")))
+
+
+@pytest.fixture
+def acme(db, price):
+    """Acme with $5: olivia owns it, mia is a member; both have $10 of their own."""
+    olivia = make_user("olivia@example.com", balance="10.00")
+    mia = make_user("mia@example.com", balance="10.00")
+    org = organization_create(user=olivia, name="Acme")
+    Membership.objects.create(organization=org, user=mia, role=Role.MEMBER)
+    wallet_credit(wallet=org.wallet, amount=5 * 10**9, kind=EntryKind.TOP_UP, idempotency_key="acme:opening")
+    return org, olivia, mia
+
+
+def _balance(**owner) -> int:
+    return Wallet.objects.get(**owner).balance
+
+
+def test_an_org_key_bills_the_org_and_keeps_who_made_the_request(fake_upstream, acme):
+    org, olivia, _ = acme
+    owners_membership = Membership.objects.get(user=olivia)
+    _, secret = org_key_create(actor=owners_membership, name="prod")
+    fake_upstream.script("chat", _reply())
+    response = call(CHAT, HELLO, token=secret)
+    assert response.status == 200
+    assert response.headers["x-tokentill-balance"] == "4.999928360"
+    assert _balance(organization=org) == 5 * 10**9 - CHARGE
+    assert _balance(user=olivia) == 10 * 10**9
+    record = UsageRecord.objects.get()
+    assert (record.organization_id, record.user_id, record.charge) == (org.pk, olivia.pk, CHARGE)
+    entry = Entry.objects.get(kind=EntryKind.USAGE)
+    assert (entry.wallet.organization_id, entry.member_id, entry.amount) == (org.pk, olivia.pk, -CHARGE)
+
+
+@pytest.mark.parametrize("naming", ["slug", "id"])
+def test_a_members_own_credential_bills_the_org_it_names(fake_upstream, acme, naming):
+    org, _, mia = acme
+    access = token_pair_issue(user=mia).access
+    fake_upstream.script("chat", _reply(), _reply())
+    header = org.slug if naming == "slug" else str(org.pk)
+    assert call(CHAT, HELLO, token=access, headers={"X-Tokentill-Org": header}).status == 200
+    assert _balance(organization=org) == 5 * 10**9 - CHARGE
+    assert call(CHAT, HELLO, token=access).status == 200  # no header: her own wallet
+    assert _balance(user=mia) == 10 * 10**9 - CHARGE
+    org_record, own_record = UsageRecord.objects.order_by("id")
+    assert (org_record.organization_id, org_record.user_id) == (org.pk, mia.pk)
+    assert own_record.organization_id is None
+    assert Entry.objects.get(wallet__organization=org, kind=EntryKind.USAGE).member_id == mia.pk
+    assert Entry.objects.get(wallet__user=mia, kind=EntryKind.USAGE).member_id is None
+
+
+def test_naming_an_org_you_are_not_in_is_refused_and_charges_nobody(fake_upstream, acme):
+    org, _, _ = acme
+    nora = make_user("nora@example.com", balance="1.00")
+    _, secret = api_key_create(user=nora, name="k")
+    for named in (org.slug, str(org.pk), "no-such-org"):
+        response = call(CHAT, HELLO, token=secret, headers={"X-Tokentill-Org": named})
+        assert response.status == 403
+        assert response.error["code"] == "organization_forbidden"
+    assert not fake_upstream.calls("chat")
+    assert _balance(organization=org) == 5 * 10**9 and _balance(user=nora) == 10**9
+    assert set(UsageRecord.objects.values_list("status", flat=True)) == {UsageStatus.REFUSED}
+
+
+def test_an_org_key_naming_another_org_is_refused(fake_upstream, acme):
+    org, olivia, _ = acme
+    other = organization_create(user=olivia, name="Other")
+    _, secret = org_key_create(actor=Membership.objects.get(user=olivia, organization=org), name="prod")
+    response = call(CHAT, HELLO, token=secret, headers={"X-Tokentill-Org": other.slug})
+    assert response.status == 403 and response.error["code"] == "organization_forbidden"
+
+
+def test_removing_a_member_refuses_their_very_next_request(fake_upstream, acme):
+    org, olivia, mia = acme
+    _, secret = api_key_create(user=mia, name="k")
+    fake_upstream.script("chat", _reply())
+    headers = {"X-Tokentill-Org": org.slug}
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
+    membership_remove(actor=Membership.objects.get(user=olivia), membership=Membership.objects.get(user=mia))
+    refused = call(CHAT, HELLO, token=secret, headers=headers)
+    assert refused.status == 403 and refused.error["code"] == "organization_forbidden"
+    assert len(fake_upstream.calls("chat")) == 1
+
+
+def test_a_members_allowed_models_apply_inside_the_org_only(fake_upstream, acme):
+    org, _, mia = acme
+    Membership.objects.filter(user=mia).update(allowed_models=["someone/else"])
+    _, secret = api_key_create(user=mia, name="k")
+    refused = call(CHAT, HELLO, token=secret, headers={"X-Tokentill-Org": org.slug})
+    assert refused.status == 403 and refused.error["code"] == "model_not_allowed"
+    fake_upstream.script("chat", _reply())
+    assert call(CHAT, HELLO, token=secret).status == 200  # her own wallet: no such limit
+
+
+def test_a_members_daily_limit_counts_what_was_spent_and_the_next_hold(fake_upstream, acme):
+    org, _, mia = acme
+    _, secret = api_key_create(user=mia, name="k")
+    headers = {"X-Tokentill-Org": org.slug}
+    fake_upstream.script("chat", _reply(), _reply())
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
+    hold = UsageRecord.objects.get().hold_amount
+    # Spent so far plus the next request's hold, less one nanodollar: refused.
+    Membership.objects.filter(user=mia).update(daily_spend=CHARGE + hold - 1)
+    refused = call(CHAT, HELLO, token=secret, headers=headers)
+    assert refused.status == 429 and refused.error["code"] == "member_spend_limit"
+    assert refused.headers["retry-after"]
+    Membership.objects.filter(user=mia).update(daily_spend=CHARGE + hold)
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
+    assert _balance(organization=org) == 5 * 10**9 - 2 * CHARGE
+
+
+def test_verify_ledger_covers_org_wallets(fake_upstream, acme):
+    org, _, mia = acme
+    _, secret = api_key_create(user=mia, name="k")
+    fake_upstream.script("chat", _reply())
+    call(CHAT, HELLO, token=secret, headers={"X-Tokentill-Org": org.slug})
+    call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
+    Wallet.objects.filter(organization=org).update(balance=1)  # around the services: caught
+    from io import StringIO
+
+    from django.core.management.base import CommandError
+
+    said = StringIO()
+    with pytest.raises(CommandError):
+        call_command("verify_ledger", stdout=said, stderr=said)
+    assert f"wallet {org.wallet.pk} (organization acme): balance 0.000000001" in said.getvalue()
+
+
+def test_an_org_keys_balance_is_the_orgs_and_it_makes_no_tool_charges(acme):
+    _, olivia, _ = acme
+    from django.test import Client
+
+    _, secret = org_key_create(actor=Membership.objects.get(user=olivia), name="prod")
+    client = Client(headers={"Authorization": f"Bearer {secret}"})
+    assert client.get("/v1/user/balance").json()["balance"] == "5.000000000"
+    charged = client.post(
+        "/v1/user/charge",
+        {"amount": "0.01", "description": "tool"},
+        content_type="application/json",
+        headers={"Idempotency-Key": "t1"},
+    )
+    assert charged.status_code == 403
+    assert charged.json()["error"]["code"] == "organization_key_not_allowed"
+
+
+# --- PostgreSQL: a crowd of members on one shared wallet -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(django_db_setup, django_db_blocker, fake_upstream_server):
+    with live_server(
+        SECRET_KEY=django_settings.SECRET_KEY,
+        UPSTREAM_BASE_URL=fake_upstream_server.url,
+        UPSTREAM_API_KEY="sk-or-v1-server-secret",
+        UPSTREAM_KIND="openrouter",
+        PROXY_PRICE_CACHE_SECONDS="0",
+        LOG_LEVEL="WARNING",
+    ) as url:
+        yield url
+
+
+@pytest.mark.postgres
+def test_members_racing_on_the_shared_wallet_never_overspend_it(server, fake_upstream):
+    k = 5
+    # 256 output tokens at $390.625/M with no markup is exactly $0.10 — hold and charge alike.
+    ModelPrice.objects.create(model="conc/model", completion=Decimal("390.625"), markup=Decimal("0"))
+    owner = make_user("owner@example.com", balance="10.00")
+    org = organization_create(user=owner, name="Crowd")
+    wallet_credit(wallet=org.wallet, amount=k * 10**8, kind=EntryKind.TOP_UP, idempotency_key="crowd:opening")
+    secrets = []
+    for n in range(4):  # four members, each with their own key, and one org key
+        member = make_user(f"m{n}@example.com", balance="10.00")
+        Membership.objects.create(organization=org, user=member)
+        secrets.append((api_key_create(user=member, name="k")[1], {"X-Tokentill-Org": org.slug}))
+    secrets.append((org_key_create(actor=Membership.objects.get(user=owner), name="prod")[1], {}))
+    reply = completion("ok", u=usage(3, 256), model="conc/model")
+    fake_upstream.script("chat", *[Reply(body=reply, delay=0.2) for _ in range(4 * k)])
+    body = {"model": "conc/model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            requests = []
+            for n in range(4 * k):
+                secret, headers = secrets[n % len(secrets)]
+                requests.append(client.post(CHAT, json=body, headers={"Authorization": f"Bearer {secret}", **headers}))
+            return await asyncio.gather(*requests)
+
+    statuses = sorted(r.status_code for r in asyncio.run(crowd()))
+    assert statuses == [200] * k + [402] * (3 * k)
+    assert len(fake_upstream.calls("chat")) == k
+    wallet = Wallet.objects.get(organization=org)
+    assert (wallet.balance, wallet.held) == (0, 0)
+    assert Entry.objects.filter(wallet=wallet, kind="usage").count() == k
+    assert not Entry.objects.filter(wallet__user__isnull=False, kind="usage").exists()  # no member paid
+    assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
+    assert UsageRecord.objects.filter(organization=org, status=UsageStatus.REFUSED, http_status=402).count() == 3 * k
+    call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
