@@ -195,9 +195,10 @@ def membership_update(
     return membership
 
 
-def membership_remove(*, actor: Membership, membership: Membership) -> None:
+def membership_remove(*, actor: Membership, membership: Membership) -> Membership:
     """Remove a member (or leave, when ``actor`` is ``membership``). Their access to the
-    organization's wallet ends at once, and the organization's keys they made are revoked."""
+    organization's wallet ends at once, and the organization's keys they made are revoked.
+    Returns the removed membership (no longer in the database)."""
     leaving = actor.pk == membership.pk
     if not leaving:
         _require_manager(actor)
@@ -213,6 +214,7 @@ def membership_remove(*, actor: Membership, membership: Membership) -> None:
         for key in keys:
             api_key_revoke(key=key)
         Membership.objects.filter(pk=membership.pk).delete()
+    return membership
 
 
 # --- keys --------------------------------------------------------------------------------------

@@ -207,10 +207,12 @@ def topup(request, org_id: int):
     return _back(m.organization_id, "wallet")
 
 
-@require_POST
+@never_cache
 @login_required
 def invitation_create(request, org_id: int):
     m = _membership(request, org_id)
+    if request.method != "POST":  # a reload of the page that showed a link: the page itself
+        return _back(org_id, "invitations")
     made = _attempt(
         request,
         services.invitation_create,
@@ -236,10 +238,12 @@ def invitation_revoke(request, org_id: int, invitation_id: int):
     return _back(org_id, "invitations")
 
 
-@require_POST
+@never_cache
 @login_required
 def key_create(request, org_id: int):
     m = _membership(request, org_id)
+    if request.method != "POST":  # a reload of the page that showed a secret: the page itself
+        return _back(org_id, "keys")
     name = request.POST.get("name", "").strip()[:100]
     if not name:
         messages.error(request, "A key needs a name.")
