@@ -495,7 +495,7 @@ def _apply_refund(
     if delta > 0:
         wallet_refund(
             # The wallet the payment credited (an organization's, or the user's).
-            wallet=payment.wallet if payment.wallet_id is not None else wallet_get_or_create(user=payment.user),
+            wallet=payment.wallet if payment.wallet is not None else wallet_get_or_create(user=payment.user),
             amount=delta,
             idempotency_key=idempotency_key,
             reference=payment.provider_payment_id,
@@ -1004,7 +1004,7 @@ def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
         checkout = locked.checkout
         wallet = (
             org_wallet(organization=checkout.organization)
-            if checkout is not None and checkout.organization_id is not None
+            if checkout is not None and checkout.organization is not None
             else wallet_get_or_create(user=locked.user)
         )
         wallet_credit(

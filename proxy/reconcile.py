@@ -146,7 +146,7 @@ def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
     with transaction.atomic(savepoint=False):
         posted = usage_reconcile(
             # The wallet the request was billed to: its organization's, or its user's.
-            wallet=record.organization.wallet if record.organization_id is not None else record.user.wallet,
+            wallet=record.organization.wallet if record.organization is not None else record.user.wallet,
             request_id=record.request_id,
             delta=cost - estimated_charge,
             description=f"{record.model} ({record.request_id}): estimate replaced by the upstream's cost",
