@@ -234,3 +234,19 @@ def test_a_slug_never_reads_as_an_id(db):
     org = organization_create(user=make_user("a@example.com"), name="2024")
     assert org.slug == "org-2024"
     assert Organization.objects.count() == 1
+
+
+def test_staff_see_organizations_and_their_wallets_in_the_admin(team, client):
+    org, _ = team
+    client.force_login(make_user("staff@example.com", is_staff=True, is_superuser=True))
+    assert client.get("/admin/orgs/organization/").status_code == 200
+    page = client.get(f"/admin/orgs/organization/{org.pk}/change/").content.decode()
+    assert "mia@example.com" in page
+    assert "Acme" in client.get("/admin/wallet/wallet/").content.decode()
+    assert client.get(f"/admin/wallet/wallet/{org.wallet.pk}/change/").status_code == 200
+    assert "Acme" in client.get("/admin/wallet/entry/").content.decode()
+    invitation_create(actor=_members(org)["olivia"], email="x@example.com")
+    listing = client.get("/admin/orgs/invitation/").content.decode()
+    assert "x@example.com" in listing
+    detail = client.get(f"/admin/orgs/invitation/{Invitation.objects.get().pk}/change/").content.decode()
+    assert Invitation.objects.get().token_hash not in detail

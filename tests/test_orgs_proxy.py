@@ -241,3 +241,29 @@ def test_members_racing_on_the_shared_wallet_never_overspend_it(server, fake_ups
     assert not Hold.objects.filter(status=HoldStatus.ACTIVE).exists()
     assert UsageRecord.objects.filter(organization=org, status=UsageStatus.REFUSED, http_status=402).count() == 3 * k
     call_command("verify_ledger", stdout=open(os.devnull, "w"))  # raises CommandError on any discrepancy
+
+
+@pytest.mark.postgres
+def test_a_members_limit_counts_requests_in_flight(server, fake_upstream):
+    # $0.10 a request, hold and charge alike; mia may spend $0.20 a day: of four requests sent
+    # at once, two are admitted while the others find the limit taken by holds in flight.
+    ModelPrice.objects.create(model="conc/model", completion=Decimal("390.625"), markup=Decimal("0"))
+    owner = make_user("owner@example.com", balance="10.00")
+    org = organization_create(user=owner, name="Limits")
+    wallet_credit(wallet=org.wallet, amount=10**9, kind=EntryKind.TOP_UP, idempotency_key="limits:opening")
+    mia = make_user("mia@example.com", balance="10.00")
+    Membership.objects.create(organization=org, user=mia, daily_spend=2 * 10**8)
+    secret = api_key_create(user=mia, name="k")[1]
+    reply = completion("ok", u=usage(3, 256), model="conc/model")
+    fake_upstream.script("chat", *[Reply(body=reply, delay=0.5) for _ in range(4)])
+    body = {"model": "conc/model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {secret}", "X-Tokentill-Org": org.slug}
+            return await asyncio.gather(*[client.post(CHAT, json=body, headers=headers) for _ in range(4)])
+
+    responses = asyncio.run(crowd())
+    assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {"member_spend_limit"}
+    assert Wallet.objects.get(organization=org).balance == 10**9 - 2 * 10**8
