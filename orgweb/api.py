@@ -79,6 +79,14 @@ def _manager(membership: Membership) -> None:
         raise PermissionDenied("only the organization's owners and admins may do this")
 
 
+def _managing(request, org_id: int) -> Membership:
+    """The caller's membership, which must be an owner's or an admin's (404 for a non-member
+    first: a stranger never learns the organization exists)."""
+    membership = _membership(request, org_id)
+    _manager(membership)
+    return membership
+
+
 class Conflict(exceptions.APIException):
     status_code = 409
     default_code = "conflict"
@@ -129,8 +137,7 @@ class OrgDetailApi(APIView):
 
     @extend_schema(operation_id="orgs_update", request=OrganizationInSerializer, responses=OrganizationSerializer)
     def patch(self, request, org_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         data = OrganizationInSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         org = _run(services.organization_rename, organization=m.organization, name=data.validated_data["name"])
@@ -191,8 +198,7 @@ class InvitationListApi(APIView):
 
     @extend_schema(operation_id="orgs_invitations_list", responses=InvitationSerializer(many=True))
     def get(self, request, org_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         return Response(InvitationSerializer(invitation_list(organization=m.organization), many=True).data)
 
     @extend_schema(
@@ -202,8 +208,7 @@ class InvitationListApi(APIView):
         description="The link (and its token) are in this response only; send it to the invitee.",
     )
     def post(self, request, org_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         data = InvitationInSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         invitation, token = _run(services.invitation_create, actor=m, **data.validated_data)
@@ -216,8 +221,7 @@ class InvitationDetailApi(APIView):
 
     @extend_schema(operation_id="orgs_invitations_revoke", responses={204: None})
     def delete(self, request, org_id: int, invitation_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         invitation = invitation_get(organization=m.organization, invitation_id=invitation_id)
         if invitation is None:
             raise NotFound("no such invitation")
@@ -247,8 +251,7 @@ class OrgKeyListApi(APIView):
 
     @extend_schema(operation_id="orgs_keys_list", responses=OrgKeySerializer(many=True))
     def get(self, request, org_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         return Response(OrgKeySerializer(org_key_list(organization=m.organization), many=True).data)
 
     @extend_schema(
@@ -258,8 +261,7 @@ class OrgKeyListApi(APIView):
         description="A key that bills the organization's wallet. `key` (the secret) is in this response only.",
     )
     def post(self, request, org_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         data = ApiKeyCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key, secret = _run(services.org_key_create, actor=m, **data.validated_data)
@@ -271,8 +273,7 @@ class OrgKeyDetailApi(APIView):
 
     @extend_schema(operation_id="orgs_keys_revoke", responses={204: None})
     def delete(self, request, org_id: int, key_id: int):
-        m = _membership(request, org_id)
-        _manager(m)
+        m = _managing(request, org_id)
         key = org_key_get(organization=m.organization, key_id=key_id)
         if key is None:
             raise NotFound("no such API key")

@@ -14,7 +14,6 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from django.conf import settings as django_settings
 from django.core.management import call_command
 
 from accounts.services import api_key_create, token_pair_issue
@@ -32,7 +31,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     price,
     usage,
 )
-from tests.live import live_server
+from tests.test_proxy_live import server  # noqa: F401  (the live server fixture)
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 from wallet.services import wallet_credit
 
@@ -190,19 +189,6 @@ def test_an_org_keys_balance_is_the_orgs_and_it_makes_no_tool_charges(acme):
 
 
 # --- PostgreSQL: a crowd of members on one shared wallet -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(django_db_setup, django_db_blocker, fake_upstream_server):
-    with live_server(
-        SECRET_KEY=django_settings.SECRET_KEY,
-        UPSTREAM_BASE_URL=fake_upstream_server.url,
-        UPSTREAM_API_KEY="sk-or-v1-server-secret",
-        UPSTREAM_KIND="openrouter",
-        PROXY_PRICE_CACHE_SECONDS="0",
-        LOG_LEVEL="WARNING",
-    ) as url:
-        yield url
 
 
 @pytest.mark.postgres
