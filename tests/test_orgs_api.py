@@ -250,3 +250,25 @@ def test_staff_see_organizations_and_their_wallets_in_the_admin(team, client):
     assert "x@example.com" in listing
     detail = client.get(f"/admin/orgs/invitation/{Invitation.objects.get().pk}/change/").content.decode()
     assert Invitation.objects.get().token_hash not in detail
+
+
+def test_the_database_refuses_a_wallet_of_both_or_of_nobody(team):
+    from django.db import IntegrityError, transaction
+
+    org, people = team
+    nora_wallet = Wallet.objects.get(user=people["nora"])
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Wallet.objects.filter(pk=nora_wallet.pk).update(organization=org)  # around the model: refused
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Wallet.objects.filter(pk=nora_wallet.pk).update(user=None)
+
+
+def test_the_dashboard_names_an_overdrawn_org_wallet(team, client):
+    from wallet.services import wallet_correct
+
+    org, _ = team
+    staff = make_user("staff@example.com", is_staff=True, is_superuser=True)
+    wallet_correct(wallet=org.wallet, amount=-6_000_000_000, reason="test overdraft", staff_user=staff)
+    client.force_login(staff)
+    page = client.get("/admin/").content.decode()
+    assert "<td>Acme</td>" in page
