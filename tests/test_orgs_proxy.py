@@ -253,3 +253,68 @@ def test_a_members_limit_counts_requests_in_flight(server, fake_upstream):
     assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {"member_spend_limit"}
     assert Wallet.objects.get(organization=org).balance == 10**9 - 2 * 10**8
+
+
+# --- crash recovery charges the wallet the request was billed to -----------------------------
+
+
+def _org_begin(org, member, request_id: str):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from proxy.services import RequestMeta, arequest_begin
+    from tests.fake_upstream import run_async
+
+    meta = RequestMeta(
+        request_id=request_id,
+        user=member,
+        api_key=None,
+        endpoint="chat.completions",
+        model=MODEL,
+        organization=org,
+        wallet=Wallet.objects.get(organization=org),
+        membership=Membership.objects.get(user=member, organization=org),
+    )
+    begun = run_async(arequest_begin, meta=meta, prompt_chars=4000, requested_output=100)
+    return begun, lambda: Hold.objects.filter(pk=begun.hold.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def _reconcile() -> str:
+    from io import StringIO
+
+    out = StringIO()
+    call_command("reconcile_holds", "--backoff", "0.01", stdout=out)
+    return out.getvalue()
+
+
+def test_an_expired_org_hold_is_settled_on_the_org_wallet_for_the_member(fake_upstream, acme):
+    org, _, mia = acme
+    _, expire = _org_begin(org, mia, "req_org_lost")
+    expire()
+    assert "req_org_lost: settled at an estimate" in _reconcile()
+    entry = Entry.objects.get(kind=EntryKind.USAGE)
+    assert (entry.wallet.organization_id, entry.member_id) == (org.pk, mia.pk)
+    assert _balance(user=mia) == 10 * 10**9
+    call_command("verify_ledger", stdout=open(os.devnull, "w"))
+
+
+def test_a_settled_org_estimate_is_corrected_on_the_org_wallet(fake_upstream, acme):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from proxy.services import Outcome, arequest_settle
+    from tests.fake_upstream import run_async
+
+    org, _, mia = acme
+    begun, _ = _org_begin(org, mia, "req_org_cut")
+    outcome = Outcome(status=UsageStatus.CANCELLED, generation_id="gen-cut", output_chars=400, trust_upstream_cost=True)
+    record = run_async(arequest_settle, begun=begun, outcome=outcome)
+    UsageRecord.objects.filter(pk=record.pk).update(settled_at=timezone.now() - timedelta(seconds=60))
+    found = {"data": {"id": "gen-cut", "total_cost": 0.002, "native_tokens_prompt": 1000, "cancelled": True}}
+    fake_upstream.script("generation", Reply(body=found))
+    assert "req_org_cut: estimate" in _reconcile()
+    assert _balance(organization=org) == 5 * 10**9 - 2_400_000  # 0.002 × 1.2
+    assert _balance(user=mia) == 10 * 10**9
+    call_command("verify_ledger", stdout=open(os.devnull, "w"))
