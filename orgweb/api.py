@@ -57,6 +57,7 @@ from .serializers import (
     OrgEntrySerializer,
     OrgKeySerializer,
     OrgUsageSerializer,
+    OrgUsageSummarySerializer,
 )
 
 
@@ -372,6 +373,7 @@ class OrgUsageSummaryApi(APIView):
     @extend_schema(
         operation_id="orgs_usage_summary",
         parameters=[*_FILTERS, OpenApiParameter("by", str, enum=list(SUMMARY_GROUPS), description="default: member")],
+        responses=OrgUsageSummarySerializer,
     )
     def get(self, request, org_id: int):
         m = _membership(request, org_id)

@@ -169,3 +169,20 @@ class OrgUsageSerializer(UsageRecordSerializer):
 
     def get_member(self, record) -> dict:
         return {"id": record.user_id, "email": record.user.email}
+
+
+class OrgUsageSummaryRowSerializer(serializers.Serializer):
+    member = serializers.IntegerField(required=False, help_text="by=member: the member's user id")
+    email = serializers.CharField(required=False, help_text="by=member: their email")
+    day = serializers.DateField(required=False, help_text="by=day: the UTC day")
+    model = serializers.CharField(required=False, help_text="by=model: the model asked for")
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    charge = serializers.CharField(help_text="USD charged (settled requests)")
+    held = serializers.CharField(help_text="USD held by requests in flight")
+
+
+class OrgUsageSummarySerializer(serializers.Serializer):
+    by = serializers.ChoiceField(choices=["member", "day", "model"])
+    results = OrgUsageSummaryRowSerializer(many=True)

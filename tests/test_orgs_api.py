@@ -272,3 +272,17 @@ def test_the_dashboard_names_an_overdrawn_org_wallet(team, client):
     client.force_login(staff)
     page = client.get("/admin/").content.decode()
     assert "<td>Acme</td>" in page
+
+
+def test_the_schema_documents_the_org_endpoints_without_warnings(client, db):
+    from drf_spectacular.drainage import GENERATOR_STATS
+
+    GENERATOR_STATS.reset()
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    paths = schema["paths"]
+    assert set(paths["/api/orgs"]) == {"get", "post"}
+    assert set(paths["/api/orgs/{org_id}/members/{member_id}"]) == {"get", "patch", "delete"}
+    assert set(paths["/api/orgs/{org_id}/usage/summary"]) == {"get"}
+    assert set(paths["/api/orgs/invitations/accept"]) == {"post"}
+    assert "organization" in schema["components"]["schemas"]["Input"]["properties"]  # POST /api/checkout
+    assert [*GENERATOR_STATS._warn_cache, *GENERATOR_STATS._error_cache] == []
