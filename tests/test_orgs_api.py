@@ -286,3 +286,43 @@ def test_the_schema_documents_the_org_endpoints_without_warnings(client, db):
     assert set(paths["/api/orgs/invitations/accept"]) == {"post"}
     assert "organization" in schema["components"]["schemas"]["Input"]["properties"]  # POST /api/checkout
     assert [*GENERATOR_STATS._warn_cache, *GENERATOR_STATS._error_cache] == []
+
+
+# --- the portal's organization pages: the same rules --------------------------------------------
+
+
+def test_portal_pages_are_404_for_non_members_and_read_only_for_members(team, client):
+    org, people = team
+    client.force_login(people["nora"])
+    assert client.get(f"/orgs/{org.pk}").status_code == 404
+    assert client.post(f"/orgs/{org.pk}/keys", {"name": "x"}).status_code == 404
+    client.force_login(people["mia"])
+    page = client.get(f"/orgs/{org.pk}").content.decode()
+    assert "Organization API keys" not in page and "Invite" not in page
+    client.post(f"/orgs/{org.pk}/keys", {"name": "sneaky"})
+    client.post(f"/orgs/{org.pk}/invitations", {"email": "friend@example.com"})
+    client.post(f"/orgs/{org.pk}/members/{_members(org)['mia'].pk}", {"role": "owner", "daily_spend": ""})
+    assert not ApiKey.objects.filter(organization=org).exists()
+    assert not Invitation.objects.exists()
+    assert _members(org)["mia"].role == Role.MEMBER
+    final = client.get(f"/orgs/{org.pk}").content.decode()
+    assert "only the organization&#x27;s owners and admins may do this" in final
+
+
+def test_portal_limits_parse_money_strictly(team, client):
+    org, people = team
+    client.force_login(people["adam"])
+    url = f"/orgs/{org.pk}/members/{_members(org)['mia'].pk}"
+    client.post(url, {"role": "member", "daily_spend": "2.5", "monthly_spend": "", "allowed_models": "a/b, c/d"})
+    mia = _members(org)["mia"]
+    assert (mia.daily_spend, mia.monthly_spend, mia.allowed_models) == (2_500_000_000, None, ["a/b", "c/d"])
+    client.post(url, {"role": "member", "daily_spend": "lots"})
+    assert _members(org)["mia"].daily_spend == 2_500_000_000
+    assert "Spend limits are USD amounts" in client.get(f"/orgs/{org.pk}").content.decode()
+
+
+def test_the_switcher_lists_me_and_my_organizations(team, client):
+    org, people = team
+    client.force_login(people["mia"])
+    page = client.get("/").content.decode()
+    assert f'href="/orgs/{org.pk}"' in page and "Me (mia@example.com)" in page
