@@ -9,8 +9,7 @@ from .models import Invitation, Membership, Organization
 
 class MembershipInline(admin.TabularInline):
     model = Membership
-    fields = ["user", "role", "daily_spend", "monthly_spend", "allowed_models", "created_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("user", "role", "daily_spend", "monthly_spend", "allowed_models", "created_at")
     extra = 0
     can_delete = False
 

@@ -25,6 +25,7 @@ from core.openai_errors import OpenAIError
 from infra import adb
 from orgs.models import Membership, Organization
 from orgs.selectors import membership_for, org_wallet
+from wallet.models import Wallet
 
 from . import limits
 
@@ -37,9 +38,16 @@ def _forbidden(org: str) -> OpenAIError:
     )
 
 
-def billing_for(meta, principal, org_header: str):
-    """``meta`` with the organization, its wallet and the membership filled in when the request
-    bills an organization; ``meta`` itself otherwise. Raises ``OpenAIError`` (403)."""
+@dataclasses.dataclass(frozen=True)
+class OrgBilling:
+    organization: Organization
+    wallet: Wallet
+    membership: Membership | None  # None for the organization's own key: its limits are the key's
+
+
+def org_billing(principal, org_header: str) -> OrgBilling | None:
+    """The organization a request (or tool charge) bills, or None for the caller's own wallet.
+    Raises ``OpenAIError`` (403 ``organization_forbidden``)."""
     key = principal.api_key
     if key is not None and key.organization_id is not None:
         # The key's limits apply, not a member's: the key is the organization's own.
@@ -53,9 +61,18 @@ def billing_for(meta, principal, org_header: str):
             raise _forbidden(org_header)
         organization = membership.organization
     else:
+        return None
+    return OrgBilling(organization, org_wallet(organization=organization), membership)
+
+
+def billing_for(meta, principal, org_header: str):
+    """``meta`` with the organization, its wallet and the membership filled in when the request
+    bills an organization; ``meta`` itself otherwise. Raises ``OpenAIError`` (403)."""
+    billing = org_billing(principal, org_header)
+    if billing is None:
         return meta
     return dataclasses.replace(
-        meta, organization=organization, wallet=org_wallet(organization=organization), membership=membership
+        meta, organization=billing.organization, wallet=billing.wallet, membership=billing.membership
     )
 
 

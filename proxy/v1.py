@@ -38,7 +38,7 @@ from wallet.models import EntryKind, Wallet
 from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.services import IdempotencyConflict, InsufficientFunds, WalletError, wallet_credit, wallet_get_or_create
 
-from . import limits
+from . import limits, org_billing
 from .charges import tool_charge
 from .ninja_auth import BearerAuth
 from .prices import price_public_rates, prices_current_enabled
@@ -309,20 +309,23 @@ def user_balance(request):
 )
 def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(None, alias="Idempotency-Key")):
     principal: Principal = request.auth
-    if principal.api_key is not None and principal.api_key.organization_id is not None:
-        message = "An organization's API key cannot make tool charges; use a member's own credential."
-        raise _refused(message, "organization_key_not_allowed", status=403)
     key = _key(idempotency_key)
     amount = _amount(body.amount)
     run = _run_ask(request)
     _no_nul(body.description, "description")
     metadata = _charge_metadata(principal, body.metadata, run.run)
     target = principal.user
+    # An organization's key, or X-Tokentill-Org: the organization's wallet pays (403 when the
+    # caller is not one of its members).
+    org = org_billing.org_billing(principal, (request.headers.get("X-Tokentill-Org") or "").strip())
     if body.user is not None:
+        if org is not None:
+            raise _refused("`user` charges another user's own wallet: send no organization with it.", "invalid_request")
         _require_billing(principal, "charging another user")
         target = _user(body.user)
     try:
         charged = tool_charge(
+            org=org,
             principal=principal,
             target=target,
             amount=amount,

@@ -171,21 +171,49 @@ def test_verify_ledger_covers_org_wallets(fake_upstream, acme):
     assert f"wallet {org.wallet.pk} (organization acme): balance 0.000000001" in said.getvalue()
 
 
-def test_an_org_keys_balance_is_the_orgs_and_it_makes_no_tool_charges(acme):
-    _, olivia, _ = acme
+def _charge(client, amount: str, key: str, **headers):
+    return client.post(
+        "/v1/user/charge",
+        {"amount": amount, "description": "tool"},
+        content_type="application/json",
+        headers={"Idempotency-Key": key, **headers},
+    )
+
+
+def test_an_org_keys_balance_and_tool_charges_are_the_orgs(acme):
+    org, olivia, _ = acme
     from django.test import Client
 
     _, secret = org_key_create(actor=Membership.objects.get(user=olivia), name="prod")
     client = Client(headers={"Authorization": f"Bearer {secret}"})
     assert client.get("/v1/user/balance").json()["balance"] == "5.000000000"
-    charged = client.post(
-        "/v1/user/charge",
-        {"amount": "0.01", "description": "tool"},
-        content_type="application/json",
-        headers={"Idempotency-Key": "t1"},
+    charged = _charge(client, "0.01", "t1")
+    assert charged.status_code == 200 and charged.json()["balance"] == "4.990000000"
+    entry = Entry.objects.get(kind=EntryKind.CHARGE)
+    assert (entry.wallet.organization_id, entry.member_id) == (org.pk, olivia.pk)
+    assert _balance(user=olivia) == 10 * 10**9
+
+
+def test_a_members_tool_charge_names_the_org_and_counts_against_her_limit(acme):
+    org, _, mia = acme
+    from django.test import Client
+
+    Membership.objects.filter(user=mia).update(daily_spend=15_000_000)  # $0.015
+    client = Client(headers={"Authorization": f"Bearer {api_key_create(user=mia, name='k')[1]}"})
+    header = {"X-Tokentill-Org": org.slug}
+    assert _charge(client, "0.01", "c1", **header).status_code == 200
+    assert _charge(client, "0.01", "c1", **header).status_code == 200  # a replay: no second charge
+    over = _charge(client, "0.01", "c2", **header)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "member_spend_limit"
+    assert _charge(client, "0.01", "c3").status_code == 200  # her own wallet: no such limit
+    assert _balance(organization=org) == 5 * 10**9 - 10_000_000
+    assert _balance(user=mia) == 10 * 10**9 - 10_000_000
+    assert Entry.objects.get(wallet__organization=org, kind=EntryKind.CHARGE).member_id == mia.pk
+    stranger = Client(
+        headers={"Authorization": f"Bearer {api_key_create(user=make_user('x@example.com'), name='k')[1]}"}
     )
-    assert charged.status_code == 403
-    assert charged.json()["error"]["code"] == "organization_key_not_allowed"
+    refused = _charge(stranger, "0.01", "s1", **header)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "organization_forbidden"
 
 
 # --- PostgreSQL: a crowd of members on one shared wallet -------------------------------------

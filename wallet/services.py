@@ -115,6 +115,7 @@ def _post(
     metadata: dict | None = None,
     created_by=None,
     reason: str | None = None,
+    member_id: int | None = None,
 ) -> Entry:
     """Write one entry and move the (already locked) wallet's balance with it."""
     if not isinstance(amount, int) or isinstance(amount, bool):
@@ -136,6 +137,7 @@ def _post(
         description=description[:500],
         metadata=metadata or {},
         created_by=created_by,
+        member_id=member_id,
     )
     events.publish_on_commit(wallet, reason or kind)
     return entry
@@ -221,8 +223,10 @@ def wallet_charge(
     description: str = "",
     metadata: dict | None = None,
     reference: str = "",
+    member_id: int | None = None,
 ) -> Posted:
-    """Debit a tool charge now, only if the available balance (balance − held) covers it."""
+    """Debit a tool charge now, only if the available balance (balance − held) covers it.
+    ``member_id``: on an organization's wallet, the member who charged (kept on the entry)."""
     _check_amount(amount)
     if amount <= 0:
         raise WalletError("a charge must be positive")
@@ -235,6 +239,7 @@ def wallet_charge(
         reference=reference,
         description=description,
         metadata=metadata,
+        member_id=member_id,
     )
 
 
