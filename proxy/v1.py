@@ -34,7 +34,7 @@ from accounts.models import Scope, User
 from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from core.numbers import parse_id
 from core.openai_errors import OpenAIError
-from wallet.models import EntryKind, Wallet
+from wallet.models import EntryKind
 from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.services import IdempotencyConflict, InsufficientFunds, WalletError, wallet_credit, wallet_get_or_create
 
@@ -288,9 +288,11 @@ def list_models(request):
 
 @router.get("/user/balance", response=BalanceOut, tags=["wallet"], summary="The caller's wallet")
 def user_balance(request):
-    key = request.auth.api_key
-    if key is not None and key.organization_id is not None:  # an organization's key: its wallet
-        summary = wallet_summary_of(Wallet.objects.get(organization_id=key.organization_id))
+    # An organization's key, or X-Tokentill-Org: the organization's wallet (403 for a non-member).
+    org = org_billing.org_billing(request.auth, (request.headers.get("X-Tokentill-Org") or "").strip())
+    if org is not None:
+        org.wallet.refresh_from_db()
+        summary = wallet_summary_of(org.wallet)
     else:
         summary = wallet_summary(user=request.auth.user)
     return {

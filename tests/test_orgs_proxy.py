@@ -206,6 +206,8 @@ def test_a_members_tool_charge_names_the_org_and_counts_against_her_limit(acme):
     over = _charge(client, "0.01", "c2", **header)
     assert over.status_code == 429 and over.json()["error"]["code"] == "member_spend_limit"
     assert _charge(client, "0.01", "c3").status_code == 200  # her own wallet: no such limit
+    assert client.get("/v1/user/balance", headers=header).json()["balance"] == "4.990000000"
+    assert client.get("/v1/user/balance").json()["balance"] == "9.990000000"
     assert _balance(organization=org) == 5 * 10**9 - 10_000_000
     assert _balance(user=mia) == 10 * 10**9 - 10_000_000
     assert Entry.objects.get(wallet__organization=org, kind=EntryKind.CHARGE).member_id == mia.pk
@@ -214,6 +216,7 @@ def test_a_members_tool_charge_names_the_org_and_counts_against_her_limit(acme):
     )
     refused = _charge(stranger, "0.01", "s1", **header)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "organization_forbidden"
+    assert stranger.get("/v1/user/balance", headers=header).status_code == 403
 
 
 # --- PostgreSQL: a crowd of members on one shared wallet -------------------------------------
