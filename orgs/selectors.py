@@ -3,6 +3,8 @@ can reach nothing: an organization they are not in looks exactly like one that d
 
 from __future__ import annotations
 
+import re
+
 from django.db.models import QuerySet
 
 from accounts.models import ApiKey, User
@@ -16,14 +18,18 @@ def memberships_of(*, user: User) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("organization").order_by("organization__name", "id")
 
 
+_SLUG = re.compile(r"[-a-zA-Z0-9_]{1,50}")
+
+
 def membership_for(*, user: User, org: str | int) -> Membership | None:
-    """The user's membership of the organization ``org`` names — its id, or its slug — or None."""
+    """The user's membership of the organization ``org`` names — its id, or its slug — or None
+    (also for anything that could be neither: it is never sent to the database)."""
     memberships = Membership.objects.select_related("organization").filter(user=user)
     text = str(org).strip()
     try:
         return memberships.filter(organization_id=parse_id(text)).first()
     except ValueError:
-        return memberships.filter(organization__slug=text).first() if text else None
+        return memberships.filter(organization__slug=text).first() if _SLUG.fullmatch(text) else None
 
 
 def member_list(*, organization: Organization) -> QuerySet[Membership]:

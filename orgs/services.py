@@ -18,6 +18,8 @@ import hashlib
 import secrets
 from datetime import timedelta
 
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -39,6 +41,19 @@ class OrgError(Exception):
         self.message, self.status = message, status
 
 
+def _text(value: str, what: str, *, most: int) -> str:
+    """A name as a person typed it, stripped; refused when blank, too long or holding a NUL
+    (which PostgreSQL cannot store)."""
+    text = (value or "").strip()
+    if not text:
+        raise OrgError(f"{what} cannot be blank")
+    if len(text) > most:
+        raise OrgError(f"{what} is at most {most} characters")
+    if "\x00" in text:
+        raise OrgError(f"{what} cannot contain a NUL character")
+    return text
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -56,13 +71,11 @@ def _free_slug(name: str) -> str:
 
 def organization_create(*, user: User, name: str) -> Organization:
     """A new organization with ``user`` as its owner, and its (empty) wallet."""
-    name = name.strip()
-    if not name:
-        raise OrgError("an organization needs a name")
+    name = _text(name, "an organization's name", most=100)
     for _ in range(3):  # two organizations of one name created at once: the UNIQUE slug decides
         try:
             with transaction.atomic():
-                org = Organization.objects.create(name=name[:100], slug=_free_slug(name))
+                org = Organization.objects.create(name=name, slug=_free_slug(name))
                 Membership.objects.create(organization=org, user=user, role=Role.OWNER)
                 Wallet.objects.create(organization=org)
             return org
@@ -72,10 +85,7 @@ def organization_create(*, user: User, name: str) -> Organization:
 
 
 def organization_rename(*, organization: Organization, name: str) -> Organization:
-    name = name.strip()
-    if not name:
-        raise OrgError("an organization needs a name")
-    organization.name = name[:100]
+    organization.name = _text(name, "an organization's name", most=100)
     organization.save(update_fields=["name"])
     return organization
 
@@ -95,7 +105,11 @@ def invitation_create(*, actor: Membership, email: str, role: str = Role.MEMBER)
         raise OrgError(f"role must be one of: {', '.join(Role.values)}")
     if role == Role.OWNER and actor.role != Role.OWNER:
         raise OrgError("only an owner may invite an owner", 403)
-    email = email.strip().lower()
+    email = _text(email, "an email address", most=254).lower()
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise OrgError(f"{email!r} is not an email address") from None
     if Membership.objects.filter(organization_id=actor.organization_id, user__email__iexact=email).exists():
         raise OrgError("that address is already a member", 409)
     token = secrets.token_urlsafe(32)
@@ -190,6 +204,8 @@ def membership_update(
             ("allowed_models", allowed_models),
         ):
             if value is not _UNSET:
+                if name == "allowed_models" and value is not None:
+                    value = [_text(model, "a model id", most=200) for model in value]
                 setattr(membership, name, value)
         membership.save()
     return membership
@@ -224,6 +240,7 @@ def org_key_create(*, actor: Membership, name: str, expires_at=None, limits: dic
     """An API key of the organization, made by one of its owners or admins: it bills the
     organization's wallet whoever uses it."""
     _require_manager(actor)
+    name = _text(name, "a key's name", most=100)
     with transaction.atomic():
         key, secret = api_key_create(user=actor.user, name=name, expires_at=expires_at, limits=limits)
         ApiKey.objects.filter(pk=key.pk).update(organization_id=actor.organization_id)

@@ -244,11 +244,7 @@ def key_create(request, org_id: int):
     m = _membership(request, org_id)
     if request.method != "POST":  # a reload of the page that showed a secret: the page itself
         return _back(org_id, "keys")
-    name = request.POST.get("name", "").strip()[:100]
-    if not name:
-        messages.error(request, "A key needs a name.")
-        return _back(org_id, "keys")
-    made = _attempt(request, services.org_key_create, actor=m, name=name)
+    made = _attempt(request, services.org_key_create, actor=m, name=request.POST.get("name", ""))
     if made is None:
         return _back(org_id, "keys")
     return _org_page(request, m, new_secret=made[1])

@@ -326,3 +326,32 @@ def test_the_switcher_lists_me_and_my_organizations(team, client):
     client.force_login(people["mia"])
     page = client.get("/").content.decode()
     assert f'href="/orgs/{org.pk}"' in page and "Me (mia@example.com)" in page
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/orgs", {"name": "Evil\x00Corp"}),
+        ("/orgs/{org}/keys", {"name": "k\x00"}),
+        ("/orgs/{org}/invitations", {"email": "a\x00@example.com"}),
+        ("/orgs/{org}/invitations", {"email": "not an address"}),
+        ("/orgs/{org}/members/{mia}", {"role": "member", "allowed_models": "a/b, c\x00"}),
+    ],
+)
+def test_portal_forms_refuse_bad_text_with_a_message_not_an_error(team, client, path, body):
+    org, people = team
+    client.force_login(people["olivia"])
+    response = client.post(path.format(org=org.pk, mia=_members(org)["mia"].pk), body, follow=True)
+    assert response.status_code in (200, 400)
+    assert Organization.objects.count() == 1 and not Invitation.objects.exists()
+    assert not ApiKey.objects.filter(organization=org).exists()
+    assert _members(org)["mia"].allowed_models is None
+
+
+@pytest.mark.parametrize("header", ["acme\x00", "x" * 300, "a b", "../acme", "-1", "0"])
+def test_an_org_header_that_is_no_id_or_slug_is_simply_no_membership(team, header):
+    from orgs.selectors import membership_for
+
+    org, people = team
+    assert membership_for(user=people["olivia"], org=header) is None
+    assert membership_for(user=people["olivia"], org=org.slug).organization == org
