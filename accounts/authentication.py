@@ -6,6 +6,7 @@ from rest_framework import authentication, exceptions
 from .auth import AuthFailed, Principal, authenticate_bearer, bearer_from_header
 
 OPERATOR_KEY_ELSEWHERE = "an operator key works only on the operator API (/api/admin/)"
+ORG_KEY_ELSEWHERE = "an organization's API key works only on /v1; manage the organization as one of its members"
 
 
 class BearerAuthentication(authentication.BaseAuthentication):
@@ -29,6 +30,8 @@ class BearerAuthentication(authentication.BaseAuthentication):
     def check_kind(self, principal: Principal) -> None:
         if principal.is_operator_key and not self.operator_keys:
             raise exceptions.AuthenticationFailed(OPERATOR_KEY_ELSEWHERE)
+        if principal.api_key is not None and principal.api_key.organization_id is not None:
+            raise exceptions.AuthenticationFailed(ORG_KEY_ELSEWHERE)
 
     def authenticate_header(self, request):
         return self.keyword

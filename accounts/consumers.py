@@ -84,9 +84,13 @@ def origin_is_ours(headers: dict[bytes, bytes]) -> bool:
 @database_sync_to_async
 def _principal(token: str) -> tuple[Principal | None, str | None]:
     try:
-        return authenticate_bearer(token), None
+        principal = authenticate_bearer(token)
     except AuthFailed as exc:
         return None, exc.reason
+    if principal.api_key is not None and principal.api_key.organization_id is not None:
+        # An organization's key is nobody's account: it has no user's balance to follow.
+        return None, "an organization's API key has no live events"
+    return principal, None
 
 
 def _credential(principal: Principal) -> events.Credential:

@@ -93,6 +93,11 @@ class ApiKey(models.Model):
     PREFIX_LENGTH = 12  # "tt_" + 9 characters: unique lookup, reveals nothing useful
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    # An organization's key (made by one of its owners or admins, ``user``) always bills the
+    # organization's wallet; None: the user's own key.
+    organization = models.ForeignKey(
+        "orgs.Organization", null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys"
+    )
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=PREFIX_LENGTH, unique=True)
     key_hash = models.CharField(max_length=64)

@@ -12,12 +12,13 @@ from .models import ApiKey, TokenFamily, User
 
 
 def api_key_list(*, user: User) -> QuerySet[ApiKey]:
-    """Every key of the user, revoked ones included (they stay listed for the audit trail)."""
-    return ApiKey.objects.filter(user=user).order_by("-created_at", "-id")
+    """Every key of the user, revoked ones included (they stay listed for the audit trail); an
+    organization's keys are the organization's (``orgs``), not the member's who made them."""
+    return ApiKey.objects.filter(user=user, organization__isnull=True).order_by("-created_at", "-id")
 
 
 def api_key_get(*, user: User, key_id: int) -> ApiKey:
-    key = ApiKey.objects.filter(user=user, pk=key_id).first()
+    key = api_key_list(user=user).filter(pk=key_id).first()
     if key is None:
         raise Http404("no such API key")
     return key

@@ -47,12 +47,12 @@ def ledger_discrepancies() -> list[Discrepancy]:
             | Q(held__lt=0)
             | (Q(latest_after__isnull=False) & ~Q(latest_after=F("balance")))
         )
-        .select_related("user")
+        .select_related("user", "organization")
         .order_by("pk")
     )
     found = []
     for wallet in wallets:
-        name = wallet.user.email
+        name = _owner_name(wallet)
         if wallet.balance != wallet.entry_sum:
             found.append(
                 Discrepancy(
@@ -81,16 +81,23 @@ def ledger_discrepancies() -> list[Discrepancy]:
     running = Entry.objects.annotate(
         running=Window(Sum("amount"), partition_by=[F("wallet_id")], order_by=F("id").asc())
     ).filter(~Q(balance_after=F("running")))
-    for entry in running.select_related("wallet__user").order_by("wallet_id", "id"):
+    for entry in running.select_related("wallet__user", "wallet__organization").order_by("wallet_id", "id"):
         found.append(
             Discrepancy(
                 entry.wallet_id,
-                entry.wallet.user.email,
+                _owner_name(entry.wallet),
                 f"entry {entry.pk}: balance_after {format_usd(entry.balance_after)} ≠ "
                 f"running sum {format_usd(entry.running)}",
             )
         )
     return found
+
+
+def _owner_name(wallet) -> str:
+    """Who a wallet belongs to, as a report names it: a user's email or an organization's slug."""
+    if wallet.user_id is not None:
+        return wallet.user.email
+    return f"organization {wallet.organization.slug}"
 
 
 @dataclass(frozen=True)
@@ -132,12 +139,10 @@ def usage_discrepancies(*, limit: int = 100) -> list[tuple[str, int, int]]:
     keys = Q(idempotency_key=Concat(Value("hold:"), OuterRef("request_id"))) | Q(
         idempotency_key=Concat(Value("reconcile:"), OuterRef("request_id"))
     )
+    # The wallet the request was billed to: its organization's, or its user's.
+    billed = Q(wallet__user_id=OuterRef("user_id")) | Q(wallet__organization_id=OuterRef("organization_id"))
     debits = (
-        Entry.objects.filter(keys, wallet__user_id=OuterRef("user_id"))
-        .order_by()
-        .values("wallet__user_id")
-        .annotate(total=Sum("amount"))
-        .values("total")
+        Entry.objects.filter(keys, billed).order_by().values("wallet_id").annotate(total=Sum("amount")).values("total")
     )
     settled = UsageRecord.objects.exclude(status__in=[UsageStatus.PENDING, UsageStatus.REFUSED])
     rows = (

@@ -170,7 +170,7 @@ def _with_margin(row: dict) -> dict:
 
 def negative_wallets(*, limit: int = NEGATIVE_WALLETS_SHOWN) -> list[Wallet]:
     """Wallets a settle overage took below zero: blocked until topped up, and owed to us."""
-    return list(Wallet.objects.filter(balance__lt=0).select_related("user").order_by("balance")[:limit])
+    return list(Wallet.objects.filter(balance__lt=0).select_related("user", "organization").order_by("balance")[:limit])
 
 
 def hold_summary(*, now: datetime | None = None) -> dict:

@@ -112,6 +112,7 @@ INSTALLED_APPS = [
     "csp",
     "channels",
     "accounts",
+    "orgs",
     "wallet",
     "notify",
     "proxy",
@@ -148,6 +149,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "infra.context_processors.site",
+                "orgweb.context_processors.switcher",
                 "csp.context_processors.nonce",
             ],
         },
@@ -444,6 +446,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Ledger kinds and request statuses appear in several components (a user's and an
+    # organization's entries and usage): one named enum each, not a name made from a hash.
+    "ENUM_NAME_OVERRIDES": {
+        "EntryKindEnum": "wallet.models.EntryKind",
+        "UsageRecordStatusEnum": "proxy.models.UsageStatus",
+    },
 }
 
 LOGGING = {

@@ -31,6 +31,7 @@ urlpatterns = [
     path("api/", include("wallet.urls_api")),
     path("api/", include("proxy.urls_api")),
     path("api/", include("payments.urls_api")),
+    path("api/", include("orgweb.urls_api")),
     # Unknown paths under /v1/ answer in the OpenAI shape: "/v1/" itself before Ninja's routes (its
     # root view exists only to be reversed, and answers Django's HTML 404), anything else after
     # them. /v1/chat/completions and /v1/embeddings never get here under ASGI (config/routing.py).

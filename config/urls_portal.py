@@ -5,6 +5,7 @@ from django.urls import path
 from accounts import views as account_views
 from accounts import views_device as device_views
 from notify import views as notify_views
+from orgweb import views as org_views
 from payments import views as payment_views
 from proxy import views as usage_views
 from wallet import views as wallet_views
@@ -29,6 +30,20 @@ urlpatterns = [
     path("settings/limits", account_views.limits_settings, name="limits_settings"),
     path("settings/notifications", wallet_views.notification_settings, name="notification_settings"),
     path("unsubscribe/<str:token>", notify_views.unsubscribe, name="unsubscribe"),
+    path("orgs", org_views.orgs, name="orgs"),
+    path("orgs/<int:org_id>", org_views.org, name="org"),
+    path("orgs/<int:org_id>/members/<int:member_id>", org_views.member_update, name="org_member_update"),
+    path("orgs/<int:org_id>/members/<int:member_id>/remove", org_views.member_remove, name="org_member_remove"),
+    path("orgs/<int:org_id>/invitations", org_views.invitation_create, name="org_invitation_create"),
+    path(
+        "orgs/<int:org_id>/invitations/<int:invitation_id>/revoke",
+        org_views.invitation_revoke,
+        name="org_invitation_revoke",
+    ),
+    path("orgs/<int:org_id>/keys", org_views.key_create, name="org_key_create"),
+    path("orgs/<int:org_id>/keys/<int:key_id>/revoke", org_views.key_revoke, name="org_key_revoke"),
+    path("orgs/<int:org_id>/topup", org_views.topup, name="org_topup"),
+    path("orgs/join/<str:token>", org_views.invitation, name="org_invitation"),
     path("topup", payment_views.topup, name="topup"),
     path("topup/done", payment_views.topup_done, name="topup_done"),
     path("topup/<slug:slug>", payment_views.topup_pack, name="topup_pack"),

@@ -10,7 +10,14 @@ from wallet.serializers import MoneyField
 
 from .models import Provider
 from .selectors import pack_list
-from .services import ProviderError, ProviderNotConfigured, UnknownPack, checkout_create
+from .services import (
+    NotAllowedToBuy,
+    ProviderError,
+    ProviderNotConfigured,
+    UnknownOrganization,
+    UnknownPack,
+    checkout_create,
+)
 from .throttles import CheckoutThrottle
 
 
@@ -51,6 +58,9 @@ class CheckoutCreateApi(APIView):
     class InputSerializer(serializers.Serializer):
         pack = serializers.CharField(max_length=40)
         provider = serializers.ChoiceField(choices=Provider.choices, required=False)
+        organization = serializers.CharField(
+            max_length=50, required=False, help_text="an organization's id or slug: top up its wallet (owners, admins)"
+        )
 
     def throttled(self, request, wait):
         # DRF appends "Expected available in N seconds." and sets Retry-After.
@@ -72,8 +82,15 @@ class CheckoutCreateApi(APIView):
         data.is_valid(raise_exception=True)
         try:
             checkout = checkout_create(
-                user=request.user, pack_slug=data.validated_data["pack"], provider=data.validated_data.get("provider")
+                user=request.user,
+                pack_slug=data.validated_data["pack"],
+                provider=data.validated_data.get("provider"),
+                organization=data.validated_data.get("organization"),
             )
+        except UnknownOrganization as exc:
+            raise exceptions.NotFound(str(exc))
+        except NotAllowedToBuy as exc:
+            raise exceptions.PermissionDenied(str(exc))
         except UnknownPack as exc:
             raise exceptions.ValidationError({"detail": str(exc)})
         except ProviderNotConfigured as exc:

@@ -70,6 +70,11 @@ class Checkout(models.Model):
     public_id = models.CharField(max_length=40, unique=True, default=new_checkout_id)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="checkouts")
     pack = models.ForeignKey(CreditPack, on_delete=models.PROTECT, related_name="checkouts")
+    # Buying for an organization's wallet (``user`` is the owner or admin who bought); None: the
+    # user's own wallet.
+    organization = models.ForeignKey(
+        "orgs.Organization", null=True, blank=True, on_delete=models.PROTECT, related_name="checkouts"
+    )
     provider = models.CharField(max_length=20, choices=Provider.choices)
     provider_checkout_id = models.CharField(max_length=200, blank=True, db_index=True)
     url = models.URLField(max_length=2000, blank=True)
@@ -102,6 +107,11 @@ class Payment(models.Model):
     )
     pack = models.ForeignKey(CreditPack, null=True, blank=True, on_delete=models.PROTECT, related_name="payments")
     checkout = models.ForeignKey(Checkout, null=True, blank=True, on_delete=models.SET_NULL, related_name="payments")
+    # The wallet the payment credited: what a refund claws back from (a user's or an
+    # organization's). None on payments credited before this was kept: the user's wallet.
+    wallet = models.ForeignKey(
+        "wallet.Wallet", null=True, blank=True, on_delete=models.PROTECT, related_name="payments"
+    )
     subscription = models.ForeignKey(
         "Subscription", null=True, blank=True, on_delete=models.SET_NULL, related_name="payments"
     )

@@ -48,6 +48,7 @@ from django.utils import timezone
 from core.money import NANOS_PER_USD, format_money, mul_round, usd_to_nanos
 from core.numbers import parse_id
 from notify.services import staff_email_on_commit
+from orgs.selectors import membership_for, org_wallet
 from wallet.models import EntryKind
 from wallet.services import wallet_credit, wallet_get_or_create, wallet_refund
 
@@ -97,12 +98,31 @@ def _provider_ready(provider: str, pack: CreditPack) -> bool:
     return stripe_provider.is_configured() and bool(pack.stripe_price_id)
 
 
-def checkout_create(*, user, pack_slug: str, provider: str | None = None) -> Checkout:
+class UnknownOrganization(PaymentsError):
+    """The checkout names an organization the buyer is not a member of (or none at all)."""
+
+
+class NotAllowedToBuy(PaymentsError):
+    """Only an organization's owners and admins may top up its wallet."""
+
+
+def checkout_create(*, user, pack_slug: str, provider: str | None = None, organization: str | None = None) -> Checkout:
     """Create our checkout row, then the provider's hosted checkout for it.
+
+    ``organization`` (its id or slug): the credit goes to that organization's wallet, which only
+    its owners and admins may top up; else to the buyer's own.
 
     The provider call happens outside any transaction (no row lock is held across the network);
     the row exists first so its id can ride in the provider's custom data.
     """
+    org = None
+    if organization is not None:
+        membership = membership_for(user=user, org=organization)
+        if membership is None:
+            raise UnknownOrganization("no such organization")
+        if not membership.manages:
+            raise NotAllowedToBuy("only the organization's owners and admins may top up its wallet")
+        org = membership.organization
     pack = CreditPack.objects.filter(slug=pack_slug, active=True).first()
     if pack is None:
         raise UnknownPack(f"There is no credit pack {pack_slug!r}.")
@@ -112,7 +132,7 @@ def checkout_create(*, user, pack_slug: str, provider: str | None = None) -> Che
         label = Provider(provider).label
         raise ProviderNotConfigured(f"Payments through {label} are not configured for the {pack.name} pack.")
 
-    checkout = Checkout.objects.create(user=user, pack=pack, provider=provider)
+    checkout = Checkout.objects.create(user=user, pack=pack, provider=provider, organization=org)
     created: lemonsqueezy.CreatedCheckout | stripe_provider.CreatedSession
     done_url = f"{settings.APP_URL}/topup/done?checkout={checkout.public_id}"
     try:
@@ -419,14 +439,21 @@ def _credit_payment(
     user,
     **payment_fields,
 ) -> Payment:
+    checkout = payment_fields.get("checkout")
+    # A checkout started for an organization credits the organization's wallet; the payment
+    # keeps which wallet it credited, which is what a refund claws back from.
+    if checkout is not None and checkout.organization_id is not None:
+        wallet = org_wallet(organization=checkout.organization)
+    else:
+        wallet = wallet_get_or_create(user=user)
     payment, created = Payment.objects.get_or_create(
         provider=payment_fields.pop("provider"),
         provider_payment_id=payment_fields.pop("provider_payment_id"),
-        defaults={**payment_fields, "user": user, "pack": pack, "credit": credit},
+        defaults={**payment_fields, "user": user, "pack": pack, "credit": credit, "wallet": wallet},
     )
     if created:
         wallet_credit(
-            wallet=wallet_get_or_create(user=user),
+            wallet=wallet,
             amount=credit,
             kind=kind,
             idempotency_key=idempotency_key,
@@ -467,7 +494,8 @@ def _apply_refund(
     delta = target - payment.clawed_back
     if delta > 0:
         wallet_refund(
-            wallet=wallet_get_or_create(user=payment.user),
+            # The wallet the payment credited (an organization's, or the user's).
+            wallet=payment.wallet if payment.wallet is not None else wallet_get_or_create(user=payment.user),
             amount=delta,
             idempotency_key=idempotency_key,
             reference=payment.provider_payment_id,
@@ -973,8 +1001,14 @@ def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
             raise PaymentsError(f"{locked} has no known user or pack: refund it, or correct a wallet by hand")
         if locked.refunded_amount:
             raise PaymentsError(f"{locked} was partly refunded: correct the wallet by hand")
+        checkout = locked.checkout
+        wallet = (
+            org_wallet(organization=checkout.organization)
+            if checkout is not None and checkout.organization is not None
+            else wallet_get_or_create(user=locked.user)
+        )
         wallet_credit(
-            wallet=wallet_get_or_create(user=locked.user),
+            wallet=wallet,
             amount=locked.pack.credit,
             kind=EntryKind.TOP_UP,
             idempotency_key=f"staff:payment:{locked.pk}",
@@ -982,8 +1016,8 @@ def payment_flagged_credit(*, payment: Payment, staff_user) -> Payment:
             description=f"{locked.pack.name} credit pack (flagged payment credited by staff)",
             metadata={"provider": locked.provider, "payment": locked.provider_payment_id, "staff": staff_user.email},
         )
-        locked.status, locked.credit = PaymentStatus.PAID, locked.pack.credit
-        locked.save(update_fields=["status", "credit"])
+        locked.status, locked.credit, locked.wallet = PaymentStatus.PAID, locked.pack.credit, wallet
+        locked.save(update_fields=["status", "credit", "wallet"])
         outbox.payment_succeeded(locked)
         StaffAlert.objects.filter(payment=locked, resolved=False).update(resolved=True, resolved_at=timezone.now())
     return locked

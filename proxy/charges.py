@@ -19,6 +19,7 @@ from wallet.models import Entry
 from wallet.services import Posted, wallet_charge, wallet_get_or_create
 
 from . import limits
+from .org_billing import OrgBilling, reserve_member_spend
 
 
 def tool_charge(
@@ -30,6 +31,7 @@ def tool_charge(
     description: str,
     metadata: dict,
     run: limits.RunAsk | None = None,
+    org: OrgBilling | None = None,
 ) -> Posted:
     """Debit ``amount`` nanodollars from ``target``'s wallet now, if its available balance covers it.
 
@@ -37,10 +39,21 @@ def tool_charge(
     target's wallet (``charge:<key>``). Raises ``wallet.services.InsufficientFunds`` (nothing
     posted: the same key retried after a top-up is charged then), ``IdempotencyConflict`` (the key
     was used for another amount), ``limits.LimitExceeded`` (a spend cap is full) or ``WalletError``.
+
+    ``org`` (``X-Tokentill-Org``, or an organization's key): the organization's wallet is charged
+    instead, within the member's spend limits there, and the entry names the member.
     """
-    wallet = wallet_get_or_create(user=target)
+    wallet = org.wallet if org is not None else wallet_get_or_create(user=target)
     namespaced = f"charge:{idempotency_key}"
     reservation = _reserve(principal, wallet=wallet, user=target, idempotency_key=namespaced, amount=amount, run=run)
+    if org is not None:
+        try:
+            reserve_member_spend(membership=org.membership, amount=amount, now=timezone.now(), reservation=reservation)
+        except limits.LimitExceeded:
+            if not Entry.objects.filter(wallet=wallet, idempotency_key=namespaced).exists():
+                raise
+            limits.release(reservation)  # a replay: wallet_charge answers with its first result
+            reservation = limits.Reservation()
     posted = None
     try:
         posted = wallet_charge(
@@ -50,6 +63,7 @@ def tool_charge(
             reference=idempotency_key,
             description=description,
             metadata=metadata,
+            member_id=target.pk if org is not None else None,
         )
     finally:
         # Nothing posted (402, 409, a replay of a charge already counted, an error): the
@@ -72,7 +86,7 @@ def _reserve(
         return limits.reserve_spend(
             api_key=principal.api_key,
             run=run.run,
-            user_id=wallet.user_id,
+            user_id=user.pk,
             amount=amount,
             now=timezone.now(),
             run_max_spend=run.max_spend,

@@ -305,6 +305,11 @@ class UsageRecord(models.Model):
     api_key = models.ForeignKey(
         "accounts.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
     )
+    # Billed to this organization's wallet (``user`` is then the member who spent); None: the
+    # user's own wallet.
+    organization = models.ForeignKey(
+        "orgs.Organization", null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
+    )
     endpoint = models.CharField(max_length=40, default="chat.completions")
     model = models.CharField(max_length=200, help_text="model the client asked for")
     # What the request was routed and priced as, kept as it was at the time (an alias's target

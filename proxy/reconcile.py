@@ -103,7 +103,12 @@ def hold_reconcile(*, hold: Hold, generation: dict | None) -> str:
         cost = charge_nanos(upstream_cost, markup=rates.markup, min_charge=rates.min_charge)
         record.settled_at = timezone.now()
         hold.refresh_from_db(fields=["overrun_cap"])
-        closed = hold_settle(hold=hold, amount=cost, description=f"{record.model} ({record.request_id}, reconciled)")
+        closed = hold_settle(
+            hold=hold,
+            amount=cost,
+            description=f"{record.model} ({record.request_id}, reconciled)",
+            member_id=record.user_id if record.organization_id is not None else None,
+        )
         # The hold's overrun cap applies here as at the proxy: the rest is the operator's loss.
         record.charge, record.operator_loss = closed.charged, closed.loss
         record.save()
@@ -118,7 +123,11 @@ def estimates_to_reconcile(*, settled_before, limit: int, upstreams: list[str] |
     )
     if upstreams is not None:
         records = records.filter(upstream__in=upstreams)
-    return records.exclude(generation_id="").select_related("user__wallet").order_by("settled_at", "pk")[:limit]
+    return (
+        records.exclude(generation_id="")
+        .select_related("user__wallet", "organization__wallet")
+        .order_by("settled_at", "pk")[:limit]
+    )
 
 
 def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
@@ -136,7 +145,8 @@ def estimate_reconcile(*, record: UsageRecord, generation: dict | None) -> str:
     hold = Hold.objects.filter(request_id=record.request_id).only("amount", "overrun_cap").first()
     with transaction.atomic(savepoint=False):
         posted = usage_reconcile(
-            wallet=record.user.wallet,
+            # The wallet the request was billed to: its organization's, or its user's.
+            wallet=record.organization.wallet if record.organization is not None else record.user.wallet,
             request_id=record.request_id,
             delta=cost - estimated_charge,
             description=f"{record.model} ({record.request_id}): estimate replaced by the upstream's cost",

@@ -36,6 +36,7 @@ from core.openai_errors import OpenAIError
 from core.pricing import Rates, affordable_output, charge_nanos, cost_usd, hold_nanos
 from core.usage import Usage, estimate_tokens
 from infra import adb
+from orgs.models import Membership, Organization
 from wallet.models import Hold, Wallet
 from wallet.services import (
     InsufficientFunds,
@@ -46,7 +47,7 @@ from wallet.services import (
     wallet_get_or_create,
 )
 
-from . import limits
+from . import limits, org_billing
 from .models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from .selectors import (
     Choice,
@@ -107,6 +108,11 @@ class RequestMeta:
     # The principal's ``unchanged`` condition (``accounts.auth``): the request's first write — its
     # hold, or its refusal's record — happens only while it is true, else ``adb.ConditionFailed``.
     unchanged: tuple[str, dict] | None = None
+    # Billed to an organization (``proxy.org_billing``): it, its wallet, and the membership whose
+    # limits apply (None for the organization's own key). None: the user's own wallet.
+    organization: Organization | None = None
+    wallet: Wallet | None = None
+    membership: Membership | None = None
 
 
 @dataclass
@@ -156,6 +162,7 @@ def _record_of(meta: RequestMeta, choice: Choice | None = None, **fields) -> Usa
         request_id=meta.request_id,
         user=meta.user,
         api_key=meta.api_key,
+        organization=meta.organization,
         endpoint=meta.endpoint,
         model=meta.model[:200],
         stream=meta.stream,
@@ -301,6 +308,7 @@ def request_plan(
                 raise Refusal(
                     403, f"This API key may not use the model `{model}`.", "permission_error", "model_not_allowed"
                 )
+    org_billing.check_model(meta.membership, models)
     media = media or Media()
     primary_models = models[: fallback_count(choice, meta, models)]
     served = _priced(primary_models, found[: len(primary_models)], prompt_chars, requested_output, choices, media)
@@ -340,6 +348,8 @@ def request_plan(
     except limits.LimitExceeded:
         limits.release(reservation)
         raise
+    # The member's own limits in the organization, on the same reservation (released with it).
+    org_billing.reserve_member_spend(membership=meta.membership, amount=served.amount, now=now, reservation=reservation)
     return Plan(choice, served, fallback, choices, reservation)
 
 
@@ -404,7 +414,7 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
         run_max_spend=meta.run_max_spend,
         user=meta.user,
     )
-    if routes is None or uses_counters:
+    if routes is None or uses_counters or org_billing.uses_counters(meta.membership):
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
     return request_plan(meta=meta, routes=routes, tiers=tiers, **kwargs)
 
@@ -453,7 +463,7 @@ async def arequest_begin(
         await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
         raise
     choice, served, fallback = plan.choice, plan.served, plan.fallback
-    wallet = await _wallet_of(meta.user)
+    wallet = meta.wallet if meta.wallet is not None else await _wallet_of(meta.user)
     floor = usd_to_nanos(settings.MIN_BALANCE)
     record = _record_of(
         meta,
@@ -695,6 +705,7 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
             description=description,
             also_save=(record, _SETTLED_BY_CHARGE),
             charged_into=("charge", "operator_loss"),
+            member_id=record.user_id if record.organization_id is not None else None,
         )
         charge = closed.charged
     else:

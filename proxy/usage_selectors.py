@@ -40,8 +40,9 @@ def usage_list(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> QuerySet[UsageRecord]:
-    """The user's records, newest first. ``since`` is inclusive, ``until`` exclusive."""
-    queryset = UsageRecord.objects.filter(user=user)
+    """The user's records, newest first. ``since`` is inclusive, ``until`` exclusive. (Requests
+    billed to an organization are the organization's: ``orgweb``.)"""
+    queryset = UsageRecord.objects.filter(user=user, organization__isnull=True)
     if model:
         queryset = queryset.filter(model=model)
     if run:
@@ -57,7 +58,7 @@ def usage_list(
 
 
 def usage_get(*, user, usage_id: int) -> UsageRecord | None:
-    return UsageRecord.objects.filter(user=user, pk=usage_id).first()
+    return UsageRecord.objects.filter(user=user, organization__isnull=True, pk=usage_id).first()
 
 
 def usage_summary(*, user, group_by: str, **filters) -> dict:

@@ -35,10 +35,10 @@ from core.money import MoneyError, format_usd, parse_usd, usd_to_nanos
 from core.numbers import parse_id
 from core.openai_errors import OpenAIError
 from wallet.models import EntryKind
-from wallet.selectors import wallet_summary
+from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.services import IdempotencyConflict, InsufficientFunds, WalletError, wallet_credit, wallet_get_or_create
 
-from . import limits
+from . import limits, org_billing
 from .charges import tool_charge
 from .ninja_auth import BearerAuth
 from .prices import price_public_rates, prices_current_enabled
@@ -298,7 +298,13 @@ def list_models(request):
 
 @router.get("/user/balance", response=BalanceOut, tags=["wallet"], summary="The caller's wallet")
 def user_balance(request):
-    summary = wallet_summary(user=request.auth.user)
+    # An organization's key, or X-Tokentill-Org: the organization's wallet (403 for a non-member).
+    org = org_billing.org_billing(request.auth, (request.headers.get("X-Tokentill-Org") or "").strip())
+    if org is not None:
+        org.wallet.refresh_from_db()
+        summary = wallet_summary_of(org.wallet)
+    else:
+        summary = wallet_summary(user=request.auth.user)
     return {
         "balance": format_usd(summary.balance),
         "held": format_usd(summary.held),
@@ -321,11 +327,17 @@ def user_charge(request, body: ChargeIn, idempotency_key: str | None = Header(No
     _no_nul(body.description, "description")
     metadata = _charge_metadata(principal, body.metadata, run.run)
     target = principal.user
+    # An organization's key, or X-Tokentill-Org: the organization's wallet pays (403 when the
+    # caller is not one of its members).
+    org = org_billing.org_billing(principal, (request.headers.get("X-Tokentill-Org") or "").strip())
     if body.user is not None:
+        if org is not None:
+            raise _refused("`user` charges another user's own wallet: send no organization with it.", "invalid_request")
         _require_billing(principal, "charging another user")
         target = _user(body.user)
     try:
         charged = tool_charge(
+            org=org,
             principal=principal,
             target=target,
             amount=amount,

@@ -62,12 +62,13 @@ class CorrectionForm(forms.Form):
 
 @admin.register(Wallet)
 class WalletAdmin(ReadOnlyAdmin):
-    list_display = ["user", "balance_usd", "held_usd", "available_usd", "currency", "updated_at"]
-    list_select_related = ["user"]
-    search_fields = ["user__email"]
+    list_display = ["user", "organization", "balance_usd", "held_usd", "available_usd", "currency", "updated_at"]
+    list_select_related = ["user", "organization"]
+    search_fields = ["user__email", "organization__name", "organization__slug"]
     ordering = ["-updated_at"]
     fields = [
         "user",
+        "organization",
         "balance_usd",
         "held_usd",
         "available_usd",
@@ -162,14 +163,14 @@ class WalletAdmin(ReadOnlyAdmin):
                     self.log_change(request, wallet, f"Correction {format_usd(amount)} USD: {entry.description}")
                     messages.success(
                         request,
-                        f"Posted a correction of {format_usd(amount)} USD to {wallet.user}. "
+                        f"Posted a correction of {format_usd(amount)} USD to {wallet.owner}. "
                         f"Balance is now {format_usd(entry.balance_after)} USD.",
                     )
                 return HttpResponseRedirect(reverse("admin:wallet_wallet_change", args=[wallet.pk]))
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
-            "title": f"Correct the balance of {wallet.user}",
+            "title": f"Correct the balance of {wallet.owner}",
             "wallet": wallet,
             "balance": format_usd(wallet.balance),
             "available": format_usd(wallet.available),
@@ -184,7 +185,7 @@ class EntryAdmin(ReadOnlyAdmin):
     list_filter = ["kind", "created_at"]
     date_hierarchy = "created_at"
     search_fields = ["reference", "wallet__user__email"]
-    list_select_related = ["wallet__user"]
+    list_select_related = ["wallet__user", "wallet__organization"]
     fields = [
         "id",
         "created_at",
@@ -208,9 +209,9 @@ class EntryAdmin(ReadOnlyAdmin):
     def balance_after_usd(self, entry):
         return money_html(entry.balance_after)
 
-    @admin.display(description="user", ordering="wallet__user__email")
+    @admin.display(description="owner", ordering="wallet__user__email")
     def user(self, entry):
-        return entry.wallet.user
+        return entry.wallet.owner
 
 
 @admin.register(Hold)
@@ -218,7 +219,7 @@ class HoldAdmin(ReadOnlyAdmin):
     list_display = ["request_id", "user", "amount_usd", "status", "created_at", "expires_at", "closed_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["request_id", "wallet__user__email"]
-    list_select_related = ["wallet__user"]
+    list_select_related = ["wallet__user", "wallet__organization"]
     fields = [
         "request_id",
         "wallet",
@@ -236,6 +237,6 @@ class HoldAdmin(ReadOnlyAdmin):
     def amount_usd(self, hold):
         return money_html(hold.amount)
 
-    @admin.display(description="user", ordering="wallet__user__email")
+    @admin.display(description="owner", ordering="wallet__user__email")
     def user(self, hold):
-        return hold.wallet.user
+        return hold.wallet.owner

@@ -65,8 +65,11 @@ def crossings(*, before: int, after: int, wallet_threshold: int | None) -> list[
     return found
 
 
-def emit_crossings(*, user_id: int, before: int, after: int, wallet_threshold: int | None) -> None:
-    """Write the crossed lines' events into the outbox, in the caller's transaction."""
+def emit_crossings(*, user_id: int | None, before: int, after: int, wallet_threshold: int | None) -> None:
+    """Write the crossed lines' events into the outbox, in the caller's transaction. (An
+    organization's wallet, ``user_id`` None, has no one to alert by email.)"""
+    if user_id is None:
+        return
     for event_type, data in crossings(before=before, after=after, wallet_threshold=wallet_threshold):
         event_emit(type=event_type, user_id=user_id, data=data)
 

@@ -63,7 +63,9 @@ def _send(user_id: int, message: dict) -> None:
         log.exception("could not publish %s for user %s", message["type"], user_id)
 
 
-def publish_balance_on_commit(user_id: int, *, balance: int, held: int, reason: str) -> None:
+def publish_balance_on_commit(user_id: int | None, *, balance: int, held: int, reason: str) -> None:
+    if user_id is None:  # an organization's wallet: no user's sockets follow it
+        return
     payload = balance_payload(balance=balance, held=held, reason=reason)
     transaction.on_commit(lambda: publish(user_id, payload))
 
@@ -124,7 +126,9 @@ async def send_collected(pending: list) -> None:
             log.exception("could not publish %s for user %s", message["type"], user_id)
 
 
-async def apublish_balance(user_id: int, *, balance: int, held: int, reason: str) -> None:
+async def apublish_balance(user_id: int | None, *, balance: int, held: int, reason: str) -> None:
     """From async code, once the change has committed."""
+    if user_id is None:  # an organization's wallet
+        return
     payload = balance_payload(balance=balance, held=held, reason=reason)
     await send_collected([(user_id, {"type": "wallet.event", "event": payload})])

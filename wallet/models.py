@@ -26,7 +26,13 @@ from django.utils import timezone
 
 
 class Wallet(models.Model):
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="wallet")
+    # A wallet belongs to a user or to an organization (``orgs``), never both, never neither.
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="wallet"
+    )
+    organization = models.OneToOneField(
+        "orgs.Organization", null=True, blank=True, on_delete=models.PROTECT, related_name="wallet"
+    )
     balance = models.BigIntegerField(default=0)  # nanodollars
     held = models.BigIntegerField(default=0)  # nanodollars reserved by active holds
     currency = models.CharField(max_length=3, default="USD")
@@ -40,13 +46,23 @@ class Wallet(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(held__gte=0), name="wallet_held_non_negative"),
             models.CheckConstraint(
+                condition=Q(user__isnull=False, organization__isnull=True)
+                | Q(user__isnull=True, organization__isnull=False),
+                name="wallet_one_owner",
+            ),
+            models.CheckConstraint(
                 condition=Q(low_balance_threshold__isnull=True) | Q(low_balance_threshold__gte=0),
                 name="wallet_low_balance_threshold_non_negative",
             ),
         ]
 
     def __str__(self):
-        return f"wallet of {self.user}"
+        return f"wallet of {self.owner}"
+
+    @property
+    def owner(self):
+        """The user or the organization the wallet belongs to."""
+        return self.user if self.user_id is not None else self.organization
 
     @property
     def available(self) -> int:
@@ -84,6 +100,11 @@ class Entry(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # On an organization's wallet: the member whose request (or charge) this is. (The wallet
+    # names the organization.)
+    member = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 

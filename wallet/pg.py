@@ -75,9 +75,9 @@ WITH h AS (
     RETURNING {wallet}.balance, {wallet}.held, {wallet}.user_id, {wallet}.low_balance_threshold, c.charged
 ), e AS (
     INSERT INTO {entry} (wallet_id, kind, amount, balance_after, idempotency_key, reference, description,
-                         metadata, created_at)
+                         metadata, member_id, created_at)
     SELECT %(wallet_id)s, %(kind)s, -w.charged, w.balance, %(key)s, %(reference)s, %(description)s,
-           %(metadata)s::jsonb, %(now)s
+           %(metadata)s::jsonb, %(member_id)s::bigint, %(now)s
     FROM w WHERE w.charged > 0
     RETURNING id
 ), alerts AS (
@@ -93,6 +93,7 @@ WITH h AS (
         ('balance.depleted', 'min_balance', %(depleted)s::bigint, %(min_balance)s::text)
     ) AS line(type, field, level, shown)
     WHERE line.level > 0 AND w.balance < line.level AND w.balance + w.charged >= line.level
+          AND w.user_id IS NOT NULL
 )
 SELECT (SELECT id FROM e), w.balance, w.held, w.user_id, w.charged FROM w
 """
@@ -224,6 +225,7 @@ def hold_close(
     metadata: dict,
     also_save: tuple[models.Model, list[str]] | None = None,
     charged_into: tuple[str, str] | None = None,
+    member_id: int | None = None,
 ) -> Statement:
     """Close ``hold`` if it is still active, debit what ``amount`` comes to under the hold's
     overrun cap (``models.settlement_charge``; its entry written when positive) and free the
@@ -246,6 +248,7 @@ def hold_close(
         "reference": hold.request_id,
         "description": description,
         "metadata": _json(metadata),
+        "member_id": member_id,
     }
     params["low_default"], params["depleted"], params["min_balance"] = balance_alerts.lines()
     sql = _composed(_CLOSE)
@@ -277,6 +280,7 @@ def hold_closed(
             "description": params["description"],
             "metadata": metadata,
             "created_by_id": None,
+            "member_id": params["member_id"],
             "created_at": params["now"],
         }
         entry = Entry.from_db(connection.alias, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])

@@ -46,7 +46,11 @@ def wallet_status(*, balance: int, held: int, low_balance_threshold: int | None 
 def wallet_summary(*, user) -> WalletSummary:
     # Always re-read: a wallet cached on the user object may predate the last settle. A user made
     # outside sign-up (createsuperuser) may have no wallet yet: that is an empty one, not an error.
-    wallet = Wallet.objects.filter(user=user).first() or Wallet(user=user)
+    return wallet_summary_of(Wallet.objects.filter(user=user).first() or Wallet(user=user))
+
+
+def wallet_summary_of(wallet: Wallet) -> WalletSummary:
+    """The summary of a wallet as read (a user's or an organization's)."""
     return WalletSummary(
         balance=wallet.balance,
         held=wallet.held,

@@ -115,6 +115,7 @@ def _post(
     metadata: dict | None = None,
     created_by=None,
     reason: str | None = None,
+    member_id: int | None = None,
 ) -> Entry:
     """Write one entry and move the (already locked) wallet's balance with it."""
     if not isinstance(amount, int) or isinstance(amount, bool):
@@ -136,6 +137,7 @@ def _post(
         description=description[:500],
         metadata=metadata or {},
         created_by=created_by,
+        member_id=member_id,
     )
     events.publish_on_commit(wallet, reason or kind)
     return entry
@@ -221,8 +223,10 @@ def wallet_charge(
     description: str = "",
     metadata: dict | None = None,
     reference: str = "",
+    member_id: int | None = None,
 ) -> Posted:
-    """Debit a tool charge now, only if the available balance (balance − held) covers it."""
+    """Debit a tool charge now, only if the available balance (balance − held) covers it.
+    ``member_id``: on an organization's wallet, the member who charged (kept on the entry)."""
     _check_amount(amount)
     if amount <= 0:
         raise WalletError("a charge must be positive")
@@ -235,6 +239,7 @@ def wallet_charge(
         reference=reference,
         description=description,
         metadata=metadata,
+        member_id=member_id,
     )
 
 
@@ -397,7 +402,7 @@ class _Orm:
         return bool(reserved)
 
     @staticmethod
-    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict, member_id=None):
         now = timezone.now()
         with _atomic():
             closed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.ACTIVE).update(status=status, closed_at=now)
@@ -431,6 +436,7 @@ class _Orm:
                     reference=hold.request_id,
                     description=description,
                     metadata=metadata,
+                    member_id=member_id,
                     created_at=now,
                 )
         return entry, state
@@ -455,9 +461,15 @@ class _Pg:
         return row is not None
 
     @staticmethod
-    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict):
+    def close(hold: Hold, *, status: str, amount: int, kind: str, description: str, metadata: dict, member_id=None):
         statement = pg.hold_close(
-            hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata
+            hold,
+            status=status,
+            amount=amount,
+            kind=kind,
+            description=description,
+            metadata=metadata,
+            member_id=member_id,
         )
         return pg.hold_closed(hold, statement, pg.run(statement), metadata=metadata)
 
@@ -509,12 +521,25 @@ def _closed(hold: Hold, status: str, entry: Entry | None, state: pg.WalletState)
 
 
 def _close(
-    hold: Hold, *, status: str, amount: int = 0, kind: str = EntryKind.USAGE, description="", metadata=None
+    hold: Hold,
+    *,
+    status: str,
+    amount: int = 0,
+    kind: str = EntryKind.USAGE,
+    description="",
+    metadata=None,
+    member_id: int | None = None,
 ) -> Closed | None:
     """Close the hold if it is still active (None if it was not)."""
     description = (description or hold.description)[:500]
     result = _implementation().close(
-        hold, status=status, amount=amount, kind=kind, description=description, metadata=metadata or {}
+        hold,
+        status=status,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata or {},
+        member_id=member_id,
     )
     if result is None:
         return None
@@ -538,8 +563,10 @@ def hold_settle(
     description: str = "",
     metadata: dict | None = None,
     kind: str = EntryKind.USAGE,
+    member_id: int | None = None,
 ) -> Closed:
-    """Charge the actual cost of a held request and free the hold.
+    """Charge the actual cost of a held request and free the hold. ``member_id``: on an
+    organization's wallet, the member whose request it was (kept on the entry).
 
     The actual amount is charged even when it is more than the hold (the estimate was low) — up
     to the hold's overrun cap, when it has one (``settlement_charge``; ``Closed.loss`` is the
@@ -549,7 +576,13 @@ def hold_settle(
     """
     _check_settlement(amount)
     closed = _close(
-        hold, status=HoldStatus.SETTLED, amount=amount, kind=kind, description=description, metadata=metadata
+        hold,
+        status=HoldStatus.SETTLED,
+        amount=amount,
+        kind=kind,
+        description=description,
+        metadata=metadata,
+        member_id=member_id,
     )
     return closed if closed is not None else _first_result(hold)
 
@@ -647,6 +680,7 @@ async def ahold_settle(
     kind: str = EntryKind.USAGE,
     also_save: tuple[Model, list[str]] | None = None,
     charged_into: tuple[str, str] | None = None,
+    member_id: int | None = None,
 ) -> Closed:
     """``hold_settle`` for async callers. ``also_save`` — ``(instance, field names)`` — is saved
     in the same transaction if this call closes the hold (the proxy's usage record: a charge never
@@ -655,7 +689,15 @@ async def ahold_settle(
     two more fields of that instance, saved with it: what was debited, and the loss."""
     _check_settlement(amount)
     if not adb.native():
-        settle = partial(hold_settle, hold=hold, amount=amount, description=description, metadata=metadata, kind=kind)
+        settle = partial(
+            hold_settle,
+            hold=hold,
+            amount=amount,
+            description=description,
+            metadata=metadata,
+            kind=kind,
+            member_id=member_id,
+        )
         return await _in_thread_with(settle, hold=hold, save=also_save, charged_into=charged_into)
     return await _aclose(
         hold,
@@ -666,6 +708,7 @@ async def ahold_settle(
         description=description,
         metadata=metadata,
         charged_into=charged_into,
+        member_id=member_id,
     )
 
 
@@ -697,6 +740,7 @@ async def _aclose(
     description="",
     metadata=None,
     charged_into: tuple[str, str] | None = None,
+    member_id: int | None = None,
 ) -> Closed:
     metadata = metadata or {}
     description = (description or hold.description)[:500]
@@ -709,6 +753,7 @@ async def _aclose(
         metadata=metadata,
         also_save=also_save,
         charged_into=charged_into,
+        member_id=member_id,
     )
     result = pg.hold_closed(hold, statement, await pg.arun(statement), metadata=metadata)
     if result is None:

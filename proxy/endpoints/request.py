@@ -48,7 +48,7 @@ from core.openai_errors import OpenAIError
 from core.usage import StreamMeter
 from infra import adb
 
-from .. import limits, routing
+from .. import limits, org_billing, routing
 from ..demo import DemoResponse
 from ..models import UsageStatus
 from ..selectors import Route
@@ -318,6 +318,11 @@ class ProxyRequest:
             refusal = None
         if not principal.has_scope("proxy"):
             refusal = Refusal(403, "This API key lacks the `proxy` scope.", "permission_error", "insufficient_scope")
+        if refusal is None:
+            try:  # which wallet pays: the user's, or an organization's (X-Tokentill-Org, its keys)
+                meta = await org_billing.abilling_for(meta, principal, self.exchange.headers)
+            except Refusal as refused:
+                refusal = refused
         if refusal is not None:
             await ausage_refused(meta=meta, http_status=refusal.status, error=refusal.message)
             raise refusal

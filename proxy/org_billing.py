@@ -1,0 +1,146 @@
+"""Which wallet a metered request spends from, and the member's limits inside an organization.
+
+* An organization's API key always bills the organization (``X-Tokentill-Org``, if sent, must
+  name that same organization).
+* A member's own key or access token bills their own wallet, unless the request names an
+  organization they belong to: ``X-Tokentill-Org: <id or slug>``. The membership is looked up on
+  every such request — never remembered — so removing a member refuses their very next one.
+* Inside the organization the member's limits apply on top of the key's: the models they may
+  use, and daily and monthly spend. The spend counters follow ``proxy.limits``' pattern
+  (settled charges plus holds in flight, one atomic ``incr`` before the upstream is reached,
+  undone when over) and are rebuilt, when missing, from the member's usage records in the
+  organization and the tool charges on its wallet that name the member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from functools import partial
+
+from django.db.models import Q
+
+from core.money import format_usd
+from core.openai_errors import OpenAIError
+from infra import adb
+from orgs.models import Membership, Organization
+from orgs.selectors import membership_for, org_wallet
+from wallet.models import Wallet
+
+from . import limits
+
+ORG_HEADER = "x-tokentill-org"
+
+
+def _forbidden(org: str) -> OpenAIError:
+    return OpenAIError(
+        403, f"You are not a member of the organization `{org[:100]}`.", "permission_error", "organization_forbidden"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OrgBilling:
+    organization: Organization
+    wallet: Wallet
+    membership: Membership | None  # None for the organization's own key: its limits are the key's
+
+
+def org_billing(principal, org_header: str) -> OrgBilling | None:
+    """The organization a request (or tool charge) bills, or None for the caller's own wallet.
+    Raises ``OpenAIError`` (403 ``organization_forbidden``)."""
+    key = principal.api_key
+    if key is not None and key.organization_id is not None:
+        # The key's limits apply, not a member's: the key is the organization's own.
+        membership = None
+        organization = Organization.objects.get(pk=key.organization_id)
+        if org_header and org_header not in (str(organization.pk), organization.slug):
+            raise _forbidden(org_header)
+    elif org_header:
+        membership = membership_for(user=principal.user, org=org_header)
+        if membership is None:
+            raise _forbidden(org_header)
+        organization = membership.organization
+    else:
+        return None
+    return OrgBilling(organization, org_wallet(organization=organization), membership)
+
+
+def billing_for(meta, principal, org_header: str):
+    """``meta`` with the organization, its wallet and the membership filled in when the request
+    bills an organization; ``meta`` itself otherwise. Raises ``OpenAIError`` (403)."""
+    billing = org_billing(principal, org_header)
+    if billing is None:
+        return meta
+    return dataclasses.replace(
+        meta, organization=billing.organization, wallet=billing.wallet, membership=billing.membership
+    )
+
+
+async def abilling_for(meta, principal, headers) -> object:
+    """``billing_for`` from the event loop: no database trip for a request that names no
+    organization with a key of no organization (every request of a single user)."""
+    org_header = (headers.get(ORG_HEADER) or "").strip()
+    key = principal.api_key
+    if not org_header and (key is None or key.organization_id is None):
+        return meta
+    return await adb.in_thread(billing_for)(meta, principal, org_header)
+
+
+# --- the member's limits -----------------------------------------------------------------------
+
+
+def _caps(membership: Membership | None) -> list[tuple[str, int]]:
+    if membership is None:
+        return []
+    return [
+        (window, cap)
+        for window, cap in (("daily", membership.daily_spend), ("monthly", membership.monthly_spend))
+        if cap is not None
+    ]
+
+
+def uses_counters(membership: Membership | None) -> bool:
+    return bool(_caps(membership))
+
+
+def check_model(membership: Membership | None, models: list[str]) -> None:
+    allowed = membership.allowed_models if membership is not None else None
+    if allowed is None:
+        return
+    for model in models:
+        if model not in allowed:
+            raise OpenAIError(
+                403,
+                f"Your organization does not let you use the model `{model}`.",
+                "permission_error",
+                "model_not_allowed",
+            )
+
+
+def _member_spent(org_id: int, user_id: int, since: datetime) -> int:
+    return limits._spent(
+        Q(organization_id=org_id, user_id=user_id, created_at__gte=since),
+        Q(wallet__organization_id=org_id, member_id=user_id, created_at__gte=since),
+    )
+
+
+def reserve_member_spend(
+    *, membership: Membership | None, amount: int, now: datetime, reservation: limits.Reservation
+) -> None:
+    """Count ``amount`` against the member's spend limits, adding the counters to
+    ``reservation`` (so settlement moves them with the key's); raise ``LimitExceeded`` — with
+    everything ``reservation`` holds given back — when over."""
+    for window, cap in _caps(membership):
+        assert membership is not None
+        start = limits._window_start(now, window)
+        key = f"tt:member:{membership.organization_id}:{membership.user_id}:{window}:{start:%Y%m%d}"
+        initial = partial(_member_spent, membership.organization_id, membership.user_id, start)
+        total = limits._incr(key, amount, limits._seconds_to_reset(now, window) + limits.DAY, initial)
+        reservation.keys.append(key)
+        if total > cap:
+            limits.release(reservation)
+            raise limits.LimitExceeded(
+                f"You reached your {window} spend limit of ${format_usd(cap)} in this organization.",
+                "member_spend_limit",
+                limits._seconds_to_reset(now, window),
+            )
