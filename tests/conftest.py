@@ -43,8 +43,26 @@ SqliteOps.execute_sql_flush = _sqlite_flush_bypassing_triggers
 
 
 # What makes a test slow is starting things: uvicorn processes, a browser. A module that can
-# (it imported the means to) is marked ``live``, which ``scripts/test --fast`` leaves out.
+# (it imported the means to) is marked ``live``.
 _STARTERS = ("live_server", "live_servers", "sync_playwright", "async_playwright")
+
+# The fast lane (``scripts/test --fast``, the edit loop): the unit and service tests — the ground
+# floor's rules and formats, and the contracts of the services that move money — which go through
+# no HTTP surface and start nothing, so the lane takes seconds. Everything else runs in the full
+# command; ``-m "not live and not browser"`` is the wider lane without servers and browsers.
+_FAST_LANE = {
+    "test_money",
+    "test_breaker",
+    "test_protocols_anthropic",
+    "test_protocols_responses",
+    "test_upstream_errors",
+    "test_wallet_services",
+    "test_ledger_contract",
+    "test_ledger_db_guarantees",
+    "test_verify_ledger",
+    "test_proxy_lib",
+    "test_client_units",
+}
 
 
 def _starts_processes(item) -> bool:
@@ -58,10 +76,12 @@ def pytest_collection_modifyitems(config, items):
     on_postgres = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: run through scripts/test (DATABASE_URL=postgres://…)")
     skip_redis = pytest.mark.skip(reason="needs Redis: TEST_REDIS_URL is set by scripts/test on the PostgreSQL run")
-    live = pytest.mark.live
+    live, fast = pytest.mark.live, pytest.mark.fast
     for item in items:
         if _starts_processes(item):
             item.add_marker(live)
+        if item.module.__name__.rpartition(".")[2] in _FAST_LANE:
+            item.add_marker(fast)
         if "postgres" in item.keywords and not on_postgres:
             item.add_marker(skip_pg)
         if "redis" in item.keywords and not os.environ.get("TEST_REDIS_URL"):

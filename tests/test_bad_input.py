@@ -172,11 +172,15 @@ def test_an_rpm_that_is_not_a_whole_number_that_fits_is_refused(alice_client, rp
     assert not ApiKey.objects.filter(name="k").exists()
 
 
-def test_the_largest_rpm_that_fits_is_kept(alice_client):
-    response = alice_client.post("/api/keys", {"name": "k", "limits": {"rpm": 2**31 - 1}}, format="json")
+def test_the_largest_rpm_allowed_is_kept_and_one_more_refused(alice_client):
+    from accounts.limits import MAX_COUNT
 
+    response = alice_client.post("/api/keys", {"name": "k", "limits": {"rpm": MAX_COUNT}}, format="json")
     assert response.status_code == 201, response.content
-    assert response.json()["limits"]["rpm"] == 2**31 - 1
+    assert response.json()["limits"]["rpm"] == MAX_COUNT
+
+    response = alice_client.post("/api/keys", {"name": "k2", "limits": {"rpm": MAX_COUNT + 1}}, format="json")
+    assert response.status_code == 400, response.content
 
 
 def test_a_user_id_written_as_a_float_is_not_that_user(alice, bob, billing_v1):
