@@ -17,6 +17,7 @@ import pytest
 from django.core.management import call_command
 
 from accounts.services import api_key_create, token_pair_issue
+from infra import adb
 from orgs.models import Membership, Role
 from orgs.services import membership_remove, org_key_create, organization_create
 from proxy.models import ModelPrice, UsageRecord, UsageStatus
@@ -414,3 +415,29 @@ def test_an_owner_demoted_a_moment_ago_cannot_still_demote_another(db):
         membership_update(actor=stale_b, membership=Membership.objects.get(user=c), role="member")
     assert refused.value.status == 403
     assert Membership.objects.get(user=c).role == Role.OWNER
+
+
+def test_naming_the_org_costs_one_lookup_and_no_more_statements(fake_upstream, acme, settings):
+    """On PostgreSQL the request's own statements stay two (the hold with its record, the
+    settlement with the record's update); naming the organization adds one ORM query — the
+    membership with its organization and wallet — and nothing for a request that names none."""
+    from proxy.selectors import price_cache_clear, price_current
+    from tests.test_proxy_stream import orm_queries_in_any_thread
+
+    settings.PROXY_PRICE_CACHE_SECONDS = 60  # the price from the process's cache, as in production
+    price_cache_clear()
+    price_current(MODEL)
+    org, _, mia = acme
+    _, secret = api_key_create(user=mia, name="k")
+    fake_upstream.script("chat", *[_reply() for _ in range(3)])
+    headers = {"X-Tokentill-Org": org.slug}
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200  # stamps last_used_at
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200  # (PostgreSQL: remembered)
+    sent: list[str] = []
+    with orm_queries_in_any_thread() as orm, adb.observe(sent.append):
+        assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
+    lookups = [sql for sql in orm if "orgs_membership" in sql]
+    assert len(lookups) == 1 and "wallet_wallet" in lookups[0]
+    if adb.native():
+        assert len(orm) == 1 and len(sent) == 2
+    price_cache_clear()
