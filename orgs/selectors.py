@@ -24,7 +24,8 @@ _SLUG = re.compile(r"[-a-zA-Z0-9_]{1,50}")
 def membership_for(*, user: User, org: str | int) -> Membership | None:
     """The user's membership of the organization ``org`` names — its id, or its slug — or None
     (also for anything that could be neither: it is never sent to the database)."""
-    memberships = Membership.objects.select_related("organization").filter(user=user)
+    # The organization's wallet rides along: a request billing the organization needs it next.
+    memberships = Membership.objects.select_related("organization__wallet").filter(user=user)
     text = str(org).strip()
     try:
         return memberships.filter(organization_id=parse_id(text)).first()

@@ -173,6 +173,18 @@ def _owners(organization_id: int) -> int:
     return Membership.objects.filter(organization_id=organization_id, role=Role.OWNER).count()
 
 
+def _locked(actor: Membership, membership: Membership) -> None:
+    """Lock the organization's row, then read both roles again under it: changes to one
+    organization's members are serialised, so an owner count read now stays true until commit,
+    and an actor demoted or removed a moment ago acts with the role they have now, not the one
+    they had when their request began."""
+    Organization.objects.select_for_update().filter(pk=membership.organization_id).first()
+    roles = dict(Membership.objects.filter(pk__in=[actor.pk, membership.pk]).values_list("pk", "role"))
+    if actor.pk not in roles or membership.pk not in roles:
+        raise OrgError("no such member", 404)
+    actor.role, membership.role = roles[actor.pk], roles[membership.pk]
+
+
 def membership_update(
     *,
     actor: Membership,
@@ -183,13 +195,11 @@ def membership_update(
     allowed_models=_UNSET,
 ) -> Membership:
     """Change a member's role and/or limits (spend in nanodollars, None for no limit)."""
-    _require_manager(actor)
-    if membership.role == Role.OWNER and actor.role != Role.OWNER:
-        raise OrgError("only an owner may change an owner", 403)
     with transaction.atomic():
-        # The owner count is read under the organization's row lock: two owners demoting each
-        # other at once cannot leave it with none.
-        Organization.objects.select_for_update().filter(pk=membership.organization_id).first()
+        _locked(actor, membership)  # two owners demoting each other at once cannot leave none
+        _require_manager(actor)
+        if membership.role == Role.OWNER and actor.role != Role.OWNER:
+            raise OrgError("only an owner may change an owner", 403)
         if role is not None and role != membership.role:
             if role not in Role.values:
                 raise OrgError(f"role must be one of: {', '.join(Role.values)}")
@@ -216,12 +226,12 @@ def membership_remove(*, actor: Membership, membership: Membership) -> Membershi
     organization's wallet ends at once, and the organization's keys they made are revoked.
     Returns the removed membership (no longer in the database)."""
     leaving = actor.pk == membership.pk
-    if not leaving:
-        _require_manager(actor)
-        if membership.role == Role.OWNER and actor.role != Role.OWNER:
-            raise OrgError("only an owner may remove an owner", 403)
     with transaction.atomic():
-        Organization.objects.select_for_update().filter(pk=membership.organization_id).first()
+        _locked(actor, membership)
+        if not leaving:
+            _require_manager(actor)
+            if membership.role == Role.OWNER and actor.role != Role.OWNER:
+                raise OrgError("only an owner may remove an owner", 403)
         if membership.role == Role.OWNER and _owners(membership.organization_id) <= 1:
             raise OrgError("an organization keeps at least one owner", 409)
         keys = ApiKey.objects.filter(

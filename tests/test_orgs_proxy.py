@@ -17,6 +17,7 @@ import pytest
 from django.core.management import call_command
 
 from accounts.services import api_key_create, token_pair_issue
+from infra import adb
 from orgs.models import Membership, Role
 from orgs.services import membership_remove, org_key_create, organization_create
 from proxy.models import ModelPrice, UsageRecord, UsageStatus
@@ -349,3 +350,94 @@ def test_a_settled_org_estimate_is_corrected_on_the_org_wallet(fake_upstream, ac
     assert _balance(organization=org) == 5 * 10**9 - 2_400_000  # 0.002 × 1.2
     assert _balance(user=mia) == 10 * 10**9
     call_command("verify_ledger", stdout=open(os.devnull, "w"))
+
+
+# --- PostgreSQL: the role rules hold under concurrency ------------------------------------------
+
+
+@pytest.mark.postgres
+def test_racing_accepts_of_one_invitation_let_exactly_one_in():
+    from orgs.services import OrgError, invitation_accept, invitation_create
+    from tests.conftest import race
+
+    owner = make_user("owner@example.com")
+    org = organization_create(user=owner, name="Race")
+    _, token = invitation_create(actor=Membership.objects.get(user=owner), email="zed@example.com")
+    zed = make_user("zed@example.com")
+
+    def worker(index: int):
+        try:
+            return invitation_accept(token=token, user=zed).pk
+        except OrgError as refused:
+            return refused.status
+
+    results = race(worker, 8)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert sorted(results, key=str).count(404) == 7
+    assert Membership.objects.filter(organization=org, user=zed).count() == 1
+
+
+@pytest.mark.postgres
+def test_two_owners_demoting_each_other_at_once_leave_one_owner():
+    from orgs.services import OrgError, membership_update
+    from tests.conftest import race
+
+    olivia, oscar = make_user("olivia@example.com"), make_user("oscar@example.com")
+    org = organization_create(user=olivia, name="Race")
+    Membership.objects.create(organization=org, user=oscar, role=Role.OWNER)
+    pairs = [(olivia, oscar), (oscar, olivia)]
+
+    def worker(index: int):
+        actor_user, target_user = pairs[index]
+        actor = Membership.objects.get(organization=org, user=actor_user)
+        target = Membership.objects.get(organization=org, user=target_user)
+        try:
+            membership_update(actor=actor, membership=target, role=Role.MEMBER)
+            return "demoted"
+        except OrgError as refused:
+            return refused.status
+
+    results = race(worker, 2)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert Membership.objects.filter(organization=org, role=Role.OWNER).count() >= 1
+
+
+def test_an_owner_demoted_a_moment_ago_cannot_still_demote_another(db):
+    from orgs.services import OrgError, membership_update
+
+    a, b, c = (make_user(f"{n}@example.com") for n in "abc")
+    org = organization_create(user=a, name="Three owners")
+    for user in (b, c):
+        Membership.objects.create(organization=org, user=user, role=Role.OWNER)
+    stale_b = Membership.objects.get(user=b)  # b's request began while b was an owner...
+    membership_update(actor=Membership.objects.get(user=a), membership=Membership.objects.get(user=b), role="member")
+    with pytest.raises(OrgError) as refused:  # ...and ends after a demoted b: b acts as a member now
+        membership_update(actor=stale_b, membership=Membership.objects.get(user=c), role="member")
+    assert refused.value.status == 403
+    assert Membership.objects.get(user=c).role == Role.OWNER
+
+
+def test_naming_the_org_costs_one_lookup_and_no_more_statements(fake_upstream, acme, settings):
+    """On PostgreSQL the request's own statements stay two (the hold with its record, the
+    settlement with the record's update); naming the organization adds one ORM query — the
+    membership with its organization and wallet — and nothing for a request that names none."""
+    from proxy.selectors import price_cache_clear, price_current
+    from tests.test_proxy_stream import orm_queries_in_any_thread
+
+    settings.PROXY_PRICE_CACHE_SECONDS = 60  # the price from the process's cache, as in production
+    price_cache_clear()
+    price_current(MODEL)
+    org, _, mia = acme
+    _, secret = api_key_create(user=mia, name="k")
+    fake_upstream.script("chat", *[_reply() for _ in range(3)])
+    headers = {"X-Tokentill-Org": org.slug}
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200  # stamps last_used_at
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 200  # (PostgreSQL: remembered)
+    sent: list[str] = []
+    with orm_queries_in_any_thread() as orm, adb.observe(sent.append):
+        assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
+    lookups = [sql for sql in orm if "orgs_membership" in sql]
+    assert len(lookups) == 1 and "wallet_wallet" in lookups[0]
+    if adb.native():
+        assert len(orm) == 1 and len(sent) == 2
+    price_cache_clear()
