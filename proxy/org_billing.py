@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 from functools import partial
+from typing import TypeVar
 
 from django.db.models import Q
 
@@ -66,18 +67,21 @@ def org_billing(principal, org_header: str) -> OrgBilling | None:
     return OrgBilling(organization, organization.wallet, membership)
 
 
-def billing_for(meta, principal, org_header: str):
+Meta = TypeVar("Meta")  # proxy.services.RequestMeta (which imports this module)
+
+
+def billing_for(meta: Meta, principal, org_header: str) -> Meta:
     """``meta`` with the organization, its wallet and the membership filled in when the request
     bills an organization; ``meta`` itself otherwise. Raises ``OpenAIError`` (403)."""
     billing = org_billing(principal, org_header)
     if billing is None:
         return meta
-    return dataclasses.replace(
+    return dataclasses.replace(  # type: ignore[type-var]
         meta, organization=billing.organization, wallet=billing.wallet, membership=billing.membership
     )
 
 
-async def abilling_for(meta, principal, headers) -> object:
+async def abilling_for(meta: Meta, principal, headers) -> Meta:
     """``billing_for`` from the event loop: no database trip for a request that names no
     organization with a key of no organization (every request of a single user)."""
     org_header = (headers.get(ORG_HEADER) or "").strip()
