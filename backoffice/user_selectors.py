@@ -1,5 +1,5 @@
 """Reads behind the operator API's ``users`` resource and the admin's per-user staff page: any
-account, by staff. Organizations, when they come, get a resource of their own beside this one."""
+account, by staff. Organizations have theirs beside it, ``org_selectors``."""
 
 from __future__ import annotations
 
