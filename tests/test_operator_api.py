@@ -18,11 +18,13 @@ from accounts.services import api_key_create, api_key_revoke, operator_key_creat
 from backoffice.models import AppendOnlyError, AuditEntry
 from core.money import parse_usd
 from orgs.models import Membership
+from orgs.selectors import org_wallet
 from orgs.services import org_key_create, organization_create
 from tests.conftest import make_user
 from tests.test_admin_dashboard import payment, usage
 from tests.test_ws_events import CLOSE_WAIT, access_token, bearer, expect_refusal, listening, still_listening
 from wallet.models import Entry
+from wallet.services import wallet_charge, wallet_credit
 
 pytestmark = pytest.mark.django_db
 
@@ -502,6 +504,46 @@ def test_reports_add_up_money_usage_top_spenders_and_liabilities(operator, alice
     ]
     owed = operator.get("/api/admin/reports/liabilities").json()
     assert owed["owed_to_users"] == "11.000000000" and owed["wallets_in_credit"] == 2  # alice 10 + bob's grant
+
+
+def test_reports_by_organization_count_what_its_wallet_paid_not_its_members(operator, alice, bob, acme):
+    org, _ = acme
+    record = usage(alice, "r-org", cost="0.500000000", charge="0.75", model="openai/gpt-4o-mini")
+    record.organization = org
+    record.save(update_fields=["organization"])
+    usage(alice, "r-own", cost="0.100000000", charge="0.25", model="openai/gpt-4o-mini")
+    usage(bob, "r-bob", cost="0.100000000", charge="0.30", model="openai/gpt-4o-mini")
+    wallet_credit(wallet=org_wallet(organization=org), amount=parse_usd("5"), kind="grant", idempotency_key=None)
+    wallet_charge(wallet=org_wallet(organization=org), amount=parse_usd("0.05"), idempotency_key=None)
+
+    by_org = operator.get("/api/admin/reports/usage?group_by=organization").json()["results"]
+    assert [(row["key"], row["requests"], row["charged"], row["margin"]) for row in by_org] == [
+        (org.slug, 1, "0.750000000", "0.250000000"),
+        ("", 2, "0.550000000", "0.350000000"),  # paid from users' own wallets
+    ]
+    orgs_top = operator.get("/api/admin/reports/top-spenders?kind=organization").json()["results"]
+    assert orgs_top == [
+        {
+            "organization": org.pk,
+            "name": "Acme Labs",
+            "slug": org.slug,
+            "usage": "0.750000000",
+            "tools": "0.050000000",
+            "spent": "0.800000000",
+        }
+    ]
+    # A member's requests billed to the organization are the organization's spending, not hers.
+    users_top = operator.get("/api/admin/reports/top-spenders").json()["results"]
+    assert [(row["email"], row["spent"]) for row in users_top] == [
+        ("bob@example.com", "0.300000000"),
+        ("alice@example.com", "0.250000000"),
+    ]
+    csv_text = operator.get("/api/admin/reports/top-spenders?kind=organization&format=csv").content.decode()
+    assert csv_text.splitlines() == [
+        "organization,name,slug,usage,tools,spent",
+        f"{org.pk},Acme Labs,{org.slug},0.750000000,0.050000000,0.800000000",
+    ]
+    assert operator.get("/api/admin/reports/top-spenders?kind=team").status_code == 400
 
 
 # --- the audit log ----------------------------------------------------------------------------
