@@ -16,7 +16,7 @@ from orgs.selectors import member_list, org_key_list
 from proxy.models import UsageRecord
 from wallet.models import Entry, Wallet
 
-from .user_selectors import MAX_ID
+from .user_selectors import MAX_ID, entries_page, spend_by_day, usage_page
 
 
 def org_search(*, q: str = "") -> QuerySet[Organization]:
@@ -85,3 +85,21 @@ def org_entries(*, org: Organization) -> QuerySet[Entry]:
 
 def org_usage(*, org: Organization) -> QuerySet[UsageRecord]:
     return UsageRecord.objects.filter(organization=org).order_by("-created_at", "-id")
+
+
+# --- the admin's per-organization staff page ----------------------------------------------------
+
+
+def org_spend_by_day(*, org: Organization, since: datetime) -> list[dict]:
+    """What the organization's wallet paid per day (UTC): see ``user_selectors.spend_by_day``."""
+    usage = UsageRecord.objects.filter(organization=org)
+    return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__organization=org), since=since)
+
+
+def org_usage_page(*, org: Organization, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
+    """A page of the requests billed to it, newest first, with who made each (keyset paged)."""
+    return usage_page(org_usage(org=org).select_related("api_key", "user"), after=after, size=size)
+
+
+def org_entries_page(*, org: Organization, after: str | None, size: int) -> tuple[list[Entry], str | None]:
+    return entries_page(org_entries(org=org).select_related("member"), after=after, size=size)
