@@ -544,6 +544,11 @@ def test_reports_by_organization_count_what_its_wallet_paid_not_its_members(oper
         f"{org.pk},Acme Labs,{org.slug},0.750000000,0.050000000,0.800000000",
     ]
     assert operator.get("/api/admin/reports/top-spenders?kind=team").status_code == 400
+    # The organization's own lists: the request billed to it, not its owner's own one.
+    requests = operator.get(f"/api/admin/orgs/{org.pk}/usage").json()["results"]
+    assert [row["request_id"] for row in requests] == ["r-org"]
+    shown = operator.get(f"/api/admin/orgs/{org.pk}").json()
+    assert shown["wallet"]["balance"] == "4.950000000" and shown["activity"]["last_request"] is not None
 
 
 # --- the audit log ----------------------------------------------------------------------------
