@@ -33,11 +33,13 @@ from accounts.services import (
     user_set_active,
 )
 from infra.drf import ResultsCursorPagination
+from orgs.selectors import org_wallet
 from proxy.serializers import UsageRecordSerializer
-from wallet.selectors import wallet_summary
+from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.serializers import EntrySerializer
 from wallet.services import IdempotencyConflict, WalletError, wallet_correct, wallet_credit, wallet_get_or_create
 
+from . import org_selectors as orgs
 from . import user_selectors as users
 from .audit import audit_record, storable_text
 from .serializers import (
@@ -45,6 +47,9 @@ from .serializers import (
     GrantSerializer,
     KeyLimitsSerializer,
     OperatorKeySerializer,
+    OrgDetailSerializer,
+    OrgRowSerializer,
+    OrgSearchSerializer,
     PostedSerializer,
     SessionOutSerializer,
     SignOutSerializer,
@@ -346,23 +351,28 @@ class UserSignOutView(OperatorView):
 
 
 class _PostingView(OperatorView):
-    """A grant or a correction: ``Idempotency-Key`` required, the same answer when replayed."""
+    """A grant or a correction: ``Idempotency-Key`` required, the same answer when replayed.
+
+    A concrete view mixes in whose wallet (``_UserWallet`` or ``_OrgWallet``) and what is posted
+    (``_Grant`` or ``_Correction``)."""
 
     serializer_class: type
     namespace: str
+    owner_name: str
 
-    def post_once(self, request, user_id: int) -> Response:
-        user = users.user_get(user_id=user_id)
-        _not_staff_account(user)
+    def post_once(self, request, **kwargs) -> Response:
+        owner_wallet = self.owner_wallet(**kwargs)
         key = _idempotency_key(request)
         serializer = self.serializer_class(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            wallet, ledger_key = wallet_get_or_create(user=user), f"operator:{self.namespace}:{key}"
+            wallet, ledger_key = owner_wallet(), f"operator:{self.namespace}:{key}"
             posted = self.post_entry(request.user, wallet, ledger_key, serializer.validated_data)
         except IdempotencyConflict:
             raise OperatorError(
-                409, "idempotency_conflict", "this Idempotency-Key was already used for a different change to this user"
+                409,
+                "idempotency_conflict",
+                f"this Idempotency-Key was already used for a different change to this {self.owner_name}",
             ) from None
         except WalletError as exc:
             raise OperatorError(400, "invalid_request", str(exc)) from None
@@ -371,28 +381,35 @@ class _PostingView(OperatorView):
         headers = {REPLAYED_HEADER: "true"} if posted.replayed else {}
         return Response(PostedSerializer(entry).data, status=status.HTTP_201_CREATED, headers=headers)
 
+    def owner_wallet(self, **kwargs):
+        """Checks the owner may be changed (404 / 403 otherwise) and answers a callable that
+        gets or makes its wallet — called only once the request is known to be valid."""
+        raise NotImplementedError
+
     def post_entry(self, staff, wallet, idempotency_key: str, data: dict):
         raise NotImplementedError
 
 
-_IDEMPOTENCY = OpenApiParameter(
-    "Idempotency-Key",
-    str,
-    OpenApiParameter.HEADER,
-    required=True,
-    description="1–128 printable characters, remembered per user: the same key answers the first result",
-)
-_POSTING_ERRORS = {
-    400: OpenApiResponse(description="invalid input; idempotency_key_required; invalid_idempotency_key"),
-    409: OpenApiResponse(description="idempotency_conflict: the key was used for a different amount or kind"),
-    **_ERRORS,
-}
+class _UserWallet:
+    owner_name = "user"
+
+    def owner_wallet(self, *, user_id: int):
+        user = users.user_get(user_id=user_id)
+        _not_staff_account(user)
+        return lambda: wallet_get_or_create(user=user)
 
 
-class UserGrantView(_PostingView):
+class _OrgWallet:
+    owner_name = "organization"
+
+    def owner_wallet(self, *, org_id: int):
+        org = orgs.org_get(org_id=org_id)
+        return lambda: org_wallet(organization=org)
+
+
+class _Grant:
     serializer_class = GrantSerializer
     namespace = "grant"
-    operations = {"post": "admin_users_grant"}
 
     def post_entry(self, staff, wallet, idempotency_key, data):
         return wallet_credit(
@@ -405,6 +422,35 @@ class UserGrantView(_PostingView):
             created_by=staff,
         )
 
+
+class _Correction:
+    serializer_class = CorrectionSerializer
+    namespace = "correction"
+
+    def post_entry(self, staff, wallet, idempotency_key, data):
+        amount, reason = data["amount"], data["reason"]
+        return wallet_correct(
+            wallet=wallet, amount=amount, reason=reason, staff_user=staff, idempotency_key=idempotency_key
+        )
+
+
+_IDEMPOTENCY = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    required=True,
+    description="1–128 printable characters, remembered per wallet: the same key answers the first result",
+)
+_POSTING_ERRORS = {
+    400: OpenApiResponse(description="invalid input; idempotency_key_required; invalid_idempotency_key"),
+    409: OpenApiResponse(description="idempotency_conflict: the key was used for a different amount or kind"),
+    **_ERRORS,
+}
+
+
+class UserGrantView(_UserWallet, _Grant, _PostingView):
+    operations = {"post": "admin_users_grant"}
+
     @extend_schema(
         operation_id="admin_users_grant",
         tags=["operator"],
@@ -414,19 +460,11 @@ class UserGrantView(_PostingView):
         responses={201: PostedSerializer, **_POSTING_ERRORS},
     )
     def post(self, request, user_id: int):
-        return self.post_once(request, user_id)
+        return self.post_once(request, user_id=user_id)
 
 
-class UserCorrectionView(_PostingView):
-    serializer_class = CorrectionSerializer
-    namespace = "correction"
+class UserCorrectionView(_UserWallet, _Correction, _PostingView):
     operations = {"post": "admin_users_correct"}
-
-    def post_entry(self, staff, wallet, idempotency_key, data):
-        amount, reason = data["amount"], data["reason"]
-        return wallet_correct(
-            wallet=wallet, amount=amount, reason=reason, staff_user=staff, idempotency_key=idempotency_key
-        )
 
     @extend_schema(
         operation_id="admin_users_correct",
@@ -437,7 +475,7 @@ class UserCorrectionView(_PostingView):
         responses={201: PostedSerializer, **_POSTING_ERRORS},
     )
     def post(self, request, user_id: int):
-        return self.post_once(request, user_id)
+        return self.post_once(request, user_id=user_id)
 
 
 class EntryPagination(ResultsCursorPagination):
@@ -480,3 +518,132 @@ class UserUsageView(OperatorView):
         paginator = UsagePagination()
         page = paginator.paginate_queryset(users.user_usage(user=user), request, view=self)
         return paginator.get_paginated_response(UsageRecordSerializer(page, many=True).data)
+
+
+def _paged(view: OperatorView, request, paginator, queryset, serializer) -> Response:
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer(page, many=True).data)
+
+
+# --- organizations: the same calls as for users, on the organization's wallet and keys ----------
+#
+# Organizations have no disabled state of their own (their members' accounts do, and their keys
+# can be revoked), so there is no disable / enable here.
+
+
+class OrgListView(OperatorView):
+    operations = {"get": "admin_orgs_list"}
+
+    @extend_schema(
+        operation_id="admin_orgs_list",
+        tags=["operator"],
+        summary="Search organizations",
+        parameters=[OrgSearchSerializer, OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
+        responses={200: OrgRowSerializer(many=True), 400: OpenApiResponse(description="bad filter"), **_ERRORS},
+    )
+    def get(self, request):
+        filters = OrgSearchSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        return _paged(self, request, UserPagination(), orgs.org_search(**filters.validated_data), OrgRowSerializer)
+
+
+class OrgDetailView(OperatorView):
+    operations = {"get": "admin_orgs_retrieve"}
+
+    @extend_schema(
+        operation_id="admin_orgs_retrieve",
+        tags=["operator"],
+        summary="One organization: wallet, members with their roles and limits, keys, last activity",
+        responses={200: OrgDetailSerializer, **_ERRORS},
+    )
+    def get(self, request, org_id: int):
+        org = orgs.org_get(org_id=org_id)
+        detail = {
+            "id": org.pk,
+            "name": org.name,
+            "slug": org.slug,
+            "created_at": org.created_at,
+            "wallet": wallet_summary_of(orgs.org_wallet_read(org=org)),
+            "members": orgs.org_members(org=org),
+            "keys": orgs.org_keys(org=org),
+            "activity": orgs.org_activity(org=org),
+        }
+        return Response(OrgDetailSerializer(detail).data)
+
+
+class OrgKeyRevokeView(OperatorView):
+    operations = {"post": "admin_orgs_keys_revoke"}
+
+    @extend_schema(
+        operation_id="admin_orgs_keys_revoke",
+        tags=["operator"],
+        request=None,
+        summary="Revoke one of an organization's API keys at once; revoking a revoked key changes nothing",
+        responses={200: OperatorKeySerializer, **_ERRORS},
+    )
+    def post(self, request, org_id: int, key_id: int):
+        key = orgs.org_key_get(org=orgs.org_get(org_id=org_id), key_id=key_id)
+        was_revoked = key.revoked
+        key = api_key_revoke(key=key)
+        self.audit_note = "already revoked" if was_revoked else f"revoked {key.prefix}…"
+        return Response(OperatorKeySerializer(key).data)
+
+
+class OrgGrantView(_OrgWallet, _Grant, _PostingView):
+    operations = {"post": "admin_orgs_grant"}
+
+    @extend_schema(
+        operation_id="admin_orgs_grant",
+        tags=["operator"],
+        summary="Credit an organization's wallet (a bonus, trial or grant), with a reason",
+        parameters=[_IDEMPOTENCY],
+        request=GrantSerializer,
+        responses={201: PostedSerializer, **_POSTING_ERRORS},
+    )
+    def post(self, request, org_id: int):
+        return self.post_once(request, org_id=org_id)
+
+
+class OrgCorrectionView(_OrgWallet, _Correction, _PostingView):
+    operations = {"post": "admin_orgs_correct"}
+
+    @extend_schema(
+        operation_id="admin_orgs_correct",
+        tags=["operator"],
+        summary="Correct an organization's balance up or down, with a reason (may take it below zero)",
+        parameters=[_IDEMPOTENCY],
+        request=CorrectionSerializer,
+        responses={201: PostedSerializer, **_POSTING_ERRORS},
+    )
+    def post(self, request, org_id: int):
+        return self.post_once(request, org_id=org_id)
+
+
+class OrgEntriesView(OperatorView):
+    operations = {"get": "admin_orgs_entries"}
+
+    @extend_schema(
+        operation_id="admin_orgs_entries",
+        tags=["operator"],
+        summary="An organization's ledger entries, newest first",
+        parameters=[OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
+        responses={200: EntrySerializer(many=True), **_ERRORS},
+    )
+    def get(self, request, org_id: int):
+        entries = orgs.org_entries(org=orgs.org_get(org_id=org_id))
+        return _paged(self, request, EntryPagination(), entries, EntrySerializer)
+
+
+class OrgUsageView(OperatorView):
+    operations = {"get": "admin_orgs_usage"}
+
+    @extend_schema(
+        operation_id="admin_orgs_usage",
+        tags=["operator"],
+        summary="The requests billed to an organization (every member's and key's), newest first",
+        parameters=[OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
+        responses={200: UsageRecordSerializer(many=True), **_ERRORS},
+    )
+    def get(self, request, org_id: int):
+        records = orgs.org_usage(org=orgs.org_get(org_id=org_id))
+        return _paged(self, request, UsagePagination(), records, UsageRecordSerializer)

@@ -73,6 +73,9 @@ class UsageReportFilter(RangeSerializer):
 
 class TopFilter(RangeSerializer):
     limit = serializers.IntegerField(min_value=1, max_value=200, default=10)
+    kind = serializers.ChoiceField(
+        choices=list(business.SPENDER_KINDS), default="user", help_text="whose wallets: users' or organizations'"
+    )
 
 
 def _money_row(name: str, **kwargs):
@@ -132,7 +135,7 @@ class UsageReportView(_ReportView):
     @extend_schema(
         operation_id="admin_reports_usage",
         tags=["operator"],
-        summary="Model usage by model, by user or by agent label: requests, tokens, charged, cost, margin",
+        summary="Model usage by model, user, organization or agent label: requests, tokens, charged, cost, margin",
         parameters=[UsageReportFilter, _CSV],
         responses={
             200: OpenApiResponse(
@@ -155,9 +158,15 @@ class TopSpendersView(_ReportView):
     @extend_schema(
         operation_id="admin_reports_top_spenders",
         tags=["operator"],
-        summary="The users who spent the most (model usage plus tool charges)",
+        summary="The users (or organizations) who spent the most from their wallet (model usage plus tool charges)",
         parameters=[TopFilter, _CSV],
-        responses={200: OpenApiResponse(description="{results: [{user, email, usage, tools, spent}]}"), **ERRORS},
+        responses={
+            200: OpenApiResponse(
+                description="{results: [{user, email, usage, tools, spent}]}; with kind=organization "
+                "{results: [{organization, name, slug, usage, tools, spent}]}"
+            ),
+            **ERRORS,
+        },
     )
     def get(self, request):
         rows = business.top_spenders(**self.filters(request))

@@ -1,5 +1,6 @@
 """The business reports behind the operator API's ``/api/admin/reports/…`` and the dashboard's
-charts: money by period, usage by model / user / agent label, top spenders, liabilities.
+charts: money by period, usage by model / user / organization / agent label, top spenders (users
+or organizations), liabilities.
 
 The definitions are the dashboard's (``backoffice.selectors``): revenue is what real payments
 that credited a wallet brought in (gross), with their processor fees, net and refunds; charged is
@@ -23,7 +24,9 @@ from proxy.models import UsageRecord
 from wallet.models import Entry, EntryKind, Wallet
 
 PERIODS = {"day": TruncDay, "week": TruncWeek, "month": TruncMonth}
-USAGE_GROUPS = {"model": "model", "user": "user__email", "agent": "agent"}
+# "user" is who made the request (a member's requests billed to an organization included);
+# "organization" is the organization billed, by slug ("" for requests paid from a user's own wallet).
+USAGE_GROUPS = {"model": "model", "user": "user__email", "organization": "organization__slug", "agent": "agent"}
 MONEY_FIELDS = (
     "revenue",
     "fees",
@@ -112,7 +115,8 @@ def totals_of(rows: list[dict]) -> dict:
 def usage_by(
     *, group: str, since: datetime | None = None, until: datetime | None = None, limit: int | None = None
 ) -> list[dict]:
-    """Model usage per model, user (email) or agent label (``X-Tokentill-Agent``; "" for none),
+    """Model usage per model, user (email), organization (slug; "" for requests paid from a user's
+    own wallet) or agent label (``X-Tokentill-Agent``; "" for none),
     the biggest earner first: ``key``, ``requests``, tokens, and ``charged``, ``upstream_cost``,
     ``margin`` in nanodollars. Tool charges are not usage and are not in it."""
     field = USAGE_GROUPS[group]
@@ -140,33 +144,49 @@ def usage_by(
     return result
 
 
-def top_spenders(*, since: datetime | None = None, until: datetime | None = None, limit: int = 10) -> list[dict]:
-    """The users who spent the most — model usage plus tool charges, both debits of their
-    wallet — most first: ``user`` (id), ``email``, ``usage``, ``tools``, ``spent`` (nanodollars)."""
+SPENDER_KINDS = ("user", "organization")
+
+# Per kind of payer: which usage records and ledger entries are theirs (the wallet that paid),
+# the fields naming them, and the row's shape.
+_PAYERS = {
+    "user": (
+        Q(organization__isnull=True),
+        ("user_id", "user__email"),
+        Q(wallet__user__isnull=False),
+        ("wallet__user_id", "wallet__user__email"),
+        lambda payer_id, email: {"user": payer_id, "email": email},
+    ),
+    "organization": (
+        Q(organization__isnull=False),
+        ("organization_id", "organization__name", "organization__slug"),
+        Q(wallet__organization__isnull=False),
+        ("wallet__organization_id", "wallet__organization__name", "wallet__organization__slug"),
+        lambda payer_id, name, slug: {"organization": payer_id, "name": name, "slug": slug},
+    ),
+}
+
+
+def top_spenders(
+    *, kind: str = "user", since: datetime | None = None, until: datetime | None = None, limit: int = 10
+) -> list[dict]:
+    """The users — or, with ``kind="organization"``, the organizations — who spent the most from
+    their own wallet (model usage plus tool charges, both debits of it), most first: ``user`` (id)
+    and ``email``, or ``organization`` (id), ``name`` and ``slug``; then ``usage``, ``tools`` and
+    ``spent`` (nanodollars). A member's requests billed to an organization count for the
+    organization, not for the member."""
+    usage_filter, usage_fields, tools_filter, tools_fields, row_of = _PAYERS[kind]
     spent: dict[int, dict] = {}
-    usage = (
-        _between(UsageRecord.objects.all(), since, until).values("user_id", "user__email").annotate(total=Sum("charge"))
-    )
-    for found in usage:
-        spent[found["user_id"]] = {
-            "user": found["user_id"],
-            "email": found["user__email"],
-            "usage": int(found["total"] or 0),
-            "tools": 0,
-        }
-    tools = (
-        _between(Entry.objects.filter(kind=EntryKind.CHARGE), since, until)
-        .values("wallet__user_id", "wallet__user__email")
-        .annotate(total=Sum("amount"))
-    )
-    for found in tools:
-        target = spent.setdefault(
-            found["wallet__user_id"],
-            {"user": found["wallet__user_id"], "email": found["wallet__user__email"], "usage": 0, "tools": 0},
-        )
+    usage = _between(UsageRecord.objects.filter(usage_filter), since, until).values(*usage_fields)
+    for found in usage.annotate(total=Sum("charge")).order_by():
+        naming = [found[field] for field in usage_fields]
+        spent[naming[0]] = {**row_of(*naming), "usage": int(found["total"] or 0), "tools": 0}
+    tools = _between(Entry.objects.filter(tools_filter, kind=EntryKind.CHARGE), since, until).values(*tools_fields)
+    for found in tools.annotate(total=Sum("amount")).order_by():
+        naming = [found[field] for field in tools_fields]
+        target = spent.setdefault(naming[0], {**row_of(*naming), "usage": 0, "tools": 0})
         target["tools"] = -int(found["total"] or 0)
     rows = [{**row, "spent": row["usage"] + row["tools"]} for row in spent.values()]
-    rows.sort(key=lambda row: (-row["spent"], row["user"]))
+    rows.sort(key=lambda row: (-row["spent"], row[kind]))
     return [row for row in rows if row["spent"] > 0][:limit]
 
 

@@ -86,8 +86,8 @@ def dashboard_context(request) -> dict:
 
 
 def dashboard_charts(*, since) -> dict:
-    """The three charts staff look at rather than read: money over time, spend by model, top
-    users (server-rendered SVG, ``backoffice.charts``)."""
+    """The four charts staff look at rather than read: money over time, spend by model, top
+    users and top organizations (server-rendered SVG, ``backoffice.charts``)."""
     found = {row["period"]: row for row in business.money_by_period(period="day", since=since)}
     empty = dict.fromkeys(business.MONEY_FIELDS, 0)
     dates = every_day(since=since) if found else []
@@ -110,6 +110,12 @@ def dashboard_charts(*, since) -> dict:
         # "From whom": each name opens that account's staff page.
         links=[reverse("staff_user", args=[row["user"]]) for row in spenders],
     )
+    teams = business.top_spenders(kind="organization", since=since, limit=TOP_SHOWN)
+    top_orgs = charts.bar_chart(
+        title="Top organizations",
+        rows=[(row["name"], row["spent"], "") for row in teams],
+        links=[reverse("staff_org", args=[row["organization"]]) for row in teams],
+    )
     return {
         "money": money,
         "has_money": bool(days),
@@ -117,6 +123,8 @@ def dashboard_charts(*, since) -> dict:
         "has_models": bool(models),
         "top_spenders": top,
         "has_spenders": bool(spenders),
+        "top_orgs": top_orgs,
+        "has_orgs": bool(teams),
     }
 
 

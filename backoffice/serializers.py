@@ -154,6 +154,58 @@ class CorrectionSerializer(serializers.Serializer):
 
 
 class PostedSerializer(serializers.Serializer):
-    user = serializers.IntegerField(source="wallet.user_id")
+    user = serializers.IntegerField(source="wallet.user_id", allow_null=True, help_text="null on an organization's")
+    organization = serializers.IntegerField(
+        source="wallet.organization_id", allow_null=True, help_text="null on a user's wallet"
+    )
     entry = EntrySerializer(source="*")
     balance = MoneyField(source="balance_after", help_text="the balance right after this entry")
+
+
+class OrgSearchSerializer(serializers.Serializer):
+    q = serializers.CharField(
+        required=False, allow_blank=True, max_length=100, help_text="part of the name or slug, or an id"
+    )
+
+
+class OrgRowSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    slug = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    balance = serializers.SerializerMethodField(help_text="USD; 0 for an organization that has no wallet yet")
+
+    def get_balance(self, org) -> str:
+        wallet = getattr(org, "wallet", None)  # a missing one-to-one raises an AttributeError
+        return format_usd(wallet.balance if wallet is not None else 0)
+
+
+class OperatorMemberSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="the membership's id")
+    user = serializers.IntegerField(source="user_id")
+    email = serializers.EmailField(source="user.email")
+    role = serializers.CharField()
+    daily_spend = MoneyField(allow_null=True, help_text="USD; null: no daily limit")
+    monthly_spend = MoneyField(allow_null=True, help_text="USD; null: no monthly limit")
+    allowed_models = serializers.ListField(
+        child=serializers.CharField(), allow_null=True, help_text="null: every model"
+    )
+    created_at = serializers.DateTimeField()
+
+
+class OrgActivitySerializer(serializers.Serializer):
+    last_activity = serializers.DateTimeField(allow_null=True, help_text="the latest of the moments below")
+    last_key_use = serializers.DateTimeField(allow_null=True, help_text="of its own keys, to the minute")
+    last_request = serializers.DateTimeField(allow_null=True, help_text="the newest usage record billed to it")
+    last_entry = serializers.DateTimeField(allow_null=True, help_text="the newest ledger entry of its wallet")
+
+
+class OrgDetailSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    slug = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    wallet = WalletSerializer()
+    members = OperatorMemberSerializer(many=True, help_text="with their roles and limits, oldest first")
+    keys = OperatorKeySerializer(many=True, help_text="its own keys, revoked ones included, with their limits")
+    activity = OrgActivitySerializer()

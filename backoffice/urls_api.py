@@ -1,5 +1,5 @@
 """``/api/admin/…``: the operator API (``backoffice.api``). Resources are named by what they are
-(``users`` now; ``orgs`` will sit beside it), never by who may see them."""
+(``users``, ``orgs``), never by who may see them."""
 
 from django.urls import path
 
@@ -26,6 +26,13 @@ urlpatterns = [
     path("users/<int:user_id>/corrections", api.UserCorrectionView.as_view(), name="api-admin-user-corrections"),
     path("users/<int:user_id>/entries", api.UserEntriesView.as_view(), name="api-admin-user-entries"),
     path("users/<int:user_id>/usage", api.UserUsageView.as_view(), name="api-admin-user-usage"),
+    path("orgs", api.OrgListView.as_view(), name="api-admin-orgs"),
+    path("orgs/<int:org_id>", api.OrgDetailView.as_view(), name="api-admin-org"),
+    path("orgs/<int:org_id>/keys/<int:key_id>/revoke", api.OrgKeyRevokeView.as_view(), name="api-admin-org-key-revoke"),
+    path("orgs/<int:org_id>/grants", api.OrgGrantView.as_view(), name="api-admin-org-grants"),
+    path("orgs/<int:org_id>/corrections", api.OrgCorrectionView.as_view(), name="api-admin-org-corrections"),
+    path("orgs/<int:org_id>/entries", api.OrgEntriesView.as_view(), name="api-admin-org-entries"),
+    path("orgs/<int:org_id>/usage", api.OrgUsageView.as_view(), name="api-admin-org-usage"),
     path("reports/money", api_reports.MoneyReportView.as_view(), name="api-admin-reports-money"),
     path("reports/usage", api_reports.UsageReportView.as_view(), name="api-admin-reports-usage"),
     path("reports/top-spenders", api_reports.TopSpendersView.as_view(), name="api-admin-reports-top-spenders"),

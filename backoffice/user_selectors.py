@@ -1,5 +1,5 @@
 """Reads behind the operator API's ``users`` resource and the admin's per-user staff page: any
-account, by staff. Organizations, when they come, get a resource of their own beside this one."""
+account, by staff. Organizations have theirs beside it, ``org_selectors``."""
 
 from __future__ import annotations
 
@@ -110,21 +110,27 @@ def user_usage(*, user: User) -> QuerySet[UsageRecord]:
 
 
 def user_spend_by_day(*, user: User, since: datetime) -> list[dict]:
-    """What the account spent per day (UTC) since ``since``, oldest first, days without spending
-    left out: ``day``, ``requests``, ``usage`` (model usage debited) and ``tools`` (tool charges),
-    in nanodollars. Two grouped reads on the ``(user, created_at)`` indexes."""
+    """What the account spent per day (UTC) since ``since``: see ``spend_by_day``."""
+    usage = UsageRecord.objects.filter(user=user)
+    return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__user=user), since=since)
+
+
+def spend_by_day(*, usage: QuerySet[UsageRecord], entries: QuerySet[Entry], since: datetime) -> list[dict]:
+    """Spending per day (UTC) since ``since``, oldest first, days without spending left out:
+    ``day``, ``requests``, ``usage`` (model usage debited, from ``usage``) and ``tools`` (tool
+    charges among ``entries``), in nanodollars. Two grouped reads."""
     days: dict = {}
-    usage = (
-        UsageRecord.objects.filter(user=user, created_at__gte=since)
+    by_day = (
+        usage.filter(created_at__gte=since)
         .annotate(day=TruncDate("created_at"))
         .values("day")
         .annotate(requests=Count("id"), charged=Sum("charge", default=0))
         .order_by()
     )
-    for found in usage:
+    for found in by_day:
         days[found["day"]] = {"requests": found["requests"], "usage": int(found["charged"]), "tools": 0}
     tools = (
-        Entry.objects.filter(wallet__user=user, kind=EntryKind.CHARGE, created_at__gte=since)
+        entries.filter(kind=EntryKind.CHARGE, created_at__gte=since)
         .annotate(day=TruncDate("created_at"))
         .values("day")
         .annotate(total=Sum("amount", default=0))
@@ -148,10 +154,13 @@ def usage_cursor(record: UsageRecord) -> str:
 
 
 def user_usage_page(*, user: User, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
-    """A page of the account's requests, newest first, starting after the ``after`` cursor
+    return usage_page(user_usage(user=user).select_related("api_key"), after=after, size=size)
+
+
+def usage_page(records: QuerySet[UsageRecord], *, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
+    """A page of ``records`` (ordered newest first), starting after the ``after`` cursor
     (keyset pagination: stable while new requests arrive, unlike page numbers); and the next
     page's cursor, or None on the last page."""
-    records = user_usage(user=user).select_related("api_key")
     if after:
         moment, record_id = _parse_usage_cursor(after)
         records = records.filter(Q(created_at__lt=moment) | Q(created_at=moment, pk__lt=record_id))
@@ -161,9 +170,12 @@ def user_usage_page(*, user: User, after: str | None, size: int) -> tuple[list[U
 
 
 def user_entries_page(*, user: User, after: str | None, size: int) -> tuple[list[Entry], str | None]:
-    """A page of the account's ledger entries, newest first (by id: the ledger's append order),
-    starting below the entry id ``after``; and the next page's cursor, or None."""
-    entries = user_entries(user=user)
+    return entries_page(user_entries(user=user), after=after, size=size)
+
+
+def entries_page(entries: QuerySet[Entry], *, after: str | None, size: int) -> tuple[list[Entry], str | None]:
+    """A page of ``entries`` (ordered newest first by id: the ledger's append order), starting
+    below the entry id ``after``; and the next page's cursor, or None."""
     if after:
         if not after.isdigit() or len(after) > 18:
             raise BadCursor(after)

@@ -3,6 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from accounts.views import staff_login
+from backoffice.staff_pages import org_page as staff_org_page
 from backoffice.staff_pages import user_page as staff_user_page
 from infra import health
 from infra.ninja import api as v1_api
@@ -15,8 +16,10 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("admin/login/", staff_login),  # the admin's login, answering 429 when throttled
-    # Before the admin's own URLs, whose catch-all would answer 404: the per-user staff page.
+    # Before the admin's own URLs, whose catch-all would answer 404: the per-user and
+    # per-organization staff pages.
     path("admin/tokentill/users/<int:user_id>/", admin.site.admin_view(staff_user_page), name="staff_user"),
+    path("admin/tokentill/orgs/<int:org_id>/", admin.site.admin_view(staff_org_page), name="staff_org"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     # The split view serves Swagger UI's start-up script as a file of its own: the page has no

@@ -183,10 +183,10 @@ def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_
     request.user = staff
     # payments 1, usage totals 1, tool charges 1, by day 1, by model 1, negative wallets 1, holds 1,
     # webhooks + alerts 2, ledger totals 3, ledger discrepancies 2, outbound webhooks (endpoints,
-    # given-up deliveries, alerts, the failing endpoints' list) 4, upstreams 1, and the charts 6
-    # (money per day: payments, usage, tool charges; by model 1; top spenders: usage, tool
-    # charges) — however many rows there are.
-    with django_assert_num_queries(25):
+    # given-up deliveries, alerts, the failing endpoints' list) 4, upstreams 1, and the charts 8
+    # (money per day: payments, usage, tool charges; by model 1; top spenders and top
+    # organizations: usage, tool charges each) — however many rows there are.
+    with django_assert_num_queries(27):
         context = dashboard_context(request)
         list(context["negative_wallets"])
     assert context["money"].requests == 3

@@ -17,10 +17,14 @@ from accounts.models import ApiKey, Scope, TokenFamily
 from accounts.services import api_key_create, api_key_revoke, operator_key_create, token_pair_issue
 from backoffice.models import AppendOnlyError, AuditEntry
 from core.money import parse_usd
+from orgs.models import Membership
+from orgs.selectors import org_wallet
+from orgs.services import org_key_create, organization_create
 from tests.conftest import make_user
 from tests.test_admin_dashboard import payment, usage
 from tests.test_ws_events import CLOSE_WAIT, access_token, bearer, expect_refusal, listening, still_listening
 from wallet.models import Entry
+from wallet.services import wallet_charge, wallet_credit
 
 pytestmark = pytest.mark.django_db
 
@@ -72,9 +76,18 @@ def balance_of(user) -> int:
 # --- the role matrix --------------------------------------------------------------------------
 
 
-def endpoints(alice, alice_key, alice_login):
+@pytest.fixture
+def acme(alice):
+    """(organization, its API key): alice's organization, with a key of its own."""
+    org = organization_create(user=alice, name="Acme Labs")
+    key, _ = org_key_create(actor=Membership.objects.get(organization=org, user=alice), name="acme ci")
+    return org, key
+
+
+def endpoints(alice, alice_key, alice_login, acme):
     """(method, path, body, headers, status an operator gets) for every operator endpoint."""
     user = f"/api/admin/users/{alice.pk}"
+    org = f"/api/admin/orgs/{acme[0].pk}"
     key = f"{user}/keys/{alice_key[0].pk}"
     return [
         ("get", "/api/admin/users?q=alice", None, {}, 200),
@@ -89,6 +102,13 @@ def endpoints(alice, alice_key, alice_login):
         ("post", f"{user}/corrections", {"amount": "-0.50", "reason": "fix"}, {"HTTP_IDEMPOTENCY_KEY": "c-1"}, 201),
         ("post", f"{user}/disable", None, {}, 200),
         ("post", f"{user}/enable", None, {}, 200),
+        ("get", "/api/admin/orgs?q=acme", None, {}, 200),
+        ("get", org, None, {}, 200),
+        ("get", f"{org}/entries", None, {}, 200),
+        ("get", f"{org}/usage", None, {}, 200),
+        ("post", f"{org}/keys/{acme[1].pk}/revoke", None, {}, 200),
+        ("post", f"{org}/grants", {"amount": "1.00", "reason": "goodwill"}, {"HTTP_IDEMPOTENCY_KEY": "g-1"}, 201),
+        ("post", f"{org}/corrections", {"amount": "-0.50", "reason": "fix"}, {"HTTP_IDEMPOTENCY_KEY": "c-1"}, 201),
         ("get", "/api/admin/reports/money?group_by=week", None, {}, 200),
         ("get", "/api/admin/reports/usage?group_by=user", None, {}, 200),
         ("get", "/api/admin/reports/top-spenders", None, {}, 200),
@@ -133,11 +153,11 @@ REFUSED = [
 
 @pytest.mark.parametrize(("kind", "status", "code"), REFUSED, ids=[row[0] for row in REFUSED])
 def test_only_an_operator_key_of_active_staff_opens_any_endpoint(
-    kind, status, code, alice, alice_key, alice_login, ops, root
+    kind, status, code, alice, alice_key, alice_login, acme, ops, root
 ):
     secret = credential(kind, alice=alice, alice_key=alice_key, ops=ops, root=root)
     before = balance_of(alice)
-    for method, path, body, headers, _ in endpoints(alice, alice_key, alice_login):
+    for method, path, body, headers, _ in endpoints(alice, alice_key, alice_login, acme):
         response = call(client_with(secret), method, path, body, headers)
         assert response.status_code == status, (method, path, response.content)
         if code:
@@ -148,18 +168,22 @@ def test_only_an_operator_key_of_active_staff_opens_any_endpoint(
     assert alice.is_active
     assert ApiKey.objects.get(pk=alice_key[0].pk).revoked_at is None
     assert TokenFamily.objects.get(pk=alice_login.family_id).revoked_at is None
+    assert ApiKey.objects.get(pk=acme[1].pk).revoked_at is None
+    assert not Entry.objects.filter(wallet__organization=acme[0]).exists()
     # A refusal of a credential we know is audited, under its owner; no credential is not.
     audited = AuditEntry.objects.filter(outcome="refused", status_code=status)
-    assert audited.count() == (len(endpoints(alice, alice_key, alice_login)) if code else 0)
+    assert audited.count() == (len(endpoints(alice, alice_key, alice_login, acme)) if code else 0)
 
 
-def test_an_operator_key_opens_every_endpoint_and_every_call_is_audited(operator, alice, alice_key, alice_login, ops):
-    for method, path, body, headers, status in endpoints(alice, alice_key, alice_login):
+def test_an_operator_key_opens_every_endpoint_and_every_call_is_audited(
+    operator, alice, alice_key, alice_login, acme, ops
+):
+    for method, path, body, headers, status in endpoints(alice, alice_key, alice_login, acme):
         response = call(operator, method, path, body, headers)
         assert response.status_code == status, (method, path, response.content)
     audit = list(AuditEntry.objects.order_by("id"))
     assert [(a.method.lower(), a.path, a.status_code) for a in audit] == [
-        (m, p.split("?")[0], s) for m, p, _, _, s in endpoints(alice, alice_key, alice_login)
+        (m, p.split("?")[0], s) for m, p, _, _, s in endpoints(alice, alice_key, alice_login, acme)
     ]
     assert {a.actor_id for a in audit} == {ops.pk} and {a.outcome for a in audit} == {"ok"}
     assert all(a.key_prefix.startswith("tt_") and a.operation.startswith("admin_") for a in audit)
@@ -362,6 +386,84 @@ def test_entries_and_usage_lists_page_by_cursor(operator, alice):
     assert operator.get(f"/api/admin/users/{alice.pk}/usage").json() == {"results": [], "next": None}
 
 
+# --- organizations ------------------------------------------------------------------------------
+
+
+def test_orgs_are_searched_by_name_slug_or_id_in_pages(operator, alice, bob):
+    acme = organization_create(user=alice, name="Acme Labs")
+    umbrella = organization_create(user=bob, name="Umbrella")
+    page = operator.get("/api/admin/orgs?limit=1").json()
+    assert [o["name"] for o in page["results"]] == ["Umbrella"]
+    assert [o["name"] for o in operator.get(page["next"]).json()["results"]] == ["Acme Labs"]
+    assert [o["id"] for o in operator.get("/api/admin/orgs?q=ACME").json()["results"]] == [acme.pk]
+    assert [o["id"] for o in operator.get(f"/api/admin/orgs?q={umbrella.slug}").json()["results"]] == [umbrella.pk]
+    assert [o["id"] for o in operator.get(f"/api/admin/orgs?q={umbrella.pk}").json()["results"]] == [umbrella.pk]
+    assert operator.get("/api/admin/orgs/999999").status_code == 404
+    assert operator.get(f"/api/admin/orgs/{2**63}").status_code == 404
+
+
+def test_an_org_shows_its_wallet_members_with_roles_and_limits_keys_and_activity(operator, alice, bob, acme):
+    org, key = acme
+    Membership.objects.create(organization=org, user=bob, role="member", daily_spend=parse_usd("2"))
+    body = operator.get(f"/api/admin/orgs/{org.pk}").json()
+    assert body["name"] == "Acme Labs" and body["slug"] == org.slug
+    assert body["wallet"]["balance"] == "0.000000000" and body["wallet"]["held"] == "0.000000000"
+    assert [(m["email"], m["role"], m["daily_spend"], m["monthly_spend"]) for m in body["members"]] == [
+        ("alice@example.com", "owner", None, None),
+        ("bob@example.com", "member", "2.000000000", None),
+    ]
+    assert [k["id"] for k in body["keys"]] == [key.pk]
+    assert body["activity"]["last_entry"] is None
+
+
+def test_an_org_grant_and_correction_credit_its_wallet_idempotently(operator, alice, acme, ops):
+    org, _ = acme
+    path = f"/api/admin/orgs/{org.pk}/grants"
+    body = {"amount": "5.00", "reason": "launch credit"}
+    first = operator.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="launch")
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first
+    posted = first.json()
+    assert posted["organization"] == org.pk and posted["user"] is None and posted["balance"] == "5.000000000"
+    replay = operator.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="launch")
+    assert replay.json() == posted and replay["Idempotent-Replayed"] == "true"
+    conflict = operator.post(path, {**body, "amount": "6"}, format="json", HTTP_IDEMPOTENCY_KEY="launch")
+    assert conflict.status_code == 409 and "this organization" in conflict.json()["detail"]
+    assert operator.post(path, {"amount": "1"}, format="json", HTTP_IDEMPOTENCY_KEY="x").status_code == 400
+    assert operator.post(path, body, format="json").json()["code"] == "idempotency_key_required"
+    fix = operator.post(
+        f"/api/admin/orgs/{org.pk}/corrections",
+        {"amount": "-7.00", "reason": "chargeback"},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="launch",  # keys are kept apart per kind, as for users
+    )
+    assert fix.status_code == 201 and fix.json()["balance"] == "-2.000000000"
+    assert operator.get(f"/api/admin/orgs/{org.pk}").json()["wallet"]["balance"] == "-2.000000000"
+    assert balance_of(alice) == parse_usd("10")  # the owner's own wallet is untouched
+    entry = Entry.objects.get(pk=posted["entry"]["id"])
+    assert entry.wallet.organization_id == org.pk and entry.created_by == ops
+    page = operator.get(f"/api/admin/orgs/{org.pk}/entries?limit=1").json()
+    assert [e["description"] for e in page["results"]] == ["chargeback"]
+    assert [e["description"] for e in operator.get(page["next"]).json()["results"]] == ["launch credit"]
+    assert operator.get(f"/api/admin/orgs/{org.pk}/usage").json() == {"results": [], "next": None}
+    assert (
+        list(AuditEntry.objects.filter(operation="admin_orgs_grant").values_list("target", flat=True))
+        == [f"org:{org.pk}"] * 5
+    )
+
+
+def test_an_org_key_is_revoked_only_under_its_own_org(operator, alice, bob, acme, alice_key):
+    org, key = acme
+    other = organization_create(user=bob, name="Umbrella")
+    assert operator.post(f"/api/admin/orgs/{other.pk}/keys/{key.pk}/revoke").status_code == 404
+    assert operator.post(f"/api/admin/orgs/{org.pk}/keys/{alice_key[0].pk}/revoke").status_code == 404
+    revoked = operator.post(f"/api/admin/orgs/{org.pk}/keys/{key.pk}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    assert ApiKey.objects.get(pk=key.pk).revoked
+    again = operator.post(f"/api/admin/orgs/{org.pk}/keys/{key.pk}/revoke")
+    assert again.status_code == 200
+    assert AuditEntry.objects.filter(operation="admin_orgs_keys_revoke").latest("id").detail == "already revoked"
+
+
 # --- reports ----------------------------------------------------------------------------------
 
 
@@ -402,6 +504,51 @@ def test_reports_add_up_money_usage_top_spenders_and_liabilities(operator, alice
     ]
     owed = operator.get("/api/admin/reports/liabilities").json()
     assert owed["owed_to_users"] == "11.000000000" and owed["wallets_in_credit"] == 2  # alice 10 + bob's grant
+
+
+def test_reports_by_organization_count_what_its_wallet_paid_not_its_members(operator, alice, bob, acme):
+    org, _ = acme
+    record = usage(alice, "r-org", cost="0.500000000", charge="0.75", model="openai/gpt-4o-mini")
+    record.organization = org
+    record.save(update_fields=["organization"])
+    usage(alice, "r-own", cost="0.100000000", charge="0.25", model="openai/gpt-4o-mini")
+    usage(bob, "r-bob", cost="0.100000000", charge="0.30", model="openai/gpt-4o-mini")
+    wallet_credit(wallet=org_wallet(organization=org), amount=parse_usd("5"), kind="grant", idempotency_key=None)
+    wallet_charge(wallet=org_wallet(organization=org), amount=parse_usd("0.05"), idempotency_key=None)
+
+    by_org = operator.get("/api/admin/reports/usage?group_by=organization").json()["results"]
+    assert [(row["key"], row["requests"], row["charged"], row["margin"]) for row in by_org] == [
+        (org.slug, 1, "0.750000000", "0.250000000"),
+        ("", 2, "0.550000000", "0.350000000"),  # paid from users' own wallets
+    ]
+    orgs_top = operator.get("/api/admin/reports/top-spenders?kind=organization").json()["results"]
+    assert orgs_top == [
+        {
+            "organization": org.pk,
+            "name": "Acme Labs",
+            "slug": org.slug,
+            "usage": "0.750000000",
+            "tools": "0.050000000",
+            "spent": "0.800000000",
+        }
+    ]
+    # A member's requests billed to the organization are the organization's spending, not hers.
+    users_top = operator.get("/api/admin/reports/top-spenders").json()["results"]
+    assert [(row["email"], row["spent"]) for row in users_top] == [
+        ("bob@example.com", "0.300000000"),
+        ("alice@example.com", "0.250000000"),
+    ]
+    csv_text = operator.get("/api/admin/reports/top-spenders?kind=organization&format=csv").content.decode()
+    assert csv_text.splitlines() == [
+        "organization,name,slug,usage,tools,spent",
+        f"{org.pk},Acme Labs,{org.slug},0.750000000,0.050000000,0.800000000",
+    ]
+    assert operator.get("/api/admin/reports/top-spenders?kind=team").status_code == 400
+    # The organization's own lists: the request billed to it, not its owner's own one.
+    requests = operator.get(f"/api/admin/orgs/{org.pk}/usage").json()["results"]
+    assert [row["request_id"] for row in requests] == ["r-org"]
+    shown = operator.get(f"/api/admin/orgs/{org.pk}").json()
+    assert shown["wallet"]["balance"] == "4.950000000" and shown["activity"]["last_request"] is not None
 
 
 # --- the audit log ----------------------------------------------------------------------------
@@ -491,7 +638,8 @@ def test_the_admin_scope_cannot_be_ticked_onto_an_existing_key(root, alice_key):
 def test_the_schema_lists_the_operator_api(client):
     paths = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     ours = {path for path in paths if path.startswith("/api/admin/")}
-    assert len(ours) == 16
+    assert len(ours) == 23
+    assert paths["/api/admin/orgs/{org_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
     assert paths["/api/admin/users/{user_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
 
 
