@@ -110,8 +110,10 @@ def user_usage(*, user: User) -> QuerySet[UsageRecord]:
 
 
 def user_spend_by_day(*, user: User, since: datetime) -> list[dict]:
-    """What the account spent per day (UTC) since ``since``: see ``spend_by_day``."""
-    usage = UsageRecord.objects.filter(user=user)
+    """What the account's own wallet paid per day (UTC) since ``since``: see ``spend_by_day``.
+    Requests it made on an organization's wallet are that organization's spend (its own page, and
+    the top spenders), not counted here twice."""
+    usage = UsageRecord.objects.filter(user=user, organization__isnull=True)
     return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__user=user), since=since)
 
 

@@ -153,3 +153,19 @@ def test_the_page_reads_a_fixed_number_of_queries_however_many_rows(staff, alice
     client = signed_in(staff)
     with django_assert_max_num_queries(20):
         assert client.get(page_of(alice)).status_code == 200
+
+
+def test_requests_made_on_an_organizations_wallet_are_listed_but_not_spent_from_the_users(staff, alice):
+    from orgs.services import organization_create
+
+    acme = organization_create(user=alice, name="Acme Labs")
+    usage(alice, "req_own", cost="0.100000000", charge="0.12", model="openai/gpt-4o-mini")
+    on_org = usage(alice, "req_for_acme", cost="1.000000000", charge="1.20", model="openai/gpt-4o-mini")
+    UsageRecord.objects.filter(pk=on_org.pk).update(organization=acme)
+
+    html = signed_in(staff).get(page_of(alice)).content.decode()
+
+    # Acme's wallet paid for that one: it is Acme's spend (its own page, the top spenders).
+    spent = html.split('data-figure="spent"')[1].split("</div>")[0]
+    assert 'title="0.120000000">$0.12<' in spent and "1 request" in spent
+    assert rows(html, "requests", "request") == ["req_for_acme", "req_own"]  # newest first
