@@ -28,6 +28,7 @@ from accounts.models import ApiKey, User
 from accounts.services import api_key_create, api_key_revoke
 from wallet.models import Wallet
 
+from .emails import invitation_send
 from .models import MANAGERS, Invitation, Membership, Organization, Role
 
 INVITATION_TTL = timedelta(days=7)
@@ -99,7 +100,8 @@ def _require_manager(actor: Membership) -> None:
 
 
 def invitation_create(*, actor: Membership, email: str, role: str = Role.MEMBER) -> tuple[Invitation, str]:
-    """An invitation and its token (shown once: only its hash is stored)."""
+    """An invitation and its token (shown once: only its hash is stored). Once the invitation is
+    committed, its link is emailed to the invited address (``orgs.emails``)."""
     _require_manager(actor)
     if role not in Role.values:
         raise OrgError(f"role must be one of: {', '.join(Role.values)}")
@@ -114,15 +116,17 @@ def invitation_create(*, actor: Membership, email: str, role: str = Role.MEMBER)
         raise OrgError("that address is already a member", 409)
     token = secrets.token_urlsafe(32)
     now = timezone.now()
-    invitation = Invitation.objects.create(
-        organization_id=actor.organization_id,
-        email=email,
-        role=role,
-        token_hash=_token_hash(token),
-        created_by=actor.user,
-        created_at=now,
-        expires_at=now + INVITATION_TTL,
-    )
+    with transaction.atomic():
+        invitation = Invitation.objects.create(
+            organization_id=actor.organization_id,
+            email=email,
+            role=role,
+            token_hash=_token_hash(token),
+            created_by=actor.user,
+            created_at=now,
+            expires_at=now + INVITATION_TTL,
+        )
+        transaction.on_commit(lambda: invitation_send(invitation, token))
     return invitation, token
 
 
