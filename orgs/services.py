@@ -212,16 +212,38 @@ def membership_update(
             if membership.role == Role.OWNER and _owners(membership.organization_id) <= 1:
                 raise OrgError("an organization keeps at least one owner", 409)
             membership.role = role
-        for name, value in (
-            ("daily_spend", daily_spend),
-            ("monthly_spend", monthly_spend),
-            ("allowed_models", allowed_models),
-        ):
-            if value is not _UNSET:
-                if name == "allowed_models" and value is not None:
-                    value = [_text(model, "a model id", most=200) for model in value]
-                setattr(membership, name, value)
+        for name, value in _limits(daily_spend, monthly_spend, allowed_models).items():
+            setattr(membership, name, value)
         membership.save()
+    return membership
+
+
+def _limits(daily_spend, monthly_spend, allowed_models) -> dict:
+    """The limits a change names (spend in nanodollars or None; model ids checked), by field."""
+    changes = {}
+    for name, value in (
+        ("daily_spend", daily_spend),
+        ("monthly_spend", monthly_spend),
+        ("allowed_models", allowed_models),
+    ):
+        if value is not _UNSET:
+            if name == "allowed_models" and value is not None:
+                value = [_text(model, "a model id", most=200) for model in value]
+            changes[name] = value
+    return changes
+
+
+def membership_limits_set(
+    *, membership: Membership, daily_spend=_UNSET, monthly_spend=_UNSET, allowed_models=_UNSET
+) -> Membership:
+    """Set a member's limits on the operator's word (the operator API; no role in the
+    organization is needed). Only the named limits change — never the role — and a membership
+    removed meanwhile is a 404, not a resurrection."""
+    changes = _limits(daily_spend, monthly_spend, allowed_models)
+    if changes and not Membership.objects.filter(pk=membership.pk).update(**changes):
+        raise OrgError("no such member", 404)
+    for name, value in changes.items():
+        setattr(membership, name, value)
     return membership
 
 
