@@ -34,6 +34,8 @@ from accounts.services import (
 )
 from infra.drf import ResultsCursorPagination
 from orgs.selectors import org_wallet
+from orgs.services import OrgError, membership_limits_set
+from orgweb.serializers import MemberLimitsSerializer
 from proxy.serializers import UsageRecordSerializer
 from wallet.selectors import wallet_summary, wallet_summary_of
 from wallet.serializers import EntrySerializer
@@ -47,6 +49,7 @@ from .serializers import (
     GrantSerializer,
     KeyLimitsSerializer,
     OperatorKeySerializer,
+    OperatorMemberSerializer,
     OrgDetailSerializer,
     OrgRowSerializer,
     OrgSearchSerializer,
@@ -587,6 +590,36 @@ class OrgKeyRevokeView(OperatorView):
         key = api_key_revoke(key=key)
         self.audit_note = "already revoked" if was_revoked else f"revoked {key.prefix}…"
         return Response(OperatorKeySerializer(key).data)
+
+
+class OrgMemberView(OperatorView):
+    operations = {"patch": "admin_orgs_members_limits"}
+
+    @extend_schema(
+        operation_id="admin_orgs_members_limits",
+        tags=["operator"],
+        summary="Set a member's limits in the organization (the same rules as PATCH "
+        "/api/orgs/{id}/members/{mid} `limits`); the member is named by their user id",
+        request=MemberLimitsSerializer,
+        responses={
+            200: OperatorMemberSerializer,
+            400: OpenApiResponse(description="invalid limits"),
+            **_ERRORS,
+            404: OpenApiResponse(description="no such organization, or the user is not a member of it"),
+        },
+    )
+    def patch(self, request, org_id: int, user_id: int):
+        member = orgs.org_member_get(org=orgs.org_get(org_id=org_id), user_id=user_id)
+        serializer = MemberLimitsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            member = membership_limits_set(membership=member, **serializer.validated_data)
+        except OrgError as exc:
+            code = "invalid_limits" if exc.status == 400 else "not_found"
+            raise OperatorError(exc.status, code, exc.message) from None
+        named = ", ".join(sorted(serializer.validated_data)) or "nothing"
+        self.audit_note = f"limits of member {member.user_id} set ({named})"
+        return Response(OperatorMemberSerializer(member).data)
 
 
 class OrgGrantView(_OrgWallet, _Grant, _PostingView):

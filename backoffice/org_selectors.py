@@ -59,6 +59,14 @@ def org_key_get(*, org: Organization, key_id: int) -> ApiKey:
     return key
 
 
+def org_member_get(*, org: Organization, user_id: int) -> Membership:
+    """The organization's membership of the user ``user_id``."""
+    member = org_members(org=org).filter(user_id=user_id).first() if user_id <= MAX_ID else None
+    if member is None:
+        raise Http404("no such member of this organization")
+    return member
+
+
 @dataclass(frozen=True)
 class OrgActivity:
     last_key_use: datetime | None  # of the organization's own keys, to the minute

@@ -29,6 +29,7 @@ urlpatterns = [
     path("orgs", api.OrgListView.as_view(), name="api-admin-orgs"),
     path("orgs/<int:org_id>", api.OrgDetailView.as_view(), name="api-admin-org"),
     path("orgs/<int:org_id>/keys/<int:key_id>/revoke", api.OrgKeyRevokeView.as_view(), name="api-admin-org-key-revoke"),
+    path("orgs/<int:org_id>/members/<int:user_id>", api.OrgMemberView.as_view(), name="api-admin-org-member"),
     path("orgs/<int:org_id>/grants", api.OrgGrantView.as_view(), name="api-admin-org-grants"),
     path("orgs/<int:org_id>/corrections", api.OrgCorrectionView.as_view(), name="api-admin-org-corrections"),
     path("orgs/<int:org_id>/entries", api.OrgEntriesView.as_view(), name="api-admin-org-entries"),

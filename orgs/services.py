@@ -28,6 +28,7 @@ from accounts.models import ApiKey, User
 from accounts.services import api_key_create, api_key_revoke
 from wallet.models import Wallet
 
+from .emails import invitation_send
 from .models import MANAGERS, Invitation, Membership, Organization, Role
 
 INVITATION_TTL = timedelta(days=7)
@@ -99,7 +100,8 @@ def _require_manager(actor: Membership) -> None:
 
 
 def invitation_create(*, actor: Membership, email: str, role: str = Role.MEMBER) -> tuple[Invitation, str]:
-    """An invitation and its token (shown once: only its hash is stored)."""
+    """An invitation and its token (shown once: only its hash is stored). Once the invitation is
+    committed, its link is emailed to the invited address (``orgs.emails``)."""
     _require_manager(actor)
     if role not in Role.values:
         raise OrgError(f"role must be one of: {', '.join(Role.values)}")
@@ -114,15 +116,17 @@ def invitation_create(*, actor: Membership, email: str, role: str = Role.MEMBER)
         raise OrgError("that address is already a member", 409)
     token = secrets.token_urlsafe(32)
     now = timezone.now()
-    invitation = Invitation.objects.create(
-        organization_id=actor.organization_id,
-        email=email,
-        role=role,
-        token_hash=_token_hash(token),
-        created_by=actor.user,
-        created_at=now,
-        expires_at=now + INVITATION_TTL,
-    )
+    with transaction.atomic():
+        invitation = Invitation.objects.create(
+            organization_id=actor.organization_id,
+            email=email,
+            role=role,
+            token_hash=_token_hash(token),
+            created_by=actor.user,
+            created_at=now,
+            expires_at=now + INVITATION_TTL,
+        )
+        transaction.on_commit(lambda: invitation_send(invitation, token))
     return invitation, token
 
 
@@ -208,16 +212,38 @@ def membership_update(
             if membership.role == Role.OWNER and _owners(membership.organization_id) <= 1:
                 raise OrgError("an organization keeps at least one owner", 409)
             membership.role = role
-        for name, value in (
-            ("daily_spend", daily_spend),
-            ("monthly_spend", monthly_spend),
-            ("allowed_models", allowed_models),
-        ):
-            if value is not _UNSET:
-                if name == "allowed_models" and value is not None:
-                    value = [_text(model, "a model id", most=200) for model in value]
-                setattr(membership, name, value)
+        for name, value in _limits(daily_spend, monthly_spend, allowed_models).items():
+            setattr(membership, name, value)
         membership.save()
+    return membership
+
+
+def _limits(daily_spend, monthly_spend, allowed_models) -> dict:
+    """The limits a change names (spend in nanodollars or None; model ids checked), by field."""
+    changes = {}
+    for name, value in (
+        ("daily_spend", daily_spend),
+        ("monthly_spend", monthly_spend),
+        ("allowed_models", allowed_models),
+    ):
+        if value is not _UNSET:
+            if name == "allowed_models" and value is not None:
+                value = [_text(model, "a model id", most=200) for model in value]
+            changes[name] = value
+    return changes
+
+
+def membership_limits_set(
+    *, membership: Membership, daily_spend=_UNSET, monthly_spend=_UNSET, allowed_models=_UNSET
+) -> Membership:
+    """Set a member's limits on the operator's word (the operator API; no role in the
+    organization is needed). Only the named limits change — never the role — and a membership
+    removed meanwhile is a 404, not a resurrection."""
+    changes = _limits(daily_spend, monthly_spend, allowed_models)
+    if changes and not Membership.objects.filter(pk=membership.pk).update(**changes):
+        raise OrgError("no such member", 404)
+    for name, value in changes.items():
+        setattr(membership, name, value)
     return membership
 
 

@@ -12,8 +12,6 @@ An organization's own key is refused on all of ``/api`` (``accounts.authenticati
 
 from __future__ import annotations
 
-from django.conf import settings
-from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, permissions, status
 from rest_framework.exceptions import NotFound, ParseError, PermissionDenied
@@ -26,6 +24,7 @@ from core.money import format_usd
 from core.numbers import parse_id
 from infra.drf import parse_instant, query_text
 from orgs import services
+from orgs.emails import invitation_url
 from orgs.models import Membership
 from orgs.selectors import (
     invitation_get,
@@ -190,10 +189,6 @@ class MemberDetailApi(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-def invitation_url(request, token: str) -> str:
-    return f"{settings.APP_URL.rstrip('/')}{reverse('portal:org_invitation', args=[token])}"
-
-
 class InvitationListApi(APIView):
     permission_classes = _PERMISSIONS
 
@@ -213,7 +208,7 @@ class InvitationListApi(APIView):
         data = InvitationInSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         invitation, token = _run(services.invitation_create, actor=m, **data.validated_data)
-        context = {"token": token, "url": invitation_url(request, token)}
+        context = {"token": token, "url": invitation_url(token)}
         return Response(InvitationCreatedSerializer(invitation, context=context).data, status=status.HTTP_201_CREATED)
 
 

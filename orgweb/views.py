@@ -21,6 +21,7 @@ from django.views.decorators.http import require_POST
 from core.money import MoneyError, parse_usd
 from core.numbers import parse_id
 from orgs import services
+from orgs.emails import invitation_url
 from orgs.models import Membership, Role
 from orgs.selectors import (
     invitation_get,
@@ -44,7 +45,6 @@ from payments.services import (
 )
 from wallet.selectors import wallet_summary_of
 
-from .api import invitation_url
 from .selectors import member_spend, org_entries, org_usage, org_usage_summary
 
 PAGE_SIZE = 25
@@ -223,7 +223,7 @@ def invitation_create(request, org_id: int):
     if made is None:
         return _back(org_id, "invitations")
     invitation, token = made
-    return _org_page(request, m, new_invitation={"email": invitation.email, "url": invitation_url(request, token)})
+    return _org_page(request, m, new_invitation={"email": invitation.email, "url": invitation_url(token)})
 
 
 @require_POST

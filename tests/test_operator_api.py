@@ -107,6 +107,7 @@ def endpoints(alice, alice_key, alice_login, acme):
         ("get", f"{org}/entries", None, {}, 200),
         ("get", f"{org}/usage", None, {}, 200),
         ("post", f"{org}/keys/{acme[1].pk}/revoke", None, {}, 200),
+        ("patch", f"{org}/members/{alice.pk}", {"daily_spend": "3.00"}, {}, 200),
         ("post", f"{org}/grants", {"amount": "1.00", "reason": "goodwill"}, {"HTTP_IDEMPOTENCY_KEY": "g-1"}, 201),
         ("post", f"{org}/corrections", {"amount": "-0.50", "reason": "fix"}, {"HTTP_IDEMPOTENCY_KEY": "c-1"}, 201),
         ("get", "/api/admin/reports/money?group_by=week", None, {}, 200),
@@ -170,6 +171,7 @@ def test_only_an_operator_key_of_active_staff_opens_any_endpoint(
     assert TokenFamily.objects.get(pk=alice_login.family_id).revoked_at is None
     assert ApiKey.objects.get(pk=acme[1].pk).revoked_at is None
     assert not Entry.objects.filter(wallet__organization=acme[0]).exists()
+    assert Membership.objects.get(organization=acme[0], user=alice).daily_spend is None
     # A refusal of a credential we know is audited, under its owner; no credential is not.
     audited = AuditEntry.objects.filter(outcome="refused", status_code=status)
     assert audited.count() == (len(endpoints(alice, alice_key, alice_login, acme)) if code else 0)
@@ -416,6 +418,35 @@ def test_an_org_shows_its_wallet_members_with_roles_and_limits_keys_and_activity
     assert body["activity"]["last_entry"] is None
 
 
+def test_an_operator_sets_a_members_limits_by_the_org_admins_own_rules(operator, alice, bob, acme):
+    org, _ = acme
+    Membership.objects.create(organization=org, user=bob, role="member", monthly_spend=parse_usd("9"))
+    path = f"/api/admin/orgs/{org.pk}/members/{bob.pk}"
+    done = operator.patch(path, {"daily_spend": "2.50", "allowed_models": ["gpt-4o-mini"]}, format="json")
+    assert done.status_code == 200, done.content
+    body = done.json()
+    assert (body["user"], body["role"], body["daily_spend"]) == (bob.pk, "member", "2.500000000")
+    assert body["monthly_spend"] == "9.000000000" and body["allowed_models"] == ["gpt-4o-mini"]  # untouched
+    bob_member = Membership.objects.get(organization=org, user=bob)
+    assert (bob_member.daily_spend, bob_member.allowed_models) == (parse_usd("2.5"), ["gpt-4o-mini"])
+    cleared = operator.patch(path, {"monthly_spend": None, "allowed_models": None}, format="json").json()
+    assert (cleared["daily_spend"], cleared["monthly_spend"], cleared["allowed_models"]) == ("2.500000000", None, None)
+    # The same validation as PATCH /api/orgs/{id}/members/{mid}: decimal strings, not negative.
+    for bad in ({"daily_spend": 2.5}, {"daily_spend": "-1"}, {"daily_spend": "lots"}, {"allowed_models": "x"}):
+        refused = operator.patch(path, bad, format="json")
+        assert refused.status_code == 400, (bad, refused.content)
+    assert operator.patch(path, {"allowed_models": ["  "]}, format="json").status_code == 400
+    assert Membership.objects.get(organization=org, user=bob).daily_spend == parse_usd("2.5")
+    # Not a member, or no such organization: 404.
+    mallory = make_user("mallory2@example.com")
+    assert operator.patch(f"/api/admin/orgs/{org.pk}/members/{mallory.pk}", {}, format="json").status_code == 404
+    assert operator.patch(f"/api/admin/orgs/999999/members/{bob.pk}", {}, format="json").status_code == 404
+    audit = AuditEntry.objects.filter(operation="admin_orgs_members_limits").order_by("id")
+    assert audit[0].detail == f"limits of member {bob.pk} set (allowed_models, daily_spend)"
+    assert audit[0].target == f"org:{org.pk} user:{bob.pk}"
+    assert [a.status_code for a in audit] == [200, 200, 400, 400, 400, 400, 400, 404, 404]
+
+
 def test_an_org_grant_and_correction_credit_its_wallet_idempotently(operator, alice, acme, ops):
     org, _ = acme
     path = f"/api/admin/orgs/{org.pk}/grants"
@@ -638,9 +669,11 @@ def test_the_admin_scope_cannot_be_ticked_onto_an_existing_key(root, alice_key):
 def test_the_schema_lists_the_operator_api(client):
     paths = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     ours = {path for path in paths if path.startswith("/api/admin/")}
-    assert len(ours) == 23
+    assert len(ours) == 24
     assert paths["/api/admin/orgs/{org_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
     assert paths["/api/admin/users/{user_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
+    member = paths["/api/admin/orgs/{org_id}/members/{user_id}"]
+    assert set(member) == {"patch"} and member["patch"]["operationId"] == "admin_orgs_members_limits"
 
 
 # --- live sockets close as with every other revocation ------------------------------------------

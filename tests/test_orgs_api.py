@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.core.mail.backends.base import BaseEmailBackend
 from django.utils import timezone
 
 from accounts.models import ApiKey
@@ -116,6 +117,70 @@ def test_invite_accept_once_and_only_by_the_invited_address(team):
     assert accepted.status_code == 200 and accepted.json()["role"] == "admin"
     again = zed.post("/api/orgs/invitations/accept", {"token": token}, format="json")
     assert again.status_code == 404  # single use
+
+
+def test_an_invitation_through_the_api_emails_its_link_once_committed(
+    team, mailoutbox, django_capture_on_commit_callbacks, caplog
+):
+    org, people = team
+    olivia = bearer_client(people["olivia"])
+    with django_capture_on_commit_callbacks(execute=False) as pending:
+        created = olivia.post(f"/api/orgs/{org.pk}/invitations", {"email": "Zed@Example.com"}, format="json")
+        assert created.status_code == 201
+        assert mailoutbox == []  # nothing leaves before the invitation is committed
+    assert len(pending) == 1
+    for callback in pending:
+        callback()
+    url = created.json()["url"]  # the inviter still sees the link once
+    (mail,) = mailoutbox
+    assert mail.to == ["zed@example.com"] and "Acme" in mail.subject
+    assert url in mail.body and "olivia@example.com" in mail.body and "as member" in mail.body
+    html, kind = mail.alternatives[0]
+    assert kind == "text/html" and f'href="{url}"' in html
+    assert created.json()["token"] not in caplog.text
+
+
+def test_a_refused_invitation_sends_no_email(team, mailoutbox, django_capture_on_commit_callbacks):
+    org, people = team
+    with django_capture_on_commit_callbacks(execute=True):
+        bad = bearer_client(people["olivia"]).post(f"/api/orgs/{org.pk}/invitations", {"email": "nope"}, format="json")
+        member = bearer_client(people["mia"]).post(
+            f"/api/orgs/{org.pk}/invitations", {"email": "x@example.com"}, format="json"
+        )
+    assert (bad.status_code, member.status_code) == (400, 403)
+    assert mailoutbox == []
+
+
+def test_a_failed_send_keeps_the_invitation_and_logs_no_token(
+    team, settings, django_capture_on_commit_callbacks, caplog
+):
+    settings.EMAIL_BACKEND = "tests.test_orgs_api.BrokenEmailBackend"
+    org, people = team
+    with django_capture_on_commit_callbacks(execute=True):
+        created = bearer_client(people["olivia"]).post(
+            f"/api/orgs/{org.pk}/invitations", {"email": "zed@example.com"}, format="json"
+        )
+    assert created.status_code == 201 and Invitation.objects.filter(email="zed@example.com").exists()
+    assert "could not be sent" in caplog.text and created.json()["token"] not in caplog.text
+
+
+class BrokenEmailBackend(BaseEmailBackend):
+    def send_messages(self, email_messages):
+        raise OSError("the mail server is down")
+
+
+def test_an_invitation_from_the_portal_form_emails_its_link(
+    team, client, mailoutbox, django_capture_on_commit_callbacks
+):
+    org, people = team
+    client.force_login(people["adam"])
+    with django_capture_on_commit_callbacks(execute=True):
+        page = client.post(f"/orgs/{org.pk}/invitations", {"email": "friend@example.com", "role": "admin"})
+    assert page.status_code == 200
+    (mail,) = mailoutbox
+    assert mail.to == ["friend@example.com"] and "as admin" in mail.body
+    link = mail.body.split("first):\n", 1)[1].split("\n", 1)[0]
+    assert "/orgs/join/" in link and link in page.content.decode()  # the inviter is shown the same link
 
 
 def test_expired_and_revoked_invitations_cannot_be_accepted(team):
