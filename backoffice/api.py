@@ -34,7 +34,7 @@ from accounts.services import (
 )
 from infra.drf import ResultsCursorPagination
 from orgs.selectors import org_wallet
-from orgs.services import OrgError, membership_limits_set
+from orgs.services import OrgError, membership_limits_set, organization_set_active
 from orgweb.serializers import MemberLimitsSerializer
 from proxy.serializers import UsageRecordSerializer
 from wallet.selectors import wallet_summary, wallet_summary_of
@@ -53,6 +53,7 @@ from .serializers import (
     OrgDetailSerializer,
     OrgRowSerializer,
     OrgSearchSerializer,
+    OrgStateSerializer,
     PostedSerializer,
     SessionOutSerializer,
     SignOutSerializer,
@@ -530,8 +531,6 @@ def _paged(view: OperatorView, request, paginator, queryset, serializer) -> Resp
 
 # --- organizations: the same calls as for users, on the organization's wallet and keys ----------
 #
-# Organizations have no disabled state of their own (their members' accounts do, and their keys
-# can be revoked), so there is no disable / enable here.
 
 
 class OrgListView(OperatorView):
@@ -565,6 +564,7 @@ class OrgDetailView(OperatorView):
             "id": org.pk,
             "name": org.name,
             "slug": org.slug,
+            "is_active": org.is_active,
             "created_at": org.created_at,
             "wallet": wallet_summary_of(orgs.org_wallet_read(org=org)),
             "members": orgs.org_members(org=org),
@@ -620,6 +620,42 @@ class OrgMemberView(OperatorView):
         named = ", ".join(sorted(serializer.validated_data)) or "nothing"
         self.audit_note = f"limits of member {member.user_id} set ({named})"
         return Response(OperatorMemberSerializer(member).data)
+
+
+def _org_set_active(view: OperatorView, org_id: int, *, active: bool) -> Response:
+    org = orgs.org_get(org_id=org_id)
+    changed = organization_set_active(organization=org, active=active)
+    view.audit_note = ("enabled" if active else "disabled") if changed else "no change"
+    return Response({"id": org.pk, "name": org.name, "is_active": org.is_active, "changed": changed})
+
+
+class OrgDisableView(OperatorView):
+    operations = {"post": "admin_orgs_disable"}
+
+    @extend_schema(
+        operation_id="admin_orgs_disable",
+        tags=["operator"],
+        request=None,
+        summary="Disable an organization: its keys and X-Tokentill-Org naming it are refused on /v1 "
+        "(403 organization_disabled) from the next request; its members' own wallets are not affected",
+        responses={200: OrgStateSerializer, **_ERRORS},
+    )
+    def post(self, request, org_id: int):
+        return _org_set_active(self, org_id, active=False)
+
+
+class OrgEnableView(OperatorView):
+    operations = {"post": "admin_orgs_enable"}
+
+    @extend_schema(
+        operation_id="admin_orgs_enable",
+        tags=["operator"],
+        request=None,
+        summary="Enable a disabled organization (its revoked keys stay revoked)",
+        responses={200: OrgStateSerializer, **_ERRORS},
+    )
+    def post(self, request, org_id: int):
+        return _org_set_active(self, org_id, active=True)
 
 
 class OrgGrantView(_OrgWallet, _Grant, _PostingView):

@@ -200,10 +200,18 @@ class OrgActivitySerializer(serializers.Serializer):
     last_entry = serializers.DateTimeField(allow_null=True, help_text="the newest ledger entry of its wallet")
 
 
+class OrgStateSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    is_active = serializers.BooleanField()
+    changed = serializers.BooleanField(help_text="false when it already was so")
+
+
 class OrgDetailSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
     slug = serializers.CharField()
+    is_active = serializers.BooleanField(help_text="false: disabled by an operator")
     created_at = serializers.DateTimeField()
     wallet = WalletSerializer()
     members = OperatorMemberSerializer(many=True, help_text="with their roles and limits, oldest first")

@@ -23,6 +23,9 @@ class Organization(models.Model):
     # read as an id.
     slug = models.SlugField(max_length=50, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # Disabled by an operator: its keys and ``X-Tokentill-Org`` are refused on /v1 (403
+    # ``organization_disabled``); its members' own wallets are not affected.
+    is_active = models.BooleanField(default=True)
 
     class Meta:
         ordering = ["name", "id"]

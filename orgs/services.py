@@ -91,6 +91,14 @@ def organization_rename(*, organization: Organization, name: str) -> Organizatio
     return organization
 
 
+def organization_set_active(*, organization: Organization, active: bool) -> bool:
+    """Disable or enable an organization (the operator's call); True when that changed it. Read
+    on every request that bills it, so it takes effect on the next one."""
+    changed = bool(Organization.objects.filter(pk=organization.pk, is_active=not active).update(is_active=active))
+    organization.is_active = active
+    return changed
+
+
 def _require_manager(actor: Membership) -> None:
     if actor.role not in MANAGERS:
         raise OrgError("only the organization's owners and admins may do this", 403)

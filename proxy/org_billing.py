@@ -5,6 +5,8 @@
 * A member's own key or access token bills their own wallet, unless the request names an
   organization they belong to: ``X-Tokentill-Org: <id or slug>``. The membership is looked up on
   every such request — never remembered — so removing a member refuses their very next one.
+* A disabled organization (an operator's call) bills nothing: its keys and the header naming it
+  are refused (403 ``organization_disabled``), read on every request like the membership.
 * Inside the organization the member's limits apply on top of the key's: the models they may
   use, and daily and monthly spend. The spend counters follow ``proxy.limits``' pattern
   (settled charges plus holds in flight, one atomic ``incr`` before the upstream is reached,
@@ -48,7 +50,7 @@ class OrgBilling:
 
 def org_billing(principal, org_header: str) -> OrgBilling | None:
     """The organization a request (or tool charge) bills, or None for the caller's own wallet.
-    Raises ``OpenAIError`` (403 ``organization_forbidden``)."""
+    Raises ``OpenAIError`` (403 ``organization_forbidden`` or ``organization_disabled``)."""
     key = principal.api_key
     if key is not None and key.organization_id is not None:
         # The key's limits apply, not a member's: the key is the organization's own.
@@ -63,6 +65,13 @@ def org_billing(principal, org_header: str) -> OrgBilling | None:
         organization = membership.organization
     else:
         return None
+    if not organization.is_active:  # checked after membership: an outsider learns nothing
+        raise OpenAIError(
+            403,
+            f"The organization `{organization.slug}` is disabled.",
+            "permission_error",
+            "organization_disabled",
+        )
     # One query in all: the wallet came joined (an organization is created with its wallet).
     return OrgBilling(organization, organization.wallet, membership)
 

@@ -17,7 +17,7 @@ from accounts.models import ApiKey, Scope, TokenFamily
 from accounts.services import api_key_create, api_key_revoke, operator_key_create, token_pair_issue
 from backoffice.models import AppendOnlyError, AuditEntry
 from core.money import parse_usd
-from orgs.models import Membership
+from orgs.models import Membership, Organization
 from orgs.selectors import org_wallet
 from orgs.services import org_key_create, organization_create
 from tests.conftest import make_user
@@ -108,6 +108,8 @@ def endpoints(alice, alice_key, alice_login, acme):
         ("get", f"{org}/usage", None, {}, 200),
         ("post", f"{org}/keys/{acme[1].pk}/revoke", None, {}, 200),
         ("patch", f"{org}/members/{alice.pk}", {"daily_spend": "3.00"}, {}, 200),
+        ("post", f"{org}/disable", None, {}, 200),
+        ("post", f"{org}/enable", None, {}, 200),
         ("post", f"{org}/grants", {"amount": "1.00", "reason": "goodwill"}, {"HTTP_IDEMPOTENCY_KEY": "g-1"}, 201),
         ("post", f"{org}/corrections", {"amount": "-0.50", "reason": "fix"}, {"HTTP_IDEMPOTENCY_KEY": "c-1"}, 201),
         ("get", "/api/admin/reports/money?group_by=week", None, {}, 200),
@@ -172,6 +174,7 @@ def test_only_an_operator_key_of_active_staff_opens_any_endpoint(
     assert ApiKey.objects.get(pk=acme[1].pk).revoked_at is None
     assert not Entry.objects.filter(wallet__organization=acme[0]).exists()
     assert Membership.objects.get(organization=acme[0], user=alice).daily_spend is None
+    assert Organization.objects.get(pk=acme[0].pk).is_active
     # A refusal of a credential we know is audited, under its owner; no credential is not.
     audited = AuditEntry.objects.filter(outcome="refused", status_code=status)
     assert audited.count() == (len(endpoints(alice, alice_key, alice_login, acme)) if code else 0)
@@ -408,7 +411,7 @@ def test_an_org_shows_its_wallet_members_with_roles_and_limits_keys_and_activity
     org, key = acme
     Membership.objects.create(organization=org, user=bob, role="member", daily_spend=parse_usd("2"))
     body = operator.get(f"/api/admin/orgs/{org.pk}").json()
-    assert body["name"] == "Acme Labs" and body["slug"] == org.slug
+    assert body["name"] == "Acme Labs" and body["slug"] == org.slug and body["is_active"] is True
     assert body["wallet"]["balance"] == "0.000000000" and body["wallet"]["held"] == "0.000000000"
     assert [(m["email"], m["role"], m["daily_spend"], m["monthly_spend"]) for m in body["members"]] == [
         ("alice@example.com", "owner", None, None),
@@ -669,7 +672,7 @@ def test_the_admin_scope_cannot_be_ticked_onto_an_existing_key(root, alice_key):
 def test_the_schema_lists_the_operator_api(client):
     paths = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     ours = {path for path in paths if path.startswith("/api/admin/")}
-    assert len(ours) == 24
+    assert len(ours) == 26
     assert paths["/api/admin/orgs/{org_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
     assert paths["/api/admin/users/{user_id}/grants"]["post"]["security"] == [{"operatorKey": []}]
     member = paths["/api/admin/orgs/{org_id}/members/{user_id}"]

@@ -15,8 +15,9 @@ from decimal import Decimal
 import httpx
 import pytest
 from django.core.management import call_command
+from rest_framework.test import APIClient
 
-from accounts.services import api_key_create, token_pair_issue
+from accounts.services import api_key_create, operator_key_create, token_pair_issue
 from infra import adb
 from orgs.models import Membership, Role
 from orgs.services import membership_remove, org_key_create, organization_create
@@ -126,6 +127,38 @@ def test_removing_a_member_refuses_their_very_next_request(fake_upstream, acme):
     refused = call(CHAT, HELLO, token=secret, headers=headers)
     assert refused.status == 403 and refused.error["code"] == "organization_forbidden"
     assert len(fake_upstream.calls("chat")) == 1
+
+
+def test_a_disabled_org_refuses_its_keys_and_its_header_but_not_its_members_own_wallets(fake_upstream, acme):
+    org, olivia, mia = acme
+    _, org_secret = org_key_create(actor=Membership.objects.get(user=olivia), name="prod")
+    mia_access = token_pair_issue(user=mia).access
+    root = make_user("root@example.com", is_staff=True, is_superuser=True)
+    operator = APIClient()
+    operator.credentials(HTTP_AUTHORIZATION=f"Bearer {operator_key_create(user=root, name='ops', minted_by=root)[1]}")
+    disabled = operator.post(f"/api/admin/orgs/{org.pk}/disable")
+    assert disabled.status_code == 200 and disabled.json() == {
+        "id": org.pk,
+        "name": "Acme",
+        "is_active": False,
+        "changed": True,
+    }
+    assert operator.post(f"/api/admin/orgs/{org.pk}/disable").json()["changed"] is False
+    fake_upstream.script("chat", _reply(), _reply())
+    for token, headers in ((org_secret, {}), (mia_access, {"X-Tokentill-Org": org.slug})):
+        refused = call(CHAT, HELLO, token=token, headers=headers)
+        assert refused.status == 403 and refused.error["code"] == "organization_disabled"
+        assert refused.error["type"] == "permission_error"
+    # An outsider naming it still learns only that they are not a member.
+    nora = make_user("nora@example.com", balance="1.00")
+    outsider = call(CHAT, HELLO, token=token_pair_issue(user=nora).access, headers={"X-Tokentill-Org": org.slug})
+    assert outsider.error["code"] == "organization_forbidden"
+    assert not fake_upstream.calls("chat") and _balance(organization=org) == 5 * 10**9
+    assert call(CHAT, HELLO, token=mia_access).status == 200  # her own wallet is not the org's
+    assert _balance(user=mia) == 10 * 10**9 - CHARGE
+    assert operator.post(f"/api/admin/orgs/{org.pk}/enable").json()["is_active"] is True
+    assert call(CHAT, HELLO, token=org_secret).status == 200
+    assert _balance(organization=org) == 5 * 10**9 - CHARGE
 
 
 def test_a_members_allowed_models_apply_inside_the_org_only(fake_upstream, acme):
