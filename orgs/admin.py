@@ -19,7 +19,8 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created_at"]
+    list_display = ["name", "slug", "is_active", "created_at"]
+    list_filter = ["is_active"]
     search_fields = ["name", "slug", "memberships__user__email"]
     readonly_fields = ["slug", "created_at"]
     inlines = [MembershipInline]
