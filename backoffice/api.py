@@ -17,6 +17,8 @@ an operator key must not be a way for one staff member to disable or sign out an
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, permissions, status
@@ -354,7 +356,7 @@ class UserSignOutView(OperatorView):
         return Response({"signed_out": count})
 
 
-class _PostingView(OperatorView):
+class _PostingView(OperatorView, ABC):
     """A grant or a correction: ``Idempotency-Key`` required, the same answer when replayed.
 
     A concrete view mixes in whose wallet (``_UserWallet`` or ``_OrgWallet``) and what is posted
@@ -385,13 +387,13 @@ class _PostingView(OperatorView):
         headers = {REPLAYED_HEADER: "true"} if posted.replayed else {}
         return Response(PostedSerializer(entry).data, status=status.HTTP_201_CREATED, headers=headers)
 
+    @abstractmethod
     def owner_wallet(self, **kwargs):
         """Checks the owner may be changed (404 / 403 otherwise) and answers a callable that
         gets or makes its wallet — called only once the request is known to be valid."""
-        raise NotImplementedError
 
-    def post_entry(self, staff, wallet, idempotency_key: str, data: dict):
-        raise NotImplementedError
+    @abstractmethod
+    def post_entry(self, staff, wallet, idempotency_key: str, data: dict): ...
 
 
 class _UserWallet:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import httpx
@@ -101,7 +102,7 @@ def served_info(begun: Begun) -> dict:
     return {"model_served": begun.served_model, "fallback": begun.fell_back}
 
 
-class SSERelay:
+class SSERelay(ABC):
     """What every stream relay shares: ``feed(chunk)`` returns the bytes to send now, event by
     event (``_event``); ``done`` turns true at the stream's end — ``data: [DONE]``, which is never
     relayed (the tail ends the stream once the request is settled), or an end event the subclass
@@ -128,13 +129,13 @@ class SSERelay:
     def flush(self) -> bytes:
         return b"".join(self._event(event) for event in self.parser.flush())
 
+    @abstractmethod
     def tail(self, *, request_id: str, charge: int, balance: int, failure: str | None) -> bytes:
         """The end of the stream once settled: with the charge, and ``failure`` (a stream cut
         off) said in the protocol's words."""
-        raise NotImplementedError
 
-    def _event(self, event: Event) -> bytes:
-        raise NotImplementedError
+    @abstractmethod
+    def _event(self, event: Event) -> bytes: ...
 
 
 class ChatStreamRelay(SSERelay):
@@ -248,18 +249,19 @@ class NativeStreamRelay(SSERelay):
 
     # -- the protocol -----------------------------------------------------------------------------
 
-    def ends(self, event: dict) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def ends(self, event: dict) -> bool: ...
 
-    def holds(self, event: dict) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def holds(self, event: dict) -> bool: ...
 
-    def usage_in(self, event: dict) -> dict | None:
-        raise NotImplementedError
+    @abstractmethod
+    def usage_in(self, event: dict) -> dict | None: ...
 
+    @abstractmethod
     def failure_event(self, message: str) -> dict:
         """The event that tells the client the stream was cut off."""
-        raise NotImplementedError
+        ...
 
     # -- relaying ---------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -69,11 +70,11 @@ def money(value: Decimal | str | int | None, name: str) -> Decimal | None:
     return amount
 
 
-class _Labelled:
+class _Labelled(ABC):
     """A context (sync and async) that sets some labels for the calls made inside it."""
 
-    def _labels(self, outer: Labels) -> Labels:
-        raise NotImplementedError
+    @abstractmethod
+    def _labels(self, outer: Labels) -> Labels: ...
 
     def __enter__(self):
         self._token = current.set(self._labels(labels()))
