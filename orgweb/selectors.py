@@ -9,6 +9,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from infra.keyset import BY_TIME, Page, keyset_page
 from orgs.models import Organization
 from proxy.models import UsageRecord, UsageStatus
 from wallet.models import Entry
@@ -56,6 +57,14 @@ def org_usage(
     if until is not None:
         records = records.filter(created_at__lt=until)
     return records.select_related("user").order_by("-created_at", "-id")
+
+
+def org_usage_page(
+    *, organization: Organization, size: int, after: str | None = None, before: str | None = None, **filters
+) -> Page:
+    """One keyset page of ``org_usage`` (``infra.keyset``)."""
+    records = org_usage(organization=organization, **filters)
+    return keyset_page(records, keyset=BY_TIME, size=size, after=after, before=before)
 
 
 def org_usage_summary(*, organization: Organization, by: str, **filters) -> list[dict]:
