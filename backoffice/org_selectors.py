@@ -16,6 +16,7 @@ from orgs.models import Membership, Organization
 from orgs.selectors import member_list, org_key_list
 from proxy.models import UsageRecord
 from wallet.models import Entry, Wallet
+from wallet.selectors import entries_of
 
 from .user_selectors import MAX_ID, spend_by_day
 
@@ -89,7 +90,7 @@ def org_activity(*, org: Organization) -> OrgActivity:
 
 
 def org_entries(*, org: Organization) -> QuerySet[Entry]:
-    return Entry.objects.filter(wallet__organization=org).order_by("-id")
+    return entries_of(organization=org).order_by("-id")
 
 
 def org_usage(*, org: Organization) -> QuerySet[UsageRecord]:

@@ -14,6 +14,7 @@ from accounts.models import ApiKey, TokenFamily, User
 from infra.keyset import BY_ID, BY_TIME, Page, keyset_page
 from proxy.models import UsageRecord
 from wallet.models import Entry, EntryKind
+from wallet.selectors import entries_of
 
 MAX_ID = 2**63 - 1  # a larger id in a URL matches nothing (and SQLite could not even compare it)
 
@@ -100,7 +101,7 @@ def user_sessions(*, user: User) -> QuerySet[TokenFamily]:
 
 
 def user_entries(*, user: User) -> QuerySet[Entry]:
-    return Entry.objects.filter(wallet__user=user).order_by("-id")
+    return entries_of(user=user).order_by("-id")
 
 
 def user_usage(*, user: User) -> QuerySet[UsageRecord]:

@@ -13,6 +13,7 @@ from infra.keyset import BY_TIME, Page, keyset_page
 from orgs.models import Organization
 from proxy.models import UsageRecord, UsageStatus
 from wallet.models import Entry
+from wallet.selectors import entries_of
 
 SUMMARY_GROUPS = ("member", "day", "model")
 
@@ -26,7 +27,7 @@ def org_entries(
     until: datetime | None = None,
 ) -> QuerySet[Entry]:
     """The organization's ledger entries, newest first (``member_id``: only that member's)."""
-    entries = Entry.objects.filter(wallet__organization=organization)
+    entries = entries_of(organization=organization)
     if member_id is not None:
         entries = entries.filter(member_id=member_id)
     if kind:
