@@ -54,19 +54,19 @@ Progress = Callable[[str], None]
 def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = None) -> LedgerRun:
     """Check the ledger; on a clean run, move the checkpoint. See the module docstring."""
     say = _timed(progress)
+    postgres = connection.vendor == "postgresql"
+    # Inside a caller's transaction (a test) the snapshot is the caller's business.
+    own_snapshot = postgres and not connection.in_atomic_block
     with transaction.atomic():
-        postgres = connection.vendor == "postgresql"
         if postgres:
             with connection.cursor() as cursor:
-                # Must be the transaction's first statement: every read below sees one snapshot.
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                cursor.execute(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,"
-                    " pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-                )
-                xmin, xmax = cursor.fetchone()
+                if own_snapshot:
+                    # The transaction's first statement: every read below sees one snapshot.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+                (xmax,) = cursor.fetchone()
         else:
-            xmin = xmax = None  # SQLite: one writer at a time, whatever is visible is final
+            xmax = None  # SQLite: one writer at a time, whatever is visible is final
         checkpoint = LedgerCheckpoint.objects.first() or LedgerCheckpoint()
         start = checkpoint.verified_through if incremental else 0
         newest = Entry.objects.aggregate(newest=Max("id"))["newest"] or 0
@@ -79,7 +79,7 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
         # commit; on SQLite, the highest id now.
         if not postgres:
             final = newest
-        elif checkpoint.candidate_id is not None and xmin >= checkpoint.candidate_xmax:
+        elif checkpoint.candidate_id is not None and _all_ended_before(checkpoint.candidate_xmax):
             final = max(start, min(checkpoint.candidate_id, newest))
         else:
             final = start
@@ -124,6 +124,36 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
 
 # More checks (``(run) -> [problem, …]``) run after the ledger's own, inside the same snapshot.
 EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = []
+
+
+# True when no transaction that was running at our snapshot started before the xid ``%s`` (the
+# candidate's snapshot's xmax), leaving out those pg_stat_activity places in another database
+# (they cannot write our entries, and a long one there must not hold the checkpoint back). A
+# transaction that has ended since our snapshot still counts as running: its entries are
+# invisible to this run, so it must not pass them.
+_ALL_ENDED_SQL = """
+    SELECT NOT EXISTS (
+        SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS running(xid)
+        WHERE running.xid < %s::text::xid8
+          AND running.xid::text::bigint %% 4294967296 NOT IN (
+              SELECT backend_xid::text::bigint FROM pg_stat_activity
+              WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+          )
+    )
+"""
+
+
+def _all_ended_before(xid: int | None) -> bool:
+    """Whether every transaction that might have drawn an entry id while the candidate's run
+    looked has ended, as our snapshot sees it. Every service locks or updates the wallet row
+    before it inserts the entry, so a transaction has its xid before it draws an entry id: one
+    that drew an id below the candidate's had its xid before that run's snapshot, below its xmax.
+    """
+    if xid is None:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(_ALL_ENDED_SQL, [xid])
+        return bool(cursor.fetchone()[0])
 
 
 def _wallet_lines(discrepancies) -> list[str]:

@@ -69,7 +69,8 @@ class LedgerCheckpoint(models.Model):
     nanodollars). Ids are handed out before commit, so a transaction may commit an entry with a
     smaller id than one already seen: the run that sees ``candidate_id`` as the highest id also
     records its snapshot's xmax (``candidate_xmax``), and a later run promotes the candidate only
-    once every transaction that was running then has ended (its snapshot's xmin ≥ that xmax).
+    once every transaction that was running then (in this database) has ended, as its own
+    snapshot sees it.
     SQLite has one writer at a time, so there the highest id seen is final at once.
     """
 

@@ -95,7 +95,11 @@ class UsageDetailApi(APIView):
     def get(self, request, usage_id: int):
         record = usage_get(user=request.user, usage_id=usage_id)
         if record is None:
-            raise NotFound("no such usage record")
+            # Also what a pruned record answers (prune_usage): its charge is still in the ledger.
+            raise NotFound(
+                "no such usage record; records older than the retention window are pruned, and their "
+                "charges stay in /api/wallet/entries (reference: the request id)"
+            )
         return Response(UsageRecordSerializer(record).data)
 
 

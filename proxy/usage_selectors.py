@@ -68,6 +68,7 @@ def usage_page(*, user, size: int, after: str | None = None, before: str | None 
     return keyset_page(usage_list(user=user, **filters), keyset=BY_TIME, size=size, after=after, before=before)
 
 
+CSV_CHUNK_ROWS = 2000  # records per keyset read of an export
 USAGE_CSV_COLUMNS = [
     "id",
     "created_at",
@@ -96,14 +97,14 @@ class _Line:
         return value
 
 
-def usage_csv_lines(records: QuerySet[UsageRecord], *, chunk_size: int = 2000) -> Iterator[str]:
+def usage_csv_lines(records: QuerySet[UsageRecord], *, chunk_size: int | None = None) -> Iterator[str]:
     """The records as CSV lines (header first), newest first, read ``chunk_size`` at a time by
     keyset, so memory stays flat however many there are. Money is 9-place USD like the JSON;
     the model, run, agent and tool labels come from API clients, so they are made
     spreadsheet-safe."""
     writer = csv.writer(_Line())
     yield writer.writerow(USAGE_CSV_COLUMNS)
-    for chunk in keyset_chunks(records.values(*USAGE_CSV_COLUMNS), keyset=BY_TIME, size=chunk_size):
+    for chunk in keyset_chunks(records.values(*USAGE_CSV_COLUMNS), keyset=BY_TIME, size=chunk_size or CSV_CHUNK_ROWS):
         for row in chunk:
             cost = row["upstream_cost"]
             row.update(

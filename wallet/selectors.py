@@ -96,6 +96,7 @@ def entry_get(*, user, entry_id: int) -> Entry | None:
     return Entry.objects.filter(wallet__user=user, pk=entry_id).first()
 
 
+CSV_CHUNK_ROWS = 2000  # entries per keyset read of an export
 CSV_COLUMNS = ["id", "created_at", "kind", "amount", "balance_after", "description", "reference", "metadata"]
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -113,14 +114,14 @@ class _Line:
         return value
 
 
-def entries_csv_lines(entries: QuerySet[Entry], *, chunk_size: int = 2000) -> Iterator[str]:
+def entries_csv_lines(entries: QuerySet[Entry], *, chunk_size: int | None = None) -> Iterator[str]:
     """The whole queryset as CSV lines (header first), newest first, read ``chunk_size`` entries
     at a time by keyset (``infra.keyset.keyset_chunks``), so memory stays flat however long the
     history is and no read holds a snapshot open while a slow client drains the response."""
     writer = csv.writer(_Line())
     yield writer.writerow(CSV_COLUMNS)
     rows = entries.values(*CSV_COLUMNS)
-    for chunk in keyset_chunks(rows, keyset=BY_ID, size=chunk_size):
+    for chunk in keyset_chunks(rows, keyset=BY_ID, size=chunk_size or CSV_CHUNK_ROWS):
         for row in chunk:
             metadata = row["metadata"]
             yield writer.writerow(
