@@ -107,15 +107,17 @@ def usage_csv_lines(records: QuerySet[UsageRecord], *, chunk_size: int | None = 
     for chunk in keyset_chunks(records.values(*USAGE_CSV_COLUMNS), keyset=BY_TIME, size=chunk_size or CSV_CHUNK_ROWS):
         for row in chunk:
             cost = row["upstream_cost"]
-            row.update(
-                created_at=row["created_at"].isoformat(),
-                upstream_cost="" if cost is None else format_usd(usd_to_nanos(cost)),
-                charge=format_usd(row["charge"]),
-                stream=str(row["stream"]).lower(),
-                estimated=str(row["estimated"]).lower(),
+            # A new dict: keyset_chunks reads the next chunk's start from the last row as it was.
+            shown = {
+                **row,
+                "created_at": row["created_at"].isoformat(),
+                "upstream_cost": "" if cost is None else format_usd(usd_to_nanos(cost)),
+                "charge": format_usd(row["charge"]),
+                "stream": str(row["stream"]).lower(),
+                "estimated": str(row["estimated"]).lower(),
                 **{name: csv_safe_text(row[name]) for name in _TEXT_COLUMNS},
-            )
-            yield writer.writerow([row[name] for name in USAGE_CSV_COLUMNS])
+            }
+            yield writer.writerow([shown[name] for name in USAGE_CSV_COLUMNS])
 
 
 def usage_get(*, user, usage_id: int) -> UsageRecord | None:
