@@ -5,8 +5,10 @@
 One uvicorn process (the shipped command, ``--workers 1``) proxies ``--streams`` streamed chat
 completions that are all open at the same time: the fake upstream (``bench/proxy_overhead.py``'s)
 answers each at once, then sends its 9 SSE events ``--chunk-ms`` apart (default 1 s: each stream
-stays open about 8 s, so every one is open while the last are still being admitted). The load
-generator opens one connection per stream and reads each to its ``[DONE]``.
+stays open about 8 s). The load generator opens one connection per stream, starting them evenly
+over ``--ramp-seconds`` (default 4 s, shorter than a stream, so every one is open while the last
+are admitted; 0 sends all 1,000 in the same instant, when the hot path's 20 database connections
+must take 1,000 holds within ``PROXY_DB_POOL_TIMEOUT``), and reads each to its ``[DONE]``.
 
 ``UPSTREAM_MAX_CONNECTIONS`` is set to the stream count (its default, 200, would queue the rest
 behind the first 200: README, Deploying at scale); the open-file limit is raised to its hard limit
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,13 +54,17 @@ def raise_open_files() -> int:
     return hard
 
 
-async def open_streams(target: po.Target, tokens: list[str], count: int) -> tuple[list[float], list[str]]:
-    """Every stream at once, each on its own connection; their durations (s) and the errors."""
+async def open_streams(
+    target: po.Target, tokens: list[str], count: int, ramp: float = 0.0
+) -> tuple[list[float], list[str]]:
+    """``count`` streams, each on its own connection, started evenly over ``ramp`` seconds; their
+    durations (s) and the errors."""
     body = po.request_body(stream=True)
     durations: list[float] = []
     errors: list[str] = []
 
     async def one(index: int) -> None:
+        await asyncio.sleep(ramp * index / count)
         connection = po.Connection(target)
         began = time.perf_counter()
         try:
@@ -80,7 +87,12 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=1000, help="streams open at once (default 1000)")
     parser.add_argument("--chunk-ms", type=float, default=1000, help="gap between a stream's events (default 1000)")
     parser.add_argument("--users", type=int, default=10, help="funded users the streams take turns with")
+    parser.add_argument(
+        "--ramp-seconds", type=float, default=4, help="start the streams evenly over this long (default 4; 0 = at once)"
+    )
     args = parser.parse_args()
+    # A terminated run still stops the server it started (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     os.environ["TOKENTILL_DOTENV"] = "off"
     open_files = raise_open_files()
     try:
@@ -131,16 +143,17 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         began = time.perf_counter()
-        durations, errors = po.run_async(open_streams(target, tokens, args.streams))
+        durations, errors = po.run_async(open_streams(target, tokens, args.streams, args.ramp_seconds))
         elapsed = time.perf_counter() - began
         done.set()
         sampler.join()
-        sent += args.streams
+        sent += len(durations)  # a refused stream (an error above) is never billed: nothing was held
         cpu = po.tree_cpu(server.pid) - cpu_before
         hwm_kb = status_kb(server.pid, "VmHWM")
         after_kb = status_kb(server.pid, "VmRSS")
         print(
-            f"{os.cpu_count()} CPUs, one uvicorn process, {args.streams} streams opened at once, each {expected:g} s "
+            f"{os.cpu_count()} CPUs, one uvicorn process, {args.streams} streams started over {args.ramp_seconds:g} s, "
+            f"each {expected:g} s "
             f"of upstream events ({len(po.STREAM_EVENTS)} events {args.chunk_ms:g} ms apart); open-file limit "
             f"{open_files}; load average {os.getloadavg()[0]:.2f}"
         )
