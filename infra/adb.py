@@ -20,6 +20,8 @@ false — goes through the ORM in a worker thread (``in_thread``).
 * Parameters are bound server-side and statements prepared on each connection's first use
   (``PROXY_DB_PREPARE``): for these short statements planning dominated both the client's and
   the server's CPU (figures: the README's Benchmarks).
+* Group commit (``fetchone_batched``, for the hold path's statements): statements that wait at
+  the same time share one transaction and one commit; a lone one runs exactly as ``fetchone``.
 * ``observe()`` lets a caller see every statement sent (the tests pin the hot path's count, as
   ``django_assert_num_queries`` does for ORM code).
 """
@@ -279,7 +281,6 @@ async def _run(sql: str, params, *, fetch: bool, retry: bool):
 # No timer: a batch is what queued while the last one ran.
 
 
-FLIGHTS = 1  # flights in progress at once per event loop (the README's "Group commit": measured)
 BATCH_MAX = 64  # statements in one transaction: bounds how long a batch holds its wallet rows
 
 
@@ -308,13 +309,14 @@ class _Pending:
 
 
 class _Batcher:
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # flights in progress at once (``PROXY_DB_BATCH_FLIGHTS``)
         self.queue: list[_Pending] = []
         self.flights = 0
         self.tasks: set[asyncio.Task] = set()
 
     async def fetchone(self, sql: str, params, retry: bool, order: int) -> tuple | None:
-        if self.flights < FLIGHTS and not self.queue:
+        if self.flights < self.limit and not self.queue:
             # Nothing in progress: this statement is the flight, in the caller's own task.
             self.flights += 1
             stats.flights, stats.statements = stats.flights + 1, stats.statements + 1
@@ -332,7 +334,7 @@ class _Batcher:
         another caller's flight but through its own future)."""
         # A caller cancelled while it waited takes its statement with it: it was never sent.
         self.queue = [pending for pending in self.queue if not pending.future.done()]
-        if not self.queue or self.flights >= FLIGHTS:
+        if not self.queue or self.flights >= self.limit:
             return
         batch, self.queue = self.queue[:BATCH_MAX], self.queue[BATCH_MAX:]
         self.flights += 1
@@ -375,7 +377,9 @@ async def fetchone_batched(
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
-        batcher = _batchers[loop] = _Batcher()
+        batcher = _batchers[loop] = _Batcher(settings.PROXY_DB_BATCH_FLIGHTS)
+    if not batcher.limit:  # group commit off: every statement alone, as ``fetchone``
+        return await _run(sql, params, fetch=True, retry=retry)
     return await batcher.fetchone(sql, params, retry, order)
 
 
