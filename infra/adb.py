@@ -350,6 +350,9 @@ class _Batcher:
             else:
                 stats.batches, stats.batched = stats.batches + 1, stats.batched + len(batch)
                 await _run_batch(batch)
+        except Exception as error:  # not the database's (those are each caller's): everyone's
+            for pending in batch:
+                _resolve(pending, error=error)
         finally:
             for pending in batch:  # (only if this task itself was cancelled: a loop shutting down)
                 if not pending.future.done():
