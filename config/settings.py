@@ -373,6 +373,9 @@ PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a
 # transaction, which has never heard of it); PgBouncer >= 1.21 with max_prepared_statements > 0
 # tracks them per server connection, so PROXY_DB_PREPARE=true is correct there.
 PROXY_DB_PREPARE = env_bool("PROXY_DB_PREPARE", DATABASE_POOLER != "transaction")
+# Group commit (infra/adb.py, the README's "Group commit"): hold and settlement statements that
+# wait at the same time share one transaction; this many such flights at once per process, 0 = off.
+PROXY_DB_BATCH_FLIGHTS = env_int("PROXY_DB_BATCH_FLIGHTS", 1)
 # Token counts (POST /v1/messages/count_tokens) one user may ask for per minute: they are free.
 COUNT_TOKENS_RPM = env_int("COUNT_TOKENS_RPM", 60, minimum=1)
 REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})
