@@ -9,6 +9,7 @@ from django.db.models import BigIntegerField, F, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Concat
 
 from core.money import format_usd
+from proxy import rollups
 from proxy.models import UsageRecord, UsageStatus
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
@@ -152,3 +153,10 @@ def usage_discrepancies(*, limit: int = 100) -> list[tuple[str, int, int]]:
         .values_list("request_id", "charge", "debited")[:limit]
     )
     return list(rows)
+
+
+def rollup_problems(*, since=None, until=None, limit: int = 100) -> list[str]:
+    """The usage rollups that are not the sums of their raw records (``proxy.rollups``), as
+    report lines: every period total staff and users see is read from them. ``since``/``until``
+    bound the hours checked (default: all the hours raw records remain for)."""
+    return [str(mismatch) for mismatch in rollups.discrepancies(since=since, until=until, limit=limit)]

@@ -2,13 +2,14 @@
 
 Checks each wallet (balance = Σ entries, held = Σ active holds, the entries' running balances),
 the accounting identity over the whole ledger, and that every settled usage record's charge is
-what the ledger debited for it, printing the totals per entry kind. Exits 0 when everything
+what the ledger debited for it, and that the hourly usage rollups every period total is read
+from are the sums of their usage records, printing the totals per entry kind. Exits 0 when everything
 holds, non-zero otherwise — suitable for cron or a deploy check.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
-from backoffice.reports import ledger_discrepancies, ledger_totals, usage_discrepancies
+from backoffice.reports import ledger_discrepancies, ledger_totals, rollup_problems, usage_discrepancies
 from core.money import format_usd
 from wallet.models import EntryKind
 
@@ -32,6 +33,7 @@ class Command(BaseCommand):
             f"usage record {request_id}: charged {format_usd(charge)} but the ledger debited {format_usd(debited)}"
             for request_id, charge, debited in usage_discrepancies()
         ]
+        problems += rollup_problems()
         if totals.entries_total != totals.balances_total:
             problems.append(
                 f"accounting identity broken: Σ entries {format_usd(totals.entries_total)} ≠ "
