@@ -231,18 +231,19 @@ def rebuild(
             raw.order_by()
             .annotate(rollup_hour=UtcHour("created_at"))
             .values("rollup_hour", *KEY_FIELDS)
-            .annotate(**_ROLLUP_SUMS)
+            # (Prefixed: an annotation named as a field would stand for it in later filters.)
+            .annotate(**{f"rollup_{name}": expression for name, expression in _ROLLUP_SUMS.items()})
             .order_by()
         )
         sql, params = select.query.sql_with_params()
-        # The SELECT's columns in its own order: the values() fields, then the annotations.
+        quote = connection.ops.quote_name
+        # Selected by alias from the grouped query, whatever order the ORM put its columns in.
         names = [*select.query.values_select, *select.query.annotation_select]
-        columns = ", ".join(
-            connection.ops.quote_name(rollups._meta.get_field("hour" if n == "rollup_hour" else n).column)
-            for n in names
-        )
-        table = connection.ops.quote_name(rollups._meta.db_table)
-        cursor.execute(f"INSERT INTO {table} ({columns}) {sql}", params)
+        columns = ", ".join(quote(rollups._meta.get_field(name.removeprefix("rollup_")).column) for name in names)
+        aliases = ", ".join(quote(name) for name in names)
+        table = quote(rollups._meta.db_table)
+        # (S608: identifiers from model metadata; every value is a bound parameter.)
+        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {aliases} FROM ({sql}) AS grouped", params)  # noqa: S608
         return deleted, cursor.rowcount
 
 
