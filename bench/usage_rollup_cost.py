@@ -6,7 +6,7 @@ rounds with the rollup triggers enabled and disabled, and prints the p50 and mea
 of each, and the difference. (Disabling a trigger takes the table's owner: run it against a
 database of your own, never production.) The records and their rollups are deleted afterwards.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/tt_bench .venv/bin/python bench/usage_rollup_cost.py [records per round]
+    DATABASE_URL=postgres://…/tt_bench .venv/bin/python bench/usage_rollup_cost.py [records per round]
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import statistics
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import django
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup()
 
