@@ -1,7 +1,7 @@
 """What the usage rollup triggers cost a settlement, on PostgreSQL.
 
-Inserts pending usage records, then settles them one statement (and one commit) each — the
-record's UPDATE out of ``pending``, as the proxy's settlement statement makes it — alternating
+Inserts pending usage records, then settles them one statement each — the record's UPDATE out
+of ``pending``, as the proxy's settlement statement makes it, timed without its commit — alternating
 rounds with the rollup triggers enabled and disabled, and prints the p50 and mean per statement
 of each, and the difference. (Disabling a trigger takes the table's owner: run it against a
 database of your own, never production.) The records and their rollups are deleted afterwards.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup()
 
-from django.db import connection  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from accounts.models import User  # noqa: E402
@@ -48,7 +48,9 @@ def round_of(user: User, count: int, *, triggers: bool) -> list[float]:
         for n in range(count)
     ]
     timings = []
-    with connection.cursor() as cursor:
+    # One transaction per round: what is timed is the statement's own work (the trigger's
+    # included), not the commit's flush to disk, which is the same with and without it.
+    with transaction.atomic(), connection.cursor() as cursor:
         for pk in ids:
             started = time.perf_counter()
             cursor.execute(SETTLE, [UsageStatus.OK, 400, 37, "0.0000597", 71640, timezone.now(), pk])

@@ -50,14 +50,14 @@ class UtcHour(models.Func):
 
     output_field = models.DateTimeField()
 
-    def as_postgresql(self, compiler, conn, **extra):
+    def as_postgresql(self, compiler, connection, **extra_context):
         return self.as_sql(
-            compiler, conn, template="date_trunc('hour', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+            compiler, connection, template="date_trunc('hour', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
         )
 
-    def as_sqlite(self, compiler, conn, **extra):
+    def as_sqlite(self, compiler, connection, **extra_context):
         # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'.
-        return self.as_sql(compiler, conn, template="strftime('%%Y-%%m-%%d %%H:00:00', %(expressions)s)")
+        return self.as_sql(compiler, connection, template="strftime('%%Y-%%m-%%d %%H:00:00', %(expressions)s)")
 
 
 @dataclass(frozen=True)
