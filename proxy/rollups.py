@@ -32,7 +32,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection, models, transaction
-from django.db.models import Count, F, Q, Sum, Value
+from django.db.models import Count, F, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from .models import UsageRecord, UsageRollup, UsageStatus
@@ -56,8 +56,9 @@ class UtcHour(models.Func):
         )
 
     def as_sqlite(self, compiler, connection, **extra_context):
-        # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'.
-        return self.as_sql(compiler, connection, template="strftime('%%Y-%%m-%%d %%H:00:00', %(expressions)s)")
+        # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'. (Not
+        # strftime: a '%' in the SQL would trip the formatting of logged queries.)
+        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 13) || ':00:00'")
 
 
 @dataclass(frozen=True)
@@ -285,15 +286,17 @@ def discrepancies(*, since: datetime | None = None, until: datetime | None = Non
     database. ``upstream_cost`` is compared exactly on PostgreSQL; SQLite keeps decimals as binary
     floats, so there to within half a nanodollar.
     """
-    if since is None:
-        since = UsageRecord.objects.order_by("created_at").values_list("created_at", flat=True).first()
-        if since is None:
-            return []
-    start, end = floor_hour(since), ceil_hour(until) if until is not None else None
-    raw = UsageRecord.objects.exclude(status=UsageStatus.PENDING).filter(created_at__gte=start)
+    start, end = floor_hour(since) if since is not None else None, ceil_hour(until) if until is not None else None
+    raw = UsageRecord.objects.exclude(status=UsageStatus.PENDING)
+    if start is not None:
+        raw = raw.filter(created_at__gte=start)
     if end is not None:
         raw = raw.filter(created_at__lt=end)
     rolled = UsageRollup.objects.filter(_hours(start, end))
+    if start is None:
+        # From the oldest raw record's hour, found by the same statement (no records: nothing).
+        oldest = UsageRecord.objects.order_by("created_at").annotate(first=UtcHour("created_at")).values("first")[:1]
+        rolled = rolled.filter(hour__gte=Subquery(oldest))
     keys: dict[str, Key] = {"hour": UtcHour, **{name: _column(name) for name in KEY_FIELDS}}
     names = list(_ROLLUP_SUMS)
     both = _grouped(rolled, "hour", keys, {name: Sum(name) for name in names}).annotate(side=Value(1))

@@ -54,8 +54,8 @@ WATCHED = [
 ]
 HOUR = {
     "postgresql": "date_trunc('hour', {r}.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
-    # Django keeps SQLite timestamps as UTC text.
-    "sqlite": "strftime('%Y-%m-%d %H:00:00', {r}.created_at)",
+    # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'.
+    "sqlite": "substr({r}.created_at, 1, 13) || ':00:00'",
 }
 
 
