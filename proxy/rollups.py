@@ -2,7 +2,7 @@
 
 ``UsageRollup`` holds, per hour (UTC) × user × organization × API key × requested model × agent
 label, the sums of the *settled* usage records (refused ones included). Database triggers
-(migration ``proxy.0008``) keep it exact: a record's figures are added when it leaves
+(migration ``proxy.0010``) keep it exact: a record's figures are added when it leaves
 ``pending`` and the difference is moved when a settled record changes, in the statement that
 changes the record — so the hot path keeps its one settlement statement, and no writer (the
 proxy, ``reconcile_holds``, the ORM, raw SQL) can forget it. Raw rows deleted by pruning leave

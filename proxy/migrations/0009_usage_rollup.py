@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
     dependencies = [
         ("accounts", "0004_api_key_organization"),
         ("orgs", "0002_organization_is_active"),
-        ("proxy", "0007_usage_record_organization"),
+        ("proxy", "0008_usage_record_list_indexes"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -146,7 +146,7 @@ def backfill(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("proxy", "0008_usage_rollup")]
+    dependencies = [("proxy", "0009_usage_rollup")]
     operations = [
         migrations.RunPython(forward, reverse),
         migrations.RunPython(backfill, migrations.RunPython.noop),
