@@ -228,5 +228,5 @@ def usage_discrepancies(
 def rollup_problems(*, since=None, until=None, limit: int = 100) -> list[str]:
     """The usage rollups that are not the sums of their raw records (``proxy.rollups``), as
     report lines: every period total staff and users see is read from them. ``since``/``until``
-    bound the hours checked (default: all the hours raw records remain for)."""
+    bound the hours checked (default: the hours after the oldest raw record's)."""
     return [str(mismatch) for mismatch in rollups.discrepancies(since=since, until=until, limit=limit)]

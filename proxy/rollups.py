@@ -279,8 +279,8 @@ class Mismatch:
 
 def discrepancies(*, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[Mismatch]:
     """Rollup rows that are not the sums of their raw settled records, for the hours from
-    ``since``'s (default: the oldest raw record's — hours pruned before it have rollups only) to
-    the one ``until`` falls in: at most ``limit``, each with rollup − raw per measure.
+    ``since``'s (default: the one after the oldest raw record's — hours pruned, wholly or in part,
+    have their rollups only) to the one ``until`` falls in: at most ``limit``, each with rollup − raw per measure.
 
     One statement: each table grouped over the range, the two subtracted per group by the
     database. ``upstream_cost`` is compared exactly on PostgreSQL; SQLite keeps decimals as binary
@@ -294,9 +294,11 @@ def discrepancies(*, since: datetime | None = None, until: datetime | None = Non
         raw = raw.filter(created_at__lt=end)
     rolled = UsageRollup.objects.filter(_hours(start, end))
     if start is None:
-        # From the oldest raw record's hour, found by the same statement (no records: nothing).
+        # The hours after the oldest raw record's, found by the same statement (no records:
+        # nothing): pruning cuts at any instant, so that hour's raw rows may be partly gone.
         oldest = UsageRecord.objects.order_by("created_at").annotate(first=UtcHour("created_at")).values("first")[:1]
-        rolled = rolled.filter(hour__gte=Subquery(oldest))
+        rolled = rolled.filter(hour__gt=Subquery(oldest))
+        raw = raw.annotate(raw_hour=UtcHour("created_at")).filter(raw_hour__gt=Subquery(oldest))
     keys: dict[str, Key] = {"hour": UtcHour, **{name: _column(name) for name in KEY_FIELDS}}
     names = list(_ROLLUP_SUMS)
     both = _grouped(rolled, "hour", keys, {name: Sum(name) for name in names}).annotate(side=Value(1))
