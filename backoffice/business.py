@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal
 
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDay, TruncMonth, TruncWeek
 
 from core.money import usd_to_nanos
 from payments.models import Payment, PaymentStatus
-from proxy.models import UsageRecord
+from proxy import rollups
 from wallet.models import Entry, EntryKind, Wallet
 
 PERIODS = {"day": TruncDay, "week": TruncWeek, "month": TruncMonth}
@@ -80,18 +79,15 @@ def money_by_period(*, period: str, since: datetime | None = None, until: dateti
             net=int(found["net_sum"] or 0),
             refunds=int(found["ref"] or 0),
         )
-    used = (
-        _between(UsageRecord.objects.all(), since, until)
-        .annotate(bucket=trunc("created_at"))
-        .values("bucket")
-        .annotate(n=Count("id"), charge_sum=Sum("charge"), cost=Sum("upstream_cost"))
+    used = rollups.totals(
+        measures=["requests", "charge", "upstream_cost"], keys={"bucket": trunc}, since=since, until=until
     )
     for found in used:
         target = row(found["bucket"])
         target.update(
-            requests=found["n"],
-            charged_usage=int(found["charge_sum"] or 0),
-            upstream_cost=usd_to_nanos(Decimal(found["cost"] or 0)),
+            requests=found["requests"],
+            charged_usage=found["charge"],
+            upstream_cost=usd_to_nanos(found["upstream_cost"]),
         )
     tools = (
         _between(Entry.objects.filter(kind=EntryKind.CHARGE), since, until)
@@ -119,29 +115,21 @@ def usage_by(
     own wallet) or agent label (``X-Tokentill-Agent``; "" for none),
     the biggest earner first: ``key``, ``requests``, tokens, and ``charged``, ``upstream_cost``,
     ``margin`` in nanodollars. Tool charges are not usage and are not in it."""
-    field = USAGE_GROUPS[group]
-    rows = (
-        _between(UsageRecord.objects.all(), since, until)
-        .values(key=F(field))
-        .annotate(
-            requests=Count("id"),
-            prompt_tokens=Sum("prompt_tokens", default=0),
-            completion_tokens=Sum("completion_tokens", default=0),
-            charged=Sum("charge", default=0),
-            cost=Sum("upstream_cost", default=Decimal(0)),
-        )
-        .order_by("-charged", "key")
+    rows = rollups.totals(
+        measures=["requests", "prompt_tokens", "completion_tokens", "charge", "upstream_cost"],
+        keys={"key": USAGE_GROUPS[group]},
+        since=since,
+        until=until,
     )
-    if limit is not None:
-        rows = rows[:limit]
     result = []
     for found in rows:
-        cost = usd_to_nanos(Decimal(found.pop("cost")))
-        charged = int(found["charged"])
+        cost = usd_to_nanos(found.pop("upstream_cost"))
+        charged = found.pop("charge")
         result.append(
             {**found, "key": found["key"] or "", "charged": charged, "upstream_cost": cost, "margin": charged - cost}
         )
-    return result
+    result.sort(key=lambda row: (-row["charged"], row["key"]))
+    return result[:limit] if limit is not None else result
 
 
 SPENDER_KINDS = ("user", "organization")
@@ -176,10 +164,12 @@ def top_spenders(
     organization, not for the member."""
     usage_filter, usage_fields, tools_filter, tools_fields, row_of = _PAYERS[kind]
     spent: dict[int, dict] = {}
-    usage = _between(UsageRecord.objects.filter(usage_filter), since, until).values(*usage_fields)
-    for found in usage.annotate(total=Sum("charge")).order_by():
+    usage = rollups.totals(
+        measures=["charge"], keys={field: field for field in usage_fields}, where=usage_filter, since=since, until=until
+    )
+    for found in usage:
         naming = [found[field] for field in usage_fields]
-        spent[naming[0]] = {**row_of(*naming), "usage": int(found["total"] or 0), "tools": 0}
+        spent[naming[0]] = {**row_of(*naming), "usage": found["charge"], "tools": 0}
     tools = _between(Entry.objects.filter(tools_filter, kind=EntryKind.CHARGE), since, until).values(*tools_fields)
     for found in tools.annotate(total=Sum("amount")).order_by():
         naming = [found[field] for field in tools_fields]

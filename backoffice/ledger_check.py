@@ -17,9 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.db import connection, transaction
 from django.db.models import Max
+from django.utils import timezone
 
 from core.money import format_usd
 from wallet.models import Entry, EntryKind
@@ -30,6 +32,7 @@ from .reports import (
     entry_link_discrepancies,
     entry_totals_by_kind,
     ledger_totals,
+    rollup_problems,
     usage_discrepancies,
     wallet_discrepancies,
 )
@@ -122,8 +125,19 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
     return run
 
 
+# An incremental run checks the usage rollups of this recent window only: records settle within
+# HOLD_TTL and estimates are corrected within minutes, so older hours no longer change.
+ROLLUP_WINDOW = timedelta(days=1)
+
+
+def rollup_check(run: LedgerRun) -> list[str]:
+    """The usage rollups every period total is read from equal their raw records' sums (all the
+    hours raw records remain for; the last ``ROLLUP_WINDOW`` in an incremental run)."""
+    return rollup_problems(since=timezone.now() - ROLLUP_WINDOW if run.incremental else None)
+
+
 # More checks (``(run) -> [problem, …]``) run after the ledger's own, inside the same snapshot.
-EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = []
+EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = [rollup_check]
 
 
 # True when no transaction that was running at our snapshot started before the xid ``%s`` (the

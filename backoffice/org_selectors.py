@@ -102,8 +102,7 @@ def org_usage(*, org: Organization) -> QuerySet[UsageRecord]:
 
 def org_spend_by_day(*, org: Organization, since: datetime) -> list[dict]:
     """What the organization's wallet paid per day (UTC): see ``user_selectors.spend_by_day``."""
-    usage = UsageRecord.objects.filter(organization=org)
-    return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__organization=org), since=since)
+    return spend_by_day(usage=Q(organization=org), entries=Entry.objects.filter(wallet__organization=org), since=since)
 
 
 def org_usage_page(*, org: Organization, after: str | None, size: int) -> Page:

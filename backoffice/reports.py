@@ -9,6 +9,7 @@ from django.db import connection
 from django.db.models import Sum
 
 from core.money import format_usd
+from proxy import rollups
 from proxy.models import UsageStatus
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
@@ -222,3 +223,10 @@ def usage_discrepancies(
             upper = through_id if through_id is not None else _NO_LIMIT
             cursor.execute(_USAGE_TOUCHED_SQL, [after_id, upper, *settled_only, limit])
         return [(request_id, charge, int(debited)) for request_id, charge, debited in cursor.fetchall()]
+
+
+def rollup_problems(*, since=None, until=None, limit: int = 100) -> list[str]:
+    """The usage rollups that are not the sums of their raw records (``proxy.rollups``), as
+    report lines: every period total staff and users see is read from them. ``since``/``until``
+    bound the hours checked (default: the hours after the oldest raw record's)."""
+    return [str(mismatch) for mismatch in rollups.discrepancies(since=since, until=until, limit=limit)]

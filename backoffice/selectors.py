@@ -37,8 +37,7 @@ from core.money import usd_to_nanos
 from notify.models import Alert as NotifyAlert
 from notify.models import Delivery, DeliveryStatus, Endpoint
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
-from proxy import routing
-from proxy.models import UsageRecord
+from proxy import rollups, routing
 from proxy.selectors import upstreams_configured
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
@@ -46,16 +45,16 @@ PERIODS = (7, 30, 90)
 DEFAULT_PERIOD = 30
 NEGATIVE_WALLETS_SHOWN = 50
 
-_USAGE_TOTALS = {
-    "requests": Count("id"),
-    "prompt_tokens": Sum("prompt_tokens", default=0),
-    "completion_tokens": Sum("completion_tokens", default=0),
-    "reasoning_tokens": Sum("reasoning_tokens", default=0),
-    "cached_tokens": Sum("cached_tokens", default=0),
-    "upstream_cost": Sum("upstream_cost", default=Decimal(0)),  # USD
-    "charge": Sum("charge", default=0),  # nanodollars
-    "operator_loss": Sum("operator_loss", default=0),  # nanodollars
-}
+_USAGE_TOTALS = [
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "upstream_cost",  # USD
+    "charge",  # nanodollars
+    "operator_loss",  # nanodollars
+]
 
 
 def period_start(days: int, *, now: datetime | None = None) -> datetime:
@@ -111,12 +110,8 @@ def money_summary(*, since: datetime) -> Money:
         flagged=Count("id", filter=held),
         flagged_held=Sum(F("gross") - F("refunded_amount"), filter=held, default=0),
     )
-    used = UsageRecord.objects.filter(created_at__gte=since).aggregate(
-        charged=Sum("charge", default=0),
-        upstream_cost=Sum("upstream_cost", default=Decimal(0)),
-        requests=Count("id"),
-        lost=Sum("operator_loss", default=0),
-        loss_requests=Count("id", filter=Q(operator_loss__gt=0)),
+    (used,) = rollups.totals(
+        measures=["charge", "upstream_cost", "requests", "operator_loss", "loss_requests"], since=since
     )
     # Tool charges are ledger entries only (no usage record); debits are negative amounts.
     tools = Entry.objects.filter(kind=EntryKind.CHARGE, created_at__gte=since).aggregate(
@@ -130,37 +125,26 @@ def money_summary(*, since: datetime) -> Money:
         refunded=int(paid["total_refunded"]),
         flagged=paid["flagged"],
         flagged_held=int(paid["flagged_held"]),
-        charged_usage=int(used["charged"]),
+        charged_usage=used["charge"],
         charged_tools=-int(tools["amount"]),
         tool_charges=tools["count"],
-        upstream_cost_usd=Decimal(used["upstream_cost"]),
+        upstream_cost_usd=used["upstream_cost"],
         requests=used["requests"],
-        operator_loss=int(used["lost"]),
+        operator_loss=used["operator_loss"],
         loss_requests=used["loss_requests"],
     )
 
 
 def usage_by_day(*, since: datetime) -> list[dict]:
     """Totals per UTC day, newest first."""
-    rows = (
-        UsageRecord.objects.filter(created_at__gte=since)
-        .annotate(day=TruncDate("created_at"))
-        .values("day")
-        .annotate(**_USAGE_TOTALS)
-        .order_by("-day")
-    )
-    return [_with_margin(row) for row in rows]
+    rows = rollups.totals(measures=_USAGE_TOTALS, keys={"day": TruncDate}, since=since)
+    return [_with_margin(row) for row in sorted(rows, key=lambda row: row["day"], reverse=True)]
 
 
 def usage_by_model(*, since: datetime) -> list[dict]:
     """Totals per requested model, the biggest earner first."""
-    rows = (
-        UsageRecord.objects.filter(created_at__gte=since)
-        .values("model")
-        .annotate(**_USAGE_TOTALS)
-        .order_by("-charge", "model")
-    )
-    return [_with_margin(row) for row in rows]
+    rows = rollups.totals(measures=_USAGE_TOTALS, keys={"model": "model"}, since=since)
+    return [_with_margin(row) for row in sorted(rows, key=lambda row: (-row["charge"], row["model"]))]
 
 
 def _with_margin(row: dict) -> dict:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Count, Max, Q, QuerySet, Sum
+from django.db.models import Max, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.http import Http404
 
 from accounts.models import ApiKey, TokenFamily, User
 from infra.keyset import BY_ID, BY_TIME, Page, keyset_page
+from proxy import rollups
 from proxy.models import UsageRecord
 from wallet.models import Entry, EntryKind
 from wallet.selectors import entries_of
@@ -115,24 +116,19 @@ def user_spend_by_day(*, user: User, since: datetime) -> list[dict]:
     """What the account's own wallet paid per day (UTC) since ``since``: see ``spend_by_day``.
     Requests it made on an organization's wallet are that organization's spend (its own page, and
     the top spenders), not counted here twice."""
-    usage = UsageRecord.objects.filter(user=user, organization__isnull=True)
+    usage = Q(user=user, organization__isnull=True)
     return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__user=user), since=since)
 
 
-def spend_by_day(*, usage: QuerySet[UsageRecord], entries: QuerySet[Entry], since: datetime) -> list[dict]:
+def spend_by_day(*, usage: Q, entries: QuerySet[Entry], since: datetime) -> list[dict]:
     """Spending per day (UTC) since ``since``, oldest first, days without spending left out:
-    ``day``, ``requests``, ``usage`` (model usage debited, from ``usage``) and ``tools`` (tool
-    charges among ``entries``), in nanodollars. Two grouped reads."""
+    ``day``, ``requests``, ``usage`` (model usage debited by the requests ``usage`` selects, from
+    the rollups) and ``tools`` (tool charges among ``entries``), in nanodollars. Two grouped
+    reads."""
     days: dict = {}
-    by_day = (
-        usage.filter(created_at__gte=since)
-        .annotate(day=TruncDate("created_at"))
-        .values("day")
-        .annotate(requests=Count("id"), charged=Sum("charge", default=0))
-        .order_by()
-    )
+    by_day = rollups.totals(measures=["requests", "charge"], keys={"day": TruncDate}, where=usage, since=since)
     for found in by_day:
-        days[found["day"]] = {"requests": found["requests"], "usage": int(found["charged"]), "tools": 0}
+        days[found["day"]] = {"requests": found["requests"], "usage": found["charge"], "tools": 0}
     tools = (
         entries.filter(kind=EntryKind.CHARGE, created_at__gte=since)
         .annotate(day=TruncDate("created_at"))

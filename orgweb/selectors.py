@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Q, QuerySet
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from infra.keyset import BY_TIME, Page, keyset_page
 from orgs.models import Organization
-from proxy.models import UsageRecord, UsageStatus
+from proxy import rollups
+from proxy.models import UsageRecord
 from wallet.models import Entry
 from wallet.selectors import entries_of
 
@@ -68,28 +69,33 @@ def org_usage_page(
     return keyset_page(records, keyset=BY_TIME, size=size, after=after, before=before)
 
 
-def org_usage_summary(*, organization: Organization, by: str, **filters) -> list[dict]:
+def org_usage_summary(
+    *,
+    organization: Organization,
+    by: str,
+    member_id: int | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict]:
     """Totals per member (with their email), per UTC day or per model: requests, tokens and
-    nanodollars charged (settled requests) and held (requests in flight)."""
-    records = org_usage(organization=organization, **filters).order_by()
-    totals = {
-        "requests": Count("id"),
-        "prompt_tokens": Sum("prompt_tokens", default=0),
-        "completion_tokens": Sum("completion_tokens", default=0),
-        "charge": Sum("charge", default=0, filter=~Q(status=UsageStatus.PENDING)),
-        "held": Sum("hold_amount", default=0, filter=Q(status=UsageStatus.PENDING)),
-    }
+    nanodollars charged (settled requests) and held (requests in flight). From the rollups
+    (``proxy.rollups``), exact at any since/until."""
+    where = Q(organization=organization)
+    if member_id is not None:
+        where &= Q(user_id=member_id)
+    if model:
+        where &= Q(model=model)
+    measures = ["requests", "prompt_tokens", "completion_tokens", "charge", "held"]
     if by == "member":
-        rows = records.values("user_id", "user__email").annotate(**totals).order_by("user__email")
-        keys = {"user_id": "member", "user__email": "email"}
+        keys: dict = {"member": "user_id", "email": "user__email"}
+        order = "email"
     elif by == "day":
-        rows = records.annotate(day=TruncDate("created_at")).values("day").annotate(**totals).order_by("day")
-        keys = {"day": "day"}
+        keys, order = {"day": TruncDate}, "day"
     else:
-        rows = records.values("model").annotate(**totals).order_by("model")
-        keys = {"model": "model"}
-    # PostgreSQL sums bigints as numeric: ints on both databases.
-    return [{**{new: row[old] for old, new in keys.items()}, **{k: int(row[k]) for k in totals}} for row in rows]
+        keys, order = {"model": "model"}, "model"
+    rows = rollups.totals(measures=measures, keys=keys, where=where, since=since, until=until)
+    return sorted(rows, key=lambda row: row[order])
 
 
 def member_spend(*, organization: Organization, now: datetime | None = None) -> dict[int, dict[str, int]]:
@@ -98,17 +104,11 @@ def member_spend(*, organization: Organization, now: datetime | None = None) -> 
     now = now or timezone.now()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
-    spent = Sum("charge", default=0, filter=~Q(status=UsageStatus.PENDING)) + Sum(
-        "hold_amount", default=0, filter=Q(status=UsageStatus.PENDING)
-    )
     out: dict[int, dict[str, int]] = {}
     for since, name in ((day, "today"), (month, "month")):
-        rows = (
-            UsageRecord.objects.filter(organization=organization, created_at__gte=since)
-            .order_by()
-            .values("user_id")
-            .annotate(spent=spent)
+        rows = rollups.totals(
+            measures=["charge", "held"], keys={"user_id": "user_id"}, where=Q(organization=organization), since=since
         )
         for row in rows:
-            out.setdefault(row["user_id"], {"today": 0, "month": 0})[name] = int(row["spent"])
+            out.setdefault(row["user_id"], {"today": 0, "month": 0})[name] = row["charge"] + row["held"]
     return out

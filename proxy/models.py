@@ -16,6 +16,7 @@ describe (it has no row of its own); ``Upstream`` rows are the others, added by 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 PER_MILLION = 1_000_000
@@ -387,3 +388,78 @@ class UsageRecord(models.Model):
 
     def __str__(self):
         return f"{self.request_id} {self.model} {self.status}"
+
+
+class UsageRollup(models.Model):
+    """The sums of the settled usage records of one hour (UTC) × user × organization billed × API
+    key × requested model × agent label: what every period total is read from (``proxy.rollups``).
+
+    Kept exact by the database itself: triggers on the usage record table (migration 0010) add a
+    record's figures when it leaves ``pending`` (settled, or inserted refused) and move the
+    difference when a settled record is changed (``reconcile_holds``), in the same statement and
+    transaction as the change, whoever makes it — the proxy's settlement statement, the ORM, raw
+    SQL. Records in flight are not in it: readers add them from the raw rows. Deleting raw rows
+    (pruning) leaves their sums here. ``rebuild`` recomputes any range from the raw rows.
+
+    The organization and key may be none; the unique key counts them as 0 (a NULL would never
+    collide). The foreign keys are not database constraints (no per-settlement check of three
+    more tables); the rows they name are never deleted (usage records protect them).
+    """
+
+    hour = models.DateTimeField(help_text="the hour (UTC) the requests were made in")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    model = models.CharField(max_length=200, help_text="model the client asked for")
+    agent = models.CharField(max_length=200, blank=True)
+
+    requests = models.BigIntegerField(default=0)
+    refused = models.BigIntegerField(default=0, help_text="of which refused before the upstream")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    upstream_cost = models.DecimalField(max_digits=38, decimal_places=15, default=0, help_text="USD")
+    charge = models.BigIntegerField(default=0, help_text="nanodollars")
+    operator_loss = models.BigIntegerField(default=0, help_text="nanodollars")
+    loss_requests = models.BigIntegerField(default=0, help_text="requests with an operator loss")
+
+    class Meta:
+        constraints = [
+            # Leads with the user: a user's own totals are one range of this index.
+            models.UniqueConstraint(
+                models.F("user"),
+                models.F("hour"),
+                Coalesce(models.F("organization"), models.Value(0)),
+                Coalesce(models.F("api_key"), models.Value(0)),
+                models.F("model"),
+                models.F("agent"),
+                name="usagerollup_one_row_per_group",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["hour"]),  # the operator's totals
+            models.Index(fields=["organization", "hour"]),  # an organization's
+        ]
+
+    def __str__(self):
+        return f"{self.hour:%Y-%m-%d %H}:00 user {self.user_id} {self.model}: {self.requests}"

@@ -14,13 +14,11 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Count, Q, Sum
-
 from core.money import format_usd
 from notify.models import EventType
 from notify.services import event_emit, event_emit_once
 
-from .models import UsageRecord, UsageStatus
+from . import rollups
 
 
 def cap_reached(
@@ -60,19 +58,15 @@ def cap_reached(
 def usage_summaries(hour: datetime) -> None:
     """One ``usage.summary`` per user with requests created in [hour, hour + 1 h)."""
     end = hour + timedelta(hours=1)
-    admitted = ~Q(status=UsageStatus.REFUSED)
-    rows = (
-        UsageRecord.objects.filter(created_at__gte=hour, created_at__lt=end)
-        .values("user_id", "model")
-        .annotate(
-            requests=Count("id", filter=admitted),
-            refused=Count("id", filter=~admitted),
-            prompt_tokens=Sum("prompt_tokens", default=0),
-            completion_tokens=Sum("completion_tokens", default=0),
-            charge=Sum("charge", default=0),
-        )
-        .order_by("user_id", "model")
+    rows = rollups.totals(
+        measures=["requests", "refused", "prompt_tokens", "completion_tokens", "charge"],
+        keys={"user_id": "user_id", "model": "model"},
+        since=hour,
+        until=end,
     )
+    for row in rows:
+        row["requests"] -= row["refused"]  # admitted ones
+    rows.sort(key=lambda row: (row["user_id"], row["model"]))
     by_user: dict[int, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_user.setdefault(row["user_id"], []).append(row)

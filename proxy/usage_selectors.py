@@ -20,6 +20,7 @@ from infra.keyset import BY_TIME, Page, keyset_chunks, keyset_page
 from wallet.models import Entry, EntryKind
 from wallet.selectors import csv_safe_text
 
+from . import rollups
 from .limits import CHARGE_RUN_FIELD
 from .models import UsageRecord, UsageStatus
 
@@ -128,11 +129,34 @@ def usage_summary(*, user, group_by: str, **filters) -> dict:
     """``{"results": [{<group>: …, **totals}], "totals": {…}}`` for the filtered records.
 
     Days are UTC calendar days (TIME_ZONE is UTC), oldest first; models are ordered by what they
-    cost the user, most first.
+    cost the user, most first. Read from the hourly rollups plus the raw records of the partial
+    hours at the edges and those in flight (``proxy.rollups``); a ``run`` filter (not a rollup
+    key) reads the raw records.
     """
     if group_by not in GROUPINGS:
         raise ValueError(f"group_by must be one of {', '.join(GROUPINGS)}")
-    queryset = usage_list(user=user, **filters).order_by()
+    if filters.get("run"):
+        return _raw_summary(usage_list(user=user, **filters).order_by(), group_by)
+    where = Q(user=user, organization__isnull=True)
+    if filters.get("model"):
+        where &= Q(model=filters["model"])
+    if filters.get("api_key_id") is not None:
+        where &= Q(api_key_id=filters["api_key_id"])
+    window = {"since": filters.get("since"), "until": filters.get("until")}
+    keys = {"day": TruncDate} if group_by == "day" else {"model": "model"}
+    rows = rollups.totals(measures=list(_TOTALS), keys=keys, where=where, **window)
+    if group_by == "day":
+        rows.sort(key=lambda row: row["day"])
+    else:
+        rows.sort(key=lambda row: (-row["charge"], row["model"]))
+    totals = dict.fromkeys(_TOTALS, 0) | {"upstream_cost": Decimal(0)}
+    for row in rows:
+        for name in _TOTALS:
+            totals[name] += row[name]
+    return {"results": rows, "totals": totals}
+
+
+def _raw_summary(queryset, group_by: str) -> dict:
     # Aggregates are named total_* because an annotation may not reuse a field's name.
     totals = {f"total_{name}": expression for name, expression in _TOTALS.items()}
     if group_by == "day":
