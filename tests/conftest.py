@@ -88,6 +88,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_redis)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes():
+    """Personas' passwords hashed at one PBKDF2 iteration (tests/hashers.py says why live servers
+    still accept them); a module that wants MD5 still sets it with the ``settings`` fixture."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["tests.hashers.SingleIterationPBKDF2"]):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _empty_cache():
     """Each test starts with no rate-limit counters: the local-memory cache lives as long as the
