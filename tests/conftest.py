@@ -65,6 +65,47 @@ _FAST_LANE = {
 }
 
 
+# scripts/test runs the suite twice, on SQLite and on PostgreSQL side by side, and names each run in
+# TEST_HALF ("sqlite" or "postgres"). Tests that exercise nothing database-specific run in one of
+# the two only: pure units (no database at all), the browser tests (the pages' queries are tested
+# on both databases by the non-browser view tests: test_portal_views, test_admin_dashboard,
+# test_staff_*), and the client kit's and the AI SDKs' end-to-end tests (they test the client
+# packages and the wire protocols against a live server; the proxy paths behind them are tested
+# on both databases by test_proxy_* and test_v1_*). Each group goes where it evens out the two
+# runs' times. Without TEST_HALF (pytest run by hand, or scripts/test with no PostgreSQL) every
+# test runs.
+_ONE_HALF = {
+    "sqlite": {
+        "test_money",
+        "test_breaker",
+        "test_protocols_anthropic",
+        "test_protocols_responses",
+        "test_upstream_errors",
+        "test_proxy_lib",
+        "test_client_units",
+        "test_portal_browser",
+        "test_dashboard_browser",
+        "test_device_browser",
+        "test_limits_browser",
+        "test_notify_browser",
+        "test_orgs_browser",
+        "test_security_browser",
+    },
+    "postgres": {
+        "test_sdk_protocols",
+        "test_agent_recipes",
+        "test_client_auth",
+        "test_client_cli",
+        "test_client_device",
+        "test_client_events",
+        "test_client_openai",
+        "test_client_runs",
+        "test_client_topup",
+        "test_desktop_chat",
+    },
+}
+
+
 def _starts_processes(item) -> bool:
     module = getattr(item, "module", None)
     return module is not None and any(name in vars(module) for name in _STARTERS)
@@ -77,11 +118,17 @@ def pytest_collection_modifyitems(config, items):
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: run through scripts/test (DATABASE_URL=postgres://…)")
     skip_redis = pytest.mark.skip(reason="needs Redis: TEST_REDIS_URL is set by scripts/test on the PostgreSQL run")
     live, fast = pytest.mark.live, pytest.mark.fast
+    half = os.environ.get("TEST_HALF", "")
+    elsewhere = {name for other, names in _ONE_HALF.items() if half in _ONE_HALF and other != half for name in names}
+    skip_elsewhere = pytest.mark.skip(reason=f"nothing database-specific: runs in the other half only ({half} run)")
     for item in items:
         if _starts_processes(item):
             item.add_marker(live)
-        if item.module.__name__.rpartition(".")[2] in _FAST_LANE:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in _FAST_LANE:
             item.add_marker(fast)
+        if module in elsewhere:
+            item.add_marker(skip_elsewhere)
         if "postgres" in item.keywords and not on_postgres:
             item.add_marker(skip_pg)
         if "redis" in item.keywords and not os.environ.get("TEST_REDIS_URL"):
