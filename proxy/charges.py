@@ -19,7 +19,7 @@ from wallet.models import Entry
 from wallet.services import Posted, wallet_charge, wallet_get_or_create
 
 from . import limits
-from .org_billing import OrgBilling, reserve_member_spend
+from .org_billing import OrgBilling
 
 
 def tool_charge(
@@ -48,7 +48,14 @@ def tool_charge(
     reservation = _reserve(principal, wallet=wallet, user=target, idempotency_key=namespaced, amount=amount, run=run)
     if org is not None:
         try:
-            reserve_member_spend(membership=org.membership, amount=amount, now=timezone.now(), reservation=reservation)
+            limits.reserve_member_spend(
+                reservation,
+                membership=org.membership,
+                amount=amount,
+                now=timezone.now(),
+                api_key=principal.api_key,
+                run=run.run if run is not None else "",
+            )
         except limits.LimitExceeded:
             if not Entry.objects.filter(wallet=wallet, idempotency_key=namespaced).exists():
                 raise

@@ -1,8 +1,10 @@
 """Guardrail counters in Django's cache: requests per minute, requests in flight
 (``max_parallel``), daily and monthly spend caps and tokens per minute and per day — each for the
 API key a request is made with *and* for its user (``accounts.limits``: the stricter of the
-staff's limits and the user's own, counted across all the user's keys and sign-ins) — and
-per-run step and spend limits.
+staff's limits and the user's own, counted across all the user's keys and sign-ins) — a
+member's daily and monthly spend caps inside the organization a request bills (``orgs.Membership``:
+what they spent from its wallet), and per-run step and spend limits. Every spend cap and token
+limit is one ``_Cap`` counted by ``_reserve``: one rule, one ``usage.cap_reached`` event.
 
 A run (``X-Tokentill-Run``, a user's own label) is limited by the tightest of three: the request's
 own ``X-Tokentill-Run-Max-Steps``/``-Max-Spend`` headers, the API key's ``run_max_steps``/
@@ -160,11 +162,15 @@ def _incr(key: str, delta: int, timeout: int, initial: Callable[[], int] | None 
 
 @dataclass(frozen=True)
 class _Subject:
-    """An API key or a user, with its limits in force: counts as ints, spend caps in nanodollars."""
+    """An API key, a user, or a member inside an organization, with its limits in force: counts
+    as ints, spend caps in nanodollars. A member (``organization`` set, ``ident`` the user's id)
+    has daily and monthly spend caps only (``orgs.Membership``), counted on what they spent from
+    the organization's wallet."""
 
-    kind: str  # "key" | "user"
+    kind: str  # "key" | "user" | "member"
     ident: int
     limits: dict
+    organization: int | None = None  # a member's organization
 
     @property
     def whose(self) -> str:
@@ -175,20 +181,36 @@ class _Subject:
         return "this API key" if self.kind == "key" else "your account"
 
     def counter(self, name: str) -> str:
-        # A key's counters keep the names they always had (``tt:rpm:<key id>:…``).
+        # A key's counters keep the names they always had (``tt:rpm:<key id>:…``), and so do a
+        # member's spend counters (``tt:member:<org id>:<user id>:<window>:…``: spend is all a
+        # member's limits count).
+        if self.kind == "member":
+            return f"tt:member:{self.organization}:{self.ident}"
         return f"tt:{name}:{self.ident}" if self.kind == "key" else f"tt:user:{name}:{self.ident}"
 
     def code(self, code: str) -> str:
         return code if self.kind == "key" else f"user_{code}"
 
+    def spend_refusal(self, window: str, cap: int) -> tuple[str, str]:
+        """The message and code of a refusal by its ``window`` ("daily", "monthly") spend cap."""
+        if self.kind == "member":
+            message = f"You reached your {window} spend limit of ${format_usd(cap)} in this organization."
+            return message, "member_spend_limit"
+        return f"{self.whose} reached its {window} spend cap of ${format_usd(cap)}.", self.code("spend_cap_reached")
+
     def records(self) -> Q:
+        if self.kind == "member":
+            return Q(organization_id=self.organization, user_id=self.ident)
         return Q(api_key_id=self.ident) if self.kind == "key" else Q(user_id=self.ident)
 
     def tool_charges(self) -> Q:
-        """The tool charges it made (a key: on any wallet — a billing key charges others) or that
-        were made on its wallet (a user)."""
+        """The tool charges it made (a key: on any wallet — a billing key charges others; a
+        member: on the organization's wallet, the entries naming them) or that were made on its
+        wallet (a user)."""
         if self.kind == "key":
             return Q(**{f"metadata__{CHARGE_API_KEY_FIELD}": self.ident})
+        if self.kind == "member":
+            return Q(wallet__organization_id=self.organization, member_id=self.ident)
         return Q(wallet__user_id=self.ident)
 
 
@@ -213,6 +235,16 @@ def _user_subject(user) -> _Subject | None:
         return None
     limits = user_limits_effective(user)
     return _Subject("user", user.pk, limits) if limits else None
+
+
+def _member_subject(membership) -> _Subject | None:
+    """A member's spend caps inside their organization (``orgs.Membership``; None: no membership,
+    as for an organization's own key, whose limits are the key's)."""
+    if membership is None:
+        return None
+    caps = (("daily_spend", membership.daily_spend), ("monthly_spend", membership.monthly_spend))
+    limits = {name: cap for name, cap in caps if cap is not None}
+    return _Subject("member", membership.user_id, limits, membership.organization_id) if limits else None
 
 
 def _subjects(api_key, user) -> list[_Subject]:
@@ -390,7 +422,7 @@ def _reserve(caps: list[_Cap], amount: int, keys: list[str], *, user_id: int, ap
             raise LimitExceeded(cap.message, cap.code, cap.retry_after)
 
 
-_SCOPES = {"key": "api_key", "user": "user"}
+_SCOPES = {"key": "api_key", "user": "user", "member": "member"}
 
 
 def _spend_caps(subject: _Subject, now: datetime) -> list[_Cap]:
@@ -401,14 +433,15 @@ def _spend_caps(subject: _Subject, now: datetime) -> list[_Cap]:
             continue
         start = _window_start(now, window)
         records, tools = subject.records(), subject.tool_charges()
+        message, code = subject.spend_refusal(window, cap)
         caps.append(
             _Cap(
                 key=f"{subject.counter('spend')}:{window}:{start:%Y%m%d}",
                 limit=cap,
                 timeout=_seconds_to_reset(now, window) + DAY,
                 initial=partial(_spent, records & Q(created_at__gte=start), tools & Q(created_at__gte=start)),
-                message=f"{subject.whose} reached its {window} spend cap of ${format_usd(cap)}.",
-                code=subject.code("spend_cap_reached"),
+                message=message,
+                code=code,
                 retry_after=_seconds_to_reset(now, window),
                 scope=_SCOPES[subject.kind],
                 unit="usd",
@@ -485,6 +518,28 @@ def reserve_tokens(reservation: Reservation, *, api_key, user, tokens: int, now:
     except LimitExceeded:
         _move(reservation.token_keys, -tokens)
         reservation.token_keys, reservation.tokens = [], 0
+        raise
+
+
+def member_uses_counters(membership) -> bool:
+    """Would ``reserve_member_spend`` touch the cache? (See ``uses_counters``.)"""
+    return _member_subject(membership) is not None
+
+
+def reserve_member_spend(
+    reservation: Reservation, *, membership, amount: int, now: datetime, api_key, run: str = ""
+) -> None:
+    """Count ``amount`` against the member's spend caps inside the organization the request bills
+    (``membership``: ``orgs.Membership``, or None for an organization's own key), onto
+    ``reservation`` (so settlement moves them with the key's and the user's); over one, raise
+    ``LimitExceeded`` having given back everything ``reservation`` holds."""
+    subject = _member_subject(membership)
+    if subject is None:
+        return
+    try:
+        _reserve(_spend_caps(subject, now), amount, reservation.keys, user_id=subject.ident, api_key=api_key, run=run)
+    except LimitExceeded:
+        release(reservation)
         raise
 
 

@@ -1,7 +1,8 @@
 """What the proxy tells the operator's systems, through notify's outbox.
 
 * ``usage.cap_reached``: a spend cap or token limit refused a request (a key's or a user's daily
-  or monthly spend cap or tokens per minute or day, a run's spend limit). Once per cap and window:
+  or monthly spend cap or tokens per minute or day, a member's daily or monthly spend limit in an
+  organization, a run's spend limit). Once per cap and window:
   the cap's counter key is the event's dedup key, so an agent retrying into a full cap every
   second announces it once.
 * ``usage.summary``: per user, per hour, what their requests did (registered with the delivery
@@ -35,7 +36,7 @@ def cap_reached(
     unit: str = "usd",
 ) -> None:
     """Announce a full cap (``counter`` is its cache key: one event per cap and window).
-    ``scope``: whose cap ("api_key", "user", "run"); ``unit``: "usd" (``limit`` in nanodollars)
+    ``scope``: whose cap ("api_key", "user", "member", "run"); ``unit``: "usd" (``limit`` in nanodollars)
     or "tokens"."""
     event_emit_once(
         type=EventType.USAGE_CAP_REACHED,

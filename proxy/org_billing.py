@@ -8,29 +8,23 @@
 * A disabled organization (an operator's call) bills nothing: its keys and the header naming it
   are refused (403 ``organization_disabled``), read on every request like the membership.
 * Inside the organization the member's limits apply on top of the key's: the models they may
-  use, and daily and monthly spend. The spend counters follow ``proxy.limits``' pattern
-  (settled charges plus holds in flight, one atomic ``incr`` before the upstream is reached,
-  undone when over) and are rebuilt, when missing, from the member's usage records in the
-  organization and the tool charges on its wallet that name the member.
+  use (``check_model``, here), and daily and monthly spend — counted by ``proxy.limits`` like a
+  key's or a user's spend caps (``limits.reserve_member_spend``: settled charges plus holds in
+  flight, one atomic ``incr`` before the upstream is reached, undone when over, rebuilt when
+  missing from the member's usage records in the organization and the tool charges on its
+  wallet that name the member).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
-from functools import partial
 from typing import TypeVar
 
-from django.db.models import Q
-
-from core.money import format_usd
 from core.openai_errors import OpenAIError
 from infra import adb
 from orgs.models import Membership, Organization
 from orgs.selectors import membership_for
 from wallet.models import Wallet
-
-from . import limits
 
 ORG_HEADER = "x-tokentill-org"
 
@@ -103,20 +97,6 @@ async def abilling_for(meta: Meta, principal, headers) -> Meta:
 # --- the member's limits -----------------------------------------------------------------------
 
 
-def _caps(membership: Membership | None) -> list[tuple[str, int]]:
-    if membership is None:
-        return []
-    return [
-        (window, cap)
-        for window, cap in (("daily", membership.daily_spend), ("monthly", membership.monthly_spend))
-        if cap is not None
-    ]
-
-
-def uses_counters(membership: Membership | None) -> bool:
-    return bool(_caps(membership))
-
-
 def check_model(membership: Membership | None, models: list[str]) -> None:
     allowed = membership.allowed_models if membership is not None else None
     if allowed is None:
@@ -128,33 +108,4 @@ def check_model(membership: Membership | None, models: list[str]) -> None:
                 f"Your organization does not let you use the model `{model}`.",
                 "permission_error",
                 "model_not_allowed",
-            )
-
-
-def _member_spent(org_id: int, user_id: int, since: datetime) -> int:
-    return limits._spent(
-        Q(organization_id=org_id, user_id=user_id, created_at__gte=since),
-        Q(wallet__organization_id=org_id, member_id=user_id, created_at__gte=since),
-    )
-
-
-def reserve_member_spend(
-    *, membership: Membership | None, amount: int, now: datetime, reservation: limits.Reservation
-) -> None:
-    """Count ``amount`` against the member's spend limits, adding the counters to
-    ``reservation`` (so settlement moves them with the key's); raise ``LimitExceeded`` — with
-    everything ``reservation`` holds given back — when over."""
-    for window, cap in _caps(membership):
-        assert membership is not None
-        start = limits._window_start(now, window)
-        key = f"tt:member:{membership.organization_id}:{membership.user_id}:{window}:{start:%Y%m%d}"
-        initial = partial(_member_spent, membership.organization_id, membership.user_id, start)
-        total = limits._incr(key, amount, limits._seconds_to_reset(now, window) + limits.DAY, initial)
-        reservation.keys.append(key)
-        if total > cap:
-            limits.release(reservation)
-            raise limits.LimitExceeded(
-                f"You reached your {window} spend limit of ${format_usd(cap)} in this organization.",
-                "member_spend_limit",
-                limits._seconds_to_reset(now, window),
             )

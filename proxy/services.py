@@ -349,7 +349,9 @@ def request_plan(
         limits.release(reservation)
         raise
     # The member's own limits in the organization, on the same reservation (released with it).
-    org_billing.reserve_member_spend(membership=meta.membership, amount=served.amount, now=now, reservation=reservation)
+    limits.reserve_member_spend(
+        reservation, membership=meta.membership, amount=served.amount, now=now, api_key=meta.api_key, run=meta.run
+    )
     return Plan(choice, served, fallback, choices, reservation)
 
 
@@ -414,7 +416,7 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
         run_max_spend=meta.run_max_spend,
         user=meta.user,
     )
-    if routes is None or uses_counters or org_billing.uses_counters(meta.membership):
+    if routes is None or uses_counters or limits.member_uses_counters(meta.membership):
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
     return request_plan(meta=meta, routes=routes, tiers=tiers, **kwargs)
 

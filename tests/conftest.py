@@ -11,6 +11,7 @@ import os
 import threading
 
 import pytest
+from django.core.management.commands import flush as _flush_command
 from django.db.backends.postgresql.base import DatabaseOperations as PgOps
 from django.db.backends.sqlite3.base import DatabaseOperations as SqliteOps
 
@@ -42,6 +43,37 @@ PgOps.execute_sql_flush = _pg_flush_bypassing_triggers
 SqliteOps.execute_sql_flush = _sqlite_flush_bypassing_triggers
 
 
+# That flush was the largest cost of a transactional test (seconds apiece on PostgreSQL under
+# load), for two reasons, both dropped here. (1) It emptied the content types and permissions
+# too, which migrations made and no test writes, and then re-ran every post_migrate handler
+# (create_contenttypes, create_permissions: dozens of queries, hundreds of rows) to make them
+# again: they are kept, so nothing needs remaking — and the flush command's post_migrate is
+# skipped (it remakes nothing else: no app of ours listens to it). (2) On PostgreSQL, TRUNCATE of
+# every table costs a new file per table; DELETE of the few rows a test wrote is far cheaper.
+# The rows go in any order: the flush runs with session_replication_role = replica, which skips
+# the foreign keys' checks as it skips the ledger's triggers.
+_KEPT_BY_FLUSH = frozenset({"django_content_type", "auth_permission"})
+_pg_sql_flush = PgOps.sql_flush
+_sqlite_sql_flush = SqliteOps.sql_flush
+
+
+def _pg_sql_flush_deleting(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+    tables = [table for table in tables if table not in _KEPT_BY_FLUSH]
+    if reset_sequences or allow_cascade:  # not how the tests flush: Django's own statement then
+        return _pg_sql_flush(self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+    return [f"DELETE FROM {self.quote_name(table)};" for table in tables]
+
+
+def _sqlite_sql_flush_keeping(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+    tables = [table for table in tables if table not in _KEPT_BY_FLUSH]
+    return _sqlite_sql_flush(self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+
+
+PgOps.sql_flush = _pg_sql_flush_deleting
+SqliteOps.sql_flush = _sqlite_sql_flush_keeping
+_flush_command.emit_post_migrate_signal = lambda *args, **kwargs: None
+
+
 # What makes a test slow is starting things: uvicorn processes, a browser. A module that can
 # (it imported the means to) is marked ``live``.
 _STARTERS = ("live_server", "live_servers", "sync_playwright", "async_playwright")
@@ -65,6 +97,47 @@ _FAST_LANE = {
 }
 
 
+# scripts/test runs the suite twice, on SQLite and on PostgreSQL side by side, and names each run in
+# TEST_HALF ("sqlite" or "postgres"). Tests that exercise nothing database-specific run in one of
+# the two only: pure units (no database at all), the browser tests (the pages' queries are tested
+# on both databases by the non-browser view tests: test_portal_views, test_admin_dashboard,
+# test_staff_*), and the client kit's and the AI SDKs' end-to-end tests (they test the client
+# packages and the wire protocols against a live server; the proxy paths behind them are tested
+# on both databases by test_proxy_* and test_v1_*). Each group goes where it evens out the two
+# runs' times. Without TEST_HALF (pytest run by hand, or scripts/test with no PostgreSQL) every
+# test runs.
+_ONE_HALF = {
+    "sqlite": {
+        "test_money",
+        "test_breaker",
+        "test_protocols_anthropic",
+        "test_protocols_responses",
+        "test_upstream_errors",
+        "test_proxy_lib",
+        "test_client_units",
+        "test_portal_browser",
+        "test_dashboard_browser",
+        "test_device_browser",
+        "test_limits_browser",
+        "test_notify_browser",
+        "test_orgs_browser",
+        "test_security_browser",
+    },
+    "postgres": {
+        "test_sdk_protocols",
+        "test_agent_recipes",
+        "test_client_auth",
+        "test_client_cli",
+        "test_client_device",
+        "test_client_events",
+        "test_client_openai",
+        "test_client_runs",
+        "test_client_topup",
+        "test_desktop_chat",
+    },
+}
+
+
 def _starts_processes(item) -> bool:
     module = getattr(item, "module", None)
     return module is not None and any(name in vars(module) for name in _STARTERS)
@@ -77,15 +150,31 @@ def pytest_collection_modifyitems(config, items):
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: run through scripts/test (DATABASE_URL=postgres://…)")
     skip_redis = pytest.mark.skip(reason="needs Redis: TEST_REDIS_URL is set by scripts/test on the PostgreSQL run")
     live, fast = pytest.mark.live, pytest.mark.fast
+    half = os.environ.get("TEST_HALF", "")
+    elsewhere = {name for other, names in _ONE_HALF.items() if half in _ONE_HALF and other != half for name in names}
+    skip_elsewhere = pytest.mark.skip(reason=f"nothing database-specific: runs in the other half only ({half} run)")
     for item in items:
         if _starts_processes(item):
             item.add_marker(live)
-        if item.module.__name__.rpartition(".")[2] in _FAST_LANE:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in _FAST_LANE:
             item.add_marker(fast)
+        if module in elsewhere:
+            item.add_marker(skip_elsewhere)
         if "postgres" in item.keywords and not on_postgres:
             item.add_marker(skip_pg)
         if "redis" in item.keywords and not os.environ.get("TEST_REDIS_URL"):
             item.add_marker(skip_redis)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes():
+    """Personas' passwords hashed at one PBKDF2 iteration (tests/hashers.py says why live servers
+    still accept them); a module that wants MD5 still sets it with the ``settings`` fixture."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["tests.hashers.SingleIterationPBKDF2"]):
+        yield
 
 
 @pytest.fixture(autouse=True)

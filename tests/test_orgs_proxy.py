@@ -18,7 +18,9 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from accounts.services import api_key_create, operator_key_create, token_pair_issue
+from core.money import format_usd
 from infra import adb
+from notify.models import Event
 from orgs.models import Membership, Role
 from orgs.services import membership_remove, org_key_create, organization_create
 from proxy.models import ModelPrice, UsageRecord, UsageStatus
@@ -173,16 +175,29 @@ def test_a_members_allowed_models_apply_inside_the_org_only(fake_upstream, acme)
 
 def test_a_members_daily_limit_counts_what_was_spent_and_the_next_hold(fake_upstream, acme):
     org, _, mia = acme
-    _, secret = api_key_create(user=mia, name="k")
+    key, secret = api_key_create(user=mia, name="k")
     headers = {"X-Tokentill-Org": org.slug}
     fake_upstream.script("chat", _reply(), _reply())
     assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
     hold = UsageRecord.objects.get().hold_amount
     # Spent so far plus the next request's hold, less one nanodollar: refused.
     Membership.objects.filter(user=mia).update(daily_spend=CHARGE + hold - 1)
-    refused = call(CHAT, HELLO, token=secret, headers=headers)
+    refused = call(CHAT, HELLO, token=secret, headers=headers | {"X-Tokentill-Run": "nightly"})
     assert refused.status == 429 and refused.error["code"] == "member_spend_limit"
     assert refused.headers["retry-after"]
+    # Announced like any full cap: once per cap and window, however often it refuses.
+    assert call(CHAT, HELLO, token=secret, headers=headers).status == 429
+    (event,) = Event.objects.filter(type="usage.cap_reached")
+    assert event.user == mia
+    assert {name: event.data[name] for name in ("code", "scope", "unit", "limit", "api_key", "run")} == {
+        "code": "member_spend_limit",
+        "scope": "member",
+        "unit": "usd",
+        "limit": format_usd(CHARGE + hold - 1),
+        "api_key": {"id": key.pk, "prefix": key.prefix},
+        "run": "nightly",
+    }
+    assert event.data["message"] == refused.error["message"] and event.data["retry_after"] > 0
     Membership.objects.filter(user=mia).update(daily_spend=CHARGE + hold)
     assert call(CHAT, HELLO, token=secret, headers=headers).status == 200
     assert _balance(organization=org) == 5 * 10**9 - 2 * CHARGE
