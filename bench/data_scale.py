@@ -747,7 +747,10 @@ def time_csv(url: str) -> tuple[str, float, float, str]:
 def time_verify(url: str, timeout: int) -> list[tuple[str, str, str]]:
     """``manage.py verify_ledger`` as an operator runs it (its own process), once; and twice with
     ``--incremental`` when the command has it (the first run checkpoints, the second is cron's)."""
-    env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING", "TOKENTILL_DOTENV": "off"}
+    # Named, so that its statement can be cancelled when the process is killed (a killed client's
+    # query runs on in its backend).
+    app = f"bench-verify-{os.getpid()}"
+    env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING", "TOKENTILL_DOTENV": "off", "PGAPPNAME": app}
     env.pop("PGOPTIONS", None)
     help_text = subprocess.run(
         [sys.executable, "manage.py", "verify_ledger", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -774,6 +777,10 @@ def time_verify(url: str, timeout: int) -> list[tuple[str, str, str]]:
             shown = f"{time.perf_counter() - started:9.1f} s"
         except subprocess.TimeoutExpired:
             verdict, shown = "killed", f"> {timeout} s"
+            from django.db import connection
+
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s", [app])
         print(f"  {label:<44} {shown}  {verdict}", flush=True)
         rows.append((f"{label} ({verdict})", shown, target))
     return rows
