@@ -166,8 +166,8 @@ class Loader:
         statement = f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} {source}"
         return self.sql(label, statement, params)
 
-    def schema(self) -> tuple[list, list]:
-        """The big tables' indexes and constraints as the catalog states them."""
+    def schema(self) -> tuple[list, list, list]:
+        """The big tables' indexes, constraints and triggers as the catalog states them."""
         self.cursor.execute(
             "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE tablename = ANY(%s) ORDER BY 1, 2", [list(BIG)]
         )
@@ -177,10 +177,28 @@ class Loader:
             "WHERE conrelid::regclass::text = ANY(%s) ORDER BY 1, 2",
             [list(BIG)],
         )
-        return indexes, self.cursor.fetchall()
+        constraints = self.cursor.fetchall()
+        self.cursor.execute(
+            "SELECT tgrelid::regclass::text, tgname, tgenabled, pg_get_triggerdef(oid) FROM pg_trigger "
+            "WHERE NOT tgisinternal AND tgrelid::regclass::text = ANY(%s) ORDER BY 1, 2",
+            [list(BIG)],
+        )
+        return indexes, constraints, self.cursor.fetchall()
+
+    def triggers(self, enable: bool) -> None:
+        """Row triggers off for the load, on after it. The ledger's only refuse UPDATE, DELETE and
+        TRUNCATE (a load inserts); the usage rollups' would add each row one by one, which
+        ``rebuild_usage_rollups`` does in one pass afterwards — so they are only switched off
+        when that command exists."""
+        from django.core.management import get_commands
+
+        if "rebuild_usage_rollups" not in get_commands():
+            return
+        for table in BIG:
+            self.cursor.execute(f"ALTER TABLE {table} {'ENABLE' if enable else 'DISABLE'} TRIGGER USER")
 
     def drop_indexes(self) -> tuple[list, list]:
-        indexes, constraints = self.schema()
+        indexes, constraints, _ = self.schema()
         kept = {name for _, name, kind, _ in constraints if kind == "p"}
         backing = {name for _, name, kind, _ in constraints if kind in "pu"}
         dropped_constraints = [c for c in constraints if c[2] in "uf"]
@@ -275,6 +293,7 @@ class Loader:
         cur.execute("CREATE UNIQUE INDEX ON bench_price (k)")
 
         dropped = self.drop_indexes()
+        self.triggers(enable=False)
         password = "!bench-unusable"  # set for the two users who sign in, below
         self.insert(
             "users",
@@ -499,6 +518,7 @@ class Loader:
             "(SELECT wallet_id, sum(amount) AS total FROM bench_e GROUP BY wallet_id) s WHERE w.id = s.wallet_id",
         )
         self.restore_indexes(dropped)
+        self.triggers(enable=True)
         self.sql("drop staging", "DROP TABLE bench_u, bench_e")
         for model in (User, Wallet, ApiKey, UsageRecord, Hold, Entry, Payment):
             table = model._meta.db_table
