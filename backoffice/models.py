@@ -58,3 +58,27 @@ class AuditEntry(models.Model):
 
     def delete(self, *args, **kwargs):
         raise AppendOnlyError("the operator audit log is append-only")
+
+
+class LedgerCheckpoint(models.Model):
+    """How far ``verify_ledger`` has proved the ledger, so ``--incremental`` checks only what was
+    added since (one row).
+
+    ``verified_through`` is an entry id below which every entry is *final* — committed, or never
+    to commit — and verified; ``totals`` are Σ amount per entry kind of those entries (strings of
+    nanodollars). Ids are handed out before commit, so a transaction may commit an entry with a
+    smaller id than one already seen: the run that sees ``candidate_id`` as the highest id also
+    records its snapshot's xmax (``candidate_xmax``), and a later run promotes the candidate only
+    once every transaction that was running then (in this database) has ended, as its own
+    snapshot sees it.
+    SQLite has one writer at a time, so there the highest id seen is final at once.
+    """
+
+    verified_through = models.BigIntegerField(default=0)
+    totals = models.JSONField(default=dict)
+    candidate_id = models.BigIntegerField(null=True, blank=True)
+    candidate_xmax = models.BigIntegerField(null=True, blank=True)  # a 64-bit transaction id (xid8)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"ledger verified through entry {self.verified_through}"

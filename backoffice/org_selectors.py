@@ -11,12 +11,14 @@ from django.db.models import Max, Q, QuerySet
 from django.http import Http404
 
 from accounts.models import ApiKey
+from infra.keyset import BY_ID, BY_TIME, Page, keyset_page
 from orgs.models import Membership, Organization
 from orgs.selectors import member_list, org_key_list
 from proxy.models import UsageRecord
 from wallet.models import Entry, Wallet
+from wallet.selectors import entries_of
 
-from .user_selectors import MAX_ID, entries_page, spend_by_day, usage_page
+from .user_selectors import MAX_ID, spend_by_day
 
 
 def org_search(*, q: str = "") -> QuerySet[Organization]:
@@ -88,7 +90,7 @@ def org_activity(*, org: Organization) -> OrgActivity:
 
 
 def org_entries(*, org: Organization) -> QuerySet[Entry]:
-    return Entry.objects.filter(wallet__organization=org).order_by("-id")
+    return entries_of(organization=org).order_by("-id")
 
 
 def org_usage(*, org: Organization) -> QuerySet[UsageRecord]:
@@ -104,10 +106,11 @@ def org_spend_by_day(*, org: Organization, since: datetime) -> list[dict]:
     return spend_by_day(usage=usage, entries=Entry.objects.filter(wallet__organization=org), since=since)
 
 
-def org_usage_page(*, org: Organization, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
+def org_usage_page(*, org: Organization, after: str | None, size: int) -> Page:
     """A page of the requests billed to it, newest first, with who made each (keyset paged)."""
-    return usage_page(org_usage(org=org).select_related("api_key", "user"), after=after, size=size)
+    records = org_usage(org=org).select_related("api_key", "user")
+    return keyset_page(records, keyset=BY_TIME, after=after, size=size)
 
 
-def org_entries_page(*, org: Organization, after: str | None, size: int) -> tuple[list[Entry], str | None]:
-    return entries_page(org_entries(org=org).select_related("member"), after=after, size=size)
+def org_entries_page(*, org: Organization, after: str | None, size: int) -> Page:
+    return keyset_page(org_entries(org=org).select_related("member"), keyset=BY_ID, after=after, size=size)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from django.db.models import BigIntegerField, F, OuterRef, Q, QuerySet, Subquery, Sum, Value, Window
-from django.db.models.functions import Coalesce, Concat
+from django.db import connection
+from django.db.models import Sum
 
 from core.money import format_usd
-from proxy.models import UsageRecord, UsageStatus
+from proxy.models import UsageStatus
 from wallet.models import Entry, EntryKind, Hold, HoldStatus, Wallet
 
 
@@ -20,77 +20,103 @@ class Discrepancy:
     problem: str  # human sentence naming what is off, with both amounts
 
 
-def _sum_of(queryset: QuerySet, field_name: str) -> Coalesce:
-    summed = queryset.order_by().values(queryset.model._meta.get_field("wallet").attname)
-    summed = summed.annotate(total=Sum(field_name)).values("total")
-    return Coalesce(Subquery(summed, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField())
+_NO_LIMIT = 2**63 - 1
+_WALLETS_SQL = """
+    SELECT w.id, w.balance, w.held, /* entry total */, COALESCE(h.total, 0),
+           (SELECT l.balance_after FROM wallet_entry l WHERE l.wallet_id = w.id ORDER BY l.id DESC LIMIT 1)
+    FROM wallet_wallet w
+    /* entry sums */
+    LEFT JOIN (SELECT wallet_id, SUM(amount) AS total FROM wallet_hold WHERE status = %s GROUP BY wallet_id) h
+           ON h.wallet_id = w.id
+    ORDER BY w.id
+"""
+_ENTRY_SUMS = (
+    "LEFT JOIN (SELECT wallet_id, SUM(amount) AS total FROM wallet_entry GROUP BY wallet_id) e ON e.wallet_id = w.id"
+)
+_LINKS_SQL = """
+    SELECT id, wallet_id, balance_after, prev_after + amount FROM (
+        SELECT e.id, e.wallet_id, e.amount, e.balance_after,
+               COALESCE(
+                   LAG(e.balance_after) OVER (PARTITION BY e.wallet_id ORDER BY e.id),
+                   (SELECT p.balance_after FROM wallet_entry p WHERE p.wallet_id = e.wallet_id AND p.id < e.id
+                    ORDER BY p.id DESC LIMIT 1),
+                   0
+               ) AS prev_after
+        FROM wallet_entry e WHERE e.id > %s AND e.id <= %s
+    ) links
+    WHERE balance_after <> prev_after + amount
+    ORDER BY wallet_id, id
+"""
 
 
 def ledger_discrepancies() -> list[Discrepancy]:
-    """Every wallet whose cached balance or held amount disagrees with the ledger.
+    """Every wallet whose cached balance or held amount disagrees with the ledger, over the whole
+    ledger: ``wallet_discrepancies(sums=True)`` and ``entry_link_discrepancies(after_id=0)``."""
+    return wallet_discrepancies(sums=True) + entry_link_discrepancies(after_id=0, through_id=None)
 
-    Checks, per wallet: ``balance = Σ entries``, ``held = Σ active holds``, the latest entry's
-    ``balance_after = balance``, and every entry's ``balance_after`` equals the running sum of the
-    wallet's entries up to it (so a forged middle entry shows up too).
+
+def wallet_discrepancies(*, sums: bool) -> list[Discrepancy]:
+    """Per wallet, in one set-based query: ``held = Σ active holds`` (and never negative), the
+    latest entry's ``balance_after = balance`` (one index seek per wallet on ``(wallet, id)``),
+    and with ``sums`` also ``balance = Σ entries`` (one pass over every entry, grouped).
+
+    Without ``sums`` (``verify_ledger --incremental``) a wallet's balance is proved by its latest
+    ``balance_after`` together with the entry links: each entry's ``balance_after`` is its
+    predecessor's plus its amount, so by induction the latest is Σ entries.
     """
-    entries_of = Entry.objects.filter(wallet=OuterRef("pk"))
-    latest = entries_of.order_by("-id").values("balance_after")[:1]
-    wallets = (
-        Wallet.objects.annotate(
-            entry_sum=_sum_of(entries_of, "amount"),
-            active_held=_sum_of(Hold.objects.filter(wallet=OuterRef("pk"), status=HoldStatus.ACTIVE), "amount"),
-            latest_after=Subquery(latest, output_field=BigIntegerField()),
-        )
-        .filter(
-            ~Q(balance=F("entry_sum"))
-            | ~Q(held=F("active_held"))
-            | Q(held__lt=0)
-            | (Q(latest_after__isnull=False) & ~Q(latest_after=F("balance")))
-        )
-        .select_related("user", "organization")
-        .order_by("pk")
-    )
-    found = []
-    for wallet in wallets:
-        name = _owner_name(wallet)
-        if wallet.balance != wallet.entry_sum:
-            found.append(
-                Discrepancy(
-                    wallet.pk,
-                    name,
-                    f"balance {format_usd(wallet.balance)} ≠ Σ entries {format_usd(wallet.entry_sum)}",
+    sql = _WALLETS_SQL.replace("/* entry sums */", _ENTRY_SUMS if sums else "")
+    sql = sql.replace("/* entry total */", "COALESCE(e.total, 0)" if sums else "NULL")
+    found: list[Discrepancy] = []
+    wrong = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [HoldStatus.ACTIVE])
+        for wallet_id, balance, held, entry_total, active_held, latest_after in cursor.fetchall():
+            problems = []
+            if entry_total is not None and balance != int(entry_total):
+                problems.append(f"balance {format_usd(balance)} ≠ Σ entries {format_usd(int(entry_total))}")
+            if held != int(active_held) or held < 0:
+                problems.append(f"held {format_usd(held)} ≠ Σ active holds {format_usd(int(active_held))}")
+            if latest_after is not None and latest_after != balance:
+                problems.append(
+                    f"latest entry's balance_after {format_usd(latest_after)} ≠ balance {format_usd(balance)}"
                 )
-            )
-        if wallet.held != wallet.active_held:
-            found.append(
-                Discrepancy(
-                    wallet.pk,
-                    name,
-                    f"held {format_usd(wallet.held)} ≠ Σ active holds {format_usd(wallet.active_held)}",
-                )
-            )
-        if wallet.latest_after is not None and wallet.latest_after != wallet.balance:
-            found.append(
-                Discrepancy(
-                    wallet.pk,
-                    name,
-                    f"latest entry's balance_after {format_usd(wallet.latest_after)} ≠ "
-                    f"balance {format_usd(wallet.balance)}",
-                )
-            )
-    running = Entry.objects.annotate(
-        running=Window(Sum("amount"), partition_by=[F("wallet_id")], order_by=F("id").asc())
-    ).filter(~Q(balance_after=F("running")))
-    for entry in running.select_related("wallet__user", "wallet__organization").order_by("wallet_id", "id"):
-        found.append(
-            Discrepancy(
-                entry.wallet_id,
-                _owner_name(entry.wallet),
-                f"entry {entry.pk}: balance_after {format_usd(entry.balance_after)} ≠ "
-                f"running sum {format_usd(entry.running)}",
-            )
-        )
+            if latest_after is None and balance != 0:
+                problems.append(f"balance {format_usd(balance)} ≠ Σ entries {format_usd(0)}")
+            if problems:
+                wrong.append((wallet_id, problems))
+    names = _owner_names([wallet_id for wallet_id, _ in wrong])
+    for wallet_id, problems in wrong:
+        found += [Discrepancy(wallet_id, names[wallet_id], problem) for problem in dict.fromkeys(problems)]
     return found
+
+
+def entry_link_discrepancies(*, after_id: int, through_id: int | None) -> list[Discrepancy]:
+    """Entries with ``after_id < id ≤ through_id`` (no upper bound for None) whose ``balance_after``
+    is not their wallet's previous entry's ``balance_after`` plus their amount (0 before the first
+    entry): a forged, altered or missing entry breaks the chain where it is.
+
+    The predecessor comes from the window over the range itself, or — for a wallet's first entry
+    in the range — from one index seek below it on ``(wallet, id)``; so a range of new entries is
+    checked without reading the old ones, and the whole ledger can be checked a range at a time.
+    """
+    sql, params = _LINKS_SQL, [after_id, through_id if through_id is not None else _NO_LIMIT]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    names = _owner_names(sorted({wallet_id for _, wallet_id, _, _ in rows}))
+    return [
+        Discrepancy(
+            wallet_id,
+            names[wallet_id],
+            f"entry {entry_id}: balance_after {format_usd(after)} ≠ running sum {format_usd(int(expected))}",
+        )
+        for entry_id, wallet_id, after, expected in rows
+    ]
+
+
+def _owner_names(wallet_ids: list[int]) -> dict[int, str]:
+    wallets = Wallet.objects.filter(pk__in=wallet_ids).select_related("user", "organization")
+    return {wallet.pk: _owner_name(wallet) for wallet in wallets}
 
 
 def _owner_name(wallet) -> str:
@@ -114,9 +140,19 @@ class LedgerTotals:
         return self.entries_total == self.balances_total and self.held_total == self.active_holds_total
 
 
-def ledger_totals() -> LedgerTotals:
-    sums = dict(Entry.objects.order_by().values_list("kind").annotate(total=Sum("amount")))
-    by_kind = {kind: int(sums.get(kind) or 0) for kind in EntryKind.values}
+def entry_totals_by_kind(*, after_id: int = 0, through_id: int | None = None) -> dict[str, int]:
+    """Σ amount per kind of the entries with ``after_id < id ≤ through_id`` (every kind present)."""
+    entries = Entry.objects.filter(pk__gt=after_id)
+    if through_id is not None:
+        entries = entries.filter(pk__lte=through_id)
+    sums = dict(entries.order_by().values_list("kind").annotate(total=Sum("amount")))
+    return {kind: int(sums.get(kind) or 0) for kind in EntryKind.values}
+
+
+def ledger_totals(*, by_kind: dict[str, int] | None = None) -> LedgerTotals:
+    """The identity's two sides; ``by_kind`` when the caller summed the entries already (a range
+    at a time, or from a checkpoint)."""
+    by_kind = by_kind if by_kind is not None else entry_totals_by_kind()
     wallets = Wallet.objects.aggregate(balance=Sum("balance"), held=Sum("held"))
     active = Hold.objects.filter(status=HoldStatus.ACTIVE).aggregate(total=Sum("amount"))["total"]
     return LedgerTotals(
@@ -128,27 +164,61 @@ def ledger_totals() -> LedgerTotals:
     )
 
 
-def usage_discrepancies(*, limit: int = 100) -> list[tuple[str, int, int]]:
+# A request's debits: its settlement entry (``hold:<request_id>``) and, when an estimate was
+# corrected, its reconciliation (``reconcile:<request_id>``), on the wallet it was billed to (its
+# organization's, or its user's).
+_DEBIT_KEYS = "(idempotency_key LIKE 'hold:%%' OR idempotency_key LIKE 'reconcile:%%')"
+_REQUEST_OF_KEY = (
+    "CASE WHEN idempotency_key LIKE 'hold:%%' THEN SUBSTR(idempotency_key, 6) ELSE SUBSTR(idempotency_key, 11) END"
+)
+_USAGE_ALL_SQL = f"""
+    SELECT u.request_id, u.charge, -COALESCE(d.total, 0)
+    FROM proxy_usagerecord u
+    LEFT JOIN wallet_wallet uw ON uw.user_id = u.user_id
+    LEFT JOIN wallet_wallet ow ON ow.organization_id = u.organization_id
+    LEFT JOIN (
+        SELECT wallet_id, {_REQUEST_OF_KEY} AS request_id, SUM(amount) AS total
+        FROM wallet_entry WHERE {_DEBIT_KEYS} GROUP BY wallet_id, {_REQUEST_OF_KEY}
+    ) d ON d.request_id = u.request_id AND (d.wallet_id = uw.id OR d.wallet_id = ow.id)
+    WHERE u.status NOT IN (%s, %s) AND u.charge <> -COALESCE(d.total, 0)
+    ORDER BY u.id
+    LIMIT %s
+"""  # noqa: S608 -- constant SQL, no input in it
+_USAGE_TOUCHED_SQL = f"""
+    SELECT request_id, charge, debited FROM (
+        SELECT u.id, u.request_id, u.charge, -COALESCE((
+            SELECT SUM(d.amount) FROM wallet_entry d
+            WHERE d.wallet_id IN (uw.id, ow.id)
+              AND d.idempotency_key IN ('hold:' || u.request_id, 'reconcile:' || u.request_id)
+        ), 0) AS debited
+        FROM (SELECT DISTINCT {_REQUEST_OF_KEY} AS request_id FROM wallet_entry
+              WHERE id > %s AND id <= %s AND {_DEBIT_KEYS}) t
+        JOIN proxy_usagerecord u ON u.request_id = t.request_id
+        LEFT JOIN wallet_wallet uw ON uw.user_id = u.user_id
+        LEFT JOIN wallet_wallet ow ON ow.organization_id = u.organization_id
+        WHERE u.status NOT IN (%s, %s)
+    ) checked
+    WHERE charge <> debited
+    ORDER BY id
+    LIMIT %s
+"""  # noqa: S608 -- constant SQL, no input in it
+
+
+def usage_discrepancies(
+    *, limit: int = 100, after_id: int | None = None, through_id: int | None = None
+) -> list[tuple[str, int, int]]:
     """Settled usage records whose charge is not what the ledger debited for them:
     ``(request_id, record charge, debited)``, nanodollars, at most ``limit``.
 
-    A request's debits are its settlement entry (``hold:<request_id>``) and, when an estimate was
-    corrected, its reconciliation (``reconcile:<request_id>``): every charge must be re-derivable
-    from its record, so the two must agree to the nanodollar.
+    Every charge must be re-derivable from its record, so the two must agree to the nanodollar.
+    Over every record in one grouped join; with ``after_id``, only the records that entries with
+    ``after_id < id ≤ through_id`` debited (each summed over all of its debits).
     """
-    keys = Q(idempotency_key=Concat(Value("hold:"), OuterRef("request_id"))) | Q(
-        idempotency_key=Concat(Value("reconcile:"), OuterRef("request_id"))
-    )
-    # The wallet the request was billed to: its organization's, or its user's.
-    billed = Q(wallet__user_id=OuterRef("user_id")) | Q(wallet__organization_id=OuterRef("organization_id"))
-    debits = (
-        Entry.objects.filter(keys, billed).order_by().values("wallet_id").annotate(total=Sum("amount")).values("total")
-    )
-    settled = UsageRecord.objects.exclude(status__in=[UsageStatus.PENDING, UsageStatus.REFUSED])
-    rows = (
-        settled.annotate(debited=Coalesce(-Subquery(debits), 0))
-        .exclude(debited=F("charge"))
-        .order_by("id")
-        .values_list("request_id", "charge", "debited")[:limit]
-    )
-    return list(rows)
+    settled_only = [UsageStatus.PENDING, UsageStatus.REFUSED]
+    with connection.cursor() as cursor:
+        if after_id is None:
+            cursor.execute(_USAGE_ALL_SQL, [*settled_only, limit])
+        else:
+            upper = through_id if through_id is not None else _NO_LIMIT
+            cursor.execute(_USAGE_TOUCHED_SQL, [after_id, upper, *settled_only, limit])
+        return [(request_id, charge, int(debited)) for request_id, charge, debited in cursor.fetchall()]

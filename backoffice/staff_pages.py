@@ -22,6 +22,7 @@ from django.http import HttpResponseBadRequest
 from django.template.response import TemplateResponse
 
 from core.money import MoneyError, format_money, parse_usd
+from infra.keyset import BadCursor
 
 from . import charts, dashboard, org_selectors, user_selectors
 
@@ -98,9 +99,9 @@ def _spend_and_lists(request, *, spend, records, entries) -> dict | None:
     since = dashboard.period_since(period)
     cursors = {name: request.GET.get(name) or None for name in ("requests_after", "entries_after")}
     try:
-        found_records, next_records = records(cursors["requests_after"])
-        found_entries, next_entries = entries(cursors["entries_after"])
-    except user_selectors.BadCursor:
+        found_records = records(cursors["requests_after"])
+        found_entries = entries(cursors["entries_after"])
+    except BadCursor:
         return None
     spent = spend(since)
 
@@ -118,12 +119,12 @@ def _spend_and_lists(request, *, spend, records, entries) -> dict | None:
         "spend_chart": spend_chart(spent, since=since),
         "spend_total": sum(row["usage"] + row["tools"] for row in spent),
         "spend_requests": sum(row["requests"] for row in spent),
-        "records": found_records,
-        "entries": found_entries,
+        "records": found_records.rows,
+        "entries": found_entries.rows,
         "newest_requests": link(requests_after="") if cursors["requests_after"] else None,
-        "older_requests": link(requests_after=next_records) if next_records else None,
+        "older_requests": link(requests_after=found_records.older) if found_records.older else None,
         "newest_entries": link(entries_after="") if cursors["entries_after"] else None,
-        "older_entries": link(entries_after=next_entries) if next_entries else None,
+        "older_entries": link(entries_after=found_entries.older) if found_entries.older else None,
     }
 
 

@@ -4,15 +4,17 @@ account, by staff. Organizations have theirs beside it, ``org_selectors``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from django.db.models import Count, Max, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.http import Http404
 
 from accounts.models import ApiKey, TokenFamily, User
+from infra.keyset import BY_ID, BY_TIME, Page, keyset_page
 from proxy.models import UsageRecord
 from wallet.models import Entry, EntryKind
+from wallet.selectors import entries_of
 
 MAX_ID = 2**63 - 1  # a larger id in a URL matches nothing (and SQLite could not even compare it)
 
@@ -99,7 +101,7 @@ def user_sessions(*, user: User) -> QuerySet[TokenFamily]:
 
 
 def user_entries(*, user: User) -> QuerySet[Entry]:
-    return Entry.objects.filter(wallet__user=user).order_by("-id")
+    return entries_of(user=user).order_by("-id")
 
 
 def user_usage(*, user: User) -> QuerySet[UsageRecord]:
@@ -143,56 +145,9 @@ def spend_by_day(*, usage: QuerySet[UsageRecord], entries: QuerySet[Entry], sinc
     return [{"day": day, **days[day]} for day in sorted(days)]
 
 
-class BadCursor(ValueError):
-    """A page cursor that this page never wrote."""
+def user_usage_page(*, user: User, after: str | None, size: int) -> Page:
+    return keyset_page(user_usage(user=user).select_related("api_key"), keyset=BY_TIME, after=after, size=size)
 
 
-def usage_cursor(record: UsageRecord) -> str:
-    """Where the next page of requests starts: the last row's ``created_at`` (epoch microseconds)
-    and id — the list's own order, so a page is one indexed range read however deep it is."""
-    moment = record.created_at
-    micros = (moment - _EPOCH) // _MICROSECOND
-    return f"{micros}.{record.pk}"
-
-
-def user_usage_page(*, user: User, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
-    return usage_page(user_usage(user=user).select_related("api_key"), after=after, size=size)
-
-
-def usage_page(records: QuerySet[UsageRecord], *, after: str | None, size: int) -> tuple[list[UsageRecord], str | None]:
-    """A page of ``records`` (ordered newest first), starting after the ``after`` cursor
-    (keyset pagination: stable while new requests arrive, unlike page numbers); and the next
-    page's cursor, or None on the last page."""
-    if after:
-        moment, record_id = _parse_usage_cursor(after)
-        records = records.filter(Q(created_at__lt=moment) | Q(created_at=moment, pk__lt=record_id))
-    found = list(records[: size + 1])
-    more = len(found) > size
-    return found[:size], usage_cursor(found[size - 1]) if more else None
-
-
-def user_entries_page(*, user: User, after: str | None, size: int) -> tuple[list[Entry], str | None]:
-    return entries_page(user_entries(user=user), after=after, size=size)
-
-
-def entries_page(entries: QuerySet[Entry], *, after: str | None, size: int) -> tuple[list[Entry], str | None]:
-    """A page of ``entries`` (ordered newest first by id: the ledger's append order), starting
-    below the entry id ``after``; and the next page's cursor, or None."""
-    if after:
-        if not after.isdigit() or len(after) > 18:
-            raise BadCursor(after)
-        entries = entries.filter(pk__lt=int(after))
-    found = list(entries[: size + 1])
-    more = len(found) > size
-    return found[:size], str(found[size - 1].pk) if more else None
-
-
-_MICROSECOND = timedelta(microseconds=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _parse_usage_cursor(raw: str) -> tuple[datetime, int]:
-    micros, _, record_id = raw.partition(".")
-    if not (micros.isdigit() and record_id.isdigit()) or len(micros) > 18 or len(record_id) > 18:
-        raise BadCursor(raw)
-    return _EPOCH + int(micros) * _MICROSECOND, int(record_id)
+def user_entries_page(*, user: User, after: str | None, size: int) -> Page:
+    return keyset_page(user_entries(user=user), keyset=BY_ID, after=after, size=size)

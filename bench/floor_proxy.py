@@ -8,20 +8,24 @@ metered request needs and nothing else:
   the pending usage record's ``INSERT`` — on a pooled, prepared psycopg async connection;
 * the upstream call through aiohttp (what Tokentill's httpx transport uses), the body relayed;
 * one statement settling — the hold closed, the usage record updated, the wallet debited and the
-  ledger entry written — then the response, with the charge and the balance.
+  ledger entry written — then the response, with the charge and the balance;
+* both statements group-committed as Tokentill's are (``infra.adb.fetchone_batched``): alone when
+  nothing else is in flight, else with whatever waited meanwhile, in one transaction.
 
 So its "added" latency is what this machine charges for the hops and the writes a ledger-first
-proxy cannot skip (two transactions on the hot wallet row, a second hop), with the least Python
-around them; Tokentill's own figure minus this one is what its code costs. It writes the same
-tables as Tokentill (every column of each row, from the models' metadata), so its requests pass
-the benchmark's closing ledger check too. None of Tokentill's rules run here — limits, pricing
-from the price table, events, refusals, crash-safety writes — which is the point.
+proxy cannot skip (two statements on the hot wallet row, each committed alone or with others',
+a second hop), with the least Python around them; Tokentill's own figure minus this one is what
+its code costs. It writes the same tables as Tokentill (every column of each row, from the
+models' metadata), so its requests pass the benchmark's closing ledger check too. None of
+Tokentill's rules run here — limits, pricing from the price table, events, refusals,
+crash-safety writes — which is the point.
 
 Not a product: no error handling beyond what the benchmark's requests need.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
@@ -110,6 +114,9 @@ class Floor:
         self.defaults = _defaults()
         self.upstream = f"{settings.UPSTREAM_BASE_URL}/chat/completions"
         self.headers = {"Authorization": f"Bearer {settings.UPSTREAM_API_KEY}", "Content-Type": "application/json"}
+        self.queue: list[tuple[int, str, list, asyncio.Future]] = []  # statements waiting for the next flight
+        self.flying = False
+        self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         async def configure(conn) -> None:
@@ -128,9 +135,44 @@ class Floor:
             )
             self.principals = {row[0]: row[1:] for row in await rows.fetchall()}
 
-    async def fetchone(self, sql: str, params: list):
-        async with self.pool.connection() as conn:
-            return await (await conn.execute(sql, params)).fetchone()
+    async def fetchone(self, sql: str, params: list, wallet_id: int):
+        """Group commit as Tokentill's (``infra.adb.fetchone_batched``), without its error
+        handling: a statement finding no flight in progress runs alone, in autocommit; those
+        arriving meanwhile go as the next flight, one transaction in one round trip, by wallet."""
+        if not self.flying and not self.queue:
+            self.flying = True
+            try:
+                async with self.pool.connection() as conn:
+                    return await (await conn.execute(sql, params)).fetchone()
+            finally:
+                self.flying = False
+                self.fly()
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((wallet_id, sql, params, future))
+        return await future
+
+    def fly(self) -> None:
+        if self.queue and not self.flying:
+            batch, self.queue = sorted(self.queue[:64], key=lambda item: item[0]), self.queue[64:]
+            self.flying = True
+            task = asyncio.get_running_loop().create_task(self.flight(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def flight(self, batch: list) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                async with conn.pipeline(), conn.transaction():
+                    cursors = [await conn.cursor().execute(sql, params) for _, sql, params, _ in batch]
+                for (*_, future), cursor in zip(batch, cursors, strict=True):
+                    future.set_result(await cursor.fetchone())
+        except Exception as error:  # the bench's requests do not fail; if they do, the run says so
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self.flying = False
+            self.fly()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -157,7 +199,7 @@ class Floor:
             "stream": stream, "status": "pending", "hold_amount": HOLD, "estimated": True, "created_at": now,
         }  # fmt: skip
         params = [HOLD, now, wallet_id, HOLD, HOLD, request_id, now, now + datetime.timedelta(minutes=15)]
-        hold_id, record_id = await self.fetchone(HOLD_SQL, params + [values[c] for c in RECORD_COLUMNS])
+        hold_id, record_id = await self.fetchone(HOLD_SQL, params + [values[c] for c in RECORD_COLUMNS], wallet_id)
 
         payload["usage"] = {"include": True}
         async with self.session.post(self.upstream, data=json.dumps(payload), headers=self.headers) as response:
@@ -189,7 +231,7 @@ class Floor:
             cost, "upstream", charge, False, 1, settled, record_id,
         ]  # fmt: skip
         params = [settled, hold_id, *record, charge, settled, charge, f"hold:{request_id}", request_id, settled]
-        balance, _, _ = await self.fetchone(SETTLE_SQL, params)
+        balance, _, _ = await self.fetchone(SETTLE_SQL, params, wallet_id)
 
         tail = json.dumps({"request_id": request_id, "charge": str(charge), "balance": str(balance)})
         if stream:

@@ -175,6 +175,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("CONN_MAX_AGE", 0))
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# What sits between the processes and PostgreSQL (README, Deploying at scale): "none" (a direct
+# connection, or a pooler in session mode) or "transaction" (PgBouncer's pool_mode = transaction,
+# where consecutive transactions of one client connection may run on different server
+# connections). Under "transaction" nothing may outlive a transaction on the server: Django's
+# server-side cursors (.iterator() declares a cursor, the next fetch may find another backend)
+# are turned off, Django's statements are never prepared, and the proxy's async connections
+# prepare theirs only when PROXY_DB_PREPARE says so (PgBouncer >= 1.21 with max_prepared_statements).
+DATABASE_POOLER = env_choice("DATABASE_POOLER", "none", {"none", "transaction"})
+if DATABASE_POOLER == "transaction":
+    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_POOLER=transaction needs a PostgreSQL DATABASE_URL")
+    _pg_options = DATABASES["default"].setdefault("OPTIONS", {})
+    if _pg_options.get("assume_role"):
+        # SET ROLE is session state: a pooled server connection would keep it for other clients.
+        raise ImproperlyConfigured("DATABASE_POOLER=transaction cannot keep a session role (assume_role)")
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    _pg_options["prepare_threshold"] = None  # Django's default today; pinned so it cannot change under us
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer and cache -----------------------------------------------------------------
@@ -351,8 +368,14 @@ if env.str("PROXY_ASYNC_DB", default="true").strip().lower() not in {"1", "true"
     raise ImproperlyConfigured("PROXY_ASYNC_DB=false is no longer supported: remove it (see the README)")
 PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async connections per process
 PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
-# Prepared statements on those connections; turn off behind PgBouncer in transaction mode < 1.21.
-PROXY_DB_PREPARE = env_bool("PROXY_DB_PREPARE", True)
+# Prepared statements on those connections. Off by default behind a transaction pooler (PgBouncer
+# < 1.21 hands a prepared statement's name to whichever server connection runs the next
+# transaction, which has never heard of it); PgBouncer >= 1.21 with max_prepared_statements > 0
+# tracks them per server connection, so PROXY_DB_PREPARE=true is correct there.
+PROXY_DB_PREPARE = env_bool("PROXY_DB_PREPARE", DATABASE_POOLER != "transaction")
+# Group commit (infra/adb.py, the README's "Group commit"): hold and settlement statements that
+# wait at the same time share one transaction; this many such flights at once per process, 0 = off.
+PROXY_DB_BATCH_FLIGHTS = env_int("PROXY_DB_BATCH_FLIGHTS", 1)
 # Token counts (POST /v1/messages/count_tokens) one user may ask for per minute: they are free.
 COUNT_TOKENS_RPM = env_int("COUNT_TOKENS_RPM", 60, minimum=1)
 REFUSAL_MODE = env_choice("REFUSAL_MODE", "error", {"error", "assistant_message"})

@@ -27,6 +27,7 @@ urlpatterns = [
     path("history", wallet_views.history, name="history"),
     path("history.csv", wallet_views.history_csv, name="history_csv"),
     path("usage", usage_views.usage, name="usage"),
+    path("usage.csv", usage_views.usage_csv, name="usage_csv"),
     path("settings/limits", account_views.limits_settings, name="limits_settings"),
     path("settings/notifications", wallet_views.notification_settings, name="notification_settings"),
     path("unsubscribe/<str:token>", notify_views.unsubscribe, name="unsubscribe"),

@@ -9,6 +9,8 @@ non-null ``usage`` it sees.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -111,12 +113,51 @@ class StreamMeter:
                 if isinstance(choice, dict):
                     self._observe_choice(choice)
 
+    def observe_text(self, data: str) -> bool:
+        """Meter a chunk from its JSON text without parsing it, when it can only add output
+        characters: most of a stream is content chunks, and what they change here is a character
+        count (the estimate billed when no usage ever comes), which the text gives as exactly as a
+        parse. True if done; False when the chunk must be parsed and ``observe``d instead — the
+        first one (its id), and any that may carry something else billing reads: usage, an error,
+        a finish reason, another model, or text in a shape other than a ``delta``'s.
+
+        (Keys are matched with their quotes, which a JSON string value cannot hold unescaped: a
+        content string that mentions ``"usage"`` does not look like a usage key.)
+        """
+        if not self.id or any(marker in data for marker in _MUST_PARSE) or '"delta"' not in data:
+            return False
+        if _FINISHED.search(data) is not None:
+            return False
+        model = _MODEL.search(data)
+        if model is not None and model.group(1) != self.model:
+            return False
+        chars = 0
+        for match in _TEXT.finditer(data):
+            value = match.group(1)
+            if "\\" in value:
+                try:
+                    value = json.loads(f'"{value}"')
+                except ValueError:  # not JSON after all: left to the parse, which skips it
+                    return False
+            chars += len(value)
+        self.output_chars += chars
+        return True
+
     def _observe_choice(self, choice: dict) -> None:
         if choice.get("finish_reason"):
             self.finish_reason = str(choice["finish_reason"])[:40]
         for part in (choice.get("delta"), choice.get("message")):
             if isinstance(part, dict):
                 self.output_chars += _text_length(part)
+
+
+# What ``observe_text`` leaves to a parse, and what it reads itself. ``_TEXT``'s keys are the
+# strings ``_text_length`` counts (a tool call's function ``name`` and ``arguments`` included); a
+# value's escapes (``\\n``, ``\\u00e9``) count as the one character they stand for.
+_MUST_PARSE = ('"usage"', '"error"', '"message"', '"annotations"', '"function_call"')
+_FINISHED = re.compile(r'"finish_reason"\s*:(?!\s*null)')
+_MODEL = re.compile(r'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_TEXT = re.compile(r'"(?:content|reasoning|reasoning_content|refusal|name|arguments)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def _text_length(part: dict) -> int:

@@ -20,6 +20,8 @@ false — goes through the ORM in a worker thread (``in_thread``).
 * Parameters are bound server-side and statements prepared on each connection's first use
   (``PROXY_DB_PREPARE``): for these short statements planning dominated both the client's and
   the server's CPU (figures: the README's Benchmarks).
+* Group commit (``fetchone_batched``, for the hold path's statements): statements that wait at
+  the same time share one transaction and one commit; a lone one runs exactly as ``fetchone``.
 * ``observe()`` lets a caller see every statement sent (the tests pin the hot path's count, as
   ``django_assert_num_queries`` does for ORM code).
 """
@@ -31,15 +33,25 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import psycopg
+import psycopg._queries
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connections, models
 from psycopg.types.numeric import Int8Dumper
 from psycopg_pool import AsyncConnectionPool
+
+# psycopg converts a statement's placeholders (``%(name)s`` → ``$n``) on every execute, caching
+# the conversion only for texts up to 4 KB with up to 50 parameters — a guard against ORMs' endless
+# one-off texts. The hot path's statements are a handful of fixed texts just over it (the hold's
+# carries the usage record's 39 columns), and re-parsing them was ~6 % of a request's CPU under
+# load. Django's own statements share the bounded (128 entries) cache.
+psycopg._queries.MAX_CACHED_STATEMENT_LENGTH = max(psycopg._queries.MAX_CACHED_STATEMENT_LENGTH, 8192)
+psycopg._queries.MAX_CACHED_STATEMENT_PARAMS = max(psycopg._queries.MAX_CACHED_STATEMENT_PARAMS, 128)
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[_Connection]] = (
     weakref.WeakKeyDictionary()
@@ -121,15 +133,18 @@ class _Connection(psycopg.AsyncConnection):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._statement_cursors: dict[str, psycopg.AsyncCursor] = {}
+        self._statement_cursors: dict[str, list[psycopg.AsyncCursor]] = {}
 
-    def statement_cursor(self, sql: str) -> psycopg.AsyncCursor:
-        cursor = self._statement_cursors.get(sql)
-        if cursor is None:
+    def statement_cursor(self, sql: str, nth: int = 0) -> psycopg.AsyncCursor:
+        """The cursor for ``sql`` — the ``nth`` one, for a batch that runs it more than once."""
+        cursors = self._statement_cursors.get(sql)
+        if cursors is None:
             if len(self._statement_cursors) >= self.MAX_CURSORS:
                 self._statement_cursors.clear()
-            cursor = self._statement_cursors[sql] = self.cursor()
-        return cursor
+            cursors = self._statement_cursors[sql] = []
+        while len(cursors) <= nth:
+            cursors.append(self.cursor())
+        return cursors[nth]
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
@@ -253,6 +268,191 @@ async def _run(sql: str, params, *, fetch: bool, retry: bool):
             await (await _pool()).check()
             if attempt == attempts - 1:
                 raise
+
+
+# --- group commit ------------------------------------------------------------------------------------
+#
+# Every billed request commits twice (the hold, the settlement), and on one process the commits —
+# not the statements — were the ceiling. So the hold path's statements (``wallet.pg.arun``) go
+# through a batcher: a statement that finds no flight in progress runs at once, alone, exactly as
+# ``fetchone`` would (autocommit, one round trip: concurrency 1 pays nothing); statements that
+# arrive while a flight is in progress wait for it, and the moment it returns they all go as the
+# next flight, in ONE transaction sent in one round trip (psycopg's pipeline mode), one commit.
+# No timer: a batch is what queued while the last one ran.
+
+
+BATCH_MAX = 64  # statements in one transaction: bounds how long a batch holds its wallet rows
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did in this process: flights sent, statements in them, and how many
+    flights took more than one statement (``batches``: ``batched`` statements)."""
+
+    flights: int = 0
+    statements: int = 0
+    batches: int = 0
+    batched: int = 0
+    rerun: int = 0  # batches whose transaction failed and whose statements ran again one by one
+
+
+stats = BatchStats()
+
+
+@dataclass
+class _Pending:
+    sql: str
+    params: dict | list | None
+    retry: bool
+    order: int
+    future: asyncio.Future
+
+
+class _Batcher:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # flights in progress at once (``PROXY_DB_BATCH_FLIGHTS``)
+        self.queue: list[_Pending] = []
+        self.flights = 0
+        self.tasks: set[asyncio.Task] = set()
+
+    async def fetchone(self, sql: str, params, retry: bool, order: int) -> tuple | None:
+        if self.flights < self.limit and not self.queue:
+            # Nothing in progress: this statement is the flight, in the caller's own task.
+            self.flights += 1
+            stats.flights, stats.statements = stats.flights + 1, stats.statements + 1
+            try:
+                return await _run(sql, params, fetch=True, retry=retry)
+            finally:
+                self.flights -= 1
+                self._next()
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(sql, params, retry, order, future))
+        return await future
+
+    def _next(self) -> None:
+        """Send what queued meanwhile as the next flight (a task of its own: no caller waits for
+        another caller's flight but through its own future)."""
+        # A caller cancelled while it waited takes its statement with it: it was never sent.
+        self.queue = [pending for pending in self.queue if not pending.future.done()]
+        if not self.queue or self.flights >= self.limit:
+            return
+        batch, self.queue = self.queue[:BATCH_MAX], self.queue[BATCH_MAX:]
+        self.flights += 1
+        task = asyncio.get_running_loop().create_task(self._flight(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _flight(self, batch: list[_Pending]) -> None:
+        stats.flights, stats.statements = stats.flights + 1, stats.statements + len(batch)
+        try:
+            if len(batch) == 1:
+                await _settle_one(batch[0])
+            else:
+                stats.batches, stats.batched = stats.batches + 1, stats.batched + len(batch)
+                await _run_batch(batch)
+        except Exception as error:  # not the database's (those are each caller's): everyone's
+            for pending in batch:
+                _resolve(pending, error=error)
+        finally:
+            for pending in batch:  # (only if this task itself was cancelled: a loop shutting down)
+                if not pending.future.done():
+                    pending.future.cancel()
+            self.flights -= 1
+            self._next()
+
+
+_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = weakref.WeakKeyDictionary()
+
+
+async def fetchone_batched(
+    sql: str, params: dict | list | None = None, *, retry: bool = False, order: int = 0
+) -> tuple | None:
+    """``fetchone``, group-committed with whatever other such statements wait at the same time.
+
+    Each caller gets its own statement's first row, or its own statement's error: a batch whose
+    transaction fails (a statement's error, a deadlock, a serialization failure) is rolled back
+    and its statements run again one by one, each in autocommit, so only the culprit fails. A
+    batch whose connection dies — its commit's outcome unknown — runs again only the statements
+    that may run twice (``retry``); the others fail as ``fetchone`` would have. ``order`` (the
+    wallet's id) sorts a batch's statements, so two batches (two processes) lock the rows they
+    share in the same order and cannot deadlock on them.
+    """
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        batcher = _batchers[loop] = _Batcher(settings.PROXY_DB_BATCH_FLIGHTS)
+    if not batcher.limit:  # group commit off: every statement alone, as ``fetchone``
+        return await _run(sql, params, fetch=True, retry=retry)
+    return await batcher.fetchone(sql, params, retry, order)
+
+
+def _resolve(pending: _Pending, row: tuple | None = None, error: BaseException | None = None) -> None:
+    if pending.future.done():  # its caller was cancelled meanwhile (the statement ran all the same)
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    else:
+        pending.future.set_result(row)
+
+
+async def _settle_one(pending: _Pending) -> None:
+    """One statement on its own, in autocommit, its row or error to its caller."""
+    try:
+        row = await _run(pending.sql, pending.params, fetch=True, retry=pending.retry)
+    except Exception as error:
+        _resolve(pending, error=error)
+    else:
+        _resolve(pending, row)
+
+
+async def _run_batch(batch: list[_Pending]) -> None:
+    batch = sorted(batch, key=lambda pending: pending.order)  # stable: arrival order within a wallet
+    conn = None
+    try:
+        async with connection() as conn:
+            cursors = []
+            try:
+                # BEGIN, the statements, COMMIT: queued in pipeline mode and sent with one Sync at
+                # the pipeline's end — one round trip; the rows come back with the commit's answer.
+                # (Not ``conn.transaction()``: in a pipeline its commit is a Sync of its own, and
+                # the pipeline's exit another round trip.)
+                async with conn.pipeline():
+                    await conn.statement_cursor("BEGIN").execute("BEGIN")
+                    seen: dict[str, int] = {}
+                    for pending in batch:
+                        _sent(pending.sql)
+                        nth = seen[pending.sql] = seen.get(pending.sql, -1) + 1
+                        cursor = conn.statement_cursor(pending.sql, nth)
+                        await cursor.execute(pending.sql, pending.params)
+                        cursors.append(cursor)
+                    await conn.statement_cursor("COMMIT").execute("COMMIT")
+            except psycopg.Error:
+                # A statement failed: the server skipped the rest up to the Sync, COMMIT included,
+                # and left the transaction open and aborted.
+                if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.execute("ROLLBACK")
+                raise
+            rows = [await cursor.fetchone() for cursor in cursors]
+    except psycopg.Error as error:
+        if conn is None:  # no connection to be had (PoolTimeout): nothing was sent
+            for pending in batch:
+                _resolve(pending, error=error)
+            return
+        stats.rerun += 1
+        if conn.broken:  # its idle siblings are most likely dead too (see ``_run``)
+            await (await _pool()).check()
+        for pending in batch:
+            if conn.broken and not pending.retry:
+                # The connection died with the commit in flight: it may have committed. A
+                # statement that must not run twice fails, as it would have run alone.
+                _resolve(pending, error=error)
+            else:
+                # Rolled back (a statement's error, a deadlock, a serialization failure — the
+                # transaction is all or nothing), or safe to repeat: each again, on its own.
+                await _settle_one(pending)
+        return
+    for pending, row in zip(batch, rows, strict=True):
+        _resolve(pending, row)
 
 
 # --- rows and model instances -------------------------------------------------------------------

@@ -11,7 +11,9 @@ from django.utils.dateparse import parse_date, parse_datetime
 from rest_framework import exceptions
 from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.pagination import CursorPagination
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler
 
 from core.money import MoneyError
@@ -25,6 +27,33 @@ def api_exception_handler(exc, context):
     if response is not None and isinstance(exc, (Http404, PermissionDenied)):
         response.data = {"detail": str(exc) or response.data.get("detail", "")}
     return response
+
+
+class CSVRenderer(BaseRenderer):
+    """Lets content negotiation pick CSV for ``Accept: text/csv`` and for ``?format=csv`` (DRF's own
+    format override, which answers 404 for a format no renderer claims)."""
+
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        # The export view streams its lines itself; this path serves a caller that passes the
+        # lines (an iterable of strings) to be rendered in one piece.
+        return "".join(data).encode(self.charset)
+
+
+class CSVOrJSON:
+    """For a list view that also answers CSV (``Accept: text/csv`` or ``?format=csv``): the
+    renderers, and errors that stay JSON when the client asked for CSV."""
+
+    renderer_classes = [*api_settings.DEFAULT_RENDERER_CLASSES, CSVRenderer]
+
+    def handle_exception(self, exc):
+        request = self.request  # type: ignore[attr-defined]
+        if getattr(getattr(request, "accepted_renderer", None), "format", None) == "csv":
+            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), "application/json"
+        return super().handle_exception(exc)  # type: ignore[misc]
 
 
 class ResultsCursorPagination(CursorPagination):

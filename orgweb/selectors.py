@@ -9,9 +9,11 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from infra.keyset import BY_TIME, Page, keyset_page
 from orgs.models import Organization
 from proxy.models import UsageRecord, UsageStatus
 from wallet.models import Entry
+from wallet.selectors import entries_of
 
 SUMMARY_GROUPS = ("member", "day", "model")
 
@@ -25,7 +27,7 @@ def org_entries(
     until: datetime | None = None,
 ) -> QuerySet[Entry]:
     """The organization's ledger entries, newest first (``member_id``: only that member's)."""
-    entries = Entry.objects.filter(wallet__organization=organization)
+    entries = entries_of(organization=organization)
     if member_id is not None:
         entries = entries.filter(member_id=member_id)
     if kind:
@@ -56,6 +58,14 @@ def org_usage(
     if until is not None:
         records = records.filter(created_at__lt=until)
     return records.select_related("user").order_by("-created_at", "-id")
+
+
+def org_usage_page(
+    *, organization: Organization, size: int, after: str | None = None, before: str | None = None, **filters
+) -> Page:
+    """One keyset page of ``org_usage`` (``infra.keyset``)."""
+    records = org_usage(organization=organization, **filters)
+    return keyset_page(records, keyset=BY_TIME, size=size, after=after, before=before)
 
 
 def org_usage_summary(*, organization: Organization, by: str, **filters) -> list[dict]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
-from django.http import Http404
+from django.http import Http404, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -20,6 +19,7 @@ from django.views.decorators.http import require_POST
 
 from core.money import MoneyError, parse_usd
 from core.numbers import parse_id
+from infra.keyset import BadCursor
 from orgs import services
 from orgs.emails import invitation_url
 from orgs.models import Membership, Role
@@ -45,7 +45,7 @@ from payments.services import (
 )
 from wallet.selectors import wallet_summary_of
 
-from .selectors import member_spend, org_entries, org_usage, org_usage_summary
+from .selectors import member_spend, org_entries, org_usage_page, org_usage_summary
 
 PAGE_SIZE = 25
 
@@ -102,14 +102,21 @@ def _org_page(request, m: Membership, *, new_secret: str = "", new_invitation: d
     the POST's response (``no-store``), never kept anywhere on our side, as on the keys page."""
     organization = m.organization
     member_id = _member_filter(request, m)
+    try:
+        usage = org_usage_page(
+            organization=organization,
+            member_id=member_id,
+            after=request.GET.get("after") or None,
+            before=request.GET.get("before") or None,
+            size=PAGE_SIZE,
+        )
+    except BadCursor:
+        return HttpResponseBadRequest("That page link is not one this page wrote.", content_type="text/plain")
     spend = member_spend(organization=organization)
     members = list(member_list(organization=organization))
     for each in members:
         each.visible = m.manages or each.pk == m.pk
         each.spent = spend.get(each.user_id, {"today": 0, "month": 0})
-    usage = Paginator(org_usage(organization=organization, member_id=member_id), PAGE_SIZE).get_page(
-        request.GET.get("page")
-    )
     context = {
         "m": m,
         "organization": organization,

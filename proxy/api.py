@@ -14,7 +14,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.numbers import parse_id
-from infra.drf import ResultsCursorPagination, parse_instant, query_text
+from infra.drf import CSVOrJSON, ResultsCursorPagination, parse_instant, query_text
+from infra.streaming import csv_download
 
 from .serializers import (
     RunSerializer,
@@ -24,7 +25,7 @@ from .serializers import (
     UsageSummarySerializer,
     UsageTotalsSerializer,
 )
-from .usage_selectors import GROUPINGS, run_summary, usage_get, usage_list, usage_summary
+from .usage_selectors import GROUPINGS, run_summary, usage_csv_lines, usage_get, usage_list, usage_summary
 
 
 class UsagePagination(ResultsCursorPagination):
@@ -68,16 +69,22 @@ _FILTER_PARAMS = [
 ]
 
 
-class UsageListApi(APIView):
+class UsageListApi(CSVOrJSON, APIView):
     pagination_class = UsagePagination
 
     @extend_schema(
-        parameters=[*_FILTER_PARAMS, OpenApiParameter("limit", int, description="page size, at most 200")],
+        parameters=[
+            *_FILTER_PARAMS,
+            OpenApiParameter("limit", int, description="page size, at most 200"),
+            OpenApiParameter("format", str, enum=["csv"], description="csv: every filtered record as CSV"),
+        ],
         responses=UsageRecordSerializer(many=True),
-        summary="Your usage records, newest first",
+        summary="Your usage records, newest first (or all of them as CSV)",
     )
     def get(self, request):
         records = usage_list(user=request.user, **_filters(request.query_params))
+        if request.accepted_renderer.format == "csv":
+            return csv_download(request._request, usage_csv_lines(records), filename="tokentill-usage.csv")
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(records, request, view=self)
         return paginator.get_paginated_response(UsageRecordSerializer(page, many=True).data)
@@ -88,7 +95,11 @@ class UsageDetailApi(APIView):
     def get(self, request, usage_id: int):
         record = usage_get(user=request.user, usage_id=usage_id)
         if record is None:
-            raise NotFound("no such usage record")
+            # Also what a pruned record answers (prune_usage): its charge is still in the ledger.
+            raise NotFound(
+                "no such usage record; records older than the retention window are pruned, and their "
+                "charges stay in /api/wallet/entries (reference: the request id)"
+            )
         return Response(UsageRecordSerializer(record).data)
 
 

@@ -296,7 +296,8 @@ class CostSource(models.TextChoices):
 class UsageRecord(models.Model):
     """One proxied request. Written twice per request on the hot path (inserted pending, updated
     at settlement — a change of indexed columns, so every index gets a new entry each time), so
-    it carries only the indexes its queries use: by user and time, by key, by status, by time."""
+    it carries only the indexes its queries use: by user (or organization) and time, by key, by
+    status, by time."""
 
     request_id = models.CharField(max_length=128, unique=True)
     user = models.ForeignKey(
@@ -308,7 +309,12 @@ class UsageRecord(models.Model):
     # Billed to this organization's wallet (``user`` is then the member who spent); None: the
     # user's own wallet.
     organization = models.ForeignKey(
-        "orgs.Organization", null=True, blank=True, on_delete=models.PROTECT, related_name="usage_records"
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="usage_records",
+        db_index=False,  # (organization, created_at, id) leads with it
     )
     endpoint = models.CharField(max_length=40, default="chat.completions")
     model = models.CharField(max_length=200, help_text="model the client asked for")
@@ -371,7 +377,10 @@ class UsageRecord(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
-            models.Index(fields=["user", "created_at"]),
+            # The lists' order, newest first with the id breaking ties (``infra.keyset``): a page
+            # at any depth is one backward range scan with no sort.
+            models.Index(fields=["user", "created_at", "id"], name="usage_user_time_idx"),
+            models.Index(fields=["organization", "created_at", "id"], name="usage_org_time_idx"),
             models.Index(fields=["user", "model", "created_at"]),
             models.Index(fields=["status", "created_at"]),
         ]

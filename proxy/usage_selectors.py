@@ -7,13 +7,18 @@ identically on SQLite and PostgreSQL; money stays integer nanodollars until it i
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
+from core.money import format_usd, usd_to_nanos
+from infra.keyset import BY_TIME, Page, keyset_chunks, keyset_page
 from wallet.models import Entry, EntryKind
+from wallet.selectors import csv_safe_text
 
 from .limits import CHARGE_RUN_FIELD
 from .models import UsageRecord, UsageStatus
@@ -55,6 +60,64 @@ def usage_list(
     if until is not None:
         queryset = queryset.filter(created_at__lt=until)
     return queryset.order_by("-created_at", "-id")
+
+
+def usage_page(*, user, size: int, after: str | None = None, before: str | None = None, **filters) -> Page:
+    """One keyset page of ``usage_list(user=user, **filters)`` (``infra.keyset``): below the
+    record ``after``, above the record ``before``, or the newest."""
+    return keyset_page(usage_list(user=user, **filters), keyset=BY_TIME, size=size, after=after, before=before)
+
+
+CSV_CHUNK_ROWS = 2000  # records per keyset read of an export
+USAGE_CSV_COLUMNS = [
+    "id",
+    "created_at",
+    "request_id",
+    "model",
+    "served_model",
+    "upstream",
+    "status",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "upstream_cost",
+    "charge",
+    "estimated",
+    "run",
+    "agent",
+    "tool",
+]
+_TEXT_COLUMNS = {"request_id", "model", "served_model", "upstream", "run", "agent", "tool"}
+
+
+class _Line:
+    def write(self, value: str) -> str:
+        return value
+
+
+def usage_csv_lines(records: QuerySet[UsageRecord], *, chunk_size: int | None = None) -> Iterator[str]:
+    """The records as CSV lines (header first), newest first, read ``chunk_size`` at a time by
+    keyset, so memory stays flat however many there are. Money is 9-place USD like the JSON;
+    the model, run, agent and tool labels come from API clients, so they are made
+    spreadsheet-safe."""
+    writer = csv.writer(_Line())
+    yield writer.writerow(USAGE_CSV_COLUMNS)
+    for chunk in keyset_chunks(records.values(*USAGE_CSV_COLUMNS), keyset=BY_TIME, size=chunk_size or CSV_CHUNK_ROWS):
+        for row in chunk:
+            cost = row["upstream_cost"]
+            # A new dict: keyset_chunks reads the next chunk's start from the last row as it was.
+            shown = {
+                **row,
+                "created_at": row["created_at"].isoformat(),
+                "upstream_cost": "" if cost is None else format_usd(usd_to_nanos(cost)),
+                "charge": format_usd(row["charge"]),
+                "stream": str(row["stream"]).lower(),
+                "estimated": str(row["estimated"]).lower(),
+                **{name: csv_safe_text(row[name]) for name in _TEXT_COLUMNS},
+            }
+            yield writer.writerow([shown[name] for name in USAGE_CSV_COLUMNS])
 
 
 def usage_get(*, user, usage_id: int) -> UsageRecord | None:

@@ -74,9 +74,11 @@ def live_server(*, port: int | None = None, **env_overrides: str):
 
 
 @contextmanager
-def live_servers(count: int, *, ports: list[int] | None = None, **env_overrides: str):
+def live_servers(count: int, *, ports: list[int] | None = None, workers: int = 1, **env_overrides: str):
     """``count`` server processes started side by side (start-up is the slow part); yields their
-    URLs. Each has ``HOST``/``PORT`` in its environment naming where it listens, as ``scripts/run``
+    URLs. ``workers`` > 1 runs each as ``scripts/run`` does with ``WEB_CONCURRENCY`` (uvicorn's
+    supervisor and that many worker processes on one socket: ``worker_pids``, ``serving_pid``).
+    Each has ``HOST``/``PORT`` in its environment naming where it listens, as ``scripts/run``
     exports them, and logs to ``var/server-<port>.log`` while it runs (the tail is in the error if
     it does not start). Every process is terminated on the way out, whatever happened."""
     skip = {"REDIS_URL", "REDIS_PREFIX", "WEB_CONCURRENCY", "HOST", "PORT", "APP_URL"}
@@ -95,8 +97,9 @@ def live_servers(count: int, *, ports: list[int] | None = None, **env_overrides:
             # As scripts/run does: HOST and PORT in the environment too (an unset APP_URL follows them).
             server_env = {"HOST": "127.0.0.1", "PORT": str(port), **env}
             with open(log_path, "wb") as log:
+                flags = [*UVICORN_FLAGS[:-1], str(workers)]  # the last flag is --workers' value
                 proc = subprocess.Popen(
-                    [*command, *UVICORN_FLAGS], cwd=BASE_DIR, env=server_env, stdout=log, stderr=subprocess.STDOUT
+                    [*command, *flags], cwd=BASE_DIR, env=server_env, stdout=log, stderr=subprocess.STDOUT
                 )
             servers.append((proc, f"http://127.0.0.1:{port}", log_path))
         for proc, url, log_path in servers:
@@ -115,6 +118,58 @@ def live_servers(count: int, *, ports: list[int] | None = None, **env_overrides:
                 proc.kill()
                 proc.wait(timeout=5)
             log_path.unlink(missing_ok=True)
+
+
+def worker_pids(url: str) -> list[int]:
+    """The processes of the server at ``url`` that may hold its connections: the worker processes
+    uvicorn's supervisor spawned (with ``--workers 1`` there are none: the supervisor serves
+    itself). Multiprocessing's resource tracker, its other child, is no worker."""
+    root = _running[url].pid
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == root and b"spawn_main" in _cmdline(entry):
+                children.append(int(entry.name))
+    return children or [root]
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def serving_pid(url: str, client_port: int) -> int | None:
+    """Which process of the server at ``url`` holds the connection from our ``client_port``
+    (Linux /proc: the server side's socket inode, then whose file descriptor it is); None while
+    the connection still waits to be accepted."""
+    server_port = int(url.rsplit(":", 1)[1])
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.rsplit(":", 1)[1], 16) == server_port and int(remote.rsplit(":", 1)[1], 16) == client_port:
+            inode = fields[9]
+    if inode in (None, "0"):
+        return None
+    wanted = f"socket:[{inode}]"
+    for pid in worker_pids(url):
+        try:
+            descriptors = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                if os.readlink(descriptor.path) == wanted:
+                    return pid
+            except OSError:
+                continue
+    return None
 
 
 def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 30) -> None:

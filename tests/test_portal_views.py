@@ -352,10 +352,44 @@ def test_pages_render_for_a_user_made_outside_sign_up(db):
     assert client.get(reverse("portal:topup_done")).status_code == 200
 
 
-def test_usage_and_history_pages_paginate(alice):
+def _link(html: str, rel: str) -> str | None:
+    found = re.search(rf'<a href="(\?[^"]*)" rel="{rel}"', html)
+    return found.group(1).replace("&amp;", "&") if found else None
+
+
+def _request_ids(html: str) -> list[str]:
+    return re.findall(r'<code class="rid">(req_\d+)</code>', html)
+
+
+def test_usage_pages_by_keyset_and_rows_arriving_meanwhile_shift_nothing(alice):
+    start = timezone.now() - timedelta(hours=1)
     for n in range(55):
-        usage_record(alice, f"req_{n:03d}")
+        usage_record(alice, f"req_{n:03d}", created_at=start + timedelta(seconds=n // 2))  # ties on time
     client = logged_in(alice)
     first = page_text(client.get(reverse("portal:usage")))
-    assert "Page 1 of 2" in first and "req_054" in first and "req_000" not in first
-    assert "req_000" in page_text(client.get(reverse("portal:usage"), {"page": 2}))
+    assert _request_ids(first) == [f"req_{n:03d}" for n in range(54, 4, -1)]
+    assert "Page 1" not in first and _link(first, "prev") is None
+    for n in range(55, 60):  # five new requests land on top between the two page loads
+        usage_record(alice, f"req_{n:03d}")
+    older = page_text(client.get(reverse("portal:usage") + _link(first, "next")))
+    assert _request_ids(older) == ["req_004", "req_003", "req_002", "req_001", "req_000"]
+    assert _link(older, "next") is None
+    newer = page_text(client.get(reverse("portal:usage") + _link(older, "prev")))
+    assert _request_ids(newer) == [f"req_{n:03d}" for n in range(54, 4, -1)]
+    top = page_text(client.get(reverse("portal:usage") + _link(newer, "prev")))  # up to the top: page one again
+    assert _request_ids(top) == [f"req_{n:03d}" for n in range(59, 9, -1)]
+    assert logged_in(alice).get(reverse("portal:usage"), {"after": "1.2.3"}).status_code == 400
+
+
+def test_history_pages_by_keyset_within_its_filter(alice):
+    for n in range(60):
+        wallet_credit(wallet=alice.wallet, amount=1_000 + n, kind=EntryKind.BONUS, idempotency_key=f"b{n}")
+    client = logged_in(alice)
+    first = page_text(client.get(reverse("portal:history"), {"kind": "bonus"}))
+    older_link = _link(first, "next")
+    assert older_link.startswith("?kind=bonus&after=")
+    older = page_text(client.get(reverse("portal:history") + older_link))
+    shown = re.findall(r'title="\$?0\.0000010(\d\d)"', first + older)
+    assert sorted(int(n) for n in shown) == list(range(60))  # every bonus once, no top-up
+    assert _link(older, "next") is None
+    assert client.get(reverse("portal:history"), {"before": "x"}).status_code == 400

@@ -1,5 +1,6 @@
 """Unit tests for the proxy's framework-free helpers: SSE parsing, usage parsing, pricing."""
 
+import json
 from decimal import Decimal
 
 from hypothesis import given
@@ -151,3 +152,57 @@ def test_reported_cost_adds_the_providers_charge_only_for_byok():
     generation = {"total_cost": 1, "is_byok": True, "upstream_inference_cost": Decimal("0.5")}
     assert reported_cost(generation, "total_cost") == Decimal("1.5")
     assert usage_from(byok).cost == Decimal("0.21")
+
+
+def _chunk(delta: dict, *, finish=None, model="m1", compact=True, ascii=True, **extra) -> bytes:
+    body = {"id": "gen-1", "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    separators = (",", ":") if compact else (", ", ": ")
+    return b"data: " + json.dumps(body, separators=separators, ensure_ascii=ascii).encode() + b"\n\n"
+
+
+@given(st.text(), st.booleans(), st.booleans())
+def test_a_content_chunk_counted_from_its_text_counts_what_a_parse_counts(text, compact, ascii):
+    parsed, read = StreamMeter(), StreamMeter()
+    first = _chunk({"role": "assistant", "content": ""})[len(b"data: ") :]
+    parsed.observe(loads_decimal(first)), read.observe(loads_decimal(first))
+    raw = _chunk({"content": text, "reasoning": text[::-1]}, compact=compact, ascii=ascii)[len(b"data: ") : -2]
+    parsed.observe(loads_decimal(raw))
+    assert read.observe_text(raw.decode())
+    assert read.output_chars == parsed.output_chars == 2 * len(text)
+
+
+def test_a_stream_whose_content_chunks_are_not_parsed_bills_and_estimates_as_parsed(monkeypatch):
+    from proxy.endpoints import relay
+
+    parses = []
+    monkeypatch.setattr(relay, "loads_decimal", lambda data: parses.append(data) or loads_decimal(data))
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}
+    events = [
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"content": 'Say "usage": 1\n'}),  # a key's name inside text is text
+        _chunk({"content": "h\u00e9llo \U0001f600"}, compact=False, ascii=False),
+        _chunk({"reasoning": "think", "content": None}),
+        _chunk({"tool_calls": [call]}),
+        _chunk({"content": "!"}, model="m2"),  # another model: parsed
+        _chunk({}, finish="stop"),  # the finish reason: parsed
+        b'data: {"id":"gen-1","model":"m2","choices":[],'
+        b'"usage":{"prompt_tokens":7,"completion_tokens":9,"cost":0.5}}\n\n',
+    ]
+    reference = StreamMeter()
+    for event in events:
+        reference.observe(loads_decimal(event[len(b"data: ") : -2]))
+
+    stream = relay.ChatStreamRelay(client_usage=False)
+    out = b"".join(stream.feed(event) for event in [*events, b"data: [DONE]\n\n"])
+
+    assert len(parses) == 4  # the first chunk, another model, the finish reason, the usage
+    meter = stream.meter
+    assert (meter.id, meter.model, meter.finish_reason, meter.usage) == (
+        reference.id,
+        reference.model,
+        reference.finish_reason,
+        reference.usage,
+    )
+    assert meter.output_chars == reference.output_chars == 15 + 7 + 5 + (1 + 4) + 1
+    assert meter.usage == Usage(prompt_tokens=7, completion_tokens=9, cost=Decimal("0.5"))
+    assert out == b"".join(events[:-1]) and stream.done  # relayed unchanged; the usage chunk held back

@@ -5,6 +5,7 @@ concurrently on PostgreSQL."""
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     usage,
 )
 from tests.live import live_server
+from tests.pgbouncer import pgbouncer_url  # noqa: F401  (fixture)
 from wallet.models import Entry, Hold, HoldStatus, Wallet
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,6 +53,32 @@ def server(django_db_setup, django_db_blocker, fake_upstream_server):
         LOG_LEVEL="WARNING",
     ) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def pooled_servers(django_db_setup, django_db_blocker, fake_upstream_server, pgbouncer_url):
+    """The same server with its database through PgBouncer in transaction mode
+    (``DATABASE_POOLER=transaction``): without prepared statements, and — only where PgBouncer
+    can keep them (>= 1.21, ``max_prepared_statements``) — with the proxy's prepared."""
+    from django.db import connection
+
+    from tests import pgbouncer
+
+    env = dict(
+        SECRET_KEY=django_settings.SECRET_KEY,
+        UPSTREAM_BASE_URL=fake_upstream_server.url,
+        UPSTREAM_API_KEY="sk-or-v1-server-secret",
+        UPSTREAM_KIND="openrouter",
+        PROXY_PRICE_CACHE_SECONDS="0",
+        LOG_LEVEL="WARNING",
+        DATABASE_URL=f"{pgbouncer_url}/{connection.settings_dict['NAME']}",
+        DATABASE_POOLER="transaction",
+    )
+    with contextlib.ExitStack() as stack:
+        servers = {"pgbouncer": stack.enter_context(live_server(**env))}
+        if pgbouncer.version(pgbouncer.binary()) >= pgbouncer.PREPARED_STATEMENTS_SINCE:
+            servers["pgbouncer-prepared"] = stack.enter_context(live_server(**env, PROXY_DB_PREPARE="true"))
+        yield servers
 
 
 @pytest.fixture
@@ -106,7 +134,18 @@ def test_the_openai_sdk_sees_402_and_model_not_found_as_api_errors(server, fake_
 
 
 @pytest.mark.postgres
-def test_concurrent_requests_never_spend_more_than_the_wallet_holds(server, fake_upstream, price):
+@pytest.mark.parametrize("through", ["postgres", "pgbouncer", "pgbouncer-prepared"])
+def test_concurrent_requests_never_spend_more_than_the_wallet_holds(request, through, fake_upstream, price):
+    """One hot wallet, 20 requests at once for 5 requests' worth: exactly 5 are served — with the
+    server connected straight to PostgreSQL, and through PgBouncer in transaction mode."""
+    if through == "postgres":
+        server = request.getfixturevalue("server")
+    else:
+        server = request.getfixturevalue("pooled_servers").get(through)
+        if server is None:
+            pytest.skip(
+                "PgBouncer < 1.21 cannot keep prepared statements in transaction mode (max_prepared_statements)"
+            )
     k = 5
     # 256 output tokens at $390.625/M with no markup is exactly $0.10 — hold and charge alike.
     ModelPrice.objects.create(model="conc/model", completion=Decimal("390.625"), markup=Decimal("0"))

@@ -117,6 +117,22 @@ def test_database_and_redis_urls_switch_backends():
         assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
 
 
+def test_a_transaction_pooler_turns_off_everything_that_outlives_a_transaction():
+    db = "settings.DATABASES['default']"
+    expression = f"{db}['DISABLE_SERVER_SIDE_CURSORS'], {db}['OPTIONS']['prepare_threshold'], settings.PROXY_DB_PREPARE"
+    url = "postgres://u@127.0.0.1:6432/tokentill"
+    pooled = load_settings(expression, DATABASE_URL=url, DATABASE_POOLER="transaction")
+    assert pooled.stdout.split() == ["True", "None", "False"], pooled.stderr
+    # PgBouncer >= 1.21 (max_prepared_statements) keeps the proxy's prepared statements correct.
+    prepared = load_settings(
+        "settings.PROXY_DB_PREPARE", DATABASE_URL=url, DATABASE_POOLER="transaction", PROXY_DB_PREPARE="true"
+    )
+    assert prepared.stdout.strip() == "True", prepared.stderr
+    assert load_settings("settings.PROXY_DB_PREPARE", DATABASE_URL=url).stdout.strip() == "True"
+    assert "needs a PostgreSQL DATABASE_URL" in load_settings(DATABASE_POOLER="transaction").stderr
+    assert "not one of" in load_settings(DATABASE_URL=url, DATABASE_POOLER="session-ish").stderr
+
+
 def test_sqlite_runs_with_wal_and_immediate_transactions():
     options = "settings.DATABASES['default']['OPTIONS']"
     result = load_settings(f"{options}['transaction_mode'], 'WAL' in {options}['init_command']")

@@ -6,38 +6,17 @@ or ``?format=csv``, the *whole* filtered history streamed as CSV.
 
 from __future__ import annotations
 
-import itertools
-
-from asgiref.sync import sync_to_async
-from django.core.handlers.asgi import ASGIRequest
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, generics
-from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from infra.drf import ResultsCursorPagination
+from infra.drf import CSVOrJSON, ResultsCursorPagination
+from infra.streaming import csv_download
 
 from .selectors import entries_csv_lines, entry_get, entry_list, wallet_summary
 from .serializers import EntryFilterSerializer, EntrySerializer, WalletSerializer
-
-CSV_LINES_PER_CHUNK = 500
-
-
-class CSVRenderer(BaseRenderer):
-    """Lets content negotiation pick CSV for ``Accept: text/csv`` and for ``?format=csv`` (DRF's own
-    format override, which answers 404 for a format no renderer claims)."""
-
-    media_type = "text/csv"
-    format = "csv"
-    charset = "utf-8"
-
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        # The export view streams its lines itself; this path serves a caller that passes the
-        # lines (an iterable of strings) to be rendered in one piece.
-        return "".join(data).encode(self.charset)
 
 
 class EntryCursorPagination(ResultsCursorPagination):
@@ -50,23 +29,9 @@ class WalletApi(APIView):
         return Response(WalletSerializer(wallet_summary(user=request.user)).data)
 
 
-def _chunks(lines):
-    while chunk := "".join(itertools.islice(lines, CSV_LINES_PER_CHUNK)):
-        yield chunk
-
-
-async def _achunks(lines):
-    # Under ASGI a synchronous iterator would be read to the end into memory before the first
-    # byte goes out; pull each chunk from the database in the request's sync thread instead.
-    chunks = _chunks(lines)
-    while chunk := await sync_to_async(next, thread_sensitive=True)(chunks, ""):
-        yield chunk
-
-
-class EntryListApi(generics.ListAPIView):
+class EntryListApi(CSVOrJSON, generics.ListAPIView):
     serializer_class = EntrySerializer
     pagination_class = EntryCursorPagination
-    renderer_classes = [*api_settings.DEFAULT_RENDERER_CLASSES, CSVRenderer]
     filters: dict
 
     def initial(self, request, *args, **kwargs):
@@ -78,13 +43,6 @@ class EntryListApi(generics.ListAPIView):
             detail = "; ".join(f"{name}: {' '.join(map(str, errors))}" for name, errors in filters.errors.items())
             raise exceptions.ValidationError({"detail": detail, **filters.errors})
         self.filters = filters.validated_data
-
-    def handle_exception(self, exc):
-        # Errors stay JSON even when the client asked for CSV.
-        request = self.request
-        if getattr(getattr(request, "accepted_renderer", None), "format", None) == "csv":
-            request.accepted_renderer, request.accepted_media_type = JSONRenderer(), "application/json"
-        return super().handle_exception(exc)
 
     def get_queryset(self):
         return entry_list(user=self.request.user, **self.filters)
@@ -99,13 +57,9 @@ class EntryListApi(generics.ListAPIView):
     )
     def get(self, request, *args, **kwargs):
         if request.accepted_renderer.format == "csv":
-            lines = entries_csv_lines(self.get_queryset())
-            asgi = isinstance(request._request, ASGIRequest)
-            response = StreamingHttpResponse(
-                _achunks(lines) if asgi else _chunks(lines), content_type="text/csv; charset=utf-8"
+            return csv_download(
+                request._request, entries_csv_lines(self.get_queryset()), filename="tokentill-entries.csv"
             )
-            response["Content-Disposition"] = 'attachment; filename="tokentill-entries.csv"'
-            return response
         return self.list(request, *args, **kwargs)
 
 

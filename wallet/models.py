@@ -89,7 +89,8 @@ class AppendOnlyError(Exception):
 
 
 class Entry(models.Model):
-    # No index of its own: (wallet, idempotency_key) and (wallet, kind, created_at) lead with it.
+    # No index of its own: (wallet, idempotency_key), (wallet, id) and (wallet, kind, created_at)
+    # lead with it.
     wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries", db_index=False)
     kind = models.CharField(max_length=16, choices=EntryKind.choices)
     amount = models.BigIntegerField()  # nanodollars, signed: credits > 0, debits < 0
@@ -124,7 +125,12 @@ class Entry(models.Model):
                 name="entry_sign_matches_kind",
             ),
         ]
-        indexes = [models.Index(fields=["wallet", "kind", "created_at"])]
+        indexes = [
+            models.Index(fields=["wallet", "kind", "created_at"]),
+            # Every list of a wallet's entries is newest first by id (``infra.keyset``), and
+            # verify_ledger walks each wallet's running balance in id order.
+            models.Index(fields=["wallet", "id"], name="entry_wallet_id_idx"),
+        ]
 
     def __str__(self):
         return f"{self.kind} {self.amount} on wallet {self.wallet_id}"

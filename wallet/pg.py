@@ -148,8 +148,12 @@ def run(statement: Statement) -> tuple | None:
 
 
 async def arun(statement: Statement) -> tuple | None:
-    """The statement's first row, run on the hot path's async connections."""
-    return await adb.fetchone(statement.sql, statement.params, retry=statement.retry)
+    """The statement's first row, run on the hot path's async connections, group-committed with
+    other requests' hold statements waiting at the same time (``adb.fetchone_batched``: in a
+    batch, statements are ordered by wallet, so batches lock wallet rows in one order)."""
+    params = statement.params
+    order = (params.get("wallet_id") or 0) if isinstance(params, dict) else 0
+    return await adb.fetchone_batched(statement.sql, params, retry=statement.retry, order=order)
 
 
 def row(statement: Statement) -> tuple:

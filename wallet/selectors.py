@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Subquery
 
 from core.money import format_usd, usd_to_nanos
+from infra.keyset import BY_ID, Page, keyset_chunks, keyset_page
 
 from .alerts import threshold_in_force
 from .models import Entry, Wallet
@@ -63,11 +64,18 @@ def wallet_summary_of(wallet: Wallet) -> WalletSummary:
     )
 
 
+def entries_of(**owner) -> QuerySet[Entry]:
+    """The entries of the wallet of ``user=…`` or ``organization=…``. The wallet's id is a scalar
+    subquery, not a join: PostgreSQL then reads the entries newest first straight off the
+    ``(wallet, id)`` index and stops at the page, where a join would sort the whole history."""
+    return Entry.objects.filter(wallet_id=Subquery(Wallet.objects.filter(**owner).values("pk")[:1]))
+
+
 def entry_list(
     *, user, kind: str | None = None, since: datetime | None = None, until: datetime | None = None
 ) -> QuerySet[Entry]:
     """The user's entries, newest first. ``since`` is inclusive, ``until`` exclusive."""
-    entries = Entry.objects.filter(wallet__user=user)
+    entries = entries_of(user=user)
     if kind:
         entries = entries.filter(kind=kind)
     if since is not None:
@@ -77,11 +85,18 @@ def entry_list(
     return entries.order_by("-id")
 
 
+def entry_page(*, user, size: int, after: str | None = None, before: str | None = None, **filters) -> Page:
+    """One keyset page of ``entry_list(user=user, **filters)``: below the entry ``after``, above
+    the entry ``before``, or the newest (``infra.keyset``)."""
+    return keyset_page(entry_list(user=user, **filters), keyset=BY_ID, size=size, after=after, before=before)
+
+
 def entry_get(*, user, entry_id: int) -> Entry | None:
     """One of the user's own entries; someone else's id is indistinguishable from a missing one."""
     return Entry.objects.filter(wallet__user=user, pk=entry_id).first()
 
 
+CSV_CHUNK_ROWS = 2000  # entries per keyset read of an export
 CSV_COLUMNS = ["id", "created_at", "kind", "amount", "balance_after", "description", "reference", "metadata"]
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -99,26 +114,25 @@ class _Line:
         return value
 
 
-def entries_csv_lines(entries: QuerySet[Entry], *, chunk_size: int = 2000) -> Iterator[str]:
-    """The whole queryset as CSV lines (header first), read with ``iterator()`` so memory stays flat
-    however long the history is."""
+def entries_csv_lines(entries: QuerySet[Entry], *, chunk_size: int | None = None) -> Iterator[str]:
+    """The whole queryset as CSV lines (header first), newest first, read ``chunk_size`` entries
+    at a time by keyset (``infra.keyset.keyset_chunks``), so memory stays flat however long the
+    history is and no read holds a snapshot open while a slow client drains the response."""
     writer = csv.writer(_Line())
     yield writer.writerow(CSV_COLUMNS)
-    rows = entries.values_list(
-        "id", "created_at", "kind", "amount", "balance_after", "description", "reference", "metadata"
-    )
-    for pk, created_at, kind, amount, balance_after, description, reference, metadata in rows.iterator(
-        chunk_size=chunk_size
-    ):
-        yield writer.writerow(
-            [
-                pk,
-                created_at.isoformat(),
-                kind,
-                format_usd(amount),
-                format_usd(balance_after),
-                csv_safe_text(description),
-                csv_safe_text(reference),
-                csv_safe_text(json.dumps(metadata, sort_keys=True, default=str)) if metadata else "",
-            ]
-        )
+    rows = entries.values(*CSV_COLUMNS)
+    for chunk in keyset_chunks(rows, keyset=BY_ID, size=chunk_size or CSV_CHUNK_ROWS):
+        for row in chunk:
+            metadata = row["metadata"]
+            yield writer.writerow(
+                [
+                    row["id"],
+                    row["created_at"].isoformat(),
+                    row["kind"],
+                    format_usd(row["amount"]),
+                    format_usd(row["balance_after"]),
+                    csv_safe_text(row["description"]),
+                    csv_safe_text(row["reference"]),
+                    csv_safe_text(json.dumps(metadata, sort_keys=True, default=str)) if metadata else "",
+                ]
+            )

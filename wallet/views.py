@@ -9,19 +9,20 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
-from django.http import HttpResponseBadRequest, StreamingHttpResponse
+from django.http import HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
+from infra.keyset import BadCursor
+from infra.streaming import csv_download
 from notify.services import preference_get
 
 from . import alerts
 from .alerts import alert_settings_save
 from .forms import NotificationSettingsForm
 from .models import EntryKind
-from .selectors import WalletStatus, entries_csv_lines, entry_list, wallet_summary
+from .selectors import WalletStatus, entries_csv_lines, entry_list, entry_page, wallet_summary
 from .services import wallet_get_or_create
 
 RECENT_ENTRIES = 10
@@ -77,9 +78,23 @@ def home(request):
 @never_cache
 @login_required
 def history(request):
+    """The ledger, newest first, a keyset page at a time: "Older" continues below the last entry
+    shown and "Newer" goes back up, each one indexed read however long the history is (no page
+    numbers: they would cost an OFFSET and a COUNT over the whole history)."""
     filters = HistoryFilter(request.GET or None)
-    entries = entry_list(user=request.user, **filters.selector_filters()) if not filters.errors else []
-    page = Paginator(entries, HISTORY_PAGE_SIZE).get_page(request.GET.get("page"))
+    if filters.errors:
+        page = None
+    else:
+        try:
+            page = entry_page(
+                user=request.user,
+                after=request.GET.get("after") or None,
+                before=request.GET.get("before") or None,
+                size=HISTORY_PAGE_SIZE,
+                **filters.selector_filters(),
+            )
+        except BadCursor:
+            return HttpResponseBadRequest("That page link is not one this page wrote.", content_type="text/plain")
     context = {"filters": filters, "page": page, "query": filters.query_string()}
     return render(request, "portal/history.html", context)
 
@@ -91,10 +106,7 @@ def history_csv(request):
         reasons = "; ".join(f"{name}: {' '.join(errors)}" for name, errors in filters.errors.items())
         return HttpResponseBadRequest(f"Invalid filter: {reasons}", content_type="text/plain")
     entries = entry_list(user=request.user, **filters.selector_filters())
-    response = StreamingHttpResponse(entries_csv_lines(entries), content_type="text/csv; charset=utf-8")
-    response["Content-Disposition"] = 'attachment; filename="tokentill-history.csv"'
-    response["Cache-Control"] = "no-store"
-    return response
+    return csv_download(request, entries_csv_lines(entries), filename="tokentill-history.csv")
 
 
 @never_cache

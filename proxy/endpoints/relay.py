@@ -160,6 +160,8 @@ class ChatStreamRelay(SSERelay):
         if event.is_comment:
             return event.encode()
         self.data_relayed = True
+        if self.meter.observe_text(event.data):  # a content chunk: counted from its text, relayed as is
+            return event.encode()
         try:
             chunk = loads_decimal(event.data)
         except ValueError:

@@ -1,0 +1,184 @@
+"""The run behind ``manage.py verify_ledger``: every check of ``backoffice.reports`` over the whole
+ledger, or (``incremental``) over the entries added since the checkpoint, in one snapshot.
+
+A run reads everything in one REPEATABLE READ transaction on PostgreSQL, so the wallets, holds
+and entries it compares are one instant's. The entries are walked in id ranges of
+``ENTRY_RANGE`` (progress is reported after each), each range checked for its links and summed
+per kind, so no query holds ten million rows at once.
+
+The checkpoint (``LedgerCheckpoint``) moves only after a clean run, and only to an id below
+which no entry can still appear: see its docstring for how a late-committing smaller id is
+caught. Entries above it are checked again by the next run — a few minutes' worth when cron runs
+it every few minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.db import connection, transaction
+from django.db.models import Max
+
+from core.money import format_usd
+from wallet.models import Entry, EntryKind
+
+from .models import LedgerCheckpoint
+from .reports import (
+    LedgerTotals,
+    entry_link_discrepancies,
+    entry_totals_by_kind,
+    ledger_totals,
+    usage_discrepancies,
+    wallet_discrepancies,
+)
+
+ENTRY_RANGE = 1_000_000  # entry ids per range read
+
+
+@dataclass
+class LedgerRun:
+    """What one run found: the totals it printed from and every problem, as sentences."""
+
+    incremental: bool
+    checked_from: int  # entries with a larger id were read; 0: all of them
+    totals: LedgerTotals | None = None
+    problems: list[str] = field(default_factory=list)
+    entries_read: int = 0
+
+
+Progress = Callable[[str], None]
+
+
+def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = None) -> LedgerRun:
+    """Check the ledger; on a clean run, move the checkpoint. See the module docstring."""
+    say = _timed(progress)
+    postgres = connection.vendor == "postgresql"
+    # Inside a caller's transaction (a test) the snapshot is the caller's business.
+    own_snapshot = postgres and not connection.in_atomic_block
+    with transaction.atomic():
+        if postgres:
+            with connection.cursor() as cursor:
+                if own_snapshot:
+                    # The transaction's first statement: every read below sees one snapshot.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+                (xmax,) = cursor.fetchone()
+        else:
+            xmax = None  # SQLite: one writer at a time, whatever is visible is final
+        checkpoint = LedgerCheckpoint.objects.first() or LedgerCheckpoint()
+        start = checkpoint.verified_through if incremental else 0
+        newest = Entry.objects.aggregate(newest=Max("id"))["newest"] or 0
+        run = LedgerRun(incremental=incremental, checked_from=start)
+
+        by_kind = dict.fromkeys(EntryKind.values, 0)
+        if incremental:
+            by_kind.update({kind: int(total) for kind, total in checkpoint.totals.items()})
+        # The new checkpoint: the previous run's highest id, once nothing below it can still
+        # commit; on SQLite, the highest id now.
+        if not postgres:
+            final = newest
+        elif checkpoint.candidate_id is not None and _all_ended_before(checkpoint.candidate_xmax):
+            final = max(start, min(checkpoint.candidate_id, newest))
+        else:
+            final = start
+        final_by_kind = dict(by_kind)
+
+        low = start
+        while low < newest:
+            high = min(low + ENTRY_RANGE, newest)
+            run.problems += _wallet_lines(entry_link_discrepancies(after_id=low, through_id=high))
+            for kind, total in entry_totals_by_kind(after_id=low, through_id=high).items():
+                by_kind[kind] += total
+            if high <= final:
+                final_by_kind = dict(by_kind)
+            elif low < final:  # the range straddles the new checkpoint: sum its lower part apart
+                for kind, total in entry_totals_by_kind(after_id=low, through_id=final).items():
+                    final_by_kind[kind] += total
+            run.entries_read = high - start
+            say(f"entries {start + 1:,}–{high:,} of {newest:,}: links and sums checked")
+            low = high
+
+        run.problems += _wallet_lines(wallet_discrepancies(sums=not incremental))
+        say("wallets: balances and holds checked")
+        run.totals = ledger_totals(by_kind=by_kind)
+        run.problems += _identity_lines(run.totals)
+        run.problems += [
+            f"usage record {request_id}: charged {format_usd(charge)} but the ledger debited {format_usd(debited)}"
+            for request_id, charge, debited in (
+                usage_discrepancies(after_id=start, through_id=newest) if incremental else usage_discrepancies()
+            )
+        ]
+        say("usage records: charges checked against their debits")
+        for check in EXTRA_CHECKS:
+            run.problems += check(run)
+
+        if not run.problems:
+            checkpoint.verified_through = final
+            checkpoint.totals = {kind: str(total) for kind, total in final_by_kind.items()}
+            checkpoint.candidate_id, checkpoint.candidate_xmax = (newest, xmax) if postgres else (None, None)
+            checkpoint.save()
+    return run
+
+
+# More checks (``(run) -> [problem, …]``) run after the ledger's own, inside the same snapshot.
+EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = []
+
+
+# True when no transaction that was running at our snapshot started before the xid ``%s`` (the
+# candidate's snapshot's xmax), leaving out those pg_stat_activity places in another database
+# (they cannot write our entries, and a long one there must not hold the checkpoint back). A
+# transaction that has ended since our snapshot still counts as running: its entries are
+# invisible to this run, so it must not pass them.
+_ALL_ENDED_SQL = """
+    SELECT NOT EXISTS (
+        SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) AS running(xid)
+        WHERE running.xid < %s::text::xid8
+          AND running.xid::text::bigint %% 4294967296 NOT IN (
+              SELECT backend_xid::text::bigint FROM pg_stat_activity
+              WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+          )
+    )
+"""
+
+
+def _all_ended_before(xid: int | None) -> bool:
+    """Whether every transaction that might have drawn an entry id while the candidate's run
+    looked has ended, as our snapshot sees it. Every service locks or updates the wallet row
+    before it inserts the entry, so a transaction has its xid before it draws an entry id: one
+    that drew an id below the candidate's had its xid before that run's snapshot, below its xmax.
+    """
+    if xid is None:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(_ALL_ENDED_SQL, [xid])
+        return bool(cursor.fetchone()[0])
+
+
+def _wallet_lines(discrepancies) -> list[str]:
+    return [f"wallet {d.wallet_id} ({d.user_email}): {d.problem}" for d in discrepancies]
+
+
+def _identity_lines(totals: LedgerTotals) -> list[str]:
+    problems = []
+    if totals.entries_total != totals.balances_total:
+        problems.append(
+            f"accounting identity broken: Σ entries {format_usd(totals.entries_total)} ≠ "
+            f"Σ wallet balances {format_usd(totals.balances_total)}"
+        )
+    if totals.held_total != totals.active_holds_total:
+        problems.append(
+            f"Σ held {format_usd(totals.held_total)} ≠ Σ active holds {format_usd(totals.active_holds_total)}"
+        )
+    return problems
+
+
+def _timed(progress: Progress | None) -> Progress:
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(f"{message} ({time.monotonic() - started:.1f} s)")
+
+    return say
