@@ -392,7 +392,10 @@ def wait_for(state: str, name: str, timeout: float = 10.0) -> None:
 
 
 def test_the_breaker_opens_skips_the_dead_upstream_then_lets_one_probe_close_it(pair, token, settings, hangs_up):
-    settings.UPSTREAM_BREAKER_FAILURES, settings.UPSTREAM_BREAKER_COOLDOWN = 2, 0.5
+    # The cool-down is read from the settings on every look (proxy.routing.breaker): a long one
+    # while the open breaker is checked, none when the test wants the probe — no race with the
+    # clock on a loaded machine.
+    settings.UPSTREAM_BREAKER_FAILURES, settings.UPSTREAM_BREAKER_COOLDOWN = 2, 60
     move(pair.alpha, hangs_up.url)
     pair.second.script("chat", *[answer(False) for _ in range(5)])
 
@@ -405,13 +408,16 @@ def test_the_breaker_opens_skips_the_dead_upstream_then_lets_one_probe_close_it(
     assert hangs_up.accepted == 2
     assert (latest().upstream, latest().error) == ("beta", "")  # nothing failed: alpha was not tried
 
+    settings.UPSTREAM_BREAKER_COOLDOWN = 0
     wait_for("half_open", "alpha")  # the cool-down is over: the next request is the probe
     assert call(CHAT, ask(), token=token).status == 200  # the probe fails, over to beta again
     assert hangs_up.accepted == 3
+    settings.UPSTREAM_BREAKER_COOLDOWN = 60
     assert routing.breaker("alpha").snapshot().state == "open"
 
     move(pair.alpha, pair.first.url)  # alpha is back
     pair.first.script("chat", answer(False), answer(False))
+    settings.UPSTREAM_BREAKER_COOLDOWN = 0
     wait_for("half_open", "alpha")
     assert call(CHAT, ask(), token=token).status == 200  # the probe succeeds …
     assert routing.breaker("alpha").snapshot().state == "closed"
