@@ -156,7 +156,8 @@ def main() -> int:
     if args.redis:
         env.update(REDIS_URL=args.redis, REDIS_PREFIX=f"tt-bench-{uuid.uuid4().hex[:8]}")
     command = [".venv/bin/uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", "1"]
     log = tempfile.NamedTemporaryFile(prefix="tt-bench-sockets-", suffix=".log", delete=False)
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
