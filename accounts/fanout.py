@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,10 @@ RETRY_SECONDS, RETRY_CAP_SECONDS = 0.1, 5.0
 # at once leaves as many groups at once; this keeps the hub's share of that pool small, so the
 # rest (the publishers' group_send, this loop's receive) always find a connection.
 MEMBERSHIP_CONCURRENCY = 16
+# A layer forgets a group membership after its group expiry (channels_redis: a day). A socket of its
+# own rejoined whenever one connected; the hub rejoins a group when a socket subscribes to it this
+# long after its last join, so a user's new sockets are never left deaf by an old membership.
+REJOIN_SECONDS = 3600.0
 
 
 class Hub:
@@ -44,6 +49,7 @@ class Hub:
         self.layer = layer
         self.channel: str | None = None
         self.members: dict[str, set[asyncio.Queue]] = {}
+        self._joined_at: dict[str, float] = {}
         # One lock per group while anyone joins or leaves it: the layer's group_add for the first
         # socket must have returned before a second socket of that user counts itself joined, and
         # the last one's group_discard must not overtake a new first one's group_add.
@@ -66,12 +72,16 @@ class Hub:
     async def subscribe(self, group: str, inbox: asyncio.Queue) -> None:
         """Return once a message sent to ``group`` from now on reaches ``inbox``."""
         if self.channel is None:
-            self.channel = await self.layer.new_channel()
+            channel = await self.layer.new_channel()
+            if self.channel is None:  # another first subscriber may have named one meanwhile
+                self.channel = channel
         async with self._locked(group):
-            if group not in self.members:
+            now = time.monotonic()
+            if group not in self.members or now - self._joined_at[group] > REJOIN_SECONDS:
                 async with self._membership:
                     await self.layer.group_add(group, self.channel)
-                self.members[group] = set()
+                self._joined_at[group] = now
+                self.members.setdefault(group, set())
             self.members[group].add(inbox)
         if self._receiver is None:
             self._receiver = asyncio.ensure_future(self._receive())
@@ -84,7 +94,7 @@ class Hub:
             members.discard(inbox)
             if members:
                 return
-            del self.members[group]
+            del self.members[group], self._joined_at[group]
             try:
                 async with self._membership:
                     await self.layer.group_discard(group, self.channel)
