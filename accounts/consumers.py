@@ -35,14 +35,17 @@ from urllib.parse import urlparse
 
 from channels.auth import get_user
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import OriginValidator
 from channels.sessions import SessionMiddlewareStack
+from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from wallet import events
 from wallet.services import wallet_get_or_create
 
+from . import fanout
 from .auth import AuthFailed, Principal, authenticate_bearer, bearer_from_header
 from .authentication import OPERATOR_KEY_ELSEWHERE
 
@@ -107,6 +110,17 @@ def _snapshot(user) -> dict:
 
 
 class EventsConsumer(AsyncJsonWebsocketConsumer):
+    async def __call__(self, scope, receive, send):
+        """Channels' loop without a layer channel of the socket's own: the process's hub
+        (``accounts.fanout``) puts the group's messages in ``inbox``, drained here in order with the
+        client's messages, as a layer channel would be."""
+        self.scope = scope
+        self.channel_layer = None
+        self.inbox = fanout.new_inbox()
+        self.base_send = send
+        with contextlib.suppress(StopConsumer):
+            await await_many_dispatch([receive, self.inbox.get], self.dispatch)
+
     async def connect(self):
         self.user = None
         self.credential: events.Credential | None = None
@@ -159,7 +173,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
         # Join before reading the snapshot: a change committed between the two is then sent as
         # an event after the snapshot, instead of falling into the gap and never being seen.
         self.group = events.group_for_user(user.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await fanout.hub().subscribe(self.group, self.inbox)
         # Likewise a revocation committed after the credential was checked but before the group
         # was joined was announced where this socket could not hear it; any later one reaches it.
         if not await self._credential_alive():
@@ -172,7 +186,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.closed = True
         if self.group is not None:  # hear nothing more
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await fanout.hub().unsubscribe(self.group, self.inbox)
             self.group = None
         await self.send_json({"type": "error", "code": "unauthenticated", "message": reason})
         await self.close(code=CLOSE_UNAUTHENTICATED, reason=reason[:120])
@@ -231,7 +245,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self.auth_timer
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await fanout.hub().unsubscribe(self.group, self.inbox)
 
 
 # The session middleware only makes the cookie's session readable; whether it counts is decided

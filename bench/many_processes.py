@@ -72,7 +72,8 @@ def database_cpu(database: str) -> float:
 def run_workers(workers: int, args, env: dict, tokens: list[str], upstream_pid: int) -> tuple[po.Result, int]:
     port = po.free_port()
     command = [".venv/bin/uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", str(workers)]
     log = tempfile.NamedTemporaryFile(prefix=f"tt-bench-procs-{workers}-", suffix=".log", delete=False)
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

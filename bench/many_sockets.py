@@ -17,9 +17,9 @@ until each of the user's sockets has the balance event is measured: the slowest 
 the figure. Target (issue 17): RSS ≤ 500 MB with every socket open; an event within 1 s.
 
 The in-memory channel layer (Channels' ``InMemoryChannelLayer``) scans every channel and group
-for expired messages on each ``receive``, so the N-th socket's handshake costs O(N): past a few
-thousand sockets on one process, opening them slows to a crawl. The Redis layer (``--redis``, what
-several processes need anyway) has no such scan.
+for expired messages on each ``receive``; since the sockets of a process share one layer channel
+(``accounts.fanout``) that scan no longer grows with them. Pass ``--redis`` for the layer several
+processes need.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def main() -> int:
     if args.redis:
         env.update(REDIS_URL=args.redis, REDIS_PREFIX=f"tt-bench-{uuid.uuid4().hex[:8]}")
     command = [".venv/bin/uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", "1"]
     log = tempfile.NamedTemporaryFile(prefix="tt-bench-sockets-", suffix=".log", delete=False)
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -114,7 +114,8 @@ def main() -> int:
     }
     env.pop("REDIS_URL", None)
     command = [".venv/bin/uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", "1", "--backlog", str(max(2048, args.streams * 2))]
     log = tempfile.NamedTemporaryFile(prefix="tt-bench-streams-", suffix=".log", delete=False)
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

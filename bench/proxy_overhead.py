@@ -694,7 +694,8 @@ def main() -> int:
     server_log = tempfile.NamedTemporaryFile(prefix="tt-bench-uvicorn-", suffix=".log", delete=False)
     # The shipped server command, verbatim.
     command = [".venv/bin/uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(tt_port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"]
+    command += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     command += ["--no-access-log", "--workers", str(args.workers)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
     processes = [server, upstream]

@@ -200,7 +200,14 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("REDIS_PREFIX", default="tokentill")},
+            # socket_timeout above channels_redis' 5 s blocking receive (BZPOPMIN): redis-py's
+            # default is those same 5 s, so an idle receive timed out reading just as Redis
+            # answered it (bench/many_sockets.py saw one every 5-10 s), delaying events by the
+            # retry and, before accounts.fanout, dropping the socket.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 10}],
+                "prefix": env.str("REDIS_PREFIX", default="tokentill"),
+            },
         }
     }
     CACHES = {

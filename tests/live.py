@@ -49,7 +49,7 @@ def shared_database_url() -> str:
 # whatever WEB_CONCURRENCY says: a test that needs several processes starts several and knows
 # which one it talks to.
 UVICORN_FLAGS = [
-    *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio"),
+    *("--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--ws-per-message-deflate", "false"),
     *("--lifespan", "off", "--no-access-log", "--workers", "1"),
 ]
 

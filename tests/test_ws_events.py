@@ -9,18 +9,20 @@ from datetime import timedelta
 import httpx
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.db import transaction
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from accounts import consumers
+from accounts import consumers, fanout
 from accounts.models import ApiKey, RefreshToken
 from accounts.services import api_key_create, api_key_revoke, operator_key_create, sha256_hex, token_pair_issue
 from config.asgi import application
 from tests.conftest import make_user
 from tests.live import MiniWebSocket, WebSocketClosed, live_server, live_servers
+from wallet import events
 from wallet.models import EntryKind
 from wallet.services import wallet_credit
 
@@ -209,6 +211,48 @@ async def test_other_users_events_are_not_delivered():
     assert await mallory_ws.receive_nothing(0.3)
     await alice_ws.disconnect()
     await mallory_ws.disconnect()
+
+
+async def test_a_process_joins_a_users_group_once_for_all_of_their_sockets():
+    # Thousands of idle sockets per process: one layer channel and one membership per user
+    # (accounts.fanout), not one per socket — the in-memory layer scans every channel per receive.
+    alice = await persona("alice@example.com", "10.00")
+    token = await access_token(alice)
+    sockets = [await listening(bearer(token)) for _ in range(3)]
+    layer = get_channel_layer()
+    group = events.group_for_user(alice.pk)
+    assert len(layer.groups[group]) == 1
+    await credit(alice, 1_000_000_000)
+    for ws in sockets:
+        assert (await ws.receive_json_from())["balance"] == "11.000000000"
+    for ws in sockets[:2]:
+        await ws.disconnect()
+    assert len(layer.groups[group]) == 1
+    await credit(alice, 1)
+    assert (await sockets[2].receive_json_from())["balance"] == "11.000000001"
+    await sockets[2].disconnect()
+    assert group not in layer.groups  # the last socket gone, the process left the group
+
+
+async def test_a_failed_layer_receive_drops_no_socket(monkeypatch):
+    # The Redis layer's receive can time out under load; a socket of its own used to die of it.
+    monkeypatch.setattr(fanout, "RETRY_SECONDS", 0.01)
+    layer = get_channel_layer()
+    real_receive, failures = layer.receive, []
+
+    async def flaky_receive(channel):
+        if not failures:
+            failures.append(channel)
+            raise ConnectionError("Timeout reading from the layer")
+        return await real_receive(channel)
+
+    monkeypatch.setattr(layer, "receive", flaky_receive)
+    alice = await persona("alice@example.com", "10.00")
+    ws = await listening(bearer(await access_token(alice)))
+    await credit(alice, 1_000_000_000)
+    assert (await ws.receive_json_from(timeout=1))["reason"] == "bonus"
+    assert failures
+    await ws.disconnect()
 
 
 async def test_a_portal_session_from_our_own_origin_authenticates():

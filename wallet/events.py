@@ -1,7 +1,9 @@
 """Live events for a user's open ``/ws/events`` connections, sent after the change commits.
 
 Sent through the channel layer (in-memory in one process, Redis across processes) to the group
-``wallet.user.<id>``, which those connections join. Two kinds:
+``wallet.user.<id>``, which each server process holding one of the user's connections joins once
+(``accounts.fanout``); the message names its group (``"group"``) so the process can hand it to that
+user's connections. Two kinds:
 
 * ``wallet.event``: the balance after a wallet change. Always after commit: a client must never
   see money that was rolled back.
@@ -34,6 +36,12 @@ def group_for_user(user_id: int) -> str:
     return f"wallet.user.{user_id}"
 
 
+def _addressed(user_id: int, message: dict) -> tuple[str, dict]:
+    """(group, message naming that group): a process receives every group it joined on one channel."""
+    group = group_for_user(user_id)
+    return group, {**message, "group": group}
+
+
 def balance_payload(*, balance: int, held: int, reason: str) -> dict:
     return {
         "type": "balance",
@@ -58,7 +66,7 @@ def _send(user_id: int, message: dict) -> None:
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group_for_user(user_id), message)
+        async_to_sync(layer.group_send)(*_addressed(user_id, message))
     except Exception:  # a dead channel layer must never undo or fail a committed change
         log.exception("could not publish %s for user %s", message["type"], user_id)
 
@@ -121,7 +129,7 @@ async def send_collected(pending: list) -> None:
         return
     for user_id, message in pending:
         try:
-            await layer.group_send(group_for_user(user_id), message)
+            await layer.group_send(*_addressed(user_id, message))
         except Exception:  # a dead channel layer must never fail a committed charge
             log.exception("could not publish %s for user %s", message["type"], user_id)
 
