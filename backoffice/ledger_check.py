@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import connection, transaction
 from django.db.models import Max
@@ -105,8 +105,8 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
 
         run.problems += _wallet_lines(wallet_discrepancies(sums=not incremental))
         say("wallets: balances and holds checked")
-        run.totals = ledger_totals(by_kind=by_kind)
-        run.problems += _identity_lines(run.totals)
+        run.totals = totals = ledger_totals(by_kind=by_kind)
+        run.problems += _identity_lines(totals)
         run.problems += [
             f"usage record {request_id}: charged {format_usd(charge)} but the ledger debited {format_usd(debited)}"
             for request_id, charge, debited in (
@@ -121,8 +121,84 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
             checkpoint.verified_through = final
             checkpoint.totals = {kind: str(total) for kind, total in final_by_kind.items()}
             checkpoint.candidate_id, checkpoint.candidate_xmax = (newest, xmax) if postgres else (None, None)
-            checkpoint.save()
+        # The verdict is kept whatever it was (the dashboard shows it); the checkpoint above
+        # moves only after a clean run.
+        checkpoint.last_run_at = timezone.now()
+        checkpoint.last_run_incremental = incremental
+        checkpoint.last_run_problem_count = len(run.problems)
+        checkpoint.last_run_problems = run.problems[: LedgerCheckpoint.PROBLEMS_KEPT]
+        checkpoint.last_run_totals = _stored_totals(totals)
+        checkpoint.save()
     return run
+
+
+def _stored_totals(totals: LedgerTotals) -> dict:
+    return {
+        "by_kind": {kind: str(total) for kind, total in totals.by_kind.items()},
+        **{name: str(getattr(totals, name)) for name in _TOTAL_FIELDS},
+    }
+
+
+_TOTAL_FIELDS = ("entries_total", "balances_total", "held_total", "active_holds_total")
+
+
+# The dashboard calls the last run stale after this: a daily full run (or incremental runs from
+# cron every few minutes) with a couple of hours' slack for a slow one.
+STALE_AFTER = timedelta(hours=26)
+
+
+@dataclass(frozen=True)
+class LedgerVerdict:
+    """The last ``verify_ledger`` run as the staff dashboard shows it, read from the checkpoint
+    row and the highest entry id (one index seek): no pass over the ledger."""
+
+    ran_at: datetime | None  # None: never run
+    incremental: bool = False
+    problem_count: int = 0
+    problems: tuple[str, ...] = ()
+    totals: LedgerTotals | None = None
+    verified_through: int = 0  # the checkpoint: entries up to this id are proved
+    newest_id: int = 0
+    stale: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return self.ran_at is not None and self.problem_count == 0
+
+    @property
+    def problems_not_shown(self) -> int:
+        return self.problem_count - len(self.problems)
+
+    @property
+    def unverified(self) -> int:
+        """Entry ids above the checkpoint: what the next incremental run will read."""
+        return max(self.newest_id - self.verified_through, 0)
+
+
+def last_verdict(*, now: datetime | None = None) -> LedgerVerdict:
+    """The verdict of the last ``verify_ledger`` run and how far its checkpoint is."""
+    checkpoint = LedgerCheckpoint.objects.first()
+    newest = Entry.objects.aggregate(newest=Max("id"))["newest"] or 0
+    if checkpoint is None or checkpoint.last_run_at is None:
+        return LedgerVerdict(ran_at=None, newest_id=newest, stale=True)
+    stored = checkpoint.last_run_totals or {}
+    totals = None
+    if stored:
+        totals = LedgerTotals(
+            by_kind={kind: int(total) for kind, total in stored["by_kind"].items()},
+            **{name: int(stored[name]) for name in _TOTAL_FIELDS},
+        )
+    now = now or timezone.now()
+    return LedgerVerdict(
+        ran_at=checkpoint.last_run_at,
+        incremental=checkpoint.last_run_incremental,
+        problem_count=checkpoint.last_run_problem_count,
+        problems=tuple(checkpoint.last_run_problems),
+        totals=totals,
+        verified_through=checkpoint.verified_through,
+        newest_id=newest,
+        stale=now - checkpoint.last_run_at > STALE_AFTER,
+    )
 
 
 # An incremental run checks the usage rollups of this recent window only: records settle within

@@ -72,13 +72,26 @@ class LedgerCheckpoint(models.Model):
     once every transaction that was running then (in this database) has ended, as its own
     snapshot sees it.
     SQLite has one writer at a time, so there the highest id seen is final at once.
+
+    The ``last_run_*`` fields are the verdict of the latest run, clean or not, so the staff
+    dashboard can show it without reading the ledger itself (a full pass takes minutes at ten
+    million entries): when it ran, whether it was incremental, the problems it found (the first
+    ``PROBLEMS_KEPT`` sentences and their count) and the totals it printed.
     """
+
+    PROBLEMS_KEPT = 20
 
     verified_through = models.BigIntegerField(default=0)
     totals = models.JSONField(default=dict)
     candidate_id = models.BigIntegerField(null=True, blank=True)
     candidate_xmax = models.BigIntegerField(null=True, blank=True)  # a 64-bit transaction id (xid8)
     updated_at = models.DateTimeField(auto_now=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)  # None: verify_ledger never ran
+    last_run_incremental = models.BooleanField(default=False)
+    last_run_problem_count = models.PositiveIntegerField(default=0)
+    last_run_problems = models.JSONField(default=list, blank=True)
+    # LedgerTotals' fields, nanodollars as strings (JSON numbers lose digits in some readers).
+    last_run_totals = models.JSONField(default=dict, blank=True)
 
     def __str__(self):
         return f"ledger verified through entry {self.verified_through}"

@@ -5,15 +5,18 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from decimal import Decimal
+from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.core.management import CommandError, call_command
 from django.db.models import F
 from django.test import Client, RequestFactory
 from django.utils import timezone
 
 from backoffice import selectors as dashboard_selectors
 from backoffice.dashboard import dashboard_context
+from backoffice.models import LedgerCheckpoint
 from payments.models import EventStatus, Payment, PaymentStatus, StaffAlert, WebhookEvent
 from proxy.models import UsageRecord, UsageStatus
 from tests.conftest import make_user
@@ -169,24 +172,56 @@ def test_negative_wallets_holds_failed_webhooks_and_open_alerts_are_shown(staff,
     assert "1 rejected webhook event" in html and "?status__exact=rejected" in html
 
 
-def test_the_ledger_identity_is_shown_and_a_forged_balance_breaks_it(staff, business):
+def test_the_ledger_panel_says_never_checked_until_verify_ledger_runs(staff, alice):
+    html = staff_client(staff).get("/admin/").content.decode()
+    assert figure(html, "ledger_balanced") == "not checked"
+    assert figure(html, "ledger_last_run") == "never run"
+    assert 'data-attention="ledger-stale"' in html and "verify_ledger --incremental</code> from cron" in html
+
+
+def test_the_ledger_panel_shows_the_last_runs_verdict_and_never_checks_on_a_view(staff, alice):
     client = staff_client(staff)
+    call_command("verify_ledger", stdout=StringIO())
+    html = client.get("/admin/").content.decode()
+    assert figure(html, "ledger_balanced") == "yes"
+    assert figure(html, "ledger_last_run").endswith("ago), full")
+    assert 'data-attention="ledger' not in html
+    assert figure(html, "ledger_entries_total") == "10.000000000"  # the totals the run printed
+    # A balance forged around the ledger: a page view does not check, so the verdict stands …
+    Wallet.objects.filter(user=alice).update(balance=F("balance") + 1)
     assert figure(client.get("/admin/").content.decode(), "ledger_balanced") == "yes"
-    Wallet.objects.filter(user__email="alice@example.com").update(balance=F("balance") + 1)  # around the ledger
+    # … until the next run finds it; then the page names it.
+    with pytest.raises(CommandError):
+        call_command("verify_ledger", "--incremental", stdout=StringIO(), stderr=StringIO())
     html = client.get("/admin/").content.decode()
     assert figure(html, "ledger_balanced") == "NO"
-    assert "alice@example.com: balance" in html and "verify_ledger" in html
+    assert figure(html, "ledger_last_run").endswith("incremental")
+    assert 'data-attention="ledger"' in html
+    assert "alice@example.com" in html.split('class="tt-discrepancies"')[1].split("</ul>")[0]
+
+
+def test_a_stale_verdict_and_how_far_the_checkpoint_lags_are_shown(staff, alice):
+    call_command("verify_ledger", stdout=StringIO())
+    wallet_charge(wallet=alice.wallet, amount=NANOS, idempotency_key="after-the-run")
+    LedgerCheckpoint.objects.update(last_run_at=timezone.now() - timedelta(hours=27))
+    html = staff_client(staff).get("/admin/").content.decode()
+    assert figure(html, "ledger_balanced") == "yes"  # the verdict, marked stale
+    assert figure(html, "ledger_last_run").endswith("— stale")
+    assert "stale (older than 26 hours): run <code>manage.py verify_ledger --incremental</code> from cron" in html
+    checkpoint = figure(html, "ledger_checkpoint")
+    through, newest, lag = (int(n.replace(",", "")) for n in re.findall(r"[\d,]+", checkpoint))
+    assert newest == Entry.objects.latest("id").id and lag == newest - through >= 1
 
 
 def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_num_queries):
     request = RequestFactory().get("/admin/", {"period": "30"})
     request.user = staff
     # payments 1, usage totals 1, tool charges 1, by day 1, by model 1, negative wallets 1, holds 1,
-    # webhooks + alerts 2, ledger totals 3, ledger discrepancies 2, outbound webhooks (endpoints,
-    # given-up deliveries, alerts, the failing endpoints' list) 4, upstreams 1, and the charts 8
-    # (money per day: payments, usage, tool charges; by model 1; top spenders and top
-    # organizations: usage, tool charges each) — however many rows there are.
-    with django_assert_num_queries(27):
+    # webhooks + alerts 2, the last ledger check's verdict 2 (its row, the newest entry id),
+    # outbound webhooks (endpoints, given-up deliveries, alerts, the failing endpoints' list) 4,
+    # upstreams 1, and the charts 8 (money per day: payments, usage, tool charges; by model 1;
+    # top spenders and top organizations: usage, tool charges each) — however many rows there are.
+    with django_assert_num_queries(24):
         context = dashboard_context(request)
         list(context["negative_wallets"])
     assert context["money"].requests == 3

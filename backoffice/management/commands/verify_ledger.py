@@ -8,7 +8,9 @@ non-zero otherwise — suitable for cron or a deploy check.
 
 ``--incremental`` checks only the entries added since the last clean run's checkpoint (and every
 wallet's balance against its latest entry, which those links prove): seconds, for cron. Progress
-goes to stdout as it goes (``-v 0`` silences it). See ``backoffice.ledger_check``.
+goes to stdout as it goes (``-v 0`` silences it). Every run's verdict is kept on the checkpoint
+row for the staff dashboard, which shows it instead of checking the ledger on each view. See
+``backoffice.ledger_check``.
 """
 
 from django.core.management.base import BaseCommand, CommandError
