@@ -207,7 +207,8 @@ def test_a_hold_that_could_not_be_taken_gives_its_spend_reservation_back(fake_up
 
     row, token = api_key_create(user=alice, name="capped", limits={"daily_spend": "0.003"})
     failures = {"left": 4}
-    real_fetchone, real_create = adb.fetchone, wallet_services.hold_create
+    # The hold's statement goes through the group-commit batcher (wallet.pg.arun).
+    real_fetchone, real_create = adb.fetchone_batched, wallet_services.hold_create
 
     async def fetchone(sql, params=None, **kwargs):
         if "INSERT INTO wallet_hold" in sql.replace('"', "") and failures["left"]:
@@ -221,7 +222,7 @@ def test_a_hold_that_could_not_be_taken_gives_its_spend_reservation_back(fake_up
             raise OperationalError("database is locked")
         return real_create(**kwargs)
 
-    monkeypatch.setattr(adb, "fetchone", fetchone)
+    monkeypatch.setattr(adb, "fetchone_batched", fetchone)
     monkeypatch.setattr(wallet_services, "hold_create", hold_create)
     assert [call(CHAT, HELLO, token=token).status for _ in range(4)] == [503] * 4
     assert cache.get(f"tt:spend:{row.pk}:daily:{timezone.now():%Y%m%d}") in (0, None)
@@ -256,15 +257,18 @@ def test_a_disconnect_at_any_moment_leaves_ledger_holds_and_records_agreeing(
     from proxy.endpoints import request as consumers
     from tests.fake_upstream import scope_for
 
-    real_fetchone = adb.fetchone
+    def slowed(real):
+        async def slow_fetchone(sql, params=None, **kwargs):
+            await asyncio.sleep(0.03)
+            result = await real(sql, params, **kwargs)
+            await asyncio.sleep(0.03)
+            return result
 
-    async def slow_fetchone(sql, params=None, **kwargs):
-        await asyncio.sleep(0.03)
-        result = await real_fetchone(sql, params, **kwargs)
-        await asyncio.sleep(0.03)
-        return result
+        return slow_fetchone
 
-    monkeypatch.setattr(adb, "fetchone", slow_fetchone)
+    # Every statement: the hold path's go through the group-commit batcher, the rest alone.
+    monkeypatch.setattr(adb, "fetchone", slowed(adb.fetchone))
+    monkeypatch.setattr(adb, "fetchone_batched", slowed(adb.fetchone_batched))
     monkeypatch.setattr(consumers, "PROGRESS_AFTER", progress_after)
     raw = json.dumps({**HELLO, "stream": stream}).encode()
     moments = [i * 0.02 for i in range(20)]
