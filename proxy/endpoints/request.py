@@ -28,6 +28,7 @@ refusal. This module knows none of that.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import json
@@ -94,22 +95,23 @@ class Failure:
     counts: bool = True  # against the upstream's circuit breaker? (Not when it was only busy.)
 
 
-class Endpoint:
+class Endpoint(abc.ABC):
     """One protocol's half of a metered request. Subclasses set ``name`` (the usage record's
     ``endpoint``) and implement ``parse`` and ``relay``."""
 
     name = ""
 
+    @abc.abstractmethod
     def parse(self, body: bytes) -> Parsed:
-        raise NotImplementedError
+        """The request's body read and checked; raises ``Invalid`` for what the protocol refuses."""
 
     def credential(self, headers: dict[str, str]) -> str | None:
         """The API key or access token the client sent (``Authorization: Bearer``)."""
         return bearer_from_header(headers.get("authorization"))
 
+    @abc.abstractmethod
     async def relay(self, request: ProxyRequest, begun: Begun, parsed: Parsed, outcome: Outcome) -> Finish:
         """Forward the request and relay the answer; return what to send once it is settled."""
-        raise NotImplementedError
 
     async def send_error(self, request: ProxyRequest, error: OpenAIError) -> None:
         await request.exchange.send_json(error.status, error.body(), _error_headers(error))

@@ -17,6 +17,8 @@ the parameter (``core.protocols.Unsupported``) before anything is held.
 
 from __future__ import annotations
 
+import abc
+
 from django.conf import settings
 
 from core.media import media_parts
@@ -52,25 +54,29 @@ class TranslatableEndpoint(Endpoint):
     def check(self, payload: dict) -> None:
         """Rules that hold on both paths; raises ``ProtocolError``."""
 
+    @abc.abstractmethod
     def to_chat(self, payload: dict) -> dict:
         """The chat-completions request; raises ``ProtocolError`` for what it cannot carry."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def answer_from_chat(self, completion: dict, payload: dict) -> tuple[int, bytes]:
         """A whole chat completion as the protocol's answer: (HTTP status, JSON body)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def translator(self, payload: dict) -> StreamTranslator:
-        raise NotImplementedError
+        """A chat-completions stream turned into the protocol's events, for this request."""
 
+    @abc.abstractmethod
     def native_body(self, payload: dict, *, user_id: int, max_output: int) -> dict:
-        raise NotImplementedError
+        """The body sent to an upstream that speaks the protocol itself (its output cap set)."""
 
+    @abc.abstractmethod
     def native_meter(self) -> StreamMeter:
-        raise NotImplementedError
+        """What meters the protocol's own stream."""
 
+    @abc.abstractmethod
     def native_stream(self) -> relay.NativeStreamRelay:
-        raise NotImplementedError
+        """The relay of the protocol's own stream."""
 
     # -- the lifecycle's half ----------------------------------------------------------------------
 
