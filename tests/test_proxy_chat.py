@@ -375,6 +375,7 @@ def test_a_small_balance_clamps_the_output_cap_instead_of_refusing(fake_upstream
     assert record().hold_amount <= 500_000
 
 
+@pytest.mark.usefixtures("one_minute")
 def test_the_keys_rpm_limit_is_429_with_retry_after(fake_upstream, alice, price):
     token = api_key_create(user=alice, name="k", limits={"rpm": 1})[1]
     fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.000001"))))

@@ -18,6 +18,7 @@ CHAT = "/v1/chat/completions"
 HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "Say pong"}], "max_tokens": 100}
 
 
+@pytest.mark.usefixtures("one_minute")
 @pytest.mark.redis
 def test_rate_counters_live_in_redis_so_every_process_shares_them(fake_upstream, alice, price, redis_cache):
     key_row, token = api_key_create(user=alice, name="k", limits={"rpm": 2})

@@ -57,6 +57,7 @@ def _replies(fake_upstream, n: int, prompt=1, completion_tokens=1, cost="0.00000
 # --- the proxy: each user limit, across two keys --------------------------------------------------
 
 
+@pytest.mark.usefixtures("one_minute")
 @pytest.mark.django_db(transaction=True)
 def test_the_users_rpm_counts_requests_from_all_their_keys(fake_upstream, alice, price):
     _staff_limits(alice, rpm=2)
@@ -128,6 +129,7 @@ def test_tool_charges_count_against_the_users_spend_cap(fake_upstream, alice, pr
 # --- tokens per minute and per day -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("one_minute")
 @pytest.mark.django_db(transaction=True)
 def test_a_keys_tpm_counts_the_hold_then_the_tokens_really_used(fake_upstream, alice, price):
     token = api_key_create(user=alice, name="k", limits={"tpm": 1300})[1]
@@ -142,6 +144,7 @@ def test_a_keys_tpm_counts_the_hold_then_the_tokens_really_used(fake_upstream, a
     assert (event.data["scope"], event.data["unit"], event.data["limit"]) == ("api_key", "tokens", "1300")
 
 
+@pytest.mark.usefixtures("one_minute")
 @pytest.mark.django_db(transaction=True)
 def test_small_requests_fit_a_tpm_limit_once_settled(fake_upstream, alice, price):
     token = api_key_create(user=alice, name="k", limits={"tpm": 300})[1]
@@ -169,6 +172,7 @@ def test_the_users_tokens_per_day_count_across_keys_and_survive_losing_the_cache
     _assert_429(call(CHAT, HELLO, token=second), "user_token_limit_reached")
 
 
+@pytest.mark.usefixtures("one_minute")
 @pytest.mark.django_db(transaction=True)
 def test_a_key_tpm_counter_lost_is_rebuilt_from_the_records(fake_upstream, alice, price):
     token = api_key_create(user=alice, name="k", limits={"tpm": 1300})[1]

@@ -74,6 +74,7 @@ def _assert_429(response, code: str, retry_after: float | None = None):
 # --- rpm: every /v1 request made with the key ----------------------------------------------------
 
 
+@pytest.mark.usefixtures("one_minute")
 def test_the_keys_rpm_counts_every_v1_request_balance_models_and_charges_alike(alice):
     _, client = _key(alice, rpm=3)
     assert client.get("/v1/user/balance").status_code == 200
@@ -86,6 +87,7 @@ def test_the_keys_rpm_counts_every_v1_request_balance_models_and_charges_alike(a
     assert _balance(alice) == parse_usd("9.99")
 
 
+@pytest.mark.usefixtures("one_minute")
 def test_the_reviewers_case_a_key_with_rpm_1_and_a_cent_a_day_cannot_charge_three_times(alice):
     _, client = _key(alice, rpm=1, daily_spend="0.01")
     first, second, third = (_charge(client, "0.02", f"k{n}") for n in range(3))
@@ -96,6 +98,7 @@ def test_the_reviewers_case_a_key_with_rpm_1_and_a_cent_a_day_cannot_charge_thre
     assert _charges() == 0
 
 
+@pytest.mark.usefixtures("one_minute")
 def test_rpm_is_per_key_and_a_desktop_token_has_none(alice):
     _, limited = _key(alice, rpm=1)
     _, other = _key(alice)
