@@ -161,23 +161,66 @@ def top_spenders(
     their own wallet (model usage plus tool charges, both debits of it), most first: ``user`` (id)
     and ``email``, or ``organization`` (id), ``name`` and ``slug``; then ``usage``, ``tools`` and
     ``spent`` (nanodollars). A member's requests billed to an organization count for the
-    organization, not for the member."""
+    organization, not for the member.
+
+    Exact without summing every payer's period: candidates come in the order of their usage over
+    the whole months the period touches (``rollups.spender_bounds``, an upper bound of their
+    usage in it), their exact usage in the period is read a batch at a time (``rollups.totals``:
+    days, edge hours, raw edges), and the search stops when the ``limit``-th exact figure beats the
+    next candidate's bound. Payers with tool charges in the period (ledger entries, few) are all
+    measured first, so the bound of every payer left is their usage bound alone."""
     usage_filter, usage_fields, tools_filter, tools_fields, row_of = _PAYERS[kind]
-    spent: dict[int, dict] = {}
-    usage = rollups.totals(
-        measures=["charge"], keys={field: field for field in usage_fields}, where=usage_filter, since=since, until=until
+    payer = usage_fields[0]
+    tools: dict[int, int] = {}
+    naming: dict[int, dict] = {}
+    found_tools = _between(Entry.objects.filter(tools_filter, kind=EntryKind.CHARGE), since, until).values(
+        *tools_fields
     )
-    for found in usage:
-        naming = [found[field] for field in usage_fields]
-        spent[naming[0]] = {**row_of(*naming), "usage": found["charge"], "tools": 0}
-    tools = _between(Entry.objects.filter(tools_filter, kind=EntryKind.CHARGE), since, until).values(*tools_fields)
-    for found in tools.annotate(total=Sum("amount")).order_by():
-        naming = [found[field] for field in tools_fields]
-        target = spent.setdefault(naming[0], {**row_of(*naming), "usage": 0, "tools": 0})
-        target["tools"] = -int(found["total"] or 0)
-    rows = [{**row, "spent": row["usage"] + row["tools"]} for row in spent.values()]
-    rows.sort(key=lambda row: (-row["spent"], row[kind]))
-    return [row for row in rows if row["spent"] > 0][:limit]
+    for found in found_tools.annotate(total=Sum("amount")).order_by():
+        names = [found[field] for field in tools_fields]
+        tools[names[0]] = -int(found["total"] or 0)
+        naming[names[0]] = row_of(*names)
+    usage: dict[int, int] = {}
+
+    def measure(ids: list[int]) -> None:
+        if not ids:
+            return
+        usage.update(dict.fromkeys(ids, 0))
+        rows = rollups.totals(
+            measures=["charge"],
+            keys={field: field for field in usage_fields},
+            where=usage_filter & Q(**{f"{payer}__in": ids}),
+            since=since,
+            until=until,
+        )
+        for row in rows:
+            names = [row[field] for field in usage_fields]
+            usage[names[0]] = row["charge"]
+            naming[names[0]] = row_of(*names)
+
+    def ranked() -> list[tuple[int, int]]:
+        spent = ((usage.get(p, 0) + tools.get(p, 0), p) for p in usage.keys() | tools.keys())
+        return sorted(((amount, p) for amount, p in spent if amount > 0), key=lambda item: (-item[0], item[1]))
+
+    if tools:
+        measure(list(tools))
+    offset, batch = 0, max(limit * 4, 40)
+    while True:
+        candidates = rollups.spender_bounds(kind=kind, since=since, until=until, limit=batch + 1, offset=offset)
+        page = candidates[:batch]
+        measure([p for p, _ in page if p not in usage])
+        if len(candidates) <= batch:
+            break  # no candidate left
+        offset += batch
+        best = ranked()
+        # Ties go to the lower id: an unseen payer whose bound equals the last figure could rank
+        # above it, so only a strictly greater figure settles the list.
+        if len(best) >= limit and best[limit - 1][0] > candidates[batch][1]:
+            break
+        batch *= 2
+    # Every payer in it spent: usage (named by its totals) or tool charges (named by theirs).
+    top = ranked()[:limit]
+    return [{**naming[p], "usage": usage.get(p, 0), "tools": tools.get(p, 0), "spent": amount} for amount, p in top]
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,16 @@ from datetime import date, datetime, timedelta
 from django.urls import reverse
 from django.utils import timezone
 
+from proxy import rollups
+
 from . import business, charts, selectors
 from .ledger_check import STALE_AFTER, last_verdict
 
 TOP_SHOWN = 10
+# The usage journal holds what settled since the last fold (``reconcile_holds``, every few
+# minutes): a row older than this means nothing folds it. The figures stay exact (readers add the
+# journal) but grow slower to read.
+FOLD_STALE_AFTER = timedelta(minutes=30)
 
 
 def allowed(user) -> bool:
@@ -62,6 +68,7 @@ def dashboard_context(request) -> dict:
     since = period_since(period)
     verdict = last_verdict()
     upstreams = selectors.upstream_states()
+    unfolded = rollups.journal_backlog()
     return {
         "dashboard_allowed": True,
         "period": period,
@@ -80,6 +87,8 @@ def dashboard_context(request) -> dict:
         "ledger_stale_hours": int(STALE_AFTER.total_seconds() // 3600),
         "upstreams": upstreams,
         "upstreams_down": [u["name"] for u in upstreams if u["breaker"] != "closed"],
+        "rollup_fold_stale": unfolded is not None and unfolded < timezone.now() - FOLD_STALE_AFTER,
+        "rollup_unfolded_since": unfolded,
         "charts": dashboard_charts(since=since),
     }
 

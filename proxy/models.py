@@ -16,7 +16,7 @@ describe (it has no row of its own); ``Upstream`` rows are the others, added by 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 PER_MILLION = 1_000_000
@@ -463,3 +463,160 @@ class UsageRollup(models.Model):
 
     def __str__(self):
         return f"{self.hour:%Y-%m-%d %H}:00 user {self.user_id} {self.model}: {self.requests}"
+
+
+class UsageSums(models.Model):
+    """The figures every usage rollup level sums (the same columns as ``UsageRollup``'s)."""
+
+    requests = models.BigIntegerField(default=0)
+    refused = models.BigIntegerField(default=0, help_text="of which refused before the upstream")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    upstream_cost = models.DecimalField(max_digits=38, decimal_places=15, default=0, help_text="USD")
+    charge = models.BigIntegerField(default=0, help_text="nanodollars")
+    operator_loss = models.BigIntegerField(default=0, help_text="nanodollars")
+    loss_requests = models.BigIntegerField(default=0, help_text="requests with an operator loss")
+
+    class Meta:
+        abstract = True
+
+
+class UsageDayRollup(UsageSums):
+    """``UsageRollup`` by UTC day instead of hour (same keys, same sums): a user's or an
+    organization's totals over whole days read one row per day × model × key × agent. Written by
+    the same triggers in the same statement (migration 0012): its rows are per user, and a user's
+    settlements already take turns on their wallet row, so they add no contention."""
+
+    day = models.DateTimeField(help_text="the UTC day (its midnight) the requests were made in")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    model = models.CharField(max_length=200, help_text="model the client asked for")
+    agent = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                models.F("user"),
+                models.F("day"),
+                Coalesce(models.F("organization"), models.Value(0)),
+                Coalesce(models.F("api_key"), models.Value(0)),
+                models.F("model"),
+                models.F("agent"),
+                name="usagedayrollup_one_row_per_group",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["day"]),  # grouped by user, organization or agent over a period
+            models.Index(fields=["organization", "day"]),  # an organization's
+        ]
+
+    def __str__(self):
+        return f"{self.day:%Y-%m-%d} user {self.user_id} {self.model}: {self.requests}"
+
+
+class ModelHourRollup(UsageSums):
+    """Operator-wide sums per hour (UTC) × requested model: the dashboard's edge hours. Not
+    written by settlements (one row every concurrent request of a model would wait on): the
+    triggers append to ``ModelRollupJournal`` and ``proxy.rollups.fold`` moves the journal in."""
+
+    hour = models.DateTimeField()
+    model = models.CharField(max_length=200)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["hour", "model"], name="modelhourrollup_one_row_per_group")]
+
+    def __str__(self):
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.model}: {self.requests}"
+
+
+class ModelDayRollup(UsageSums):
+    """Operator-wide sums per UTC day × requested model: the dashboard's totals, days and models.
+    Folded from ``ModelRollupJournal`` like ``ModelHourRollup``."""
+
+    day = models.DateTimeField()
+    model = models.CharField(max_length=200)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["day", "model"], name="modeldayrollup_one_row_per_group")]
+
+    def __str__(self):
+        return f"{self.day:%Y-%m-%d} {self.model}: {self.requests}"
+
+
+class ModelRollupJournal(UsageSums):
+    """Append-only deltas for the operator-wide levels, one per settled (or changed) record,
+    inserted by the triggers (an insert waits on no one). ``proxy.rollups.fold`` deletes them and
+    adds them to ``ModelHourRollup``/``ModelDayRollup`` in one statement; readers add the rows
+    still here, in the same statement as the folded ones. Small when the fold runs (every
+    ``reconcile_holds``); the dashboard warns when it holds old rows."""
+
+    hour = models.DateTimeField()
+    model = models.CharField(max_length=200)
+    created_at = models.DateTimeField(db_default=Now(), help_text="when the trigger appended it")
+
+    def __str__(self):
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.model}: {self.requests:+}"
+
+
+class SpenderMonthRollup(models.Model):
+    """What each wallet owner spent on model usage per calendar month (UTC): the user, for
+    requests paid from their own wallet (``organization`` none), or the organization, for
+    requests billed to it (``user`` none). The upper bounds ``backoffice.business.top_spenders``
+    orders its candidates by. Written by the triggers: a row belongs to one wallet's owner, whose
+    settlements already take turns on that wallet."""
+
+    month = models.DateTimeField(help_text="the first instant (UTC) of the month")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    charge = models.BigIntegerField(default=0, help_text="nanodollars")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                models.F("month"),
+                Coalesce(models.F("user"), models.Value(0)),
+                Coalesce(models.F("organization"), models.Value(0)),
+                name="spendermonthrollup_one_row_per_payer",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.month:%Y-%m} user {self.user_id} org {self.organization_id}: {self.charge}"

@@ -29,13 +29,33 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import reduce
+from operator import or_ as operator_or
 from typing import Any
 
+from django.apps import apps as installed_apps
 from django.db import connection, models, transaction
-from django.db.models import Count, F, Q, Subquery, Sum, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Case, Count, F, Q, Subquery, Sum, Value, When
+from django.db.models.functions import (
+    Coalesce,
+    TruncDate,
+    TruncDay,
+    TruncMonth,
+    TruncQuarter,
+    TruncWeek,
+    TruncYear,
+)
 
-from .models import UsageRecord, UsageRollup, UsageStatus
+from .models import (
+    ModelDayRollup,
+    ModelHourRollup,
+    ModelRollupJournal,
+    SpenderMonthRollup,
+    UsageDayRollup,
+    UsageRecord,
+    UsageRollup,
+    UsageStatus,
+)
 
 HOUR = timedelta(hours=1)
 
@@ -59,6 +79,40 @@ class UtcHour(models.Func):
         # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'. (Not
         # strftime: a '%' in the SQL would trip the formatting of logged queries.)
         return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 13) || ':00:00'")
+
+
+class UtcDay(models.Func):
+    """The UTC day (its midnight) a timestamp falls in, as the triggers compute it."""
+
+    output_field = models.DateTimeField()
+
+    def as_postgresql(self, compiler, connection, **extra_context):
+        return self.as_sql(
+            compiler, connection, template="date_trunc('day', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        )
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 10) || ' 00:00:00'")
+
+
+class UtcMonth(models.Func):
+    """The first instant (UTC) of the month a timestamp falls in, as the triggers compute it."""
+
+    output_field = models.DateTimeField()
+
+    def as_postgresql(self, compiler, connection, **extra_context):
+        return self.as_sql(
+            compiler, connection, template="date_trunc('month', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        )
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 7) || '-01 00:00:00'")
+
+
+# Time buckets a day level can answer: each groups whole UTC days (the product's TIME_ZONE is
+# UTC). Any other callable key (an hour bucket) reads the hourly levels.
+DAY_BUCKETS = frozenset({TruncDate, TruncDay, TruncWeek, TruncMonth, TruncQuarter, TruncYear})
+DAY = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -101,6 +155,30 @@ def ceil_hour(moment: datetime) -> datetime:
     return floored if floored == moment else floored + HOUR
 
 
+def floor_day(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ceil_day(moment: datetime) -> datetime:
+    floored = floor_day(moment)
+    return floored if floored == moment else floored + DAY
+
+
+def floor_month(moment: datetime) -> datetime:
+    return floor_day(moment).replace(day=1)
+
+
+def ceil_month(moment: datetime) -> datetime:
+    floored = floor_month(moment)
+    if floored == moment:
+        return floored
+    return (
+        floored.replace(year=floored.year + 1, month=1)
+        if floored.month == 12
+        else floored.replace(month=floored.month + 1)
+    )
+
+
 # A group key: a path both tables have (``"model"``, ``"user__email"``, ``"organization__slug"``)
 # or a time bucket, a ``Trunc``-like class applied to the hour (rollups) and ``created_at`` (raw).
 Key = str | Callable[[str], Any]
@@ -117,7 +195,14 @@ def totals(
     """One row per group (``keys``: name → key) of the usage records created in ``[since,
     until)`` that match ``where`` (lookups on ``KEY_FIELDS``), with the ``measures`` summed: ints,
     and ``Decimal`` USD for ``upstream_cost``. Unordered; without ``keys``, one row (zeros when
-    nothing matched). Exactly what aggregating the raw records would give, at any since/until."""
+    nothing matched). Exactly what aggregating the raw records would give, at any since/until.
+
+    Each part of the range is read from the coarsest level that covers it (see the module's
+    docstring): whole days from a day level, the whole hours at the edges from an hourly one, the
+    partial hours and the records in flight from the raw rows. The operator-wide levels (per
+    model, folded from the journal) serve totals with no ``where`` grouped by model and time
+    buckets only; the per-user levels every other total. A time bucket finer than a day (or
+    unknown) reads hours only."""
     keys = keys or {}
     where = where or Q()
     start = ceil_hour(since) if since is not None else None
@@ -130,6 +215,7 @@ def totals(
     if until is not None:
         raw = raw.filter(created_at__lt=until)
     parts = []
+    sums = {name: MEASURES[name].rollup for name in measures}
     if whole_hours:
         # The edges' partial hours, and what is in flight in between.
         in_raw = _PENDING
@@ -138,14 +224,37 @@ def totals(
         if end is not None:
             in_raw |= Q(created_at__gte=end)
         raw = raw.filter(in_raw)
-        rolled = UsageRollup.objects.filter(where)
-        if start is not None:
-            rolled = rolled.filter(hour__gte=start)
-        if end is not None:
-            rolled = rolled.filter(hour__lt=end)
-        parts.append(_grouped(rolled, "hour", keys, {name: MEASURES[name].rollup for name in measures}))
+        operator = not where and all(key == "model" or callable(key) for key in keys.values())
+        day_start = ceil_day(since) if since is not None else None
+        day_end = floor_day(until) if until is not None else None
+        whole_days = all(isinstance(key, str) or key in DAY_BUCKETS for key in keys.values()) and (
+            day_start is None or day_end is None or day_start < day_end
+        )
+        if whole_days:
+            # The whole hours before the first whole day and after the last.
+            edges = []
+            if start is not None and day_start is not None and start < day_start:
+                edges.append(_range("hour", start, day_start))
+            if end is not None and day_end is not None and day_end < end:
+                edges.append(_range("hour", day_end, end))
+            hours = reduce(operator_or, edges) if edges else None
+            days = _range("day", day_start, day_end)
+        else:
+            hours = _range("hour", start, end)
+        if operator:
+            if whole_days:
+                parts.append(_grouped(ModelDayRollup.objects.filter(days), "day", keys, sums))
+            if hours is not None:
+                parts.append(_grouped(ModelHourRollup.objects.filter(hours), "hour", keys, sums))
+            # Not folded yet: every whole hour of the range (days and edges alike).
+            parts.append(_grouped(ModelRollupJournal.objects.filter(_range("hour", start, end)), "hour", keys, sums))
+        else:
+            if whole_days:
+                parts.append(_grouped(UsageDayRollup.objects.filter(where).filter(days), "day", keys, sums))
+            if hours is not None:
+                parts.append(_grouped(UsageRollup.objects.filter(where).filter(hours), "hour", keys, sums))
     raw_part = _grouped(raw, "created_at", keys, {name: MEASURES[name].raw for name in measures})
-    query = raw_part if not parts else parts[0].union(raw_part, all=True)
+    query = raw_part.union(*parts, all=True) if parts else raw_part
 
     merged: dict[tuple, dict] = {}
     for row in query:
@@ -165,6 +274,16 @@ def totals(
     return list(merged.values())
 
 
+def _range(field: str, start: datetime | None, end: datetime | None) -> Q:
+    """``start <= field < end``, either bound open when none."""
+    found = Q()
+    if start is not None:
+        found &= Q(**{f"{field}__gte": start})
+    if end is not None:
+        found &= Q(**{f"{field}__lt": end})
+    return found
+
+
 def _grouped(queryset, moment: str, keys: Mapping[str, Key], sums: dict[str, Any]):
     """``queryset`` grouped by ``keys`` with ``sums``, its columns named ``k_*`` then ``m_*`` in
     the same order on both sides of the union."""
@@ -176,6 +295,74 @@ def _grouped(queryset, moment: str, keys: Mapping[str, Key], sums: dict[str, Any
         # One group of everything: grouped by a constant (which Django leaves out of GROUP BY).
         grouped = grouped.annotate(k_all=Value(1)).values("k_all")
     return grouped.annotate(**{f"m_{name}": expression for name, expression in sums.items()}).order_by()
+
+
+# --- folding the journal -------------------------------------------------------------------------
+
+
+def fold() -> int:
+    """Move every committed journal row into the operator-wide levels (``ModelHourRollup``,
+    ``ModelDayRollup``); returns how many it moved.
+
+    One transaction that deletes the rows it adds: in any snapshot a journal delta is either
+    still in the journal or in the folded rows, never both or neither, and readers sum both in
+    one statement. On PostgreSQL it is one statement (``WITH moved AS (DELETE … RETURNING …)``,
+    grouped into the two tables with ``ON CONFLICT … DO UPDATE``); rows a settlement has not
+    committed yet are not in its snapshot and stay for the next fold. Folds (and
+    ``rebuild_levels``) take turns on a table lock, so two never update the same rows in
+    different orders. On SQLite (one writer at a time) three statements in one transaction,
+    bounded by the highest journal id it saw.
+    """
+    journal = _table(ModelRollupJournal)
+    hours, days = _table(ModelHourRollup), _table(ModelDayRollup)
+    names = list(_ROLLUP_SUMS)
+    columns = ", ".join(names)
+    summed = ", ".join(f"SUM({name})" for name in names)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            added = ", ".join(f"{name} = t.{name} + excluded.{name}" for name in names)
+            day = "date_trunc('day', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+            cursor.execute(f"LOCK TABLE {days} IN SHARE ROW EXCLUSIVE MODE")
+            cursor.execute(
+                f"""WITH moved AS (DELETE FROM {journal} RETURNING hour, model, {columns}),
+                hourly AS (
+                    INSERT INTO {hours} AS t (hour, model, {columns})
+                    SELECT hour, model, {summed} FROM moved GROUP BY hour, model
+                    ON CONFLICT (hour, model) DO UPDATE SET {added} RETURNING 1
+                ),
+                daily AS (
+                    INSERT INTO {days} AS t (day, model, {columns})
+                    SELECT {day}, model, {summed} FROM moved GROUP BY 1, 2
+                    ON CONFLICT (day, model) DO UPDATE SET {added} RETURNING 1
+                )
+                SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily)"""  # noqa: S608
+            )
+            return int(cursor.fetchone()[0])
+        added = ", ".join(f"{name} = {name} + excluded.{name}" for name in names)
+        cursor.execute(f"SELECT max(id), count(*) FROM {journal}")  # noqa: S608
+        last, count = cursor.fetchone()
+        if last is None:
+            return 0
+        for table, moment in ((hours, "hour"), (days, "substr(hour, 1, 10) || ' 00:00:00'")):
+            column = "hour" if table == hours else "day"
+            cursor.execute(
+                f"INSERT INTO {table} ({column}, model, {columns}) SELECT {moment}, model, {summed} "  # noqa: S608
+                f"FROM {journal} WHERE id <= %s GROUP BY 1, 2 "
+                f"ON CONFLICT ({column}, model) DO UPDATE SET {added}",
+                [last],
+            )
+        cursor.execute(f"DELETE FROM {journal} WHERE id <= %s", [last])  # noqa: S608
+        return int(count)
+
+
+def journal_backlog() -> datetime | None:
+    """When the oldest journal row not yet folded was written (none: the journal is empty). Old
+    means nothing folds it: ``reconcile_holds`` is not running."""
+    return ModelRollupJournal.objects.order_by("id").values_list("created_at", flat=True).first()
+
+
+def _table(model) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
 
 
 # --- rebuilding ----------------------------------------------------------------------------------
@@ -196,11 +383,13 @@ _ROLLUP_SUMS = {
 
 
 def rebuild(
-    *, since: datetime | None = None, until: datetime | None = None, records=None, rollups=None
+    *, since: datetime | None = None, until: datetime | None = None, records=None, rollups=None, levels: bool = True
 ) -> tuple[int, int]:
     """Recompute the rollups of the hours from ``since``'s to the one ``until`` falls in (default:
     from the oldest raw record's hour, to the end) from the raw records, in one transaction; returns
-    ``(rollup rows deleted, rows written)``.
+    ``(rollup rows deleted, rows written)``. With ``levels`` (the default), then the coarser levels
+    of the days (and months) those hours are in, from the hourly rows (``rebuild_levels``), in the
+    same transaction.
 
     Hours whose raw records were pruned must be left out (``since`` after them): their rollups
     are all that is left of them. (``records``/``rollups``: the models — a migration passes its
@@ -221,6 +410,8 @@ def rebuild(
             oldest = records.objects.order_by("created_at").values_list("created_at", flat=True).first()
             if oldest is None:
                 deleted, _ = rollups.objects.filter(_hours(None, until)).delete()
+                if levels:
+                    rebuild_levels(until=until)
                 return deleted, 0
             since = oldest
         start, end = floor_hour(since), ceil_hour(until) if until is not None else None
@@ -228,24 +419,91 @@ def rebuild(
         raw = records.objects.exclude(status=UsageStatus.PENDING).filter(created_at__gte=start)
         if end is not None:
             raw = raw.filter(created_at__lt=end)
-        select = (
-            raw.order_by()
-            .annotate(rollup_hour=UtcHour("created_at"))
-            .values("rollup_hour", *KEY_FIELDS)
-            # (Prefixed: an annotation named as a field would stand for it in later filters.)
-            .annotate(**{f"rollup_{name}": expression for name, expression in _ROLLUP_SUMS.items()})
-            .order_by()
+        keys = {"hour": UtcHour("created_at"), **{name: F(name) for name in KEY_FIELDS}}
+        written = _insert_grouped(rollups, raw, keys, _ROLLUP_SUMS)
+        if levels:
+            rebuild_levels(since=start, until=end)
+        return deleted, written
+
+
+def rebuild_levels(*, since: datetime | None = None, until: datetime | None = None, apps=None) -> int:
+    """Recompute the coarser levels from the hourly rollups, for the whole days (the spender
+    months: the whole months) ``[since, until)`` touches (default: all), in one transaction;
+    returns the rows written. The journal's rows of those days are dropped: their deltas are in
+    the hourly rows read. (``apps``: a migration's historical models.)
+
+    Derived from the hourly rows, not the raw ones: pruned hours keep their rollups, and the hourly
+    table is what the triggers keep exact. On PostgreSQL, exact while requests settle and folds
+    run: the hourly table is locked against writes (a settlement writes its hourly row first, so
+    one that waits has written no other level yet) and so is the day table the fold locks."""
+    get = (apps or installed_apps).get_model
+    hourly, by_day = get("proxy", "UsageRollup"), get("proxy", "UsageDayRollup")
+    model_hours, model_days = get("proxy", "ModelHourRollup"), get("proxy", "ModelDayRollup")
+    journal, spenders = get("proxy", "ModelRollupJournal"), get("proxy", "SpenderMonthRollup")
+    day_start = floor_day(since) if since is not None else None
+    day_end = ceil_day(until) if until is not None else None
+    month_start = floor_month(since) if since is not None else None
+    month_end = ceil_month(until) if until is not None else None
+    sums = {name: Sum(name) for name in _ROLLUP_SUMS}
+    written = 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            for model in (hourly, model_days):
+                cursor.execute(f'LOCK TABLE "{model._meta.db_table}" IN SHARE ROW EXCLUSIVE MODE')
+        hours = hourly.objects.filter(_range("hour", day_start, day_end))
+        by_day.objects.filter(_range("day", day_start, day_end)).delete()
+        keys = {"day": UtcDay("hour"), **{name: F(name) for name in KEY_FIELDS}}
+        written += _insert_grouped(by_day, hours, keys, sums)
+
+        journal.objects.filter(_range("hour", day_start, day_end)).delete()
+        model_hours.objects.filter(_range("hour", day_start, day_end)).delete()
+        model_days.objects.filter(_range("day", day_start, day_end)).delete()
+        written += _insert_grouped(model_hours, hours, {"hour": F("hour"), "model": F("model")}, sums)
+        written += _insert_grouped(model_days, hours, {"day": UtcDay("hour"), "model": F("model")}, sums)
+
+        spenders.objects.filter(_range("month", month_start, month_end)).delete()
+        written += _insert_grouped(
+            spenders,
+            hourly.objects.filter(_range("hour", month_start, month_end)),
+            {"month": UtcMonth("hour"), **_PAYER},
+            {"charge": Sum("charge")},
+            having=~Q(rollup_charge=0),
         )
-        sql, params = select.query.sql_with_params()
-        quote = connection.ops.quote_name
-        # Selected by alias from the grouped query, whatever order the ORM put its columns in.
-        names = [*select.query.values_select, *select.query.annotation_select]
-        columns = ", ".join(quote(rollups._meta.get_field(name.removeprefix("rollup_")).column) for name in names)
-        aliases = ", ".join(quote(name) for name in names)
-        table = quote(rollups._meta.db_table)
+    return written
+
+
+# The payer a spender row names: the user for their own wallet, the organization for its.
+_PAYER = {
+    "user": Case(When(organization__isnull=True, then=F("user")), output_field=models.BigIntegerField()),
+    "organization": F("organization"),
+}
+
+
+def _insert_grouped(target, source, keys: dict[str, Any], sums: dict[str, Any], having: Q | None = None) -> int:
+    """``INSERT INTO target … SELECT`` ``source`` grouped by ``keys`` with ``sums`` (target field →
+    expression), set-based in the database; returns the rows written."""
+    # (Prefixed: an annotation named as a field would stand for it in later filters.)
+    select = (
+        source.order_by()
+        .annotate(**{f"rollup_{name}": expression for name, expression in keys.items()})
+        .values(*(f"rollup_{name}" for name in keys))
+        .annotate(**{f"rollup_{name}": expression for name, expression in sums.items()})
+        .order_by()
+    )
+    if having is not None:
+        select = select.filter(having)
+    sql, params = select.query.sql_with_params()
+    quote = connection.ops.quote_name
+    # Selected by alias from the grouped query, whatever order the ORM put its columns in.
+    names = [*select.query.values_select, *select.query.annotation_select]
+    names = [name for name in names if name.startswith("rollup_")]
+    columns = ", ".join(quote(target._meta.get_field(name.removeprefix("rollup_")).column) for name in names)
+    aliases = ", ".join(quote(name) for name in names)
+    table = quote(target._meta.db_table)
+    with connection.cursor() as cursor:
         # (S608: identifiers from model metadata; every value is a bound parameter.)
         cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {aliases} FROM ({sql}) AS grouped", params)  # noqa: S608
-        return deleted, cursor.rowcount
+        return cursor.rowcount
 
 
 def _hours(start: datetime | None, end: datetime | None) -> Q:
@@ -277,7 +535,21 @@ class Mismatch:
         return f"rollup {self.hour:%Y-%m-%d %H}:00 user {self.user_id}{org}{key} {self.model!r} {self.agent!r}: {off}"
 
 
-def discrepancies(*, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[Mismatch]:
+def discrepancies(
+    *, since: datetime | None = None, until: datetime | None = None, limit: int = 100
+) -> list[Mismatch | LevelMismatch]:
+    """Hourly rollup rows that are not the sums of their raw records (``hourly_discrepancies``),
+    then rows of the coarser levels that are not the sums of their hourly rows
+    (``level_discrepancies``): at most ``limit`` in all."""
+    found: list[Mismatch | LevelMismatch] = list(hourly_discrepancies(since=since, until=until, limit=limit))
+    if len(found) < limit:
+        found += level_discrepancies(since=since, until=until, limit=limit - len(found))
+    return found
+
+
+def hourly_discrepancies(
+    *, since: datetime | None = None, until: datetime | None = None, limit: int = 100
+) -> list[Mismatch]:
     """Rollup rows that are not the sums of their raw settled records, for the hours from
     ``since``'s (default: the one after the oldest raw record's — hours pruned, wholly or in part,
     have their rollups only) to the one ``until`` falls in: at most ``limit``, each with rollup − raw per measure.
@@ -334,3 +606,126 @@ def discrepancies(*, since: datetime | None = None, until: datetime | None = Non
 def _column(name: str) -> str:
     """A key field's column: the id of the three foreign keys."""
     return f"{name}_id" if name in ("user", "organization", "api_key") else name
+
+
+@dataclass(frozen=True)
+class LevelMismatch:
+    level: str
+    group: dict[str, Any]
+    differences: dict[str, Any]  # measure → level − hourly
+
+    def __str__(self):
+        group = " ".join(f"{name} {value}" for name, value in self.group.items())
+        off = ", ".join(f"{name} {value:+}" for name, value in self.differences.items())
+        return f"{self.level} rollup {group}: {off}"
+
+
+def level_discrepancies(
+    *, since: datetime | None = None, until: datetime | None = None, limit: int = 100
+) -> list[LevelMismatch]:
+    """Rows of the coarser levels that are not the sums of the hourly rows they stand for, over
+    the whole days (months, for the spenders) ``[since, until)`` touches (default: all): the day
+    level, the operator's hours and days (folded rows plus the journal), the spenders' months.
+    One statement per level, so each compares one snapshot."""
+    day_start = floor_day(since) if since is not None else None
+    day_end = ceil_day(until) if until is not None else None
+    month_start = floor_month(since) if since is not None else None
+    month_end = ceil_month(until) if until is not None else None
+    hours = UsageRollup.objects.filter(_range("hour", day_start, day_end))
+    journal = ModelRollupJournal.objects.filter(_range("hour", day_start, day_end))
+    names = list(_ROLLUP_SUMS)
+    sums = {name: Sum(name) for name in names}
+    day_keys: dict[str, Key] = {"day": UtcDay, **{name: _column(name) for name in KEY_FIELDS}}
+    hour_model: dict[str, Key] = {"hour": UtcHour, "model": "model"}
+    day_model: dict[str, Key] = {"day": UtcDay, "model": "model"}
+    checks: list[tuple[str, list[tuple[Any, ...]], tuple[Any, ...]]] = [
+        (
+            "day",
+            [(UsageDayRollup.objects.filter(_range("day", day_start, day_end)), "day", day_keys, sums, 1)],
+            (hours, day_keys, sums),
+        ),
+        (
+            "model hour",
+            [
+                (ModelHourRollup.objects.filter(_range("hour", day_start, day_end)), "hour", hour_model, sums, 1),
+                (journal, "hour", hour_model, sums, 1),
+            ],
+            (hours, hour_model, sums),
+        ),
+        (
+            "model day",
+            [
+                (ModelDayRollup.objects.filter(_range("day", day_start, day_end)), "day", day_model, sums, 1),
+                (journal, "hour", day_model, sums, 1),
+            ],
+            (hours, day_model, sums),
+        ),
+    ]
+    found: list[LevelMismatch] = []
+    for level, sides, (reference, keys, reference_sums) in checks:
+        parts = [_grouped(qs, moment, k, m).annotate(side=Value(sign)) for qs, moment, k, m, sign in sides]
+        parts.append(_grouped(reference, "hour", keys, reference_sums).annotate(side=Value(-1)))
+        found += _compare(level, parts, list(keys), names, limit - len(found))
+        if len(found) >= limit:
+            return found
+    month = {"month": lambda moment: UtcMonth(moment)}
+    spenders = _grouped(
+        SpenderMonthRollup.objects.filter(_range("month", month_start, month_end)),
+        "month",
+        {**month, "user": "user_id", "organization": "organization_id"},
+        {"charge": Sum("charge")},
+    ).annotate(side=Value(1))
+    paid = _grouped(
+        UsageRollup.objects.filter(_range("hour", month_start, month_end)),
+        "hour",
+        {**month, **{name: (lambda expression: lambda moment: expression)(value) for name, value in _PAYER.items()}},
+        {"charge": Sum("charge")},
+    ).annotate(side=Value(-1))
+    found += _compare(
+        "spender month", [spenders, paid], ["month", "user", "organization"], ["charge"], limit - len(found)
+    )
+    return found
+
+
+def _compare(level: str, parts: list, keys: list[str], names: list[str], limit: int) -> list[LevelMismatch]:
+    """The groups where the ``side``-signed sums of ``parts`` (grouped querysets) are not zero."""
+    if limit <= 0:
+        return []
+    union = parts[0].union(*parts[1:], all=True)
+    sql, params = union.query.sql_with_params()
+    quote = connection.ops.quote_name
+    group = ", ".join(quote(f"k_{name}") for name in keys)
+    sums = ", ".join(f"SUM(side * {quote(f'm_{name}')})" for name in names)
+    off = " OR ".join(
+        f"ABS(SUM(side * {quote(f'm_{name}')})) >= 0.0000000005"
+        if name in DECIMAL_MEASURES and connection.vendor != "postgresql"
+        else f"SUM(side * {quote(f'm_{name}')}) <> 0"
+        for name in names
+    )
+    found = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {group}, {sums} FROM ({sql}) AS sides GROUP BY {group} HAVING {off} LIMIT %s",  # noqa: S608
+            [*params, limit],
+        )
+        for row in cursor.fetchall():
+            values = dict(zip(keys, row[: len(keys)], strict=True))
+            differences = {name: value for name, value in zip(names, row[len(keys) :], strict=True) if value}
+            found.append(LevelMismatch(level, values, differences))
+    return found
+
+
+def spender_bounds(
+    *, kind: str, since: datetime | None, until: datetime | None, limit: int, offset: int = 0
+) -> list[tuple[int, int]]:
+    """``(payer id, bound)`` of the users (``kind="user"``: their own wallet's usage) or the
+    organizations who were charged for usage in the months ``[since, until)`` touches, the
+    highest bound first (then by id): a bound is the charge of those whole months, so no less
+    than the charge within ``[since, until)`` (charges are never negative). Rows ``offset`` to
+    ``offset + limit`` of that order."""
+    field = "user_id" if kind == "user" else "organization_id"
+    months = SpenderMonthRollup.objects.filter(
+        _range("month", floor_month(since) if since is not None else None, until), **{f"{field}__isnull": False}
+    )
+    rows = months.values(field).annotate(bound=Sum("charge")).filter(bound__gt=0).order_by("-bound", field)
+    return [(payer, int(bound)) for payer, bound in rows.values_list(field, "bound")[offset : offset + limit]]

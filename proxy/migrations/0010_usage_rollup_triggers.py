@@ -139,10 +139,12 @@ def reverse(apps, schema_editor):
 
 def backfill(apps, schema_editor):
     # After the triggers: the rebuild locks the rollups, so a request settling meanwhile is
-    # counted once (see proxy.rollups.rebuild).
+    # counted once (see proxy.rollups.rebuild). The coarser levels come later (0012).
     from proxy.rollups import rebuild
 
-    rebuild(records=apps.get_model("proxy", "UsageRecord"), rollups=apps.get_model("proxy", "UsageRollup"))
+    rebuild(
+        records=apps.get_model("proxy", "UsageRecord"), rollups=apps.get_model("proxy", "UsageRollup"), levels=False
+    )
 
 
 class Migration(migrations.Migration):

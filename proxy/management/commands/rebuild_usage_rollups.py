@@ -1,5 +1,7 @@
 """``manage.py rebuild_usage_rollups [--since …] [--until …]``: recompute the hourly usage rollups
-from the raw usage records (``proxy.rollups.rebuild``), a day at a time.
+from the raw usage records (``proxy.rollups.rebuild``), a day at a time; then the coarser levels
+(days, the operator's hours and days, the spenders' months) of those days from the hourly rows
+(``proxy.rollups.rebuild_levels``), a month at a time; then folds the journal.
 
 The triggers keep the rollups exact as records change; this is the repair and backfill tool
 (after restoring raw rows, or loading them with triggers off). Each day is one transaction that
@@ -14,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
 from proxy.models import UsageRecord
-from proxy.rollups import ceil_hour, floor_hour, rebuild
+from proxy.rollups import ceil_hour, ceil_month, floor_hour, fold, rebuild, rebuild_levels
 
 STEP = timedelta(days=1)
 
@@ -50,8 +52,17 @@ class Command(BaseCommand):
         start, written, deleted = floor_hour(since), 0, 0
         while start < until:
             end = min(start + STEP, until)
-            gone, made = rebuild(since=start, until=end)
+            gone, made = rebuild(since=start, until=end, levels=False)
             deleted, written = deleted + gone, written + made
             self.stdout.write(f"  {start:%Y-%m-%d %H}:00 → {end:%Y-%m-%d %H:%M}: {made} rollup rows")
             start = ceil_hour(end)
+        # The coarser levels from the rebuilt hours, a month at a time (each derives whole days,
+        # and the spenders whole months, from the hourly rows).
+        start = floor_hour(since)
+        while start < until:
+            end = min(ceil_month(start + timedelta(microseconds=1)), until)
+            made = rebuild_levels(since=start, until=end)
+            self.stdout.write(f"  levels {start:%Y-%m-%d} → {end:%Y-%m-%d %H:%M}: {made} rows")
+            start = end
+        self.stdout.write(f"Folded {fold()} journal row(s) into the operator rollups.")
         self.stdout.write(self.style.SUCCESS(f"Rebuilt usage rollups: {written} rows written, {deleted} replaced."))

@@ -14,6 +14,9 @@ last ``--settle-delay`` seconds are left for the next run, since the lookup lags
 Each record is looked up at the upstream that served it (its ``upstream``; records from before
 there were several upstreams name none and belong to the default upstream), with that
 upstream's key and certificates; upstreams of other kinds have no lookup.
+
+Each run also folds the usage rollups' journal into the operator-wide levels the staff dashboard
+reads (``proxy.rollups.fold``); the dashboard warns when the journal holds rows no run folded.
 """
 
 from datetime import timedelta
@@ -21,7 +24,7 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from proxy import upstream
+from proxy import rollups, upstream
 from proxy.models import DEFAULT_UPSTREAM, Upstream, UpstreamKind, UsageRecord
 from proxy.reconcile import estimate_reconcile, estimates_to_reconcile, hold_reconcile
 from wallet.models import Hold, HoldStatus
@@ -66,6 +69,9 @@ class Command(BaseCommand):
             self.stdout.write(hold_reconcile(hold=hold, generation=generation))
             handled += 1
         self.stdout.write(f"reconciled {handled} expired hold(s)")
+        # The operator-wide usage rollups' journal, folded in (``proxy.rollups.fold``): this
+        # command is the one operators already run every few minutes.
+        self.stdout.write(f"folded {rollups.fold()} usage journal row(s) into the operator rollups")
         if not targets:
             return  # no generation lookup upstream: an estimate is the final word, as API.md says
         checked = 0
