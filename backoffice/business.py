@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
+from django.contrib.auth import get_user_model
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDay, TruncMonth, TruncWeek
 
 from core.money import usd_to_nanos
+from orgs.models import Organization
 from payments.models import Payment, PaymentStatus
 from proxy import rollups
 from wallet.models import Entry, EntryKind, Wallet
@@ -153,6 +155,9 @@ _PAYERS = {
     ),
 }
 
+# The model naming each kind of payer.
+_NAMED = {"user": get_user_model(), "organization": Organization}
+
 
 def top_spenders(
     *, kind: str = "user", since: datetime | None = None, until: datetime | None = None, limit: int = 10
@@ -163,12 +168,13 @@ def top_spenders(
     ``spent`` (nanodollars). A member's requests billed to an organization count for the
     organization, not for the member.
 
-    Exact without summing every payer's period: candidates come in the order of their usage over
-    the whole months the period touches (``rollups.spender_bounds``, an upper bound of their
-    usage in it), their exact usage in the period is read a batch at a time (``rollups.totals``:
-    days, edge hours, raw edges), and the search stops when the ``limit``-th exact figure beats the
-    next candidate's bound. Payers with tool charges in the period (ledger entries, few) are all
-    measured first, so the bound of every payer left is their usage bound alone."""
+    Exact without summing every payer's period (a threshold search): the biggest spenders of
+    each month the period touches are read from the top (``rollups.spender_candidates``), their
+    exact usage in the period is measured (``rollups.totals``: days, edge hours, raw edges), and
+    the search stops when the ``limit``-th exact figure beats the bound of every payer not read
+    (the sum of each month's smallest figure read); otherwise it reads twice as many per month.
+    Payers with tool charges in the period (ledger entries, few; a partial index finds them) are
+    all measured first, so the bound of every payer left is their usage alone."""
     usage_filter, usage_fields, tools_filter, tools_fields, row_of = _PAYERS[kind]
     payer = usage_fields[0]
     tools: dict[int, int] = {}
@@ -188,15 +194,13 @@ def top_spenders(
         usage.update(dict.fromkeys(ids, 0))
         rows = rollups.totals(
             measures=["charge"],
-            keys={field: field for field in usage_fields},
+            keys={payer: payer},
             where=usage_filter & Q(**{f"{payer}__in": ids}),
             since=since,
             until=until,
         )
         for row in rows:
-            names = [row[field] for field in usage_fields]
-            usage[names[0]] = row["charge"]
-            naming[names[0]] = row_of(*names)
+            usage[row[payer]] = row["charge"]
 
     def ranked() -> list[tuple[int, int]]:
         spent = ((usage.get(p, 0) + tools.get(p, 0), p) for p in usage.keys() | tools.keys())
@@ -204,22 +208,23 @@ def top_spenders(
 
     if tools:
         measure(list(tools))
-    offset, batch = 0, max(limit * 4, 40)
+    per_month = max(limit * 4, 40)
     while True:
-        candidates = rollups.spender_bounds(kind=kind, since=since, until=until, limit=batch + 1, offset=offset)
-        page = candidates[:batch]
-        measure([p for p, _ in page if p not in usage])
-        if len(candidates) <= batch:
-            break  # no candidate left
-        offset += batch
+        bounds, rest = rollups.spender_candidates(kind=kind, since=since, until=until, per_month=per_month)
+        measure([p for p in bounds if p not in usage])
         best = ranked()
-        # Ties go to the lower id: an unseen payer whose bound equals the last figure could rank
-        # above it, so only a strictly greater figure settles the list.
-        if len(best) >= limit and best[limit - 1][0] > candidates[batch][1]:
+        # A payer not read spent at most ``rest`` (no tool charges: those payers were measured
+        # first). Ties go to the lower id, so only a strictly greater figure settles the list.
+        if rest == 0 or (len(best) >= limit and best[limit - 1][0] > rest):
             break
-        batch *= 2
-    # Every payer in it spent: usage (named by its totals) or tool charges (named by theirs).
+        per_month *= 2
     top = ranked()[:limit]
+    unnamed = [p for _, p in top if p not in naming]
+    if unnamed:
+        # Named once, for the few shown (not joined into every rollup row read).
+        fields = [field.split("__", 1)[1] for field in usage_fields[1:]]
+        for pk, *names in _NAMED[kind].objects.filter(pk__in=unnamed).values_list("pk", *fields):
+            naming[pk] = row_of(pk, *names)
     return [{**naming[p], "usage": usage.get(p, 0), "tools": tools.get(p, 0), "spent": amount} for amount, p in top]
 
 

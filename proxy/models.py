@@ -16,6 +16,7 @@ describe (it has no row of its own); ``Upstream`` rows are the others, added by 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
+from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
@@ -485,10 +486,13 @@ class UsageSums(models.Model):
 
 
 class UsageDayRollup(UsageSums):
-    """``UsageRollup`` by UTC day instead of hour (same keys, same sums): a user's or an
-    organization's totals over whole days read one row per day × model × key × agent. Written by
-    the same triggers in the same statement (migration 0012): its rows are per user, and a user's
-    settlements already take turns on their wallet row, so they add no contention."""
+    """The usage of one UTC day × user × organization billed × requested model: ``UsageRollup``
+    by day, without the API key and agent label (which multiply a busy user's rows several times
+    over and which few totals ask for — those read the hours). A user's or an organization's
+    totals over whole days read at most one row per day and model. Written by the same triggers
+    in the same statement (migration 0012): its rows are per user, and a user's settlements
+    already take turns on their wallet row (an organization's on its), so they add no
+    contention."""
 
     day = models.DateTimeField(help_text="the UTC day (its midnight) the requests were made in")
     user = models.ForeignKey(
@@ -503,8 +507,73 @@ class UsageDayRollup(UsageSums):
         db_index=False,
         db_constraint=False,
     )
-    api_key = models.ForeignKey(
-        "accounts.ApiKey",
+    model = models.CharField(max_length=200, help_text="model the client asked for")
+
+    class Meta:
+        constraints = [
+            # Leads with the user: a user's own totals are one range of this index.
+            models.UniqueConstraint(
+                models.F("user"),
+                models.F("day"),
+                Coalesce(models.F("organization"), models.Value(0)),
+                models.F("model"),
+                name="usagedayrollup_one_row_per_group",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["day"]),  # grouped by user or organization over a period
+            models.Index(fields=["organization", "day"]),  # an organization's
+        ]
+
+    def __str__(self):
+        return f"{self.day:%Y-%m-%d} user {self.user_id} {self.model}: {self.requests}"
+
+
+class UserDayRollup(UsageSums):
+    """The usage of one UTC day × user × organization billed, all models together: a user's (or an
+    organization's member's) spending per day reads one row a day (``UsageDayRollup`` has one
+    per model). Written by the triggers like it."""
+
+    day = models.DateTimeField(help_text="the UTC day (its midnight) the requests were made in")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                models.F("user"),
+                models.F("day"),
+                Coalesce(models.F("organization"), models.Value(0)),
+                name="userdayrollup_one_row_per_group",
+            ),
+        ]
+        indexes = [models.Index(fields=["organization", "day"])]
+
+    def __str__(self):
+        return f"{self.day:%Y-%m-%d} user {self.user_id}: {self.requests}"
+
+
+class UserMonthRollup(UsageSums):
+    """The usage of one UTC calendar month × user × organization billed × requested model: a
+    user's all-time totals by model read a few rows per model. Written by the triggers like
+    ``UsageDayRollup``."""
+
+    month = models.DateTimeField(help_text="the first instant (UTC) of the month")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
         null=True,
         blank=True,
         on_delete=models.PROTECT,
@@ -513,27 +582,21 @@ class UsageDayRollup(UsageSums):
         db_constraint=False,
     )
     model = models.CharField(max_length=200, help_text="model the client asked for")
-    agent = models.CharField(max_length=200, blank=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(
                 models.F("user"),
-                models.F("day"),
+                models.F("month"),
                 Coalesce(models.F("organization"), models.Value(0)),
-                Coalesce(models.F("api_key"), models.Value(0)),
                 models.F("model"),
-                models.F("agent"),
-                name="usagedayrollup_one_row_per_group",
+                name="usermonthrollup_one_row_per_group",
             ),
         ]
-        indexes = [
-            models.Index(fields=["day"]),  # grouped by user, organization or agent over a period
-            models.Index(fields=["organization", "day"]),  # an organization's
-        ]
+        indexes = [models.Index(fields=["organization", "month"])]
 
     def __str__(self):
-        return f"{self.day:%Y-%m-%d} user {self.user_id} {self.model}: {self.requests}"
+        return f"{self.month:%Y-%m} user {self.user_id} {self.model}: {self.requests}"
 
 
 class ModelHourRollup(UsageSums):
@@ -615,6 +678,18 @@ class SpenderMonthRollup(models.Model):
                 Coalesce(models.F("user"), models.Value(0)),
                 Coalesce(models.F("organization"), models.Value(0)),
                 name="spendermonthrollup_one_row_per_payer",
+            ),
+        ]
+        indexes = [
+            # The biggest spenders of a month, read from the top (``rollups.spender_candidates``):
+            # users and organizations apart, each read without stepping over the other.
+            models.Index(
+                fields=["month", "-charge"], condition=Q(user__isnull=False), name="spendermonth_user_charge_idx"
+            ),
+            models.Index(
+                fields=["month", "-charge"],
+                condition=Q(organization__isnull=False),
+                name="spendermonth_org_charge_idx",
             ),
         ]
 

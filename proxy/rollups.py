@@ -55,6 +55,8 @@ from .models import (
     UsageRecord,
     UsageRollup,
     UsageStatus,
+    UserDayRollup,
+    UserMonthRollup,
 )
 
 HOUR = timedelta(hours=1)
@@ -109,9 +111,14 @@ class UtcMonth(models.Func):
         return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 7) || '-01 00:00:00'")
 
 
-# Time buckets a day level can answer: each groups whole UTC days (the product's TIME_ZONE is
-# UTC). Any other callable key (an hour bucket) reads the hourly levels.
-DAY_BUCKETS = frozenset({TruncDate, TruncDay, TruncWeek, TruncMonth, TruncQuarter, TruncYear})
+# The key fields the per-user day and month levels keep (not the API key, not the agent label).
+DAY_FIELDS = frozenset({"user", "organization", "model"})
+# Time buckets a level of each grain can answer: each groups whole UTC days or months (the
+# product's TIME_ZONE is UTC). Any other callable key (an hour bucket) reads the hourly levels.
+BUCKETS = {
+    "day": frozenset({TruncDate, TruncDay, TruncWeek, TruncMonth, TruncQuarter, TruncYear}),
+    "month": frozenset({TruncMonth, TruncQuarter, TruncYear}),
+}
 DAY = timedelta(days=1)
 
 
@@ -179,6 +186,22 @@ def ceil_month(moment: datetime) -> datetime:
     )
 
 
+GRAINS = {"month": (floor_month, ceil_month), "day": (floor_day, ceil_day), "hour": (floor_hour, ceil_hour)}
+
+# Where a total's whole months, days and hours are read, coarsest first; for each grain the first
+# level that keeps every field the total names and answers its time buckets (``totals``).
+USER_LEVELS: list[tuple[str, Any, frozenset[str]]] = [
+    ("month", UserMonthRollup, DAY_FIELDS),
+    ("day", UserDayRollup, frozenset({"user", "organization"})),
+    ("day", UsageDayRollup, DAY_FIELDS),
+    ("hour", UsageRollup, frozenset(KEY_FIELDS)),
+]
+# Operator-wide (no ``where``, grouped by model and time buckets at most), plus the journal.
+OPERATOR_LEVELS: list[tuple[str, Any, frozenset[str]]] = [
+    ("day", ModelDayRollup, frozenset({"model"})),
+    ("hour", ModelHourRollup, frozenset({"model"})),
+]
+
 # A group key: a path both tables have (``"model"``, ``"user__email"``, ``"organization__slug"``)
 # or a time bucket, a ``Trunc``-like class applied to the hour (rollups) and ``created_at`` (raw).
 Key = str | Callable[[str], Any]
@@ -197,62 +220,47 @@ def totals(
     and ``Decimal`` USD for ``upstream_cost``. Unordered; without ``keys``, one row (zeros when
     nothing matched). Exactly what aggregating the raw records would give, at any since/until.
 
-    Each part of the range is read from the coarsest level that covers it (see the module's
-    docstring): whole days from a day level, the whole hours at the edges from an hourly one, the
-    partial hours and the records in flight from the raw rows. The operator-wide levels (per
-    model, folded from the journal) serve totals with no ``where`` grouped by model and time
-    buckets only; the per-user levels every other total. A time bucket finer than a day (or
-    unknown) reads hours only."""
+    Each part of the range is read from the coarsest level that covers it (``_cover``): whole
+    months from a month level, the whole days left at the edges from a day level, the whole hours
+    left from an hourly one, the partial hours and the records in flight from the raw rows — one
+    statement, a ``UNION ALL``, one snapshot. For each grain the level is the first of
+    ``USER_LEVELS`` (or ``OPERATOR_LEVELS``, for totals with no ``where`` grouped by model and
+    time buckets at most: those add the journal's unfolded rows) that keeps every field the total
+    names and whose grain its time buckets fit; the hourly level always does."""
     keys = keys or {}
     where = where or Q()
-    start = ceil_hour(since) if since is not None else None
-    end = floor_hour(until) if until is not None else None
-    whole_hours = start is None or end is None or start < end
+    fields = _fields(where, keys)
+    operator = not where and fields <= {"model"}
+    levels: list[tuple[str, Any]] = []
+    for grain, model, kept in OPERATOR_LEVELS if operator else USER_LEVELS:
+        buckets_ok = all(isinstance(key, str) or grain == "hour" or key in BUCKETS[grain] for key in keys.values())
+        # The month level has a row per model: it pays only for totals that name the model (the
+        # others read a user's days: one row a day).
+        wanted = grain != "month" or "model" in fields
+        if fields <= kept and buckets_ok and wanted and grain not in dict(levels):
+            levels.append((grain, model))
+    segments = _cover(since, until, [grain for grain, _ in levels])
 
     raw = UsageRecord.objects.filter(where)
     if since is not None:
         raw = raw.filter(created_at__gte=since)
     if until is not None:
         raw = raw.filter(created_at__lt=until)
-    parts = []
+    # The partial hours at the edges, and what is in flight anywhere in the range.
+    edges = [_range("created_at", lo, hi) for grain, lo, hi in segments if grain == "raw"]
+    raw = raw.filter(reduce(operator_or, edges, _PENDING))
     sums = {name: MEASURES[name].rollup for name in measures}
-    if whole_hours:
-        # The edges' partial hours, and what is in flight in between.
-        in_raw = _PENDING
-        if start is not None:
-            in_raw |= Q(created_at__lt=start)
-        if end is not None:
-            in_raw |= Q(created_at__gte=end)
-        raw = raw.filter(in_raw)
-        operator = not where and all(key == "model" or callable(key) for key in keys.values())
-        day_start = ceil_day(since) if since is not None else None
-        day_end = floor_day(until) if until is not None else None
-        whole_days = all(isinstance(key, str) or key in DAY_BUCKETS for key in keys.values()) and (
-            day_start is None or day_end is None or day_start < day_end
-        )
-        if whole_days:
-            # The whole hours before the first whole day and after the last.
-            edges = []
-            if start is not None and day_start is not None and start < day_start:
-                edges.append(_range("hour", start, day_start))
-            if end is not None and day_end is not None and day_end < end:
-                edges.append(_range("hour", day_end, end))
-            hours = reduce(operator_or, edges) if edges else None
-            days = _range("day", day_start, day_end)
-        else:
-            hours = _range("hour", start, end)
-        if operator:
-            if whole_days:
-                parts.append(_grouped(ModelDayRollup.objects.filter(days), "day", keys, sums))
-            if hours is not None:
-                parts.append(_grouped(ModelHourRollup.objects.filter(hours), "hour", keys, sums))
-            # Not folded yet: every whole hour of the range (days and edges alike).
-            parts.append(_grouped(ModelRollupJournal.objects.filter(_range("hour", start, end)), "hour", keys, sums))
-        else:
-            if whole_days:
-                parts.append(_grouped(UsageDayRollup.objects.filter(where).filter(days), "day", keys, sums))
-            if hours is not None:
-                parts.append(_grouped(UsageRollup.objects.filter(where).filter(hours), "hour", keys, sums))
+    parts = []
+    for grain, model in levels:
+        covered = [_range(grain, lo, hi) for level, lo, hi in segments if level == grain]
+        if covered:
+            parts.append(_grouped(model.objects.filter(where).filter(reduce(operator_or, covered)), grain, keys, sums))
+    if operator:
+        # The journal's rows not folded yet, in every whole hour read from the levels.
+        rolled = [_range("hour", lo, hi) for grain, lo, hi in segments if grain != "raw"]
+        if rolled:
+            journal = ModelRollupJournal.objects.filter(reduce(operator_or, rolled))
+            parts.append(_grouped(journal, "hour", keys, sums))
     raw_part = _grouped(raw, "created_at", keys, {name: MEASURES[name].raw for name in measures})
     query = raw_part.union(*parts, all=True) if parts else raw_part
 
@@ -272,6 +280,43 @@ def totals(
     if not keys and not merged:
         merged[()] = {name: Decimal(0) if name in DECIMAL_MEASURES else 0 for name in measures}
     return list(merged.values())
+
+
+def _cover(since: datetime | None, until: datetime | None, grains: list[str]) -> list[tuple[str, Any, Any]]:
+    """``[since, until)`` cut into ``(grain, start, end)`` segments, the coarsest grain first: the
+    whole months (say) inside it, then the whole days of what is left at each edge, then the whole
+    hours, and the rest ``"raw"``. An open bound is ``None``."""
+    if not grains:
+        return [("raw", since, until)]
+    grain, finer = grains[0], grains[1:]
+    floor, ceil = GRAINS[grain]
+    start = ceil(since) if since is not None else None
+    end = floor(until) if until is not None else None
+    if start is not None and end is not None and start >= end:
+        return _cover(since, until, finer)
+    found: list[tuple[str, Any, Any]] = [(grain, start, end)]
+    if since is not None and start is not None and since < start:
+        found += _cover(since, start, finer)
+    if until is not None and end is not None and end < until:
+        found += _cover(end, until, finer)
+    return found
+
+
+def _fields(where: Q, keys: Mapping[str, Key]) -> set[str]:
+    """The key fields ``where`` and the string ``keys`` name (``"user__email"`` names ``user``)."""
+    names = {key for key in keys.values() if isinstance(key, str)}
+
+    def walk(node) -> None:
+        for child in node.children:
+            if isinstance(child, Q):
+                walk(child)
+            elif isinstance(child, tuple):
+                names.add(child[0])
+            else:  # an expression: which columns it reads is not known here, so none of the coarse levels
+                names.add("?")
+
+    walk(where)
+    return {name.split("__", 1)[0].removesuffix("_id") for name in names}
 
 
 def _range(field: str, start: datetime | None, end: datetime | None) -> Q:
@@ -438,6 +483,7 @@ def rebuild_levels(*, since: datetime | None = None, until: datetime | None = No
     one that waits has written no other level yet) and so is the day table the fold locks."""
     get = (apps or installed_apps).get_model
     hourly, by_day = get("proxy", "UsageRollup"), get("proxy", "UsageDayRollup")
+    user_days, user_months = get("proxy", "UserDayRollup"), get("proxy", "UserMonthRollup")
     model_hours, model_days = get("proxy", "ModelHourRollup"), get("proxy", "ModelDayRollup")
     journal, spenders = get("proxy", "ModelRollupJournal"), get("proxy", "SpenderMonthRollup")
     day_start = floor_day(since) if since is not None else None
@@ -452,8 +498,15 @@ def rebuild_levels(*, since: datetime | None = None, until: datetime | None = No
                 cursor.execute(f'LOCK TABLE "{model._meta.db_table}" IN SHARE ROW EXCLUSIVE MODE')
         hours = hourly.objects.filter(_range("hour", day_start, day_end))
         by_day.objects.filter(_range("day", day_start, day_end)).delete()
-        keys = {"day": UtcDay("hour"), **{name: F(name) for name in KEY_FIELDS}}
+        keys = {"day": UtcDay("hour"), **{name: F(name) for name in sorted(DAY_FIELDS)}}
         written += _insert_grouped(by_day, hours, keys, sums)
+        user_days.objects.filter(_range("day", day_start, day_end)).delete()
+        keys = {"day": UtcDay("hour"), "user": F("user"), "organization": F("organization")}
+        written += _insert_grouped(user_days, hours, keys, sums)
+        month_hours = hourly.objects.filter(_range("hour", month_start, month_end))
+        user_months.objects.filter(_range("month", month_start, month_end)).delete()
+        keys = {"month": UtcMonth("hour"), **{name: F(name) for name in sorted(DAY_FIELDS)}}
+        written += _insert_grouped(user_months, month_hours, keys, sums)
 
         journal.objects.filter(_range("hour", day_start, day_end)).delete()
         model_hours.objects.filter(_range("hour", day_start, day_end)).delete()
@@ -464,7 +517,7 @@ def rebuild_levels(*, since: datetime | None = None, until: datetime | None = No
         spenders.objects.filter(_range("month", month_start, month_end)).delete()
         written += _insert_grouped(
             spenders,
-            hourly.objects.filter(_range("hour", month_start, month_end)),
+            month_hours,
             {"month": UtcMonth("hour"), **_PAYER},
             {"charge": Sum("charge")},
             having=~Q(rollup_charge=0),
@@ -635,7 +688,10 @@ def level_discrepancies(
     journal = ModelRollupJournal.objects.filter(_range("hour", day_start, day_end))
     names = list(_ROLLUP_SUMS)
     sums = {name: Sum(name) for name in names}
-    day_keys: dict[str, Key] = {"day": UtcDay, **{name: _column(name) for name in KEY_FIELDS}}
+    day_keys: dict[str, Key] = {"day": UtcDay, **{name: _column(name) for name in sorted(DAY_FIELDS)}}
+    user_day_keys: dict[str, Key] = {"day": UtcDay, "user": "user_id", "organization": "organization_id"}
+    month_keys: dict[str, Key] = {"month": UtcMonth, **{name: _column(name) for name in sorted(DAY_FIELDS)}}
+    month_hours = UsageRollup.objects.filter(_range("hour", month_start, month_end))
     hour_model: dict[str, Key] = {"hour": UtcHour, "model": "model"}
     day_model: dict[str, Key] = {"day": UtcDay, "model": "model"}
     checks: list[tuple[str, list[tuple[Any, ...]], tuple[Any, ...]]] = [
@@ -643,6 +699,16 @@ def level_discrepancies(
             "day",
             [(UsageDayRollup.objects.filter(_range("day", day_start, day_end)), "day", day_keys, sums, 1)],
             (hours, day_keys, sums),
+        ),
+        (
+            "user day",
+            [(UserDayRollup.objects.filter(_range("day", day_start, day_end)), "day", user_day_keys, sums, 1)],
+            (hours, user_day_keys, sums),
+        ),
+        (
+            "month",
+            [(UserMonthRollup.objects.filter(_range("month", month_start, month_end)), "month", month_keys, sums, 1)],
+            (month_hours, month_keys, sums),
         ),
         (
             "model hour",
@@ -715,17 +781,60 @@ def _compare(level: str, parts: list, keys: list[str], names: list[str], limit: 
     return found
 
 
-def spender_bounds(
-    *, kind: str, since: datetime | None, until: datetime | None, limit: int, offset: int = 0
-) -> list[tuple[int, int]]:
-    """``(payer id, bound)`` of the users (``kind="user"``: their own wallet's usage) or the
-    organizations who were charged for usage in the months ``[since, until)`` touches, the
-    highest bound first (then by id): a bound is the charge of those whole months, so no less
-    than the charge within ``[since, until)`` (charges are never negative). Rows ``offset`` to
-    ``offset + limit`` of that order."""
+def spender_candidates(
+    *, kind: str, since: datetime | None, until: datetime | None, per_month: int
+) -> tuple[dict[int, int], int]:
+    """The biggest spenders of each month ``[since, until)`` touches, for the exact top-spenders
+    search (``backoffice.business.top_spenders``): users (``kind="user"``: their own wallet's
+    usage) or organizations. Reads the ``per_month`` biggest of each month (one statement, each
+    month one range of the ``(month, -charge)`` index) and returns ``(bounds, rest)``:
+
+    * ``bounds``: each payer read → an upper bound of their usage charge in ``[since, until)``:
+      their charge in the months they were read in, plus the smallest charge read in each other
+      month (they were not above it there);
+    * ``rest``: an upper bound for every payer not read: the sum of those smallest charges (0
+      when every month's list was complete, so every payer was read).
+
+    Bounds, not totals, because a month is wider than the period; exact because charges are never
+    negative."""
     field = "user_id" if kind == "user" else "organization_id"
-    months = SpenderMonthRollup.objects.filter(
-        _range("month", floor_month(since) if since is not None else None, until), **{f"{field}__isnull": False}
-    )
-    rows = months.values(field).annotate(bound=Sum("charge")).filter(bound__gt=0).order_by("-bound", field)
-    return [(payer, int(bound)) for payer, bound in rows.values_list(field, "bound")[offset : offset + limit]]
+    months = _months(since, until)
+    if not months:
+        return {}, 0
+    table = _table(SpenderMonthRollup)
+    parts, params = [], []
+    for index, month in enumerate(months):
+        parts.append(
+            f"SELECT * FROM (SELECT {index} AS part, {field}, charge FROM {table} "  # noqa: S608
+            f"WHERE month = %s AND {field} IS NOT NULL AND charge > 0 "
+            f"ORDER BY charge DESC, {field} LIMIT %s) AS m{index}"
+        )
+        params += [connection.ops.adapt_datetimefield_value(month), per_month]
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        rows = cursor.fetchall()
+    read: list[dict[int, int]] = [{} for _ in months]
+    for part, payer, charge in rows:
+        read[part][payer] = int(charge)
+    # A month whose list is shorter than asked is complete: no payer left unread there.
+    cutoffs = [min(found.values()) if len(found) == per_month else 0 for found in read]
+    payers = set().union(*read)
+    bounds = {
+        payer: sum(found.get(payer, cutoff) for found, cutoff in zip(read, cutoffs, strict=True)) for payer in payers
+    }
+    return bounds, sum(cutoffs)
+
+
+def _months(since: datetime | None, until: datetime | None) -> list[datetime]:
+    """The first instants of the months ``[since, until)`` touches that have spender rows (an
+    open bound: as far as those rows go)."""
+    if since is None or until is None:
+        span = SpenderMonthRollup.objects.aggregate(first=models.Min("month"), last=models.Max("month"))
+        if span["first"] is None:
+            return []
+    month = floor_month(since) if since is not None else span["first"]
+    months = []
+    while (until is None and month <= span["last"]) or (until is not None and month < until):
+        months.append(month)
+        month = ceil_month(month + timedelta(microseconds=1))
+    return months

@@ -219,11 +219,12 @@ def test_the_dashboard_needs_one_query_per_panel(staff, business, django_assert_
     # payments 1, usage totals 1, tool charges 1, by day 1, by model 1, negative wallets 1, holds 1,
     # webhooks + alerts 2, the last ledger check's verdict 2 (its row, the newest entry id),
     # outbound webhooks (endpoints, given-up deliveries, alerts, the failing endpoints' list) 4,
-    # upstreams 1, the usage journal's oldest row 1, and the charts 10 (money per day: payments,
+    # upstreams 1, the usage journal's oldest row 1, and the charts 13 (money per day: payments,
     # usage, tool charges; by model 1; top spenders and top organizations: tool charges, the
-    # candidates' bounds, their usage each) — however many rows there are (more candidates than
-    # the first batch would add a pair of queries per doubled batch).
-    with django_assert_num_queries(26):
+    # months the spender rows reach, each month's biggest spenders, their usage — each — and the
+    # names of the users shown, as no tool charge named them) — however many rows there are (a
+    # search that must read deeper adds two queries per round).
+    with django_assert_num_queries(29):
         context = dashboard_context(request)
         list(context["negative_wallets"])
     assert context["money"].requests == 3

@@ -3,8 +3,10 @@
 The trigger function (PostgreSQL) and the three triggers (SQLite) of 0010 gain, after the hourly
 upsert and with the same sign (add NEW, subtract OLD):
 
-* the record's **day** row (``proxy_usagedayrollup``, same keys, UTC day): per user, so it waits
-  on no one a settlement does not already wait on (the user's or organization's wallet);
+* the record's **day** rows (``proxy_usagedayrollup``: UTC day × user × organization × model;
+  ``proxy_userdayrollup``: the same without the model) and its **month** row
+  (``proxy_usermonthrollup``: month × user × organization × model): per user, so they wait on no
+  one a settlement does not already wait on (the user's or organization's wallet);
 * its wallet owner's **month** row (``proxy_spendermonthrollup``: the user for their own wallet,
   the organization for requests billed to it), when the record charged something;
 * a **journal** row (``proxy_modelrollupjournal``: hour × model deltas) for the operator-wide
@@ -50,6 +52,7 @@ MONTH = {
     "sqlite": "substr({r}.created_at, 1, 7) || '-01 00:00:00'",
 }
 KEYS = ["user_id", "organization_id", "api_key_id", "model", "agent"]
+DAY_KEYS = ["user_id", "organization_id", "model"]
 GROUP = "COALESCE(organization_id, 0), COALESCE(api_key_id, 0), model, agent"
 
 
@@ -81,9 +84,25 @@ def statements(vendor: str, r: str, sign: str) -> list[str]:
     daily = _upsert(
         vendor,
         "proxy_usagedayrollup",
-        ["day", *KEYS, *SUMS],
-        [DAY[vendor].format(r=r), *keys, *sums],
-        f"(user_id, day, {GROUP})",
+        ["day", *DAY_KEYS, *SUMS],
+        [DAY[vendor].format(r=r), *(f"{r}.{column}" for column in DAY_KEYS), *sums],
+        "(user_id, day, COALESCE(organization_id, 0), model)",
+        SUMS,
+    )
+    user_day = _upsert(
+        vendor,
+        "proxy_userdayrollup",
+        ["day", "user_id", "organization_id", *SUMS],
+        [DAY[vendor].format(r=r), f"{r}.user_id", f"{r}.organization_id", *sums],
+        "(user_id, day, COALESCE(organization_id, 0))",
+        SUMS,
+    )
+    user_month = _upsert(
+        vendor,
+        "proxy_usermonthrollup",
+        ["month", *DAY_KEYS, *SUMS],
+        [MONTH[vendor].format(r=r), *(f"{r}.{column}" for column in DAY_KEYS), *sums],
+        "(user_id, month, COALESCE(organization_id, 0), model)",
         SUMS,
     )
     now = "now()" if vendor == "postgresql" else "CURRENT_TIMESTAMP"
@@ -105,7 +124,7 @@ def statements(vendor: str, r: str, sign: str) -> list[str]:
         ["charge"],
         when=f"{r}.charge <> 0",
     )
-    return [hourly, daily, journal, spender]
+    return [hourly, daily, user_day, user_month, journal, spender]
 
 
 def _body(vendor, r, sign):
@@ -172,6 +191,12 @@ def backfill(apps, schema_editor):
     from proxy.rollups import rebuild_levels
 
     rebuild_levels(apps=apps)
+    if schema_editor.connection.vendor == "postgresql":
+        # Planner statistics now, not at autovacuum's leisure: without them a user's totals
+        # read the day table through the wrong index.
+        tables = ("usagedayrollup", "userdayrollup", "usermonthrollup", "modelhourrollup", "modeldayrollup")
+        for name in (*tables, "spendermonthrollup"):
+            schema_editor.execute(f"ANALYZE proxy_{name}", params=None)
 
 
 class Migration(migrations.Migration):
