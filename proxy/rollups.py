@@ -135,6 +135,7 @@ _ZERO = Value(0, output_field=models.BigIntegerField())
 
 MEASURES: dict[str, Measure] = {
     "requests": Measure(Sum("requests"), Count("id")),
+    "records": Measure(Sum("requests"), Count("id")),  # (internal: whether a group has any)
     "refused": Measure(Sum("refused"), Count("id", filter=Q(status=UsageStatus.REFUSED))),
     "prompt_tokens": Measure(Sum("prompt_tokens"), Sum("prompt_tokens")),
     "completion_tokens": Measure(Sum("completion_tokens"), Sum("completion_tokens")),
@@ -249,7 +250,10 @@ def totals(
     # The partial hours at the edges, and what is in flight anywhere in the range.
     edges = [_range("created_at", lo, hi) for grain, lo, hi in segments if grain == "raw"]
     raw = raw.filter(reduce(operator_or, edges, _PENDING))
-    sums = {name: MEASURES[name].rollup for name in measures}
+    # Every level sums its records too (``records``): a group whose records all moved away (a
+    # correction changed their model) leaves rows that add up to nothing, and is no group.
+    counted = [*measures, "records"] if keys and "requests" not in measures else list(measures)
+    sums = {name: MEASURES[name].rollup for name in counted}
     parts = []
     for grain, model in levels:
         covered = [_range(grain, lo, hi) for level, lo, hi in segments if level == grain]
@@ -261,8 +265,9 @@ def totals(
         if rolled:
             journal = ModelRollupJournal.objects.filter(reduce(operator_or, rolled))
             parts.append(_grouped(journal, "hour", keys, sums))
-    raw_part = _grouped(raw, "created_at", keys, {name: MEASURES[name].raw for name in measures})
-    query = raw_part.union(*parts, all=True) if parts else raw_part
+    raw_part = _grouped(raw, "created_at", keys, {name: MEASURES[name].raw for name in counted})
+    # (The rollup part first: its columns' types convert every row, SQLite's decimals included.)
+    query = parts[0].union(*parts[1:], raw_part, all=True) if parts else raw_part
 
     merged: dict[tuple, dict] = {}
     for row in query:
@@ -270,16 +275,35 @@ def totals(
         target = merged.get(group)
         if target is None:
             target = merged[group] = {name: value for name, value in zip(keys, group, strict=True)}
-            target.update({name: Decimal(0) if name in DECIMAL_MEASURES else 0 for name in measures})
-        for name in measures:
+            target.update({name: Decimal(0) if name in DECIMAL_MEASURES else 0 for name in counted})
+        for name in counted:
             value = row[f"m_{name}"]
             if value is None:
                 continue
             # PostgreSQL sums bigints as numeric: ints on both databases.
-            target[name] += Decimal(value) if name in DECIMAL_MEASURES else int(value)
+            target[name] += _decimal(value) if name in DECIMAL_MEASURES else int(value)
     if not keys and not merged:
         merged[()] = {name: Decimal(0) if name in DECIMAL_MEASURES else 0 for name in measures}
-    return list(merged.values())
+    if not keys:
+        return list(merged.values())
+    found = [row for row in merged.values() if row.get("records", row.get("requests"))]
+    if "records" in counted and "requests" not in measures:
+        for row in found:
+            del row["records"]
+    return found
+
+
+# Rollup decimals have 15 places (nanodollars and finer).
+_PLACES = Decimal("1e-15")
+
+
+def _decimal(value) -> Decimal:
+    """A summed USD figure: PostgreSQL's numerics exactly; SQLite keeps decimals as binary floats
+    (Django reads its sums back to 15 significant digits, so parts of different sizes would add
+    up float noise below the columns' 15 places): rounded to those places."""
+    if connection.vendor == "sqlite":
+        return Decimal(repr(value) if isinstance(value, float) else value).quantize(_PLACES)
+    return Decimal(value)
 
 
 def _cover(since: datetime | None, until: datetime | None, grains: list[str]) -> list[tuple[str, Any, Any]]:
