@@ -718,22 +718,22 @@ def level_discrepancies(
     month_hours = UsageRollup.objects.filter(_range("hour", month_start, month_end))
     hour_model: dict[str, Key] = {"hour": UtcHour, "model": "model"}
     day_model: dict[str, Key] = {"day": UtcDay, "model": "model"}
+    # Per user: each level's rows are one per group already, so they are joined to the hourly
+    # rows grouped alike (a hash join) rather than grouped again.
+    per_user = [
+        ("day", UsageDayRollup.objects.filter(_range("day", day_start, day_end)), hours, day_keys),
+        ("user day", UserDayRollup.objects.filter(_range("day", day_start, day_end)), hours, user_day_keys),
+        ("month", UserMonthRollup.objects.filter(_range("month", month_start, month_end)), month_hours, month_keys),
+    ]
+    found: list[LevelMismatch] = []
+    for level, rows, reference, keys in per_user:
+        found += _compare_rows(
+            level, rows, _grouped(reference, "hour", keys, sums), list(keys), names, limit - len(found)
+        )
+        if len(found) >= limit:
+            return found
+    # Operator-wide: the folded rows and the journal's, grouped (few: hours or days × models).
     checks: list[tuple[str, list[tuple[Any, ...]], tuple[Any, ...]]] = [
-        (
-            "day",
-            [(UsageDayRollup.objects.filter(_range("day", day_start, day_end)), "day", day_keys, sums, 1)],
-            (hours, day_keys, sums),
-        ),
-        (
-            "user day",
-            [(UserDayRollup.objects.filter(_range("day", day_start, day_end)), "day", user_day_keys, sums, 1)],
-            (hours, user_day_keys, sums),
-        ),
-        (
-            "month",
-            [(UserMonthRollup.objects.filter(_range("month", month_start, month_end)), "month", month_keys, sums, 1)],
-            (month_hours, month_keys, sums),
-        ),
         (
             "model hour",
             [
@@ -751,7 +751,6 @@ def level_discrepancies(
             (hours, day_model, sums),
         ),
     ]
-    found: list[LevelMismatch] = []
     for level, sides, (reference, keys, reference_sums) in checks:
         parts = [_grouped(qs, moment, k, m).annotate(side=Value(sign)) for qs, moment, k, m, sign in sides]
         parts.append(_grouped(reference, "hour", keys, reference_sums).annotate(side=Value(-1)))
@@ -774,6 +773,49 @@ def level_discrepancies(
     found += _compare(
         "spender month", [spenders, paid], ["month", "user", "organization"], ["charge"], limit - len(found)
     )
+    return found
+
+
+def _compare_rows(level: str, rows, reference, keys: list[str], names: list[str], limit: int) -> list[LevelMismatch]:
+    """The groups where a level's ``rows`` (one per group) and the grouped ``reference`` (``k_*``,
+    ``m_*`` columns) differ, missing rows counting as zeros: one statement, a full outer join on
+    the keys (the nullable ids compared as 0, so the join can hash)."""
+    if limit <= 0:
+        return []
+    columns = {f"k_{name}": F(_column(name) if name in KEY_FIELDS else name) for name in keys}
+    mine = (
+        rows.order_by()
+        .annotate(**columns, **{f"m_{name}": F(name) for name in names})
+        .values(*columns, *(f"m_{n}" for n in names))
+    )
+    level_sql, level_params = mine.query.sql_with_params()
+    reference_sql, reference_params = reference.query.sql_with_params()
+    quote = connection.ops.quote_name
+
+    def key(side: str, name: str) -> str:
+        column = f"{side}.{quote(f'k_{name}')}"
+        return f"COALESCE({column}, 0)" if name in ("user", "organization", "api_key") else column
+
+    on = " AND ".join(f"{key('l', name)} = {key('h', name)}" for name in keys)
+    differences = [f"COALESCE(l.{quote(f'm_{n}')}, 0) - COALESCE(h.{quote(f'm_{n}')}, 0)" for n in names]
+    off = " OR ".join(
+        f"ABS({difference}) >= 0.0000000005"
+        if name in DECIMAL_MEASURES and connection.vendor != "postgresql"
+        else f"{difference} <> 0"
+        for name, difference in zip(names, differences, strict=True)
+    )
+    group = ", ".join(f"COALESCE(l.{quote(f'k_{name}')}, h.{quote(f'k_{name}')})" for name in keys)
+    found = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {group}, {', '.join(differences)} FROM ({level_sql}) AS l "  # noqa: S608
+            f"FULL OUTER JOIN ({reference_sql}) AS h ON {on} WHERE {off} LIMIT %s",
+            [*level_params, *reference_params, limit],
+        )
+        for row in cursor.fetchall():
+            values = dict(zip(keys, row[: len(keys)], strict=True))
+            off_by = {name: value for name, value in zip(names, row[len(keys) :], strict=True) if value}
+            found.append(LevelMismatch(level, values, off_by))
     return found
 
 

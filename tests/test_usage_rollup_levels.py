@@ -211,6 +211,16 @@ def test_every_level_reads_the_raw_aggregates_across_hour_day_and_month_edges_fo
     assert [rollups.totals(measures=MEASURES, where=Q(organization=org), since=s, until=u) for s, u in windows] == mine
     assert rollups.discrepancies() == []
 
+    # A level row that is off, one missing and one too many are each named.
+    off = UserDayRollup.objects.order_by("pk").first()
+    UserDayRollup.objects.filter(pk=off.pk).update(charge=off.charge + 3)
+    gone = UserMonthRollup.objects.order_by("pk").first()
+    gone.delete()
+    ModelDayRollup.objects.create(day=rollups.floor_day(END), model="m/none", requests=2)
+    found = {(m.level, m.differences.get("charge"), m.differences.get("requests")) for m in rollups.discrepancies()}
+    assert ("user day", 3, None) in found and ("model day", None, 2) in found
+    assert ("month", -gone.charge or None, -gone.requests) in found
+
 
 @pytest.mark.django_db
 def test_the_top_spenders_search_finds_exactly_what_summing_everyone_gives(monkeypatch):
