@@ -700,10 +700,13 @@ class LevelMismatch:
 def level_discrepancies(
     *, since: datetime | None = None, until: datetime | None = None, limit: int = 100
 ) -> list[LevelMismatch]:
-    """Rows of the coarser levels that are not the sums of the hourly rows they stand for, over
-    the whole days (months, for the spenders) ``[since, until)`` touches (default: all): the day
-    level, the operator's hours and days (folded rows plus the journal), the spenders' months.
-    One statement per level, so each compares one snapshot."""
+    """Rows of the coarser levels that are not the sums of the finer rows they stand for, over the
+    whole days (months, for the month levels) ``[since, until)`` touches (default: all): the day
+    level against the hourly rows, the user days and months against the day level, the
+    operator's hours and days (folded rows plus the journal) against the hourly rows, the
+    spenders' months against the user days — each level exact if the finer one is, and each
+    compared with the smallest finer level. One statement per level, so each compares one
+    snapshot."""
     day_start = floor_day(since) if since is not None else None
     day_end = ceil_day(until) if until is not None else None
     month_start = floor_month(since) if since is not None else None
@@ -715,21 +718,24 @@ def level_discrepancies(
     day_keys: dict[str, Key] = {"day": UtcDay, **{name: _column(name) for name in sorted(DAY_FIELDS)}}
     user_day_keys: dict[str, Key] = {"day": UtcDay, "user": "user_id", "organization": "organization_id"}
     month_keys: dict[str, Key] = {"month": UtcMonth, **{name: _column(name) for name in sorted(DAY_FIELDS)}}
-    month_hours = UsageRollup.objects.filter(_range("hour", month_start, month_end))
     hour_model: dict[str, Key] = {"hour": UtcHour, "model": "model"}
     day_model: dict[str, Key] = {"day": UtcDay, "model": "model"}
     # Per user: each level's rows are one per group already, so they are joined to the hourly
     # rows grouped alike (a hash join) rather than grouped again.
+    # The day level against the hours; the user days and months against the day level (exact
+    # by transitivity, and fewer rows to group wherever a user's day has several hours).
+    days = UsageDayRollup.objects.filter(_range("day", day_start, day_end))
+    month_days = UsageDayRollup.objects.filter(_range("day", month_start, month_end))
+    months = UserMonthRollup.objects.filter(_range("month", month_start, month_end))
     per_user = [
-        ("day", UsageDayRollup.objects.filter(_range("day", day_start, day_end)), hours, day_keys),
-        ("user day", UserDayRollup.objects.filter(_range("day", day_start, day_end)), hours, user_day_keys),
-        ("month", UserMonthRollup.objects.filter(_range("month", month_start, month_end)), month_hours, month_keys),
+        ("day", days, (hours, "hour"), day_keys),
+        ("user day", UserDayRollup.objects.filter(_range("day", day_start, day_end)), (days, "day"), user_day_keys),
+        ("month", months, (month_days, "day"), month_keys),
     ]
     found: list[LevelMismatch] = []
-    for level, rows, reference, keys in per_user:
-        found += _compare_rows(
-            level, rows, _grouped(reference, "hour", keys, sums), list(keys), names, limit - len(found)
-        )
+    for level, rows, (reference, moment), keys in per_user:
+        grouped = _grouped(reference, moment, keys, sums)
+        found += _compare_rows(level, rows, grouped, list(keys), names, limit - len(found))
         if len(found) >= limit:
             return found
     # Operator-wide: the folded rows and the journal's, grouped (few: hours or days × models).
@@ -764,9 +770,10 @@ def level_discrepancies(
         {**month, "user": "user_id", "organization": "organization_id"},
         {"charge": Sum("charge")},
     ).annotate(side=Value(1))
+    # Against the user days (one row per payer's day), themselves checked against the days.
     paid = _grouped(
-        UsageRollup.objects.filter(_range("hour", month_start, month_end)),
-        "hour",
+        UserDayRollup.objects.filter(_range("day", month_start, month_end)),
+        "day",
         {**month, **{name: (lambda expression: lambda moment: expression)(value) for name, value in _PAYER.items()}},
         {"charge": Sum("charge")},
     ).annotate(side=Value(-1))
