@@ -7,6 +7,7 @@ count a delta twice or miss one — in any snapshot."""
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 from datetime import UTC, datetime, timedelta
@@ -416,3 +417,25 @@ def test_folds_racing_parallel_settlements_never_count_a_delta_twice_or_miss_one
     kept = level_rows()
     rollups.rebuild_levels()
     assert level_rows() == kept
+
+
+@pytest.mark.django_db
+def test_the_dashboard_warns_when_nothing_folds_the_journal_and_reconcile_holds_folds_it():
+    from django.core.management import call_command
+    from django.test import Client
+
+    staff = make_user("staff@example.com", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(staff)
+    alice = make_user("alice@example.com")
+    UsageRecord.objects.create(request_id="r1", user=alice, model="m/a", status=UsageStatus.OK, charge=5)
+    assert 'data-attention="rollup-fold"' not in client.get("/admin/").content.decode()  # just written
+    ModelRollupJournal.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    assert 'data-attention="rollup-fold"' in client.get("/admin/").content.decode()
+    out = io.StringIO()
+    call_command("reconcile_holds", stdout=out)
+    assert "folded 1 usage journal row(s)" in out.getvalue()
+    assert not ModelRollupJournal.objects.exists()
+    assert 'data-attention="rollup-fold"' not in client.get("/admin/").content.decode()
+    (total,) = rollups.totals(measures=["requests", "charge"])
+    assert total == {"requests": 1, "charge": 5}
