@@ -369,31 +369,48 @@ def _grouped(queryset, moment: str, keys: Mapping[str, Key], sums: dict[str, Any
 # --- folding the journal -------------------------------------------------------------------------
 
 
-def fold() -> int:
-    """Move every committed journal row into the operator-wide levels (``ModelHourRollup``,
-    ``ModelDayRollup``); returns how many it moved.
+FOLD_BATCH = 50_000
 
-    One transaction that deletes the rows it adds: in any snapshot a journal delta is either
-    still in the journal or in the folded rows, never both or neither, and readers sum both in
-    one statement. On PostgreSQL it is one statement (``WITH moved AS (DELETE … RETURNING …)``,
-    grouped into the two tables with ``ON CONFLICT … DO UPDATE``); rows a settlement has not
-    committed yet are not in its snapshot and stay for the next fold. Folds (and
-    ``rebuild_levels``) take turns on a table lock, so two never update the same rows in
-    different orders. On SQLite (one writer at a time) three statements in one transaction,
-    bounded by the highest journal id it saw.
+
+def fold(*, batch: int = FOLD_BATCH) -> int:
+    """Move every committed journal row into the operator-wide levels (``ModelHourRollup``,
+    ``ModelDayRollup``), the oldest ``batch`` at a time; returns how many it moved.
+
+    Each batch is one transaction that deletes the rows it adds: in any snapshot a journal delta
+    is either still in the journal or in the folded rows, never both or neither, and readers sum
+    both in one statement. On PostgreSQL a batch is one statement (``WITH moved AS (DELETE …
+    RETURNING …)``, grouped into the two tables with ``ON CONFLICT … DO UPDATE``); rows a
+    settlement has not committed yet are not in its snapshot and stay for the next batch or fold.
+    Folds (and ``rebuild_levels``) take turns on a table lock, so two never update the same rows
+    in different orders. On SQLite (one writer at a time) three statements in one transaction,
+    bounded by the highest journal id of the batch. (Batches keep a fold that catches up on a
+    long backlog from holding the lock, or its rows in memory, all at once.)
     """
+    moved = 0
+    while True:
+        with transaction.atomic():
+            done = _fold_batch(batch)
+        moved += done
+        if done < batch:
+            return moved
+
+
+def _fold_batch(batch: int) -> int:
     journal = _table(ModelRollupJournal)
     hours, days = _table(ModelHourRollup), _table(ModelDayRollup)
     names = list(_ROLLUP_SUMS)
     columns = ", ".join(names)
     summed = ", ".join(f"SUM({name})" for name in names)
-    with transaction.atomic(), connection.cursor() as cursor:
+    with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             added = ", ".join(f"{name} = t.{name} + excluded.{name}" for name in names)
             day = "date_trunc('day', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
             cursor.execute(f"LOCK TABLE {days} IN SHARE ROW EXCLUSIVE MODE")
             cursor.execute(
-                f"""WITH moved AS (DELETE FROM {journal} RETURNING hour, model, {columns}),
+                f"""WITH moved AS (
+                    DELETE FROM {journal} WHERE id IN (SELECT id FROM {journal} ORDER BY id LIMIT %s)
+                    RETURNING hour, model, {columns}
+                ),
                 hourly AS (
                     INSERT INTO {hours} AS t (hour, model, {columns})
                     SELECT hour, model, {summed} FROM moved GROUP BY hour, model
@@ -404,11 +421,12 @@ def fold() -> int:
                     SELECT {day}, model, {summed} FROM moved GROUP BY 1, 2
                     ON CONFLICT (day, model) DO UPDATE SET {added} RETURNING 1
                 )
-                SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily)"""  # noqa: S608
+                SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily)""",  # noqa: S608
+                [batch],
             )
             return int(cursor.fetchone()[0])
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in names)
-        cursor.execute(f"SELECT max(id), count(*) FROM {journal}")  # noqa: S608
+        cursor.execute(f"SELECT max(id), count(*) FROM (SELECT id FROM {journal} ORDER BY id LIMIT %s)", [batch])  # noqa: S608
         last, count = cursor.fetchone()
         if last is None:
             return 0
