@@ -198,6 +198,10 @@ _FAMILY_SQL = (
     f'LEFT JOIN "{Wallet._meta.db_table}" w ON w.user_id = u.id '
     "WHERE f.id = %s AND f.revoked_at IS NULL AND u.is_active LIMIT 1"
 )
+# A row is converted once when fetched (``adb.convert``: JSON parsed), so loading the principal
+# from a recent lookup costs no conversion; its instances share the row's converted values.
+_KEY_MODELS = (ApiKey, User, Wallet)
+_FAMILY_MODELS = (TokenFamily, User, Wallet)
 # Only the version that was read is touched: a key changed since (say, revoked) is read again.
 _TOUCH_SQL = (
     f'UPDATE "{ApiKey._meta.db_table}" SET last_used_at = %s WHERE id = %s AND xmin::text = %s '  # noqa: S608
@@ -244,8 +248,8 @@ def _forget(ident: str) -> None:
 
 
 def _user_with_wallet(row: tuple, start: int) -> User:
-    user, end = adb.load(User, row, start)
-    wallet, _ = adb.load(Wallet, row, end)
+    user, end = adb.load(User, row, start, converted=True)
+    wallet, _ = adb.load(Wallet, row, end, converted=True)
     if wallet is not None:
         user.wallet = wallet  # as select_related("user__wallet") caches it
     return user
@@ -290,7 +294,8 @@ async def _apg_principal(token: str | None, *, fetch, on_loop: bool, cached: boo
             if on_loop:
                 _forget(ident)
             raise AuthFailed("this session has been revoked", REVOKED)
-    _, end = adb.load(TokenFamily, row)
+        row = adb.convert(row, _FAMILY_MODELS)
+    _, end = adb.load(TokenFamily, row, converted=True)
     user = _user_with_wallet(row, end)
     if on_loop:
         _remember(ident, row, user)
@@ -306,9 +311,11 @@ async def _apg_key(token: str, fetch, on_loop: bool, cached: bool) -> Principal:
         row = _recalled(ident) if cached else None
         if row is None:
             row = await fetch(_KEY_SQL, [token[: ApiKey.PREFIX_LENGTH]])
+            if row is not None:
+                row = adb.convert(row, _KEY_MODELS)
         found: ApiKey | None = None
         if row is not None:
-            found, end = adb.load(ApiKey, row)
+            found, end = adb.load(ApiKey, row, converted=True)
             found.user = _user_with_wallet(row, end)
         key_version, user_version = row[-2:] if row is not None else (None, None)
         now = timezone.now()
@@ -326,7 +333,7 @@ async def _apg_key(token: str, fetch, on_loop: bool, cached: bool) -> Principal:
                 cached = False
                 continue
             key.last_used_at, key_version = now, touched[0]
-        elif on_loop:
+        elif on_loop and row is not None:  # (a key was found: it is the row's)
             _remember(ident, row, key.user)
         return Principal(
             user=key.user, api_key=key, unchanged=_unchanged(_KEY_UNCHANGED, key.pk, key_version, user_version)

@@ -458,6 +458,15 @@ async def _run_batch(batch: list[_Pending]) -> None:
 # --- rows and model instances -------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
+def _preparer():
+    """A wrapper of the default database that is never connected, for what converting values
+    needs from one (``ops``: JSON adapters, casts). Not ``connections["default"]``: on the event
+    loop that is a context-local, and each request runs in a context of its own, so the first
+    lookup in every request built a whole new ``DatabaseWrapper`` — measurable on each request."""
+    return connections.create_connection("default")
+
+
 def columns(model, alias: str) -> str:
     """The select list for every concrete field of ``model``, as ``load`` reads it back."""
     return ", ".join(f'{alias}."{field.column}"' for field in model._meta.concrete_fields)
@@ -470,20 +479,42 @@ def _loaders(model) -> tuple[list[str], list]:
     return [field.attname for field in fields], [(i, f) for i, f in enumerate(fields) if hasattr(f, "from_db_value")]
 
 
-def load(model, row: tuple, start: int = 0):
-    """A model instance from ``row[start:]`` as selected by ``columns``, converted as the ORM does;
-    returns ``(instance, index after its columns)``, or ``(None, …)`` for an outer join's NULLs."""
-    names, converted = _loaders(model)
+def load(model, row: tuple, start: int = 0, *, converted: bool = False):
+    """A model instance from ``row[start:]`` as selected by ``columns``, converted as the ORM does
+    (``converted``: the row has been through ``convert`` already); returns ``(instance, index
+    after its columns)``, or ``(None, …)`` for an outer join's NULLs."""
+    names, converters = _loaders(model)
     end = start + len(names)
     values = list(row[start:end])
     if values[0] is None:  # the primary key: nothing joined
         return None, end
-    if converted:
-        wrapper = connections["default"]
-        for index, field in converted:
-            if values[index] is not None:
-                values[index] = field.from_db_value(values[index], None, wrapper)
+    if converters and not converted:
+        _convert(values, converters)
     return model.from_db("default", names, values), end
+
+
+def convert(row: tuple, models: tuple) -> tuple:
+    """``row`` — the ``columns`` of each of ``models`` one after another, then anything else —
+    with every value converted as ``load`` converts it, for a caller that keeps a row and loads
+    instances from it many times (``load(…, converted=True)``): the conversion (JSON parsed, the
+    connection looked up) is then paid once per row, not once per instance. The instances loaded
+    from one converted row share its converted values (a JSON field's dict): treat them as read-only."""
+    values, start = list(row), 0
+    for model in models:
+        names, converters = _loaders(model)
+        if values[start] is not None and converters:
+            part = values[start : start + len(names)]
+            _convert(part, converters)
+            values[start : start + len(names)] = part
+        start += len(names)
+    return tuple(values)
+
+
+def _convert(values: list, converters: list) -> None:
+    wrapper = _preparer()
+    for index, field in converters:
+        if values[index] is not None:
+            values[index] = field.from_db_value(values[index], None, wrapper)
 
 
 # Field types whose attribute value psycopg already adapts exactly as the ORM's preparation would
@@ -534,14 +565,19 @@ def _cast(field, wrapper) -> str:
     return field.cast_db_type(wrapper)
 
 
+@lru_cache(maxsize=64)
+def _names(prefix: str, count: int) -> tuple[str, ...]:
+    """The parameters' names, ``<prefix><n>`` (as ``_marks`` writes them)."""
+    return tuple(f"{prefix}{i}" for i in range(count))
+
+
 def _params(instance, fields, slow, prefix: str, add: bool) -> dict:
-    wrapper = connections["default"]
-    return {
-        f"{prefix}{i}": field.get_db_prep_save(field.pre_save(instance, add), wrapper)
-        if needs
-        else getattr(instance, field.attname)
-        for i, (field, needs) in enumerate(zip(fields, slow, strict=True))
-    }
+    wrapper = _preparer()
+    values = [
+        field.get_db_prep_save(field.pre_save(instance, add), wrapper) if needs else getattr(instance, field.attname)
+        for field, needs in zip(fields, slow, strict=True)
+    ]
+    return dict(zip(_names(prefix, len(fields)), values, strict=True))
 
 
 # The SQL text depends only on the model, the fields and the names chosen, so it is built once

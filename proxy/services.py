@@ -21,7 +21,10 @@ number of attempts (``proxy.endpoints.request``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -266,6 +269,7 @@ def request_plan(
     routes: list[list[Route]] | None = None,
     media: Media | None = None,
     tiers: Tiers | None = None,
+    counters: bool = True,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
@@ -282,7 +286,8 @@ def request_plan(
     (``core.media``); what the upstream bills beyond the hold is still charged up to the price's
     overrun cap (``wallet.models.settlement_charge``). The fallback, when the request may take
     it, is priced the same way on its own routes (one hop: the client's ``models`` are not
-    offered with it); the spend caps reserve the model's amount.
+    offered with it); the spend caps reserve the model's amount. ``counters=False``: the caller
+    has found that no counter applies to this request (see ``_aplan``), so none is checked.
     """
     choice = choice_of(tiers or tiers_current(), model=meta.model, agent=meta.agent)
     models = _models_of(choice, meta, fallback_models)
@@ -318,6 +323,12 @@ def request_plan(
 
     if served.amount > MAX_HOLD:
         raise Refusal(400, "This request could cost more than any wallet can hold; ask for less output.")
+    if not counters:
+        # The caller found that no counter applies (``limits.uses_counters`` and
+        # ``member_uses_counters`` false): every check below would pass and move nothing, and the
+        # reservation would hold only the amount and the tokens. Most requests are such.
+        reservation = limits.Reservation(amount=served.amount, tokens=served.tokens_held(choices))
+        return Plan(choice, served, fallback, choices, reservation)
     user = meta.user
     limits.check_rpm(api_key=meta.api_key, now=now, user=user)
     parallel = limits.acquire_parallel(api_key=meta.api_key, user=user)
@@ -363,23 +374,25 @@ def _priced(
     choices: int,
     media: Media,
 ) -> Priced:
-    def prompt_for(price: ModelPrice) -> int:
-        return prompt_tokens_held(prompt_chars, media, allowance_for(price))
-
-    def hold_for(price: ModelPrice) -> int:
+    def held(price: ModelPrice) -> tuple[int, Rates, int]:
+        """What a hold at ``price`` is: its amount, the rates and the prompt estimate (each
+        worked out once per candidate: this runs on every request)."""
+        rates = rates_for(price)
+        prompt_tokens = prompt_tokens_held(prompt_chars, media, allowance_for(price))
         output = (requested_output or price.default_max_output) * choices
-        return hold_nanos(rates_for(price), prompt_tokens=prompt_for(price), max_output=output)
+        return hold_nanos(rates, prompt_tokens=prompt_tokens, max_output=output), rates, prompt_tokens
 
     # Any candidate upstream may end up serving it (failover), and with fallbacks any listed
     # model may answer: reserve for the dearest. (On a tie, the first choice's price.)
-    price = max((route.price for candidates in found for route in candidates), key=hold_for)
+    candidates = [(route.price, held(route.price)) for routes in found for route in routes]
+    price, (amount, rates, prompt_tokens) = max(candidates, key=lambda candidate: candidate[1][0])
     return Priced(
         model=models[0],
         price=price,
-        rates=rates_for(price),
-        prompt_tokens=prompt_for(price),
+        rates=rates,
+        prompt_tokens=prompt_tokens,
         max_output=requested_output or price.default_max_output,
-        amount=hold_for(price),
+        amount=amount,
         routes=found[0],
         overrun_cap=overrun_cap_for(price),
         models=models,
@@ -400,15 +413,43 @@ def fallback_count(choice: Choice, meta: RequestMeta, models: list[str]) -> int:
     return len(models) - 1 if meta.fallback_allowed and choice.fallback else len(models)
 
 
+# Per event loop: the cache refreshes in progress (``_refreshed``), by what they read.
+_refreshing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, asyncio.Future]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _refreshed(what: tuple, read: Callable[[], object]) -> None:
+    """Run ``read`` (which fills a per-process cache from the database) in a worker thread, once
+    however many requests find that cache stale at the same moment: the others wait for that
+    read instead of each making it in a thread of its own — under load, the moment a cache
+    expired used to send every request in flight to the worker threads at once."""
+    loop = asyncio.get_running_loop()
+    running = _refreshing.setdefault(loop, {})
+    future = running.get(what)
+    if future is None:
+        future = running[what] = asyncio.ensure_future(adb.in_thread(read)())
+        future.add_done_callback(lambda _: running.pop(what, None))
+    await asyncio.shield(future)
+
+
 async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
     """``request_plan`` on the event loop when it needs no I/O (tiers and routes cached, no
     cache counters for this key or run); otherwise in a worker thread, where the price table
-    and the cache (Redis, when configured) may be reached."""
+    and the cache (Redis, when configured) may be reached. Stale tiers and routes are read again
+    first, once for all the requests that need them (``_refreshed``)."""
     tiers = tiers_cached()
     routes = None
+    if tiers is None and settings.PROXY_PRICE_CACHE_SECONDS > 0:
+        await _refreshed(("tiers",), tiers_current)
+        tiers = tiers_cached()
     if tiers is not None:
         choice = choice_of(tiers, model=meta.model, agent=meta.agent)
-        routes = routes_cached(_models_of(choice, meta, kwargs.get("fallback_models")))
+        models = _models_of(choice, meta, kwargs.get("fallback_models"))
+        routes = routes_cached(models)
+        if routes is None:
+            await _refreshed(("routes", *models), lambda: [routes_current(model) for model in models])
+            routes = routes_cached(models)
     uses_counters = limits.uses_counters(
         api_key=meta.api_key,
         run=meta.run,
@@ -418,7 +459,7 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
     )
     if routes is None or uses_counters or limits.member_uses_counters(meta.membership):
         return await adb.in_thread(request_plan)(meta=meta, **kwargs)
-    return request_plan(meta=meta, routes=routes, tiers=tiers, **kwargs)
+    return request_plan(meta=meta, routes=routes, tiers=tiers, counters=False, **kwargs)
 
 
 async def _wallet_of(user) -> Wallet:

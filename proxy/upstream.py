@@ -41,6 +41,8 @@ import aiohttp
 import certifi
 import httpx
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 from core.money import loads_decimal
 
@@ -75,8 +77,11 @@ class UpstreamConfig:
         return self.name == DEFAULT_UPSTREAM
 
 
+@lru_cache(maxsize=1)
 def default() -> UpstreamConfig:
-    """The default upstream: the ``UPSTREAM_*`` settings, exactly as they were always read."""
+    """The default upstream: the ``UPSTREAM_*`` settings, exactly as they were always read.
+    Built once (a request asks for it several times); a change of those settings (tests'
+    ``override_settings``) builds it again (``_upstream_settings_changed``)."""
     return UpstreamConfig(
         name=DEFAULT_UPSTREAM,
         kind=settings.UPSTREAM_KIND,
@@ -87,6 +92,12 @@ def default() -> UpstreamConfig:
         read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
     )
+
+
+@receiver(setting_changed)
+def _upstream_settings_changed(*, setting: str, **kwargs) -> None:
+    if setting.startswith("UPSTREAM_"):
+        default.cache_clear()
 
 
 def config_of(row: Upstream) -> UpstreamConfig:
@@ -201,19 +212,34 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         limits = request.extensions.get("timeout", {})
+        timeouts = aiohttp.ClientTimeout(
+            total=None, connect=limits.get("pool"), sock_connect=limits.get("connect"), sock_read=limits.get("read")
+        )
+        return await self.send(
+            request.method,
+            str(request.url),
+            request.headers.multi_items(),
+            request.content or None,
+            timeouts,
+            request=request,
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers,
+        content: bytes | None,
+        timeouts: aiohttp.ClientTimeout,
+        *,
+        request: httpx.Request | None = None,
+    ) -> httpx.Response:
+        """``handle_async_request`` without an ``httpx.Request`` to build and take apart again
+        (``stream()``: the proxy's calls, where building one was a few per cent of a request's
+        CPU). The response is httpx's all the same; its ``request`` is ``request``."""
         try:
             response = await self._client().request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=limits.get("pool"),
-                    sock_connect=limits.get("connect"),
-                    sock_read=limits.get("read"),
-                ),
+                method, url, headers=headers, data=content, allow_redirects=False, timeout=timeouts
             )
         except _FAILURES as exc:
             raise _httpx_error(exc) from exc
@@ -295,9 +321,11 @@ async def close() -> None:
         await each.aclose()
 
 
-@lru_cache(maxsize=32)
-def _parsed(url: str) -> httpx.URL:
-    return httpx.URL(url)
+@lru_cache(maxsize=64)
+def _timeouts(target: UpstreamConfig) -> aiohttp.ClientTimeout:
+    """``timeout(target)`` as the transport applies it (see ``AiohttpTransport``)."""
+    limits = timeout(target)
+    return aiohttp.ClientTimeout(total=None, connect=limits.pool, sock_connect=limits.connect, sock_read=limits.read)
 
 
 @asynccontextmanager
@@ -309,14 +337,8 @@ async def stream(path: str, content: bytes, target: UpstreamConfig | None = None
     an upstream generation is cancelled.
     """
     target = target or default()
-    request = httpx.Request(
-        "POST",
-        _parsed(url(path, target)),
-        headers=headers(target),
-        content=content,
-        extensions={"timeout": timeout(target).as_dict()},
-    )
-    response = await _shared(target)[1].handle_async_request(request)
+    transport = _shared(target)[1]
+    response = await transport.send("POST", url(path, target), headers(target), content, _timeouts(target))
     try:
         yield response
     finally:

@@ -2,6 +2,7 @@
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.fake_upstream are redefined as arguments)
 
+import asyncio
 import json
 from contextlib import contextmanager
 from decimal import Decimal
@@ -9,12 +10,15 @@ from decimal import Decimal
 import pytest
 from django.core.management import call_command
 from django.db.backends.signals import connection_created
+from django.utils import timezone
 
+from accounts.models import ApiKey
 from accounts.services import api_key_create
 from infra import adb
-from proxy import demo
+from proxy import demo, limits, services
 from proxy.models import CostSource, ModelPrice, UsageRecord, UsageStatus
 from proxy.selectors import price_cache_clear, price_current
+from proxy.services import RequestMeta
 from tests.fake_upstream import (  # noqa: F401  (fixtures)
     MODEL,
     Reply,
@@ -26,6 +30,7 @@ from tests.fake_upstream import (  # noqa: F401  (fixtures)
     fake_upstream_server,
     key,
     price,
+    run_async,
     slow_stream,
     usage,
 )
@@ -162,6 +167,55 @@ def test_the_hot_path_runs_a_pinned_number_of_statements(fake_upstream, alice, k
         writes = [sql for sql in orm if not sql.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
         assert len(writes) == 1 + 2 + 1 + 6, "\n".join(sql[:90] for sql in orm)
     price_cache_clear()
+
+
+def test_stale_price_caches_are_read_once_for_every_request_that_finds_them_stale(
+    fake_upstream, alice, price, settings
+):
+    # Requests that find the tiers and a model's routes stale at the same moment (under load: all
+    # of those in flight when the cache expires) wait for one read of the tables, not one each.
+    settings.PROXY_PRICE_CACHE_SECONDS = 60
+    price_cache_clear()
+    now = timezone.now()
+    metas = [
+        RequestMeta(request_id=f"req_{i}", user=alice, api_key=None, endpoint="chat.completions", model=MODEL)
+        for i in range(8)
+    ]
+    plan = {"prompt_chars": 400, "requested_output": 100, "now": now}
+
+    async def plan_all():
+        return await asyncio.gather(*(services._aplan(meta, **plan) for meta in metas))
+
+    with orm_queries_in_any_thread() as orm:
+        plans = run_async(plan_all)
+    tables = ["proxy_modelalias", "proxy_modelfallback", "proxy_agentroute", "proxy_modelprice"]
+    reads = {table: sum(f'FROM "{table}"' in sql for sql in orm) for table in tables}
+    assert reads == dict.fromkeys(tables, 1), "\n".join(sql[:90] for sql in orm)
+    # And each is the plan the tables give.
+    alone = services.request_plan(meta=metas[0], **plan)
+    assert {(each.served.price.pk, each.served.amount) for each in plans} == {
+        (alone.served.price.pk, alone.served.amount)
+    }
+    price_cache_clear()
+
+
+def test_a_request_no_counter_applies_to_is_planned_as_the_counters_would_plan_it(fake_upstream, alice, key):
+    # _aplan skips the counter checks when none applies (limits.uses_counters): the plan, and the
+    # reservation settlement gives back, must be what running every check would have made.
+    meta = RequestMeta(
+        request_id="req_plain",
+        user=alice,
+        api_key=ApiKey.objects.get(user=alice),
+        endpoint="chat.completions",
+        model=MODEL,
+        run="run-1",
+    )
+    assert not limits.uses_counters(api_key=meta.api_key, run=meta.run, user=alice)
+    plan = {"meta": meta, "prompt_chars": 400, "requested_output": 100, "choices": 2, "now": timezone.now()}
+    checked, skipped = services.request_plan(**plan), services.request_plan(**plan, counters=False)
+    assert skipped.reservation == checked.reservation
+    assert skipped.reservation.amount == checked.served.amount > 0
+    assert (skipped.served, skipped.fallback, skipped.choice) == (checked.served, checked.fallback, checked.choice)
 
 
 def test_a_client_that_leaves_before_forwarding_is_not_charged_and_the_upstream_never_hears(fake_upstream, alice, key):

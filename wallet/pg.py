@@ -287,7 +287,8 @@ def hold_closed(
             "member_id": params["member_id"],
             "created_at": params["now"],
         }
-        entry = Entry.from_db(connection.alias, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
+        # ("default", not ``connection.alias``: on the event loop that lookup is a context-local's.)
+        entry = Entry.from_db("default", _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
     return entry, WalletState(balance, held, user_id, charged)
 
 
