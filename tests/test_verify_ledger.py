@@ -128,8 +128,9 @@ def test_many_wallets_verify_in_a_fixed_number_of_queries(db):
             _run()
         return len(queries)
 
-    # (The last of them: the usage rollups against their raw records, one statement.)
-    assert wallets(0, 2) == wallets(2, 15) <= 13  # set-based: none per wallet or per entry
+    # (The last of them: the usage records' time span, then the rollups against their raw
+    # records, one statement per day of records.)
+    assert wallets(0, 2) == wallets(2, 15) <= 14  # set-based: none per wallet or per entry
 
 
 def test_a_usage_record_that_disagrees_with_the_ledger_is_named(alice):
@@ -149,3 +150,92 @@ def test_a_usage_record_that_disagrees_with_the_ledger_is_named(alice):
     with pytest.raises(CommandError):
         call_command("verify_ledger", stdout=out, stderr=err)
     assert "usage record req-rec-1: charged 0.000004001 but the ledger debited 0.000004000" in err.getvalue()
+
+
+def test_a_reconciled_request_is_checked_against_both_of_its_debits(alice):
+    """A corrected estimate leaves two entries keyed to one request on its wallet (the settlement
+    and the reconciliation: a further debit, or a credit back): the charge is their sum."""
+    from core.money import format_usd
+    from proxy.models import UsageRecord, UsageStatus
+    from wallet.models import Entry
+    from wallet.services import usage_reconcile
+
+    records = {}
+    # More, less, and a further debit equal to the settlement's (two entries, one amount).
+    for request_id, settled, delta in (("req-more", 3_000, 500), ("req-less", 3_000, -700), ("req-same", 9, 9)):
+        hold = hold_create(wallet=alice.wallet, amount=5_000, request_id=request_id)
+        hold_settle(hold=hold, amount=settled)
+        usage_reconcile(wallet=alice.wallet, request_id=request_id, delta=delta)
+        records[request_id] = UsageRecord.objects.create(
+            request_id=request_id, user=alice, model="m", status=UsageStatus.OK, charge=settled + delta
+        )
+        assert Entry.objects.filter(reference=request_id).count() == 2
+    assert "Ledger verified" in _run()[0]
+    for request_id, record in records.items():
+        UsageRecord.objects.filter(pk=record.pk).update(charge=record.charge - 1)
+        err = StringIO()
+        with pytest.raises(CommandError, match="1 problem"):
+            call_command("verify_ledger", stdout=StringIO(), stderr=err)
+        charged, debited = format_usd(record.charge - 1), format_usd(record.charge)
+        assert f"usage record {request_id}: charged {charged} but the ledger debited {debited}" in err.getvalue()
+        UsageRecord.objects.filter(pk=record.pk).update(charge=record.charge)
+    assert "Ledger verified" in _run()[0]
+
+
+def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_statement(alice):
+    """The full run checks the rollups in days from the hour after the oldest record's; every
+    hour of the range is in exactly one of them, the last one open-ended."""
+    from datetime import UTC, datetime, timedelta
+
+    from django.db.models import F
+
+    from backoffice.ledger_check import LedgerRun, rollup_check
+    from backoffice.reports import rollup_problems
+    from proxy import rollups
+    from proxy.models import UsageRecord, UsageRollup, UsageStatus
+
+    oldest = datetime(2026, 11, 1, 7, 20, tzinfo=UTC)
+    for n, hours in enumerate((0, 1, 24, 25, 26, 49, 73, 74)):
+        UsageRecord.objects.create(
+            request_id=f"day-{n}",
+            user=alice,
+            model="m",
+            status=UsageStatus.REFUSED,
+            created_at=oldest + timedelta(hours=hours),
+        )
+    first_hour = rollups.floor_hour(oldest)
+    assert "Ledger verified" in _run()[0]
+    # The first day checked runs from first_hour + 1 h to first_hour + 25 h (exclusive): off by
+    # one at its first and last hour, at the next day's first, in the open last day, and a
+    # rollup moved days past the newest record (its records missing, a row with none).
+    for hours in (1, 24, 25, 73):
+        UsageRollup.objects.filter(hour=first_hour + timedelta(hours=hours)).update(requests=F("requests") + 1)
+    UsageRollup.objects.filter(hour=first_hour + timedelta(hours=74)).update(hour=first_hour + timedelta(hours=200))
+    # The oldest record's hour may be partly pruned: neither way checks it.
+    UsageRollup.objects.filter(hour=first_hour).update(requests=F("requests") + 1)
+
+    run = LedgerRun(incremental=False, checked_from=0)
+    by_day = rollup_check(run)
+    assert sorted(by_day) == sorted(rollup_problems())
+    assert len(by_day) == 6
+    assert not any(f"{first_hour:%Y-%m-%d %H}:00" in line for line in by_day)
+    out = StringIO()
+    with pytest.raises(CommandError, match="6 problem"):
+        call_command("verify_ledger", stdout=out, stderr=StringIO())
+    assert "usage rollups: 4 days checked against their raw records" in out.getvalue()
+
+
+def test_the_work_mem_of_the_run_is_set_for_its_transaction_and_a_bad_one_refused(alice):
+    out = StringIO()
+    call_command("verify_ledger", "--work-mem", "64MB", stdout=out)
+    assert "Ledger verified" in out.getvalue()
+    if connection.vendor == "postgresql":
+        assert "work_mem 64MB for this run" in out.getvalue()
+        with connection.cursor() as cursor:  # the test's transaction is the run's: still set
+            cursor.execute("SHOW work_mem")
+            assert cursor.fetchone()[0] == "64MB"
+            cursor.execute("SHOW jit")
+            assert cursor.fetchone()[0] == "off"
+    for bad in ("64", "lots", "64MB; RESET ALL", "0MB"):
+        with pytest.raises(CommandError, match="work_mem must look like"):
+            call_command("verify_ledger", "--work-mem", bad, stdout=StringIO())
