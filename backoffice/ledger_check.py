@@ -15,8 +15,10 @@ it every few minutes.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -76,7 +78,8 @@ def verify_ledger_run(
     postgres = connection.vendor == "postgresql"
     # Inside a caller's transaction (a test) the snapshot is the caller's business.
     own_snapshot = postgres and not connection.in_atomic_block
-    with transaction.atomic():
+    alongside: _InSnapshot | None = None
+    with transaction.atomic(), ExitStack() as finishing:
         if postgres:
             with connection.cursor() as cursor:
                 if own_snapshot:
@@ -91,6 +94,9 @@ def verify_ledger_run(
                     [work_mem],
                 )
                 xmax = cursor.fetchone()[0]
+                if own_snapshot and not incremental:
+                    cursor.execute("SELECT pg_export_snapshot()")
+                    alongside = _InSnapshot(cursor.fetchone()[0], work_mem)
             say(f"work_mem {work_mem} for this run")
         else:
             xmax = None  # SQLite: one writer at a time, whatever is visible is final
@@ -98,6 +104,10 @@ def verify_ledger_run(
         start = checkpoint.verified_through if incremental else 0
         newest = Entry.objects.aggregate(newest=Max("id"))["newest"] or 0
         run = LedgerRun(incremental=incremental, checked_from=start, say=say)
+        if alongside is not None:
+            alongside.start(lambda: _extra_checks(run))
+            finishing.callback(alongside.join)  # however the run ends, its queries end first
+            say("usage rollups: checking alongside, on a second connection in the same snapshot")
 
         by_kind = dict.fromkeys(EntryKind.values, 0)
         if incremental:
@@ -138,8 +148,7 @@ def verify_ledger_run(
             )
         ]
         say("usage records: charges checked against their debits")
-        for check in EXTRA_CHECKS:
-            run.problems += check(run)
+        run.problems += alongside.result() if alongside is not None else _extra_checks(run)
 
         if not run.problems:
             checkpoint.verified_through = final
@@ -268,6 +277,57 @@ def rollup_check(run: LedgerRun) -> list[str]:
 
 # More checks (``(run) -> [problem, …]``) run after the ledger's own, inside the same snapshot.
 EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = [rollup_check]
+
+
+def _extra_checks(run: LedgerRun) -> list[str]:
+    return [problem for check in EXTRA_CHECKS for problem in check(run)]
+
+
+class _InSnapshot:
+    """Work done on a thread and a connection of their own, inside the run's snapshot (exported
+    by the run's transaction, imported by this one): PostgreSQL runs a statement on one core
+    unless it plans it parallel, so a full run checks the usage rollups — most of its time —
+    on the second core while the first walks the ledger, and both see the same instant."""
+
+    _SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
+
+    def __init__(self, snapshot_id: str, work_mem: str):
+        if not self._SNAPSHOT_ID.match(snapshot_id):
+            raise ValueError(f"unexpected snapshot id {snapshot_id!r}")
+        self.snapshot_id, self.work_mem = snapshot_id, work_mem
+        self._thread: threading.Thread | None = None
+        self._result: list[str] = []
+        self._error: BaseException | None = None
+
+    def start(self, work: Callable[[], list[str]]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(work,), name="verify_ledger-alongside", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], list[str]]) -> None:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    # Before the transaction's first query: it then sees exactly the run's snapshot.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    cursor.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+                    cursor.execute(
+                        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true)", [self.work_mem]
+                    )
+                self._result = work()
+        except BaseException as exc:  # handed to the run's thread, raised there
+            self._error = exc
+        finally:
+            connection.close()  # this thread's own connection
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> list[str]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 # True when no transaction that was running at our snapshot started before the xid ``%s`` (the

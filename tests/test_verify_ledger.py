@@ -239,3 +239,77 @@ def test_the_work_mem_of_the_run_is_set_for_its_transaction_and_a_bad_one_refuse
     for bad in ("64", "lots", "64MB; RESET ALL", "0MB"):
         with pytest.raises(CommandError, match="work_mem must look like"):
             call_command("verify_ledger", "--work-mem", bad, stdout=StringIO())
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_full_run_checks_the_rollups_alongside_in_the_same_snapshot(alice):
+    """On PostgreSQL a full run checks the usage rollups on a second connection while it walks
+    the ledger, inside the run's own snapshot: what commits after the run began is invisible to
+    both halves (here a record whose rollup is off), and a rollup off before it is found."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from django.db import connections
+    from django.db.models import F
+    from django.utils import timezone
+
+    from backoffice.ledger_check import verify_ledger_run
+    from proxy.models import UsageRecord, UsageRollup, UsageStatus
+
+    now = timezone.now()
+    for n, created_at in enumerate((now - timedelta(hours=2), now)):  # the oldest record's hour is never checked
+        UsageRecord.objects.create(
+            request_id=f"early-{n}", user=alice, model="m", status=UsageStatus.REFUSED, created_at=created_at
+        )
+
+    def commit_a_record_with_its_rollup_off():
+        # Another connection, after the run's snapshot and before the second half imports it.
+        other = connections.create_connection("default")
+        with other.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "INSERT INTO proxy_usagerecord (request_id, user_id, model, status, created_at, endpoint, alias,"
+                " served_model, fallback, upstream_model, upstream, generation_id, stream, error, finish_reason,"
+                " prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, cache_write_tokens,"
+                " cost_source, charge, operator_loss, hold_amount, held_tokens, prices, estimated, run, agent, tool)"
+                " VALUES ('late', %s, 'm', 'refused', %s, 'chat.completions', '', '', false, '', '', '', false, '',"
+                " '', 0, 0, 0, 0, 0, 'none', 0, 0, 0, 0, '{}', false, '', '', '')",
+                [alice.pk, datetime(2030, 1, 1, tzinfo=UTC)],
+            )
+            cursor.execute("UPDATE proxy_usagerollup SET requests = requests + 1 WHERE hour >= %s", ["2030-01-01"])
+            cursor.execute("COMMIT")
+        other.close()
+
+    def progress(line: str) -> None:
+        if line.startswith("work_mem"):  # said once the snapshot is taken, before the second half starts
+            thread = threading.Thread(target=commit_a_record_with_its_rollup_off)
+            thread.start()
+            thread.join(10)
+
+    lines: list[str] = []
+    run = verify_ledger_run(progress=lambda line: (progress(line), lines.append(line)))
+    assert run.problems == []
+    assert any("checking alongside" in line for line in lines)
+    assert UsageRecord.objects.filter(request_id="late").exists()
+    # Committed now, and off: the next run sees it; and one off before a run began is found too.
+    assert len(verify_ledger_run().problems) == 1
+    UsageRollup.objects.filter(hour__gt=now - timedelta(hours=1), hour__lt=datetime(2030, 1, 1, tzinfo=UTC)).update(
+        requests=F("requests") + 1
+    )
+    problems = verify_ledger_run().problems
+    assert len(problems) == 2 and all(problem.startswith("rollup ") for problem in problems)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_check_that_fails_alongside_fails_the_run_and_moves_nothing(alice, monkeypatch):
+    from backoffice import ledger_check
+
+    def broken(run):
+        raise RuntimeError("the rollup check broke")
+
+    monkeypatch.setattr(ledger_check, "EXTRA_CHECKS", [broken])
+    with pytest.raises(RuntimeError, match="the rollup check broke"):
+        ledger_check.verify_ledger_run()
+    assert not LedgerCheckpoint.objects.exists()  # the run's transaction rolled back
