@@ -313,3 +313,16 @@ def test_a_check_that_fails_alongside_fails_the_run_and_moves_nothing(alice, mon
     with pytest.raises(RuntimeError, match="the rollup check broke"):
         ledger_check.verify_ledger_run()
     assert not LedgerCheckpoint.objects.exists()  # the run's transaction rolled back
+
+
+def test_a_charge_debited_from_another_wallet_is_named(alice, bob):
+    from proxy.models import UsageRecord, UsageStatus
+
+    wallet_credit(wallet=bob.wallet, amount=10_000, kind=EntryKind.BONUS, idempotency_key="b")
+    hold = hold_create(wallet=bob.wallet, amount=5_000, request_id="req-elsewhere")  # not alice's wallet
+    hold_settle(hold=hold, amount=4_000)
+    UsageRecord.objects.create(request_id="req-elsewhere", user=alice, model="m", status=UsageStatus.OK, charge=4_000)
+    err = StringIO()
+    with pytest.raises(CommandError, match="1 problem"):
+        call_command("verify_ledger", stdout=StringIO(), stderr=err)
+    assert "usage record req-elsewhere: charged 0.000004000 but the ledger debited 0.000000000" in err.getvalue()
