@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
 from django.db.models import Max, Min
@@ -258,13 +258,19 @@ def rollup_check(run: LedgerRun) -> list[str]:
     span = UsageRecord.objects.aggregate(oldest=Min("created_at"), newest=Max("created_at"))
     if span["oldest"] is None:
         return []  # no raw records: every rollup hour is a pruned one
+    # From the hour after the oldest record's to the next UTC midnight, then whole UTC days (a
+    # coarser rollup row is never cut in two), the last one open-ended.
     since = rollups.floor_hour(span["oldest"]) + rollups.HOUR
-    days = max((span["newest"] - since) // ROLLUP_CHUNK + 1, 1)
+    starts = [since]
+    midnight = since.astimezone(UTC).replace(hour=0) + ROLLUP_CHUNK
+    while midnight <= span["newest"]:
+        starts.append(midnight)
+        midnight += ROLLUP_CHUNK
+    days = len(starts)
     problems: list[str] = []
     reported = time.monotonic()
-    for day in range(days):
-        start = since + day * ROLLUP_CHUNK
-        until = start + ROLLUP_CHUNK if day < days - 1 else None
+    for day, start in enumerate(starts):
+        until = starts[day + 1] if day + 1 < days else None
         problems += rollup_problems(since=start, until=until, limit=ROLLUP_PROBLEMS - len(problems))
         if len(problems) >= ROLLUP_PROBLEMS:
             break

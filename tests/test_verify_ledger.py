@@ -195,7 +195,7 @@ def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_s
     from proxy.models import UsageRecord, UsageRollup, UsageStatus
 
     oldest = datetime(2026, 11, 1, 7, 20, tzinfo=UTC)
-    for n, hours in enumerate((0, 1, 24, 25, 26, 49, 73, 74)):
+    for n, hours in enumerate((0, 1, 16, 17, 24, 25, 49, 73, 74)):
         UsageRecord.objects.create(
             request_id=f"day-{n}",
             user=alice,
@@ -205,10 +205,10 @@ def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_s
         )
     first_hour = rollups.floor_hour(oldest)
     assert "Ledger verified" in _run()[0]
-    # The first day checked runs from first_hour + 1 h to first_hour + 25 h (exclusive): off by
-    # one at its first and last hour, at the next day's first, in the open last day, and a
-    # rollup moved days past the newest record (its records missing, a row with none).
-    for hours in (1, 24, 25, 73):
+    # The first day checked runs from first_hour + 1 h (08:00) to midnight: off by one at its
+    # first and last hour, at the next day's first, in the open last day, and a rollup moved
+    # days past the newest record (its records missing, a row with none).
+    for hours in (1, 16, 17, 73):
         UsageRollup.objects.filter(hour=first_hour + timedelta(hours=hours)).update(requests=F("requests") + 1)
     UsageRollup.objects.filter(hour=first_hour + timedelta(hours=74)).update(hour=first_hour + timedelta(hours=200))
     # The oldest record's hour may be partly pruned: neither way checks it.
