@@ -4,7 +4,10 @@ ledger, or (``incremental``) over the entries added since the checkpoint, in one
 A run reads everything in one REPEATABLE READ transaction on PostgreSQL, so the wallets, holds
 and entries it compares are one instant's. The entries are walked in id ranges of
 ``ENTRY_RANGE`` (progress is reported after each), each range checked for its links and summed
-per kind, so no query holds ten million rows at once.
+per kind, so no query holds ten million rows at once. The transaction gets its own ``work_mem``
+(``WORK_MEM``, ``--work-mem``) and no JIT. A full run checks the usage rollups (``EXTRA_CHECKS``)
+a UTC day at a time, on PostgreSQL on a second connection that imports the run's snapshot, while
+the ledger is walked on the first (``_InSnapshot``).
 
 The checkpoint (``LedgerCheckpoint``) moves only after a clean run, and only to an id below
 which no entry can still appear: see its docstring for how a late-committing smaller id is
