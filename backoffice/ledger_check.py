@@ -115,9 +115,14 @@ def verify_ledger_run(
         by_kind = dict.fromkeys(EntryKind.values, 0)
         if incremental:
             by_kind.update({kind: int(total) for kind, total in checkpoint.totals.items()})
-        # The new checkpoint: the previous run's highest id, once nothing below it can still
-        # commit; on SQLite, the highest id now.
+        # The new checkpoint: the highest id now when nothing was running at this run's snapshot
+        # (a transaction that drew a smaller id had its xid before newest was drawn, so it would
+        # be running in it, or be done); else the previous run's highest id, once nothing below
+        # it can still commit; on SQLite, the highest id now. (The first rule needs the highest
+        # id and the xmax from one snapshot: the run's own.)
         if not postgres:
+            final = newest
+        elif own_snapshot and _all_ended_before(xmax):
             final = newest
         elif checkpoint.candidate_id is not None and _all_ended_before(checkpoint.candidate_xmax):
             final = max(start, min(checkpoint.candidate_id, newest))
