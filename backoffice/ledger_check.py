@@ -4,7 +4,10 @@ ledger, or (``incremental``) over the entries added since the checkpoint, in one
 A run reads everything in one REPEATABLE READ transaction on PostgreSQL, so the wallets, holds
 and entries it compares are one instant's. The entries are walked in id ranges of
 ``ENTRY_RANGE`` (progress is reported after each), each range checked for its links and summed
-per kind, so no query holds ten million rows at once.
+per kind, so no query holds ten million rows at once. The transaction gets its own ``work_mem``
+(``WORK_MEM``, ``--work-mem``) and no JIT. A full run checks the usage rollups (``EXTRA_CHECKS``)
+a UTC day at a time, on PostgreSQL on a second connection that imports the run's snapshot, while
+the ledger is walked on the first (``_InSnapshot``).
 
 The checkpoint (``LedgerCheckpoint``) moves only after a clean run, and only to an id below
 which no entry can still appear: see its docstring for how a late-committing smaller id is
@@ -14,16 +17,21 @@ it every few minutes.
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
-from django.db.models import Max
+from django.db.models import Max, Min
 from django.utils import timezone
 
 from core.money import format_usd
+from proxy import rollups
+from proxy.models import UsageRecord, UsageRollup
 from wallet.models import Entry, EntryKind
 
 from .models import LedgerCheckpoint
@@ -37,7 +45,16 @@ from .reports import (
     wallet_discrepancies,
 )
 
+Progress = Callable[[str], None]
+
 ENTRY_RANGE = 1_000_000  # entry ids per range read
+PROGRESS_EVERY = 5.0  # s: a check done a chunk at a time says how far it is at most this often
+# PostgreSQL's memory per sort or hash for the run's statements (``SET LOCAL``, this transaction
+# only): the full run's usage check hashes every record and every debit, which at the stock 4 MB
+# spill to disk in hundreds of batches. Ten million debits grouped take about 2 GB, so 256 MB
+# still spills them, but in a handful of partitions, each read once.
+WORK_MEM = "256MB"
+_WORK_MEM_FORMAT = re.compile(r"^[1-9][0-9]*\s*(kB|MB|GB)$")
 
 
 @dataclass
@@ -49,38 +66,63 @@ class LedgerRun:
     totals: LedgerTotals | None = None
     problems: list[str] = field(default_factory=list)
     entries_read: int = 0
+    say: Progress = field(default=lambda line: None, repr=False, compare=False)  # progress, timed
 
 
-Progress = Callable[[str], None]
+def verify_ledger_run(
+    *, incremental: bool = False, progress: Progress | None = None, work_mem: str = WORK_MEM
+) -> LedgerRun:
+    """Check the ledger; on a clean run, move the checkpoint. See the module docstring.
 
-
-def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = None) -> LedgerRun:
-    """Check the ledger; on a clean run, move the checkpoint. See the module docstring."""
+    ``work_mem`` (PostgreSQL's syntax: ``256MB``) is set for the run's transaction only."""
+    if not _WORK_MEM_FORMAT.match(work_mem):
+        raise ValueError(f"work_mem must look like 256MB or 1GB, not {work_mem!r}")
     say = _timed(progress)
     postgres = connection.vendor == "postgresql"
     # Inside a caller's transaction (a test) the snapshot is the caller's business.
     own_snapshot = postgres and not connection.in_atomic_block
-    with transaction.atomic():
+    alongside: _InSnapshot | None = None
+    with transaction.atomic(), ExitStack() as finishing:
         if postgres:
             with connection.cursor() as cursor:
                 if own_snapshot:
                     # The transaction's first statement: every read below sees one snapshot.
                     cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-                (xmax,) = cursor.fetchone()
+                # With the snapshot, the run's settings (SET LOCAL: this transaction only). Its
+                # few big statements read millions of rows each: JIT compiling them costs seconds
+                # (for every parallel worker) and saves less.
+                cursor.execute(
+                    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,"
+                    " set_config('work_mem', %s, true), set_config('jit', 'off', true)",
+                    [work_mem],
+                )
+                xmax = cursor.fetchone()[0]
+                if own_snapshot and not incremental:
+                    cursor.execute("SELECT pg_export_snapshot()")
+                    alongside = _InSnapshot(cursor.fetchone()[0], work_mem)
+            say(f"work_mem {work_mem} for this run")
         else:
             xmax = None  # SQLite: one writer at a time, whatever is visible is final
         checkpoint = LedgerCheckpoint.objects.first() or LedgerCheckpoint()
         start = checkpoint.verified_through if incremental else 0
         newest = Entry.objects.aggregate(newest=Max("id"))["newest"] or 0
-        run = LedgerRun(incremental=incremental, checked_from=start)
+        run = LedgerRun(incremental=incremental, checked_from=start, say=say)
+        if alongside is not None:
+            alongside.start(lambda: _extra_checks(run))
+            finishing.callback(alongside.join)  # however the run ends, its queries end first
+            say("usage rollups: checking alongside, on a second connection in the same snapshot")
 
         by_kind = dict.fromkeys(EntryKind.values, 0)
         if incremental:
             by_kind.update({kind: int(total) for kind, total in checkpoint.totals.items()})
-        # The new checkpoint: the previous run's highest id, once nothing below it can still
-        # commit; on SQLite, the highest id now.
+        # The new checkpoint: the highest id now when nothing was running at this run's snapshot
+        # (a transaction that drew a smaller id had its xid before newest was drawn, so it would
+        # be running in it, or be done); else the previous run's highest id, once nothing below
+        # it can still commit; on SQLite, the highest id now. (The first rule needs the highest
+        # id and the xmax from one snapshot: the run's own.)
         if not postgres:
+            final = newest
+        elif own_snapshot and _all_ended_before(xmax):
             final = newest
         elif checkpoint.candidate_id is not None and _all_ended_before(checkpoint.candidate_xmax):
             final = max(start, min(checkpoint.candidate_id, newest))
@@ -114,8 +156,7 @@ def verify_ledger_run(*, incremental: bool = False, progress: Progress | None = 
             )
         ]
         say("usage records: charges checked against their debits")
-        for check in EXTRA_CHECKS:
-            run.problems += check(run)
+        run.problems += alongside.result() if alongside is not None else _extra_checks(run)
 
         if not run.problems:
             checkpoint.verified_through = final
@@ -206,14 +247,127 @@ def last_verdict(*, now: datetime | None = None) -> LedgerVerdict:
 ROLLUP_WINDOW = timedelta(days=1)
 
 
+# A full run compares the rollups with their raw records a UTC day at a time: each day's two
+# sides are grouped and sorted in memory (a day of ten million records over 90 days is ~110,000),
+# where the whole range at once spilled two sorts of every record to disk.
+ROLLUP_CHUNK = timedelta(days=1)
+ROLLUP_PROBLEMS = 100  # at most this many mismatches named
+
+
 def rollup_check(run: LedgerRun) -> list[str]:
     """The usage rollups every period total is read from equal their raw records' sums (all the
-    hours raw records remain for; the last ``ROLLUP_WINDOW`` in an incremental run)."""
-    return rollup_problems(since=timezone.now() - ROLLUP_WINDOW if run.incremental else None)
+    hours raw records remain for; the last ``ROLLUP_WINDOW`` in an incremental run).
+
+    The full run checks the same hours as ``rollup_problems()`` with no bounds does — those after
+    the oldest raw record's, whose raw rows may be partly pruned — as consecutive days: the hours
+    of ``[since, until)`` for each, and everything from the last day's start on; then the coarser
+    levels against the hourly rows (never pruned) a UTC month at a time, so a month-level row is
+    compared once, not once per day of it."""
+    if run.incremental:
+        return rollup_problems(since=timezone.now() - ROLLUP_WINDOW, limit=ROLLUP_PROBLEMS)
+    problems = _hours_by_day(run)
+    if len(problems) < ROLLUP_PROBLEMS:
+        problems += _levels_by_month(run, limit=ROLLUP_PROBLEMS - len(problems))
+    return problems
+
+
+def _hours_by_day(run: LedgerRun) -> list[str]:
+    span = UsageRecord.objects.aggregate(oldest=Min("created_at"), newest=Max("created_at"))
+    if span["oldest"] is None:
+        return []  # no raw records: every rollup hour is a pruned one
+    # From the hour after the oldest record's to the next UTC midnight, then whole UTC days (a
+    # coarser rollup row is never cut in two), the last one open-ended.
+    since = rollups.floor_hour(span["oldest"]) + rollups.HOUR
+    starts = [since]
+    midnight = since.astimezone(UTC).replace(hour=0) + ROLLUP_CHUNK
+    while midnight <= span["newest"]:
+        starts.append(midnight)
+        midnight += ROLLUP_CHUNK
+    days = len(starts)
+    problems: list[str] = []
+    reported = time.monotonic()
+    for day, start in enumerate(starts):
+        until = starts[day + 1] if day + 1 < days else None
+        problems += rollup_problems(since=start, until=until, limit=ROLLUP_PROBLEMS - len(problems), levels=False)
+        if len(problems) >= ROLLUP_PROBLEMS:
+            break
+        if until is not None and time.monotonic() - reported >= PROGRESS_EVERY:
+            run.say(f"usage rollups: {day + 1} of {days} days checked against their raw records")
+            reported = time.monotonic()
+    run.say(f"usage rollups: {days} days checked against their raw records")
+    return problems
+
+
+def _levels_by_month(run: LedgerRun, *, limit: int) -> list[str]:
+    span = UsageRollup.objects.aggregate(oldest=Min("hour"), newest=Max("hour"))
+    if span["oldest"] is None:
+        return []
+    starts = [rollups.floor_month(span["oldest"])]
+    while (following := rollups.ceil_month(starts[-1] + rollups.HOUR)) <= span["newest"]:
+        starts.append(following)
+    problems: list[str] = []
+    for month, start in enumerate(starts):
+        until = starts[month + 1] if month + 1 < len(starts) else None  # the last one open-ended
+        problems += rollup_problems(since=start, until=until, limit=limit - len(problems), hourly=False)
+        if len(problems) >= limit:
+            break
+    run.say(f"usage rollup levels: {len(starts)} months checked against the hourly rows")
+    return problems
 
 
 # More checks (``(run) -> [problem, …]``) run after the ledger's own, inside the same snapshot.
 EXTRA_CHECKS: list[Callable[[LedgerRun], list[str]]] = [rollup_check]
+
+
+def _extra_checks(run: LedgerRun) -> list[str]:
+    return [problem for check in EXTRA_CHECKS for problem in check(run)]
+
+
+class _InSnapshot:
+    """Work done on a thread and a connection of their own, inside the run's snapshot (exported
+    by the run's transaction, imported by this one): PostgreSQL runs a statement on one core
+    unless it plans it parallel, so a full run checks the usage rollups — most of its time —
+    on the second core while the first walks the ledger, and both see the same instant."""
+
+    _SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
+
+    def __init__(self, snapshot_id: str, work_mem: str):
+        if not self._SNAPSHOT_ID.match(snapshot_id):
+            raise ValueError(f"unexpected snapshot id {snapshot_id!r}")
+        self.snapshot_id, self.work_mem = snapshot_id, work_mem
+        self._thread: threading.Thread | None = None
+        self._result: list[str] = []
+        self._error: BaseException | None = None
+
+    def start(self, work: Callable[[], list[str]]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(work,), name="verify_ledger-alongside", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], list[str]]) -> None:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    # Before the transaction's first query: it then sees exactly the run's snapshot.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    cursor.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+                    cursor.execute(
+                        "SELECT set_config('work_mem', %s, true), set_config('jit', 'off', true)", [self.work_mem]
+                    )
+                self._result = work()
+        except BaseException as exc:  # handed to the run's thread, raised there
+            self._error = exc
+        finally:
+            connection.close()  # this thread's own connection
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> list[str]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 # True when no transaction that was running at our snapshot started before the xid ``%s`` (the

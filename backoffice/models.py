@@ -70,7 +70,9 @@ class LedgerCheckpoint(models.Model):
     smaller id than one already seen: the run that sees ``candidate_id`` as the highest id also
     records its snapshot's xmax (``candidate_xmax``), and a later run promotes the candidate only
     once every transaction that was running then (in this database) has ended, as its own
-    snapshot sees it.
+    snapshot sees it. A run whose own snapshot had no transaction running in this database moves
+    the checkpoint to the highest id it read at once: an id below it still to commit would belong
+    to a transaction running in that snapshot.
     SQLite has one writer at a time, so there the highest id seen is final at once.
 
     The ``last_run_*`` fields are the verdict of the latest run, clean or not, so the staff

@@ -631,13 +631,21 @@ class Mismatch:
 
 
 def discrepancies(
-    *, since: datetime | None = None, until: datetime | None = None, limit: int = 100
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    hourly: bool = True,
+    levels: bool = True,
 ) -> list[Mismatch | LevelMismatch]:
     """Hourly rollup rows that are not the sums of their raw records (``hourly_discrepancies``),
     then rows of the coarser levels that are not the sums of their hourly rows
-    (``level_discrepancies``): at most ``limit`` in all."""
-    found: list[Mismatch | LevelMismatch] = list(hourly_discrepancies(since=since, until=until, limit=limit))
-    if len(found) < limit:
+    (``level_discrepancies``): at most ``limit`` in all. ``hourly``/``levels`` pick one of the two
+    (``verify_ledger`` checks the hours a day at a time and the levels a month at a time)."""
+    found: list[Mismatch | LevelMismatch] = []
+    if hourly:
+        found += hourly_discrepancies(since=since, until=until, limit=limit)
+    if levels and len(found) < limit:
         found += level_discrepancies(since=since, until=until, limit=limit - len(found))
     return found
 

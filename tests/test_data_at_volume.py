@@ -252,3 +252,32 @@ def test_an_entry_that_commits_late_with_a_smaller_id_is_not_skipped(alice, bob)
     assert re.search(r"Bonus\s+0\.000000016", out)
     _verify("--incremental")
     assert LedgerCheckpoint.objects.get().verified_through >= fast
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_run_with_nothing_else_running_checkpoints_everything_it_read(alice, bob):
+    """When no transaction was running at a run's snapshot, every id up to the highest it read is
+    final: the checkpoint goes there at once, and the next incremental run reads only what is new.
+    With one running (it may hold a smaller id), the checkpoint waits as before."""
+    from django.db import connections
+
+    newest = Entry.objects.order_by("-id").first().pk
+    out, _ = _verify()
+    assert LedgerCheckpoint.objects.get().verified_through == newest
+    out, _ = _verify("--incremental")
+    assert f"entries after id {newest:,}" in out and "… entries " not in out  # nothing left to read
+
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("BEGIN")  # an open transaction with an xid, as a service's mid-request
+            cursor.execute("UPDATE wallet_wallet SET balance = balance WHERE id = %s", [bob.wallet.pk])
+            wallet_credit(wallet=alice.wallet, amount=5, kind=EntryKind.BONUS, idempotency_key="meanwhile")
+            _verify()
+            assert LedgerCheckpoint.objects.get().verified_through == newest  # not the new entry's id
+            cursor.execute("ROLLBACK")
+    finally:
+        other.close()
+    _verify("--incremental")
+    assert LedgerCheckpoint.objects.get().verified_through == Entry.objects.order_by("-id").first().pk

@@ -128,10 +128,11 @@ def test_many_wallets_verify_in_a_fixed_number_of_queries(db):
             _run()
         return len(queries)
 
-    # (The last of them: the hourly usage rollups against their raw records, then each coarser
-    # level — days, user days, months, the model's hours and days, spenders' months — against the hourly rows:
-    # one statement each.)
-    assert wallets(0, 2) == wallets(2, 15) <= 19  # set-based: none per wallet or per entry
+    # (The last of them: the usage records' time span, the hourly rollups against their raw
+    # records one statement per day of records, then the rollup hours' span and each coarser
+    # level — days, user days, months, the model's hours and days, spenders' months — against
+    # the hourly rows, one statement each per month.)
+    assert wallets(0, 2) == wallets(2, 15) <= 20  # set-based: none per wallet or per entry
 
 
 def test_a_usage_record_that_disagrees_with_the_ledger_is_named(alice):
@@ -151,3 +152,188 @@ def test_a_usage_record_that_disagrees_with_the_ledger_is_named(alice):
     with pytest.raises(CommandError):
         call_command("verify_ledger", stdout=out, stderr=err)
     assert "usage record req-rec-1: charged 0.000004001 but the ledger debited 0.000004000" in err.getvalue()
+
+
+def test_a_reconciled_request_is_checked_against_both_of_its_debits(alice):
+    """A corrected estimate leaves two entries keyed to one request on its wallet (the settlement
+    and the reconciliation: a further debit, or a credit back): the charge is their sum."""
+    from core.money import format_usd
+    from proxy.models import UsageRecord, UsageStatus
+    from wallet.models import Entry
+    from wallet.services import usage_reconcile
+
+    records = {}
+    # More, less, and a further debit equal to the settlement's (two entries, one amount).
+    for request_id, settled, delta in (("req-more", 3_000, 500), ("req-less", 3_000, -700), ("req-same", 9, 9)):
+        hold = hold_create(wallet=alice.wallet, amount=5_000, request_id=request_id)
+        hold_settle(hold=hold, amount=settled)
+        usage_reconcile(wallet=alice.wallet, request_id=request_id, delta=delta)
+        records[request_id] = UsageRecord.objects.create(
+            request_id=request_id, user=alice, model="m", status=UsageStatus.OK, charge=settled + delta
+        )
+        assert Entry.objects.filter(reference=request_id).count() == 2
+    assert "Ledger verified" in _run()[0]
+    for request_id, record in records.items():
+        UsageRecord.objects.filter(pk=record.pk).update(charge=record.charge - 1)
+        err = StringIO()
+        with pytest.raises(CommandError, match="1 problem"):
+            call_command("verify_ledger", stdout=StringIO(), stderr=err)
+        charged, debited = format_usd(record.charge - 1), format_usd(record.charge)
+        assert f"usage record {request_id}: charged {charged} but the ledger debited {debited}" in err.getvalue()
+        UsageRecord.objects.filter(pk=record.pk).update(charge=record.charge)
+    assert "Ledger verified" in _run()[0]
+
+
+def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_statement(alice):
+    """The full run checks the rollups in days from the hour after the oldest record's; every
+    hour of the range is in exactly one of them, the last one open-ended."""
+    from datetime import UTC, datetime, timedelta
+
+    from django.db.models import F
+
+    from backoffice.ledger_check import LedgerRun, rollup_check
+    from backoffice.reports import rollup_problems
+    from proxy import rollups
+    from proxy.models import UsageRecord, UsageRollup, UsageStatus
+
+    oldest = datetime(2026, 11, 1, 7, 20, tzinfo=UTC)
+    for n, hours in enumerate((0, 1, 16, 17, 24, 25, 49, 73, 74)):
+        UsageRecord.objects.create(
+            request_id=f"day-{n}",
+            user=alice,
+            model="m",
+            status=UsageStatus.REFUSED,
+            created_at=oldest + timedelta(hours=hours),
+        )
+    first_hour = rollups.floor_hour(oldest)
+    assert "Ledger verified" in _run()[0]
+    # The first day checked runs from first_hour + 1 h (08:00) to midnight: off by one at its
+    # first and last hour, at the next day's first, in the open last day, and a rollup moved
+    # days past the newest record (its records missing, a row with none).
+    for hours in (1, 16, 17, 73):
+        UsageRollup.objects.filter(hour=first_hour + timedelta(hours=hours)).update(requests=F("requests") + 1)
+    UsageRollup.objects.filter(hour=first_hour + timedelta(hours=74)).update(hour=first_hour + timedelta(hours=200))
+    # The oldest record's hour may be partly pruned: neither way checks it.
+    UsageRollup.objects.filter(hour=first_hour).update(requests=F("requests") + 1)
+
+    run = LedgerRun(incremental=False, checked_from=0)
+    by_day = rollup_check(run)
+    assert sorted(by_day) == sorted(rollup_problems())
+    hourly = [line for line in by_day if line.startswith("rollup ")]
+    assert len(hourly) == 6
+    assert not any(f"{first_hour:%Y-%m-%d %H}:00" in line for line in hourly)
+    # The coarser levels, checked a month at a time against the hourly rows (never pruned, so the
+    # oldest hour included), now disagree with every hourly row changed behind the triggers' back.
+    assert len(by_day) > len(hourly)
+    out = StringIO()
+    with pytest.raises(CommandError, match=f"{len(by_day)} problem"):
+        call_command("verify_ledger", stdout=out, stderr=StringIO())
+    assert "usage rollups: 4 days checked against their raw records" in out.getvalue()
+
+
+def test_the_work_mem_of_the_run_is_set_for_its_transaction_and_a_bad_one_refused(alice):
+    out = StringIO()
+    call_command("verify_ledger", "--work-mem", "64MB", stdout=out)
+    assert "Ledger verified" in out.getvalue()
+    if connection.vendor == "postgresql":
+        assert "work_mem 64MB for this run" in out.getvalue()
+        with connection.cursor() as cursor:  # the test's transaction is the run's: still set
+            cursor.execute("SHOW work_mem")
+            assert cursor.fetchone()[0] == "64MB"
+            cursor.execute("SHOW jit")
+            assert cursor.fetchone()[0] == "off"
+    for bad in ("64", "lots", "64MB; RESET ALL", "0MB"):
+        with pytest.raises(CommandError, match="work_mem must look like"):
+            call_command("verify_ledger", "--work-mem", bad, stdout=StringIO())
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_full_run_checks_the_rollups_alongside_in_the_same_snapshot(alice):
+    """On PostgreSQL a full run checks the usage rollups on a second connection while it walks
+    the ledger, inside the run's own snapshot: what commits after the run began is invisible to
+    both halves (here a record whose rollup is off), and a rollup off before it is found."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from django.db import connections
+    from django.db.models import F
+    from django.utils import timezone
+
+    from backoffice.ledger_check import verify_ledger_run
+    from proxy.models import UsageRecord, UsageRollup, UsageStatus
+
+    now = timezone.now()
+    for n, created_at in enumerate((now - timedelta(hours=2), now)):  # the oldest record's hour is never checked
+        UsageRecord.objects.create(
+            request_id=f"early-{n}", user=alice, model="m", status=UsageStatus.REFUSED, created_at=created_at
+        )
+
+    def commit_a_record_with_its_rollup_off():
+        # Another connection, after the run's snapshot and before the second half imports it.
+        other = connections.create_connection("default")
+        with other.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "INSERT INTO proxy_usagerecord (request_id, user_id, model, status, created_at, endpoint, alias,"
+                " served_model, fallback, upstream_model, upstream, generation_id, stream, error, finish_reason,"
+                " prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, cache_write_tokens,"
+                " cost_source, charge, operator_loss, hold_amount, held_tokens, prices, estimated, run, agent, tool)"
+                " VALUES ('late', %s, 'm', 'refused', %s, 'chat.completions', '', '', false, '', '', '', false, '',"
+                " '', 0, 0, 0, 0, 0, 'none', 0, 0, 0, 0, '{}', false, '', '', '')",
+                [alice.pk, datetime(2030, 1, 1, tzinfo=UTC)],
+            )
+            cursor.execute("UPDATE proxy_usagerollup SET requests = requests + 1 WHERE hour >= %s", ["2030-01-01"])
+            cursor.execute("COMMIT")
+        other.close()
+
+    def progress(line: str) -> None:
+        if line.startswith("work_mem"):  # said once the snapshot is taken, before the second half starts
+            thread = threading.Thread(target=commit_a_record_with_its_rollup_off)
+            thread.start()
+            thread.join(10)
+
+    lines: list[str] = []
+    run = verify_ledger_run(progress=lambda line: (progress(line), lines.append(line)))
+    assert run.problems == []
+    assert any("checking alongside" in line for line in lines)
+    assert UsageRecord.objects.filter(request_id="late").exists()
+
+    # Committed now, and off: the next run sees it; and one off before a run began is found too.
+    # (Each hourly row changed behind the triggers' back also leaves the coarser levels off it.)
+    def hourly(problems: list[str]) -> list[str]:
+        return [problem for problem in problems if problem.startswith("rollup ")]
+
+    assert len(hourly(verify_ledger_run().problems)) == 1
+    UsageRollup.objects.filter(hour__gt=now - timedelta(hours=1), hour__lt=datetime(2030, 1, 1, tzinfo=UTC)).update(
+        requests=F("requests") + 1
+    )
+    problems = verify_ledger_run().problems
+    assert len(hourly(problems)) == 2 and len(problems) > 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_check_that_fails_alongside_fails_the_run_and_moves_nothing(alice, monkeypatch):
+    from backoffice import ledger_check
+
+    def broken(run):
+        raise RuntimeError("the rollup check broke")
+
+    monkeypatch.setattr(ledger_check, "EXTRA_CHECKS", [broken])
+    with pytest.raises(RuntimeError, match="the rollup check broke"):
+        ledger_check.verify_ledger_run()
+    assert not LedgerCheckpoint.objects.exists()  # the run's transaction rolled back
+
+
+def test_a_charge_debited_from_another_wallet_is_named(alice, bob):
+    from proxy.models import UsageRecord, UsageStatus
+
+    wallet_credit(wallet=bob.wallet, amount=10_000, kind=EntryKind.BONUS, idempotency_key="b")
+    hold = hold_create(wallet=bob.wallet, amount=5_000, request_id="req-elsewhere")  # not alice's wallet
+    hold_settle(hold=hold, amount=4_000)
+    UsageRecord.objects.create(request_id="req-elsewhere", user=alice, model="m", status=UsageStatus.OK, charge=4_000)
+    err = StringIO()
+    with pytest.raises(CommandError, match="1 problem"):
+        call_command("verify_ledger", stdout=StringIO(), stderr=err)
+    assert "usage record req-elsewhere: charged 0.000004000 but the ledger debited 0.000000000" in err.getvalue()

@@ -8,14 +8,15 @@ non-zero otherwise — suitable for cron or a deploy check.
 
 ``--incremental`` checks only the entries added since the last clean run's checkpoint (and every
 wallet's balance against its latest entry, which those links prove): seconds, for cron. Progress
-goes to stdout as it goes (``-v 0`` silences it). Every run's verdict is kept on the checkpoint
-row for the staff dashboard, which shows it instead of checking the ledger on each view. See
-``backoffice.ledger_check``.
+goes to stdout as it goes (``-v 0`` silences it). ``--work-mem`` sets PostgreSQL's memory per sort
+or hash for the run's transaction (default 256MB, reported in the progress). Every run's verdict
+is kept on the checkpoint row for the staff dashboard, which shows it instead of checking the
+ledger on each view. See ``backoffice.ledger_check``.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
-from backoffice.ledger_check import verify_ledger_run
+from backoffice.ledger_check import WORK_MEM, verify_ledger_run
 from core.money import format_usd
 from wallet.models import EntryKind
 
@@ -29,10 +30,19 @@ class Command(BaseCommand):
             action="store_true",
             help="check only the entries added since the last clean run (its checkpoint); for cron",
         )
+        parser.add_argument(
+            "--work-mem",
+            default=WORK_MEM,
+            help=f"PostgreSQL work_mem for this run's transaction only (default {WORK_MEM}): memory per sort"
+            " or hash before it spills to disk",
+        )
 
-    def handle(self, *args, incremental=False, verbosity=1, **options):
+    def handle(self, *args, incremental=False, work_mem=WORK_MEM, verbosity=1, **options):
         progress = (lambda line: self.stdout.write(f"… {line}")) if verbosity >= 1 else None
-        run = verify_ledger_run(incremental=incremental, progress=progress)
+        try:
+            run = verify_ledger_run(incremental=incremental, progress=progress, work_mem=work_mem)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
         totals = run.totals
         assert totals is not None
         width = max(len(label) for label in EntryKind.labels)
