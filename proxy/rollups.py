@@ -657,9 +657,10 @@ def hourly_discrepancies(
     ``since``'s (default: the one after the oldest raw record's — hours pruned, wholly or in part,
     have their rollups only) to the one ``until`` falls in: at most ``limit``, each with rollup − raw per measure.
 
-    One statement: each table grouped over the range, the two subtracted per group by the
-    database. ``upstream_cost`` is compared exactly on PostgreSQL; SQLite keeps decimals as binary
-    floats, so there to within half a nanodollar.
+    One statement: the raw records grouped over the range, joined (FULL JOIN) to the rollup rows
+    on the group — one row per group already (``usagerollup_one_row_per_group``), so that side is
+    read, not grouped — and each measure compared. ``upstream_cost`` is compared exactly on
+    PostgreSQL; SQLite keeps decimals as binary floats, so there to within half a nanodollar.
     """
     start, end = floor_hour(since) if since is not None else None, ceil_hour(until) if until is not None else None
     raw = UsageRecord.objects.exclude(status=UsageStatus.PENDING)
@@ -676,26 +677,33 @@ def hourly_discrepancies(
         raw = raw.annotate(raw_hour=UtcHour("created_at")).filter(raw_hour__gt=Subquery(oldest))
     keys: dict[str, Key] = {"hour": UtcHour, **{name: _column(name) for name in KEY_FIELDS}}
     names = list(_ROLLUP_SUMS)
-    both = _grouped(rolled, "hour", keys, {name: Sum(name) for name in names}).annotate(side=Value(1))
-    both = both.union(_grouped(raw, "created_at", keys, _ROLLUP_SUMS).annotate(side=Value(-1)), all=True)
-    sql, params = both.query.sql_with_params()
+    grouped_sql, grouped_params = _grouped(raw, "created_at", keys, _ROLLUP_SUMS).query.sql_with_params()
+    rows = {f"k_{name}": F(key) if isinstance(key, str) else key("hour") for name, key in keys.items()}
+    rows.update({f"m_{name}": F(name) for name in names})
+    rows_sql, rows_params = rolled.order_by().annotate(**rows).values(*rows).query.sql_with_params()
     quote = connection.ops.quote_name
-    group = ", ".join(quote(f"k_{name}") for name in keys)
-    sums = ", ".join(f"SUM(side * {quote(f'm_{name}')})" for name in names)
+    nullable = {name for name in KEY_FIELDS if UsageRollup._meta.get_field(name).null}
+
+    def side(alias: str, name: str) -> str:
+        column = f"{alias}.{quote(f'k_{name}')}"
+        return f"COALESCE({column}, 0)" if name in nullable else column
+
+    on = " AND ".join(f"{side('r', name)} = {side('g', name)}" for name in keys)
+    group = ", ".join(f"COALESCE(r.{quote(f'k_{name}')}, g.{quote(f'k_{name}')})" for name in keys)
+    diffs = [f"COALESCE(r.{quote(f'm_{name}')}, 0) - COALESCE(g.{quote(f'm_{name}')}, 0)" for name in names]
     if connection.vendor == "postgresql":
-        off = " OR ".join(f"SUM(side * {quote(f'm_{name}')}) <> 0" for name in names)
+        off = " OR ".join(f"{diff} <> 0" for diff in diffs)
     else:
         off = " OR ".join(
-            f"ABS(SUM(side * {quote(f'm_{name}')})) >= 0.0000000005"
-            if name in DECIMAL_MEASURES
-            else f"SUM(side * {quote(f'm_{name}')}) <> 0"
-            for name in names
+            f"ABS({diff}) >= 0.0000000005" if name in DECIMAL_MEASURES else f"{diff} <> 0"
+            for name, diff in zip(names, diffs, strict=True)
         )
     found = []
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {group}, {sums} FROM ({sql}) AS sides GROUP BY {group} HAVING {off} LIMIT %s",  # noqa: S608
-            [*params, limit],
+            f"SELECT {group}, {', '.join(diffs)} FROM ({rows_sql}) AS r FULL JOIN ({grouped_sql}) AS g ON {on}"  # noqa: S608
+            f" WHERE {off} LIMIT %s",
+            [*rows_params, *grouped_params, limit],
         )
         for row in cursor.fetchall():
             hour, user_id, organization_id, api_key_id, model, agent = row[: len(keys)]
