@@ -222,9 +222,10 @@ def test_verify_ledger_names_a_rollup_that_is_not_its_records_sum_and_the_comman
     out = io.StringIO()
     # The hour against its records; then the levels read from the hours (the day, the model's
     # hour and day) against that hour, which they no longer add up to. (The user days and months
-    # are checked against the day level, which they still match.)
+    # are checked against the day level, which they still match.) NOW is weeks ago: the levels
+    # of every month, not only the last week's.
     with pytest.raises(CommandError, match="4 problem"):
-        call_command("verify_ledger", stdout=out, stderr=out)
+        call_command("verify_ledger", "--all-levels", stdout=out, stderr=out)
     assert f"rollup {hour:%Y-%m-%d %H}:00 user {alice.pk} 'm/a' '': requests +4" in out.getvalue()
     assert "model hour rollup" in out.getvalue() and "requests -4" in out.getvalue()
     out = io.StringIO()

@@ -216,7 +216,7 @@ def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_s
     # The oldest record's hour may be partly pruned: neither way checks it.
     UsageRollup.objects.filter(hour=first_hour).update(requests=F("requests") + 1)
 
-    run = LedgerRun(incremental=False, checked_from=0)
+    run = LedgerRun(incremental=False, checked_from=0, all_levels=True)
     by_day = rollup_check(run)
     assert sorted(by_day) == sorted(rollup_problems())
     hourly = [line for line in by_day if line.startswith("rollup ")]
@@ -227,8 +227,13 @@ def test_the_rollups_are_checked_a_day_at_a_time_over_the_same_hours_as_in_one_s
     assert len(by_day) > len(hourly)
     out = StringIO()
     with pytest.raises(CommandError, match=f"{len(by_day)} problem"):
-        call_command("verify_ledger", stdout=out, stderr=StringIO())
+        call_command("verify_ledger", "--all-levels", stdout=out, stderr=StringIO())
     assert "usage rollups: 4 days checked against their raw records" in out.getvalue()
+    # By default only the last week's levels: these are a month old, so only the hours are named.
+    out = StringIO()
+    with pytest.raises(CommandError, match="6 problem"):
+        call_command("verify_ledger", stdout=out, stderr=StringIO())
+    assert "--all-levels: every month" in out.getvalue()
 
 
 def test_the_work_mem_of_the_run_is_set_for_its_transaction_and_a_bad_one_refused(alice):

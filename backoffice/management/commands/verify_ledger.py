@@ -6,8 +6,10 @@ accounting identity over the whole ledger, and that every settled usage record's
 the ledger debited for it, printing the totals per entry kind. Exits 0 when everything holds,
 non-zero otherwise — suitable for cron or a deploy check.
 
-``--incremental`` checks only the entries added since the last clean run's checkpoint (and every
-wallet's balance against its latest entry, which those links prove): seconds, for cron. Progress
+A full run checks the coarser usage rollup levels of the last week (``--all-levels``: of every
+month; see ``backoffice.ledger_check.LEVEL_WINDOW``). ``--incremental`` checks only the entries
+added since the last clean run's checkpoint (and every wallet's balance against its latest
+entry, which those links prove): seconds, for cron. Progress
 goes to stdout as it goes (``-v 0`` silences it). ``--work-mem`` sets PostgreSQL's memory per sort
 or hash for the run's transaction (default 256MB, reported in the progress). Every run's verdict
 is kept on the checkpoint row for the staff dashboard, which shows it instead of checking the
@@ -31,16 +33,24 @@ class Command(BaseCommand):
             help="check only the entries added since the last clean run (its checkpoint); for cron",
         )
         parser.add_argument(
+            "--all-levels",
+            action="store_true",
+            help="check the coarser usage rollup levels of every month, not only the last week's (minutes at"
+            " ten million records; weekly, say)",
+        )
+        parser.add_argument(
             "--work-mem",
             default=WORK_MEM,
             help=f"PostgreSQL work_mem for this run's transaction only (default {WORK_MEM}): memory per sort"
             " or hash before it spills to disk",
         )
 
-    def handle(self, *args, incremental=False, work_mem=WORK_MEM, verbosity=1, **options):
+    def handle(self, *args, incremental=False, all_levels=False, work_mem=WORK_MEM, verbosity=1, **options):
         progress = (lambda line: self.stdout.write(f"… {line}")) if verbosity >= 1 else None
         try:
-            run = verify_ledger_run(incremental=incremental, progress=progress, work_mem=work_mem)
+            run = verify_ledger_run(
+                incremental=incremental, progress=progress, work_mem=work_mem, all_levels=all_levels
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         totals = run.totals
