@@ -375,6 +375,9 @@ if env.str("PROXY_ASYNC_DB", default="true").strip().lower() not in {"1", "true"
     raise ImproperlyConfigured("PROXY_ASYNC_DB=false is no longer supported: remove it (see the README)")
 PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async connections per process
 PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
+# A settlement (closing a request's hold) waits this long for one instead: giving up leaves a
+# finished request unbilled until reconcile_holds (HOLD_TTL), where a refused admission is a 503.
+PROXY_DB_SETTLE_TIMEOUT = env_seconds("PROXY_DB_SETTLE_TIMEOUT", "60")
 # Prepared statements on those connections. Off by default behind a transaction pooler (PgBouncer
 # < 1.21 hands a prepared statement's name to whichever server connection runs the next
 # transaction, which has never heard of it); PgBouncer >= 1.21 with max_prepared_statements > 0
