@@ -6,7 +6,6 @@ people's things, staff runs the shop.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import threading
@@ -142,15 +141,6 @@ _ONE_HALF = {
         "test_desktop_chat",
     },
 }
-
-
-def pytest_collection_finish(session):
-    """What collection built (Django, the apps, every test module: about half the objects the run
-    ever holds) lives until the end: frozen, the collector's passes stop walking it again. They
-    were about a tenth of a half's time (gc.callbacks, over 300 view and proxy tests: 3.1 s of
-    28 s), and are a third of that now."""
-    gc.collect()
-    gc.freeze()
 
 
 def _starts_processes(item) -> bool:
