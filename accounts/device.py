@@ -30,7 +30,6 @@ from .services import TokenPair, sha256_hex, token_pair_issue
 USER_CODE_ALPHABET = "BCDFGHJKMNPQRSTVWXZ"
 USER_CODE_LENGTH = 8
 DEVICE_CODE_PREFIX = "ttd_"
-POLL_INTERVAL = 5  # seconds, RFC 8628's default
 SLOW_DOWN_STEP = 5  # seconds added to the interval by each slow_down (RFC 8628 §3.5)
 MAX_INTERVAL = 60  # an app that keeps polling too fast is not sent further than this
 # A poll that arrives this much before its interval is up still counts as on time: an app that
@@ -91,7 +90,7 @@ def device_authorization_create(*, client_name: str) -> DeviceCodes:
                     client_name=client_name,
                     created_at=now,
                     expires_at=now + timedelta(seconds=settings.DEVICE_CODE_TTL),
-                    interval=POLL_INTERVAL,
+                    interval=settings.DEVICE_POLL_INTERVAL,  # RFC 8628's default: 5 s
                 )
         except IntegrityError:
             attempts_left -= 1

@@ -310,6 +310,8 @@ ACCESS_TOKEN_TTL = env_int("ACCESS_TOKEN_TTL", 15 * 60, minimum=30)  # seconds
 REFRESH_TOKEN_TTL = env_int("REFRESH_TOKEN_TTL", 30 * 24 * 3600, minimum=60)  # seconds
 # Browser sign-in for apps (accounts/device.py) and one-time web links (accounts/weblinks.py).
 DEVICE_CODE_TTL = env_int("DEVICE_CODE_TTL", 600, minimum=60)  # seconds a device/user code pair lives
+# Seconds an app waits between token polls (RFC 8628's interval; slow_down adds 5 each time).
+DEVICE_POLL_INTERVAL = env_int("DEVICE_POLL_INTERVAL", 5, minimum=1)
 WEB_LINK_TTL = env_int("WEB_LINK_TTL", 120, minimum=10)  # seconds a one-time web link lives
 DEVICE_CODE_RATE = env_rate("DEVICE_CODE_RATE", "30/h")  # new device codes per client address
 DEVICE_POLL_RATE = env_rate("DEVICE_POLL_RATE", "60/min")  # token polls per client address
@@ -375,6 +377,9 @@ if env.str("PROXY_ASYNC_DB", default="true").strip().lower() not in {"1", "true"
     raise ImproperlyConfigured("PROXY_ASYNC_DB=false is no longer supported: remove it (see the README)")
 PROXY_DB_POOL_SIZE = env_int("PROXY_DB_POOL_SIZE", 20, minimum=1)  # async connections per process
 PROXY_DB_POOL_TIMEOUT = env_seconds("PROXY_DB_POOL_TIMEOUT", "10")  # wait for a free one, then fail
+# A settlement (closing a request's hold) waits this long for one instead: giving up leaves a
+# finished request unbilled until reconcile_holds (HOLD_TTL), where a refused admission is a 503.
+PROXY_DB_SETTLE_TIMEOUT = env_seconds("PROXY_DB_SETTLE_TIMEOUT", "60")
 # Prepared statements on those connections. Off by default behind a transaction pooler (PgBouncer
 # < 1.21 hands a prepared statement's name to whichever server connection runs the next
 # transaction, which has never heard of it); PgBouncer >= 1.21 with max_prepared_statements > 0

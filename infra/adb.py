@@ -202,9 +202,11 @@ async def _pool() -> AsyncConnectionPool[_Connection]:
 
 
 @asynccontextmanager
-async def connection() -> AsyncIterator[_Connection]:
+async def connection(wait: float | None = None) -> AsyncIterator[_Connection]:
+    """A pooled connection; ``wait``: seconds to wait for a free one (``PROXY_DB_POOL_TIMEOUT`` when
+    None), then ``PoolTimeout``."""
     pool = await _pool()
-    conn = await pool.getconn()
+    conn = await pool.getconn(wait)
     try:
         yield conn
     finally:
@@ -234,14 +236,17 @@ def _sent(sql: str) -> None:
         callback(sql)
 
 
-async def fetchone(sql: str, params: dict | list | None = None, *, retry: bool = False) -> tuple | None:
+async def fetchone(
+    sql: str, params: dict | list | None = None, *, retry: bool = False, wait: float | None = None
+) -> tuple | None:
     """Run one statement that returns rows (its own transaction); its first row, or None.
 
     ``retry``: the statement may safely run twice (a read, or a write conditional on state the
     first run would have changed), so on a connection found dead it is sent once more on a fresh
     one. Either way a dead connection makes the pool test all its idle ones (see ``_run``).
+    ``wait``: how long it may wait for a free connection (``connection``).
     """
-    return await _run(sql, params, fetch=True, retry=retry)
+    return await _run(sql, params, fetch=True, retry=retry, wait=wait)
 
 
 async def execute(sql: str, params: dict | list | None = None, *, retry: bool = False) -> None:
@@ -249,12 +254,12 @@ async def execute(sql: str, params: dict | list | None = None, *, retry: bool = 
     await _run(sql, params, fetch=False, retry=retry)
 
 
-async def _run(sql: str, params, *, fetch: bool, retry: bool):
+async def _run(sql: str, params, *, fetch: bool, retry: bool, wait: float | None = None):
     attempts = 2 if retry else 1
     for attempt in range(attempts):
         conn = None
         try:
-            async with connection() as conn:
+            async with connection(wait) as conn:
                 _sent(sql)
                 cursor = conn.statement_cursor(sql)
                 await cursor.execute(sql, params)
@@ -306,6 +311,7 @@ class _Pending:
     retry: bool
     order: int
     future: asyncio.Future
+    wait: float | None = None  # for a free connection (``connection``); None: the pool's own
 
 
 class _Batcher:
@@ -315,18 +321,18 @@ class _Batcher:
         self.flights = 0
         self.tasks: set[asyncio.Task] = set()
 
-    async def fetchone(self, sql: str, params, retry: bool, order: int) -> tuple | None:
+    async def fetchone(self, sql: str, params, retry: bool, order: int, wait: float | None) -> tuple | None:
         if self.flights < self.limit and not self.queue:
             # Nothing in progress: this statement is the flight, in the caller's own task.
             self.flights += 1
             stats.flights, stats.statements = stats.flights + 1, stats.statements + 1
             try:
-                return await _run(sql, params, fetch=True, retry=retry)
+                return await _run(sql, params, fetch=True, retry=retry, wait=wait)
             finally:
                 self.flights -= 1
                 self._next()
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(sql, params, retry, order, future))
+        self.queue.append(_Pending(sql, params, retry, order, future, wait))
         return await future
 
     def _next(self) -> None:
@@ -365,7 +371,7 @@ _batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = weak
 
 
 async def fetchone_batched(
-    sql: str, params: dict | list | None = None, *, retry: bool = False, order: int = 0
+    sql: str, params: dict | list | None = None, *, retry: bool = False, order: int = 0, wait: float | None = None
 ) -> tuple | None:
     """``fetchone``, group-committed with whatever other such statements wait at the same time.
 
@@ -375,15 +381,16 @@ async def fetchone_batched(
     batch whose connection dies — its commit's outcome unknown — runs again only the statements
     that may run twice (``retry``); the others fail as ``fetchone`` would have. ``order`` (the
     wallet's id) sorts a batch's statements, so two batches (two processes) lock the rows they
-    share in the same order and cannot deadlock on them.
+    share in the same order and cannot deadlock on them. ``wait``: how long the statement may wait
+    for a free connection (``connection``); a batch waits as long as its most patient statement.
     """
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
         batcher = _batchers[loop] = _Batcher(settings.PROXY_DB_BATCH_FLIGHTS)
     if not batcher.limit:  # group commit off: every statement alone, as ``fetchone``
-        return await _run(sql, params, fetch=True, retry=retry)
-    return await batcher.fetchone(sql, params, retry, order)
+        return await _run(sql, params, fetch=True, retry=retry, wait=wait)
+    return await batcher.fetchone(sql, params, retry, order, wait)
 
 
 def _resolve(pending: _Pending, row: tuple | None = None, error: BaseException | None = None) -> None:
@@ -398,7 +405,7 @@ def _resolve(pending: _Pending, row: tuple | None = None, error: BaseException |
 async def _settle_one(pending: _Pending) -> None:
     """One statement on its own, in autocommit, its row or error to its caller."""
     try:
-        row = await _run(pending.sql, pending.params, fetch=True, retry=pending.retry)
+        row = await _run(pending.sql, pending.params, fetch=True, retry=pending.retry, wait=pending.wait)
     except Exception as error:
         _resolve(pending, error=error)
     else:
@@ -407,9 +414,11 @@ async def _settle_one(pending: _Pending) -> None:
 
 async def _run_batch(batch: list[_Pending]) -> None:
     batch = sorted(batch, key=lambda pending: pending.order)  # stable: arrival order within a wallet
+    waits = [pending.wait for pending in batch if pending.wait is not None]
+    wait = max([*waits, settings.PROXY_DB_POOL_TIMEOUT]) if waits else None  # the most patient one's
     conn = None
     try:
-        async with connection() as conn:
+        async with connection(wait) as conn:
             cursors = []
             try:
                 # BEGIN, the statements, COMMIT: queued in pipeline mode and sent with one Sync at

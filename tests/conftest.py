@@ -100,13 +100,15 @@ _FAST_LANE = {
 
 # scripts/test runs the suite twice, on SQLite and on PostgreSQL side by side, and names each run in
 # TEST_HALF ("sqlite" or "postgres"). Tests that exercise nothing database-specific run in one of
-# the two only: pure units (no database at all), the browser tests (the pages' queries are tested
-# on both databases by the non-browser view tests: test_portal_views, test_admin_dashboard,
-# test_staff_*), and the client kit's and the AI SDKs' end-to-end tests (they test the client
-# packages and the wire protocols against a live server; the proxy paths behind them are tested
-# on both databases by test_proxy_* and test_v1_*). Each group goes where it evens out the two
-# runs' times. Without TEST_HALF (pytest run by hand, or scripts/test with no PostgreSQL) every
-# test runs.
+# the two only: pure units (no database at all), the settings tests (each starts fresh interpreters
+# that parse the settings from an environment without DATABASE_URL: SQLite whichever half runs
+# them), the HTTPS headers' (settings and middleware, the same on either database), the browser
+# tests (the pages' queries are tested on both databases by the non-browser view tests:
+# test_portal_views, test_admin_dashboard, test_staff_*), and the client kit's and the AI SDKs'
+# end-to-end tests (they test the client packages and the wire protocols against a live server;
+# the proxy paths behind them are tested on both databases by test_proxy_* and test_v1_*). Each
+# group goes where it evens out the two runs' times: the PostgreSQL half is the longer one.
+# Without TEST_HALF (pytest run by hand, or scripts/test with no PostgreSQL) every test runs.
 _ONE_HALF = {
     "sqlite": {
         "test_money",
@@ -123,17 +125,19 @@ _ONE_HALF = {
         "test_notify_browser",
         "test_orgs_browser",
         "test_security_browser",
+        "test_settings",
+        "test_security_headers",
+        "test_client_device",
+        "test_client_events",
+        "test_client_topup",
     },
     "postgres": {
         "test_sdk_protocols",
         "test_agent_recipes",
         "test_client_auth",
         "test_client_cli",
-        "test_client_device",
-        "test_client_events",
         "test_client_openai",
         "test_client_runs",
-        "test_client_topup",
         "test_desktop_chat",
     },
 }

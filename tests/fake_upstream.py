@@ -428,7 +428,7 @@ class FakeUpstream:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.scheme = serve_tls(self.server, tls)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     @property

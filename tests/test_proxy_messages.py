@@ -7,6 +7,7 @@ OpenAI-compatible upstream. Errors are in Anthropic's shape throughout."""
 import json
 import os
 from decimal import Decimal
+from itertools import chain
 
 import pytest
 from django.core.management import call_command
@@ -264,8 +265,9 @@ def test_a_client_that_disconnects_mid_stream_pays_for_what_it_got(fake_upstream
     delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word "}}
     from tests.fake_upstream import typed_sse
 
+    # Lazily: the words go on for seconds by the clock, so a list of them would take that long to build.
     words = (typed_sse(delta) if isinstance(item, bytes) else item for item in slow_native_stream([], []))
-    fake_upstream.script("messages", StreamReply([*items[:4], *words]))
+    fake_upstream.script("messages", StreamReply(chain(items[:4], words)))
     response = call(MESSAGES, {**HELLO, "stream": True}, token=None, headers=sk, disconnect_after=8)
     assert fake_upstream.stream_finished.wait(3), "the upstream kept streaming after the client left"
     assert fake_upstream.stream_closed_at - float(response.headers["_disconnected_at"]) < 1.0

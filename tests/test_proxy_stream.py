@@ -284,6 +284,52 @@ def test_a_database_too_busy_for_the_request_is_a_503_and_nothing_moves(fake_ups
     assert not Hold.objects.exists() and Wallet.objects.get(user=alice).balance == 10_000_000_000
 
 
+@pytest.mark.postgres
+def test_a_busy_database_refuses_new_requests_while_a_running_one_still_settles(fake_upstream, alice, key, settings):
+    """Under overload admissions are shed — a 503, nothing held — and the requests already running
+    are billed all the same: a settlement waits PROXY_DB_SETTLE_TIMEOUT for a connection where an
+    admission waits PROXY_DB_POOL_TIMEOUT (a settlement that gave up would end its stream without
+    its last event and leave its hold to reconcile_holds, HOLD_TTL later)."""
+    import asyncio
+    import threading
+
+    from asgiref.sync import async_to_sync
+
+    from config.asgi import application
+    from tests.fake_upstream import _proxy_call, stream_of
+
+    settings.PROXY_DB_POOL_SIZE, settings.PROXY_DB_POOL_TIMEOUT, settings.PROXY_DB_SETTLE_TIMEOUT = 1, 0.2, 10
+    gate = threading.Event()
+    words = stream_of("Po", "ng", u=usage(10, 2, cost="0.00001"))
+    fake_upstream.script("chat", StreamReply([*words[:2], gate, *words[2:]]))
+    streamed, plain = json.dumps({**HELLO, "stream": True}).encode(), json.dumps(HELLO).encode()
+
+    def send(raw: bytes):
+        return _proxy_call(application, CHAT, raw, [raw], key, None, None, 10, "POST")
+
+    async def scenario():
+        try:
+            running = asyncio.ensure_future(send(streamed))
+            while not fake_upstream.requests:  # admitted: its hold taken, the upstream called
+                await asyncio.sleep(0.01)
+            async with adb.connection():  # the pool's only connection, busy for a while
+                refused = await send(plain)
+                gate.set()  # the running stream ends, and its settlement waits for the connection
+                await asyncio.sleep(1.0)  # five times as long as an admission may
+            return refused, await running
+        finally:
+            gate.set()
+            await close_loop_resources()
+
+    refused, served = async_to_sync(scenario)()
+    assert refused.status == 503 and "Nothing was charged" in refused.error["message"]
+    assert served.status == 200 and served.data_events()[-1] == "[DONE]"
+    assert len(fake_upstream.requests) == 1
+    hold, record = Hold.objects.get(), UsageRecord.objects.get()
+    assert hold.status == HoldStatus.SETTLED and record.status == UsageStatus.OK and record.charge > 0
+    assert Wallet.objects.get(user=alice).balance == 10_000_000_000 - record.charge
+
+
 def test_a_request_that_runs_a_while_keeps_its_hold_from_expiring(fake_upstream, alice, key, settings, monkeypatch):
     """Progress writes push the hold's expiry out, so reconcile_holds never takes a live stream
     for an abandoned one — however much longer than HOLD_TTL it runs."""

@@ -128,7 +128,8 @@ def receiver():
     server = ThreadingHTTPServer(("127.0.0.1", 0), found.handler())
     server.daemon_threads = True
     found._server = server
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, on every test's way out
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield found

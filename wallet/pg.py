@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, models
 from django.utils import timezone
@@ -130,6 +131,9 @@ class Statement:
     # May it run twice? (A read, or a write conditional on state the first run would change —
     # then a connection found dead can be retried on a fresh one.)
     retry: bool = False
+    # Does it close a hold (a settlement or a release)? Then it may wait longer for a connection:
+    # see ``arun``.
+    closes: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,13 @@ async def arun(statement: Statement) -> tuple | None:
     batch, statements are ordered by wallet, so batches lock wallet rows in one order)."""
     params = statement.params
     order = (params.get("wallet_id") or 0) if isinstance(params, dict) else 0
-    return await adb.fetchone_batched(statement.sql, params, retry=statement.retry, order=order)
+    # A request refused at admission for want of a connection holds nothing and is told to retry;
+    # a settlement that gives up leaves a finished request unbilled until reconcile_holds charges
+    # its hold an estimate after HOLD_TTL. So closing a hold may wait longer for a connection
+    # (PROXY_DB_SETTLE_TIMEOUT) than taking one does (PROXY_DB_POOL_TIMEOUT): under overload the
+    # admissions are shed, and the requests already running are billed.
+    wait = settings.PROXY_DB_SETTLE_TIMEOUT if statement.closes else None
+    return await adb.fetchone_batched(statement.sql, params, retry=statement.retry, order=order, wait=wait)
 
 
 def row(statement: Statement) -> tuple:
@@ -258,7 +268,7 @@ def hold_close(
     sql = _composed(_CLOSE)
     if also_save is not None:
         sql, params = _with_save(_CLOSE, params, also_save, charged_into)
-    return Statement(sql, params, retry=True)
+    return Statement(sql, params, retry=True, closes=True)
 
 
 def hold_closed(

@@ -66,6 +66,9 @@ def server_env(fake_upstream_server, port: int, **extra: str) -> dict:
         "PROXY_PRICE_CACHE_SECONDS": "0",
         "LEMONSQUEEZY_WEBHOOK_SECRET": LS_SECRET,
         "LOG_LEVEL": "WARNING",
+        # An app waits this long before it first asks whether the person approved (RFC 8628's
+        # 5 s by default): the browser sign-in tests approve at once, then sat out the rest.
+        "DEVICE_POLL_INTERVAL": "1",
         **extra,
     }
 

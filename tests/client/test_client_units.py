@@ -70,6 +70,11 @@ def test_the_console_script_is_installed():
     assert done.returncode == 0 and "login" in done.stdout and "--server" in done.stdout
 
 
+# The poll interval the fake device endpoint names: a fraction of RFC 8628's whole seconds, which
+# the client reads as a number of seconds all the same, so the test waits tenths, not seconds.
+INTERVAL = 0.3
+
+
 class FakeDeviceServer:
     """Just the device endpoints of a Tokentill server, on loopback, answering what the test
     scripts — for the RFC 8628 corners a real server only reaches by timing (slow_down)."""
@@ -99,10 +104,8 @@ class FakeDeviceServer:
                 if self.path == "/api/auth/device":
                     uri = f"{fake.url}/device"
                     code = {"device_code": "dc", "user_code": "ABCD-EFGH", "verification_uri": uri}
-                    self.reply(
-                        200,
-                        {**code, "verification_uri_complete": uri + "?code=ABCD-EFGH", "expires_in": 60, "interval": 1},
-                    )
+                    code.update(verification_uri_complete=uri + "?code=ABCD-EFGH", expires_in=60, interval=INTERVAL)
+                    self.reply(200, code)
                 else:
                     fake.polls.append(time.monotonic())
                     self.reply(*fake.answers.pop(0))
@@ -112,7 +115,7 @@ class FakeDeviceServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -123,7 +126,7 @@ def test_the_device_flow_waits_longer_after_slow_down(memory_keyring):
     from tokentill import Tokentill
 
     pending = (400, {"error": "authorization_pending", "detail": "waiting"})
-    slow_down = (400, {"error": "slow_down", "detail": "too fast", "interval": 3})
+    slow_down = (400, {"error": "slow_down", "detail": "too fast", "interval": 3 * INTERVAL})
     pair = (200, {"access": "a", "refresh": "ttr_r", "expires_in": 900})
     fake = FakeDeviceServer([pending, slow_down, pair])
     client = Tokentill(fake.url, keyring_backend=memory_keyring)
@@ -134,4 +137,4 @@ def test_the_device_flow_waits_longer_after_slow_down(memory_keyring):
         fake.close()
     assert account.email == "desk@example.com"
     first, second, third = fake.polls
-    assert second - first >= 1 and third - second >= 3  # the interval, then the one slow_down named
+    assert second - first >= INTERVAL and third - second >= 3 * INTERVAL  # the interval, then the one slow_down named
