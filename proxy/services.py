@@ -161,7 +161,9 @@ def _record_of(meta: RequestMeta, choice: Choice | None = None, **fields) -> Usa
     if choice is not None:
         fields.setdefault("alias", choice.alias[:200])
         fields.setdefault("served_model", choice.model[:200])
-    return UsageRecord(
+    # (adb.new: ``UsageRecord(...)`` without Model.__init__'s per-field walk — one per request.)
+    return adb.new(
+        UsageRecord,
         request_id=meta.request_id,
         user=meta.user,
         api_key=meta.api_key,

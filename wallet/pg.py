@@ -173,7 +173,8 @@ def _found(row: tuple | None, statement: Statement) -> tuple:
 
 
 def _json(value: dict) -> str:
-    return json.dumps(value, cls=DjangoJSONEncoder)
+    # An empty dict — a proxied request's hold and settlement metadata — needs no encoder.
+    return json.dumps(value, cls=DjangoJSONEncoder) if value else "{}"
 
 
 # --- taking a hold ----------------------------------------------------------------------------------
