@@ -42,6 +42,7 @@ import psycopg._queries
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connections, models
+from django.db.models import signals
 from django.db.models.base import ModelState
 from psycopg.types.numeric import Int8Dumper
 from psycopg_pool import AsyncConnectionPool
@@ -491,7 +492,25 @@ def load(model, row: tuple, start: int = 0, *, converted: bool = False):
         return None, end
     if converters and not converted:
         _convert(values, converters)
-    return model.from_db("default", names, values), end
+    return from_db(model, names, values), end
+
+
+def from_db(model, names: list[str], values: list):
+    """``model.from_db("default", names, values)`` for a full row: the instance's attributes set
+    from the row as ``Model.__init__``'s positional path sets them, without its per-field loop
+    (the principal's key, user and wallet are loaded so on every request). The ORM's own path
+    when something listens to the model's init signals."""
+    if _signalled(model) or len(names) != len(model._meta.concrete_fields):
+        return model.from_db("default", names, values)
+    instance = model.__new__(model)
+    state = instance._state = ModelState()
+    state.adding, state.db = False, "default"
+    instance.__dict__.update(zip(names, values, strict=True))
+    return instance
+
+
+def _signalled(model) -> bool:
+    return signals.pre_init.has_listeners(model) or signals.post_init.has_listeners(model)
 
 
 def convert(row: tuple, models: tuple) -> tuple:
@@ -661,8 +680,10 @@ def new(model, /, **values):
     default, a related instance given by field name cached as the ORM caches it — without
     ``Model.__init__``'s walk over every field and keyword (the proxy builds a usage record and a
     hold on every request: ~5 % of a request's CPU went to it). Names are field names or
-    attribute names (``user`` or ``user_id``); anything else is a ``TypeError``. No
-    ``pre_init``/``post_init`` signals: use it only for models nothing listens to them for."""
+    attribute names (``user`` or ``user_id``); anything else is a ``TypeError``. A model whose
+    ``pre_init``/``post_init`` signals have listeners is built by ``Model.__init__`` after all."""
+    if _signalled(model):
+        return model(**values)
     fixed, computed, relations, attnames = _blank(model)
     instance = model.__new__(model)
     state = instance._state = ModelState()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db.models import signals
 from django.utils import timezone
 
 from accounts.models import User
@@ -78,3 +79,33 @@ def test_a_hold_by_field_or_attribute_name_and_an_unknown_name_refused():
     assert by_field.wallet is wallet
     with pytest.raises(TypeError, match="no field named 'wallett'"):
         adb.new(Hold, wallett=wallet, **values)
+
+
+def test_a_row_loaded_is_what_the_orm_loads_from_it():
+    user = User.objects.create_user(email="load@example.com", password="x" * 12)
+    wallet = wallet_get_or_create(user=user)
+    now = timezone.now()
+    Hold.objects.create(wallet=wallet, amount=9, request_id="req_l", created_at=now, expires_at=now)
+    names = [field.attname for field in Hold._meta.concrete_fields]
+    values = list(Hold.objects.values_list(*names).get())
+    loaded, expected = adb.from_db(Hold, names, values), Hold.from_db("default", names, values)
+    assert _fields(loaded) == _fields(expected)
+    assert (loaded._state.adding, loaded._state.db) == (False, "default") == (expected._state.adding, "default")
+    assert loaded.wallet == wallet  # related objects load as from any instance
+
+
+def test_a_model_whose_init_signals_have_listeners_is_built_by_the_orm():
+    calls = []
+
+    def heard(sender, instance, **kwargs):
+        calls.append(instance)
+
+    signals.post_init.connect(heard, sender=Hold)
+    try:
+        now = timezone.now()
+        built = adb.new(Hold, wallet_id=1, amount=1, request_id="r", created_at=now, expires_at=now)
+        names = [field.attname for field in Hold._meta.concrete_fields]
+        loaded = adb.from_db(Hold, names, [getattr(built, name) for name in names])
+    finally:
+        signals.post_init.disconnect(heard, sender=Hold)
+    assert calls == [built, loaded]

@@ -289,7 +289,7 @@ def hold_closed(
             "created_at": params["now"],
         }
         # ("default", not ``connection.alias``: on the event loop that lookup is a context-local's.)
-        entry = Entry.from_db("default", _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
+        entry = adb.from_db(Entry, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
     return entry, WalletState(balance, held, user_id, charged)
 
 
