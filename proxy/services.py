@@ -710,6 +710,11 @@ _SETTLED_FIELDS = [
     "settled_at",
 ]
 _SETTLED_BY_CHARGE = [name for name in _SETTLED_FIELDS if name != "charge"]
+# The same, when the record already holds the price it is settled at (the common case): its
+# price, rates snapshot and markup were written with the hold (or the last progress write).
+_PRICE_FIELDS = ("price", "prices", "markup")
+_SETTLED_FIELDS_SAME_PRICE = [name for name in _SETTLED_FIELDS if name not in _PRICE_FIELDS]
+_SETTLED_BY_CHARGE_SAME_PRICE = [name for name in _SETTLED_BY_CHARGE if name not in _PRICE_FIELDS]
 
 
 async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
@@ -733,9 +738,13 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.cost_source = result.source
     record.charge = charge  # until the settlement says what its overrun cap let it take
     record.operator_loss = 0
-    record.markup = rates.markup
-    record.price = result.price
-    record.prices = rates.snapshot()
+    # Settled at the price the record was written with (``begun.rates`` are that price's, and
+    # what its ``prices`` snapshot was taken from): those three columns are already right.
+    same_price = result.price is begun.price and record.price is begun.price
+    if not same_price:
+        record.markup = rates.markup
+        record.price = result.price
+        record.prices = rates.snapshot()
     record.estimated = result.estimated
     record.latency_ms = outcome.latency_ms
     record.ttfb_ms = outcome.ttfb_ms
@@ -748,13 +757,14 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
             hold=begun.hold,
             amount=charge,
             description=description,
-            also_save=(record, _SETTLED_BY_CHARGE),
+            also_save=(record, _SETTLED_BY_CHARGE_SAME_PRICE if same_price else _SETTLED_BY_CHARGE),
             charged_into=("charge", "operator_loss"),
             member_id=record.user_id if record.organization_id is not None else None,
         )
         charge = closed.charged
     else:
-        closed = await ahold_release(hold=begun.hold, also_save=(record, _SETTLED_FIELDS))
+        fields = _SETTLED_FIELDS_SAME_PRICE if same_price else _SETTLED_FIELDS
+        closed = await ahold_release(hold=begun.hold, also_save=(record, fields))
     if not closed.closed_here:
         # Someone closed the hold first (reconcile_holds, after progress writes could not reach
         # the database for HOLD_TTL): their charge stands, and so does the record explaining it
