@@ -272,6 +272,7 @@ def request_plan(
     media: Media | None = None,
     tiers: Tiers | None = None,
     counters: bool = True,
+    subjects: list | None = None,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
@@ -290,6 +291,8 @@ def request_plan(
     it, is priced the same way on its own routes (one hop: the client's ``models`` are not
     offered with it); the spend caps reserve the model's amount. ``counters=False``: the caller
     has found that no counter applies to this request (see ``_aplan``), so none is checked.
+    ``subjects``: the key's and the user's limits (``limits.subjects_of``) when the caller has
+    worked them out already; each counter check below is handed the same ones.
     """
     choice = choice_of(tiers or tiers_current(), model=meta.model, agent=meta.agent)
     models = _models_of(choice, meta, fallback_models)
@@ -332,8 +335,10 @@ def request_plan(
         reservation = limits.Reservation(amount=served.amount, tokens=served.tokens_held(choices))
         return Plan(choice, served, fallback, choices, reservation)
     user = meta.user
-    limits.check_rpm(api_key=meta.api_key, now=now, user=user)
-    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user)
+    if subjects is None:
+        subjects = limits.subjects_of(meta.api_key, user)
+    limits.check_rpm(api_key=meta.api_key, now=now, user=user, subjects=subjects)
+    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user, subjects=subjects)
     try:
         step = limits.check_run_steps(
             run=meta.run, user_id=user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
@@ -350,6 +355,7 @@ def request_plan(
             now=now,
             run_max_spend=meta.run_max_spend,
             user=user,
+            subjects=subjects,
         )
     except limits.LimitExceeded:
         # A request that does not happen is no step, and holds no slot.
@@ -357,7 +363,9 @@ def request_plan(
         raise
     reservation.step_key, reservation.parallel_keys = step, parallel
     try:
-        limits.reserve_tokens(reservation, api_key=meta.api_key, user=user, tokens=served.tokens_held(choices), now=now)
+        limits.reserve_tokens(
+            reservation, api_key=meta.api_key, user=user, tokens=served.tokens_held(choices), now=now, subjects=subjects
+        )
     except limits.LimitExceeded:
         limits.release(reservation)
         raise
@@ -452,15 +460,17 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
         if routes is None:
             await _refreshed(("routes", *models), lambda: [routes_current(model) for model in models])
             routes = routes_cached(models)
+    subjects = limits.subjects_of(meta.api_key, meta.user)  # worked out once for every check
     uses_counters = limits.uses_counters(
         api_key=meta.api_key,
         run=meta.run,
         run_max_steps=meta.run_max_steps,
         run_max_spend=meta.run_max_spend,
         user=meta.user,
+        subjects=subjects,
     )
     if routes is None or uses_counters or limits.member_uses_counters(meta.membership):
-        return await adb.in_thread(request_plan)(meta=meta, **kwargs)
+        return await adb.in_thread(request_plan)(meta=meta, subjects=subjects, **kwargs)
     return request_plan(meta=meta, routes=routes, tiers=tiers, counters=False, **kwargs)
 
 
