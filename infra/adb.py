@@ -660,10 +660,12 @@ def update_statement(
 
 
 @lru_cache(maxsize=64)
-def _blank(model) -> tuple[dict, tuple[tuple[str, Callable], ...], dict[str, str], frozenset[str]]:
+def _blank(model) -> tuple[dict, tuple[tuple[str, Callable], ...], dict[str, tuple[str, str]], frozenset[str]]:
     """What ``new`` starts an instance of ``model`` from: every concrete field's constant default
     (by attribute name), the fields whose default is a callable (called per instance, as the ORM
-    does), each foreign key's attribute name by field name, and every attribute name."""
+    does), each foreign key's attribute name and its target's (the column it copies from the
+    related instance: its primary key unless ``to_field`` says otherwise) by field name, and every
+    attribute name."""
     fixed: dict[str, Any] = {}
     computed = []
     for field in model._meta.concrete_fields:
@@ -671,7 +673,11 @@ def _blank(model) -> tuple[dict, tuple[tuple[str, Callable], ...], dict[str, str
             computed.append((field.attname, field.default))
         else:
             fixed[field.attname] = field.get_default()
-    relations = {field.name: field.attname for field in model._meta.concrete_fields if field.is_relation}
+    relations = {
+        field.name: (field.attname, field.target_field.attname)
+        for field in model._meta.concrete_fields
+        if field.is_relation
+    }
     return fixed, tuple(computed), relations, frozenset(field.attname for field in model._meta.concrete_fields)
 
 
@@ -695,7 +701,8 @@ def new(model, /, **values):
     for name, value in values.items():
         related = relations.get(name)
         if related is not None:
-            data[related] = None if value is None else value.pk
+            attname, target = related
+            data[attname] = None if value is None else getattr(value, target)
             state.fields_cache[name] = value
         elif name in attnames:
             data[name] = value
