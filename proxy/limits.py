@@ -247,8 +247,15 @@ def _member_subject(membership) -> _Subject | None:
     return _Subject("member", membership.user_id, limits, membership.organization_id) if limits else None
 
 
-def _subjects(api_key, user) -> list[_Subject]:
+def subjects_of(api_key, user) -> list[_Subject]:
+    """The key's and the user's limits in force (parsed from their JSON and settings). A request
+    works them out once and hands them to each check (``subjects=``): asked of every check, they
+    were worked out five times a request whenever limits applied."""
     return [subject for subject in (_key_subject(api_key), _user_subject(user)) if subject is not None]
+
+
+def _subjects(api_key, user, subjects: list[_Subject] | None) -> list[_Subject]:
+    return subjects_of(api_key, user) if subjects is None else subjects
 
 
 def _tightest(*limits: int) -> int:
@@ -275,19 +282,21 @@ def _run_key(user_id: int, run: str, counter: str) -> str:
     return f"tt:run:{user_id}:{hashlib.sha256(run.encode()).hexdigest()[:32]}:{counter}"
 
 
-def uses_counters(*, api_key, run: str, run_max_steps: int = 0, run_max_spend: int = 0, user=None) -> bool:
+def uses_counters(
+    *, api_key, run: str, run_max_steps: int = 0, run_max_spend: int = 0, user=None, subjects=None
+) -> bool:
     """Would checking this request touch the cache? (Async callers run the check in a thread then.)"""
     return bool(
-        any(subject.limits for subject in _subjects(api_key, user))
+        any(subject.limits for subject in _subjects(api_key, user, subjects))
         or _run_max_steps(run, api_key, run_max_steps)
         or _run_max_spend(run, api_key, run_max_spend)
     )
 
 
-def check_rpm(*, api_key, now: datetime, user=None) -> None:
+def check_rpm(*, api_key, now: datetime, user=None, subjects=None) -> None:
     """Count one request against the key's and the user's requests per minute (a refused request
     counts too: retrying at once does not help)."""
-    for subject in _subjects(api_key, user):
+    for subject in _subjects(api_key, user, subjects):
         rpm = subject.limits.get("rpm")
         if rpm and _incr(f"{subject.counter('rpm')}:{now:%Y%m%d%H%M}", 1, 120) > rpm:
             raise LimitExceeded(
@@ -297,11 +306,11 @@ def check_rpm(*, api_key, now: datetime, user=None) -> None:
             )
 
 
-def acquire_parallel(*, api_key, user=None) -> list[str]:
+def acquire_parallel(*, api_key, user=None, subjects=None) -> list[str]:
     """Count one more request in flight for the key and for the user, or raise ``LimitExceeded``
     at once (and count nothing). Returns the counters moved, given back by ``release``."""
     moved: list[str] = []
-    for subject in _subjects(api_key, user):
+    for subject in _subjects(api_key, user, subjects):
         most = subject.limits.get("max_parallel")
         if not most:
             continue
@@ -478,12 +487,20 @@ def _token_caps(subject: _Subject, now: datetime) -> list[_Cap]:
 
 
 def reserve_spend(
-    *, api_key, run: str, user_id: int, amount: int, now: datetime, run_max_spend: int = 0, user=None
+    *,
+    api_key,
+    run: str,
+    user_id: int,
+    amount: int,
+    now: datetime,
+    run_max_spend: int = 0,
+    user=None,
+    subjects=None,
 ) -> Reservation:
     """Count ``amount`` (a hold, or a tool charge) against the key's and the user's spend caps
     and the run's spend limit (``run_max_spend``: the request's own, in nanodollars; 0 for none)."""
     reservation = Reservation(amount=amount)
-    caps = [cap for subject in _subjects(api_key, user) for cap in _spend_caps(subject, now)]
+    caps = [cap for subject in _subjects(api_key, user, subjects) for cap in _spend_caps(subject, now)]
     run_cap = _run_max_spend(run, api_key, run_max_spend)
     if run_cap:
         caps.append(
@@ -507,11 +524,11 @@ def reserve_spend(
     return reservation
 
 
-def reserve_tokens(reservation: Reservation, *, api_key, user, tokens: int, now: datetime) -> None:
+def reserve_tokens(reservation: Reservation, *, api_key, user, tokens: int, now: datetime, subjects=None) -> None:
     """Count ``tokens`` (what a request's hold assumes) against the key's and the user's tokens
     per minute and per day, onto ``reservation``; over one, raise ``LimitExceeded`` having given
     back these tokens (the caller releases the rest of the reservation)."""
-    caps = [cap for subject in _subjects(api_key, user) for cap in _token_caps(subject, now)]
+    caps = [cap for subject in _subjects(api_key, user, subjects) for cap in _token_caps(subject, now)]
     reservation.tokens = tokens
     try:
         _reserve(caps, tokens, reservation.token_keys, user_id=user.pk, api_key=api_key, run="")

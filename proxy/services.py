@@ -161,7 +161,9 @@ def _record_of(meta: RequestMeta, choice: Choice | None = None, **fields) -> Usa
     if choice is not None:
         fields.setdefault("alias", choice.alias[:200])
         fields.setdefault("served_model", choice.model[:200])
-    return UsageRecord(
+    # (adb.new: ``UsageRecord(...)`` without Model.__init__'s per-field walk — one per request.)
+    return adb.new(
+        UsageRecord,
         request_id=meta.request_id,
         user=meta.user,
         api_key=meta.api_key,
@@ -270,6 +272,7 @@ def request_plan(
     media: Media | None = None,
     tiers: Tiers | None = None,
     counters: bool = True,
+    subjects: list | None = None,
 ) -> Plan:
     """Check the guardrails and price the request, or raise ``Refusal`` (not yet recorded).
 
@@ -288,6 +291,8 @@ def request_plan(
     it, is priced the same way on its own routes (one hop: the client's ``models`` are not
     offered with it); the spend caps reserve the model's amount. ``counters=False``: the caller
     has found that no counter applies to this request (see ``_aplan``), so none is checked.
+    ``subjects``: the key's and the user's limits (``limits.subjects_of``) when the caller has
+    worked them out already; each counter check below is handed the same ones.
     """
     choice = choice_of(tiers or tiers_current(), model=meta.model, agent=meta.agent)
     models = _models_of(choice, meta, fallback_models)
@@ -330,8 +335,10 @@ def request_plan(
         reservation = limits.Reservation(amount=served.amount, tokens=served.tokens_held(choices))
         return Plan(choice, served, fallback, choices, reservation)
     user = meta.user
-    limits.check_rpm(api_key=meta.api_key, now=now, user=user)
-    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user)
+    if subjects is None:
+        subjects = limits.subjects_of(meta.api_key, user)
+    limits.check_rpm(api_key=meta.api_key, now=now, user=user, subjects=subjects)
+    parallel = limits.acquire_parallel(api_key=meta.api_key, user=user, subjects=subjects)
     try:
         step = limits.check_run_steps(
             run=meta.run, user_id=user.pk, api_key=meta.api_key, run_max_steps=meta.run_max_steps
@@ -348,6 +355,7 @@ def request_plan(
             now=now,
             run_max_spend=meta.run_max_spend,
             user=user,
+            subjects=subjects,
         )
     except limits.LimitExceeded:
         # A request that does not happen is no step, and holds no slot.
@@ -355,7 +363,9 @@ def request_plan(
         raise
     reservation.step_key, reservation.parallel_keys = step, parallel
     try:
-        limits.reserve_tokens(reservation, api_key=meta.api_key, user=user, tokens=served.tokens_held(choices), now=now)
+        limits.reserve_tokens(
+            reservation, api_key=meta.api_key, user=user, tokens=served.tokens_held(choices), now=now, subjects=subjects
+        )
     except limits.LimitExceeded:
         limits.release(reservation)
         raise
@@ -450,15 +460,17 @@ async def _aplan(meta: RequestMeta, **kwargs) -> Plan:
         if routes is None:
             await _refreshed(("routes", *models), lambda: [routes_current(model) for model in models])
             routes = routes_cached(models)
+    subjects = limits.subjects_of(meta.api_key, meta.user)  # worked out once for every check
     uses_counters = limits.uses_counters(
         api_key=meta.api_key,
         run=meta.run,
         run_max_steps=meta.run_max_steps,
         run_max_spend=meta.run_max_spend,
         user=meta.user,
+        subjects=subjects,
     )
     if routes is None or uses_counters or limits.member_uses_counters(meta.membership):
-        return await adb.in_thread(request_plan)(meta=meta, **kwargs)
+        return await adb.in_thread(request_plan)(meta=meta, subjects=subjects, **kwargs)
     return request_plan(meta=meta, routes=routes, tiers=tiers, counters=False, **kwargs)
 
 
@@ -708,6 +720,11 @@ _SETTLED_FIELDS = [
     "settled_at",
 ]
 _SETTLED_BY_CHARGE = [name for name in _SETTLED_FIELDS if name != "charge"]
+# The same, when the record already holds the price it is settled at (the common case): its
+# price, rates snapshot and markup were written with the hold (or the last progress write).
+_PRICE_FIELDS = ("price", "prices", "markup")
+_SETTLED_FIELDS_SAME_PRICE = [name for name in _SETTLED_FIELDS if name not in _PRICE_FIELDS]
+_SETTLED_BY_CHARGE_SAME_PRICE = [name for name in _SETTLED_BY_CHARGE if name not in _PRICE_FIELDS]
 
 
 async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
@@ -731,9 +748,13 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
     record.cost_source = result.source
     record.charge = charge  # until the settlement says what its overrun cap let it take
     record.operator_loss = 0
-    record.markup = rates.markup
-    record.price = result.price
-    record.prices = rates.snapshot()
+    # Settled at the price the record was written with (``begun.rates`` are that price's, and
+    # what its ``prices`` snapshot was taken from): those three columns are already right.
+    same_price = result.price is begun.price and record.price is begun.price
+    if not same_price:
+        record.markup = rates.markup
+        record.price = result.price
+        record.prices = rates.snapshot()
     record.estimated = result.estimated
     record.latency_ms = outcome.latency_ms
     record.ttfb_ms = outcome.ttfb_ms
@@ -746,13 +767,14 @@ async def arequest_settle(*, begun: Begun, outcome: Outcome) -> UsageRecord:
             hold=begun.hold,
             amount=charge,
             description=description,
-            also_save=(record, _SETTLED_BY_CHARGE),
+            also_save=(record, _SETTLED_BY_CHARGE_SAME_PRICE if same_price else _SETTLED_BY_CHARGE),
             charged_into=("charge", "operator_loss"),
             member_id=record.user_id if record.organization_id is not None else None,
         )
         charge = closed.charged
     else:
-        closed = await ahold_release(hold=begun.hold, also_save=(record, _SETTLED_FIELDS))
+        fields = _SETTLED_FIELDS_SAME_PRICE if same_price else _SETTLED_FIELDS
+        closed = await ahold_release(hold=begun.hold, also_save=(record, fields))
     if not closed.closed_here:
         # Someone closed the hold first (reconcile_holds, after progress writes could not reach
         # the database for HOLD_TTL): their charge stands, and so does the record explaining it

@@ -132,3 +132,22 @@ def test_a_request_over_the_keys_max_parallel_is_refused_at_once_and_the_slot_co
     assert second.headers["retry-after"] == "1"
     assert first.status == 200 and third.status == 200
     assert len(fake_upstream.calls("chat")) == 2
+
+
+def test_a_request_works_out_its_limit_subjects_once_for_every_check(fake_upstream, alice, price, monkeypatch):
+    # rpm, max_parallel, spend and token caps on the key, and a run: every counter check runs, each
+    # handed the subjects _aplan worked out (any check working them out again is counted here).
+    from proxy import limits
+
+    limits_set = {"rpm": 5, "max_parallel": 2, "daily_spend": "1", "tpm": 100_000}
+    token = api_key_create(user=alice, name="k", limits=limits_set)[1]
+    worked_out = []
+    real = limits.subjects_of
+    monkeypatch.setattr(limits, "subjects_of", lambda *args: worked_out.append(args) or real(*args))
+    fake_upstream.script("chat", Reply(body=completion(u=usage(1, 1, cost="0.000001"))))
+    assert call(CHAT, HELLO, token=token, headers={"X-Tokentill-Run": "r1"}).status == 200
+    assert len(worked_out) == 1
+    fake_upstream.script("chat", *[Reply(body=completion(u=usage(1, 1, cost="0.000001")))] * 5)
+    statuses = [call(CHAT, HELLO, token=token).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 200, 429]  # the rpm limit still counts, from the one working-out
+    assert len(worked_out) == 6

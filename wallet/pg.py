@@ -183,7 +183,8 @@ def _found(row: tuple | None, statement: Statement) -> tuple:
 
 
 def _json(value: dict) -> str:
-    return json.dumps(value, cls=DjangoJSONEncoder)
+    # An empty dict — a proxied request's hold and settlement metadata — needs no encoder.
+    return json.dumps(value, cls=DjangoJSONEncoder) if value else "{}"
 
 
 # --- taking a hold ----------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def hold_closed(
             "created_at": params["now"],
         }
         # ("default", not ``connection.alias``: on the event loop that lookup is a context-local's.)
-        entry = Entry.from_db("default", _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
+        entry = adb.from_db(Entry, _ENTRY_FIELDS, [values[name] for name in _ENTRY_FIELDS])
     return entry, WalletState(balance, held, user_id, charged)
 
 

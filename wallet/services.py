@@ -372,7 +372,8 @@ def _hold_new(
         if overrun_cap < 0:
             raise WalletError("an overrun cap cannot be negative")
     now = timezone.now()
-    hold = Hold(
+    hold = adb.new(  # Hold(...), without Model.__init__'s per-field walk: one per proxied request
+        Hold,
         wallet=wallet,
         amount=amount,
         request_id=request_id,
