@@ -404,8 +404,9 @@ class _Cap:
     message: str
     code: str
     retry_after: int
-    scope: str  # "api_key" | "user" | "run"
+    scope: str  # "api_key" | "user" | "member" | "run"
     unit: str  # "usd" | "tokens"
+    organization: int | None = None  # a member's cap: the organization it is inside
 
 
 def _reserve(caps: list[_Cap], amount: int, keys: list[str], *, user_id: int, api_key, run: str) -> None:
@@ -427,6 +428,7 @@ def _reserve(caps: list[_Cap], amount: int, keys: list[str], *, user_id: int, ap
                 retry_after=cap.retry_after,
                 scope=cap.scope,
                 unit=cap.unit,
+                organization_id=cap.organization,
             )
             raise LimitExceeded(cap.message, cap.code, cap.retry_after)
 
@@ -454,6 +456,7 @@ def _spend_caps(subject: _Subject, now: datetime) -> list[_Cap]:
                 retry_after=_seconds_to_reset(now, window),
                 scope=_SCOPES[subject.kind],
                 unit="usd",
+                organization=subject.organization,
             )
         )
     return caps

@@ -34,10 +34,11 @@ def cap_reached(
     retry_after: int,
     scope: str,
     unit: str = "usd",
+    organization_id: int | None = None,
 ) -> None:
     """Announce a full cap (``counter`` is its cache key: one event per cap and window).
     ``scope``: whose cap ("api_key", "user", "member", "run"); ``unit``: "usd" (``limit`` in nanodollars)
-    or "tokens"."""
+    or "tokens"; ``organization_id``: for a member's cap, the organization it is inside."""
     event_emit_once(
         type=EventType.USAGE_CAP_REACHED,
         user_id=user_id,
@@ -49,6 +50,7 @@ def cap_reached(
             "limit": format_usd(limit) if unit == "usd" else str(limit),
             "api_key": {"id": api_key.pk, "prefix": api_key.prefix} if api_key is not None else None,
             "run": run or None,
+            "organization": {"id": organization_id} if organization_id is not None else None,
             "retry_after": retry_after,
         },
         dedup_key=f"usage.cap_reached:{counter}"[:200],

@@ -189,13 +189,16 @@ def test_a_members_daily_limit_counts_what_was_spent_and_the_next_hold(fake_upst
     assert call(CHAT, HELLO, token=secret, headers=headers).status == 429
     (event,) = Event.objects.filter(type="usage.cap_reached")
     assert event.user == mia
-    assert {name: event.data[name] for name in ("code", "scope", "unit", "limit", "api_key", "run")} == {
+    assert {
+        name: event.data[name] for name in ("code", "scope", "unit", "limit", "api_key", "run", "organization")
+    } == {
         "code": "member_spend_limit",
         "scope": "member",
         "unit": "usd",
         "limit": format_usd(CHARGE + hold - 1),
         "api_key": {"id": key.pk, "prefix": key.prefix},
         "run": "nightly",
+        "organization": {"id": org.pk},
     }
     assert event.data["message"] == refused.error["message"] and event.data["retry_after"] > 0
     Membership.objects.filter(user=mia).update(daily_spend=CHARGE + hold)

@@ -84,6 +84,7 @@ def test_the_users_daily_spend_cap_covers_all_their_keys_and_announces_itself(fa
     assert event.user_id == alice.pk
     assert event.data["scope"] == "user" and event.data["code"] == "user_spend_cap_reached"
     assert event.data["limit"] == "0.001200000" and event.data["unit"] == "usd"
+    assert event.data["organization"] is None  # not a member's cap
 
 
 @pytest.mark.django_db(transaction=True)
