@@ -391,46 +391,8 @@ class UsageRecord(models.Model):
         return f"{self.request_id} {self.model} {self.status}"
 
 
-class UsageRollup(models.Model):
-    """The sums of the settled usage records of one hour (UTC) × user × organization billed × API
-    key × requested model × agent label: what every period total is read from (``proxy.rollups``).
-
-    Kept exact by the database itself: triggers on the usage record table (migration 0010) add a
-    record's figures when it leaves ``pending`` (settled, or inserted refused) and move the
-    difference when a settled record is changed (``reconcile_holds``), in the same statement and
-    transaction as the change, whoever makes it — the proxy's settlement statement, the ORM, raw
-    SQL. Records in flight are not in it: readers add them from the raw rows. Deleting raw rows
-    (pruning) leaves their sums here. ``rebuild`` recomputes any range from the raw rows.
-
-    The organization and key may be none; the unique key counts them as 0 (a NULL would never
-    collide). The foreign keys are not database constraints (no per-settlement check of three
-    more tables); the rows they name are never deleted (usage records protect them).
-    """
-
-    hour = models.DateTimeField(help_text="the hour (UTC) the requests were made in")
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
-    )
-    organization = models.ForeignKey(
-        "orgs.Organization",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="+",
-        db_index=False,
-        db_constraint=False,
-    )
-    api_key = models.ForeignKey(
-        "accounts.ApiKey",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="+",
-        db_index=False,
-        db_constraint=False,
-    )
-    model = models.CharField(max_length=200, help_text="model the client asked for")
-    agent = models.CharField(max_length=200, blank=True)
+class UsageSums(models.Model):
+    """The figures every usage rollup level sums."""
 
     requests = models.BigIntegerField(default=0)
     refused = models.BigIntegerField(default=0, help_text="of which refused before the upstream")
@@ -443,6 +405,61 @@ class UsageRollup(models.Model):
     charge = models.BigIntegerField(default=0, help_text="nanodollars")
     operator_loss = models.BigIntegerField(default=0, help_text="nanodollars")
     loss_requests = models.BigIntegerField(default=0, help_text="requests with an operator loss")
+
+    class Meta:
+        abstract = True
+
+
+class PayerSums(UsageSums):
+    """A per-user level's sums and whose they are: the user, and the organization billed (none: the
+    user's own wallet; the unique keys count it as 0, a NULL never colliding). The foreign keys are
+    not database constraints (no per-settlement check of more tables); the rows they name are never
+    deleted (usage records protect them)."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+
+    class Meta:
+        abstract = True
+
+
+class UsageRollup(PayerSums):
+    """The sums of the settled usage records of one hour (UTC) × user × organization billed × API
+    key × requested model × agent label: what every period total is read from (``proxy.rollups``).
+
+    Kept exact by the database itself: triggers on the usage record table (migration 0010) add a
+    record's figures when it leaves ``pending`` (settled, or inserted refused) and move the
+    difference when a settled record is changed (``reconcile_holds``), in the same statement and
+    transaction as the change, whoever makes it — the proxy's settlement statement, the ORM, raw
+    SQL. Records in flight are not in it: readers add them from the raw rows. Deleting raw rows
+    (pruning) leaves their sums here. ``rebuild`` recomputes any range from the raw rows.
+
+    The API key may be none too, counted as 0 by the unique key like the organization
+    (``PayerSums``).
+    """
+
+    hour = models.DateTimeField(help_text="the hour (UTC) the requests were made in")
+    api_key = models.ForeignKey(
+        "accounts.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    model = models.CharField(max_length=200, help_text="model the client asked for")
+    agent = models.CharField(max_length=200, blank=True)
 
     class Meta:
         constraints = [
@@ -466,26 +483,7 @@ class UsageRollup(models.Model):
         return f"{self.hour:%Y-%m-%d %H}:00 user {self.user_id} {self.model}: {self.requests}"
 
 
-class UsageSums(models.Model):
-    """The figures every usage rollup level sums (the same columns as ``UsageRollup``'s)."""
-
-    requests = models.BigIntegerField(default=0)
-    refused = models.BigIntegerField(default=0, help_text="of which refused before the upstream")
-    prompt_tokens = models.BigIntegerField(default=0)
-    completion_tokens = models.BigIntegerField(default=0)
-    reasoning_tokens = models.BigIntegerField(default=0)
-    cached_tokens = models.BigIntegerField(default=0)
-    cache_write_tokens = models.BigIntegerField(default=0)
-    upstream_cost = models.DecimalField(max_digits=38, decimal_places=15, default=0, help_text="USD")
-    charge = models.BigIntegerField(default=0, help_text="nanodollars")
-    operator_loss = models.BigIntegerField(default=0, help_text="nanodollars")
-    loss_requests = models.BigIntegerField(default=0, help_text="requests with an operator loss")
-
-    class Meta:
-        abstract = True
-
-
-class UsageDayRollup(UsageSums):
+class UsageDayRollup(PayerSums):
     """The usage of one UTC day × user × organization billed × requested model: ``UsageRollup``
     by day, without the API key and agent label (which multiply a busy user's rows several times
     over and which few totals ask for — those read the hours). A user's or an organization's
@@ -495,18 +493,6 @@ class UsageDayRollup(UsageSums):
     contention."""
 
     day = models.DateTimeField(help_text="the UTC day (its midnight) the requests were made in")
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
-    )
-    organization = models.ForeignKey(
-        "orgs.Organization",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="+",
-        db_index=False,
-        db_constraint=False,
-    )
     model = models.CharField(max_length=200, help_text="model the client asked for")
 
     class Meta:
@@ -529,24 +515,12 @@ class UsageDayRollup(UsageSums):
         return f"{self.day:%Y-%m-%d} user {self.user_id} {self.model}: {self.requests}"
 
 
-class UserDayRollup(UsageSums):
+class UserDayRollup(PayerSums):
     """The usage of one UTC day × user × organization billed, all models together: a user's (or an
     organization's member's) spending per day reads one row a day (``UsageDayRollup`` has one
     per model). Written by the triggers like it."""
 
     day = models.DateTimeField(help_text="the UTC day (its midnight) the requests were made in")
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
-    )
-    organization = models.ForeignKey(
-        "orgs.Organization",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="+",
-        db_index=False,
-        db_constraint=False,
-    )
 
     class Meta:
         constraints = [
@@ -563,24 +537,12 @@ class UserDayRollup(UsageSums):
         return f"{self.day:%Y-%m-%d} user {self.user_id}: {self.requests}"
 
 
-class UserMonthRollup(UsageSums):
+class UserMonthRollup(PayerSums):
     """The usage of one UTC calendar month × user × organization billed × requested model: a
     user's all-time totals by model read a few rows per model. Written by the triggers like
     ``UsageDayRollup``."""
 
     month = models.DateTimeField(help_text="the first instant (UTC) of the month")
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
-    )
-    organization = models.ForeignKey(
-        "orgs.Organization",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="+",
-        db_index=False,
-        db_constraint=False,
-    )
     model = models.CharField(max_length=200, help_text="model the client asked for")
 
     class Meta:
