@@ -54,7 +54,7 @@ class UserCodeNotFound(Exception):
 class DeviceCodes:
     authorization: DeviceAuthorization
     device_code: str  # the secret the app polls with; never stored
-    user_code: str  # shown as XXXX-XXXX
+    user_code: str  # shown as two groups of four letters, e.g. "BDFH-KMNP"
 
 
 def user_code_normalise(raw: str) -> str | None:

@@ -206,7 +206,7 @@ class DeviceCodeRequestSerializer(serializers.Serializer):
 
 class DeviceCodeOutSerializer(serializers.Serializer):
     device_code = serializers.CharField(help_text="the app's secret for polling; never show it")
-    user_code = serializers.CharField(help_text="XXXX-XXXX, for the user to type")
+    user_code = serializers.CharField(help_text="two groups of four letters such as BDFH-KMNP, for the user to type")
     verification_uri = serializers.CharField()
     verification_uri_complete = serializers.CharField(help_text="verification_uri with the code filled in")
     expires_in = serializers.IntegerField(help_text="seconds")
