@@ -66,49 +66,34 @@ HOUR = timedelta(hours=1)
 KEY_FIELDS = ("user", "organization", "api_key", "model", "agent")
 
 
-class UtcHour(models.Func):
-    """The UTC hour a timestamp falls in — the same SQL as the triggers', so a rebuilt row and a
-    trigger-written one meet on the same key."""
+class _UtcTrunc(models.Func):
+    """The start of the UTC ``unit`` a timestamp falls in — the same SQL as the triggers', so a
+    rebuilt row and a trigger-written one meet on the same key. On SQLite, Django keeps timestamps
+    as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': a prefix of it, completed. (Not strftime: a '%'
+    in the SQL would trip the formatting of logged queries.)"""
 
     output_field = models.DateTimeField()
+    unit: str
+    sqlite: str  # the SQLite template
 
     def as_postgresql(self, compiler, connection, **extra_context):
-        return self.as_sql(
-            compiler, connection, template="date_trunc('hour', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        )
+        template = f"date_trunc('{self.unit}', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        return self.as_sql(compiler, connection, template=template)
 
     def as_sqlite(self, compiler, connection, **extra_context):
-        # Django keeps SQLite timestamps as UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]'. (Not
-        # strftime: a '%' in the SQL would trip the formatting of logged queries.)
-        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 13) || ':00:00'")
+        return self.as_sql(compiler, connection, template=self.sqlite)
 
 
-class UtcDay(models.Func):
-    """The UTC day (its midnight) a timestamp falls in, as the triggers compute it."""
-
-    output_field = models.DateTimeField()
-
-    def as_postgresql(self, compiler, connection, **extra_context):
-        return self.as_sql(
-            compiler, connection, template="date_trunc('day', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        )
-
-    def as_sqlite(self, compiler, connection, **extra_context):
-        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 10) || ' 00:00:00'")
+class UtcHour(_UtcTrunc):
+    unit, sqlite = "hour", "substr(%(expressions)s, 1, 13) || ':00:00'"
 
 
-class UtcMonth(models.Func):
-    """The first instant (UTC) of the month a timestamp falls in, as the triggers compute it."""
+class UtcDay(_UtcTrunc):
+    unit, sqlite = "day", "substr(%(expressions)s, 1, 10) || ' 00:00:00'"
 
-    output_field = models.DateTimeField()
 
-    def as_postgresql(self, compiler, connection, **extra_context):
-        return self.as_sql(
-            compiler, connection, template="date_trunc('month', %(expressions)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        )
-
-    def as_sqlite(self, compiler, connection, **extra_context):
-        return self.as_sql(compiler, connection, template="substr(%(expressions)s, 1, 7) || '-01 00:00:00'")
+class UtcMonth(_UtcTrunc):
+    unit, sqlite = "month", "substr(%(expressions)s, 1, 7) || '-01 00:00:00'"
 
 
 # The key fields the per-user day and month levels keep (not the API key, not the agent label).
@@ -414,14 +399,14 @@ def _fold_batch(batch: int) -> int:
                 hourly AS (
                     INSERT INTO {hours} AS t (hour, model, {columns})
                     SELECT hour, model, {summed} FROM moved GROUP BY hour, model
-                    ON CONFLICT (hour, model) DO UPDATE SET {added} RETURNING 1
+                    ON CONFLICT (hour, model) DO UPDATE SET {added}
                 ),
                 daily AS (
                     INSERT INTO {days} AS t (day, model, {columns})
                     SELECT {day}, model, {summed} FROM moved GROUP BY 1, 2
-                    ON CONFLICT (day, model) DO UPDATE SET {added} RETURNING 1
+                    ON CONFLICT (day, model) DO UPDATE SET {added}
                 )
-                SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily)""",  # noqa: S608
+                SELECT count(*) FROM moved""",  # noqa: S608
                 [batch],
             )
             return int(cursor.fetchone()[0])
@@ -496,13 +481,13 @@ def rebuild(
         if since is None:
             oldest = records.objects.order_by("created_at").values_list("created_at", flat=True).first()
             if oldest is None:
-                deleted, _ = rollups.objects.filter(_hours(None, until)).delete()
+                deleted, _ = rollups.objects.filter(_range("hour", None, until)).delete()
                 if levels:
                     rebuild_levels(until=until)
                 return deleted, 0
             since = oldest
         start, end = floor_hour(since), ceil_hour(until) if until is not None else None
-        deleted, _ = rollups.objects.filter(_hours(start, end)).delete()
+        deleted, _ = rollups.objects.filter(_range("hour", start, end)).delete()
         raw = records.objects.exclude(status=UsageStatus.PENDING).filter(created_at__gte=start)
         if end is not None:
             raw = raw.filter(created_at__lt=end)
@@ -601,15 +586,6 @@ def _insert_grouped(target, source, keys: dict[str, Any], sums: dict[str, Any], 
         return cursor.rowcount
 
 
-def _hours(start: datetime | None, end: datetime | None) -> Q:
-    hours = Q()
-    if start is not None:
-        hours &= Q(hour__gte=start)
-    if end is not None:
-        hours &= Q(hour__lt=end)
-    return hours
-
-
 # --- checking ------------------------------------------------------------------------------------
 
 
@@ -657,10 +633,10 @@ def hourly_discrepancies(
     ``since``'s (default: the one after the oldest raw record's — hours pruned, wholly or in part,
     have their rollups only) to the one ``until`` falls in: at most ``limit``, each with rollup − raw per measure.
 
-    One statement: the raw records grouped over the range, joined (FULL JOIN) to the rollup rows
-    on the group — one row per group already (``usagerollup_one_row_per_group``), so that side is
-    read, not grouped — and each measure compared. ``upstream_cost`` is compared exactly on
-    PostgreSQL; SQLite keeps decimals as binary floats, so there to within half a nanodollar.
+    One statement (``_differences``): the raw records grouped over the range, joined (FULL JOIN)
+    to the rollup rows on the group — one row per group already
+    (``usagerollup_one_row_per_group``), so that side is read, not grouped — and each measure
+    compared.
     """
     start, end = floor_hour(since) if since is not None else None, ceil_hour(until) if until is not None else None
     raw = UsageRecord.objects.exclude(status=UsageStatus.PENDING)
@@ -668,7 +644,7 @@ def hourly_discrepancies(
         raw = raw.filter(created_at__gte=start)
     if end is not None:
         raw = raw.filter(created_at__lt=end)
-    rolled = UsageRollup.objects.filter(_hours(start, end))
+    rolled = UsageRollup.objects.filter(_range("hour", start, end))
     if start is None:
         # The hours after the oldest raw record's, found by the same statement (no records:
         # nothing): pruning cuts at any instant, so that hour's raw rows may be partly gone.
@@ -676,41 +652,23 @@ def hourly_discrepancies(
         rolled = rolled.filter(hour__gt=Subquery(oldest))
         raw = raw.annotate(raw_hour=UtcHour("created_at")).filter(raw_hour__gt=Subquery(oldest))
     keys: dict[str, Key] = {"hour": UtcHour, **{name: _column(name) for name in KEY_FIELDS}}
-    names = list(_ROLLUP_SUMS)
-    grouped_sql, grouped_params = _grouped(raw, "created_at", keys, _ROLLUP_SUMS).query.sql_with_params()
-    rows = {f"k_{name}": F(key) if isinstance(key, str) else key("hour") for name, key in keys.items()}
-    rows.update({f"m_{name}": F(name) for name in names})
-    rows_sql, rows_params = rolled.order_by().annotate(**rows).values(*rows).query.sql_with_params()
-    quote = connection.ops.quote_name
-    nullable = {name for name in KEY_FIELDS if UsageRollup._meta.get_field(name).null}
-
-    def side(alias: str, name: str) -> str:
-        column = f"{alias}.{quote(f'k_{name}')}"
-        return f"COALESCE({column}, 0)" if name in nullable else column
-
-    on = " AND ".join(f"{side('r', name)} = {side('g', name)}" for name in keys)
-    group = ", ".join(f"COALESCE(r.{quote(f'k_{name}')}, g.{quote(f'k_{name}')})" for name in keys)
-    diffs = [f"COALESCE(r.{quote(f'm_{name}')}, 0) - COALESCE(g.{quote(f'm_{name}')}, 0)" for name in names]
-    if connection.vendor == "postgresql":
-        off = " OR ".join(f"{diff} <> 0" for diff in diffs)
-    else:
-        off = " OR ".join(
-            f"ABS({diff}) >= 0.0000000005" if name in DECIMAL_MEASURES else f"{diff} <> 0"
-            for name, diff in zip(names, diffs, strict=True)
-        )
+    grouped = _grouped(raw, "created_at", keys, _ROLLUP_SUMS)
     found = []
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {group}, {', '.join(diffs)} FROM ({rows_sql}) AS r FULL JOIN ({grouped_sql}) AS g ON {on}"  # noqa: S608
-            f" WHERE {off} LIMIT %s",
-            [*rows_params, *grouped_params, limit],
+    for group, differences in _differences(rolled, grouped, list(keys), list(_ROLLUP_SUMS), limit):
+        hour = group["hour"]
+        if isinstance(hour, str):  # SQLite's text timestamps
+            hour = datetime.fromisoformat(hour).replace(tzinfo=UTC)
+        found.append(
+            Mismatch(
+                hour,
+                group["user"],
+                group["organization"],
+                group["api_key"],
+                group["model"],
+                group["agent"],
+                differences,
+            )
         )
-        for row in cursor.fetchall():
-            hour, user_id, organization_id, api_key_id, model, agent = row[: len(keys)]
-            if isinstance(hour, str):  # SQLite's text timestamps
-                hour = datetime.fromisoformat(hour).replace(tzinfo=UTC)
-            differences = {name: value for name, value in zip(names, row[len(keys) :], strict=True) if value}
-            found.append(Mismatch(hour, user_id, organization_id, api_key_id, model, agent, differences))
     return found
 
 
@@ -818,9 +776,15 @@ def level_discrepancies(
 
 
 def _compare_rows(level: str, rows, reference, keys: list[str], names: list[str], limit: int) -> list[LevelMismatch]:
+    return [LevelMismatch(level, group, off) for group, off in _differences(rows, reference, keys, names, limit)]
+
+
+def _differences(rows, reference, keys: list[str], names: list[str], limit: int) -> list[tuple[dict, dict]]:
     """The groups where a level's ``rows`` (one per group) and the grouped ``reference`` (``k_*``,
-    ``m_*`` columns) differ, missing rows counting as zeros: one statement, a full outer join on
-    the keys (the nullable ids compared as 0, so the join can hash)."""
+    ``m_*`` columns) differ, missing rows counting as zeros, as ``(group, {measure: rows −
+    reference})``: one statement, a full outer join on the keys (the nullable ids compared as 0,
+    so the join can hash). ``upstream_cost`` is compared exactly on PostgreSQL; SQLite keeps
+    decimals as binary floats, so there to within half a nanodollar."""
     if limit <= 0:
         return []
     columns = {f"k_{name}": F(_column(name) if name in KEY_FIELDS else name) for name in keys}
@@ -855,8 +819,7 @@ def _compare_rows(level: str, rows, reference, keys: list[str], names: list[str]
         )
         for row in cursor.fetchall():
             values = dict(zip(keys, row[: len(keys)], strict=True))
-            off_by = {name: value for name, value in zip(names, row[len(keys) :], strict=True) if value}
-            found.append(LevelMismatch(level, values, off_by))
+            found.append((values, {name: value for name, value in zip(names, row[len(keys) :], strict=True) if value}))
     return found
 
 
