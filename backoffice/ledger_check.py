@@ -6,8 +6,9 @@ and entries it compares are one instant's. The entries are walked in id ranges o
 ``ENTRY_RANGE`` (progress is reported after each), each range checked for its links and summed
 per kind, so no query holds ten million rows at once. The transaction gets its own ``work_mem``
 (``WORK_MEM``, ``--work-mem``) and no JIT. A full run checks the usage rollups (``EXTRA_CHECKS``)
-a UTC day at a time, on PostgreSQL on a second connection that imports the run's snapshot, while
-the ledger is walked on the first (``_InSnapshot``).
+against their raw records a UTC day at a time and the coarser levels of the last ``LEVEL_WINDOW``
+(every month's with ``all_levels``) a month at a time, on PostgreSQL on a second connection that
+imports the run's snapshot, while the ledger is walked on the first (``_InSnapshot``).
 
 The checkpoint (``LedgerCheckpoint``) moves only after a clean run, and only to an id below
 which no entry can still appear: see its docstring for how a late-committing smaller id is
@@ -320,7 +321,7 @@ def _levels_by_month(run: LedgerRun, *, limit: int) -> list[str]:
     if not run.all_levels:
         since = max(since, rollups.floor_day(timezone.now() - LEVEL_WINDOW))
     starts = [since]
-    while (following := rollups.ceil_month(starts[-1] + rollups.HOUR)) <= span["newest"]:
+    while (following := rollups.next_month(starts[-1])) <= span["newest"]:
         starts.append(following)
     problems: list[str] = []
     for month, start in enumerate(starts):

@@ -161,15 +161,19 @@ def floor_month(moment: datetime) -> datetime:
     return floor_day(moment).replace(day=1)
 
 
-def ceil_month(moment: datetime) -> datetime:
+def next_month(moment: datetime) -> datetime:
+    """The first instant (UTC) of the month after the one ``moment`` is in."""
     floored = floor_month(moment)
-    if floored == moment:
-        return floored
     return (
         floored.replace(year=floored.year + 1, month=1)
         if floored.month == 12
         else floored.replace(month=floored.month + 1)
     )
+
+
+def ceil_month(moment: datetime) -> datetime:
+    floored = floor_month(moment)
+    return floored if floored == moment else next_month(moment)
 
 
 GRAINS = {"month": (floor_month, ceil_month), "day": (floor_day, ceil_day), "hour": (floor_hour, ceil_hour)}
@@ -906,5 +910,5 @@ def _months(since: datetime | None, until: datetime | None) -> list[datetime]:
     months = []
     while (until is None and month <= span["last"]) or (until is not None and month < until):
         months.append(month)
-        month = ceil_month(month + timedelta(microseconds=1))
+        month = next_month(month)
     return months

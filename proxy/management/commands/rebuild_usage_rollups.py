@@ -16,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
 from proxy.models import UsageRecord
-from proxy.rollups import ceil_hour, ceil_month, floor_hour, fold, rebuild, rebuild_levels
+from proxy.rollups import ceil_hour, floor_hour, fold, next_month, rebuild, rebuild_levels
 
 STEP = timedelta(days=1)
 
@@ -60,7 +60,7 @@ class Command(BaseCommand):
         # and the spenders whole months, from the hourly rows).
         start = floor_hour(since)
         while start < until:
-            end = min(ceil_month(start + timedelta(microseconds=1)), until)
+            end = min(next_month(start), until)
             made = rebuild_levels(since=start, until=end)
             self.stdout.write(f"  levels {start:%Y-%m-%d} → {end:%Y-%m-%d %H:%M}: {made} rows")
             start = end
